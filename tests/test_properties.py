@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Union
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -24,8 +24,6 @@ import proxyproto
 from proxyproto import TLV, Command, Family, Protocol, ProxyHeader
 
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
-
-Address = Union[tuple[str, int], str, bytes, None]
 
 ports = st.integers(0, 65535)
 ipv4 = st.binary(min_size=4, max_size=4).map(lambda b: socket.inet_ntop(socket.AF_INET, b))
@@ -97,7 +95,7 @@ def v1_headers(draw: st.DrawFn) -> ProxyHeader:
     return ProxyHeader(1, Command.PROXY, family, Protocol.STREAM, src, dst)
 
 
-def _addresses(draw: st.DrawFn, family: Family) -> tuple[Address, Address]:
+def _addresses(draw: st.DrawFn, family: Family) -> tuple[tuple[str, int] | str | bytes | None, tuple[str, int] | str | bytes | None]:
     if family == Family.INET:
         return (draw(ipv4), draw(ports)), (draw(ipv4), draw(ports))
     if family == Family.INET6:
