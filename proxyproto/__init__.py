@@ -1,0 +1,43 @@
+"""HAProxy PROXY protocol (v1 and v2) for socketserver-based servers.
+
+The core (``parse``, ``ProxyHeader``, the encoders) is a pure function of
+bytes; the I/O layer (``read_header``, ``create_connection``, the mixin and
+the prebuilt servers) drives that same core.
+"""
+
+from .errors import (
+    ChecksumError,
+    HeaderRejected,
+    HeaderTimeout,
+    InvalidHeader,
+    NoProxyHeader,
+    ProxyProtocolError,
+)
+from .header import Command, Family, Protocol, ProxyHeader
+from .reader import HeaderReader, parse
+from .tlv import TLV, SSLClient, SSLInfo, TLVType
+from .v1 import encode as encode_v1
+from .v2 import encode as encode_v2
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TLV",
+    "ChecksumError",
+    "Command",
+    "Family",
+    "HeaderReader",
+    "HeaderRejected",
+    "HeaderTimeout",
+    "InvalidHeader",
+    "NoProxyHeader",
+    "Protocol",
+    "ProxyHeader",
+    "ProxyProtocolError",
+    "SSLClient",
+    "SSLInfo",
+    "TLVType",
+    "encode_v1",
+    "encode_v2",
+    "parse",
+]

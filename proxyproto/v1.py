@@ -1,0 +1,229 @@
+"""Version 1: the human-readable line (SPEC-NOTES section 2).
+
+``PROXY TCP4 <src> <dst> <sport> <dport>\\r\\n``, ``TCP6`` likewise, or
+``PROXY UNKNOWN[ anything]\\r\\n``.  Exactly one space between fields, CRLF
+only, at most 107 bytes, addresses and ports without leading zeros or signs.
+The valid shapes are matched by one compiled expression each (the fast
+path); anything else goes through a slower diagnosis that says which field
+is wrong and where.
+"""
+
+from __future__ import annotations
+
+import re
+
+from . import addresses
+from .errors import InvalidHeader, NoProxyHeader
+from .header import Command, Family, Protocol, ProxyHeader
+
+__all__ = ["MAX_LENGTH", "check_prefix", "decode", "encode", "encode_header"]
+
+#: The longest valid line, CRLF included (UNKNOWN followed by full IPv6 fields).
+MAX_LENGTH = 107
+
+_PORT = rb"(0|[1-9][0-9]{0,4})"
+_IPV6_CHARS = rb"([0-9A-Fa-f:.]{2,45})"
+_TCP4_LINE = re.compile(
+    rb"PROXY TCP4 (" + addresses.IPV4_TEXT + rb") (" + addresses.IPV4_TEXT + rb") " + _PORT + rb" " + _PORT + rb"\r\n"
+)
+_TCP6_LINE = re.compile(rb"PROXY TCP6 " + _IPV6_CHARS + rb" " + _IPV6_CHARS + rb" " + _PORT + rb" " + _PORT + rb"\r\n")
+_UNKNOWN_LINE = re.compile(rb"PROXY UNKNOWN(?:\r\n| [^\r\n]*\r\n)")
+_PORT_RE = re.compile(_PORT)
+
+# A line cut short is refused as soon as no completion could be valid: wrong
+# tokens, stray characters, doubled or missing spaces.
+_VIABLE_PREFIX = re.compile(
+    rb"PROXY (?:"
+    rb"UNKNOWN(?: [^\r\n]*)?\r?"
+    rb"|TCP4 [0-9.]{0,15}(?: [0-9.]{1,15}(?: [0-9]{1,5}(?: [0-9]{1,5}\r?)?)?)?"
+    rb"|TCP6 [0-9A-Fa-f:.]{0,45}(?: [0-9A-Fa-f:.]{1,45}(?: [0-9]{1,5}(?: [0-9]{1,5}\r?)?)?)?"
+    rb")\Z"
+)
+_TOKEN_PREFIXES = (b"PROXY UNKNOWN", b"PROXY TCP4 ", b"PROXY TCP6 ")
+
+_INET_STREAM = (Command.PROXY, Family.INET, Protocol.STREAM)
+_INET6_STREAM = (Command.PROXY, Family.INET6, Protocol.STREAM)
+
+
+def check_prefix(data: bytes) -> None:
+    """Refuse an incomplete line (no LF yet) that no completion could make valid.
+
+    ``data`` starts with ``P`` and holds fewer than 107 bytes and no LF.
+    """
+    if (len(data) <= 13 and any(token.startswith(data) for token in _TOKEN_PREFIXES)) or _VIABLE_PREFIX.match(data):
+        return
+    # Find the first offending byte for the message.
+    good = 0
+    for size in range(len(data), 0, -1):
+        prefix = data[:size]
+        if any(token.startswith(prefix) for token in _TOKEN_PREFIXES) or _VIABLE_PREFIX.match(prefix):
+            good = size
+            break
+    if good < 5:
+        raise NoProxyHeader(f"stream starts with {data[:8]!r}, not a PROXY protocol signature", offset=good)
+    raise InvalidHeader(
+        f"v1: unexpected byte {data[good : good + 1]!r} after {data[:good]!r}",
+        field=_field_at(data, good),
+        offset=good,
+    )
+
+
+def _field_at(data: bytes, offset: int) -> str:
+    names = ("signature", "protocol", "source address", "destination address", "source port", "destination port")
+    return names[min(data.count(b" ", 0, offset), 5)]
+
+
+def decode(data: bytes, end: int, allow_v4_in_tcp6: bool = False) -> ProxyHeader:
+    """Decode the line ``data[:end]`` (``end`` is just past its CRLF)."""
+    match = _TCP4_LINE.match(data, 0, end)
+    if match is not None:
+        src, dst, sport, dport = match.groups()
+        source_port = int(sport)
+        destination_port = int(dport)
+        if source_port <= 65535 and destination_port <= 65535:
+            return ProxyHeader._from_wire(
+                1,
+                *_INET_STREAM,
+                (src.decode("ascii"), source_port),
+                (dst.decode("ascii"), destination_port),
+                (),
+                data[:end],
+            )
+    elif data.startswith(b"PROXY UNKNOWN", 0, end):
+        if _UNKNOWN_LINE.match(data, 0, end):
+            return ProxyHeader._from_wire(1, Command.PROXY, Family.UNSPEC, Protocol.UNSPEC, None, None, (), data[:end])
+    else:
+        match = _TCP6_LINE.match(data, 0, end)
+        if match is not None:
+            src, dst, sport, dport = match.groups()
+            source = _ipv6_host(src, allow_v4_in_tcp6)
+            destination = _ipv6_host(dst, allow_v4_in_tcp6)
+            source_port = int(sport)
+            destination_port = int(dport)
+            if source is not None and destination is not None and source_port <= 65535 and destination_port <= 65535:
+                return ProxyHeader._from_wire(
+                    1,
+                    *_INET6_STREAM,
+                    (source, source_port),
+                    (destination, destination_port),
+                    (),
+                    data[:end],
+                )
+    raise _diagnose(data[: end - 2], allow_v4_in_tcp6)
+
+
+def _ipv6_host(text: bytes, allow_v4: bool) -> str | None:
+    host = text.decode("ascii")
+    packed = addresses.pack_ipv6(host)
+    if packed is not None:
+        return addresses.ipv6_text(packed)
+    if allow_v4 and addresses.pack_ipv4(host) is not None:
+        return "::ffff:" + host
+    return None
+
+
+def _diagnose(line: bytes, allow_v4_in_tcp6: bool) -> InvalidHeader:
+    """Say exactly what is wrong with a complete line the fast path refused."""
+    fields = line.split(b" ")
+    offsets: list[int] = []
+    position = 0
+    for field in fields:
+        offsets.append(position)
+        position += len(field) + 1
+    if fields[0] != b"PROXY":
+        return InvalidHeader(f"v1: expected 'PROXY ' at the start, got {line[:6]!r}", field="signature", offset=5)
+    if len(fields) < 2:
+        return InvalidHeader("v1: line ends after 'PROXY'", field="protocol", offset=5)
+    protocol = fields[1]
+    if protocol == b"UNKNOWN":  # only a stray byte after the token can get here
+        return InvalidHeader("v1: UNKNOWN must be followed by a space or CRLF", field="protocol", offset=13)
+    if protocol not in (b"TCP4", b"TCP6"):
+        return InvalidHeader(
+            f"v1: unknown protocol {protocol!r} (expected TCP4, TCP6 or UNKNOWN)", field="protocol", offset=6
+        )
+    if b"" in fields:
+        index = fields.index(b"")
+        return InvalidHeader(
+            "v1: fields must be separated by exactly one space", field="separator", offset=offsets[index]
+        )
+    if len(fields) != 6:
+        return InvalidHeader(
+            f"v1: {protocol.decode()} needs 4 fields after it, got {len(fields) - 2}",
+            field="fields",
+            offset=len(line),
+        )
+    names: tuple[str, ...] = ("source address", "destination address", "source port", "destination port")
+    for index, name in enumerate(names, start=2):
+        value = fields[index]
+        offset = offsets[index]
+        if index >= 4:
+            if not _PORT_RE.fullmatch(value) or int(value) > 65535:
+                return InvalidHeader(
+                    f"v1: {name} {value!r} is not a decimal 0..65535 without sign or leading zero",
+                    field=name,
+                    offset=offset,
+                )
+            continue
+        try:
+            text = value.decode("ascii")
+        except UnicodeDecodeError:
+            text = ""
+        if protocol == b"TCP4":
+            if addresses.pack_ipv4(text) is None:
+                return InvalidHeader(
+                    f"v1: {name} {value!r} is not a dotted-quad IPv4 address (0..255, no leading zeros)",
+                    field=name,
+                    offset=offset,
+                )
+        elif not text or _ipv6_host(value, allow_v4_in_tcp6) is None:
+            hint = " (IPv4 in TCP6 needs allow_v4_in_tcp6)" if addresses.pack_ipv4(text) else ""
+            return InvalidHeader(f"v1: {name} {value!r} is not an IPv6 address{hint}", field=name, offset=offset)
+    return InvalidHeader(f"v1: malformed line {line!r}", field="line", offset=0)  # pragma: no cover
+
+
+def encode(source: object | None, destination: object | None) -> bytes:
+    """The v1 line for two addresses as ``parse`` gives them (or socket 4-tuples).
+
+    Two IPv4 addresses give TCP4; any IPv6 side gives TCP6 with the IPv4 side
+    mapped to ``::ffff:a.b.c.d`` (HAProxy's practice, V1-S4); ``None, None``
+    and UNIX names give ``PROXY UNKNOWN\\r\\n``, the short form every real
+    sender uses.
+    """
+    if source is None and destination is None:
+        return b"PROXY UNKNOWN\r\n"
+    if source is None or destination is None:
+        missing = "source" if source is None else "destination"
+        raise ValueError(f"{missing}: both addresses or neither are required")
+    if isinstance(source, (str, bytes)) and isinstance(destination, (str, bytes)):
+        return b"PROXY UNKNOWN\r\n"
+    (src_host, src_port), (dst_host, dst_port) = (
+        addresses.split_host_port(source, "source"),
+        addresses.split_host_port(destination, "destination"),
+    )
+    src4 = addresses.pack_ipv4(src_host)
+    dst4 = addresses.pack_ipv4(dst_host)
+    if src4 is not None and dst4 is not None:
+        return b"PROXY TCP4 %s %s %d %d\r\n" % (src_host.encode(), dst_host.encode(), src_port, dst_port)
+    src6 = _v6_text(src_host, src4, "source")
+    dst6 = _v6_text(dst_host, dst4, "destination")
+    return b"PROXY TCP6 %s %s %d %d\r\n" % (src6.encode(), dst6.encode(), src_port, dst_port)
+
+
+def _v6_text(host: str, packed4: bytes | None, field: str) -> str:
+    if packed4 is not None:
+        return "::ffff:" + host
+    packed = addresses.pack_ipv6(host)
+    if packed is None:
+        raise ValueError(f"{field}: {host!r} is neither an IPv4 nor an IPv6 address")
+    return addresses.ipv6_text(packed)
+
+
+def encode_header(header: ProxyHeader) -> bytes:
+    """Canonical v1 line of a header built in code (UNKNOWN when v1 cannot say it)."""
+    if (
+        header.command is Command.PROXY
+        and header.protocol is Protocol.STREAM
+        and header.family in (Family.INET, Family.INET6)
+    ):
+        return encode(header.source, header.destination)
+    return b"PROXY UNKNOWN\r\n"

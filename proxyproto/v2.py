@@ -1,0 +1,262 @@
+"""Version 2: the binary header (SPEC-NOTES section 3).
+
+Layout: 12-byte signature, version-command byte (0x20 LOCAL, 0x21 PROXY),
+family-protocol byte (one of seven), big-endian ``len``, then ``len`` bytes:
+the address block of the family and TLVs tiling the rest exactly.
+
+Parsing runs in the order the checksum demands: the structure is walked
+first (so the CRC TLV can be found), the CRC-32C is verified over the bytes as
+received with its field zeroed in place, and only then are the standard TLV
+values checked, so that a flipped bit anywhere in a checksummed header is
+reported as a :class:`ChecksumError`.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+from . import addresses
+from .crc32c import crc32c
+from .errors import ChecksumError, InvalidHeader, NoProxyHeader
+from .header import Address, Command, Family, Protocol, ProxyHeader
+from .tlv import TLV, TLVType, check_tlv, iter_tlvs
+
+__all__ = ["MAX_LENGTH", "SIGNATURE", "decode", "encode", "encode_header", "measure"]
+
+SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+#: 16 + the largest ``len``.
+MAX_LENGTH = 16 + 0xFFFF
+
+# Address block size per family-protocol byte; -1 marks the bytes the spec forbids.
+_BLOCK_SIZE = [-1] * 256
+for _byte, _size in ((0x00, 0), (0x11, 12), (0x12, 12), (0x21, 36), (0x22, 36), (0x31, 216), (0x32, 216)):
+    _BLOCK_SIZE[_byte] = _size
+del _byte, _size
+
+_COMMANDS = (Command.LOCAL, Command.PROXY)
+_FAMILIES = tuple(Family)
+_PROTOCOLS = tuple(Protocol)
+_NEW_TLV = tuple.__new__
+_ZERO_CRC = b"\0\0\0\0"
+_PREFIX = struct.Struct(">12sBBH")
+
+
+def measure(data: bytes, max_size: int) -> int:
+    """Size of the v2 header ``data`` starts with: ``> 0`` when complete, ``-n`` when n more bytes are needed.
+
+    Each fixed field is checked as soon as it has arrived, so a bad version,
+    command or family, or an oversize length, is refused without waiting.
+    """
+    have = len(data)
+    if not SIGNATURE.startswith(data[:12]):
+        raise NoProxyHeader(f"stream starts with {data[:12]!r}, not a PROXY protocol signature", offset=0)
+    if have < 13:
+        return have - 16
+    ver_cmd = data[12]
+    if ver_cmd >> 4 != 2:
+        raise InvalidHeader(
+            f"v2: version {ver_cmd >> 4} in byte 0x{ver_cmd:02x}, only version 2 exists",
+            field="version",
+            offset=12,
+        )
+    if ver_cmd & 0x0F > 1:
+        raise InvalidHeader(
+            f"v2: command 0x{ver_cmd & 0x0F:x} is neither LOCAL (0) nor PROXY (1)", field="command", offset=12
+        )
+    if have < 14:
+        return have - 16
+    block = _BLOCK_SIZE[data[13]]
+    if block < 0:
+        raise InvalidHeader(
+            f"v2: family-protocol byte 0x{data[13]:02x} is not one of the seven the spec defines",
+            field="family",
+            offset=13,
+        )
+    if have < 16:
+        return have - 16
+    total = 16 + (data[14] << 8 | data[15])
+    if total > max_size:
+        raise InvalidHeader(f"v2: header of {total} bytes exceeds the limit of {max_size}", field="length", offset=14)
+    if ver_cmd == 0x21 and total - 16 < block:
+        raise InvalidHeader(
+            f"v2: len {total - 16} is shorter than the {block}-byte address block of family byte 0x{data[13]:02x}",
+            field="length",
+            offset=14,
+        )
+    if have < total:
+        return have - total
+    return total
+
+
+def decode(data: bytes, total: int, verify_checksum: bool = True) -> ProxyHeader:
+    """Decode the complete header ``data[:total]`` that :func:`measure` accepted."""
+    ver_cmd = data[12]
+    fam = data[13]
+    block_size = _BLOCK_SIZE[fam]
+    raw = data[:total]
+    block: bytes | None = None
+    if ver_cmd == 0x21:
+        tlv_start = 16 + block_size
+        if block_size:
+            block = raw[16:tlv_start]
+    elif total - 16 >= block_size:  # LOCAL: skip the block, walk what follows (V2-R1, V2-R3)
+        tlv_start = 16 + block_size
+    else:  # LOCAL whose len does not cover its family's block: opaque
+        tlv_start = total
+    tlvs: tuple[TLV, ...] = ()
+    if tlv_start < total:
+        records: list[TLV] = []
+        crc_at = -1
+        for tlv_type, start, end in iter_tlvs(raw, tlv_start, total):
+            if tlv_type == 0x03:
+                if end - start != 4:
+                    check_tlv(tlv_type, raw[start:end], start)
+                if crc_at >= 0:
+                    raise InvalidHeader("v2: more than one CRC32C TLV", field="CRC32C", offset=start - 3)
+                crc_at = start
+            records.append(_NEW_TLV(TLV, (tlv_type, raw[start:end])))
+        if crc_at >= 0 and verify_checksum:
+            _verify_crc(raw, crc_at)
+        for tlv_type, value in records:
+            if tlv_type in _CHECKED_TYPES:
+                check_tlv(tlv_type, value, _offset_of(records, tlv_type, tlv_start))
+        tlvs = tuple(records)
+    if ver_cmd == 0x21:
+        return ProxyHeader._from_wire(
+            2, Command.PROXY, _FAMILIES[fam >> 4], _PROTOCOLS[fam & 0x0F], None, None, tlvs, raw, block
+        )
+    return ProxyHeader._from_wire(2, Command.LOCAL, _FAMILIES[fam >> 4], _PROTOCOLS[fam & 0x0F], None, None, tlvs, raw)
+
+
+_CHECKED_TYPES = frozenset((TLVType.AUTHORITY, TLVType.UNIQUE_ID, TLVType.SSL, TLVType.NETNS))
+
+
+def _offset_of(records: Sequence[TLV], tlv_type: int, start: int) -> int:
+    """Stream offset of the first value of ``tlv_type`` (only for error messages)."""
+    offset = start
+    for record in records:
+        if record.type == tlv_type:
+            return offset + 3
+        offset += 3 + len(record.value)
+    return start  # pragma: no cover
+
+
+def _verify_crc(raw: bytes, crc_at: int) -> None:
+    """CRC-R1..R4: compare with the CRC of the header, its field zeroed in place."""
+    received = int.from_bytes(raw[crc_at : crc_at + 4], "big")
+    computed = crc32c(raw[crc_at + 4 :], crc32c(_ZERO_CRC, crc32c(raw[:crc_at])))
+    if received != computed:
+        raise ChecksumError(
+            f"v2: CRC32C mismatch: header says 0x{received:08x}, bytes give 0x{computed:08x}",
+            field="CRC32C",
+            offset=crc_at,
+        )
+
+
+def _address_block(header: ProxyHeader) -> tuple[int, bytes]:
+    """The family byte's high nibble and the address block of a built header."""
+    source, destination = header.source, header.destination
+    family = header.family
+    if source is None or destination is None:
+        return 0, b""
+    if family is Family.UNIX:
+        assert isinstance(source, (str, bytes)) and isinstance(destination, (str, bytes))
+        return 0x30, addresses.pack_unix(source, "source") + addresses.pack_unix(destination, "destination")
+    assert isinstance(source, tuple) and isinstance(destination, tuple)
+    if family is Family.INET:
+        pack = addresses.pack_ipv4
+        nibble = 0x10
+    else:
+        pack = addresses.pack_ipv6
+        nibble = 0x20
+    src, dst = pack(source[0]), pack(destination[0])
+    assert src is not None and dst is not None
+    return nibble, src + dst + struct.pack(">HH", source[1], destination[1])
+
+
+def encode_header(header: ProxyHeader, checksum: bool = False) -> bytes:
+    """Canonical v2 bytes of a header built in code.
+
+    A header without addresses (LOCAL, or PROXY with UNSPEC) encodes family
+    byte 0x00.  With ``checksum``, or when the TLVs hold a CRC32C record, the
+    CRC is computed over the final bytes (CRC-S1..S3); ``checksum`` adds the
+    record first, where haproxy puts it, when there is none.
+    """
+    nibble, block = _address_block(header)
+    fam = nibble | header.protocol if nibble else 0
+    tlvs = header.tlvs
+    if checksum and not any(record.type == TLVType.CRC32C for record in tlvs):
+        tlvs = (TLV(TLVType.CRC32C, _ZERO_CRC), *tlvs)
+    parts = [block]
+    crc_at = -1
+    offset = 16 + len(block)
+    for tlv_type, value in tlvs:
+        if tlv_type == TLVType.CRC32C and crc_at < 0 and len(value) == 4:
+            crc_at = offset + 3
+            value = _ZERO_CRC
+        parts.append(struct.pack(">BH", tlv_type, len(value)))
+        parts.append(value)
+        offset += 3 + len(value)
+    body = b"".join(parts)
+    if len(body) > 0xFFFF:
+        raise ValueError(f"tlvs: address block and TLVs of {len(body)} bytes exceed 65535")
+    raw = _PREFIX.pack(SIGNATURE, 0x20 | header.command, fam, len(body)) + body
+    if crc_at >= 0:
+        crc = crc32c(raw)
+        raw = raw[:crc_at] + crc.to_bytes(4, "big") + raw[crc_at + 4 :]
+    return raw
+
+
+def _infer(source: object, destination: object) -> tuple[Family, Address | None, Address | None]:
+    """Family and canonical addresses from what the caller gave, mapping mixed IPv4/IPv6."""
+    if source is None and destination is None:
+        return Family.UNSPEC, None, None
+    if source is None or destination is None:
+        missing = "source" if source is None else "destination"
+        raise ValueError(f"{missing}: both addresses or neither are required")
+    if isinstance(source, (str, bytes)) or isinstance(destination, (str, bytes)):
+        if not isinstance(source, (str, bytes)) or not isinstance(destination, (str, bytes)):
+            raise ValueError("destination: cannot mix a UNIX name with an IP address")
+        return Family.UNIX, source, destination
+    src_host, src_port = addresses.split_host_port(source, "source")
+    dst_host, dst_port = addresses.split_host_port(destination, "destination")
+    src4 = addresses.pack_ipv4(src_host)
+    dst4 = addresses.pack_ipv4(dst_host)
+    if src4 is not None and dst4 is not None:
+        return Family.INET, (src_host, src_port), (dst_host, dst_port)
+    if src4 is not None:
+        src_host = "::ffff:" + src_host
+    elif addresses.pack_ipv6(src_host) is None:
+        raise ValueError(f"source: {src_host!r} is neither an IPv4 nor an IPv6 address")
+    if dst4 is not None:
+        dst_host = "::ffff:" + dst_host
+    elif addresses.pack_ipv6(dst_host) is None:
+        raise ValueError(f"destination: {dst_host!r} is neither an IPv4 nor an IPv6 address")
+    return Family.INET6, (src_host, src_port), (dst_host, dst_port)
+
+
+def encode(
+    source: object | None = None,
+    destination: object | None = None,
+    *,
+    command: int = Command.PROXY,
+    protocol: int = Protocol.STREAM,
+    tlvs: Sequence[tuple[int, bytes]] = (),
+    checksum: bool = False,
+) -> bytes:
+    """A v2 header for two addresses as ``parse`` gives them (or socket 4-tuples, UNIX names).
+
+    The family is inferred; a mixed IPv4/IPv6 pair becomes INET6 with the
+    IPv4 side mapped to ``::ffff:a.b.c.d``.  ``None, None`` gives a header
+    without addresses (family byte 0x00).  Impossible input raises
+    ``ValueError`` naming the field.
+    """
+    command = Command(command)
+    if command is Command.LOCAL and (source is not None or destination is not None):
+        raise ValueError("source: a LOCAL header carries no addresses")
+    family, src, dst = _infer(source, destination)
+    if family is Family.UNSPEC:
+        protocol = Protocol.UNSPEC
+    header = ProxyHeader(2, command, family, protocol, src, dst, tlvs)
+    return encode_header(header, checksum)
