@@ -130,13 +130,13 @@ def _tool(name: str) -> list[str]:
 
 def test_mypy_strict_is_clean() -> None:
     """``mypy --strict proxyproto`` reports nothing (issue 2 acceptance 5)."""
-    cmd = _tool("mypy") + ["--strict", "--no-error-summary", "proxyproto"]
+    cmd = [*_tool("mypy"), "--strict", "--no-error-summary", "proxyproto"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_ruff_is_clean() -> None:
     """``ruff check proxyproto tests`` reports nothing."""
-    cmd = _tool("ruff") + ["check", "proxyproto", "tests"]
+    cmd = [*_tool("ruff"), "check", "proxyproto", "tests"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr

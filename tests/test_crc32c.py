@@ -159,7 +159,7 @@ def test_every_flipped_bit_is_checksum_error_CRC_R4(header: bytes, block: int, p
     flip may break their contents, which is then an InvalidHeader, never a ChecksumError.
     """
     assert proxyproto.parse(header) is not None
-    regions = [(16, 16 + block)] + _tlv_value_ranges(header, 16 + block)
+    regions = [(16, 16 + block), *_tlv_value_ranges(header, 16 + block)]
     crc_start = header.index(b"\x03\x00\x04", 16 + block) + 3
     checked = 0
     for start, end in regions:

@@ -85,7 +85,8 @@ def test_encode_v2_tcp4_exact_bytes() -> None:
 def test_encode_v2_tcp6_from_socket_4_tuples() -> None:
     """socket-module IPv6 addresses (host, port, flowinfo, scope_id) are accepted."""
     got = encode_v2(("::1", 1, 0, 0), ("2001:db8::2", 2, 0, 0))
-    want = SIG + b"\x21\x21\x00\x24" + bytes(15) + b"\x01" + bytes.fromhex("20010db8" + "00" * 11 + "02") + port_bytes(1, 2)
+    dst = bytes.fromhex("20010db8" + "00" * 11 + "02")
+    want = SIG + b"\x21\x21\x00\x24" + bytes(15) + b"\x01" + dst + port_bytes(1, 2)
     assert got == want
 
 

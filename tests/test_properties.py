@@ -57,7 +57,11 @@ def _tlv(tlv_type: int, value: bytes) -> bytes:
 
 
 ssl_sub = st.one_of(
-    st.builds(lambda t, s: _tlv(t, s.encode("ascii")), st.sampled_from([0x21, 0x23, 0x24, 0x25, 0x26, 0x27]), ascii_text),
+    st.builds(
+        lambda t, s: _tlv(t, s.encode("ascii")),
+        st.sampled_from([0x21, 0x23, 0x24, 0x25, 0x26, 0x27]),
+        ascii_text,
+    ),
     utf8_text.map(lambda s: _tlv(0x22, s.encode("utf-8"))),
     st.binary(max_size=40).map(lambda b: _tlv(0x28, b)),
 )
@@ -95,7 +99,7 @@ def v1_headers(draw: st.DrawFn) -> ProxyHeader:
     return ProxyHeader(1, Command.PROXY, family, Protocol.STREAM, src, dst)
 
 
-def _addresses(draw: st.DrawFn, family: Family) -> tuple[tuple[str, int] | str | bytes | None, tuple[str, int] | str | bytes | None]:
+def _addresses(draw: st.DrawFn, family: Family) -> tuple[Any, Any]:
     if family == Family.INET:
         return (draw(ipv4), draw(ports)), (draw(ipv4), draw(ports))
     if family == Family.INET6:
