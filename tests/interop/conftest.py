@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from interop_support import (
     ProcessRunner,
     RecordingBackend,
@@ -118,16 +117,15 @@ class Received:
         """A LOCAL header: a health check or a connection the proxy made for itself."""
         import proxyproto
 
-        return (
-            self.header is not None and self.header.command == proxyproto.Command.LOCAL
-        )
+        return self.header is not None and self.header.command == proxyproto.Command.LOCAL
 
 
 class RecordingProxyHandler(socketserver.BaseRequestHandler):
     """Records ``client_address``, ``request.proxy_header`` and one line of payload; echoes.
 
-    LOCAL headers (health checks) are recorded and closed at once without
-    reading: the check closes right after its header anyway.
+    It reads even after a LOCAL header: haproxy sends LOCAL both for health
+    checks (which close right after the header, so the read ends at once) and
+    for real clients of a UNIX-socket frontend.
     """
 
     def handle(self) -> None:
@@ -135,12 +133,7 @@ class RecordingProxyHandler(socketserver.BaseRequestHandler):
             peer = self.request.getpeername()
         except OSError as exc:
             peer = f"getpeername failed: {exc!r}"
-        rec = Received(
-            self.client_address, getattr(self.request, "proxy_header", None), peer
-        )
-        if rec.is_check:
-            self.server.records.append(rec)  # type: ignore[attr-defined]
-            return
+        rec = Received(self.client_address, getattr(self.request, "proxy_header", None), peer)
         self.request.settimeout(5.0)
         try:
             while b"\n" not in rec.payload and len(rec.payload) < 65536:
@@ -151,17 +144,34 @@ class RecordingProxyHandler(socketserver.BaseRequestHandler):
         except OSError as exc:  # a v1 health check resets right after its header
             rec.error = repr(exc)
         self.server.records.append(rec)  # type: ignore[attr-defined]
-        if rec.error is None:
+        if rec.error is None and rec.payload:
             try:
-                self.request.sendall(
-                    b"client_address=" + repr(self.client_address).encode() + b"\n"
-                )
+                self.request.sendall(b"client_address=" + repr(self.client_address).encode() + b"\n")
             except OSError:
                 pass
 
 
 @pytest.fixture
-def proxy_server() -> Iterator[Callable[..., Any]]:
+def serve() -> Iterator[Callable[[Any], Any]]:
+    """Run any ``socketserver`` server's ``serve_forever`` in a thread; stop it at teardown."""
+    started: list[tuple[Any, threading.Thread]] = []
+
+    def start(server: Any) -> Any:
+        t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        t.start()
+        started.append((server, t))
+        return server
+
+    yield start
+    for server, t in started:
+        server.shutdown()
+        server.server_close()
+        t.join(5)
+        assert not t.is_alive(), "serve_forever did not stop"
+
+
+@pytest.fixture
+def proxy_server(serve: Callable[[Any], Any]) -> Callable[..., Any]:
     """Factory: start a proxyproto threading server on loopback; shut down at teardown.
 
     ``proxy_server(host="127.0.0.1")``, ``proxy_server(host="::1")`` or
@@ -171,8 +181,6 @@ def proxy_server() -> Iterator[Callable[..., Any]]:
     ``address``.
     """
     import proxyproto
-
-    started: list[tuple[Any, threading.Thread]] = []
 
     def factory(
         host: str = "127.0.0.1",
@@ -208,27 +216,15 @@ def proxy_server() -> Iterator[Callable[..., Any]]:
         server.records = []
         server.errors = []
         server.address = server.server_address if unix_path is None else unix_path
-        t = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        t.start()
-        started.append((server, t))
-        return server
+        return serve(server)
 
-    yield factory
-    for server, t in started:
-        server.shutdown()
-        server.server_close()
-        t.join(5)
-        assert not t.is_alive(), "serve_forever did not stop"
+    return factory
 
 
 def wait_records(server: Any, count: int, timeout: float = 5.0) -> list[Received]:
     """Wait until ``server`` has recorded at least ``count`` handler runs."""
     wait_until(lambda: len(server.records) >= count, timeout)
-    assert len(server.records) >= count, (
-        f"expected {count} records, got {server.records}"
-    )
+    assert len(server.records) >= count, f"expected {count} records, got {server.records}"
     return list(server.records)
 
 

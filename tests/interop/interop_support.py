@@ -35,23 +35,19 @@ LOG_TIMEOUT = 5.0
 #: Every process the suite started, so a session-end check can prove none survived.
 STARTED: list[ManagedProcess] = []
 
-Address = Union[tuple, str]  # noqa: UP007 (evaluated at run time on Python 3.9)
+Address = Union[tuple, str]
 
 
 def missing(reason: str) -> None:
     """Skip locally, fail under CI: CI must never pass by skipping an interop test."""
     if IN_CI:
-        pytest.fail(
-            f"{reason} (CI=true: a missing program is a failure)", pytrace=False
-        )
+        pytest.fail(f"{reason} (CI=true: a missing program is a failure)", pytrace=False)
     pytest.skip(reason)
 
 
 def require_program(name: str) -> str:
     """Return the absolute path of ``name``, or skip/fail the test when it is absent."""
-    path = shutil.which(name) or shutil.which(
-        name, path="/usr/sbin:/sbin:/usr/local/sbin"
-    )
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/local/sbin")
     if path is None:
         missing(f"{name} is not installed")
     assert path is not None
@@ -94,9 +90,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(
-    predicate: Callable[[], bool], timeout: float, interval: float = 0.02
-) -> bool:
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
     """Poll ``predicate`` until it is true or ``timeout`` seconds have passed."""
     deadline = time.monotonic() + timeout
     while True:
@@ -196,9 +190,7 @@ class ManagedProcess:
     def log_lines(self) -> list[str]:
         return [line for line in self.output().splitlines() if line.strip()]
 
-    def wait_for_log(
-        self, predicate: Callable[[str], bool], timeout: float = LOG_TIMEOUT
-    ) -> str:
+    def wait_for_log(self, predicate: Callable[[str], bool], timeout: float = LOG_TIMEOUT) -> str:
         """Return the first log line satisfying ``predicate``; fail after ``timeout``."""
         found: list[str] = []
 
@@ -207,9 +199,7 @@ class ManagedProcess:
             return bool(found)
 
         if not wait_until(check, timeout):
-            raise AssertionError(
-                f"{self.name}: no matching log line within {timeout}s:\n{self.output()}"
-            )
+            raise AssertionError(f"{self.name}: no matching log line within {timeout}s:\n{self.output()}")
         return found[0]
 
     def stop(self) -> None:
@@ -248,24 +238,18 @@ class ProcessRunner:
                 stderr=err,
                 cwd=self.workdir,
             )
-        proc = ManagedProcess(
-            name, popen, self.workdir, stdout_path, stderr_path, list(extra_logs)
-        )
+        proc = ManagedProcess(name, popen, self.workdir, stdout_path, stderr_path, list(extra_logs))
         self.processes.append(proc)
         STARTED.append(proc)
         targets = list(listen)
 
         def ready() -> bool:
             if not proc.alive():
-                raise AssertionError(
-                    f"{name} exited with {proc.popen.returncode}:\n{proc.output()}"
-                )
+                raise AssertionError(f"{name} exited with {proc.popen.returncode}:\n{proc.output()}")
             return all(is_listening(t) for t in targets)
 
         if not wait_until(ready, START_TIMEOUT):
-            raise AssertionError(
-                f"{name} not listening on {targets} after {START_TIMEOUT}s:\n{proc.output()}"
-            )
+            raise AssertionError(f"{name} not listening on {targets} after {START_TIMEOUT}s:\n{proc.output()}")
         return proc
 
     def haproxy(self, config: str, listen: Iterable[Address]) -> ManagedProcess:
@@ -280,17 +264,13 @@ class ProcessRunner:
             text=True,
             timeout=30,
         )
-        assert check.returncode == 0, (
-            f"haproxy rejected the generated config:\n{config}\n{check.stderr}"
-        )
+        assert check.returncode == 0, f"haproxy rejected the generated config:\n{config}\n{check.stderr}"
         return self._start("haproxy", [exe, "-f", str(cfg), "-db"], listen)
 
     def nginx(self, stream_block: str, listen: Iterable[Address]) -> ManagedProcess:
         """Start a single foreground nginx process with the stream module and ``stream_block``."""
         exe = require_program("nginx")
-        module = require_file(
-            NGINX_STREAM_MODULE, "nginx stream module (libnginx-mod-stream)"
-        )
+        module = require_file(NGINX_STREAM_MODULE, "nginx stream module (libnginx-mod-stream)")
         n = len(self.processes)
         prefix = self.workdir / f"nginx{n}"
         prefix.mkdir()
@@ -307,12 +287,8 @@ class ProcessRunner:
         cfg = prefix / "nginx.conf"
         cfg.write_text(config)
         argv = [exe, "-p", str(prefix), "-c", str(cfg), "-e", "stderr"]
-        check = subprocess.run(
-            [*argv, "-t"], check=False, capture_output=True, text=True, timeout=30
-        )
-        assert check.returncode == 0, (
-            f"nginx rejected the generated config:\n{config}\n{check.stderr}"
-        )
+        check = subprocess.run([*argv, "-t"], check=False, capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0, f"nginx rejected the generated config:\n{config}\n{check.stderr}"
         return self._start("nginx", argv, listen, extra_logs=[error_log, access_log])
 
     def stop_all(self) -> None:
@@ -357,9 +333,7 @@ defaults
 
 def haproxy_config(body: str, global_extra: str = "") -> str:
     """A complete haproxy configuration: logging to stdout, TCP defaults, then ``body``."""
-    return (
-        HAPROXY_HEAD.format(global_extra=global_extra) + "\n" + body.strip("\n") + "\n"
-    )
+    return HAPROXY_HEAD.format(global_extra=global_extra) + "\n" + body.strip("\n") + "\n"
 
 
 NGINX_TEMPLATE = """\
@@ -586,8 +560,7 @@ def make_certs(directory: Path) -> Certs:
         client_key=d / "client.key",
     )
     (d / "ca.ext").write_text(
-        "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n"
-        "subjectKeyIdentifier=hash\n"
+        "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\n"
     )
     (d / "server.ext").write_text(
         "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
@@ -649,7 +622,5 @@ def make_certs(directory: Path) -> Certs:
             "-out",
             f"{name}.crt",
         )
-    certs.server_pem.write_text(
-        certs.server_cert.read_text() + certs.server_key.read_text()
-    )
+    certs.server_pem.write_text(certs.server_cert.read_text() + certs.server_key.read_text())
     return certs

@@ -12,10 +12,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-import proxyproto
 import pytest
-from proxyproto import TLV, Command, TLVType
-
 from interop_support import (
     ProcessRunner,
     RecordingBackend,
@@ -29,13 +26,14 @@ from interop_support import (
     wait_until,
 )
 
+import proxyproto
+from proxyproto import TLV, Command, TLVType
+
 PAYLOAD = b"hello through haproxy\n"
 MARK = "PPLOG"
 
 
-def start_accepting_haproxy(
-    procs: ProcessRunner, backend: RecordingBackend
-) -> tuple[str, int]:
+def start_accepting_haproxy(procs: ProcessRunner, backend: RecordingBackend) -> tuple[str, int]:
     """A haproxy frontend with ``accept-proxy`` that logs what it decoded, forwarding to ``backend``."""
     port = free_port()
     cfg = haproxy_config(
@@ -55,12 +53,7 @@ backend be
 
 def logged(procs: ProcessRunner) -> list[list[str]]:
     """The decoded fields of every access-log line haproxy wrote so far."""
-    return [
-        line.split()[1:]
-        for proc in procs.processes
-        for line in proc.log_lines()
-        if line.startswith(MARK)
-    ]
+    return [line.split()[1:] for proc in procs.processes for line in proc.log_lines() if line.startswith(MARK)]
 
 
 def send_and_read_log(
@@ -72,9 +65,7 @@ def send_and_read_log(
     """Send ``header + PAYLOAD`` through haproxy; return our socket address and haproxy's log fields."""
     frontend = start_accepting_haproxy(procs, backend)
     own, reply = exchange(frontend, header + PAYLOAD, source=source)
-    assert reply == b"ok:" + PAYLOAD, (
-        f"haproxy did not forward the payload intact: {reply!r}"
-    )
+    assert reply == b"ok:" + PAYLOAD, f"haproxy did not forward the payload intact: {reply!r}"
     assert [c.data for c in backend.connections] == [PAYLOAD]
     assert wait_until(lambda: len(logged(procs)) == 1, 5.0), procs.processes[0].output()
     return own, logged(procs)[0]
@@ -88,18 +79,14 @@ ADDRESS_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(ADDRESS_CASES))
-def test_haproxy_logs_addresses_from_encode_v1_V1_S(
-    procs: ProcessRunner, backend: RecordingBackend, case: str
-) -> None:
+def test_haproxy_logs_addresses_from_encode_v1_V1_S(procs: ProcessRunner, backend: RecordingBackend, case: str) -> None:
     """haproxy takes exactly the encoded v1 source and destination as the connection's addresses."""
     src, dst = ADDRESS_CASES[case]
     _, fields = send_and_read_log(procs, backend, proxyproto.encode_v1(src, dst))
     assert fields == [src[0], str(src[1]), dst[0], str(dst[1]), "-", "-"]
 
 
-def test_haproxy_uses_real_addresses_for_encode_v1_unknown_V1(
-    procs: ProcessRunner, backend: RecordingBackend
-) -> None:
+def test_haproxy_uses_real_addresses_for_encode_v1_unknown_V1(procs: ProcessRunner, backend: RecordingBackend) -> None:
     """``PROXY UNKNOWN`` makes haproxy keep the socket's own addresses (our 127.0.0.2 source)."""
     header = proxyproto.encode_v1(None, None)
     assert header == b"PROXY UNKNOWN\r\n"
@@ -109,9 +96,7 @@ def test_haproxy_uses_real_addresses_for_encode_v1_unknown_V1(
 
 
 @pytest.mark.parametrize("case", sorted(ADDRESS_CASES))
-def test_haproxy_logs_addresses_from_encode_v2_V2_S(
-    procs: ProcessRunner, backend: RecordingBackend, case: str
-) -> None:
+def test_haproxy_logs_addresses_from_encode_v2_V2_S(procs: ProcessRunner, backend: RecordingBackend, case: str) -> None:
     """haproxy takes exactly the encoded v2 source and destination as the connection's addresses."""
     src, dst = ADDRESS_CASES[case]
     _, fields = send_and_read_log(procs, backend, proxyproto.encode_v2(src, dst))
@@ -128,9 +113,7 @@ def test_haproxy_logs_mixed_families_as_mapped_ipv6_from_encode_v2(
     assert fields[:4] == ["::ffff:192.0.2.10", "1234", "2001:db8::1", "443"]
 
 
-def test_haproxy_uses_real_addresses_for_encode_v2_local_V2_R1(
-    procs: ProcessRunner, backend: RecordingBackend
-) -> None:
+def test_haproxy_uses_real_addresses_for_encode_v2_local_V2_R1(procs: ProcessRunner, backend: RecordingBackend) -> None:
     """A LOCAL header (no addresses) makes haproxy keep the connection's real endpoints."""
     header = proxyproto.encode_v2(command=Command.LOCAL)
     assert header[12] == 0x20 and header[13] == 0x00
@@ -138,9 +121,7 @@ def test_haproxy_uses_real_addresses_for_encode_v2_local_V2_R1(
     assert fields[:2] == [own[0], str(own[1])]
 
 
-def test_haproxy_accepts_encode_v2_ipv6_over_ipv6_socket(
-    procs: ProcessRunner, backend: RecordingBackend
-) -> None:
+def test_haproxy_accepts_encode_v2_ipv6_over_ipv6_socket(procs: ProcessRunner, backend: RecordingBackend) -> None:
     """Sent over an IPv6 connection as well: the header, not the socket, decides the addresses."""
     require_ipv6()
     port = free_port()
@@ -181,9 +162,7 @@ def test_haproxy_decodes_tlvs_from_encode_v2_V2_TLV(
     types = [t for t, _off, _len in v2_tlv_offsets(header)]
     assert set(types) == {0x01, 0x02, 0x05, 0x04} | ({0x03} if checksum else set())
     if checksum:
-        assert v2_crc_is_valid(header), (
-            "encode_v2(checksum=True) stored a wrong CRC32C (CRC-S2)"
-        )
+        assert v2_crc_is_valid(header), "encode_v2(checksum=True) stored a wrong CRC32C (CRC-S2)"
     _, fields = send_and_read_log(procs, backend, header)
     assert fields == [
         src[0],
@@ -231,16 +210,12 @@ def test_haproxy_refuses_flipped_crc32c_bit_CRC_R4(
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_haproxy_accepts_create_connection(
-    procs: ProcessRunner, backend: RecordingBackend, version: int
-) -> None:
+def test_haproxy_accepts_create_connection(procs: ProcessRunner, backend: RecordingBackend, version: int) -> None:
     """``create_connection`` sends the header first, then the caller's bytes, on one socket."""
     frontend = start_accepting_haproxy(procs, backend)
     src, dst = ("203.0.113.5", 61000), ("203.0.113.6", 25)
     tlvs = (TLV(TLVType.AUTHORITY, b"mail.example.test"),) if version == 2 else ()
-    sock = proxyproto.create_connection(
-        frontend, source=src, destination=dst, version=version, tlvs=tlvs, timeout=5.0
-    )
+    sock = proxyproto.create_connection(frontend, source=src, destination=dst, version=version, tlvs=tlvs, timeout=5.0)
     assert isinstance(sock, socket.socket)
     _, reply = exchange(frontend, PAYLOAD, sock=sock)
     assert reply == b"ok:" + PAYLOAD
@@ -257,15 +232,11 @@ def test_haproxy_accepts_create_connection(
     ]
 
 
-def test_haproxy_accepts_create_connection_ipv6(
-    procs: ProcessRunner, backend: RecordingBackend
-) -> None:
+def test_haproxy_accepts_create_connection_ipv6(procs: ProcessRunner, backend: RecordingBackend) -> None:
     """``create_connection`` with IPv6 addresses in a v2 header."""
     frontend = start_accepting_haproxy(procs, backend)
     src, dst = ("2001:db8::10", 1010), ("2001:db8::20", 2020)
-    sock = proxyproto.create_connection(
-        frontend, source=src, destination=dst, timeout=5.0
-    )
+    sock = proxyproto.create_connection(frontend, source=src, destination=dst, timeout=5.0)
     _, reply = exchange(frontend, PAYLOAD, sock=sock)
     assert reply == b"ok:" + PAYLOAD
     assert wait_until(lambda: len(logged(procs)) == 1, 5.0)
