@@ -142,9 +142,13 @@ def _unix_listening_paths() -> set[str]:
 def is_listening(target: Address) -> bool:
     """True when a TCP port (int or ``(host, port)``) or UNIX path is listening."""
     if isinstance(target, str):
-        if os.path.exists("/proc/net/unix"):
-            return target in _unix_listening_paths()
-        return os.path.exists(target)
+        if not os.path.exists(target):
+            return False
+        if not os.path.exists("/proc/net/unix"):
+            return True
+        # haproxy binds "PATH.<pid>.tmp", listens, then renames it to PATH; the
+        # kernel's table keeps the name the socket was bound with.
+        return any(p == target or p.startswith(target + ".") for p in _unix_listening_paths())
     port = target if isinstance(target, int) else target[1]
     if os.path.exists("/proc/net/tcp"):
         return port in _tcp_listening_ports()

@@ -18,6 +18,8 @@ from interop_support import (
     free_port,
     haproxy_config,
     require_ipv6,
+    v2_crc_is_valid,
+    v2_tlv_offsets,
 )
 
 from proxyproto import Command, Family
@@ -197,3 +199,33 @@ def test_haproxy_many_clients_each_see_their_own_address(
     recs = wait_for_records(server, 20)
     assert sorted(r.client_address for r in recs) == sorted(owns)
     assert server.errors == []
+
+
+def test_haproxy_v2_options_on_plain_tcp_send_empty_ssl_tlv_V2_TLV(
+    procs: ProcessRunner, proxy_server: Callable[..., Any], wait_for_records: Callable[..., Any]
+) -> None:
+    """Without TLS, ``ssl`` still sends an SSL TLV (client 0, verify 0): not "verified"; CRC first and valid."""
+    server = proxy_server()
+    port = free_port()
+    procs.haproxy(
+        relay_config(
+            f"127.0.0.1:{port}",
+            f"127.0.0.1:{server.address[1]}",
+            "send-proxy-v2 proxy-v2-options crc32c,unique-id,authority,ssl,ssl-cipher,cert-cn",
+        ),
+        [port],
+    )
+    own, reply = exchange(("127.0.0.1", port), PAYLOAD, source=("127.0.0.2", 0))
+    rec = check_one_client(server, wait_for_records, own, reply)
+    h = rec.header
+    assert rec.client_address == own == h.source
+    wire = h.to_bytes()
+    assert v2_tlv_offsets(wire)[0][0] == 0x03
+    assert v2_crc_is_valid(wire)
+    assert h.crc32c is not None
+    assert h.authority is None and h.alpn is None
+    assert h.ssl is not None
+    assert not h.ssl.client
+    assert h.ssl.verify == 0
+    assert h.ssl.verified is False
+    assert h.ssl.version is None and h.ssl.cn is None and h.ssl.cipher is None
