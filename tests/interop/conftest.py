@@ -189,6 +189,7 @@ def proxy_server(serve: Callable[[Any], Any]) -> Callable[..., Any]:
         **attrs: Any,
     ) -> Any:
         base: type
+        address: Any
         if unix_path is not None:
             base, address, family = (
                 proxyproto.ThreadingProxyUnixStreamServer,

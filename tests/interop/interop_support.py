@@ -35,7 +35,10 @@ LOG_TIMEOUT = 5.0
 #: Every process the suite started, so a session-end check can prove none survived.
 STARTED: list[ManagedProcess] = []
 
+#: A socket address as the socket module gives it: ``(host, port[, ...])`` or a UNIX path.
 Address = Union[tuple, str]
+#: What a process must be listening on: a TCP port, ``(host, port)`` or a UNIX path.
+ListenTarget = Union[int, tuple, str]
 
 
 def missing(reason: str) -> None:
@@ -139,7 +142,7 @@ def _unix_listening_paths() -> set[str]:
     return paths
 
 
-def is_listening(target: Address) -> bool:
+def is_listening(target: ListenTarget) -> bool:
     """True when a TCP port (int or ``(host, port)``) or UNIX path is listening."""
     if isinstance(target, str):
         if not os.path.exists(target):
@@ -228,7 +231,7 @@ class ProcessRunner:
         self,
         name: str,
         argv: Sequence[str],
-        listen: Iterable[Address],
+        listen: Iterable[ListenTarget],
         extra_logs: Sequence[Path] = (),
     ) -> ManagedProcess:
         n = len(self.processes)
@@ -256,7 +259,7 @@ class ProcessRunner:
             raise AssertionError(f"{name} not listening on {targets} after {START_TIMEOUT}s:\n{proc.output()}")
         return proc
 
-    def haproxy(self, config: str, listen: Iterable[Address]) -> ManagedProcess:
+    def haproxy(self, config: str, listen: Iterable[ListenTarget]) -> ManagedProcess:
         """Start ``haproxy -f cfg -db`` (foreground, no master) and wait for ``listen``."""
         exe = require_program("haproxy")
         cfg = self.workdir / f"haproxy{len(self.processes)}.cfg"
@@ -271,7 +274,7 @@ class ProcessRunner:
         assert check.returncode == 0, f"haproxy rejected the generated config:\n{config}\n{check.stderr}"
         return self._start("haproxy", [exe, "-f", str(cfg), "-db"], listen)
 
-    def nginx(self, stream_block: str, listen: Iterable[Address]) -> ManagedProcess:
+    def nginx(self, stream_block: str, listen: Iterable[ListenTarget]) -> ManagedProcess:
         """Start a single foreground nginx process with the stream module and ``stream_block``."""
         exe = require_program("nginx")
         module = require_file(NGINX_STREAM_MODULE, "nginx stream module (libnginx-mod-stream)")
@@ -400,7 +403,7 @@ class RecordingBackend:
             address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
         self.server = Server((host, 0), Handler)
-        self.address = self.server.server_address[:2]
+        self.address: tuple[str, int] = tuple(self.server.server_address[:2])  # type: ignore[assignment]
         self.thread = threading.Thread(
             target=self.server.serve_forever,
             kwargs={"poll_interval": 0.05},

@@ -44,7 +44,7 @@ frontend fe
     default_backend be
 
 backend be
-    server s1 {backend.address[0]}:{backend.address[1]}
+    server s1 {backend.address[0]!s}:{backend.address[1]}
 """
     )
     procs.haproxy(cfg, listen=[port])
@@ -133,7 +133,7 @@ frontend fe
     default_backend be
 
 backend be
-    server s1 {backend.address[0]}:{backend.address[1]}
+    server s1 {backend.address[0]!s}:{backend.address[1]}
 """
     )
     procs.haproxy(cfg, listen=[port])
