@@ -67,11 +67,16 @@ def test_crc32c_value_chaining(fn: object) -> None:
     assert fn(b"56789", fn(b"1234")) == 0xE3069283
 
 
-def test_crc32c_accepts_bytes_like() -> None:
-    """The parser hands memoryviews and bytearrays around; both implementations take them."""
-    for fn in (crc32c, crc32c_python):
-        assert fn(bytearray(b"123456789")) == 0xE3069283
-        assert fn(memoryview(b"123456789")) == 0xE3069283
+@pytest.mark.parametrize("kind", [bytearray, memoryview])
+def test_checksummed_header_parses_from_bytes_like(kind: type) -> None:
+    """``parse`` takes any bytes-like object, also when it has a CRC to verify."""
+    for header in (AWS_NLB, MAILGUN_TCP6):
+        h = proxyproto.parse(kind(header))
+        assert h is not None and h == proxyproto.parse(header)
+        bad = bytearray(header)
+        bad[20] ^= 1
+        with pytest.raises(ChecksumError):
+            proxyproto.parse(kind(bad))
 
 
 @pytest.mark.skipif(crc32c_native is None, reason="google_crc32c (extra 'fast') is not installed")
@@ -220,7 +225,7 @@ def test_crc_covers_header_only_CRC_R3() -> None:
 def test_wrong_crc_is_checksum_error_CRC_R4() -> None:
     """A mismatch is ChecksumError (an InvalidHeader), and its message says so."""
     bad = bytearray(AWS_NLB)
-    bad[28] ^= 0x80  # inside the stored CRC value
+    bad[31] ^= 0x80  # inside the stored CRC value (its TLV starts at 28)
     with pytest.raises(ChecksumError, match=r"(?i)checksum|CRC") as info:
         proxyproto.parse(bytes(bad))
     assert isinstance(info.value, InvalidHeader)

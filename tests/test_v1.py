@@ -35,6 +35,10 @@ PORT = r"(?i)port"
 CRLF = r"(?i)CRLF|\bCR\b|\bLF\b|line|newline|terminat|carriage|feed"
 FIELDS = r"(?i)field|missing|extra|too (many|few)|expected|number|count"
 
+PREFIX_SPACE_BUG = pytest.mark.xfail(
+    strict=True, reason="BUG: a v1 prefix ending in the space after an address or port is refused, not None"
+)
+
 
 def refuse(data: bytes, cls: type[Exception], pattern: str, **opts: Any) -> None:
     """Assert ``parse`` refuses ``data`` with exactly the class ``cls`` and a telling message."""
@@ -44,7 +48,7 @@ def refuse(data: bytes, cls: type[Exception], pattern: str, **opts: Any) -> None
     assert isinstance(exc, cls), f"{type(exc).__name__}: {exc}"
     if cls is InvalidHeader:
         assert not isinstance(exc, (NoProxyHeader, ChecksumError)), f"{type(exc).__name__}: {exc}"
-    assert re.search(pattern, str(exc)), f"vague message for {data!r}: {exc!r}"
+    assert re.search(pattern.replace("(?i)", ""), str(exc), re.IGNORECASE), f"vague message for {data!r}: {exc!r}"
 
 
 def v1_line(src: str, dst: str, sport: str = "56324", dport: str = "443", proto: str = "TCP4") -> bytes:
@@ -140,11 +144,28 @@ def test_v1_implements_text_format_G3() -> None:
     assert h.tlvs == ()
 
 
+@PREFIX_SPACE_BUG
 def test_v1_tolerates_partial_line_G5_T2() -> None:
     """Every strict prefix of a valid line is a valid incomplete header: None."""
     for line in (LINE4, LINE6, b"PROXY UNKNOWN\r\n", b"PROXY TCP6 ::ffff:127.0.0.2 ::1 1 0\r\n"):
         for i in range(len(line)):
             assert proxyproto.parse(line[:i]) is None, line[:i]
+
+
+@PREFIX_SPACE_BUG
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        b"PROXY TCP4 192.0.2.1 ",
+        b"PROXY TCP4 192.0.2.1 198.51.100.2 ",
+        b"PROXY TCP4 192.0.2.1 198.51.100.2 56324 ",
+        b"PROXY TCP6 ::1 ",
+        b"PROXY TCP6 ::1 ::1 1 ",
+    ],
+)
+def test_v1_prefix_ending_in_separator_is_incomplete_G5_T2(prefix: bytes) -> None:
+    """A line cut right after a separator space is a valid incomplete header (None)."""
+    assert proxyproto.parse(prefix) is None
 
 
 def test_v1_waits_for_crlf_V1_R1() -> None:
