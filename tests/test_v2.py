@@ -243,7 +243,37 @@ def test_v2_proxy_len_smaller_than_block_is_invalid_V2_R5() -> None:
     refuse(v2(fam=0x32, body=bytes(215)), InvalidHeader, LENGTH)
 
 
-def test_v2_udp_families_V2_R6() -> None:
+def test_v2_local_reports_family_as_on_the_wire_V2_R6() -> None:
+    """A receiver may log the address information of a LOCAL/UNSPEC header: the family byte is kept."""
+    h = proxyproto.parse(v2(ver_cmd=0x20, fam=0x21, body=ADDR6))
+    assert h is not None
+    assert (h.family, h.protocol) == (Family.INET6, Protocol.STREAM)
+    assert h.source is None
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        v2(),
+        v2(ver_cmd=0x20, fam=0x00, body=b""),
+        v2(fam=0x21, body=ADDR6 + tlv(4, bytes(5))),
+        b"PROXY TCP4 192.0.2.1 198.51.100.2 56324 443\r\n",
+        b"PROXY UNKNOWN\r\n",
+    ],
+)
+def test_length_is_exactly_the_header_T3(header: bytes) -> None:
+    """The reader consumes exactly the header: length stops at 16 + len or at the CRLF.
+
+    The payload here starts like another header, so a parser reading past the
+    end (or scanning for the next CRLF) would be caught.
+    """
+    for payload in (b"", b"\r\n", SIG, b"PROXY UNKNOWN\r\n", v2()):
+        h = proxyproto.parse(header + payload)
+        assert h is not None
+        assert h.length == len(header)
+
+
+def test_v2_udp_families() -> None:
     """DGRAM transports decode like their STREAM twins with protocol DGRAM."""
     h4 = proxyproto.parse(v2(fam=0x12))
     h6 = proxyproto.parse(v2(fam=0x22, body=ADDR6))
