@@ -1,8 +1,8 @@
 """HAProxy PROXY protocol (v1 and v2) for socketserver-based servers.
 
 The core (``parse``, ``ProxyHeader``, the encoders) is a pure function of
-bytes; the I/O layer (``read_header``, ``create_connection``, the mixin and
-the prebuilt servers) drives that same core.
+bytes and does no I/O; the I/O layer (``read_header``, ``create_connection``,
+the mixin and the prebuilt servers) drives that same core.
 """
 
 from .errors import (
@@ -14,7 +14,19 @@ from .errors import (
     ProxyProtocolError,
 )
 from .header import Command, Family, Protocol, ProxyHeader
+from .policy import Policy
 from .reader import HeaderReader, parse
+from .server import (
+    ForkingProxyTCPServer,
+    ForkingProxyUnixStreamServer,
+    ProxyProtocolMixin,
+    ProxySocket,
+    ProxyTCPServer,
+    ProxyUnixStreamServer,
+    ThreadingProxyTCPServer,
+    ThreadingProxyUnixStreamServer,
+)
+from .sock import create_connection, read_header
 from .tlv import TLV, SSLClient, SSLInfo, TLVType
 from .v1 import encode as encode_v1
 from .v2 import encode as encode_v2
@@ -26,18 +38,29 @@ __all__ = [
     "ChecksumError",
     "Command",
     "Family",
+    "ForkingProxyTCPServer",
+    "ForkingProxyUnixStreamServer",
     "HeaderReader",
     "HeaderRejected",
     "HeaderTimeout",
     "InvalidHeader",
     "NoProxyHeader",
+    "Policy",
     "Protocol",
     "ProxyHeader",
     "ProxyProtocolError",
+    "ProxyProtocolMixin",
+    "ProxySocket",
+    "ProxyTCPServer",
+    "ProxyUnixStreamServer",
     "SSLClient",
     "SSLInfo",
     "TLVType",
+    "ThreadingProxyTCPServer",
+    "ThreadingProxyUnixStreamServer",
+    "create_connection",
     "encode_v1",
     "encode_v2",
     "parse",
+    "read_header",
 ]

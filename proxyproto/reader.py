@@ -99,6 +99,13 @@ def parse(
     return v2.decode(data, size, verify_checksum)
 
 
+def decode(data: bytes, size: int, verify_checksum: bool = True, allow_v4_in_tcp6: bool = False) -> ProxyHeader:
+    """Decode the complete header of ``size`` bytes that :func:`measure` found at the start of ``data``."""
+    if data[0] == 0x50:
+        return v1.decode(data, size, allow_v4_in_tcp6)
+    return v2.decode(data, size, verify_checksum)
+
+
 class HeaderReader:
     """Accumulates a stream until its header is complete, for adapters that cannot peek.
 

@@ -30,14 +30,18 @@ _TCP6_LINE = re.compile(rb"PROXY TCP6 " + _IPV6_CHARS + rb" " + _IPV6_CHARS + rb
 _UNKNOWN_LINE = re.compile(rb"PROXY UNKNOWN(?:\r\n| [^\r\n]*\r\n)")
 _PORT_RE = re.compile(_PORT)
 
+
 # A line cut short is refused as soon as no completion could be valid: wrong
 # tokens, stray characters, doubled or missing spaces.
+def _viable(address: bytes) -> bytes:
+    """Expression for every prefix of ``PROTO <address> <address> <port> <port>\r``."""
+    port = rb"[0-9]{1,5}"
+    return rb"(?:" + address + rb"(?: (?:" + address + rb"(?: (?:" + port + rb"(?: (?:" + port + rb"\r?)?)?)?)?)?)?)?"
+
+
 _VIABLE_PREFIX = re.compile(
-    rb"PROXY (?:"
-    rb"UNKNOWN(?: [^\r\n]*)?\r?"
-    rb"|TCP4 [0-9.]{0,15}(?: [0-9.]{1,15}(?: [0-9]{1,5}(?: [0-9]{1,5}\r?)?)?)?"
-    rb"|TCP6 [0-9A-Fa-f:.]{0,45}(?: [0-9A-Fa-f:.]{1,45}(?: [0-9]{1,5}(?: [0-9]{1,5}\r?)?)?)?"
-    rb")\Z"
+    rb"PROXY (?:UNKNOWN(?: [^\r\n]*)?\r?"
+    rb"|TCP4 " + _viable(rb"[0-9.]{1,15}") + rb"|TCP6 " + _viable(rb"[0-9A-Fa-f:.]{1,45}") + rb")\Z"
 )
 _TOKEN_PREFIXES = (b"PROXY UNKNOWN", b"PROXY TCP4 ", b"PROXY TCP6 ")
 

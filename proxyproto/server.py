@@ -1,0 +1,541 @@
+"""ProxyProtocolMixin: socketserver servers that read the PROXY header first.
+
+``get_request()`` runs in the serving loop, so a header read there with a
+blocking socket would let one silent client stall every other.  The mixin
+therefore never blocks:
+
+* It accepts the connection itself and tries the header at once (peek,
+  then an exact ``recv``): real proxies send it before or with the first
+  segment, so this is the common path.
+* A connection whose header is incomplete is *parked* in a ``selectors``
+  selector together with the listening socket, with its deadline.  The
+  server's ``fileno()`` is that selector's own descriptor (epoll and kqueue
+  descriptors are pollable), so ``serve_forever()`` wakes when either a new
+  connection or a parked header makes progress.
+* ``get_request()`` returns the next connection whose header is complete,
+  or raises ``OSError``, which ``socketserver`` reads as "nothing to do".
+  Deadlines are enforced there and in ``service_actions()``.
+
+Configuration is by class attribute, overridable per subclass or instance,
+as ``socketserver`` does it.  See DESIGN.md's policy table for what each
+policy serves, closes and logs.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+import selectors
+import socket
+import socketserver
+import sys
+import time
+from typing import Any
+
+from .header import Family, ProxyHeader
+from .policy import Policy, TrustedNetworks, decide, uses_addresses
+from .sock import HeaderAttempt, wait_for_outcome
+
+__all__ = [
+    "ForkingProxyTCPServer",
+    "ForkingProxyUnixStreamServer",
+    "ProxyProtocolMixin",
+    "ProxySocket",
+    "ProxyTCPServer",
+    "ProxyUnixStreamServer",
+    "ThreadingProxyTCPServer",
+    "ThreadingProxyUnixStreamServer",
+]
+
+logger = logging.getLogger("proxyproto")
+
+_LISTENER = "listener"
+_WAKEUP = "wakeup"
+_ACCEPT_RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+#: Seconds the listener rests after accept() failed for lack of descriptors or memory.
+ACCEPT_BACKOFF = 0.1
+
+Address = Any  # what socket.accept() gives: a tuple for IP families, str or bytes for AF_UNIX
+
+
+class ProxySocket(socket.socket):
+    """An accepted connection: a real socket, plus the header it started with.
+
+    ``proxy_header`` is the parsed :class:`ProxyHeader` whenever one was
+    parsed (also under IGNORE, and for LOCAL), else None.
+    """
+
+    __slots__ = ("proxy_header",)
+
+    proxy_header: ProxyHeader | None
+
+
+class _Parked:
+    """A connection whose header is not complete yet."""
+
+    __slots__ = ("attempt", "deadline", "peer", "registered", "retry_at", "saved_timeout")
+
+    def __init__(self, attempt: HeaderAttempt, peer: Address, deadline: float, saved_timeout: float | None) -> None:
+        self.attempt = attempt
+        self.peer = peer
+        self.deadline = deadline
+        self.saved_timeout = saved_timeout
+        self.registered = False
+        self.retry_at = 0.0
+
+
+class _State:
+    """Everything the mixin holds between calls, created when serving starts."""
+
+    __slots__ = (
+        "accept_resume_at",
+        "listener",
+        "local_wanted",
+        "parked",
+        "pid",
+        "ready",
+        "selector",
+        "signalled",
+        "trusted",
+        "wakeup",
+    )
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.selector: selectors.BaseSelector | None = None
+        self.listener: socket.socket | None = None
+        self.parked: dict[int, _Parked] = {}
+        self.ready: collections.deque[tuple[ProxySocket, Address]] = collections.deque()
+        self.wakeup: tuple[int, int] | None = None
+        self.signalled = False
+        self.trusted: TrustedNetworks | None = None
+        self.local_wanted = False
+        self.accept_resume_at = 0.0
+
+
+def peer_text(peer: Address) -> str:
+    """A peer address for a log line: ``host:port``, ``[v6]:port`` or ``unix:path``."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = peer[0]
+        return f"[{host}]:{peer[1]}" if ":" in str(host) else f"{host}:{peer[1]}"
+    return f"unix:{peer!r}" if peer else "unix:(unnamed)"
+
+
+def client_address_of(header: ProxyHeader) -> Address:
+    """The header's source in the shape the socket module gives for its family."""
+    source = header.source
+    if header.family is Family.INET6:
+        assert isinstance(source, tuple)
+        return (source[0], source[1], 0, 0)
+    return source
+
+
+class ProxyProtocolMixin:
+    """Make ``self.client_address`` in request handlers the real client behind a proxy.
+
+    Put it first among the bases of any ``socketserver.TCPServer`` or
+    ``UnixStreamServer`` subclass (``http.server``, ``wsgiref`` and
+    ``xmlrpc.server`` servers included).  A ``get_request`` override placed
+    below it in the class order is not called: customise the accepted socket
+    in ``finish_request`` or in the handler.
+    """
+
+    #: What a connection from a trusted peer must do (the spec's mode: REQUIRE).
+    proxy_policy: Policy | str = Policy.REQUIRE
+    #: None: every peer is trusted; else IP networks allowed to send headers.
+    proxy_trusted: Any | None = None
+    #: What peers outside ``proxy_trusted`` get (SKIP, IGNORE or REJECT).
+    proxy_untrusted_policy: Policy | str = Policy.SKIP
+    #: Seconds for the whole header to arrive (never per read).
+    proxy_header_timeout: float = 10.0
+    #: Cap on a v2 header's 16 + len; larger ones are refused.
+    proxy_max_header_size: int = 4096
+    #: Verify a CRC-32C TLV when present.
+    proxy_verify_checksum: bool = True
+    #: Accept the mixed IPv4/IPv6 ``TCP6`` lines nginx emits.
+    proxy_allow_v4_in_tcp6: bool = False
+    #: Connections whose header is still incomplete; past it the oldest is closed.
+    proxy_max_pending: int = 256
+
+    _pp_state: _State | None = None
+
+    # socketserver attributes the mixin relies on (declared for type checkers).
+    socket: socket.socket
+    timeout: float | None
+
+    # -- policy ------------------------------------------------------------------
+
+    def proxy_policy_for(self, peer: Address, local: Address | None) -> Policy:
+        """The policy for a connection from ``peer`` accepted on ``local``.
+
+        The default applies ``proxy_trusted``: trusted peers (all, when it is
+        None; UNIX-socket peers always) get ``proxy_policy``, the others
+        ``proxy_untrusted_policy``.  Override it for anything else; ``local``
+        is None unless the method is overridden.
+        """
+        state = self._pp_state
+        trusted = state.trusted if state is not None else None
+        if trusted is None or not isinstance(peer, tuple) or peer[0] in trusted:
+            return Policy(self.proxy_policy)
+        return Policy(self.proxy_untrusted_policy)
+
+    # -- socketserver hooks ----------------------------------------------------------
+
+    def fileno(self) -> int:
+        """The selector's descriptor: readable when a connection or a parked header progresses."""
+        state = self._pp_state or self._pp_start()
+        if state.selector is None:
+            return self.socket.fileno()
+        return state.selector.fileno()  # type: ignore[attr-defined,no-any-return]
+
+    def get_request(self) -> tuple[ProxySocket, Address]:
+        """The next connection whose header is complete, with the address it is served with."""
+        state = self._pp_state or self._pp_start()
+        if state.selector is None:
+            return self._pp_get_request_blocking(state)
+        if not state.ready:
+            now = time.monotonic()
+            for key, _ in state.selector.select(0):
+                if key.data is _LISTENER:
+                    self._pp_accept(state, now)
+                elif key.data is not _WAKEUP:
+                    self._pp_progress(state, key.data, now)
+            self._pp_expire(state, now)
+        if not state.ready:
+            raise OSError("proxyproto: no connection with a complete header yet")
+        request = state.ready.popleft()
+        self._pp_signal(state, bool(state.ready))
+        return request
+
+    def service_actions(self) -> None:
+        """Enforce header deadlines while the loop is idle, then the base class's actions."""
+        super().service_actions()  # type: ignore[misc]
+        state = self._pp_state
+        if state is not None and state.selector is not None:
+            self._pp_expire(state, time.monotonic())
+
+    def finish_request(self, request: Any, client_address: Address) -> None:
+        """Run the handler; in a forked child, first drop the parent's connections; wrap TLS."""
+        state = self._pp_state
+        if state is not None and state.pid != os.getpid():
+            self._pp_forget_in_child(state, request)
+        ssl = sys.modules.get("ssl")
+        listener = self.socket
+        if ssl is None or not isinstance(listener, ssl.SSLSocket):
+            super().finish_request(request, client_address)  # type: ignore[misc]
+            return
+        try:
+            tls = listener.context.wrap_socket(
+                request,
+                server_side=True,
+                do_handshake_on_connect=listener.do_handshake_on_connect,
+                suppress_ragged_eofs=listener.suppress_ragged_eofs,
+            )
+        except OSError as exc:
+            logger.info("%s: closed: TLS handshake failed: %s", peer_text(client_address), exc)
+            return
+        tls.proxy_header = getattr(request, "proxy_header", None)
+        try:
+            super().finish_request(tls, client_address)  # type: ignore[misc]
+        finally:
+            self.shutdown_request(tls)  # type: ignore[attr-defined]
+
+    def server_close(self) -> None:
+        """Close the listener as socketserver does, and every connection still held."""
+        state = self._pp_state
+        self._pp_state = None
+        if state is not None:
+            if state.selector is not None:
+                state.selector.close()
+            for parked in state.parked.values():
+                parked.attempt.sock.close()
+            for request, _ in state.ready:
+                request.close()
+            if state.wakeup is not None:
+                os.close(state.wakeup[0])
+                os.close(state.wakeup[1])
+        super().server_close()  # type: ignore[misc]
+
+    # -- machinery -----------------------------------------------------------------
+
+    def _pp_start(self) -> _State:
+        """Validate the configuration and register the listening socket (when serving starts)."""
+        for name in ("proxy_policy", "proxy_untrusted_policy"):
+            Policy(getattr(self, name))  # ValueError for an unknown policy
+        if Policy(self.proxy_untrusted_policy) in (Policy.USE, Policy.REQUIRE):
+            raise ValueError(
+                "proxy_untrusted_policy: USE and REQUIRE would let untrusted peers set their address; "
+                "use SKIP, IGNORE or REJECT"
+            )
+        state = _State()
+        if self.proxy_trusted is not None:
+            state.trusted = TrustedNetworks(self.proxy_trusted)
+        state.local_wanted = type(self).proxy_policy_for is not ProxyProtocolMixin.proxy_policy_for
+        selector = selectors.DefaultSelector()
+        if hasattr(selector, "fileno"):
+            selector.register(self.socket, selectors.EVENT_READ, _LISTENER)
+            state.selector = selector
+            state.listener = self.socket
+        else:  # pragma: no cover - platforms whose selector has no pollable descriptor
+            selector.close()
+        self._pp_state = state
+        return state
+
+    def _pp_accept_one(self) -> tuple[ProxySocket, Address, Policy] | None:
+        """Accept the raw connection (no TLS handshake) as a ProxySocket, with its policy."""
+        listener = self.socket
+        fd, peer = socket.socket._accept(listener)  # type: ignore[attr-defined]
+        sock = ProxySocket(listener.family, listener.type, listener.proto, fileno=fd)
+        if socket.getdefaulttimeout() is None and listener.gettimeout():
+            sock.setblocking(True)  # as socket.accept() does
+        sock.proxy_header = None
+        state = self._pp_state
+        local = sock.getsockname() if state is not None and state.local_wanted else None
+        return sock, peer, Policy(self.proxy_policy_for(peer, local))
+
+    def _pp_accept(self, state: _State, now: float) -> None:
+        try:
+            accepted = self._pp_accept_one()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            if exc.errno in _ACCEPT_RESOURCE_ERRORS and state.selector is not None:
+                if state.accept_resume_at == 0.0:
+                    logger.error("accept() failed: %s; pausing the listener", exc)
+                state.selector.unregister(self.socket)
+                state.accept_resume_at = now + ACCEPT_BACKOFF
+            else:
+                logger.warning("accept() failed: %s", exc)
+            return
+        if state.accept_resume_at:
+            logger.warning("accept() works again; listener resumed")
+            state.accept_resume_at = 0.0
+        if accepted is None:
+            return
+        sock, peer, policy = accepted
+        if policy is Policy.SKIP:
+            state.ready.append((sock, peer))
+            return
+        saved = sock.gettimeout()
+        if saved:
+            sock.settimeout(0.0)  # a timeout would make CPython wait before recv, whatever the flags
+        attempt = HeaderAttempt(
+            sock,
+            policy,
+            max_size=self.proxy_max_header_size,
+            verify_checksum=self.proxy_verify_checksum,
+            allow_v4_in_tcp6=self.proxy_allow_v4_in_tcp6,
+        )
+        parked = _Parked(attempt, peer, now + self.proxy_header_timeout, saved)
+        self._pp_step(state, parked, now)
+
+    def _pp_step(self, state: _State, parked: _Parked, now: float) -> None:
+        """Advance one connection; conclude, or (re)park it."""
+        attempt = parked.attempt
+        try:
+            done = attempt.step()
+        except OSError as exc:
+            self._pp_unpark(state, parked)
+            logger.info("%s: closed: %s while reading the PROXY header", peer_text(parked.peer), exc)
+            attempt.sock.close()
+            return
+        if done:
+            self._pp_unpark(state, parked)
+            self._pp_conclude(state, parked)
+        else:
+            self._pp_park(state, parked, now)
+
+    def _pp_progress(self, state: _State, parked: _Parked, now: float) -> None:
+        self._pp_step(state, parked, now)
+
+    def _pp_park(self, state: _State, parked: _Parked, now: float) -> None:
+        sock = parked.attempt.sock
+        fd = sock.fileno()
+        if fd not in state.parked:
+            while len(state.parked) >= self.proxy_max_pending:
+                oldest = next(iter(state.parked.values()))
+                self._pp_unpark(state, oldest)
+                logger.warning(
+                    "%s: closed: %d connections already wait for their header (proxy_max_pending)",
+                    peer_text(oldest.peer),
+                    self.proxy_max_pending,
+                )
+                oldest.attempt.sock.close()
+            state.parked[fd] = parked
+        assert state.selector is not None
+        if parked.attempt.needs_retry:
+            if parked.registered:
+                state.selector.unregister(sock)
+                parked.registered = False
+            parked.retry_at = now + 0.02
+        elif not parked.registered:
+            state.selector.register(sock, selectors.EVENT_READ, parked)
+            parked.registered = True
+
+    def _pp_unpark(self, state: _State, parked: _Parked) -> None:
+        sock = parked.attempt.sock
+        if parked.registered and state.selector is not None:
+            state.selector.unregister(sock)
+            parked.registered = False
+        state.parked.pop(sock.fileno(), None)
+
+    def _pp_expire(self, state: _State, now: float) -> None:
+        """Close or serve the parked connections whose deadline has passed; retry the timed ones."""
+        if state.accept_resume_at and now >= state.accept_resume_at and state.selector is not None:
+            state.accept_resume_at = 0.0
+            try:
+                state.selector.register(self.socket, selectors.EVENT_READ, _LISTENER)
+            except KeyError:  # pragma: no cover - already registered
+                pass
+        if not state.parked:
+            return
+        for parked in list(state.parked.values()):
+            if parked.deadline <= now:
+                self._pp_unpark(state, parked)
+                parked.attempt.timed_out()
+                self._pp_conclude(state, parked)
+            elif parked.attempt.needs_retry and parked.retry_at <= now:
+                self._pp_step(state, parked, now)
+        self._pp_signal(state, bool(state.ready))
+
+    def _pp_conclude(self, state: _State, parked: _Parked) -> None:
+        """Apply the policy table: queue the connection for service, or close and log it."""
+        attempt = parked.attempt
+        sock = attempt.sock
+        assert attempt.outcome is not None
+        verdict = decide(attempt.policy, attempt.outcome)
+        if not verdict.serve:
+            logger.log(
+                verdict.level,
+                "%s: closed: %s",
+                peer_text(parked.peer),
+                attempt.describe(self.proxy_header_timeout),
+            )
+            sock.close()
+            return
+        try:
+            attempt.release()
+            if parked.saved_timeout:
+                sock.settimeout(parked.saved_timeout)
+        except OSError as exc:  # pragma: no cover - the peer vanished meanwhile
+            logger.info("%s: closed: %s", peer_text(parked.peer), exc)
+            sock.close()
+            return
+        header = attempt.header
+        assert isinstance(sock, ProxySocket)
+        sock.proxy_header = header
+        if uses_addresses(attempt.policy, header):
+            assert header is not None
+            state.ready.append((sock, client_address_of(header)))
+        else:
+            state.ready.append((sock, parked.peer))
+
+    def _pp_signal(self, state: _State, pending: bool) -> None:
+        """Keep the selector readable while completed connections are queued."""
+        if pending == state.signalled or state.selector is None:
+            return
+        if state.wakeup is None:
+            read_fd, write_fd = os.pipe()
+            os.set_blocking(read_fd, False)
+            os.set_blocking(write_fd, False)
+            state.wakeup = (read_fd, write_fd)
+            state.selector.register(read_fd, selectors.EVENT_READ, _WAKEUP)
+        if pending:
+            os.write(state.wakeup[1], b"!")
+        else:
+            try:
+                os.read(state.wakeup[0], 64)
+            except BlockingIOError:  # pragma: no cover
+                pass
+        state.signalled = pending
+
+    def _pp_forget_in_child(self, state: _State, keep: Any) -> None:
+        """In a forked child: close the parent's connections and selector, touching nothing shared.
+
+        Closing a descriptor in the child leaves the parent's copy (and the
+        shared epoll registrations) alone; unregistering would not.
+        """
+        self._pp_state = None
+        for parked in state.parked.values():
+            if parked.attempt.sock is not keep:
+                parked.attempt.sock.close()
+        for request, _ in state.ready:
+            if request is not keep:
+                request.close()
+        if state.selector is not None:
+            state.selector.close()
+        if state.wakeup is not None:
+            os.close(state.wakeup[0])
+            os.close(state.wakeup[1])
+
+    def _pp_get_request_blocking(self, state: _State) -> tuple[ProxySocket, Address]:  # pragma: no cover
+        """Fallback without a pollable selector: read the header in the loop, bounded by the timeout."""
+        while True:
+            accepted = self._pp_accept_one()
+            assert accepted is not None
+            sock, peer, policy = accepted
+            if policy is Policy.SKIP:
+                return sock, peer
+            saved = sock.gettimeout()
+            sock.settimeout(0.0)
+            attempt = HeaderAttempt(
+                sock,
+                policy,
+                max_size=self.proxy_max_header_size,
+                verify_checksum=self.proxy_verify_checksum,
+                allow_v4_in_tcp6=self.proxy_allow_v4_in_tcp6,
+            )
+            parked = _Parked(attempt, peer, time.monotonic() + self.proxy_header_timeout, saved)
+            try:
+                wait_for_outcome(attempt, parked.deadline)
+            except OSError as exc:
+                logger.info("%s: closed: %s while reading the PROXY header", peer_text(peer), exc)
+                sock.close()
+                continue
+            sock.settimeout(None)
+            parked.saved_timeout = saved
+            self._pp_conclude(state, parked)
+            if state.ready:
+                return state.ready.popleft()
+
+
+_BACKLOG = 128
+
+
+class ProxyTCPServer(ProxyProtocolMixin, socketserver.TCPServer):
+    """Synchronous TCP server reading the PROXY header first."""
+
+    request_queue_size = _BACKLOG
+
+
+class ThreadingProxyTCPServer(ProxyProtocolMixin, socketserver.ThreadingTCPServer):
+    """A thread per connection, the PROXY header read first."""
+
+    request_queue_size = _BACKLOG
+
+
+class ProxyUnixStreamServer(ProxyProtocolMixin, socketserver.UnixStreamServer):
+    """Synchronous UNIX-socket stream server reading the PROXY header first."""
+
+    request_queue_size = _BACKLOG
+
+
+class ThreadingProxyUnixStreamServer(ProxyProtocolMixin, socketserver.ThreadingUnixStreamServer):
+    """A thread per connection on a UNIX socket, the PROXY header read first."""
+
+    request_queue_size = _BACKLOG
+
+
+if hasattr(os, "fork"):
+
+    class ForkingProxyTCPServer(ProxyProtocolMixin, socketserver.ForkingTCPServer):
+        """A child process per connection, the PROXY header read first."""
+
+        request_queue_size = _BACKLOG
+
+    class ForkingProxyUnixStreamServer(ProxyProtocolMixin, socketserver.ForkingMixIn, socketserver.UnixStreamServer):
+        """A child process per connection on a UNIX socket, the PROXY header read first."""
+
+        request_queue_size = _BACKLOG

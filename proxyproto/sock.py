@@ -1,0 +1,296 @@
+"""Reading a header from a plain socket, and sending one.
+
+:class:`HeaderAttempt` is the per-connection state machine every socket
+adapter shares: it peeks at what has arrived, asks :func:`reader.measure`
+what it is, and consumes exactly the header bytes, never one byte more (T3:
+the payload stays in the kernel for the handler).  It never blocks: the
+socketserver mixin calls :meth:`HeaderAttempt.step` when a parked socket is
+readable, :func:`read_header` when ``poll`` says so.
+
+Under REQUIRE every byte before the header's end is header (or garbage), so
+an incomplete header is consumed into a small buffer.  Under the opt-in
+policies an ambiguous prefix (``PR``) may still be payload and must stay in
+the kernel, so the attempt waits for one more byte with ``SO_RCVLOWAT``
+(Linux TCP) rather than spin on peeks; elsewhere it asks to be polled again
+after a short delay.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from . import reader
+from .errors import (
+    HeaderRejected,
+    HeaderTimeout,
+    InvalidHeader,
+    NoProxyHeader,
+    ProxyProtocolError,
+)
+from .header import ProxyHeader
+from .policy import Outcome, Policy, decide
+from .v1 import encode as encode_v1
+from .v2 import encode as encode_v2
+
+__all__ = ["RETRY_DELAY", "HeaderAttempt", "create_connection", "read_header"]
+
+_PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+_SO_RCVLOWAT = getattr(socket, "SO_RCVLOWAT", None)
+_LOWAT_FAMILIES = (socket.AF_INET, socket.AF_INET6) if os.uname().sysname == "Linux" else ()
+#: Seconds between peeks where SO_RCVLOWAT does not make poll wait for more bytes.
+RETRY_DELAY = 0.02
+
+
+class HeaderAttempt:
+    """One connection's header, read without blocking: peek, decide, consume exactly.
+
+    After :meth:`step` returns True, :attr:`outcome` says what arrived and
+    :attr:`header` / :attr:`error` hold the details.  ``waiting`` is set
+    while an opt-in policy holds an ambiguous prefix in the kernel; then
+    ``needs_retry`` says the socket cannot be polled for more (no
+    ``SO_RCVLOWAT``) and the caller must call :meth:`step` again later.
+    """
+
+    __slots__ = (
+        "allow_v4_in_tcp6",
+        "buffer",
+        "error",
+        "header",
+        "lowat",
+        "max_size",
+        "needs_retry",
+        "outcome",
+        "policy",
+        "seen",
+        "sock",
+        "verify_checksum",
+    )
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        policy: Policy = Policy.REQUIRE,
+        *,
+        max_size: int | None = None,
+        verify_checksum: bool = True,
+        allow_v4_in_tcp6: bool = False,
+    ) -> None:
+        self.sock = sock
+        self.policy = policy
+        self.max_size = reader.MAX_V2_LENGTH if max_size is None else max_size
+        self.verify_checksum = verify_checksum
+        self.allow_v4_in_tcp6 = allow_v4_in_tcp6
+        self.buffer = b""  # consumed bytes of an incomplete header (REQUIRE)
+        self.seen = 0  # bytes of an ambiguous prefix left in the kernel (opt-in)
+        self.lowat = False
+        self.needs_retry = False
+        self.outcome: Outcome | None = None
+        self.header: ProxyHeader | None = None
+        self.error: ProxyProtocolError | None = None
+
+    @property
+    def started(self) -> bool:
+        """Some bytes of a header have arrived."""
+        return bool(self.buffer) or self.seen > 0
+
+    def step(self) -> bool:
+        """Make whatever progress the socket allows now; True once the outcome is known.
+
+        ``OSError`` from the socket (a reset, say) propagates unchanged.
+        """
+        sock = self.sock
+        try:
+            data = sock.recv(max(self.max_size, reader.MAX_V1_LENGTH) - len(self.buffer), _PEEK)
+        except (BlockingIOError, InterruptedError):
+            return False
+        if not data:
+            if self.started:
+                return self._fail(
+                    Outcome.INVALID,
+                    InvalidHeader(
+                        f"header truncated by EOF after {len(self.buffer) + self.seen} byte(s)",
+                        offset=len(self.buffer) + self.seen,
+                    ),
+                )
+            self.outcome = Outcome.EOF
+            return True
+        if self.seen and len(data) <= self.seen:
+            if self.lowat:  # poll said readable, yet nothing new: the peer closed
+                return self._fail(
+                    Outcome.INVALID,
+                    InvalidHeader(f"header truncated by EOF after {self.seen} byte(s)", offset=self.seen),
+                )
+            return False
+        whole = self.buffer + data if self.buffer else data
+        try:
+            size = reader.measure(whole, self.max_size)
+        except NoProxyHeader as exc:
+            return self._fail(Outcome.NO_HEADER, exc)
+        except InvalidHeader as exc:
+            return self._fail(Outcome.INVALID, exc)
+        if size < 0:
+            if self.policy is Policy.REQUIRE:
+                self.buffer = whole[: len(self.buffer) + self._consume(len(data))]
+            else:
+                self._wait_for_more(len(data))
+            return False
+        consumed = self._consume(size - len(self.buffer))
+        if consumed != size - len(self.buffer):  # pragma: no cover - the kernel gave back less than it showed
+            return self._fail(Outcome.INVALID, InvalidHeader("header bytes vanished between peek and read"))
+        try:
+            self.header = reader.decode(whole, size, self.verify_checksum, self.allow_v4_in_tcp6)
+        except ProxyProtocolError as exc:
+            return self._fail(Outcome.INVALID, exc)
+        self.outcome = Outcome.HEADER
+        return True
+
+    def _consume(self, count: int) -> int:
+        return len(self.sock.recv(count, _DONTWAIT))
+
+    def _fail(self, outcome: Outcome, error: ProxyProtocolError) -> bool:
+        self.outcome = outcome
+        self.error = error
+        return True
+
+    def _wait_for_more(self, have: int) -> None:
+        self.seen = have
+        if _SO_RCVLOWAT is not None and self.sock.family in _LOWAT_FAMILIES:
+            self.sock.setsockopt(socket.SOL_SOCKET, _SO_RCVLOWAT, have + 1)
+            self.lowat = True
+        else:
+            self.needs_retry = True
+
+    def timed_out(self) -> None:
+        """The deadline passed before the outcome was known."""
+        self.outcome = Outcome.PARTIAL if self.started else Outcome.SILENT
+
+    def release(self) -> None:
+        """Undo what waiting changed on the socket (SO_RCVLOWAT) before handing it on."""
+        if self.lowat:
+            self.lowat = False
+            self.sock.setsockopt(socket.SOL_SOCKET, _SO_RCVLOWAT, 1)  # type: ignore[arg-type]
+
+    def describe(self, timeout: float) -> str:
+        """One line saying what happened, for logs and exceptions."""
+        outcome = self.outcome
+        if self.error is not None:
+            return str(self.error)
+        if outcome is Outcome.HEADER:
+            return f"sent a PROXY header, which policy {self.policy.name} refuses"
+        if outcome is Outcome.SILENT:
+            return f"no PROXY header within {timeout:g} s"
+        if outcome is Outcome.PARTIAL:
+            return f"incomplete PROXY header ({len(self.buffer) + self.seen} byte(s)) after {timeout:g} s"
+        return "closed before sending a PROXY header"
+
+    def exception(self, timeout: float) -> ProxyProtocolError:
+        """The exception :func:`read_header` raises for a closing verdict."""
+        if self.error is not None and self.outcome is not Outcome.HEADER:
+            return self.error
+        message = self.describe(timeout)
+        if self.outcome is Outcome.HEADER:
+            return HeaderRejected(message)
+        if self.outcome is Outcome.EOF:
+            return NoProxyHeader(message, offset=0)
+        return HeaderTimeout(message, offset=len(self.buffer) + self.seen)
+
+
+def wait_for_outcome(attempt: HeaderAttempt, deadline: float) -> None:
+    """Drive ``attempt`` to an outcome, blocking in ``poll`` until ``deadline`` (monotonic)."""
+    fd = attempt.sock.fileno()
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while not attempt.step():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            attempt.timed_out()
+            return
+        if attempt.needs_retry:
+            time.sleep(min(remaining, RETRY_DELAY))
+            continue
+        poller.poll(max(1, int(remaining * 1000 + 0.999)))
+
+
+def read_header(
+    sock: socket.socket,
+    *,
+    timeout: float = 10.0,
+    policy: Policy | str = Policy.REQUIRE,
+    **parse_options: Any,
+) -> ProxyHeader | None:
+    """Read the PROXY header at the start of ``sock``, blocking at most ``timeout`` seconds in all.
+
+    Consumes exactly the header bytes and nothing after them, and restores
+    the socket's timeout.  Returns the header, or None where the policy
+    serves a connection without one (SKIP never reads).  Raises, where the
+    policy closes: :class:`NoProxyHeader`, :class:`InvalidHeader`,
+    :class:`ChecksumError`, :class:`HeaderRejected`, :class:`HeaderTimeout`.
+    ``OSError`` from the socket passes through.  ``parse_options`` are those
+    of :func:`proxyproto.parse`.
+    """
+    policy = Policy(policy)
+    if policy is Policy.SKIP:
+        return None
+    attempt = HeaderAttempt(sock, policy, **parse_options)
+    saved = sock.gettimeout()
+    deadline = time.monotonic() + timeout
+    if saved != 0.0:
+        sock.settimeout(0.0)
+    try:
+        wait_for_outcome(attempt, deadline)
+    finally:
+        attempt.release()
+        if saved != 0.0:
+            sock.settimeout(saved)
+    assert attempt.outcome is not None
+    if not decide(policy, attempt.outcome).serve:
+        raise attempt.exception(timeout)
+    return attempt.header
+
+
+def create_connection(
+    address: tuple[str, int] | str,
+    *,
+    source: object | None,
+    destination: object | None,
+    version: int = 2,
+    tlvs: Sequence[tuple[int, bytes]] = (),
+    timeout: float | None = None,
+) -> socket.socket:
+    """``socket.create_connection`` that sends a PROXY header first, in one write.
+
+    ``address`` is ``(host, port)`` or a UNIX socket path.  The header is
+    built before connecting, so bad addresses raise ``ValueError`` without
+    touching the network.  For tests, clients and proxies.
+    """
+    if version == 1:
+        if tlvs:
+            raise ValueError("tlvs: a v1 header carries no TLVs")
+        header = encode_v1(source, destination)
+    elif version == 2:
+        header = encode_v2(source, destination, tlvs=tlvs)
+    else:
+        raise ValueError(f"version: must be 1 or 2, got {version!r}")
+    if isinstance(address, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            if timeout is not None:
+                sock.settimeout(timeout)
+            sock.connect(address)
+        except BaseException:
+            sock.close()
+            raise
+    else:
+        sock = socket.create_connection(address, timeout=socket.getdefaulttimeout() if timeout is None else timeout)
+    try:
+        sock.sendall(header)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
