@@ -50,7 +50,16 @@ PLAIN_BASES = {
     "ForkingProxyTCPServer": socketserver.ForkingTCPServer,
     "ProxyUnixStreamServer": socketserver.UnixStreamServer,
     "ThreadingProxyUnixStreamServer": socketserver.ThreadingUnixStreamServer,
-    "ForkingProxyUnixStreamServer": socketserver.ForkingUnixStreamServer,
+    # socketserver.ForkingUnixStreamServer exists only from Python 3.12 on.
+    "ForkingProxyUnixStreamServer": getattr(
+        socketserver,
+        "ForkingUnixStreamServer",
+        type(
+            "ForkingUnixStreamServer",
+            (socketserver.ForkingMixIn, socketserver.UnixStreamServer),
+            {},
+        ),
+    ),
 }
 
 
@@ -371,11 +380,16 @@ def exchange(
     """
     with running.connect(source_host=source_host) as sock:
         own = sock.getsockname()
-        for i, chunk in enumerate(chunks):
-            if i and delay:
-                time.sleep(delay)
-            sock.sendall(chunk)
-        sock.shutdown(socket.SHUT_WR)
+        try:
+            for i, chunk in enumerate(chunks):
+                if i and delay:
+                    time.sleep(delay)
+                sock.sendall(chunk)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            # A server that refuses the connection may reset it before the client is done
+            # writing; what it sent before that (nothing, if it refused) is still read below.
+            pass
         return parse_report(read_all(sock)), own
 
 
