@@ -348,7 +348,7 @@ def syscall_tables(n: int, clients: int, limit: float, pairs: Sequence[str]) -> 
         plain, v1, v2 = (f"{pair}-plain", f"{pair}-v1", f"{pair}-v2")
         out.append(f"{pair}: system calls per connection, strace -f -c over {n} connections"
                    f" (errors in brackets)")
-        out.append(f"  {'syscall':<18}{'plain':>12}{'v1':>12}{'v2':>12}{'v1-plain':>10}{'v2-plain':>10}")
+        out.append(f"  {'syscall':<18}{'plain':>15}{'v1':>15}{'v2':>15}{'v1-plain':>10}{'v2-plain':>10}")
 
         def cell(k: str, s: str, per: dict[str, dict[str, float]] = per,
                  errs: dict[str, dict[str, float]] = errs) -> str:
@@ -359,10 +359,10 @@ def syscall_tables(n: int, clients: int, limit: float, pairs: Sequence[str]) -> 
         for s in rows:
             if max(per[k][s] for k in per) < 0.005:
                 continue
-            out.append(f"  {s:<18}{cell(plain, s):>12}{cell(v1, s):>12}{cell(v2, s):>12}"
+            out.append(f"  {s:<18}{cell(plain, s):>15}{cell(v1, s):>15}{cell(v2, s):>15}"
                        f"{per[v1][s] - per[plain][s]:>+10.2f}{per[v2][s] - per[plain][s]:>+10.2f}")
         tot = {k: sum(per[k].values()) for k in per}
-        out.append(f"  {'TOTAL':<18}{tot[plain]:>12.2f}{tot[v1]:>12.2f}{tot[v2]:>12.2f}"
+        out.append(f"  {'TOTAL':<18}{tot[plain]:>15.2f}{tot[v1]:>15.2f}{tot[v2]:>15.2f}"
                    f"{tot[v1] - tot[plain]:>+10.2f}{tot[v2] - tot[plain]:>+10.2f}")
         bad = {k: r["errors"] for k, r in res.items() if r["errors"]}
         if bad:
