@@ -124,6 +124,10 @@ def good_client(srv: object) -> tuple:
     return took, as_address(report["client_address"])
 
 
+def slowest_ms(answers: list) -> float:
+    return 1000 * max((took for took, _ in answers), default=float("nan"))
+
+
 @pytest.mark.parametrize("name", CLASS_NAMES)
 def test_parked_clients_never_stall_a_good_one_and_are_closed_on_time_T1(name: str) -> None:
     with serve(name, LineReportHandler, proxy_header_timeout=HEADER_TIMEOUT) as srv:
@@ -162,6 +166,10 @@ def test_parked_clients_never_stall_a_good_one_and_are_closed_on_time_T1(name: s
             if bad.stdout is not None:
                 bad.stdout.close()
 
+    print(  # the figures, for ``pytest -s``
+        f"{name}: slowest good client {slowest_ms(answers):.1f} ms, "
+        f"longest bad connection {summary['longest']:.2f} s, CPU {cpu:.3f} s in {wall:.2f} s"
+    )
     assert len(answers) >= 4
     slowest = max(took for took, _ in answers)
     assert slowest < 0.5, f"a good client waited {slowest:.2f} s behind parked ones"
