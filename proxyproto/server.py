@@ -216,6 +216,13 @@ class ProxyProtocolMixin:
         if state is not None and state.selector is not None:
             self._pp_expire(state, time.monotonic())
 
+    def handle_timeout(self) -> None:
+        """``handle_request()`` timed out: enforce header deadlines there too (it never calls service_actions)."""
+        state = self._pp_state
+        if state is not None and state.selector is not None:
+            self._pp_expire(state, time.monotonic())
+        super().handle_timeout()  # type: ignore[misc]
+
     def finish_request(self, request: Any, client_address: Address) -> None:
         """Run the handler; in a forked child, first drop the parent's connections; wrap TLS."""
         state = self._pp_state
