@@ -28,7 +28,7 @@ import proxyproto
 
 log = logging.getLogger("demo")
 
-SERVER_CLASSES = {
+SERVER_CLASSES: dict[str, Any] = {
     "sync": proxyproto.ProxyTCPServer,
     "threading": proxyproto.ThreadingProxyTCPServer,
     "forking": proxyproto.ForkingProxyTCPServer,

@@ -120,3 +120,51 @@ def test_header_and_client_hello_in_one_write_T3(
                     pump(sock, outgoing)
                     feed(sock, incoming)
             check(json.loads(data))
+
+
+class ListenerTLSHandler(socketserver.StreamRequestHandler):
+    """Under a TLS listening socket: reports what it got, inside the TLS session."""
+
+    def handle(self) -> None:
+        line = self.rfile.readline()
+        header = getattr(self.request, "proxy_header", None)
+        report = {
+            "client_address": list(self.client_address),
+            "is_tls": isinstance(self.request, ssl.SSLSocket),
+            "header_source": None if header is None else list(header.source),
+            "payload": line.hex(),
+        }
+        self.wfile.write(json.dumps(report).encode() + b"\n")
+
+
+@pytest.mark.parametrize("name", CLASS_NAMES)
+def test_tls_listening_socket_hands_the_handler_a_tls_socket_after_the_header(
+    name: str, server_tls_context: ssl.SSLContext, client_tls_context: ssl.SSLContext
+) -> None:
+    """DESIGN.md: the mixin accepts the raw connection, reads the header, and finish_request
+    wraps it with the listener's context (in the handler's thread or child); verify_request
+    sees the raw socket; the TLS socket is closed when the request ends."""
+    seen: list = []
+
+    def wrap(server: object) -> None:
+        server.socket = server_tls_context.wrap_socket(  # type: ignore[attr-defined]
+            server.socket, server_side=True  # type: ignore[attr-defined]
+        )
+        original = server.verify_request  # type: ignore[attr-defined]
+
+        def verify_request(request: object, client_address: object) -> bool:
+            seen.append(isinstance(request, ssl.SSLSocket))
+            return original(request, client_address)
+
+        server.verify_request = verify_request  # type: ignore[attr-defined]
+
+    with serve(name, ListenerTLSHandler, prepare=wrap) as srv:
+        with srv.connect() as raw:
+            raw.sendall(v2_header(REAL_V4, DEST_V4))
+            with client_tls_context.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(SECRET)
+                report = json.loads(read_line(tls))
+                assert tls.recv(1) == b"", "the TLS connection stays open after the request"
+    check(report)
+    assert report["is_tls"] is True
+    assert seen == [False]
