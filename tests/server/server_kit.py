@@ -244,8 +244,9 @@ def make_class(base: type, **attrs: Any) -> type:
 class Running:
     """A server serving in a background thread; ``stop()`` is idempotent."""
 
-    def __init__(self, server: Any, tmpdir: str | None = None) -> None:
+    def __init__(self, server: Any, tmpdir: str | None = None, poll_interval: float = 0.05) -> None:
         self.server = server
+        self.poll_interval = poll_interval
         self.tmpdir = tmpdir
         self.error: BaseException | None = None
         self.stopped = False
@@ -258,7 +259,7 @@ class Running:
 
     def _serve(self) -> None:
         try:
-            self.server.serve_forever(poll_interval=0.05)
+            self.server.serve_forever(poll_interval=self.poll_interval)
         except BaseException as exc:
             self.error = exc  # stop() raises it again in the test's thread
             raise
@@ -312,10 +313,11 @@ def serve(
     ipv6: bool = False,
     host: str | None = None,
     prepare: Callable[[Any], None] | None = None,
+    poll_interval: float = 0.05,
     **attrs: Any,
 ) -> Iterator[Running]:
     """Start ``base`` (a class or a prebuilt class name) on a free loopback port or a fresh
-    UNIX path, serving in a thread with ``poll_interval=0.05``; shut down, close and join at exit.
+    UNIX path, serving in a thread (``poll_interval`` 0.05 s); shut down, close and join at exit.
     ``attrs`` become class attributes of a test subclass; ``prepare(server)`` runs before serving.
     """
     cls = server_class(base) if isinstance(base, str) else base
@@ -334,7 +336,7 @@ def serve(
     server.verified = []
     if prepare is not None:
         prepare(server)
-    running = Running(server, tmpdir)
+    running = Running(server, tmpdir, poll_interval)
     try:
         yield running
     finally:

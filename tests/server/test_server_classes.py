@@ -8,6 +8,7 @@ the same way as the others.
 from __future__ import annotations
 
 import socketserver
+import time
 
 import pytest
 from server_kit import (
@@ -19,6 +20,7 @@ from server_kit import (
     REAL_V6,
     TCP_CLASS_NAMES,
     V1_UNKNOWN,
+    LineReportHandler,
     as_address,
     bytewise,
     exchange,
@@ -128,6 +130,7 @@ def test_request_is_a_real_socket_with_proxy_header(name: str) -> None:
         assert report["is_socket"] is True
         assert report["has_proxy_header_attr"] is True
         assert report["header"] is not None
+        assert srv.server.socket.gettimeout() is None, "the listener keeps its blocking mode"
 
 
 def _plain_timeout(name: str) -> object:
@@ -138,10 +141,11 @@ def _plain_timeout(name: str) -> object:
     return report["timeout"]
 
 
+@pytest.mark.parametrize("how", ["one_write", "byte_by_byte"])
 @pytest.mark.parametrize("default", [None, 2.5])
 @pytest.mark.parametrize("name", CLASS_NAMES)
 def test_request_timeout_is_what_it_would_be_without_the_mixin(
-    name: str, default: object, default_timeout: object
+    name: str, default: object, how: str, default_timeout: object
 ) -> None:
     """The mixin puts accepted sockets in non-blocking mode while it reads the header; the
     handler must get the timeout socketserver would have given it (accepted sockets inherit
@@ -150,7 +154,8 @@ def test_request_timeout_is_what_it_would_be_without_the_mixin(
     expected = _plain_timeout(name)
     assert expected == default  # sanity: CPython gives accepted sockets the default timeout
     with serve(name) as srv:
-        report, _ = exchange(srv, [HEADERS["v1"] + b"t"])
+        # byte by byte: the connection is parked first, then handed out
+        report, _ = exchange(srv, split(HEADERS["v1"], b"t", how), delay=0.003)
         assert report is not None
         assert report["timeout"] == expected
 
@@ -223,3 +228,25 @@ def test_prebuilt_classes_are_the_mixin_over_socketserver() -> None:
                 assert issubclass(cls, part)
                 assert cls.__mro__.index(proxyproto.ProxyProtocolMixin) < cls.__mro__.index(part)
     assert issubclass(proxyproto.ThreadingProxyTCPServer, socketserver.ThreadingMixIn)
+
+
+@pytest.mark.parametrize("name", ["ProxyTCPServer", "ThreadingProxyUnixStreamServer"])
+def test_queued_connections_do_not_wait_for_poll_interval(name: str) -> None:
+    """Connections whose headers complete together are all handed out at once: the server's
+    descriptor stays readable while any is queued (DESIGN.md), so none waits for the next
+    poll_interval (3 s here, so a wait would show)."""
+    with serve(name, LineReportHandler, poll_interval=3.0) as srv:
+        time.sleep(0.1)  # serve_forever is now blocked in select(3.0)
+        clients = [srv.connect() for _ in range(12)]
+        try:
+            start = time.monotonic()
+            for sock in clients:
+                sock.sendall(HEADERS["v2"] + b"q\n")
+            for sock in clients:
+                sock.settimeout(5.0)
+                assert sock.recv(4096).endswith(b"\n")
+            took = time.monotonic() - start
+        finally:
+            for sock in clients:
+                sock.close()
+        assert took < 1.0, f"12 ready connections took {took:.2f} s to be served"

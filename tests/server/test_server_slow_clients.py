@@ -29,12 +29,14 @@ from server_kit import (
     CLASS_NAMES,
     DEST_V4,
     REAL_V4,
-    LineReportHandler,
+    ReportHandler,
     as_address,
     parse_report,
     serve,
     v1_header,
 )
+
+from proxyproto import Policy
 
 HEADER_TIMEOUT = 2.0
 SILENT = TRICKLE = 50
@@ -91,11 +93,16 @@ while live and time.monotonic() < limit:
             rec["answered"] = True
         close(s, rec, time.monotonic())
 lifetimes = [rec["end"] - rec["start"] for _, rec in conns if rec["end"] is not None]
+def longest(trickle):
+    spans = [rec["end"] - rec["start"] for _, rec in conns
+             if rec["end"] is not None and rec["trickle"] == trickle]
+    return max(spans) if spans else None
 print(json.dumps({
     "closed": len(lifetimes),
     "open": sum(1 for _, rec in conns if rec["end"] is None),
     "answered": sum(1 for _, rec in conns if rec["answered"]),
-    "longest": max(lifetimes) if lifetimes else None,
+    "longest_silent": longest(False),
+    "longest_trickle": longest(True),
     "max_sent": max(rec["sent"] for _, rec in conns),
 }), flush=True)
 """
@@ -128,9 +135,30 @@ def slowest_ms(answers: list) -> float:
     return 1000 * max((took for took, _ in answers), default=float("nan"))
 
 
-@pytest.mark.parametrize("name", CLASS_NAMES)
-def test_parked_clients_never_stall_a_good_one_and_are_closed_on_time_T1(name: str) -> None:
-    with serve(name, LineReportHandler, proxy_header_timeout=HEADER_TIMEOUT) as srv:
+class LineOrBannerHandler(ReportHandler):
+    """Reads a line after a header; speaks first (and at once) to a connection without one,
+    which is how a connection served "with no header" under USE must not block a thread."""
+
+    def handle(self) -> None:
+        self.mode = "none" if getattr(self.request, "proxy_header", None) is None else "line"
+        super().handle()
+
+
+CASES = [(name, Policy.REQUIRE) for name in CLASS_NAMES] + [
+    # Under USE every trickled byte of "PROXY ..." is first an ambiguous prefix: the server
+    # waits for one more byte (SO_RCVLOWAT on TCP, a timer on UNIX sockets) without spinning.
+    ("ProxyTCPServer", Policy.USE),
+    ("ThreadingProxyUnixStreamServer", Policy.USE),
+    ("ForkingProxyTCPServer", Policy.USE),
+]
+
+
+@pytest.mark.parametrize("name,policy", CASES)
+def test_parked_clients_never_stall_a_good_one_and_are_closed_on_time_T1(
+    name: str, policy: Policy
+) -> None:
+    with serve(name, LineOrBannerHandler, proxy_header_timeout=HEADER_TIMEOUT,
+               proxy_policy=policy) as srv:
         server = srv.server
         address = server.server_address
         cfg = {
@@ -167,8 +195,9 @@ def test_parked_clients_never_stall_a_good_one_and_are_closed_on_time_T1(name: s
                 bad.stdout.close()
 
     print(  # the figures, for ``pytest -s``
-        f"{name}: slowest good client {slowest_ms(answers):.1f} ms, "
-        f"longest bad connection {summary['longest']:.2f} s, CPU {cpu:.3f} s in {wall:.2f} s"
+        f"{name} {policy.name}: slowest good client {slowest_ms(answers):.1f} ms, "
+        f"longest silent {summary['longest_silent']:.2f} s, "
+        f"longest trickling {summary['longest_trickle']:.2f} s, CPU {cpu:.3f} s in {wall:.2f} s"
     )
     assert len(answers) >= 4
     slowest = max(took for took, _ in answers)
@@ -176,9 +205,18 @@ def test_parked_clients_never_stall_a_good_one_and_are_closed_on_time_T1(name: s
     assert all(addr == REAL_V4 for _, addr in answers)
 
     assert summary["open"] == 0, summary
-    assert summary["answered"] == 0, "a connection without a full header reached a handler"
+    # REQUIRE closes all 100; USE serves the silent ones "with no header" at the deadline
+    # and closes the partial headers.
+    assert summary["answered"] == (SILENT if policy is Policy.USE else 0), summary
     assert summary["closed"] == SILENT + TRICKLE
-    assert summary["longest"] <= HEADER_TIMEOUT + 1.0, summary
+    assert summary["longest_trickle"] <= HEADER_TIMEOUT + 1.0, summary
+    if policy is Policy.REQUIRE:
+        assert summary["longest_silent"] <= HEADER_TIMEOUT + 1.0, summary
+    else:
+        # Served at the deadline rather than closed: 50 handlers start at once, which under
+        # ForkingMixIn means 50 forks of this (large) pytest process in a row, and waits
+        # whenever max_children (40) are alive.  Bounded generously; not a closing time.
+        assert summary["longest_silent"] <= HEADER_TIMEOUT + 4.0, summary
     assert summary["max_sent"] >= 2, "the trickling clients did trickle"
 
     assert cpu < 0.10 * wall, f"server used {cpu:.2f} s CPU in {wall:.2f} s: spinning?"
