@@ -1,0 +1,8 @@
+"""``python -m proxyproto``: the command line of :mod:`proxyproto.cli`."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

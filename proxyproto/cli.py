@@ -1,0 +1,575 @@
+"""``proxyproto`` on the command line: send, decode and relay PROXY protocol headers.
+
+* ``proxyproto send HOST PORT --source IP:PORT --destination IP:PORT``:
+  connect, send a v1 or v2 header, then relay stdin to the socket and the
+  socket to stdout, like ``nc`` (half-closing the socket at the end of stdin).
+* ``proxyproto decode [FILE|-] [--hex] [--json]``: print the header at the
+  start of a capture, and the length of the payload after it.
+* ``proxyproto relay --listen HOST:PORT --upstream HOST:PORT``: a local
+  stand-in for haproxy's ``send-proxy`` / ``send-proxy-v2``: forward each
+  connection to the upstream, prefixed with a header carrying the client's
+  address and the listening address.
+
+Exit codes: 0 success, 1 bad input or a network failure (one line on
+stderr saying which), 2 bad usage (argparse's message).
+"""
+
+from __future__ import annotations
+
+import argparse
+import binascii
+import ipaddress
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from . import reader
+from .errors import InvalidHeader, NoProxyHeader, ProxyProtocolError
+from .header import ProxyHeader
+from .tlv import TLVType
+from .v1 import encode as encode_v1
+from .v2 import encode as encode_v2
+
+__all__ = ["main"]
+
+PROG = "proxyproto"
+CHUNK = 65536
+
+
+class Failure(Exception):
+    """A clear, one-line error for stderr and exit status 1."""
+
+
+# -- addresses -----------------------------------------------------------------------
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """``IP:PORT`` or ``[IPv6]:PORT`` (an argparse type): host text as given, port as int."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT (IPv6 as [::1]:PORT)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise argparse.ArgumentTypeError(f"{text!r}: write an IPv6 address in brackets, as [::1]:PORT")
+    try:
+        number = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: port {port!r} is not a number") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: port {number} is out of range 0-65535")
+    return host, number
+
+
+def parse_ip_endpoint(text: str) -> tuple[str, int]:
+    """Like :func:`parse_endpoint`, but the host must be an IP address (header fields)."""
+    host, port = parse_endpoint(text)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: {host!r} is not an IP address") from None
+    return host, port
+
+
+def parse_tlv(text: str) -> tuple[int, bytes]:
+    """``TYPE=HEX``: TYPE decimal, 0x-hex or a TLVType name (``ALPN``, ``0x01``, ``1``)."""
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected TYPE=HEX, as 0xE0=0102")
+    name = name.strip()
+    try:
+        tlv_type = TLVType[name.upper()].value if name.upper() in TLVType.__members__ else int(name, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: TLV type {name!r} is not a number or a TLV name") from None
+    if not 0 <= tlv_type <= 255:
+        raise argparse.ArgumentTypeError(f"{text!r}: TLV type {tlv_type} is out of range 0-255")
+    try:
+        data = bytes.fromhex(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: value {value!r} is not hex") from None
+    return tlv_type, data
+
+
+def endpoint_text(address: Any) -> str:
+    """``host:port``, ``[v6]:port``, or a UNIX name, for messages and ``decode``."""
+    if isinstance(address, tuple):
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    if isinstance(address, bytes):
+        return "unix:@" + address[1:].decode("utf-8", "backslashreplace")
+    return f"unix:{address}"
+
+
+# -- send ----------------------------------------------------------------------------
+
+
+def build_header(
+    version: int,
+    source: tuple[str, int] | None,
+    destination: tuple[str, int] | None,
+    *,
+    local: bool = False,
+    tlvs: Sequence[tuple[int, bytes]] = (),
+    checksum: bool = False,
+) -> bytes:
+    """The header ``send`` and ``relay`` write; ``Failure`` for an impossible combination."""
+    try:
+        if version == 1:
+            if local or tlvs or checksum:
+                raise Failure("--local, --tlv, --authority and --checksum need a v2 header (drop --v1)")
+            return encode_v1(source, destination)
+        if local:
+            if source is not None or destination is not None:
+                raise Failure("--local: a LOCAL header carries no addresses (drop --source/--destination)")
+            return encode_v2(command=0, tlvs=tlvs, checksum=checksum)
+        return encode_v2(source, destination, tlvs=tlvs, checksum=checksum)
+    except ValueError as exc:
+        raise Failure(f"cannot build the header: {exc}") from None
+
+
+def _pump(source: Any, sink: Any) -> None:
+    """Copy one direction until EOF; ``source``/``sink`` are sockets or descriptors."""
+    while True:
+        data = source.recv(CHUNK) if isinstance(source, socket.socket) else os.read(source, CHUNK)
+        if not data:
+            return
+        if isinstance(sink, socket.socket):
+            sink.sendall(data)
+        else:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(sink, view) :]
+
+
+def command_send(args: argparse.Namespace) -> int:
+    tlvs = list(args.tlv or ())
+    if args.authority is not None:
+        tlvs.append((TLVType.AUTHORITY, args.authority.encode("utf-8")))
+    if (args.source is None) != (args.destination is None):
+        raise Failure("give both --source and --destination, or neither (v1 UNKNOWN / v2 UNSPEC)")
+    header = build_header(
+        1 if args.v1 else 2, args.source, args.destination, local=args.local, tlvs=tlvs, checksum=args.checksum
+    )
+    try:
+        sock = socket.create_connection((args.host, args.port), timeout=args.timeout)
+    except OSError as exc:
+        raise Failure(f"cannot connect to {endpoint_text((args.host, args.port))}: {exc}") from None
+    sock.settimeout(None)
+    stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
+    sys.stdout.flush()
+    errors: list[BaseException] = []
+
+    def upload() -> None:
+        try:
+            _pump(stdin, sock)
+            sock.shutdown(socket.SHUT_WR)  # half-close: the server sees EOF, its answer still arrives
+        except OSError as exc:
+            errors.append(exc)
+
+    with sock:
+        try:
+            sock.sendall(header)
+        except OSError as exc:
+            raise Failure(f"cannot send the header: {exc}") from None
+        threading.Thread(target=upload, name="stdin->socket", daemon=True).start()
+        try:
+            _pump(sock, stdout)
+        except OSError as exc:
+            raise Failure(f"connection to {endpoint_text((args.host, args.port))} failed: {exc}") from None
+    return 0
+
+
+# -- decode --------------------------------------------------------------------------
+
+
+def _read_input(name: str) -> bytes:
+    if name == "-":
+        return sys.stdin.buffer.read()
+    try:
+        with open(name, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise Failure(f"cannot read {name}: {exc.strerror or exc}") from None
+
+
+def _from_hex(data: bytes) -> bytes:
+    text = b"".join(data.split()).decode("ascii", "replace")
+    if text[:2].lower() == "0x":
+        text = text[2:]
+    try:
+        return binascii.unhexlify(text)
+    except (binascii.Error, ValueError) as exc:
+        raise Failure(f"--hex: input is not hex ({exc})") from None
+
+
+def _tlv_name(tlv_type: int, ssl_sub: bool = False) -> str | None:
+    try:
+        name = TLVType(tlv_type).name
+    except ValueError:
+        return None
+    if name.startswith("SSL_") and ssl_sub:
+        return "PP2_SUBTYPE_" + name
+    if name.startswith("SSL_") or ssl_sub:
+        return None
+    return "PP2_TYPE_" + name
+
+
+def _text_value(value: bytes) -> str | None:
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text if text.isprintable() else None
+
+
+def _host_port(address: Any) -> tuple[Any, Any]:
+    if address is None:
+        return None, None
+    if isinstance(address, tuple):
+        return address[0], address[1]
+    if isinstance(address, bytes):
+        return "@" + address[1:].decode("utf-8", "backslashreplace"), None
+    return address, None
+
+
+def describe(header: ProxyHeader, payload_length: int) -> dict[str, Any]:
+    """The header as JSON-ready data; keys as in the ``expected`` blocks of ``tests/vectors``."""
+    src_addr, src_port = _host_port(header.source)
+    dst_addr, dst_port = _host_port(header.destination)
+    tlvs = []
+    for record in header.tlvs:
+        item: dict[str, Any] = {
+            "type": record.type,
+            "type_hex": f"0x{record.type:02x}",
+            "name": _tlv_name(record.type),
+            "length": len(record.value),
+            "value_hex": record.value.hex(),
+        }
+        text = (
+            _text_value(record.value) if record.type in (TLVType.ALPN, TLVType.AUTHORITY, TLVType.UNIQUE_ID) else None
+        )
+        if text is not None:
+            item["value_text"] = text
+        tlvs.append(item)
+    out: dict[str, Any] = {
+        "version": header.version,
+        "command": header.command.name,
+        "family": "AF_" + header.family.name,
+        "protocol": header.protocol.name,
+        "header_length": header.length,
+        "src_addr": src_addr,
+        "src_port": src_port,
+        "dst_addr": dst_addr,
+        "dst_port": dst_port,
+        "tlvs": tlvs,
+    }
+    ssl = header.ssl
+    if ssl is not None:
+        out["ssl"] = {
+            "client": int(ssl.client),
+            "verify": ssl.verify,
+            "verified": ssl.verified,
+            "sub_tlvs": [
+                {
+                    "type": sub.type,
+                    "type_hex": f"0x{sub.type:02x}",
+                    "name": _tlv_name(sub.type, ssl_sub=True),
+                    "length": len(sub.value),
+                    "value_hex": sub.value.hex(),
+                    **(
+                        {"value_text": t}
+                        if sub.type != TLVType.SSL_CLIENT_CERT and (t := _text_value(sub.value))
+                        else {}
+                    ),
+                }
+                for sub in ssl.tlvs
+            ],
+        }
+    if header.crc32c is not None:
+        out["crc32c"] = f"{header.crc32c:08x}"
+    out["payload_length"] = payload_length
+    out["header_hex"] = header.to_bytes().hex()
+    return out
+
+
+def render_text(info: dict[str, Any], checksum_verified: bool = True) -> str:
+    """The ``decode`` output for people: one ``name: value`` per line."""
+
+    def where(addr: Any, port: Any) -> str:
+        if addr is None:
+            return "-"
+        if port is None:
+            return f"unix:{addr}"
+        return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+    lines = [
+        f"version: {info['version']}",
+        f"command: {info['command']}",
+        f"family: {info['family']}",
+        f"protocol: {info['protocol']}",
+        f"source: {where(info['src_addr'], info['src_port'])}",
+        f"destination: {where(info['dst_addr'], info['dst_port'])}",
+        f"header length: {info['header_length']}",
+    ]
+    for tlv in info["tlvs"]:
+        text = f' "{tlv["value_text"]}"' if "value_text" in tlv else ""
+        lines.append(
+            f"tlv {tlv['type_hex']} {tlv['name'] or 'custom'} ({tlv['length']} bytes): {tlv['value_hex']}{text}"
+        )
+    ssl = info.get("ssl")
+    if ssl is not None:
+        lines.append(f"ssl: client=0x{ssl['client']:02x} verify={ssl['verify']} verified={ssl['verified']}")
+        for sub in ssl["sub_tlvs"]:
+            shown = f'"{sub["value_text"]}"' if "value_text" in sub else sub["value_hex"]
+            lines.append(f"  ssl {sub['type_hex']} {sub['name'] or 'custom'} ({sub['length']} bytes): {shown}")
+    if "crc32c" in info:
+        lines.append(f"crc32c: {info['crc32c']}" + (" (verified)" if checksum_verified else " (not verified)"))
+    lines.append(f"payload length: {info['payload_length']}")
+    return "\n".join(lines)
+
+
+def command_decode(args: argparse.Namespace) -> int:
+    data = _read_input(args.file)
+    if args.hex:
+        data = _from_hex(data)
+    try:
+        header = reader.parse(data, verify_checksum=not args.no_verify_checksum, allow_v4_in_tcp6=args.allow_v4_in_tcp6)
+    except NoProxyHeader as exc:
+        raise Failure(f"not a PROXY protocol header: {exc}") from None
+    except InvalidHeader as exc:
+        raise Failure(f"invalid PROXY header: {exc}") from None
+    except ProxyProtocolError as exc:  # pragma: no cover - parse raises only the two above
+        raise Failure(str(exc)) from None
+    if header is None:
+        raise Failure(f"incomplete PROXY header: the {len(data)} byte(s) given are only the start of one")
+    info = describe(header, len(data) - header.length)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(render_text(info, checksum_verified=not args.no_verify_checksum))
+    return 0
+
+
+# -- relay ---------------------------------------------------------------------------
+
+
+class Relay:
+    """Accept connections, forward each to the upstream with a PROXY header first.
+
+    One thread per connection and direction; the main thread accepts and
+    watches for the stop signal.  ``max_connections`` bounds the number of
+    connections accepted (then the relay waits for them to finish and exits).
+    """
+
+    def __init__(
+        self,
+        listen: tuple[str, int],
+        upstream: tuple[str, int],
+        *,
+        version: int = 2,
+        checksum: bool = False,
+        max_connections: int | None = None,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.upstream = upstream
+        self.version = version
+        self.checksum = checksum
+        self.max_connections = max_connections
+        self.connect_timeout = connect_timeout
+        self.stopping = threading.Event()
+        self.active: set[socket.socket] = set()
+        self.lock = threading.Lock()
+        self.threads: list[threading.Thread] = []
+        try:
+            infos = socket.getaddrinfo(listen[0], listen[1], type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            family, kind, proto, _, address = infos[0]
+            self.listener = socket.socket(family, kind, proto)
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.listener.bind(address)
+            self.listener.listen(128)
+        except OSError as exc:
+            raise Failure(f"cannot listen on {endpoint_text(listen)}: {exc}") from None
+
+    @property
+    def address(self) -> tuple[Any, ...]:
+        return self.listener.getsockname()  # type: ignore[no-any-return]
+
+    def stop(self, *_: object) -> None:
+        """Stop accepting; close every connection still open (signal handler)."""
+        self.stopping.set()
+
+    def serve(self) -> None:
+        accepted = 0
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.listener, selectors.EVENT_READ)
+            while not self.stopping.is_set():
+                if self.max_connections is not None and accepted >= self.max_connections:
+                    break
+                if not selector.select(0.1):
+                    continue
+                try:
+                    client, peer = self.listener.accept()
+                except OSError:
+                    continue
+                accepted += 1
+                thread = threading.Thread(target=self.handle, args=(client, peer), daemon=True)
+                self.threads.append(thread)
+                thread.start()
+        self.listener.close()
+        while not self.stopping.is_set() and any(t.is_alive() for t in self.threads):
+            self.stopping.wait(0.05)
+        with self.lock:
+            for sock in list(self.active):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        for thread in self.threads:
+            thread.join(2.0)
+
+    def handle(self, client: socket.socket, peer: Any) -> None:
+        try:
+            local = client.getsockname()
+            header = build_header(self.version, peer[:2], local[:2], checksum=self.checksum)
+            upstream = socket.create_connection(self.upstream, timeout=self.connect_timeout)
+        except (OSError, Failure) as exc:
+            print(
+                f"{PROG} relay: {endpoint_text(peer)}: cannot reach {endpoint_text(self.upstream)}: {exc}",
+                file=sys.stderr,
+                flush=True,
+            )
+            client.close()
+            return
+        upstream.settimeout(None)
+        with self.lock:
+            self.active.update((client, upstream))
+        try:
+            upstream.sendall(header)
+            back = threading.Thread(target=self._direction, args=(upstream, client), daemon=True)
+            back.start()
+            self._direction(client, upstream)
+            back.join()
+        except OSError:
+            pass
+        finally:
+            with self.lock:
+                self.active.difference_update((client, upstream))
+            client.close()
+            upstream.close()
+
+    @staticmethod
+    def _direction(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            _pump(source, sink)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            try:
+                sink.shutdown(socket.SHUT_RDWR)
+                source.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def command_relay(args: argparse.Namespace) -> int:
+    limit = 1 if args.once else args.max_connections
+    relay = Relay(
+        args.listen, args.upstream, version=1 if args.v1 else 2, checksum=args.checksum, max_connections=limit
+    )
+    if args.v1 and args.checksum:
+        raise Failure("--checksum needs a v2 header (drop --v1)")
+    previous = {sig: signal.signal(sig, relay.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        print(
+            f"{PROG} relay: listening on {endpoint_text(relay.address)}, forwarding to "
+            f"{endpoint_text(args.upstream)} with PROXY v{1 if args.v1 else 2} headers",
+            file=sys.stderr,
+            flush=True,
+        )
+        relay.serve()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+# -- entry point -----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Send, decode and relay HAProxy PROXY protocol (v1/v2) headers.",
+        epilog="Exit status: 0 success, 1 bad input or network failure, 2 bad usage.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    send = commands.add_parser(
+        "send",
+        help="connect, send a header, then relay stdin/stdout like nc",
+        description="Connect to HOST PORT, send a PROXY header, then copy stdin to the connection and the "
+        "connection to stdout; at the end of stdin, half-close (the answer still arrives).",
+    )
+    send.add_argument("host", metavar="HOST")
+    send.add_argument("port", metavar="PORT", type=int)
+    send.add_argument("--source", type=parse_ip_endpoint, metavar="IP:PORT", help="the client the header names")
+    send.add_argument("--destination", type=parse_ip_endpoint, metavar="IP:PORT", help="the address it connected to")
+    version = send.add_mutually_exclusive_group()
+    version.add_argument("--v1", action="store_true", help="send a v1 text header")
+    version.add_argument("--v2", action="store_true", help="send a v2 binary header (the default)")
+    send.add_argument("--local", action="store_true", help="v2 LOCAL command (no addresses), as health checks send")
+    send.add_argument(
+        "--tlv", action="append", type=parse_tlv, metavar="TYPE=HEX", help="add a v2 TLV (repeatable), e.g. 0xE0=0102"
+    )
+    send.add_argument("--authority", metavar="NAME", help="add a PP2_TYPE_AUTHORITY TLV (the SNI host name)")
+    send.add_argument("--checksum", action="store_true", help="add a PP2_TYPE_CRC32C TLV")
+    send.add_argument("--timeout", type=float, default=10.0, help="seconds to connect (default: 10)")
+    send.set_defaults(run=command_send)
+
+    decode = commands.add_parser(
+        "decode",
+        help="print the header at the start of a capture",
+        description="Decode the PROXY header at the start of FILE (or stdin) and print it, with the payload length.",
+    )
+    decode.add_argument("file", nargs="?", default="-", metavar="FILE", help="capture file, or - for stdin (default)")
+    decode.add_argument("--hex", action="store_true", help="the input is hex text (whitespace ignored)")
+    decode.add_argument("--json", action="store_true", help="print JSON instead of text")
+    decode.add_argument("--no-verify-checksum", action="store_true", help="do not verify a CRC32C TLV")
+    decode.add_argument("--allow-v4-in-tcp6", action="store_true", help="accept nginx's mixed TCP6 lines")
+    decode.set_defaults(run=command_decode)
+
+    relay = commands.add_parser(
+        "relay",
+        help="forward connections to an upstream with a header (a stand-in for haproxy send-proxy)",
+        description="Listen on --listen and forward every connection to --upstream, prefixed with a PROXY header "
+        "naming the client's address and the listening address. Stops on SIGINT or SIGTERM.",
+    )
+    relay.add_argument("--listen", type=parse_endpoint, required=True, metavar="HOST:PORT", help="port 0 picks one")
+    relay.add_argument("--upstream", type=parse_endpoint, required=True, metavar="HOST:PORT")
+    version = relay.add_mutually_exclusive_group()
+    version.add_argument("--v1", action="store_true", help="send v1 headers (haproxy send-proxy)")
+    version.add_argument("--v2", action="store_true", help="send v2 headers (send-proxy-v2; the default)")
+    relay.add_argument("--checksum", action="store_true", help="add a CRC32C TLV to v2 headers")
+    relay.add_argument("--max-connections", type=int, metavar="N", help="exit after N connections have finished")
+    relay.add_argument("--once", action="store_true", help="same as --max-connections 1")
+    relay.set_defaults(run=command_relay)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (argparse exits with 2 on bad usage)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except Failure as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
