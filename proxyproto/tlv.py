@@ -68,11 +68,12 @@ class SSLClient(enum.IntFlag):
     CERT_SESS = 0x04
 
 
-def iter_tlvs(data: bytes, start: int, end: int, where: str = "TLV") -> Iterator[tuple[int, int, int]]:
+def iter_tlvs(data: bytes, start: int, end: int, where: str = "TLV", base: int = 0) -> Iterator[tuple[int, int, int]]:
     """Yield ``(type, value_start, value_end)`` for records tiling ``data[start:end]``.
 
     Raises :class:`InvalidHeader` when a record's header or value crosses
-    ``end``: TLVs must tile the space exactly, as HAProxy requires.
+    ``end``: TLVs must tile the space exactly, as HAProxy requires.  ``base``
+    is where ``data`` starts in the stream, so errors give stream offsets.
     """
     offset = start
     while offset < end:
@@ -80,7 +81,7 @@ def iter_tlvs(data: bytes, start: int, end: int, where: str = "TLV") -> Iterator
             raise InvalidHeader(
                 f"v2: {where} header truncated: {end - offset} byte(s) left, 3 needed",
                 field=where,
-                offset=offset,
+                offset=base + offset,
             )
         length = data[offset + 1] << 8 | data[offset + 2]
         value_end = offset + 3 + length
@@ -89,7 +90,7 @@ def iter_tlvs(data: bytes, start: int, end: int, where: str = "TLV") -> Iterator
                 f"v2: {where} 0x{data[offset]:02x} value of {length} bytes crosses the end "
                 f"of its container by {value_end - end} byte(s)",
                 field=where,
-                offset=offset,
+                offset=base + offset,
             )
         yield data[offset], offset + 3, value_end
         offset = value_end
@@ -142,7 +143,7 @@ def check_tlv(tlv_type: int, value: bytes, offset: int = 0) -> None:
                 field="SSL",
                 offset=offset,
             )
-        for sub_type, start, end in iter_tlvs(value, 5, len(value), "SSL sub-TLV"):
+        for sub_type, start, end in iter_tlvs(value, 5, len(value), "SSL sub-TLV", offset):
             what = _ASCII_SSL_SUBTYPES.get(TLVType(sub_type)) if sub_type in _ASCII_SSL_SUBTYPES else None
             if what is not None:
                 _check_text(value[start:end], "ascii", what, offset + start)

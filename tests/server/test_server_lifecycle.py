@@ -90,11 +90,6 @@ def test_forked_child_does_not_keep_a_parked_connection_open(name: str) -> None:
                 assert json.loads(answer)["client_address"] == list(REAL_V4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: handle_request() with timeout ends in handle_timeout(), which the mixin does "
-    "not override, so parked connections never expire in a handle_request() loop",
-)
 def test_handle_request_loop_expires_parked_connections() -> None:
     """A handle_request() loop never calls service_actions(); with ``timeout`` set it still
     wakes up and expires a parked connection at its deadline (DESIGN.md)."""
