@@ -95,6 +95,7 @@ def test_handle_request_loop_expires_parked_connections() -> None:
     wakes up and expires a parked connection at its deadline (DESIGN.md)."""
     cls = make_class(server_class("ProxyTCPServer"), proxy_header_timeout=0.5, timeout=0.1)
     server = cls(("127.0.0.1", 0), LineReportHandler)
+    server.verified = []
     try:
         with socket.create_connection(server.server_address, timeout=5) as silent:
             start = time.monotonic()
