@@ -104,10 +104,6 @@ def test_core_module_alone_loads_no_io_module(module: str) -> None:
     assert _fresh(code) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: proxyproto/__init__.py imports .server and .sock eagerly, so importing the core loads socketserver",
-)
 def test_import_v2_leaves_server_modules_out() -> None:
     """``import proxyproto.v2`` (package __init__ included) does not load socketserver or selectors."""
     loaded = _fresh("import proxyproto.v2")

@@ -223,11 +223,6 @@ def test_tlv_noop_any_length_is_kept() -> None:
     assert h.tlvs == (TLV(4, b""), TLV(4, bytes(36)), TLV(4, b"garbage"))
 
 
-SSL_OFFSET_BUG = pytest.mark.xfail(
-    strict=True, reason="BUG: SSL sub-TLV errors report the offset inside the SSL value, not in the stream"
-)
-
-
 @pytest.mark.parametrize(
     ("data", "offset"),
     [
@@ -238,13 +233,11 @@ SSL_OFFSET_BUG = pytest.mark.xfail(
             header(tlv(0x20, ssl_value(1, 0, b"\x21\x00\x09TLSv1.3"))),
             31 + 5,
             id="ssl-sub-crossing",
-            marks=SSL_OFFSET_BUG,
         ),
         pytest.param(
             header(tlv(0x20, ssl_value(1, 0, tlv(0x21, b"TLSv1.3"), b"\x23\x00\x30AES"))),
             31 + 5 + 10,
             id="ssl-second-sub-crossing",
-            marks=SSL_OFFSET_BUG,
         ),
     ],
 )

@@ -35,10 +35,6 @@ PORT = r"(?i)port"
 CRLF = r"(?i)CRLF|\bCR\b|\bLF\b|line|newline|terminat|carriage|feed"
 FIELDS = r"(?i)field|missing|extra|too (many|few)|expected|number|count"
 
-PREFIX_SPACE_BUG = pytest.mark.xfail(
-    strict=True, reason="BUG: a v1 prefix ending in the space after an address or port is refused, not None"
-)
-
 
 def refuse(data: bytes, cls: type[Exception], pattern: str, **opts: Any) -> None:
     """Assert ``parse`` refuses ``data`` with exactly the class ``cls`` and a telling message."""
@@ -144,7 +140,6 @@ def test_v1_implements_text_format_G3() -> None:
     assert h.tlvs == ()
 
 
-@PREFIX_SPACE_BUG
 def test_v1_tolerates_partial_line_G5_T2() -> None:
     """Every strict prefix of a valid line is a valid incomplete header: None."""
     for line in (LINE4, LINE6, b"PROXY UNKNOWN\r\n", b"PROXY TCP6 ::ffff:127.0.0.2 ::1 1 0\r\n"):
@@ -152,7 +147,6 @@ def test_v1_tolerates_partial_line_G5_T2() -> None:
             assert proxyproto.parse(line[:i]) is None, line[:i]
 
 
-@PREFIX_SPACE_BUG
 @pytest.mark.parametrize(
     "prefix",
     [
