@@ -255,3 +255,39 @@ def mutated(draw: st.DrawFn) -> bytes:
 def test_mutated_headers_never_raise_other_exceptions(data: bytes, opts: dict[str, Any]) -> None:
     """Mutations of valid headers give a header, None or ProxyProtocolError, nothing else."""
     _safe_parse(data, **opts)
+
+
+@st.composite
+def ipv6_spellings(draw: st.DrawFn) -> tuple[str, str]:
+    """(some valid spelling of an IPv6 address, its inet_ntop form)."""
+    import ipaddress
+
+    packed = draw(st.binary(min_size=16, max_size=16))
+    addr = ipaddress.IPv6Address(packed)
+    spelling = draw(st.sampled_from([addr.exploded, addr.compressed, addr.exploded.upper(), addr.compressed.upper()]))
+    return spelling, socket.inet_ntop(socket.AF_INET6, packed)
+
+
+@given(ipv6_spellings(), ipv6_spellings(), ports, ports)
+def test_v1_any_ipv6_spelling_is_canonicalised(
+    src: tuple[str, str], dst: tuple[str, str], sport: int, dport: int
+) -> None:
+    """Exploded, compressed, upper or lower case: addresses come out in inet_ntop form."""
+    line = f"PROXY TCP6 {src[0]} {dst[0]} {sport} {dport}\r\n".encode("ascii")
+    h = proxyproto.parse(line)
+    assert h is not None
+    assert h.source == (src[1], sport)
+    assert h.destination == (dst[1], dport)
+    assert h.to_bytes() == line
+
+
+@given(ipv4, ipv6, ports, ports, st.booleans())
+def test_v1_mixed_tcp6_maps_ipv4_under_opt_in(v4: str, v6: str, p1: int, p2: int, v4_first: bool) -> None:
+    """Under allow_v4_in_tcp6 the IPv4 side of a TCP6 line becomes ::ffff:a.b.c.d."""
+    a, b = (v4, v6) if v4_first else (v6, v4)
+    line = f"PROXY TCP6 {a} {b} {p1} {p2}\r\n".encode("ascii")
+    h = proxyproto.parse(line, allow_v4_in_tcp6=True)
+    assert h is not None and h.family == Family.INET6
+    mapped = socket.inet_ntop(socket.AF_INET6, bytes(10) + b"\xff\xff" + socket.inet_pton(socket.AF_INET, v4))
+    assert h.source == ((mapped if v4_first else v6), p1)
+    assert h.destination == ((v6 if v4_first else mapped), p2)
