@@ -1,0 +1,175 @@
+"""Faults: resets, raising handlers, failed forks, shutdown with parked connections, no descriptors left
+(issue 5, acceptance 3 and 4).
+
+Each server runs in its own process (``stress_server.py``) so that its
+descriptors and children are counted from ``/proc`` and its stderr (every log
+line, every traceback) can be read whole.  After every test the server holds
+the descriptors it held before (the wake-up pipe made once aside), has no
+children, and still answers.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+import pytest
+from stress_kit import CLASS_NAMES, REAL_V4, V1_HEADER, ServerProcess, wait_until
+
+FORKING = [name for name in CLASS_NAMES if name.startswith("Forking")]
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with SO_LINGER 0: the kernel sends RST instead of FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def log_lines(text: str, needle: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("LOG ") and needle in line]
+
+
+@pytest.mark.parametrize("name", CLASS_NAMES)
+def test_client_resetting_mid_header_is_closed_quietly(name: str) -> None:
+    """20 clients send part of a header and reset (RST on TCP; an abortive close on UNIX):
+    each is closed with one log line, no traceback, nothing leaks, the server keeps serving."""
+    with ServerProcess(name, {"proxy_header_timeout": 5.0}) as srv:
+        baseline = srv.warm_up()
+        start = time.monotonic()
+        for _ in range(20):
+            sock = srv.connect()
+            sock.sendall(V1_HEADER[:10])
+            time.sleep(0.01)  # parked with 10 bytes consumed
+            reset(sock)
+        took = time.monotonic() - start
+        srv.settle(baseline)
+        srv.stop()
+        log = srv.stderr()
+        closed = log_lines(log, ": closed: ")
+        print(f"\n[reset] {name}: 20 resets in {took:.2f}s; log lines: {closed[:1]}")
+        assert "Traceback" not in log, log[-3000:]
+        assert len(closed) == 20, closed
+
+
+@pytest.mark.parametrize("name", CLASS_NAMES)
+def test_handler_that_raises_leaves_the_server_serving(name: str) -> None:
+    """A handler exception goes to socketserver's ordinary handle_error; the loop goes on."""
+    with ServerProcess(name, {"proxy_header_timeout": 5.0}) as srv:
+        baseline = srv.warm_up()
+        for _ in range(5):
+            with srv.connect() as sock:
+                sock.sendall(V1_HEADER + b"raise\n")
+                assert sock.recv(100) == b""  # closed without an answer
+        srv.settle(baseline)
+        srv.stop()
+        log = srv.stderr()
+        # socketserver's handle_error prints the traceback; under the forking classes the child's own
+        # stderr is the same file.  One traceback per raising request, no more.
+        assert log.count("RuntimeError: handler asked to raise") == 5, log[-3000:]
+
+
+@pytest.mark.parametrize("name", FORKING)
+def test_failed_fork_closes_that_connection_and_keeps_serving(name: str) -> None:
+    """``os.fork`` raising OSError once (patched in the server process): that connection is closed,
+    the next one is served, nothing leaks."""
+    with ServerProcess(name, {"proxy_header_timeout": 5.0}) as srv:
+        baseline = srv.warm_up()
+        assert srv.command("failfork") == {"armed": True}
+        with srv.connect() as sock:
+            sock.sendall(V1_HEADER + b"ping\n")
+            try:
+                data = sock.recv(100)
+            except ConnectionResetError:
+                data = b""
+        assert data == b"", data
+        srv.settle(baseline)
+        srv.stop()
+        log = srv.stderr()
+        assert log.count("simulated fork failure") >= 1, log[-3000:]
+        assert log.count("Traceback") == 1, log[-3000:]  # socketserver's handle_error, once
+
+
+@pytest.mark.parametrize("name", CLASS_NAMES)
+def test_shutdown_and_server_close_with_parked_connections_are_prompt(name: str) -> None:
+    """With 50 connections parked mid-header, ``shutdown()`` and ``server_close()`` return in < 2 s,
+    every parked connection is closed, and the process is back to its descriptors before the server."""
+    with ServerProcess(name, {"proxy_header_timeout": 30.0}) as srv:
+        srv.warm_up()
+        before = srv.fds()
+        socks = []
+        for i in range(50):
+            sock = srv.connect()
+            if i % 2:
+                sock.sendall(V1_HEADER[:7])
+            socks.append(sock)
+        assert wait_until(lambda: srv.fds() >= before + 50, 5.0), (srv.fds(), before)
+        report = srv.command("close")
+        for sock in socks:
+            sock.settimeout(5.0)
+        closed = 0
+        for sock in socks:
+            try:
+                closed += sock.recv(1) == b""
+            except OSError:
+                closed += 1
+            sock.close()
+        print(f"\n[close] {name}: {report}; {closed}/50 parked clients saw the close")
+        assert report["shutdown_s"] < 2.0 and report["close_s"] < 2.0, report
+        assert report["fds_after_close"] == report["fds_before_server"], report
+        assert closed == 50
+        assert srv.stop() == 0
+        assert "Traceback" not in srv.stderr()
+
+
+@pytest.mark.parametrize("name", ["ProxyTCPServer", "ThreadingProxyTCPServer", "ForkingProxyTCPServer",
+                                  "ThreadingProxyUnixStreamServer"])
+def test_running_out_of_descriptors_backs_off_and_recovers(name: str) -> None:
+    """RLIMIT_NOFILE 64 in the server, 80 clients: accept fails (EMFILE), the listener backs off
+    (no spinning), the failure is logged, and once the clients go away a good client is served."""
+    with ServerProcess(name, {"proxy_header_timeout": 30.0}, rlimit_nofile=64) as srv:
+        baseline = srv.warm_up()
+        socks = [srv.connect() for _ in range(80)]
+        assert wait_until(lambda: "accept() failed" in srv.stderr(), 5.0), srv.stderr()[-2000:]
+        c0, t0 = srv.cpu(), time.monotonic()
+        time.sleep(1.0)
+        cpu_pct = 100 * (srv.cpu() - c0) / (time.monotonic() - t0)
+        at_limit = srv.fds()
+        for sock in socks:
+            sock.close()
+        took, report = srv.good_request(timeout=10.0)
+        assert report["client"][:2] == list(REAL_V4)
+        srv.settle(baseline)
+        srv.stop()
+        log = srv.stderr()
+        failures = log_lines(log, "accept() failed")
+        print(
+            f"\n[emfile] {name}: {at_limit} fds at the limit; CPU {cpu_pct:.1f}% of a core while out of "
+            f"descriptors; good client answered {took:.2f}s after the 80 left; "
+            f"'accept() failed' logged {len(failures)} time(s)"
+        )
+        assert "Traceback" not in log, log[-3000:]
+        assert cpu_pct < 10.0, cpu_pct
+        assert failures, log[-2000:]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: while descriptors stay exhausted, 'accept() failed ... pausing the listener' is logged at "
+    "ERROR again at every resume (_pp_expire zeroes accept_resume_at before re-registering, i.e. once per "
+    "poll_interval), not once; 'accept() works again' is never logged",
+)
+def test_running_out_of_descriptors_is_logged_once() -> None:
+    """DESIGN: 'the listener is unregistered for a short back-off and the failure logged once'."""
+    with ServerProcess("ThreadingProxyTCPServer", {"proxy_header_timeout": 30.0}, rlimit_nofile=64) as srv:
+        srv.warm_up()
+        socks = [srv.connect() for _ in range(80)]
+        assert wait_until(lambda: "accept() failed" in srv.stderr(), 5.0)
+        time.sleep(1.0)
+        for sock in socks:
+            sock.close()
+        srv.good_request(timeout=10.0)
+        srv.stop()
+        log = srv.stderr()
+        assert len(log_lines(log, "accept() failed")) == 1, len(log_lines(log, "accept() failed"))
+        assert len(log_lines(log, "accept() works again")) == 1
