@@ -173,3 +173,35 @@ def test_running_out_of_descriptors_is_logged_once() -> None:
         log = srv.stderr()
         assert len(log_lines(log, "accept() failed")) == 1, len(log_lines(log, "accept() failed"))
         assert len(log_lines(log, "accept() works again")) == 1
+
+
+@pytest.mark.parametrize("name", FORKING)
+def test_forked_child_drops_the_parents_parked_connections(name: str) -> None:
+    """While a child serves a slow request, the parent's parked connections still close at their
+    deadline: the child closed its copies (DESIGN: forked-child cleanup), so the peers see EOF."""
+    with ServerProcess(name, {"proxy_header_timeout": 1.0}) as srv:
+        baseline = srv.warm_up()
+        parked = [srv.connect() for _ in range(5)]
+        time.sleep(0.1)
+        slow = srv.connect(timeout=10.0)
+        slow.sendall(V1_HEADER)  # header only: the child waits for its line, holding on
+        assert wait_until(lambda: bool(srv.children()), 3.0), "no child forked"
+        start = time.monotonic()
+        lifetimes = []
+        for sock in parked:
+            sock.settimeout(5.0)
+            try:
+                assert sock.recv(1) == b""
+            except ConnectionResetError:
+                pass
+            lifetimes.append(time.monotonic() - start)
+            sock.close()
+        child_alive = bool(srv.children())
+        slow.sendall(b"ping\n")
+        assert slow.recv(4096)
+        slow.close()
+        print(f"\n[fork cleanup] {name}: parked peers saw EOF after {max(lifetimes):.2f}s "
+              f"(child still serving: {child_alive})")
+        assert child_alive
+        assert max(lifetimes) < 2.0
+        srv.settle(baseline)
