@@ -34,22 +34,28 @@ EXTRA_SEEDS = (
 )
 
 
-def seed_corpus(name: str) -> Path:
-    """``fuzz/corpus/<name>``, filled with the seeds (two zero option bytes + each capture) if empty."""
-    corpus = HERE / "corpus" / name
+def seed(corpus: Path) -> Path:
+    """Fill an empty ``corpus`` with the seeds: each capture and hand-made header, behind option bytes."""
     corpus.mkdir(parents=True, exist_ok=True)
     if not any(corpus.iterdir()):
-        seeds = [path.read_bytes() for path in sorted(VECTORS.glob("*.bin"))]
-        seeds.extend(EXTRA_SEEDS)
-        for i, seed in enumerate(seeds):
-            for options in (b"\x00\x00", b"\x03\x01", b"\x18\x02"):
-                (corpus / f"seed-{i:02d}-{options.hex()}").write_bytes(options + seed)
+        for i, data in enumerate(seed_inputs()):
+            (corpus / f"seed-{i:03d}").write_bytes(data)
     return corpus
 
 
+def seed_inputs() -> list[bytes]:
+    """Every seed as a whole fuzz input (two option bytes, then the stream)."""
+    streams = [path.read_bytes() for path in sorted(VECTORS.glob("*.bin"))]
+    streams.extend(EXTRA_SEEDS)
+    return [options + stream for stream in streams for options in (b"\x00\x00", b"\x03\x01", b"\x18\x02")]
+
+
 def argv_with_corpus(name: str) -> list[str]:
-    """sys.argv plus the seeded corpus directory unless the caller named one."""
+    """sys.argv, with ``fuzz/corpus/<name>`` appended unless a corpus directory is named; seeds it if empty."""
     args = list(sys.argv)
-    if not any(not arg.startswith("-") for arg in args[1:]):
-        args.append(os.fspath(seed_corpus(name)))
+    dirs = [arg for arg in args[1:] if not arg.startswith("-")]
+    if not dirs:
+        dirs = [os.fspath(HERE / "corpus" / name)]
+        args.append(dirs[0])
+    seed(Path(dirs[0]))
     return args

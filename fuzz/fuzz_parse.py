@@ -1,7 +1,7 @@
 """Harness A: ``proxyproto.parse`` over any bytes (options drawn from the input).
 
 Run: ``python fuzz/fuzz_parse.py -atheris_runs=1000000`` (see README.md).
-Invariants: fuzz/checks.py, ``check_parse``.
+Invariants: fuzz/fuzz_checks.py, ``check_parse``.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import _common
 import atheris
 
 with atheris.instrument_imports():
-    import checks
+    import fuzz_checks
 
     import proxyproto  # noqa: F401
 
 
 def test_one_input(data: bytes) -> None:
-    checks.check_parse(data)
+    fuzz_checks.check_parse(data)
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Harness B: ``HeaderReader`` fed the same bytes in chunks agrees with ``parse`` of everything.
 
 Run: ``python fuzz/fuzz_reader.py -atheris_runs=1000000`` (see README.md).
-Invariants: fuzz/checks.py, ``check_reader``.
+Invariants: fuzz/fuzz_checks.py, ``check_reader``.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import _common
 import atheris
 
 with atheris.instrument_imports():
-    import checks
+    import fuzz_checks
 
     import proxyproto  # noqa: F401
 
 
 def test_one_input(data: bytes) -> None:
-    checks.check_reader(data)
+    fuzz_checks.check_reader(data)
 
 
 def main() -> None:
