@@ -16,6 +16,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import os
 import socket
 import socketserver
 import struct
@@ -181,14 +182,30 @@ def log() -> Iterator[Recorder]:
         logger.setLevel(before)
 
 
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
 @contextlib.contextmanager
 def serving(**attrs: Any) -> Iterator[Server]:
+    """A server for one test; afterwards: handle_error never called, every descriptor given back."""
+    before = open_fds()
     srv = Server(**attrs)
     try:
         yield srv
     finally:
         srv.close()
     assert not srv.errors, srv.errors[0]
+    assert wait_for(lambda: open_fds() == before), f"{open_fds()} descriptors open, {before} before the server"
+
+
+def wait_for(predicate: Any, limit: float = 3.0) -> bool:
+    end = time.monotonic() + limit
+    while not predicate():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def assert_one_refusal(log: Recorder, start: int, what: str, level: int = logging.WARNING) -> None:

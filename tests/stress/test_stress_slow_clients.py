@@ -125,7 +125,10 @@ class Load:
 
 @pytest.mark.parametrize("name", CLASS_NAMES)
 def test_slow_and_silent_clients_never_stall_good_ones_T1_G7(name: str) -> None:
-    attrs = {"proxy_header_timeout": HEADER_TIMEOUT, "proxy_max_pending": 1000}
+    # A listen backlog of 1024: 600 connections in a burst would otherwise overflow the default 128
+    # whenever the loop is descheduled for a few ms, and a dropped SYN costs a 1 s retransmit that
+    # has nothing to do with the mixin (the accept rate is not what this test measures).
+    attrs = {"proxy_header_timeout": HEADER_TIMEOUT, "proxy_max_pending": 1000, "request_queue_size": 1024}
     with ServerProcess(name, attrs) as srv:
         baseline = srv.warm_up()
         cpu_idle_0 = srv.cpu()
@@ -139,10 +142,11 @@ def test_slow_and_silent_clients_never_stall_good_ones_T1_G7(name: str) -> None:
         # CPU while the slow clients are parked (no good traffic in this window).
         time.sleep(0.2)
         t0, c0 = time.monotonic(), srv.cpu()
+        parked_fds_start = srv.fds()
         time.sleep(CPU_WINDOW)
         t1, c1 = time.monotonic(), srv.cpu()
         cpu_pct = 100 * (c1 - c0) / (t1 - t0)
-        parked_fds = srv.fds()
+        parked_fds = min(parked_fds_start, srv.fds())
         baseline_total = sum(baseline.values())
 
         # 100 good requests, 4 at a time, while the slow clients are still parked.
@@ -175,6 +179,8 @@ def test_slow_and_silent_clients_never_stall_good_ones_T1_G7(name: str) -> None:
             + f"; server fds {baseline_total} baseline {baseline}, {parked_fds} while parked, {srv.fds()} after; "
             f"CPU since start {srv.cpu():.2f}s (before the load {cpu_idle_0:.2f}s)"
         )
+        # The CPU window really had the slow clients parked (listener, selector, stdio, 400 sockets).
+        assert parked_fds >= baseline_total + SILENT + TRICKLE, (parked_fds, baseline_total)
         assert not still_open, f"{len(still_open)} bad connections never closed: {set(still_open)}"
         assert not answered, f"bad connections got an answer: {answered[:5]}"
         assert p99 < 0.5, f"p99 {p99:.3f}s"
