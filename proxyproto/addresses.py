@@ -3,9 +3,14 @@
 The core must not import ``socket`` (it does no I/O), and ``ipaddress`` is
 both slow and more lenient than the PROXY grammar, so the conversions the
 protocol needs live here: dotted quads without leading zeros, IPv6 text as
-``inet_pton`` accepts it (no zone ids), canonical IPv6 text exactly as glibc's
+``inet_pton`` accepts it (no zone ids), canonical IPv6 text exactly as
 ``inet_ntop`` writes it (so addresses compare equal to what the ``socket``
 module reports), and AF_UNIX names as the ``socket`` module gives them.
+
+The two IPv6 conversions use the C library's ``inet_pton``/``inet_ntop``
+through ``_socket`` (pure functions: no descriptor, no I/O) when that
+extension exists, and the pure-Python versions below otherwise; both agree
+on every input (a property test checks it).
 """
 
 from __future__ import annotations
@@ -45,12 +50,12 @@ def pack_ipv4(text: str) -> bytes | None:
     return bytes((int(a), int(b), int(c), int(d)))
 
 
-def ipv4_text(packed: bytes) -> str:
+def _ipv4_text_python(packed: bytes) -> str:
     """Dotted-quad text of 4 bytes."""
     return "%d.%d.%d.%d" % (packed[0], packed[1], packed[2], packed[3])
 
 
-def pack_ipv6(text: str) -> bytes | None:
+def _pack_ipv6_python(text: str) -> bytes | None:
     """The 16 bytes of an IPv6 address in any form ``inet_pton`` accepts, else None.
 
     Accepted: 1 to 4 hex digits per group, at most one ``::`` standing for at
@@ -86,7 +91,7 @@ def pack_ipv6(text: str) -> bytes | None:
     return _PACK_8H(*[int(group, 16) for group in groups])
 
 
-def ipv6_text(packed: bytes) -> str:
+def _ipv6_text_python(packed: bytes) -> str:
     """Canonical text of 16 bytes, character for character as glibc ``inet_ntop``.
 
     The longest run of two or more zero groups (the first, on a tie) becomes
@@ -110,10 +115,37 @@ def ipv6_text(packed: bytes) -> str:
         return "%x:%x:%x:%x:%x:%x:%x:%x" % words
     if best_base == 0 and (best_len == 6 or (best_len == 5 and words[5] == 0xFFFF)):
         prefix = "::ffff:" if best_len == 5 else "::"
-        return prefix + ipv4_text(packed[12:])
+        return prefix + _ipv4_text_python(packed[12:])
     head = ":".join(["%x" % word for word in words[:best_base]])
     tail = ":".join(["%x" % word for word in words[best_base + best_len :]])
     return head + "::" + tail
+
+
+try:
+    from _socket import AF_INET as _AF_INET
+    from _socket import AF_INET6 as _AF_INET6
+    from _socket import inet_ntop as _inet_ntop
+    from _socket import inet_pton as _inet_pton
+except ImportError:  # pragma: no cover - interpreters without the _socket extension
+    pack_ipv6 = _pack_ipv6_python
+    ipv6_text = _ipv6_text_python
+    ipv4_text = _ipv4_text_python
+else:
+
+    def ipv4_text(packed: bytes) -> str:
+        """Dotted-quad text of 4 bytes."""
+        return _inet_ntop(_AF_INET, packed)
+
+    def pack_ipv6(text: str) -> bytes | None:
+        """The 16 bytes of an IPv6 address as ``inet_pton`` reads it (no zone ids), else None."""
+        try:
+            return _inet_pton(_AF_INET6, text)
+        except (OSError, ValueError):
+            return None
+
+    def ipv6_text(packed: bytes) -> str:
+        """Canonical ``inet_ntop`` text of 16 bytes."""
+        return _inet_ntop(_AF_INET6, packed)
 
 
 def unix_name(raw: bytes) -> UnixAddress:

@@ -2,7 +2,7 @@
 
 A header parsed from the wire remembers its exact bytes (``to_bytes()`` gives
 them back, CRC and TLV order intact) and decodes its v2 address block only
-when asked.  A header built in code is validated once, in ``__init__``, and
+A header built in code is validated once, in ``__init__``, and
 encodes canonically.
 """
 
@@ -15,7 +15,7 @@ from typing import Any, Union
 from . import addresses
 from .tlv import TLV, SSLInfo, TLVType, aws_vpce_id, azure_linkid, check_tlv, gcp_psc_id
 
-__all__ = ["Address", "Command", "Family", "Protocol", "ProxyHeader"]
+__all__ = ["Address", "Command", "Family", "Protocol", "ProxyHeader", "from_wire"]
 
 #: ``(host, port)`` for INET and INET6; a path (str) or abstract name (bytes) for UNIX.
 Address = Union[tuple[str, int], str, bytes]
@@ -59,14 +59,13 @@ class ProxyHeader:
     """
 
     __slots__ = (
-        "_block",
-        "_destination",
         "_raw",
-        "_source",
         "command",
+        "destination",
         "family",
         "length",
         "protocol",
+        "source",
         "tlvs",
         "version",
     )
@@ -77,10 +76,9 @@ class ProxyHeader:
     protocol: Protocol
     tlvs: tuple[TLV, ...]
     length: int
-    _source: Address | None
-    _destination: Address | None
+    source: Address | None
+    destination: Address | None
     _raw: bytes | None
-    _block: bytes | None
 
     def __init__(
         self,
@@ -119,70 +117,9 @@ class ProxyHeader:
         self.protocol = protocol
         self.tlvs = records
         self.length = 0
-        self._source = _canonical_address(family, source, "source")
-        self._destination = _canonical_address(family, destination, "destination")
+        self.source = _canonical_address(family, source, "source")
+        self.destination = _canonical_address(family, destination, "destination")
         self._raw = None
-        self._block = None
-
-    @classmethod
-    def _from_wire(
-        cls,
-        version: int,
-        command: Command,
-        family: Family,
-        protocol: Protocol,
-        source: Address | None,
-        destination: Address | None,
-        tlvs: tuple[TLV, ...],
-        raw: bytes,
-        block: bytes | None = None,
-    ) -> ProxyHeader:
-        """Build from already-validated parts (the parsers' fast path).
-
-        ``block``, when given, is a v2 address block decoded on first access
-        to ``source`` or ``destination``.
-        """
-        self = cls.__new__(cls)
-        self.version = version
-        self.command = command
-        self.family = family
-        self.protocol = protocol
-        self.tlvs = tlvs
-        self.length = len(raw)
-        self._source = source
-        self._destination = destination
-        self._raw = raw
-        self._block = block
-        return self
-
-    def _decode_block(self) -> None:
-        block = self._block
-        assert block is not None
-        family = self.family
-        if family is Family.INET:
-            self._source = (addresses.ipv4_text(block[0:4]), block[8] << 8 | block[9])
-            self._destination = (addresses.ipv4_text(block[4:8]), block[10] << 8 | block[11])
-        elif family is Family.INET6:
-            self._source = (addresses.ipv6_text(block[0:16]), block[32] << 8 | block[33])
-            self._destination = (addresses.ipv6_text(block[16:32]), block[34] << 8 | block[35])
-        else:
-            self._source = addresses.unix_name(block[:108])
-            self._destination = addresses.unix_name(block[108:216])
-        self._block = None
-
-    @property
-    def source(self) -> Address | None:
-        """The original client: ``(host, port)``, a UNIX name, or None."""
-        if self._block is not None:
-            self._decode_block()
-        return self._source
-
-    @property
-    def destination(self) -> Address | None:
-        """The address the client connected to (the proxy's), same shape as ``source``."""
-        if self._block is not None:
-            self._decode_block()
-        return self._destination
 
     def to_bytes(self) -> bytes:
         """The wire form: the exact bytes a parsed header came from, else canonical."""
@@ -316,3 +253,30 @@ def _canonical_address(family: Family, address: object | None, field: str) -> Ad
     if packed is None:
         raise ValueError(f"{field}: {host!r} is not an IPv6 address")
     return (addresses.ipv6_text(packed), port)
+
+
+_NEW = object.__new__
+
+
+def from_wire(
+    version: int,
+    command: Command,
+    family: Family,
+    protocol: Protocol,
+    source: Address | None,
+    destination: Address | None,
+    tlvs: tuple[TLV, ...],
+    raw: bytes,
+) -> ProxyHeader:
+    """A parsed header from parts the parsers already validated (their fast path, no checks)."""
+    header: ProxyHeader = _NEW(ProxyHeader)
+    header.version = version
+    header.command = command
+    header.family = family
+    header.protocol = protocol
+    header.tlvs = tlvs
+    header.length = len(raw)
+    header._raw = raw
+    header.source = source
+    header.destination = destination
+    return header

@@ -14,9 +14,9 @@ import re
 
 from . import addresses
 from .errors import InvalidHeader, NoProxyHeader
-from .header import Command, Family, Protocol, ProxyHeader
+from .header import Command, Family, Protocol, ProxyHeader, from_wire
 
-__all__ = ["MAX_LENGTH", "check_prefix", "decode", "encode", "encode_header"]
+__all__ = ["MAX_LENGTH", "check_prefix", "decode", "encode", "encode_header", "match_line"]
 
 #: The longest valid line, CRLF included (UNKNOWN followed by full IPv6 fields).
 MAX_LENGTH = 107
@@ -44,9 +44,6 @@ _VIABLE_PREFIX = re.compile(
     rb"|TCP4 " + _viable(rb"[0-9.]{1,15}") + rb"|TCP6 " + _viable(rb"[0-9A-Fa-f:.]{1,45}") + rb")\Z"
 )
 _TOKEN_PREFIXES = (b"PROXY UNKNOWN", b"PROXY TCP4 ", b"PROXY TCP6 ")
-
-_INET_STREAM = (Command.PROXY, Family.INET, Protocol.STREAM)
-_INET6_STREAM = (Command.PROXY, Family.INET6, Protocol.STREAM)
 
 
 def check_prefix(data: bytes) -> None:
@@ -78,42 +75,47 @@ def _field_at(data: bytes, offset: int) -> str:
 
 
 def decode(data: bytes, end: int, allow_v4_in_tcp6: bool = False) -> ProxyHeader:
-    """Decode the line ``data[:end]`` (``end`` is just past its CRLF)."""
-    match = _TCP4_LINE.match(data, 0, end)
-    if match is not None:
+    """Decode the line ``data[:end]`` (``end`` is just past its CRLF); refuse it precisely when wrong."""
+    header = match_line(data, end, allow_v4_in_tcp6)
+    if header is None:
+        raise _diagnose(data[: end - 2], allow_v4_in_tcp6)
+    return header
+
+
+def match_line(data: bytes, end: int, allow_v4_in_tcp6: bool = False) -> ProxyHeader | None:
+    """The header of a valid line ``data[:end]``, or None when it is not one (no diagnosis: the fast path)."""
+    protocol = data[6:10]
+    if protocol == b"TCP4":
+        match = _TCP4_LINE.match(data, 0, end)
+        if match is None:
+            return None
         src, dst, sport, dport = match.groups()
         source_port = int(sport)
         destination_port = int(dport)
-        if source_port <= 65535 and destination_port <= 65535:
-            return ProxyHeader._from_wire(
-                1,
-                *_INET_STREAM,
-                (src.decode("ascii"), source_port),
-                (dst.decode("ascii"), destination_port),
-                (),
-                data[:end],
-            )
-    elif data.startswith(b"PROXY UNKNOWN", 0, end):
-        if _UNKNOWN_LINE.match(data, 0, end):
-            return ProxyHeader._from_wire(1, Command.PROXY, Family.UNSPEC, Protocol.UNSPEC, None, None, (), data[:end])
-    else:
+        if source_port > 65535 or destination_port > 65535:
+            return None
+        return from_wire(
+            1, Command.PROXY, Family.INET, Protocol.STREAM,
+            (src.decode("ascii"), source_port), (dst.decode("ascii"), destination_port), (), data[:end],
+        )  # fmt: skip
+    if protocol == b"TCP6":
         match = _TCP6_LINE.match(data, 0, end)
-        if match is not None:
-            src, dst, sport, dport = match.groups()
-            source = _ipv6_host(src, allow_v4_in_tcp6)
-            destination = _ipv6_host(dst, allow_v4_in_tcp6)
-            source_port = int(sport)
-            destination_port = int(dport)
-            if source is not None and destination is not None and source_port <= 65535 and destination_port <= 65535:
-                return ProxyHeader._from_wire(
-                    1,
-                    *_INET6_STREAM,
-                    (source, source_port),
-                    (destination, destination_port),
-                    (),
-                    data[:end],
-                )
-    raise _diagnose(data[: end - 2], allow_v4_in_tcp6)
+        if match is None:
+            return None
+        src, dst, sport, dport = match.groups()
+        source = _ipv6_host(src, allow_v4_in_tcp6)
+        destination = _ipv6_host(dst, allow_v4_in_tcp6)
+        source_port = int(sport)
+        destination_port = int(dport)
+        if source is None or destination is None or source_port > 65535 or destination_port > 65535:
+            return None
+        return from_wire(
+            1, Command.PROXY, Family.INET6, Protocol.STREAM,
+            (source, source_port), (destination, destination_port), (), data[:end],
+        )  # fmt: skip
+    if protocol == b"UNKN" and _UNKNOWN_LINE.match(data, 0, end):
+        return from_wire(1, Command.PROXY, Family.UNSPEC, Protocol.UNSPEC, None, None, (), data[:end])
+    return None
 
 
 def _ipv6_host(text: bytes, allow_v4: bool) -> str | None:

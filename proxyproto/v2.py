@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from . import addresses
 from .crc32c import crc32c
 from .errors import ChecksumError, InvalidHeader, NoProxyHeader
-from .header import Address, Command, Family, Protocol, ProxyHeader
-from .tlv import TLV, TLVType, check_tlv, iter_tlvs
+from .header import Address, Command, Family, Protocol, ProxyHeader, from_wire
+from .tlv import TLV, TLVType, check_tlv
 
 __all__ = ["MAX_LENGTH", "SIGNATURE", "decode", "encode", "encode_header", "measure"]
 
@@ -28,13 +28,15 @@ SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 #: 16 + the largest ``len``.
 MAX_LENGTH = 16 + 0xFFFF
 
-# Address block size per family-protocol byte; -1 marks the bytes the spec forbids.
-_BLOCK_SIZE = [-1] * 256
+#: Address block size per family-protocol byte; -1 marks the bytes the spec forbids.
+BLOCK_SIZE = [-1] * 256
 for _byte, _size in ((0x00, 0), (0x11, 12), (0x12, 12), (0x21, 36), (0x22, 36), (0x31, 216), (0x32, 216)):
-    _BLOCK_SIZE[_byte] = _size
+    BLOCK_SIZE[_byte] = _size
 del _byte, _size
 
 _COMMANDS = (Command.LOCAL, Command.PROXY)
+ipv4_text = addresses.ipv4_text
+ipv6_text = addresses.ipv6_text
 _FAMILIES = tuple(Family)
 _PROTOCOLS = tuple(Protocol)
 _NEW_TLV = tuple.__new__
@@ -66,7 +68,7 @@ def measure(data: bytes, max_size: int) -> int:
         )
     if have < 14:
         return have - 16
-    block = _BLOCK_SIZE[data[13]]
+    block = BLOCK_SIZE[data[13]]
     if block < 0:
         raise InvalidHeader(
             f"v2: family-protocol byte 0x{data[13]:02x} is not one of the seven the spec defines",
@@ -93,59 +95,77 @@ def decode(data: bytes, total: int, verify_checksum: bool = True) -> ProxyHeader
     """Decode the complete header ``data[:total]`` that :func:`measure` accepted."""
     ver_cmd = data[12]
     fam = data[13]
-    block_size = _BLOCK_SIZE[fam]
-    raw = data[:total]
-    block: bytes | None = None
+    block_size = BLOCK_SIZE[fam]
+    raw = data if len(data) == total else data[:total]
+    source: Address | None = None
+    destination: Address | None = None
     if ver_cmd == 0x21:
         tlv_start = 16 + block_size
-        if block_size:
-            block = raw[16:tlv_start]
+        if block_size == 12:
+            source = (ipv4_text(raw[16:20]), raw[24] << 8 | raw[25])
+            destination = (ipv4_text(raw[20:24]), raw[26] << 8 | raw[27])
+        elif block_size == 36:
+            source = (ipv6_text(raw[16:32]), raw[48] << 8 | raw[49])
+            destination = (ipv6_text(raw[32:48]), raw[50] << 8 | raw[51])
+        elif block_size:
+            source = addresses.unix_name(raw[16:124])
+            destination = addresses.unix_name(raw[124:232])
     elif total - 16 >= block_size:  # LOCAL: skip the block, walk what follows (V2-R1, V2-R3)
         tlv_start = 16 + block_size
     else:  # LOCAL whose len does not cover its family's block: opaque
         tlv_start = total
-    tlvs: tuple[TLV, ...] = ()
-    if tlv_start < total:
-        records: list[TLV] = []
-        crc_at = -1
-        for tlv_type, start, end in iter_tlvs(raw, tlv_start, total):
-            if tlv_type == 0x03:
-                if end - start != 4:
-                    check_tlv(tlv_type, raw[start:end], start)
-                if crc_at >= 0:
-                    raise InvalidHeader("v2: more than one CRC32C TLV", field="CRC32C", offset=start - 3)
-                crc_at = start
-            records.append(_NEW_TLV(TLV, (tlv_type, raw[start:end])))
-        if crc_at >= 0 and verify_checksum:
-            _verify_crc(raw, crc_at)
-        for tlv_type, value in records:
-            if tlv_type in _CHECKED_TYPES:
-                check_tlv(tlv_type, value, _offset_of(records, tlv_type, tlv_start))
-        tlvs = tuple(records)
-    if ver_cmd == 0x21:
-        return ProxyHeader._from_wire(
-            2, Command.PROXY, _FAMILIES[fam >> 4], _PROTOCOLS[fam & 0x0F], None, None, tlvs, raw, block
-        )
-    return ProxyHeader._from_wire(2, Command.LOCAL, _FAMILIES[fam >> 4], _PROTOCOLS[fam & 0x0F], None, None, tlvs, raw)
+    tlvs: tuple[TLV, ...] = _walk_tlvs(raw, tlv_start, total, verify_checksum) if tlv_start < total else ()
+    return from_wire(
+        2, _COMMANDS[ver_cmd & 1], _FAMILIES[fam >> 4], _PROTOCOLS[fam & 0x0F], source, destination, tlvs, raw
+    )
+
+
+def _walk_tlvs(raw: bytes, offset: int, total: int, verify_checksum: bool) -> tuple[TLV, ...]:
+    """The TLVs tiling ``raw[offset:total]``: structure first, then the CRC, then the contents."""
+    records: list[TLV] = []
+    append = records.append
+    crc_at = -1
+    checked: list[tuple[int, bytes, int]] = []
+    while offset < total:
+        if offset + 3 > total:
+            raise InvalidHeader(
+                f"v2: TLV header truncated: {total - offset} byte(s) left, 3 needed", field="TLV", offset=offset
+            )
+        tlv_type = raw[offset]
+        start = offset + 3
+        end = start + (raw[offset + 1] << 8 | raw[offset + 2])
+        if end > total:
+            raise InvalidHeader(
+                f"v2: TLV 0x{tlv_type:02x} value of {end - start} bytes crosses the end "
+                f"of the header by {end - total} byte(s)",
+                field="TLV",
+                offset=offset,
+            )
+        value = raw[start:end]
+        if tlv_type == 0x03:
+            if end - start != 4:
+                check_tlv(tlv_type, value, start)
+            if crc_at >= 0:
+                raise InvalidHeader("v2: more than one CRC32C TLV", field="CRC32C", offset=offset)
+            crc_at = start
+        elif tlv_type in _CHECKED_TYPES:
+            checked.append((tlv_type, value, start))
+        append(_NEW_TLV(TLV, (tlv_type, value)))
+        offset = end
+    if crc_at >= 0 and verify_checksum:
+        _verify_crc(raw, crc_at)
+    for tlv_type, value, start in checked:
+        check_tlv(tlv_type, value, start)
+    return tuple(records)
 
 
 _CHECKED_TYPES = frozenset((TLVType.AUTHORITY, TLVType.UNIQUE_ID, TLVType.SSL, TLVType.NETNS))
 
 
-def _offset_of(records: Sequence[TLV], tlv_type: int, start: int) -> int:
-    """Stream offset of the first value of ``tlv_type`` (only for error messages)."""
-    offset = start
-    for record in records:
-        if record.type == tlv_type:
-            return offset + 3
-        offset += 3 + len(record.value)
-    return start  # pragma: no cover
-
-
 def _verify_crc(raw: bytes, crc_at: int) -> None:
     """CRC-R1..R4: compare with the CRC of the header, its field zeroed in place."""
     received = int.from_bytes(raw[crc_at : crc_at + 4], "big")
-    computed = crc32c(raw[crc_at + 4 :], crc32c(_ZERO_CRC, crc32c(raw[:crc_at])))
+    computed = crc32c(raw[:crc_at] + _ZERO_CRC + raw[crc_at + 4 :])
     if received != computed:
         raise ChecksumError(
             f"v2: CRC32C mismatch: header says 0x{received:08x}, bytes give 0x{computed:08x}",
