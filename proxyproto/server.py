@@ -59,6 +59,18 @@ ACCEPT_BACKOFF = 0.1
 
 Address = Any  # what socket.accept() gives: a tuple for IP families, str or bytes for AF_UNIX
 
+# Bumped in every forked child, so finish_request can tell it runs in one without a getpid() call.
+_fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 class ProxySocket(socket.socket):
     """An accepted connection: a real socket, plus the header it started with.
@@ -90,11 +102,13 @@ class _State:
     """Everything the mixin holds between calls, created when serving starts."""
 
     __slots__ = (
+        "accept_failing",
         "accept_resume_at",
+        "generation",
         "listener",
+        "policy",
         "local_wanted",
         "parked",
-        "pid",
         "ready",
         "selector",
         "signalled",
@@ -103,7 +117,6 @@ class _State:
     )
 
     def __init__(self) -> None:
-        self.pid = os.getpid()
         self.selector: selectors.BaseSelector | None = None
         self.listener: socket.socket | None = None
         self.parked: dict[int, _Parked] = {}
@@ -113,6 +126,9 @@ class _State:
         self.trusted: TrustedNetworks | None = None
         self.local_wanted = False
         self.accept_resume_at = 0.0
+        self.accept_failing = False
+        self.policy = Policy.REQUIRE  # proxy_policy, resolved when serving starts
+        self.generation = _fork_generation
 
 
 def peer_text(peer: Address) -> str:
@@ -178,7 +194,7 @@ class ProxyProtocolMixin:
         state = self._pp_state
         trusted = state.trusted if state is not None else None
         if trusted is None or not isinstance(peer, tuple) or peer[0] in trusted:
-            return Policy(self.proxy_policy)
+            return state.policy if state is not None else Policy(self.proxy_policy)
         return Policy(self.proxy_untrusted_policy)
 
     # -- socketserver hooks ----------------------------------------------------------
@@ -197,12 +213,17 @@ class ProxyProtocolMixin:
             return self._pp_get_request_blocking(state)
         if not state.ready:
             now = time.monotonic()
-            for key, _ in state.selector.select(0):
-                if key.data is _LISTENER:
-                    self._pp_accept(state, now)
-                elif key.data is not _WAKEUP:
-                    self._pp_progress(state, key.data, now)
-            self._pp_expire(state, now)
+            if not state.parked and not state.accept_failing:
+                # Only the listener is registered, and the loop saw the selector readable:
+                # accept at once and save a select() call (the common case).
+                self._pp_accept(state, now)
+            else:
+                for key, _ in state.selector.select(0):
+                    if key.data is _LISTENER:
+                        self._pp_accept(state, now)
+                    elif key.data is not _WAKEUP:
+                        self._pp_step(state, key.data, now)
+                self._pp_expire(state, now)
         if not state.ready:
             raise OSError("proxyproto: no connection with a complete header yet")
         request = state.ready.popleft()
@@ -226,7 +247,7 @@ class ProxyProtocolMixin:
     def finish_request(self, request: Any, client_address: Address) -> None:
         """Run the handler; in a forked child, first drop the parent's connections; wrap TLS."""
         state = self._pp_state
-        if state is not None and state.pid != os.getpid():
+        if state is not None and state.generation != _fork_generation:
             self._pp_forget_in_child(state, request)
         ssl = sys.modules.get("ssl")
         listener = self.socket
@@ -277,6 +298,7 @@ class ProxyProtocolMixin:
                 "use SKIP, IGNORE or REJECT"
             )
         state = _State()
+        state.policy = Policy(self.proxy_policy)
         if self.proxy_trusted is not None:
             state.trusted = TrustedNetworks(self.proxy_trusted)
         state.local_wanted = type(self).proxy_policy_for is not ProxyProtocolMixin.proxy_policy_for
@@ -290,7 +312,7 @@ class ProxyProtocolMixin:
         self._pp_state = state
         return state
 
-    def _pp_accept_one(self) -> tuple[ProxySocket, Address, Policy] | None:
+    def _pp_accept_one(self) -> tuple[ProxySocket, Address, Policy]:
         """Accept the raw connection (no TLS handshake) as a ProxySocket, with its policy."""
         listener = self.socket
         fd, peer = socket.socket._accept(listener)  # type: ignore[attr-defined]
@@ -300,7 +322,8 @@ class ProxyProtocolMixin:
         sock.proxy_header = None
         state = self._pp_state
         local = sock.getsockname() if state is not None and state.local_wanted else None
-        return sock, peer, Policy(self.proxy_policy_for(peer, local))
+        policy = self.proxy_policy_for(peer, local)
+        return sock, peer, policy if type(policy) is Policy else Policy(policy)
 
     def _pp_accept(self, state: _State, now: float) -> None:
         try:
@@ -309,18 +332,17 @@ class ProxyProtocolMixin:
             return
         except OSError as exc:
             if exc.errno in _ACCEPT_RESOURCE_ERRORS and state.selector is not None:
-                if state.accept_resume_at == 0.0:
-                    logger.error("accept() failed: %s; pausing the listener", exc)
+                if not state.accept_failing:
+                    logger.error("accept() failed: %s; pausing the listener until it works again", exc)
+                    state.accept_failing = True
                 state.selector.unregister(self.socket)
                 state.accept_resume_at = now + ACCEPT_BACKOFF
             else:
                 logger.warning("accept() failed: %s", exc)
             return
-        if state.accept_resume_at:
-            logger.warning("accept() works again; listener resumed")
-            state.accept_resume_at = 0.0
-        if accepted is None:
-            return
+        if state.accept_failing:
+            logger.warning("accept() works again")
+            state.accept_failing = False
         sock, peer, policy = accepted
         if policy is Policy.SKIP:
             state.ready.append((sock, peer))
@@ -335,8 +357,7 @@ class ProxyProtocolMixin:
             verify_checksum=self.proxy_verify_checksum,
             allow_v4_in_tcp6=self.proxy_allow_v4_in_tcp6,
         )
-        parked = _Parked(attempt, peer, now + self.proxy_header_timeout, saved)
-        self._pp_step(state, parked, now)
+        self._pp_step(state, _Parked(attempt, peer, now + self.proxy_header_timeout, saved), now)
 
     def _pp_step(self, state: _State, parked: _Parked, now: float) -> None:
         """Advance one connection; conclude, or (re)park it."""
@@ -353,9 +374,6 @@ class ProxyProtocolMixin:
             self._pp_conclude(state, parked)
         else:
             self._pp_park(state, parked, now)
-
-    def _pp_progress(self, state: _State, parked: _Parked, now: float) -> None:
-        self._pp_step(state, parked, now)
 
     def _pp_park(self, state: _State, parked: _Parked, now: float) -> None:
         sock = parked.attempt.sock
@@ -480,9 +498,7 @@ class ProxyProtocolMixin:
     def _pp_get_request_blocking(self, state: _State) -> tuple[ProxySocket, Address]:  # pragma: no cover
         """Fallback without a pollable selector: read the header in the loop, bounded by the timeout."""
         while True:
-            accepted = self._pp_accept_one()
-            assert accepted is not None
-            sock, peer, policy = accepted
+            sock, peer, policy = self._pp_accept_one()
             if policy is Policy.SKIP:
                 return sock, peer
             saved = sock.gettimeout()
