@@ -42,6 +42,11 @@ _UNPACK_8H = struct.Struct(">8H").unpack
 _PACK_8H = struct.Struct(">8H").pack
 
 
+def is_ipv4(text: str) -> bool:
+    """Whether ``text`` is a strict dotted quad (0..255, no leading zeros)."""
+    return _IPV4_RE.fullmatch(text) is not None
+
+
 def pack_ipv4(text: str) -> bytes | None:
     """The 4 bytes of a strict dotted quad, or None when ``text`` is not one."""
     if not _IPV4_RE.fullmatch(text):
@@ -135,6 +140,14 @@ else:
     def ipv4_text(packed: bytes) -> str:
         """Dotted-quad text of 4 bytes."""
         return _inet_ntop(_AF_INET, packed)
+
+    def is_ipv4(text: str) -> bool:
+        """Whether ``text`` is a strict dotted quad (0..255, no leading zeros): ``inet_pton`` is that strict."""
+        try:
+            _inet_pton(_AF_INET, text)
+        except (OSError, ValueError):
+            return False
+        return True
 
     def pack_ipv6(text: str) -> bytes | None:
         """The 16 bytes of an IPv6 address as ``inet_pton`` reads it (no zone ids), else None."""

@@ -96,13 +96,15 @@ def iter_tlvs(data: bytes, start: int, end: int, where: str = "TLV", base: int =
         offset = value_end
 
 
-_ASCII_SSL_SUBTYPES = {
-    TLVType.SSL_VERSION: "SSL version",
-    TLVType.SSL_CIPHER: "SSL cipher",
-    TLVType.SSL_SIG_ALG: "SSL signature algorithm",
-    TLVType.SSL_KEY_ALG: "SSL key algorithm",
-    TLVType.SSL_GROUP: "SSL group",
-    TLVType.SSL_SIG_SCHEME: "SSL signature scheme",
+# The checks below compare plain ints: an IntEnum member lookup costs more than the check.
+_SSL_SUBTYPE_TEXT: dict[int, tuple[str, str]] = {
+    0x21: ("ascii", "SSL version"),
+    0x22: ("utf-8", "SSL CN"),
+    0x23: ("ascii", "SSL cipher"),
+    0x24: ("ascii", "SSL signature algorithm"),
+    0x25: ("ascii", "SSL key algorithm"),
+    0x26: ("ascii", "SSL group"),
+    0x27: ("ascii", "SSL signature scheme"),
 }
 
 
@@ -122,35 +124,54 @@ def check_tlv(tlv_type: int, value: bytes, offset: int = 0) -> None:
 
     ``offset`` is where the value starts in the stream, for the error.
     """
-    if tlv_type == TLVType.AUTHORITY:
+    if tlv_type == 0x02:  # AUTHORITY
         if len(value) > 255:
             raise InvalidHeader(f"v2: AUTHORITY of {len(value)} bytes exceeds 255", field="AUTHORITY", offset=offset)
         _check_text(value, "utf-8", "AUTHORITY", offset)
-    elif tlv_type == TLVType.UNIQUE_ID:
+    elif tlv_type == 0x05:  # UNIQUE_ID
         if len(value) > 128:
             raise InvalidHeader(f"v2: UNIQUE_ID of {len(value)} bytes exceeds 128", field="UNIQUE_ID", offset=offset)
-    elif tlv_type == TLVType.CRC32C:
+    elif tlv_type == 0x03:  # CRC32C
         if len(value) != 4:
             raise InvalidHeader(
                 f"v2: CRC32C value is {len(value)} bytes, must be exactly 4",
                 field="CRC32C",
                 offset=offset,
             )
-    elif tlv_type == TLVType.SSL:
-        if len(value) < 5:
-            raise InvalidHeader(
-                f"v2: SSL value of {len(value)} bytes is shorter than its 5 fixed bytes",
-                field="SSL",
-                offset=offset,
-            )
-        for sub_type, start, end in iter_tlvs(value, 5, len(value), "SSL sub-TLV", offset):
-            what = _ASCII_SSL_SUBTYPES.get(TLVType(sub_type)) if sub_type in _ASCII_SSL_SUBTYPES else None
-            if what is not None:
-                _check_text(value[start:end], "ascii", what, offset + start)
-            elif sub_type == TLVType.SSL_CN:
-                _check_text(value[start:end], "utf-8", "SSL CN", offset + start)
-    elif tlv_type == TLVType.NETNS:
+    elif tlv_type == 0x20:  # SSL
+        _check_ssl(value, offset)
+    elif tlv_type == 0x30:  # NETNS
         _check_text(value, "ascii", "NETNS", offset)
+
+
+def _check_ssl(value: bytes, offset: int) -> None:
+    """The 5 fixed bytes, then sub-TLVs that tile the rest exactly, with text where text is due."""
+    end = len(value)
+    if end < 5:
+        raise InvalidHeader(
+            f"v2: SSL value of {end} bytes is shorter than its 5 fixed bytes", field="SSL", offset=offset
+        )
+    position = 5
+    while position < end:
+        if position + 3 > end:
+            raise InvalidHeader(
+                f"v2: SSL sub-TLV header truncated: {end - position} byte(s) left, 3 needed",
+                field="SSL sub-TLV",
+                offset=offset + position,
+            )
+        sub_type = value[position]
+        start = position + 3
+        position = start + (value[position + 1] << 8 | value[position + 2])
+        if position > end:
+            raise InvalidHeader(
+                f"v2: SSL sub-TLV 0x{sub_type:02x} value of {position - start} bytes crosses the end "
+                f"of its container by {position - end} byte(s)",
+                field="SSL sub-TLV",
+                offset=offset + start - 3,
+            )
+        text = _SSL_SUBTYPE_TEXT.get(sub_type)
+        if text is not None:
+            _check_text(value[start:position], text[0], text[1], offset + start)
 
 
 class SSLInfo:

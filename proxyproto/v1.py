@@ -3,9 +3,9 @@
 ``PROXY TCP4 <src> <dst> <sport> <dport>\\r\\n``, ``TCP6`` likewise, or
 ``PROXY UNKNOWN[ anything]\\r\\n``.  Exactly one space between fields, CRLF
 only, at most 107 bytes, addresses and ports without leading zeros or signs.
-The valid shapes are matched by one compiled expression each (the fast
-path); anything else goes through a slower diagnosis that says which field
-is wrong and where.
+Valid lines take a fast path (split on spaces, check each field);
+anything else goes through a slower diagnosis that says which field is wrong
+and where.
 """
 
 from __future__ import annotations
@@ -21,14 +21,7 @@ __all__ = ["MAX_LENGTH", "check_prefix", "decode", "encode", "encode_header", "m
 #: The longest valid line, CRLF included (UNKNOWN followed by full IPv6 fields).
 MAX_LENGTH = 107
 
-_PORT = rb"(0|[1-9][0-9]{0,4})"
-_IPV6_CHARS = rb"([0-9A-Fa-f:.]{2,45})"
-_TCP4_LINE = re.compile(
-    rb"PROXY TCP4 (" + addresses.IPV4_TEXT + rb") (" + addresses.IPV4_TEXT + rb") " + _PORT + rb" " + _PORT + rb"\r\n"
-)
-_TCP6_LINE = re.compile(rb"PROXY TCP6 " + _IPV6_CHARS + rb" " + _IPV6_CHARS + rb" " + _PORT + rb" " + _PORT + rb"\r\n")
-_UNKNOWN_LINE = re.compile(rb"PROXY UNKNOWN(?:\r\n| [^\r\n]*\r\n)")
-_PORT_RE = re.compile(_PORT)
+_PORT_RE = re.compile(rb"0|[1-9][0-9]{0,4}")
 
 
 # A line cut short is refused as soon as no completion could be valid: wrong
@@ -83,43 +76,66 @@ def decode(data: bytes, end: int, allow_v4_in_tcp6: bool = False) -> ProxyHeader
 
 
 def match_line(data: bytes, end: int, allow_v4_in_tcp6: bool = False) -> ProxyHeader | None:
-    """The header of a valid line ``data[:end]``, or None when it is not one (no diagnosis: the fast path)."""
-    protocol = data[6:10]
-    if protocol == b"TCP4":
-        match = _TCP4_LINE.match(data, 0, end)
-        if match is None:
+    """The header of a valid line ``data[:end]``, or None when it is not one (no diagnosis: the fast path).
+
+    Splitting on single spaces and checking each field costs less than one
+    regular expression over the line; a doubled space makes an empty field,
+    which no check accepts.
+    """
+    if end == 15:  # the only valid 15-byte line, and what every real sender emits for UNKNOWN
+        if data[6:13] == b"UNKNOWN":
+            return from_wire(1, Command.PROXY, Family.UNSPEC, Protocol.UNSPEC, None, None, (), data[:end])
+        return None
+    fields = data[6 : end - 2].split(b" ")
+    protocol = fields[0]
+    if protocol == b"TCP4" or protocol == b"TCP6":
+        if len(fields) != 5:
             return None
-        src, dst, sport, dport = match.groups()
-        source_port = int(sport)
-        destination_port = int(dport)
-        if source_port > 65535 or destination_port > 65535:
+        source_port = _port(fields[3])
+        destination_port = _port(fields[4])
+        if source_port < 0 or destination_port < 0:
+            return None
+        if protocol == b"TCP4":
+            family = Family.INET
+            source = _ipv4_host(fields[1])
+            destination = _ipv4_host(fields[2])
+        else:
+            family = Family.INET6
+            source = _ipv6_host(fields[1], allow_v4_in_tcp6)
+            destination = _ipv6_host(fields[2], allow_v4_in_tcp6)
+        if source is None or destination is None:
             return None
         return from_wire(
-            1, Command.PROXY, Family.INET, Protocol.STREAM,
-            (src.decode("ascii"), source_port), (dst.decode("ascii"), destination_port), (), data[:end],
-        )  # fmt: skip
-    if protocol == b"TCP6":
-        match = _TCP6_LINE.match(data, 0, end)
-        if match is None:
-            return None
-        src, dst, sport, dport = match.groups()
-        source = _ipv6_host(src, allow_v4_in_tcp6)
-        destination = _ipv6_host(dst, allow_v4_in_tcp6)
-        source_port = int(sport)
-        destination_port = int(dport)
-        if source is None or destination is None or source_port > 65535 or destination_port > 65535:
-            return None
-        return from_wire(
-            1, Command.PROXY, Family.INET6, Protocol.STREAM,
+            1, Command.PROXY, family, Protocol.STREAM,
             (source, source_port), (destination, destination_port), (), data[:end],
         )  # fmt: skip
-    if protocol == b"UNKN" and _UNKNOWN_LINE.match(data, 0, end):
+    if protocol == b"UNKNOWN" and data.find(b"\r", 13, end - 2) < 0 and data.find(b"\n", 13, end - 2) < 0:
         return from_wire(1, Command.PROXY, Family.UNSPEC, Protocol.UNSPEC, None, None, (), data[:end])
     return None
 
 
+def _port(text: bytes) -> int:
+    """A port field as an int, or -1: decimal ASCII, 0..65535, no sign and no leading zero."""
+    if 0 < len(text) <= 5 and text.isdigit() and (text[0] != 0x30 or len(text) == 1):
+        value = int(text)
+        if value <= 65535:
+            return value
+    return -1
+
+
+def _ipv4_host(text: bytes) -> str | None:
+    try:
+        host = text.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    return host if addresses.is_ipv4(host) else None
+
+
 def _ipv6_host(text: bytes, allow_v4: bool) -> str | None:
-    host = text.decode("ascii")
+    try:
+        host = text.decode("ascii")
+    except UnicodeDecodeError:
+        return None
     packed = addresses.pack_ipv6(host)
     if packed is not None:
         return addresses.ipv6_text(packed)
