@@ -247,20 +247,22 @@ class ServerProcess:
             raise AssertionError(f"{self.name}: a good client got {data!r}, not an answer")
         return took, json.loads(data)
 
-    def settle(self, before: dict[str, int], limit: float = 4.0) -> None:
+    def settle(self, before: dict[str, int], limit: float = 4.0, probe: bytes = V1_HEADER) -> None:
         """Assert the server gets back to the descriptors it held ``before`` and has no children
-        (within ``limit``), and still answers."""
+        (within ``limit``), and still answers a client sending ``probe`` (a header by default; the
+        empty string for the opt-in policies, where a header may be refused or its address ignored)."""
         wait_until(lambda: same_fds(before, self.fd_kinds()) and not self.children(), limit)
         now, children = self.fd_kinds(), self.children()
         assert same_fds(before, now), f"{self.name}: descriptors {now}, before the test {before}"
         assert not children, f"{self.name}: children left: {children}"
-        _, report = self.good_request()
-        assert report["client"][:2] == list(REAL_V4), report
+        _, report = self.good_request(header=probe)
+        if probe == V1_HEADER:
+            assert report["client"][:2] == list(REAL_V4), report
         wait_until(lambda: same_fds(before, self.fd_kinds()) and not self.children(), limit)
 
-    def warm_up(self) -> dict[str, int]:
-        """Serve one request and settle: the baseline descriptors, by kind."""
-        self.good_request()
+    def warm_up(self, probe: bytes = V1_HEADER) -> dict[str, int]:
+        """Serve one request (starting with ``probe``) and settle: the baseline descriptors, by kind."""
+        self.good_request(header=probe)
         wait_until(lambda: not self.children(), 3.0)
         time.sleep(0.2)
         return self.fd_kinds()

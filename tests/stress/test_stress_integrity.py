@@ -13,6 +13,7 @@ failure reproduces.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import socket
 import socketserver
@@ -20,6 +21,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+import pytest
+from stress_kit import ServerProcess
 
 import proxyproto
 
@@ -161,3 +165,48 @@ def test_payload_after_header_arrives_intact_T3() -> None:
     assert not bad, bad[:5]
     assert not wrong_address, wrong_address[:5]
     assert all(combos.values()), combos
+
+
+# Streams that start like a signature and then diverge: under the opt-in policies they are payload,
+# and every byte must reach the handler even when the divergence arrives in a later segment (the
+# ambiguous prefix stays in the kernel meanwhile: SO_RCVLOWAT on TCP, a timer on UNIX).
+LOOKALIKES = [
+    b"PRI * HTTP/2.0\r\n",
+    b"PROX\x00 not a header\n",
+    b"PROXX\n",
+    b"P\n",
+    b"\r\n\r\n\x00\r\nQUIX and more\n",
+    b"\r\n\r\n\n",
+    b"\r\nhello\n",
+]
+
+
+@pytest.mark.parametrize("name", ["ThreadingProxyTCPServer", "ThreadingProxyUnixStreamServer"])
+@pytest.mark.parametrize("policy", ["USE", "IGNORE", "REJECT"])
+def test_signature_lookalike_payload_arrives_intact_under_opt_in_policies_T3(name: str, policy: str) -> None:
+    with ServerProcess(name, {"proxy_policy": policy, "proxy_header_timeout": 5.0}) as srv:
+        baseline = srv.warm_up(probe=b"")
+        for payload in LOOKALIKES:
+            # The handler answers after the first line and closes: split only inside that line.
+            first_line = payload[: payload.index(b"\n") + 1]
+            for split in (None, *sorted({k for k in (1, 2, 4, len(first_line) - 1) if 0 < k < len(first_line)})):
+                with srv.connect() as sock:
+                    if split is None:
+                        sock.sendall(payload)
+                    else:
+                        sock.sendall(payload[:split])
+                        time.sleep(0.03)
+                        sock.sendall(payload[split:])
+                    answer = b""
+                    while not answer.endswith(b"\n"):
+                        chunk = sock.recv(4096)
+                        if not chunk:
+                            break
+                        answer += chunk
+                report = json.loads(answer)
+                # The handler reads one line: the payload up to its first LF, first byte included.
+                assert report["line"].encode("latin-1") == first_line, (payload, split, report)
+                assert report["command"] is None
+                if name.startswith("ThreadingProxyTCP"):
+                    assert report["client"][0] == "127.0.0.1"
+        srv.settle(baseline, probe=b"")
