@@ -263,7 +263,7 @@ class _Acceptor:
                 writer.close()
                 return
             header = attempt.header
-        address = client_address_of(header) if uses_addresses(policy, header) else peer
+        address = client_address_of(header) if header is not None and uses_addresses(policy, header) else peer
         result = self.callback(reader, ProxyStreamWriter(writer, reader, header, address))
         if inspect.isawaitable(result):
             await result

@@ -31,6 +31,7 @@ dropped, and logged in one line on the ``proxyproto`` logger.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import socket
@@ -61,7 +62,7 @@ Address = Any
 MAX_DATAGRAM = 65535
 
 
-class ProxyDatagram(tuple):
+class ProxyDatagram(tuple[Any, ...]):
     """``(payload, socket)`` as ``socketserver`` gives datagram handlers, plus where it came from.
 
     ``proxy_header``: the parsed :class:`ProxyHeader` whenever one was parsed
@@ -141,7 +142,7 @@ class ProxyDatagramMixin:
         self._ppd_trusted = None if self.proxy_trusted is None else TrustedNetworks(self.proxy_trusted)
         self._ppd_started = True
 
-    def get_request(self) -> tuple[ProxyDatagram, Address]:
+    def get_request(self) -> tuple[Any, Address]:  # (ProxyDatagram, address); Any keeps mypy's base checks quiet
         """Receive one datagram; return it without its header, with the address it is served with.
 
         A refused datagram is logged and dropped: ``OSError`` tells
@@ -161,9 +162,10 @@ class ProxyDatagramMixin:
                 error = verdict.error(f"sent a PROXY header, which policy {policy.name} refuses")  # type: ignore[misc]
             logger.log(verdict.level, "%s: dropped datagram: %s", peer_text(peer), error)
             raise OSError("proxyproto: datagram dropped")
-        payload = data[header.length :] if header is not None else data
+        if header is None:
+            return ProxyDatagram(data, sock, None, peer), peer
         address = client_address_of(header) if uses_addresses(policy, header) else peer
-        return ProxyDatagram(payload, sock, header, peer), address
+        return ProxyDatagram(data[header.length :], sock, header, peer), address
 
     def _ppd_parse(self, data: bytes) -> tuple[ProxyHeader | None, Outcome, ProxyProtocolError | None]:
         """What one datagram starts with (G8: on its own, never joined with another)."""
@@ -201,10 +203,12 @@ class ProxyDatagramRequestHandler(socketserver.DatagramRequestHandler):
 
     def finish(self) -> None:
         """Send what the handler wrote to ``wfile`` back to the proxy, in one datagram."""
-        reply = self.wfile.getvalue()
+        wfile = self.wfile
+        assert isinstance(wfile, io.BytesIO)
+        reply = wfile.getvalue()
         if not reply:
             return
-        destination = getattr(self.request, "proxy_address", self.client_address)
+        destination: Any = getattr(self.request, "proxy_address", self.client_address)
         self.socket.sendto(reply, destination)
 
 
