@@ -4,7 +4,8 @@ Three "proxies" (sockets bound on 127.0.0.1-3) send datagrams whose v2 headers n
 IPv4 and IPv6 clients; the handler records what it was given.  The sender keeps at most a
 window of datagrams in flight and the server socket has a large receive buffer, so loopback
 loses nothing: every datagram is accounted for, exactly (no tolerance for losses).
-Bounded: 10,000 datagrams per class, a 60 s ceiling that a healthy run never nears.
+Bounded: 10,000 datagrams per class, a 60 s ceiling that a healthy run never nears; the
+forking class, a process per datagram, answers 300.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from typing import Any
 
 import pytest
-from udp_kit import v2_header
+from udp_kit import exchange, proxy_socket, running, v2_header
 
 from proxyproto import udp
 
@@ -94,3 +95,16 @@ def test_ten_thousand_random_datagrams_arrive_byte_exact_with_right_addresses_G8
     print(f"{name}: {len(server.records)}/{COUNT} datagrams in {elapsed:.2f} s (seed {seed})")
     assert not lost and not extra, f"seed {seed}: {sum(lost.values())} lost, {sum(extra.values())} unexpected"
     assert len(server.records) == COUNT
+
+
+def test_forking_server_answers_every_one_of_300_random_datagrams_from_its_children_G8() -> None:
+    """A child per datagram: each reply (sent by the child, to the proxy) reports the right client."""
+    seed = int.from_bytes(os.urandom(4), "big")
+    rng = random.Random(seed)
+    with running("ForkingProxyUDPServer") as server, proxy_socket() as proxy:
+        for i in range(300):
+            header, client, payload = random_case(rng)
+            payload = payload[:2000]  # the hex report must fit one reply datagram
+            report = exchange(proxy, server, header + payload)
+            assert report["client_address"] == list(client), f"seed {seed}, datagram {i}"
+            assert bytes.fromhex(report["payload"]) == payload, f"seed {seed}, datagram {i}"
