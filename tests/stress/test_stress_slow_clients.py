@@ -19,7 +19,9 @@ nothing to do with parking), the longest lifetime of a bad connection
 
 from __future__ import annotations
 
+import os
 import selectors
+import signal
 import socket
 import threading
 import time
@@ -295,3 +297,33 @@ def test_split_after_ambiguous_prefix_is_answered_promptly_on_tcp() -> None:
 def test_split_after_ambiguous_prefix_is_answered_promptly_on_unix() -> None:
     """UNIX (no SO_RCVLOWAT): the short retry timer should bound the extra wait, not poll_interval."""
     assert split_after_prefix_latency("ThreadingProxyUnixStreamServer") < 0.2
+
+
+@pytest.mark.parametrize("name", CLASS_NAMES)
+def test_burst_of_completed_headers_is_served_without_poll_waits(name: str) -> None:
+    """200 parked connections complete their headers in the same instant (the server is stopped with
+    SIGSTOP while they send): the loop hands them out back to back, none waits for poll_interval
+    (DESIGN: while completed connections are queued, the descriptor stays readable)."""
+    with ServerProcess(name, {"proxy_header_timeout": 10.0, "request_queue_size": 1024}) as srv:
+        baseline = srv.warm_up()
+        socks = [srv.connect(timeout=10.0) for _ in range(200)]
+        assert wait_until(lambda: srv.fds() >= sum(baseline.values()) + 200, 5.0)
+        os.kill(srv.pid, signal.SIGSTOP)
+        try:
+            for sock in socks:
+                sock.sendall(V1_HEADER + b"ping\n")
+        finally:
+            os.kill(srv.pid, signal.SIGCONT)
+        start = time.monotonic()
+        answered = 0
+        for sock in socks:
+            try:
+                answered += bool(sock.recv(4096))
+            except OSError:
+                pass
+            sock.close()
+        took = time.monotonic() - start
+        print(f"\n[burst] {name}: 200 completed together, all answered in {took:.2f}s")
+        assert answered == 200
+        assert took < 5.0  # 200 waits of poll_interval (0.5 s) would take 100 s
+        srv.settle(baseline)
