@@ -163,14 +163,13 @@ def command_send(args: argparse.Namespace) -> int:
     sock.settimeout(None)
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
     sys.stdout.flush()
-    errors: list[BaseException] = []
 
     def upload() -> None:
         try:
             _pump(stdin, sock)
             sock.shutdown(socket.SHUT_WR)  # half-close: the server sees EOF, its answer still arrives
-        except OSError as exc:
-            errors.append(exc)
+        except OSError:
+            pass  # the connection failed: the download side sees it and reports it
 
     with sock:
         try:
@@ -180,6 +179,8 @@ def command_send(args: argparse.Namespace) -> int:
         threading.Thread(target=upload, name="stdin->socket", daemon=True).start()
         try:
             _pump(sock, stdout)
+        except BrokenPipeError:
+            return 0  # stdout closed early (``| head``): not a failure of the connection
         except OSError as exc:
             raise Failure(f"connection to {endpoint_text((args.host, args.port))} failed: {exc}") from None
     return 0
@@ -389,12 +390,17 @@ class Relay:
         try:
             infos = socket.getaddrinfo(listen[0], listen[1], type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
             family, kind, proto, _, address = infos[0]
-            self.listener = socket.socket(family, kind, proto)
-            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.listener.bind(address)
-            self.listener.listen(128)
+            listener = socket.socket(family, kind, proto)
         except OSError as exc:
             raise Failure(f"cannot listen on {endpoint_text(listen)}: {exc}") from None
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(address)
+            listener.listen(128)
+        except OSError as exc:
+            listener.close()
+            raise Failure(f"cannot listen on {endpoint_text(listen)}: {exc}") from None
+        self.listener = listener
 
     @property
     def address(self) -> tuple[Any, ...]:
@@ -418,6 +424,7 @@ class Relay:
                 except OSError:
                     continue
                 accepted += 1
+                self.threads = [t for t in self.threads if t.is_alive()]
                 thread = threading.Thread(target=self.handle, args=(client, peer), daemon=True)
                 self.threads.append(thread)
                 thread.start()
@@ -477,12 +484,12 @@ class Relay:
 
 
 def command_relay(args: argparse.Namespace) -> int:
+    if args.v1 and args.checksum:
+        raise Failure("--checksum needs a v2 header (drop --v1)")
     limit = 1 if args.once else args.max_connections
     relay = Relay(
         args.listen, args.upstream, version=1 if args.v1 else 2, checksum=args.checksum, max_connections=limit
     )
-    if args.v1 and args.checksum:
-        raise Failure("--checksum needs a v2 header (drop --v1)")
     previous = {sig: signal.signal(sig, relay.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         print(
