@@ -29,7 +29,7 @@ import asyncio
 import inspect
 import logging
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 from . import reader as core
 from .errors import (
@@ -48,6 +48,8 @@ __all__ = ["ProxyStreamWriter", "read_header", "start_server", "start_unix_serve
 logger = logging.getLogger("proxyproto")
 
 ClientConnected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]
+#: ``policy_for(peer, local) -> Policy``: the mixin's ``proxy_policy_for`` hook, as a function.
+PolicyHook = Callable[[Any, Any], Union[Policy, str]]
 
 
 class _Attempt:
@@ -223,8 +225,10 @@ class _Acceptor:
         max_header_size: int,
         verify_checksum: bool,
         allow_v4_in_tcp6: bool,
+        policy_for: PolicyHook | None,
     ) -> None:
         self.callback = client_connected_cb
+        self.hook = policy_for
         self.policy = Policy(policy)
         self.untrusted_policy = Policy(untrusted_policy)
         if self.untrusted_policy in (Policy.USE, Policy.REQUIRE):
@@ -240,14 +244,16 @@ class _Acceptor:
             "allow_v4_in_tcp6": allow_v4_in_tcp6,
         }
 
-    def policy_for(self, peer: Any) -> Policy:
+    def policy_for(self, peer: Any, writer: asyncio.StreamWriter) -> Policy:
+        if self.hook is not None:
+            return Policy(self.hook(peer, writer.get_extra_info("sockname")))
         if self.trusted is None or not isinstance(peer, tuple) or peer[0] in self.trusted:
             return self.policy
         return self.untrusted_policy
 
     async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
-        policy = self.policy_for(peer)
+        policy = self.policy_for(peer, writer)
         header: ProxyHeader | None = None
         if policy is not Policy.SKIP:
             try:
@@ -281,6 +287,7 @@ async def start_server(
     max_header_size: int = 4096,
     verify_checksum: bool = True,
     allow_v4_in_tcp6: bool = False,
+    policy_for: PolicyHook | None = None,
     **kwargs: Any,
 ) -> asyncio.AbstractServer:
     """``asyncio.start_server`` whose connections start with a PROXY header.
@@ -290,7 +297,10 @@ async def start_server(
     header is read, which suits a TLS-terminating proxy in front, not
     ``send-proxy`` in front of TLS passthrough).  ``client_connected_cb`` gets
     ``(reader, writer)`` with ``writer`` a :class:`ProxyStreamWriter`.
-    Raises ``ValueError`` for an ``untrusted_policy`` of USE or REQUIRE.
+    ``policy_for(peer, local)``, when given, replaces ``policy``, ``trusted``
+    and ``untrusted_policy`` with a decision per connection (the mixin's
+    ``proxy_policy_for`` hook).  Raises ``ValueError`` for an
+    ``untrusted_policy`` of USE or REQUIRE.
     """
     acceptor = _Acceptor(
         client_connected_cb,
@@ -301,6 +311,7 @@ async def start_server(
         max_header_size=max_header_size,
         verify_checksum=verify_checksum,
         allow_v4_in_tcp6=allow_v4_in_tcp6,
+        policy_for=policy_for,
     )
     return await asyncio.start_server(acceptor, host, port, **kwargs)
 
@@ -316,6 +327,7 @@ async def start_unix_server(
     max_header_size: int = 4096,
     verify_checksum: bool = True,
     allow_v4_in_tcp6: bool = False,
+    policy_for: PolicyHook | None = None,
     **kwargs: Any,
 ) -> asyncio.AbstractServer:
     """``asyncio.start_unix_server`` whose connections start with a PROXY header.
@@ -332,5 +344,6 @@ async def start_unix_server(
         max_header_size=max_header_size,
         verify_checksum=verify_checksum,
         allow_v4_in_tcp6=allow_v4_in_tcp6,
+        policy_for=policy_for,
     )
     return await asyncio.start_unix_server(acceptor, path, **kwargs)

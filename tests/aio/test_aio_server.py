@@ -349,3 +349,22 @@ def test_aio_server_behind_real_haproxy_sees_the_client_address(send_proxy: str,
     assert entry["proxy_header"].version == (2 if send_proxy.endswith("v2") else 1)
     assert entry["data"] == b"hello through haproxy\n"
     assert answer.startswith(repr(tuple(own[:2])).encode())
+
+
+@async_test
+async def test_aio_server_policy_for_hook_decides_per_connection() -> None:
+    calls: list[tuple[Any, Any]] = []
+
+    def policy_for(peer: Any, local: Any) -> str:
+        calls.append((peer, local))
+        return "REQUIRE" if peer[0] == "127.0.0.1" else "SKIP"
+
+    recorder = Recorder()
+    server, address = await serve(recorder, policy_for=policy_for)
+    async with server:
+        await talk(address, V2 + b"a", local="127.0.0.1")
+        await talk(address, V2 + b"b", local="127.0.0.4")
+    used, skipped = recorder.seen
+    assert used["peername"] == REAL_V4 and used["data"] == b"a"
+    assert skipped["peername"][0] == "127.0.0.4" and skipped["data"] == V2 + b"b"
+    assert [local[:2] for _, local in calls] == [address, address]
