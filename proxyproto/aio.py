@@ -289,7 +289,7 @@ async def start_server(
     allow_v4_in_tcp6: bool = False,
     policy_for: PolicyHook | None = None,
     **kwargs: Any,
-) -> asyncio.AbstractServer:
+) -> asyncio.Server:
     """``asyncio.start_server`` whose connections start with a PROXY header.
 
     The knobs are the mixin's, without the ``proxy_`` prefix; ``kwargs`` go to
@@ -329,7 +329,7 @@ async def start_unix_server(
     allow_v4_in_tcp6: bool = False,
     policy_for: PolicyHook | None = None,
     **kwargs: Any,
-) -> asyncio.AbstractServer:
+) -> asyncio.Server:
     """``asyncio.start_unix_server`` whose connections start with a PROXY header.
 
     As :func:`start_server`; UNIX-socket peers are always trusted (file
