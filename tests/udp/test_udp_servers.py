@@ -380,3 +380,27 @@ def test_udp_handle_request_loop_serves_and_drops() -> None:
         assert b"192.0.2.10" in data
     finally:
         server.server_close()
+
+
+def test_udp_mixin_retrofits_an_existing_udp_server_subclass() -> None:
+    """One base class, first among the bases, as with the stream mixin."""
+
+    class Existing(socketserver.ThreadingUDPServer):
+        daemon_threads = True
+        greeting = b"hi"
+
+    class Retrofitted(udp.ProxyDatagramMixin, Existing):
+        pass
+
+    server = Retrofitted(("127.0.0.1", 0), Reporter)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        with proxy_socket() as proxy:
+            report = exchange(proxy, server, udp6() + b"retro")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert report["client_address"] == [REAL_V6[0], REAL_V6[1], 0, 0]
+    assert bytes.fromhex(report["payload"]) == b"retro"
