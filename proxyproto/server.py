@@ -106,9 +106,9 @@ class _State:
         "accept_resume_at",
         "generation",
         "listener",
-        "policy",
         "local_wanted",
         "parked",
+        "policy",
         "ready",
         "selector",
         "signalled",
@@ -198,6 +198,18 @@ class ProxyProtocolMixin:
         return Policy(self.proxy_untrusted_policy)
 
     # -- socketserver hooks ----------------------------------------------------------
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """As socketserver's, after checking the configuration (so a refusal keeps its message)."""
+        if self._pp_state is None:
+            self._pp_start()
+        super().serve_forever(poll_interval)  # type: ignore[misc]
+
+    def handle_request(self) -> None:
+        """As socketserver's, after checking the configuration (so a refusal keeps its message)."""
+        if self._pp_state is None:
+            self._pp_start()
+        super().handle_request()  # type: ignore[misc]
 
     def fileno(self) -> int:
         """The selector's descriptor: readable when a connection or a parked header progresses."""
@@ -304,6 +316,13 @@ class ProxyProtocolMixin:
         state.local_wanted = type(self).proxy_policy_for is not ProxyProtocolMixin.proxy_policy_for
         selector = selectors.DefaultSelector()
         if hasattr(selector, "fileno"):
+            # The wake-up pipe is made now, not when first needed: by then the
+            # process may be out of descriptors (and the queue must still drain).
+            read_fd, write_fd = os.pipe()
+            os.set_blocking(read_fd, False)
+            os.set_blocking(write_fd, False)
+            state.wakeup = (read_fd, write_fd)
+            selector.register(read_fd, selectors.EVENT_READ, _WAKEUP)
             selector.register(self.socket, selectors.EVENT_READ, _LISTENER)
             state.selector = selector
             state.listener = self.socket
@@ -459,14 +478,8 @@ class ProxyProtocolMixin:
 
     def _pp_signal(self, state: _State, pending: bool) -> None:
         """Keep the selector readable while completed connections are queued."""
-        if pending == state.signalled or state.selector is None:
+        if pending == state.signalled or state.wakeup is None:
             return
-        if state.wakeup is None:
-            read_fd, write_fd = os.pipe()
-            os.set_blocking(read_fd, False)
-            os.set_blocking(write_fd, False)
-            state.wakeup = (read_fd, write_fd)
-            state.selector.register(read_fd, selectors.EVENT_READ, _WAKEUP)
         if pending:
             os.write(state.wakeup[1], b"!")
         else:

@@ -37,12 +37,14 @@ from .policy import Outcome, Policy, decide
 from .v1 import encode as encode_v1
 from .v2 import encode as encode_v2
 
-__all__ = ["RETRY_DELAY", "HeaderAttempt", "create_connection", "read_header"]
+__all__ = ["FIRST_PEEK", "RETRY_DELAY", "HeaderAttempt", "create_connection", "peer_closed", "read_header"]
 
 _PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _SO_RCVLOWAT = getattr(socket, "SO_RCVLOWAT", None)
 _LOWAT_FAMILIES = (socket.AF_INET, socket.AF_INET6) if os.uname().sysname == "Linux" else ()
+#: Bytes of the first peek: without TLVs every header fits in 536 (G4); larger ones are peeked again whole.
+FIRST_PEEK = 536
 #: Seconds between peeks where SO_RCVLOWAT does not make poll wait for more bytes.
 RETRY_DELAY = 0.02
 
@@ -105,48 +107,58 @@ class HeaderAttempt:
         ``OSError`` from the socket (a reset, say) propagates unchanged.
         """
         sock = self.sock
-        try:
-            data = sock.recv(max(self.max_size, reader.MAX_V1_LENGTH) - len(self.buffer), _PEEK)
-        except (BlockingIOError, InterruptedError):
-            return False
-        if not data:
-            if self.started:
-                return self._fail(
-                    Outcome.INVALID,
-                    InvalidHeader(
-                        f"header truncated by EOF after {len(self.buffer) + self.seen} byte(s)",
-                        offset=len(self.buffer) + self.seen,
-                    ),
+        buffered = len(self.buffer)
+        limit = max(self.max_size, reader.MAX_V1_LENGTH) - buffered
+        request = limit if self.seen else min(limit, FIRST_PEEK)
+        while True:
+            try:
+                data = sock.recv(request, _PEEK)
+            except (BlockingIOError, InterruptedError):
+                return False
+            if not data:
+                if self.started:
+                    return self._fail(
+                        Outcome.INVALID,
+                        InvalidHeader(
+                            f"header truncated by EOF after {buffered + self.seen} byte(s)",
+                            offset=buffered + self.seen,
+                        ),
+                    )
+                self.outcome = Outcome.EOF
+                return True
+            if self.seen and len(data) <= self.seen:
+                if self.lowat or peer_closed(sock):  # readable, yet nothing new: the peer closed
+                    return self._fail(
+                        Outcome.INVALID,
+                        InvalidHeader(f"header truncated by EOF after {self.seen} byte(s)", offset=self.seen),
+                    )
+                return False
+            whole = self.buffer + data if buffered else data
+            try:
+                header = reader.parse(
+                    whole,
+                    max_size=self.max_size,
+                    verify_checksum=self.verify_checksum,
+                    allow_v4_in_tcp6=self.allow_v4_in_tcp6,
                 )
-            self.outcome = Outcome.EOF
-            return True
-        if self.seen and len(data) <= self.seen:
-            if self.lowat:  # poll said readable, yet nothing new: the peer closed
-                return self._fail(
-                    Outcome.INVALID,
-                    InvalidHeader(f"header truncated by EOF after {self.seen} byte(s)", offset=self.seen),
-                )
-            return False
-        whole = self.buffer + data if self.buffer else data
-        try:
-            size = reader.measure(whole, self.max_size)
-        except NoProxyHeader as exc:
-            return self._fail(Outcome.NO_HEADER, exc)
-        except InvalidHeader as exc:
-            return self._fail(Outcome.INVALID, exc)
-        if size < 0:
+            except NoProxyHeader as exc:
+                return self._fail(Outcome.NO_HEADER, exc)
+            except InvalidHeader as exc:
+                return self._fail(Outcome.INVALID, exc)
+            if header is not None:
+                break
+            if len(data) == request < limit:  # more may be waiting already: look at all of it
+                request = limit
+                continue
             if self.policy is Policy.REQUIRE:
-                self.buffer = whole[: len(self.buffer) + self._consume(len(data))]
+                self.buffer = whole[: buffered + self._consume(len(data))]
             else:
                 self._wait_for_more(len(data))
             return False
-        consumed = self._consume(size - len(self.buffer))
-        if consumed != size - len(self.buffer):  # pragma: no cover - the kernel gave back less than it showed
+        wanted = header.length - buffered
+        if self._consume(wanted) != wanted:  # pragma: no cover - the kernel gave back less than it showed
             return self._fail(Outcome.INVALID, InvalidHeader("header bytes vanished between peek and read"))
-        try:
-            self.header = reader.decode(whole, size, self.verify_checksum, self.allow_v4_in_tcp6)
-        except ProxyProtocolError as exc:
-            return self._fail(Outcome.INVALID, exc)
+        self.header = header
         self.outcome = Outcome.HEADER
         return True
 
@@ -201,20 +213,42 @@ class HeaderAttempt:
         return HeaderTimeout(message, offset=len(self.buffer) + self.seen)
 
 
-def wait_for_outcome(attempt: HeaderAttempt, deadline: float) -> None:
-    """Drive ``attempt`` to an outcome, blocking in ``poll`` until ``deadline`` (monotonic)."""
-    fd = attempt.sock.fileno()
+_POLLRDHUP = getattr(select, "POLLRDHUP", 0)
+
+
+def peer_closed(sock: socket.socket) -> bool:
+    """Whether the peer has shut down its side, even with bytes still queued (Linux POLLRDHUP).
+
+    A peek cannot tell: it returns the queued bytes either way.  Without
+    POLLRDHUP this answers False, and such a connection waits for its deadline.
+    """
+    if not _POLLRDHUP:
+        return False
     poller = select.poll()
-    poller.register(fd, select.POLLIN)
+    poller.register(sock.fileno(), _POLLRDHUP)
+    return bool(poller.poll(0))
+
+
+def wait_for_outcome(attempt: HeaderAttempt, deadline: float) -> None:
+    """Drive ``attempt`` to an outcome, blocking in ``poll`` until ``deadline`` (monotonic).
+
+    The socket is stepped only when ``poll`` reports it readable (or, without
+    SO_RCVLOWAT, after a short sleep): a step after a timed-out poll would read
+    "nothing new" as the peer having closed.
+    """
+    poller = select.poll()
+    poller.register(attempt.sock.fileno(), select.POLLIN)
     while not attempt.step():
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            attempt.timed_out()
-            return
-        if attempt.needs_retry:
-            time.sleep(min(remaining, RETRY_DELAY))
-            continue
-        poller.poll(max(1, int(remaining * 1000 + 0.999)))
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                attempt.timed_out()
+                return
+            if attempt.needs_retry:
+                time.sleep(min(remaining, RETRY_DELAY))
+                break
+            if poller.poll(max(1, int(remaining * 1000 + 0.999))):
+                break
 
 
 def read_header(

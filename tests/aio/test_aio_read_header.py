@@ -87,24 +87,13 @@ async def async_outcome(data: bytes, close: bool, policy: Policy) -> tuple[Any, 
         return result, await reader.read()
 
 
-SILENT_PARTIAL_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: sock.read_header under USE/IGNORE/REJECT, TCP: a partial header then silence raises "
-    "InvalidHeader('header truncated by EOF') at the deadline instead of HeaderTimeout (step() after a poll "
-    "timeout reads 'nothing new' as EOF)",
-)
 
 
 def parity_params() -> list[Any]:
     params = []
     for case in CASES:
         for policy in Policy:
-            buggy = case in ("partial v2, then silence", "ambiguous prefix, then silence") and policy in (
-                Policy.USE,
-                Policy.IGNORE,
-                Policy.REJECT,
-            )
-            params.append(pytest.param(case, policy, id=f"{case}-{policy.name}", marks=[SILENT_PARTIAL_BUG] * buggy))
+            params.append(pytest.param(case, policy, id=f"{case}-{policy.name}"))
     return params
 
 
@@ -222,11 +211,6 @@ def test_stream_reader_private_members_read_header_relies_on_exist() -> None:
     asyncio.run(probe())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: sock.read_header on AF_UNIX (no SO_RCVLOWAT) under USE/IGNORE/REJECT misses EOF after a "
-    "partial header: waits the whole timeout and raises HeaderTimeout, where TCP raises InvalidHeader at once",
-)
 def test_blocking_read_header_sees_eof_after_partial_header_on_unix_socket_T2() -> None:
     a, b = socket.socketpair()
     with a, b:

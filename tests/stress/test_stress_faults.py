@@ -204,12 +204,6 @@ def test_forked_child_drops_the_parents_parked_connections(name: str) -> None:
         srv.settle(baseline)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: at the descriptor limit, two headers completing in one round make _pp_signal create the "
-    "wake-up pipe lazily; os.pipe() fails with EMFILE: in get_request the popped connection is dropped "
-    "unserved, and from service_actions the OSError kills serve_forever",
-)
 @pytest.mark.parametrize("name", ["ThreadingProxyTCPServer", "ProxyTCPServer"])
 def test_headers_completing_together_at_the_descriptor_limit_are_served(name: str) -> None:
     """RLIMIT_NOFILE 64: 70 silent clients fill every descriptor; then 20 of the parked ones send their

@@ -351,11 +351,6 @@ def test_untrusted_policy_that_would_trust_is_refused_at_start_G10(policy: str) 
     start_with_untrusted_policy(policy)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the untrusted-policy ValueError raised in fileno() reaches the user as selectors' "
-    "'Invalid file object: <server>' (raised from None), so the explanation is lost",
-)
 @pytest.mark.parametrize("policy", ["USE", "REQUIRE"])
 def test_untrusted_policy_refusal_says_why_G10(policy: str) -> None:
     """The ValueError names the setting and the reason, not a generic selectors message."""
