@@ -27,6 +27,7 @@ import collections
 import errno
 import logging
 import os
+import select
 import selectors
 import socket
 import socketserver
@@ -36,7 +37,7 @@ from typing import Any
 
 from .header import Family, ProxyHeader
 from .policy import Policy, TrustedNetworks, decide, uses_addresses
-from .sock import HeaderAttempt, wait_for_outcome
+from .sock import RETRY_DELAY, HeaderAttempt, wait_for_outcome
 
 __all__ = [
     "ForkingProxyTCPServer",
@@ -51,6 +52,7 @@ __all__ = [
 
 logger = logging.getLogger("proxyproto")
 
+_EPOLLET = getattr(select, "EPOLLET", 0)
 _LISTENER = "listener"
 _WAKEUP = "wakeup"
 _ACCEPT_RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
@@ -87,7 +89,7 @@ class ProxySocket(socket.socket):
 class _Parked:
     """A connection whose header is not complete yet."""
 
-    __slots__ = ("attempt", "deadline", "peer", "registered", "retry_at", "saved_timeout")
+    __slots__ = ("attempt", "deadline", "edge", "peer", "registered", "retry_at", "saved_timeout")
 
     def __init__(self, attempt: HeaderAttempt, peer: Address, deadline: float, saved_timeout: float | None) -> None:
         self.attempt = attempt
@@ -95,6 +97,7 @@ class _Parked:
         self.deadline = deadline
         self.saved_timeout = saved_timeout
         self.registered = False
+        self.edge = False  # registered edge-triggered, waiting for bytes past an ambiguous prefix
         self.retry_at = 0.0
 
 
@@ -408,15 +411,24 @@ class ProxyProtocolMixin:
                 )
                 oldest.attempt.sock.close()
             state.parked[fd] = parked
-        assert state.selector is not None
-        if parked.attempt.needs_retry:
-            if parked.registered:
-                state.selector.unregister(sock)
-                parked.registered = False
-            parked.retry_at = now + 0.02
-        elif not parked.registered:
-            state.selector.register(sock, selectors.EVENT_READ, parked)
+        selector = state.selector
+        assert selector is not None
+        if not parked.registered:
+            selector.register(sock, selectors.EVENT_READ, parked)
             parked.registered = True
+        if parked.attempt.needs_retry and not parked.edge:
+            # Bytes of an ambiguous prefix wait in the kernel and poll cannot be told to wait
+            # for more (no SO_RCVLOWAT here).  On epoll, switch the socket to edge-triggered:
+            # it is reported again when more bytes (or the peer's close) arrive.  Elsewhere,
+            # stop watching it and look again after a short delay, when the loop next wakes.
+            epoll = getattr(selector, "_selector", None)
+            if _EPOLLET and isinstance(epoll, select.epoll):
+                epoll.modify(fd, select.EPOLLIN | _EPOLLET)
+                parked.edge = True
+            else:
+                selector.unregister(sock)
+                parked.registered = False
+                parked.retry_at = now + RETRY_DELAY
 
     def _pp_unpark(self, state: _State, parked: _Parked) -> None:
         sock = parked.attempt.sock
@@ -440,7 +452,7 @@ class ProxyProtocolMixin:
                 self._pp_unpark(state, parked)
                 parked.attempt.timed_out()
                 self._pp_conclude(state, parked)
-            elif parked.attempt.needs_retry and parked.retry_at <= now:
+            elif parked.attempt.needs_retry and not parked.edge and parked.retry_at <= now:
                 self._pp_step(state, parked, now)
         self._pp_signal(state, bool(state.ready))
 

@@ -288,12 +288,6 @@ def test_split_after_ambiguous_prefix_is_answered_promptly_on_tcp() -> None:
     assert split_after_prefix_latency("ThreadingProxyTCPServer") < 0.2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: on UNIX sockets under USE/IGNORE/REJECT, an ambiguous prefix (b'PR') is retried only when "
-    "the loop wakes (service_actions, once per poll_interval = 0.5 s), not after RETRY_DELAY (20 ms): "
-    "the rest of the header waits ~0.45 s",
-)
 def test_split_after_ambiguous_prefix_is_answered_promptly_on_unix() -> None:
     """UNIX (no SO_RCVLOWAT): the short retry timer should bound the extra wait, not poll_interval."""
     assert split_after_prefix_latency("ThreadingProxyUnixStreamServer") < 0.2
