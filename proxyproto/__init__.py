@@ -38,6 +38,12 @@ _IO_NAMES = {
     "ProxyUnixStreamServer": "server",
     "ThreadingProxyUnixStreamServer": "server",
     "ForkingProxyUnixStreamServer": "server",
+    "ProxyDatagram": "udp",
+    "ProxyDatagramMixin": "udp",
+    "ProxyDatagramRequestHandler": "udp",
+    "ProxyUDPServer": "udp",
+    "ThreadingProxyUDPServer": "udp",
+    "ForkingProxyUDPServer": "udp",
 }
 
 if TYPE_CHECKING:
@@ -52,6 +58,14 @@ if TYPE_CHECKING:
         ThreadingProxyUnixStreamServer,
     )
     from .sock import create_connection, read_header
+    from .udp import (
+        ForkingProxyUDPServer,
+        ProxyDatagram,
+        ProxyDatagramMixin,
+        ProxyDatagramRequestHandler,
+        ProxyUDPServer,
+        ThreadingProxyUDPServer,
+    )
 
 
 def __getattr__(name: str) -> Any:
@@ -73,6 +87,7 @@ __all__ = [
     "Command",
     "Family",
     "ForkingProxyTCPServer",
+    "ForkingProxyUDPServer",
     "ForkingProxyUnixStreamServer",
     "HeaderReader",
     "HeaderRejected",
@@ -81,16 +96,21 @@ __all__ = [
     "NoProxyHeader",
     "Policy",
     "Protocol",
+    "ProxyDatagram",
+    "ProxyDatagramMixin",
+    "ProxyDatagramRequestHandler",
     "ProxyHeader",
     "ProxyProtocolError",
     "ProxyProtocolMixin",
     "ProxySocket",
     "ProxyTCPServer",
+    "ProxyUDPServer",
     "ProxyUnixStreamServer",
     "SSLClient",
     "SSLInfo",
     "TLVType",
     "ThreadingProxyTCPServer",
+    "ThreadingProxyUDPServer",
     "ThreadingProxyUnixStreamServer",
     "create_connection",
     "encode_v1",

@@ -110,7 +110,10 @@ class ProxyHeader:
         if version == 1 and records:
             raise ValueError("tlvs: a v1 header carries no TLVs")
         for record in records:
-            check_tlv(record.type, record.value)
+            try:
+                check_tlv(record.type, record.value)
+            except ValueError as exc:  # an InvalidHeader: say it about the argument, not a stream offset
+                raise ValueError(f"tlvs: {getattr(exc, 'message', exc)}".replace("v2: ", "")) from None
         self.version = version
         self.command = command
         self.family = family

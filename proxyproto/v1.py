@@ -159,14 +159,14 @@ def _diagnose(line: bytes, allow_v4_in_tcp6: bool) -> InvalidHeader:
     protocol = fields[1]
     if protocol == b"UNKNOWN":  # only a stray byte after the token can get here
         return InvalidHeader("v1: UNKNOWN must be followed by a space or CRLF", field="protocol", offset=13)
-    if protocol not in (b"TCP4", b"TCP6"):
-        return InvalidHeader(
-            f"v1: unknown protocol {protocol!r} (expected TCP4, TCP6 or UNKNOWN)", field="protocol", offset=6
-        )
     if b"" in fields:
         index = fields.index(b"")
         return InvalidHeader(
             "v1: fields must be separated by exactly one space", field="separator", offset=offsets[index]
+        )
+    if protocol not in (b"TCP4", b"TCP6"):
+        return InvalidHeader(
+            f"v1: unknown protocol {protocol!r} (expected TCP4, TCP6 or UNKNOWN)", field="protocol", offset=6
         )
     if len(fields) != 6:
         return InvalidHeader(

@@ -1,4 +1,4 @@
-"""The examples of ``docs/beyond.rst`` (the README's UDP, asyncio and CLI sections) run.
+"""The examples of the README's UDP, asyncio and CLI sections run.
 
 Python blocks are executed as the README test executes them; ``console`` blocks whose
 commands are all ``proxyproto decode`` are run through bash (``proxyproto`` replaced by
@@ -18,13 +18,21 @@ from pathlib import Path
 
 import pytest
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "beyond.rst"
+DOC = Path(__file__).resolve().parents[2] / "README.rst"
 _BLOCK = re.compile(r"^\.\. code-block:: (python|console)\n\n((?:(?:    .*)?\n)+)", re.MULTILINE)
+
+
+def section() -> str:
+    """The README from its "Beyond stream servers" section to the next top-level one."""
+    text = DOC.read_text()
+    start = text.index("Beyond stream servers: UDP, asyncio and the command line\n")
+    end = text.index("\nPlatform notes\n", start)
+    return text[start:end]
 
 
 def blocks(kind: str) -> list[str]:
     found = []
-    for match in _BLOCK.finditer(DOC.read_text()):
+    for match in _BLOCK.finditer(section()):
         if match.group(1) == kind:
             lines = match.group(2).splitlines()
             found.append("\n".join(line[4:] for line in lines).strip() + "\n")
@@ -42,7 +50,7 @@ def test_beyond_doc_has_examples_for_udp_asyncio_and_cli() -> None:
 def test_beyond_python_block_runs(index: int) -> None:
     source = blocks("python")[index]
     namespace: dict[str, object] = {"__name__": "beyond_example"}
-    exec(compile(source, f"docs/beyond.rst python block {index}", "exec"), namespace)
+    exec(compile(source, f"README.rst python block {index}", "exec"), namespace)
     for value in namespace.values():
         if isinstance(value, socketserver.BaseServer):
             value.server_close()
