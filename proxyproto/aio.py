@@ -33,14 +33,12 @@ from typing import Any, Callable, Union
 
 from . import reader as core
 from .errors import (
-    HeaderRejected,
-    HeaderTimeout,
     InvalidHeader,
     NoProxyHeader,
     ProxyProtocolError,
 )
 from .header import ProxyHeader
-from .policy import Outcome, Policy, TrustedNetworks, decide, uses_addresses
+from .policy import Outcome, Policy, TrustedNetworks, decide, describe, refusal, uses_addresses
 from .server import client_address_of, peer_text
 
 __all__ = ["ProxyStreamWriter", "read_header", "start_server", "start_unix_server"]
@@ -120,25 +118,12 @@ class _Attempt:
 
     def describe(self, timeout: float) -> str:
         """One line saying what happened (the mixin's wording)."""
-        if self.error is not None:
-            return str(self.error)
-        if self.outcome is Outcome.HEADER:
-            return f"sent a PROXY header, which policy {self.policy.name} refuses"
-        if self.outcome is Outcome.SILENT:
-            return f"no PROXY header within {timeout:g} s"
-        if self.outcome is Outcome.PARTIAL:
-            return f"incomplete PROXY header ({self.seen} byte(s)) after {timeout:g} s"
-        return "closed before sending a PROXY header"
+        assert self.outcome is not None
+        return describe(self.policy, self.outcome, self.error, self.seen, timeout)
 
     def exception(self, timeout: float) -> ProxyProtocolError:
-        if self.error is not None and self.outcome is not Outcome.HEADER:
-            return self.error
-        message = self.describe(timeout)
-        if self.outcome is Outcome.HEADER:
-            return HeaderRejected(message)
-        if self.outcome is Outcome.EOF:
-            return NoProxyHeader(message, offset=0)
-        return HeaderTimeout(message, offset=self.seen)
+        assert self.outcome is not None
+        return refusal(self.policy, self.outcome, self.error, self.seen, timeout)
 
 
 async def _attempt(

@@ -19,7 +19,16 @@ from typing import NamedTuple, Union
 from .errors import HeaderRejected, HeaderTimeout, InvalidHeader, NoProxyHeader, ProxyProtocolError
 from .header import Command, Family, ProxyHeader
 
-__all__ = ["Outcome", "Policy", "TrustedNetworks", "Verdict", "decide", "uses_addresses"]
+__all__ = [
+    "Outcome",
+    "Policy",
+    "TrustedNetworks",
+    "Verdict",
+    "decide",
+    "describe",
+    "refusal",
+    "uses_addresses",
+]
 
 
 class Policy(enum.Enum):
@@ -139,3 +148,33 @@ class TrustedNetworks:
 
     def __repr__(self) -> str:
         return f"TrustedNetworks({[str(network) for network in self.networks]!r})"
+
+
+def describe(policy: Policy, outcome: Outcome, error: ProxyProtocolError | None, held: int, timeout: float) -> str:
+    """One line saying what happened on a connection, for the log line and the exception.
+
+    ``held`` is how many header bytes had arrived, ``timeout`` the header deadline.
+    """
+    if error is not None:
+        return str(error)
+    if outcome is Outcome.HEADER:
+        return f"sent a PROXY header, which policy {policy.name} refuses"
+    if outcome is Outcome.SILENT:
+        return f"no PROXY header within {timeout:g} s"
+    if outcome is Outcome.PARTIAL:
+        return f"incomplete PROXY header ({held} byte(s)) after {timeout:g} s"
+    return "closed before sending a PROXY header"
+
+
+def refusal(
+    policy: Policy, outcome: Outcome, error: ProxyProtocolError | None, held: int, timeout: float
+) -> ProxyProtocolError:
+    """The exception a blocking or async ``read_header`` raises where the policy closes."""
+    if error is not None and outcome is not Outcome.HEADER:
+        return error
+    message = describe(policy, outcome, error, held, timeout)
+    if outcome is Outcome.HEADER:
+        return HeaderRejected(message)
+    if outcome is Outcome.EOF:
+        return NoProxyHeader(message, offset=0)
+    return HeaderTimeout(message, offset=held)

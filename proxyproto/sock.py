@@ -26,14 +26,12 @@ from typing import Any
 
 from . import reader
 from .errors import (
-    HeaderRejected,
-    HeaderTimeout,
     InvalidHeader,
     NoProxyHeader,
     ProxyProtocolError,
 )
 from .header import ProxyHeader
-from .policy import Outcome, Policy, decide
+from .policy import Outcome, Policy, decide, describe, refusal
 from .v1 import encode as encode_v1
 from .v2 import encode as encode_v2
 
@@ -190,27 +188,13 @@ class HeaderAttempt:
 
     def describe(self, timeout: float) -> str:
         """One line saying what happened, for logs and exceptions."""
-        outcome = self.outcome
-        if self.error is not None:
-            return str(self.error)
-        if outcome is Outcome.HEADER:
-            return f"sent a PROXY header, which policy {self.policy.name} refuses"
-        if outcome is Outcome.SILENT:
-            return f"no PROXY header within {timeout:g} s"
-        if outcome is Outcome.PARTIAL:
-            return f"incomplete PROXY header ({len(self.buffer) + self.seen} byte(s)) after {timeout:g} s"
-        return "closed before sending a PROXY header"
+        assert self.outcome is not None
+        return describe(self.policy, self.outcome, self.error, len(self.buffer) + self.seen, timeout)
 
     def exception(self, timeout: float) -> ProxyProtocolError:
         """The exception :func:`read_header` raises for a closing verdict."""
-        if self.error is not None and self.outcome is not Outcome.HEADER:
-            return self.error
-        message = self.describe(timeout)
-        if self.outcome is Outcome.HEADER:
-            return HeaderRejected(message)
-        if self.outcome is Outcome.EOF:
-            return NoProxyHeader(message, offset=0)
-        return HeaderTimeout(message, offset=len(self.buffer) + self.seen)
+        assert self.outcome is not None
+        return refusal(self.policy, self.outcome, self.error, len(self.buffer) + self.seen, timeout)
 
 
 _POLLRDHUP = getattr(select, "POLLRDHUP", 0)
