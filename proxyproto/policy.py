@@ -108,6 +108,9 @@ def uses_addresses(policy: Policy, header: ProxyHeader | None) -> bool:
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
+_SINGLE = (str, bytes, ipaddress.IPv4Network, ipaddress.IPv6Network, ipaddress.IPv4Address, ipaddress.IPv6Address)
+
+
 class TrustedNetworks:
     """A set of IP networks allowed to send headers (G10).
 
@@ -119,7 +122,15 @@ class TrustedNetworks:
     __slots__ = ("networks",)
 
     def __init__(self, networks: Iterable[object]) -> None:
-        if isinstance(networks, (str, bytes)):
+        single = (
+            str,
+            bytes,
+            ipaddress.IPv4Network,
+            ipaddress.IPv6Network,
+            ipaddress.IPv4Address,
+            ipaddress.IPv6Address,
+        )
+        if isinstance(networks, single):
             networks = [networks]
         parsed: list[Network] = []
         for network in networks:

@@ -23,7 +23,15 @@ from . import v1, v2
 from .errors import InvalidHeader, NoProxyHeader
 from .header import ProxyHeader
 
-__all__ = ["MAX_V1_LENGTH", "MAX_V2_LENGTH", "V2_SIGNATURE", "HeaderReader", "measure", "parse"]
+__all__ = [
+    "MAX_V1_LENGTH",
+    "MAX_V2_LENGTH",
+    "V2_SIGNATURE",
+    "HeaderReader",
+    "committed",
+    "measure",
+    "parse",
+]
 
 MAX_V1_LENGTH = v1.MAX_LENGTH
 MAX_V2_LENGTH = v2.MAX_LENGTH
@@ -71,6 +79,16 @@ def measure(data: bytes, max_size: int | None = None) -> int:
     if cr < 0:
         raise InvalidHeader("v1: line ends with a lone LF (CRLF required)", field="line end", offset=lf)
     raise InvalidHeader("v1: line ends after 'PROXY', before the protocol", field="protocol", offset=stop)
+
+
+def committed(data: bytes) -> bool:
+    """Whether the first bytes commit the stream to being a header.
+
+    After ``PROXY`` or the whole 12-byte v2 signature, whatever follows is a
+    header or an :class:`InvalidHeader`, never a stream without a header; an
+    adapter under an opt-in policy may then consume what it holds.
+    """
+    return data[:5] == b"PROXY" or data[:12] == V2_SIGNATURE
 
 
 def parse(

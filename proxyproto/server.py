@@ -209,9 +209,16 @@ class ProxyProtocolMixin:
         super().serve_forever(poll_interval)  # type: ignore[misc]
 
     def handle_request(self) -> None:
-        """As socketserver's, after checking the configuration (so a refusal keeps its message)."""
-        if self._pp_state is None:
-            self._pp_start()
+        """As socketserver's, after checking the configuration (so a refusal keeps its message).
+
+        While the listener rests after ``accept()`` ran out of descriptors, the
+        rest of the back-off is waited out first: a ``handle_request`` loop
+        without ``timeout`` would otherwise never wake to resume it.
+        """
+        state = self._pp_state or self._pp_start()
+        if state.accept_resume_at and state.selector is not None:
+            time.sleep(max(0.0, state.accept_resume_at - time.monotonic()))
+            self._pp_expire(state, time.monotonic())
         super().handle_request()  # type: ignore[misc]
 
     def fileno(self) -> int:
@@ -237,7 +244,9 @@ class ProxyProtocolMixin:
                     if key.data is _LISTENER:
                         self._pp_accept(state, now)
                     elif key.data is not _WAKEUP:
-                        self._pp_step(state, key.data, now)
+                        parked = state.parked.get(key.fd)
+                        if parked is key.data:  # (one evicted by an accept earlier in this batch is gone)
+                            self._pp_step(state, parked, now)
                 self._pp_expire(state, now)
         if not state.ready:
             raise OSError("proxyproto: no connection with a complete header yet")
@@ -312,11 +321,17 @@ class ProxyProtocolMixin:
                 "proxy_untrusted_policy: USE and REQUIRE would let untrusted peers set their address; "
                 "use SKIP, IGNORE or REJECT"
             )
+        if self.proxy_max_pending < 1:
+            raise ValueError(f"proxy_max_pending: must be at least 1, got {self.proxy_max_pending!r}")
         state = _State()
         state.policy = Policy(self.proxy_policy)
         if self.proxy_trusted is not None:
             state.trusted = TrustedNetworks(self.proxy_trusted)
-        state.local_wanted = type(self).proxy_policy_for is not ProxyProtocolMixin.proxy_policy_for
+        state.local_wanted = type(
+            self
+        ).proxy_policy_for is not ProxyProtocolMixin.proxy_policy_for or "proxy_policy_for" in getattr(
+            self, "__dict__", {}
+        )
         selector = selectors.DefaultSelector()
         if hasattr(selector, "fileno"):
             # The wake-up pipe is made now, not when first needed: by then the
@@ -337,10 +352,13 @@ class ProxyProtocolMixin:
     def _pp_accept_one(self) -> tuple[ProxySocket, Address, Policy]:
         """Accept the raw connection (no TLS handshake) as a ProxySocket, with its policy."""
         listener = self.socket
-        fd, peer = socket.socket._accept(listener)  # type: ignore[attr-defined]
-        sock = ProxySocket(listener.family, listener.type, listener.proto, fileno=fd)
-        if socket.getdefaulttimeout() is None and listener.gettimeout():
-            sock.setblocking(True)  # as socket.accept() does
+        # socket.socket.accept, not the listener's own: a TLS listener would handshake here,
+        # in the serving loop, before the header is read.
+        raw, peer = socket.socket.accept(listener)
+        timeout = raw.gettimeout()
+        sock = ProxySocket(raw.family, raw.type, raw.proto, fileno=raw.detach())
+        if sock.gettimeout() != timeout:
+            sock.settimeout(timeout)
         sock.proxy_header = None
         state = self._pp_state
         local = sock.getsockname() if state is not None and state.local_wanted else None

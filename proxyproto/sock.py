@@ -17,9 +17,9 @@ after a short delay.
 
 from __future__ import annotations
 
-import os
 import select
 import socket
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -40,7 +40,8 @@ __all__ = ["FIRST_PEEK", "RETRY_DELAY", "HeaderAttempt", "create_connection", "p
 _PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _SO_RCVLOWAT = getattr(socket, "SO_RCVLOWAT", None)
-_LOWAT_FAMILIES = (socket.AF_INET, socket.AF_INET6) if os.uname().sysname == "Linux" else ()
+# Linux TCP honours SO_RCVLOWAT in poll/epoll; elsewhere (and for AF_UNIX) it may not.
+_LOWAT_FAMILIES = (socket.AF_INET, socket.AF_INET6) if sys.platform.startswith("linux") else ()
 #: Bytes of the first peek: without TLVs every header fits in 536 (G4); larger ones are peeked again whole.
 FIRST_PEEK = 536
 #: Seconds between peeks where SO_RCVLOWAT does not make poll wait for more bytes.
@@ -148,8 +149,14 @@ class HeaderAttempt:
             if len(data) == request < limit:  # more may be waiting already: look at all of it
                 request = limit
                 continue
-            if self.policy is Policy.REQUIRE:
+            if self.policy is Policy.REQUIRE or reader.committed(whole):
+                # Every byte before the header's end is header (or garbage to refuse):
+                # take it out of the kernel, so a sender writing in small pieces never stalls.
                 self.buffer = whole[: buffered + self._consume(len(data))]
+                if self.seen:
+                    self.seen = 0
+                    self.needs_retry = False
+                    self.release()
             else:
                 self._wait_for_more(len(data))
             return False
@@ -206,22 +213,29 @@ def peer_closed(sock: socket.socket) -> bool:
     A peek cannot tell: it returns the queued bytes either way.  Without
     POLLRDHUP this answers False, and such a connection waits for its deadline.
     """
-    if not _POLLRDHUP:
+    if not _POLLRDHUP or not hasattr(select, "poll"):
         return False
     poller = select.poll()
     poller.register(sock.fileno(), _POLLRDHUP)
     return bool(poller.poll(0))
 
 
-def wait_for_outcome(attempt: HeaderAttempt, deadline: float) -> None:
-    """Drive ``attempt`` to an outcome, blocking in ``poll`` until ``deadline`` (monotonic).
+def _readable(sock: socket.socket, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for ``sock`` to be readable (poll, or select where poll is missing)."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return bool(poller.poll(max(1, int(timeout * 1000 + 0.999))))
+    return bool(select.select([sock], [], [], timeout)[0])  # pragma: no cover - Windows
 
-    The socket is stepped only when ``poll`` reports it readable (or, without
-    SO_RCVLOWAT, after a short sleep): a step after a timed-out poll would read
+
+def wait_for_outcome(attempt: HeaderAttempt, deadline: float) -> None:
+    """Drive ``attempt`` to an outcome, blocking until ``deadline`` (monotonic) at most.
+
+    The socket is stepped only when it is reported readable (or, without
+    SO_RCVLOWAT, after a short sleep): a step after a timed-out wait would read
     "nothing new" as the peer having closed.
     """
-    poller = select.poll()
-    poller.register(attempt.sock.fileno(), select.POLLIN)
     while not attempt.step():
         while True:
             remaining = deadline - time.monotonic()
@@ -231,7 +245,7 @@ def wait_for_outcome(attempt: HeaderAttempt, deadline: float) -> None:
             if attempt.needs_retry:
                 time.sleep(min(remaining, RETRY_DELAY))
                 break
-            if poller.poll(max(1, int(remaining * 1000 + 0.999))):
+            if _readable(attempt.sock, remaining):
                 break
 
 
