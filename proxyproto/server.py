@@ -37,7 +37,7 @@ from typing import Any
 
 from .header import Family, ProxyHeader
 from .policy import Policy, TrustedNetworks, decide, uses_addresses
-from .sock import RETRY_DELAY, HeaderAttempt, wait_for_outcome
+from .sock import RETRY_DELAY, HeaderAttempt, take_complete_header, wait_for_outcome
 
 __all__ = [
     "ForkingProxyTCPServer",
@@ -397,6 +397,21 @@ class ProxyProtocolMixin:
         saved = sock.gettimeout()
         if saved:
             sock.settimeout(0.0)  # a timeout would make CPython wait before recv, whatever the flags
+        elif policy is not Policy.REJECT:
+            # The common case: the header came with the connection, whole and valid.  Serve it
+            # without building the per-connection state machine; anything else takes the long way.
+            try:
+                header = take_complete_header(
+                    sock, self.proxy_max_header_size, self.proxy_verify_checksum, self.proxy_allow_v4_in_tcp6
+                )
+            except OSError as exc:
+                logger.info("%s: closed: %s while reading the PROXY header", peer_text(peer), exc)
+                sock.close()
+                return
+            if header is not None:
+                sock.proxy_header = header
+                state.ready.append((sock, client_address_of(header) if uses_addresses(policy, header) else peer))
+                return
         parked = _Parked(self._pp_attempt(sock, policy), peer, now + self.proxy_header_timeout, saved)
         self._pp_step(state, parked, now)
 

@@ -35,7 +35,15 @@ from .policy import Outcome, Policy, decide, describe, refusal
 from .v1 import encode as encode_v1
 from .v2 import encode as encode_v2
 
-__all__ = ["FIRST_PEEK", "RETRY_DELAY", "HeaderAttempt", "create_connection", "peer_closed", "read_header"]
+__all__ = [
+    "FIRST_PEEK",
+    "RETRY_DELAY",
+    "HeaderAttempt",
+    "create_connection",
+    "peer_closed",
+    "read_header",
+    "take_complete_header",
+]
 
 _PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
@@ -46,6 +54,33 @@ _LOWAT_FAMILIES = (socket.AF_INET, socket.AF_INET6) if sys.platform.startswith("
 FIRST_PEEK = 536
 #: Seconds between peeks where SO_RCVLOWAT does not make poll wait for more bytes.
 RETRY_DELAY = 0.02
+
+
+def take_complete_header(
+    sock: socket.socket, max_size: int | None, verify_checksum: bool, allow_v4_in_tcp6: bool
+) -> ProxyHeader | None:
+    """One peek: when it holds a complete, valid header, consume exactly that and return it.
+
+    Otherwise (nothing yet, incomplete, not a header, malformed) consume
+    nothing and return None: the caller then runs a :class:`HeaderAttempt`,
+    which decides what the policy makes of it.  This is the path of every
+    connection whose proxy sent the header at once, as real proxies do.
+    """
+    try:
+        data = sock.recv(FIRST_PEEK, _PEEK)
+    except (BlockingIOError, InterruptedError):
+        return None
+    try:
+        header = (
+            reader.parse(data, max_size=max_size, verify_checksum=verify_checksum, allow_v4_in_tcp6=allow_v4_in_tcp6)
+            if data
+            else None
+        )
+    except ProxyProtocolError:
+        return None
+    if header is not None and len(sock.recv(header.length, _DONTWAIT)) != header.length:  # pragma: no cover
+        raise OSError("PROXY header bytes vanished between peek and read")
+    return header
 
 
 class HeaderAttempt:
