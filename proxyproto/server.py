@@ -264,7 +264,7 @@ class ProxyProtocolMixin:
         """Enforce header deadlines while the loop is idle, then the base class's actions."""
         super().service_actions()  # type: ignore[misc]
         state = self._pp_state
-        if state is not None and state.selector is not None:
+        if state is not None and (state.parked or state.accept_resume_at) and state.selector is not None:
             self._pp_expire(state, time.monotonic())
 
     def handle_timeout(self) -> None:
