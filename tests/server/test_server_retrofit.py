@@ -176,4 +176,4 @@ def test_tls_listener_does_not_let_a_silent_client_stall_https(
     finally:
         running.stop()
     assert response.startswith(b"HTTP/1.0 200")
-    assert took < 0.5
+    assert took < 2.0  # a handshake and one request: milliseconds; a stall would be the header timeout
