@@ -16,7 +16,7 @@ import logging
 from collections.abc import Iterable
 from typing import NamedTuple, Union
 
-from .errors import HeaderRejected, HeaderTimeout, InvalidHeader, NoProxyHeader, ProxyProtocolError
+from .errors import HeaderRejected, HeaderTimeout, NoProxyHeader, ProxyProtocolError
 from .header import Command, Family, ProxyHeader
 
 __all__ = [
@@ -58,11 +58,10 @@ class Outcome(enum.Enum):
 
 
 class Verdict(NamedTuple):
-    """``serve`` or close; when closing, the log ``level`` and the exception ``read_header`` raises."""
+    """``serve`` or close; when closing, the ``level`` of the log line (:func:`refusal` gives the exception)."""
 
     serve: bool
     level: int = logging.WARNING
-    error: type[ProxyProtocolError] | None = None
 
 
 _SERVE = Verdict(True)
@@ -75,19 +74,19 @@ def decide(policy: Policy, outcome: Outcome) -> Verdict:
         return _SERVE
     if outcome is Outcome.HEADER:
         if policy is Policy.REJECT:
-            return Verdict(False, logging.WARNING, HeaderRejected)
+            return Verdict(False, logging.WARNING)
         return _SERVE
     if outcome is Outcome.INVALID:
-        return Verdict(False, logging.WARNING, InvalidHeader)
+        return Verdict(False, logging.WARNING)
     if outcome is Outcome.PARTIAL:
-        return Verdict(False, logging.WARNING, HeaderTimeout)
+        return Verdict(False, logging.WARNING)
     if policy in _OPT_IN:  # NO_HEADER, SILENT, EOF: served as if no proxy were there
         return _SERVE
     if outcome is Outcome.NO_HEADER:
-        return Verdict(False, logging.WARNING, NoProxyHeader)
+        return Verdict(False, logging.WARNING)
     if outcome is Outcome.SILENT:
-        return Verdict(False, logging.INFO, HeaderTimeout)
-    return Verdict(False, logging.DEBUG, NoProxyHeader)  # EOF under REQUIRE
+        return Verdict(False, logging.INFO)
+    return Verdict(False, logging.DEBUG)  # EOF under REQUIRE
 
 
 def uses_addresses(policy: Policy, header: ProxyHeader | None) -> bool:

@@ -146,32 +146,14 @@ def check_tlv(tlv_type: int, value: bytes, offset: int = 0) -> None:
 
 def _check_ssl(value: bytes, offset: int) -> None:
     """The 5 fixed bytes, then sub-TLVs that tile the rest exactly, with text where text is due."""
-    end = len(value)
-    if end < 5:
+    if len(value) < 5:
         raise InvalidHeader(
-            f"v2: SSL value of {end} bytes is shorter than its 5 fixed bytes", field="SSL", offset=offset
+            f"v2: SSL value of {len(value)} bytes is shorter than its 5 fixed bytes", field="SSL", offset=offset
         )
-    position = 5
-    while position < end:
-        if position + 3 > end:
-            raise InvalidHeader(
-                f"v2: SSL sub-TLV header truncated: {end - position} byte(s) left, 3 needed",
-                field="SSL sub-TLV",
-                offset=offset + position,
-            )
-        sub_type = value[position]
-        start = position + 3
-        position = start + (value[position + 1] << 8 | value[position + 2])
-        if position > end:
-            raise InvalidHeader(
-                f"v2: SSL sub-TLV 0x{sub_type:02x} value of {position - start} bytes crosses the end "
-                f"of its container by {position - end} byte(s)",
-                field="SSL sub-TLV",
-                offset=offset + start - 3,
-            )
+    for sub_type, start, end in iter_tlvs(value, 5, len(value), "SSL sub-TLV", offset):
         text = _SSL_SUBTYPE_TEXT.get(sub_type)
         if text is not None:
-            _check_text(value[start:position], text[0], text[1], offset + start)
+            _check_text(value[start:end], text[0], text[1], offset + start)
 
 
 class SSLInfo:

@@ -41,7 +41,7 @@ from typing import Any
 from . import reader
 from .errors import InvalidHeader, NoProxyHeader, ProxyProtocolError
 from .header import ProxyHeader
-from .policy import Outcome, Policy, TrustedNetworks, decide, uses_addresses
+from .policy import Outcome, Policy, TrustedNetworks, decide, describe, uses_addresses
 from .server import client_address_of, peer_text
 
 __all__ = [
@@ -158,9 +158,8 @@ class ProxyDatagramMixin:
         header, outcome, error = self._ppd_parse(data)
         verdict = decide(policy, outcome)
         if not verdict.serve:
-            if error is None:
-                error = verdict.error(f"sent a PROXY header, which policy {policy.name} refuses")  # type: ignore[misc]
-            logger.log(verdict.level, "%s: dropped datagram: %s", peer_text(peer), error)
+            reason = describe(policy, outcome, error, len(data), 0.0)
+            logger.log(verdict.level, "%s: dropped datagram: %s", peer_text(peer), reason)
             raise OSError("proxyproto: datagram dropped")
         if header is None:
             return ProxyDatagram(data, sock, None, peer), peer
