@@ -144,6 +144,15 @@ def peer_text(peer: Address) -> str:
     return f"unix:{peer!r}" if peer else "unix:(unnamed)"
 
 
+def _queue(state: _State, sock: ProxySocket, header: ProxyHeader | None, policy: Policy, peer: Address) -> None:
+    """Hand a connection to the serving loop with its header and the address it is served with."""
+    sock.proxy_header = header
+    if header is not None and uses_addresses(policy, header):
+        state.ready.append((sock, client_address_of(header)))
+    else:
+        state.ready.append((sock, peer))
+
+
 def client_address_of(header: ProxyHeader) -> Address:
     """The header's source in the shape the socket module gives for its family."""
     source = header.source
@@ -409,8 +418,7 @@ class ProxyProtocolMixin:
                 sock.close()
                 return
             if header is not None:
-                sock.proxy_header = header
-                state.ready.append((sock, client_address_of(header) if uses_addresses(policy, header) else peer))
+                _queue(state, sock, header, policy, peer)
                 return
         parked = _Parked(self._pp_attempt(sock, policy), peer, now + self.proxy_header_timeout, saved)
         self._pp_step(state, parked, now)
@@ -522,14 +530,8 @@ class ProxyProtocolMixin:
             logger.info("%s: closed: %s", peer_text(parked.peer), exc)
             sock.close()
             return
-        header = attempt.header
         assert isinstance(sock, ProxySocket)
-        sock.proxy_header = header
-        if uses_addresses(attempt.policy, header):
-            assert header is not None
-            state.ready.append((sock, client_address_of(header)))
-        else:
-            state.ready.append((sock, parked.peer))
+        _queue(state, sock, attempt.header, attempt.policy, parked.peer)
 
     def _pp_signal(self, state: _State, pending: bool) -> None:
         """Keep the selector readable while completed connections are queued."""
