@@ -7,10 +7,10 @@ protocol needs live here: dotted quads without leading zeros, IPv6 text as
 ``inet_ntop`` writes it (so addresses compare equal to what the ``socket``
 module reports), and AF_UNIX names as the ``socket`` module gives them.
 
-The two IPv6 conversions use the C library's ``inet_pton``/``inet_ntop``
-through ``_socket`` (pure functions: no descriptor, no I/O) when that
-extension exists, and the pure-Python versions below otherwise; both agree
-on every input (a property test checks it).
+``inet_pton``/``inet_ntop`` are the C library's, through ``_socket`` (pure
+functions: no descriptor, no I/O), when that extension exists, and the
+pure-Python versions below otherwise, with the same signatures and errors;
+both agree on every input (a property test checks it).
 """
 
 from __future__ import annotations
@@ -21,10 +21,15 @@ import struct
 from typing import Union
 
 __all__ = [
+    "AF_INET",
+    "AF_INET6",
     "IPV4_TEXT",
     "UnixAddress",
+    "inet_ntop",
+    "inet_pton",
     "ipv4_text",
     "ipv6_text",
+    "is_ipv4",
     "pack_ipv4",
     "pack_ipv6",
     "pack_unix",
@@ -42,12 +47,7 @@ _UNPACK_8H = struct.Struct(">8H").unpack
 _PACK_8H = struct.Struct(">8H").pack
 
 
-def is_ipv4(text: str) -> bool:
-    """Whether ``text`` is a strict dotted quad (0..255, no leading zeros)."""
-    return _IPV4_RE.fullmatch(text) is not None
-
-
-def pack_ipv4(text: str) -> bytes | None:
+def _pack_ipv4_python(text: str) -> bytes | None:
     """The 4 bytes of a strict dotted quad, or None when ``text`` is not one."""
     if not _IPV4_RE.fullmatch(text):
         return None
@@ -71,7 +71,7 @@ def _pack_ipv6_python(text: str) -> bytes | None:
         return None
     if "." in text:
         head, colon, quad = text.rpartition(":")
-        packed4 = pack_ipv4(quad) if colon else None
+        packed4 = _pack_ipv4_python(quad) if colon else None
         if packed4 is None:
             return None
         text = "%s:%x:%x" % (head, packed4[0] << 8 | packed4[1], packed4[2] << 8 | packed4[3])
@@ -126,39 +126,70 @@ def _ipv6_text_python(packed: bytes) -> str:
     return head + "::" + tail
 
 
+# Address families as ``inet_pton``/``inet_ntop`` take them: the platform's
+# numbers when ``_socket`` exists (below), these for the pure-Python pair.
+AF_INET = 2
+AF_INET6 = 10
+
+
+def _inet_pton_python(family: int, text: str) -> bytes:
+    """``socket.inet_pton`` in Python: OSError for text that is no address of ``family``."""
+    packed = _pack_ipv4_python(text) if family == AF_INET else _pack_ipv6_python(text)
+    if packed is None:
+        raise OSError("illegal IP address string passed to inet_pton")
+    return packed
+
+
+def _inet_ntop_python(family: int, packed: bytes) -> str:
+    """``socket.inet_ntop`` in Python: ValueError for a packed address of the wrong size."""
+    if len(packed) != (4 if family == AF_INET else 16):
+        raise ValueError("invalid length of packed IP address string")
+    return _ipv4_text_python(packed) if family == AF_INET else _ipv6_text_python(packed)
+
+
+# The hot paths of v1 and v2 call these two directly, inside one ``try``
+# catching (OSError, ValueError): a Python wrapper per call would cost more
+# than the conversion itself.
 try:
-    from _socket import AF_INET as _AF_INET
-    from _socket import AF_INET6 as _AF_INET6
-    from _socket import inet_ntop as _inet_ntop
-    from _socket import inet_pton as _inet_pton
+    from _socket import AF_INET, AF_INET6, inet_ntop, inet_pton
 except ImportError:  # pragma: no cover - interpreters without the _socket extension
-    pack_ipv6 = _pack_ipv6_python
-    ipv6_text = _ipv6_text_python
-    ipv4_text = _ipv4_text_python
-else:
+    inet_pton = _inet_pton_python
+    inet_ntop = _inet_ntop_python  # type: ignore[assignment]  # bytes, not any Buffer
 
-    def ipv4_text(packed: bytes) -> str:
-        """Dotted-quad text of 4 bytes."""
-        return _inet_ntop(_AF_INET, packed)
 
-    def is_ipv4(text: str) -> bool:
-        """Whether ``text`` is a strict dotted quad (0..255, no leading zeros): ``inet_pton`` is that strict."""
-        try:
-            _inet_pton(_AF_INET, text)
-        except (OSError, ValueError):
-            return False
-        return True
+def is_ipv4(text: str) -> bool:
+    """Whether ``text`` is a strict dotted quad (0..255, no leading zeros): ``inet_pton`` is that strict."""
+    try:
+        inet_pton(AF_INET, text)
+    except (OSError, ValueError):
+        return False
+    return True
 
-    def pack_ipv6(text: str) -> bytes | None:
-        """The 16 bytes of an IPv6 address as ``inet_pton`` reads it (no zone ids), else None."""
-        try:
-            return _inet_pton(_AF_INET6, text)
-        except (OSError, ValueError):
-            return None
 
-    def ipv6_text(packed: bytes) -> str:
-        """Canonical ``inet_ntop`` text of 16 bytes."""
-        return _inet_ntop(_AF_INET6, packed)
+def pack_ipv4(text: str) -> bytes | None:
+    """The 4 bytes of a strict dotted quad, or None when ``text`` is not one."""
+    try:
+        return inet_pton(AF_INET, text)
+    except (OSError, ValueError):
+        return None
+
+
+def ipv4_text(packed: bytes) -> str:
+    """Dotted-quad text of 4 bytes."""
+    return inet_ntop(AF_INET, packed)
+
+
+def pack_ipv6(text: str) -> bytes | None:
+    """The 16 bytes of an IPv6 address as ``inet_pton`` reads it (no zone ids), else None."""
+    try:
+        return inet_pton(AF_INET6, text)
+    except (OSError, ValueError):
+        return None
+
+
+def ipv6_text(packed: bytes) -> str:
+    """Canonical ``inet_ntop`` text of 16 bytes."""
+    return inet_ntop(AF_INET6, packed)
 
 
 def unix_name(raw: bytes) -> UnixAddress:

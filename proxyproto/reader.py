@@ -39,8 +39,6 @@ V2_SIGNATURE = v2.SIGNATURE
 
 BytesLike = Union[bytes, bytearray, memoryview]
 
-_V2_PROXY = v2.SIGNATURE + b"\x21"
-_BLOCK_SIZE = v2.BLOCK_SIZE
 
 
 def measure(data: bytes, max_size: int | None = None) -> int:
@@ -112,17 +110,20 @@ def parse(
     """
     if type(data) is not bytes:
         data = bytes(data[: MAX_V2_LENGTH if max_size is None else max(max_size, MAX_V1_LENGTH)])
-    if data[:13] == _V2_PROXY and len(data) >= 16:  # fast path: a complete v2 PROXY header
-        total = 16 + (data[14] << 8 | data[15])
-        block = _BLOCK_SIZE[data[13]]
-        if 0 <= block <= total - 16 and total <= len(data) and (max_size is None or total <= max_size):
-            return v2.decode(data, total, verify_checksum)
-    elif data[:6] == b"PROXY ":  # fast path: a valid v1 line (anything else is diagnosed below)
-        end = data.find(b"\r\n", 6, MAX_V1_LENGTH)
-        if end > 0:
-            header = v1.match_line(data, end + 2, allow_v4_in_tcp6)
-            if header is not None:
-                return header
+    # Fast paths: a complete v1 line or v2 header that is valid; anything
+    # else, incomplete or wrong, goes through measure() and the diagnosis.
+    head = data[:1]
+    if head == b"P":
+        if data[:6] == b"PROXY ":
+            end = data.find(b"\r\n", 6, MAX_V1_LENGTH)
+            if end > 0:
+                header = v1.match_line(data, end + 2, allow_v4_in_tcp6)
+                if header is not None:
+                    return header
+    elif head == b"\r":
+        header = v2.match(data, max_size, verify_checksum)
+        if header is not None:
+            return header
     size = measure(data, max_size)
     if size < 0:
         return None
