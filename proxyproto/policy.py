@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import NamedTuple, Union
 
 from .errors import HeaderRejected, HeaderTimeout, NoProxyHeader, ProxyProtocolError
-from .header import Command, Family, ProxyHeader
+from .header import ProxyHeader
 
 __all__ = [
     "Outcome",
@@ -96,11 +96,12 @@ def uses_addresses(policy: Policy, header: ProxyHeader | None) -> bool:
     USE, replaces the socket's own peer address; LOCAL, UNKNOWN and UNSPEC
     keep it (V2-R1, V1-R6).
     """
+    # A header has a source exactly when it is PROXY with a family other than UNSPEC:
+    # parsers give LOCAL, UNSPEC and UNKNOWN none, and ProxyHeader() refuses one there.
     return (
         header is not None
+        and header.source is not None
         and (policy is Policy.REQUIRE or policy is Policy.USE)
-        and header.command is Command.PROXY
-        and header.family is not Family.UNSPEC
     )
 
 

@@ -114,12 +114,11 @@ def parse(
     # else, incomplete or wrong, goes through measure() and the diagnosis.
     head = data[:1]
     if head == b"P":
-        if data[:6] == b"PROXY ":
-            end = data.find(b"\r\n", 6, MAX_V1_LENGTH)
-            if end > 0:
-                header = v1.match_line(data, end + 2, allow_v4_in_tcp6)
-                if header is not None:
-                    return header
+        end = data.find(b"\r\n", 6, MAX_V1_LENGTH)
+        if end > 0:
+            header = v1.match_line(data, end + 2, allow_v4_in_tcp6)
+            if header is not None:
+                return header
     elif head == b"\r":
         header = v2.match(data, max_size, verify_checksum)
         if header is not None:

@@ -55,6 +55,7 @@ logger = logging.getLogger("proxyproto")
 _EPOLLET = getattr(select, "EPOLLET", 0)
 # socket.socket._accept is the C accept() that socket.socket.accept wraps (there since Python 3.3).
 _ACCEPT = socket.socket._accept  # type: ignore[attr-defined]
+_getdefaulttimeout = socket.getdefaulttimeout
 _LISTENER = "listener"
 _WAKEUP = "wakeup"
 _ACCEPT_RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
@@ -116,6 +117,7 @@ class _State:
         "ready",
         "selector",
         "signalled",
+        "socket_args",
         "trusted",
         "untrusted_policy",
         "wakeup",
@@ -128,7 +130,8 @@ class _State:
         self.wakeup: tuple[int, int] | None = None
         self.signalled = False
         self.trusted: TrustedNetworks | None = None
-        self.local_wanted = False
+        self.local_wanted = False  # proxy_policy_for is overridden: call it, with the local address
+        self.socket_args = (-1, -1, -1)  # the listener's family, type and proto, read once
         self.accept_resume_at = 0.0
         self.accept_failing = False
         self.policy = Policy.REQUIRE  # proxy_policy, resolved when serving starts
@@ -147,14 +150,12 @@ def peer_text(peer: Address) -> str:
 def _queue(state: _State, sock: ProxySocket, header: ProxyHeader | None, policy: Policy, peer: Address) -> None:
     """Hand a connection to the serving loop with its header and the address it is served with."""
     sock.proxy_header = header
-    if header is not None and uses_addresses(policy, header):
-        state.ready.append((sock, client_address_of(header)))
-    else:
-        state.ready.append((sock, peer))
+    state.ready.append((sock, client_address_of(header) if uses_addresses(policy, header) else peer))
 
 
-def client_address_of(header: ProxyHeader) -> Address:
+def client_address_of(header: ProxyHeader | None) -> Address:
     """The header's source in the shape the socket module gives for its family."""
+    assert header is not None
     source = header.source
     if header.family is Family.INET6:
         assert isinstance(source, tuple)
@@ -248,13 +249,14 @@ class ProxyProtocolMixin:
         state = self._pp_state or self._pp_start()
         if state.selector is None:
             return self._pp_get_request_blocking(state)
-        if not state.ready:
-            now = time.monotonic()
+        ready = state.ready
+        if not ready:
             if not state.parked and not state.accept_failing:
                 # Only the listener is registered, and the loop saw the selector readable:
                 # accept at once and save a select() call (the common case).
-                self._pp_accept(state, now)
+                self._pp_accept(state)
             else:
+                now = time.monotonic()
                 for key, _ in state.selector.select(0):
                     if key.data is _LISTENER:
                         self._pp_accept(state, now)
@@ -263,10 +265,11 @@ class ProxyProtocolMixin:
                         if parked is key.data:  # (one evicted by an accept earlier in this batch is gone)
                             self._pp_step(state, parked, now)
                 self._pp_expire(state, now)
-        if not state.ready:
+        if not ready:
             raise OSError("proxyproto: no connection with a complete header yet")
-        request = state.ready.popleft()
-        self._pp_signal(state, bool(state.ready))
+        request = ready.popleft()
+        if state.signalled is not bool(ready):
+            self._pp_signal(state, bool(ready))
         return request
 
     def service_actions(self) -> None:
@@ -288,8 +291,8 @@ class ProxyProtocolMixin:
         state = self._pp_state
         if state is not None and state.generation != _fork_generation:
             self._pp_forget_in_child(state, request)
-        ssl = sys.modules.get("ssl")
         listener = self.socket
+        ssl = None if type(listener) is socket.socket else sys.modules.get("ssl")
         if ssl is None or not isinstance(listener, ssl.SSLSocket):
             super().finish_request(request, client_address)  # type: ignore[misc]
             return
@@ -348,6 +351,8 @@ class ProxyProtocolMixin:
         ).proxy_policy_for is not ProxyProtocolMixin.proxy_policy_for or "proxy_policy_for" in getattr(
             self, "__dict__", {}
         )
+        listener = self.socket
+        state.socket_args = (int(listener.family), int(listener.type), listener.proto)
         selector = selectors.DefaultSelector()
         if hasattr(selector, "fileno"):
             # The wake-up pipe is made now, not when first needed: by then the
@@ -364,26 +369,34 @@ class ProxyProtocolMixin:
         self._pp_state = state
         return state
 
-    def _pp_accept_one(self) -> tuple[ProxySocket, Address, Policy]:
-        """Accept the raw connection (no TLS handshake) as a ProxySocket, with its policy."""
+    def _pp_accept_one(self, state: _State) -> tuple[ProxySocket, Address, Policy, float | None]:
+        """Accept the raw connection (no TLS handshake) as a ProxySocket, with its policy and timeout."""
         listener = self.socket
         # The plain socket's accept, not the listener's own: a TLS listener would handshake
         # here, in the serving loop, before the header is read.  It runs socket.accept's steps
-        # with ProxySocket as the class: accept() then detach() into a second object measured
-        # 7 us more per connection.
+        # with ProxySocket as the class (accept() then detach() into a second object measured
+        # 7 us more per connection), and with the listener's family, type and proto read
+        # once, not through the enum-converting properties every time.
         fd, peer = _ACCEPT(listener)
-        sock = ProxySocket(listener.family, listener.type, listener.proto, fileno=fd)
-        if socket.getdefaulttimeout() is None and listener.gettimeout():
+        family, kind, proto = state.socket_args
+        sock = ProxySocket(family, kind, proto, fd)
+        timeout = _getdefaulttimeout()  # what the new socket's timeout is
+        if timeout is None and listener.gettimeout():
             sock.setblocking(True)
         sock.proxy_header = None
-        state = self._pp_state
-        local = sock.getsockname() if state is not None and state.local_wanted else None
-        policy = self.proxy_policy_for(peer, local)
-        return sock, peer, policy if type(policy) is Policy else Policy(policy)
+        if state.local_wanted:
+            policy = self.proxy_policy_for(peer, sock.getsockname())
+            if type(policy) is not Policy:
+                policy = Policy(policy)
+        else:  # proxy_policy_for's default, without the call
+            trusted = state.trusted
+            trust = trusted is None or not isinstance(peer, tuple) or peer[0] in trusted
+            policy = state.policy if trust else state.untrusted_policy
+        return sock, peer, policy, timeout
 
-    def _pp_accept(self, state: _State, now: float) -> None:
+    def _pp_accept(self, state: _State, now: float | None = None) -> None:
         try:
-            accepted = self._pp_accept_one()
+            sock, peer, policy, timeout = self._pp_accept_one(state)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -392,19 +405,17 @@ class ProxyProtocolMixin:
                     logger.error("accept() failed: %s; pausing the listener until it works again", exc)
                     state.accept_failing = True
                 state.selector.unregister(self.socket)
-                state.accept_resume_at = now + ACCEPT_BACKOFF
+                state.accept_resume_at = (time.monotonic() if now is None else now) + ACCEPT_BACKOFF
             else:
                 logger.warning("accept() failed: %s", exc)
             return
         if state.accept_failing:
             logger.warning("accept() works again")
             state.accept_failing = False
-        sock, peer, policy = accepted
         if policy is Policy.SKIP:
             state.ready.append((sock, peer))
             return
-        saved = sock.gettimeout()
-        if saved:
+        if timeout:
             sock.settimeout(0.0)  # a timeout would make CPython wait before recv, whatever the flags
         elif policy is not Policy.REJECT:
             # The common case: the header came with the connection, whole and valid.  Serve it
@@ -420,7 +431,9 @@ class ProxyProtocolMixin:
             if header is not None:
                 _queue(state, sock, header, policy, peer)
                 return
-        parked = _Parked(self._pp_attempt(sock, policy), peer, now + self.proxy_header_timeout, saved)
+        if now is None:
+            now = time.monotonic()
+        parked = _Parked(self._pp_attempt(sock, policy), peer, now + self.proxy_header_timeout, timeout)
         self._pp_step(state, parked, now)
 
     def _pp_attempt(self, sock: ProxySocket, policy: Policy) -> HeaderAttempt:
@@ -567,10 +580,9 @@ class ProxyProtocolMixin:
 
     def _pp_get_request_blocking(self, state: _State) -> tuple[ProxySocket, Address]:  # pragma: no cover
         """Fallback without a pollable selector: read the header in the loop, bounded by the timeout."""
-        sock, peer, policy = self._pp_accept_one()
+        sock, peer, policy, saved = self._pp_accept_one(state)
         if policy is Policy.SKIP:
             return sock, peer
-        saved = sock.gettimeout()
         sock.settimeout(0.0)
         parked = _Parked(self._pp_attempt(sock, policy), peer, time.monotonic() + self.proxy_header_timeout, saved)
         try:

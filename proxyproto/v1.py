@@ -83,8 +83,7 @@ def decode(data: bytes, end: int, allow_v4_in_tcp6: bool = False) -> ProxyHeader
 def match_line(data: bytes, end: int, allow_v4_in_tcp6: bool = False) -> ProxyHeader | None:
     """The header of a valid line ``data[:end]``, or None when it is not one (no diagnosis: the fast path).
 
-    ``data`` starts with ``PROXY `` and ``end`` is just past the first CRLF.
-    Splitting on single spaces and checking each field costs less than one
+    ``end`` is just past the first CRLF.  Splitting on single spaces and checking each field costs less than one
     regular expression over the line; a doubled space makes an empty field,
     which no check accepts.  The checks run inline, in one ``try``: a
     function per field would cost more than the checks themselves.
@@ -96,60 +95,62 @@ def match_line(data: bytes, end: int, allow_v4_in_tcp6: bool = False) -> ProxyHe
       leading zeros, so the digits are checked first.
     """
     if end == 15:  # the only valid 15-byte line, and what every real sender emits for UNKNOWN
-        if data[6:13] == b"UNKNOWN":
-            return from_wire(_UNKNOWN, None, None, (), data[:end])
+        return from_wire(_UNKNOWN, None, None, (), data[:15]) if data[:13] == b"PROXY UNKNOWN" else None
+    fields = data[: end - 2].split(b" ")  # the signature is a field: no separate check of data[:6]
+    if len(fields) != 6 or fields[0] != b"PROXY":
+        return _long_unknown(data, end)
+    _, protocol, source, destination, source_port, destination_port = fields
+    try:
+        if protocol == b"TCP4":
+            kind = _TCP4
+            src = source.decode()
+            dst = destination.decode()
+            inet_pton(AF_INET, src)
+            inet_pton(AF_INET, dst)
+        elif protocol == b"TCP6":
+            kind = _TCP6
+            src = inet_ntop(AF_INET6, inet_pton(AF_INET6, source.decode()))
+            dst = inet_ntop(AF_INET6, inet_pton(AF_INET6, destination.decode()))
+        else:
+            return _long_unknown(data, end)
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        if protocol == b"TCP6" and allow_v4_in_tcp6:
+            return _mixed_tcp6(data, end, fields)
         return None
-    fields = data[6 : end - 2].split(b" ")
-    protocol = fields[0]
-    if protocol == b"TCP4" or protocol == b"TCP6":
-        if len(fields) != 5:
-            return None
-        _, source, destination, source_port, destination_port = fields
-        try:
-            if protocol == b"TCP4":
-                kind = _TCP4
-                src = source.decode()
-                dst = destination.decode()
-                inet_pton(AF_INET, src)
-                inet_pton(AF_INET, dst)
-            else:
-                kind = _TCP6
-                src = inet_ntop(AF_INET6, inet_pton(AF_INET6, source.decode()))
-                dst = inet_ntop(AF_INET6, inet_pton(AF_INET6, destination.decode()))
-        except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
-            if protocol == b"TCP6" and allow_v4_in_tcp6:
-                return _mixed_tcp6(data, end, fields)
-            return None
-        # Decimal digits only (no sign, space or underscore, which int() takes), no leading zero.
-        if (
-            source_port.isdigit()
-            and destination_port.isdigit()
-            and (source_port[0] != 0x30 or len(source_port) == 1)
-            and (destination_port[0] != 0x30 or len(destination_port) == 1)
-        ):
-            sport = int(source_port)
-            dport = int(destination_port)
-            if sport <= 65535 and dport <= 65535:
-                header = _NEW(ProxyHeader)  # from_wire, inlined: the call costs a tenth of the parse
-                header._kind = kind
-                header.source = (src, sport)
-                header.destination = (dst, dport)
-                header.tlvs = ()
-                header.length = end
-                header._raw = data[:end]
-                return header
-        return None
-    if protocol == b"UNKNOWN" and data.find(b"\r", 13, end - 2) < 0 and data.find(b"\n", 13, end - 2) < 0:
+    # Decimal digits only (no sign, space or underscore, which int() takes), no leading zero.
+    if (
+        source_port.isdigit()
+        and destination_port.isdigit()
+        and (source_port[0] != 0x30 or len(source_port) == 1)
+        and (destination_port[0] != 0x30 or len(destination_port) == 1)
+    ):
+        sport = int(source_port)
+        dport = int(destination_port)
+        if sport <= 65535 and dport <= 65535:
+            header = _NEW(ProxyHeader)  # from_wire, inlined: the call costs a tenth of the parse
+            header._kind = kind
+            header.source = (src, sport)
+            header.destination = (dst, dport)
+            header.tlvs = ()
+            header.length = end
+            header._raw = data[:end]
+            return header
+    return None
+
+
+def _long_unknown(data: bytes, end: int) -> ProxyHeader | None:
+    """``PROXY UNKNOWN`` followed by a space and anything but CR or LF (V1-R6), else None."""
+    if data[:14] == b"PROXY UNKNOWN " and data.find(b"\r", 14, end - 2) < 0 and data.find(b"\n", 14, end - 2) < 0:
         return from_wire(_UNKNOWN, None, None, (), data[:end])
     return None
 
 
 def _mixed_tcp6(data: bytes, end: int, fields: list[bytes]) -> ProxyHeader | None:
     """A TCP6 line with an IPv4 side, as nginx writes it (accepted only under ``allow_v4_in_tcp6``)."""
-    source = _ipv6_host(fields[1], True)
-    destination = _ipv6_host(fields[2], True)
-    source_port = _port(fields[3])
-    destination_port = _port(fields[4])
+    source = _ipv6_host(fields[2], True)
+    destination = _ipv6_host(fields[3], True)
+    source_port = _port(fields[4])
+    destination_port = _port(fields[5])
     if source is None or destination is None or source_port < 0 or destination_port < 0:
         return None
     return from_wire(_TCP6, (source, source_port), (destination, destination_port), (), data[:end])
