@@ -145,15 +145,30 @@ def check_tlv(tlv_type: int, value: bytes, offset: int = 0) -> None:
 
 
 def _check_ssl(value: bytes, offset: int) -> None:
-    """The 5 fixed bytes, then sub-TLVs that tile the rest exactly, with text where text is due."""
-    if len(value) < 5:
+    """The 5 fixed bytes, then sub-TLVs that tile the rest exactly, with text where text is due.
+
+    A loop over the sub-TLVs, inline for speed: on the first fault, the walk
+    or the check that describes it is run again to raise the precise error.
+    """
+    size = len(value)
+    if size < 5:
         raise InvalidHeader(
-            f"v2: SSL value of {len(value)} bytes is shorter than its 5 fixed bytes", field="SSL", offset=offset
+            f"v2: SSL value of {size} bytes is shorter than its 5 fixed bytes", field="SSL", offset=offset
         )
-    for sub_type, start, end in iter_tlvs(value, 5, len(value), "SSL sub-TLV", offset):
-        text = _SSL_SUBTYPE_TEXT.get(sub_type)
+    position = 5
+    while position < size:
+        start = position + 3
+        end = start + (value[position + 1] << 8 | value[position + 2]) if start <= size else size + 1
+        if end > size:
+            for _ in iter_tlvs(value, 5, size, "SSL sub-TLV", offset):
+                pass
+        text = _SSL_SUBTYPE_TEXT.get(value[position])
         if text is not None:
-            _check_text(value[start:end], text[0], text[1], offset + start)
+            try:
+                value[start:end].decode(text[0])
+            except UnicodeDecodeError:
+                _check_text(value[start:end], text[0], text[1], offset + start)
+        position = end
 
 
 class SSLInfo:

@@ -197,7 +197,8 @@ def _walk_tlvs(raw: bytes, offset: int, total: int, verify_checksum: bool) -> tu
     return tuple(records)
 
 
-_CHECKED_TYPES = frozenset((TLVType.AUTHORITY, TLVType.UNIQUE_ID, TLVType.SSL, TLVType.NETNS))
+# Plain ints: membership of an IntEnum member costs more than the check.
+_CHECKED_TYPES = frozenset(int(t) for t in (TLVType.AUTHORITY, TLVType.UNIQUE_ID, TLVType.SSL, TLVType.NETNS))
 
 
 def _verify_crc(raw: bytes, crc_at: int) -> None:
