@@ -17,7 +17,7 @@ import struct
 from collections.abc import Sequence
 
 from . import addresses
-from .addresses import AF_INET6, inet_ntop
+from .addresses import AF_INET, AF_INET6, inet_ntop, inet_pton
 from .crc32c import crc32c
 from .errors import ChecksumError, InvalidHeader, NoProxyHeader
 from .header import KINDS, Address, Command, Family, Protocol, ProxyHeader
@@ -314,6 +314,10 @@ def encode(
     without addresses (family byte 0x00).  Impossible input raises
     ``ValueError`` naming the field.
     """
+    if not tlvs and not checksum and command == Command.PROXY and protocol == Protocol.STREAM:
+        raw = _encode_tcp(source, destination)
+        if raw is not None:
+            return raw
     command = Command(command)
     if command is Command.LOCAL and (source is not None or destination is not None):
         raise ValueError("source: a LOCAL header carries no addresses")
@@ -322,3 +326,36 @@ def encode(
         protocol = Protocol.UNSPEC
     header = ProxyHeader(2, command, family, protocol, src, dst, tlvs)
     return encode_header(header, checksum)
+
+
+_PACK_TCP4 = struct.Struct(">12sBBH4s4sHH").pack
+_PACK_TCP6 = struct.Struct(">12sBBH16s16sHH").pack
+
+
+def _encode_tcp(source: object, destination: object) -> bytes | None:
+    """The header of two valid ``(host, port)`` pairs of one IP family, in one pack; else None.
+
+    The fast path of :func:`encode` for what senders pass per connection;
+    anything else (a mixed pair, UNIX names, 4-tuples, invalid input) takes
+    the general path, which maps, validates and says what is wrong.
+    """
+    if type(source) is not tuple or type(destination) is not tuple or len(source) != 2 or len(destination) != 2:
+        return None
+    src_host, src_port = source
+    dst_host, dst_port = destination
+    if type(src_port) is not int or type(dst_port) is not int:  # bool is refused by the general path
+        return None
+    if not (0 <= src_port <= 65535 and 0 <= dst_port <= 65535):
+        return None
+    try:
+        return _PACK_TCP4(
+            SIGNATURE, 0x21, 0x11, 12, inet_pton(AF_INET, src_host), inet_pton(AF_INET, dst_host), src_port, dst_port
+        )
+    except (OSError, TypeError, ValueError):
+        pass
+    try:
+        return _PACK_TCP6(
+            SIGNATURE, 0x21, 0x21, 36, inet_pton(AF_INET6, src_host), inet_pton(AF_INET6, dst_host), src_port, dst_port
+        )
+    except (OSError, TypeError, ValueError):
+        return None

@@ -7,6 +7,8 @@ the encoder is checked against the spec and not only against the parser.
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import proxyproto
 from proxyproto import TLV, Command, Family, Protocol, ProxyHeader, encode_v1, encode_v2
@@ -239,3 +241,43 @@ def test_parsed_header_to_bytes_is_exact(data: bytes) -> None:
     h = proxyproto.parse(data + b"tail")
     assert h is not None
     assert h.to_bytes() == data
+
+
+# --- the fast path of encode_v2 (issue 6) ---------------------------------------------------
+
+_ipv4_text = st.ip_addresses(v=4).map(str)
+_ipv6_text = st.ip_addresses(v=6).map(str)
+_port = st.integers(0, 65535)
+
+
+@given(st.one_of(st.tuples(_ipv4_text, _ipv4_text), st.tuples(_ipv6_text, _ipv6_text)), _port, _port)
+def test_encode_v2_fast_path_equals_the_general_path(hosts: tuple[str, str], sport: int, dport: int) -> None:
+    """Two (host, port) pairs of one family take a one-pack path; its bytes are the canonical encoding."""
+    family = Family.INET if "." in hosts[0] and ":" not in hosts[0] else Family.INET6
+    built = ProxyHeader(2, Command.PROXY, family, Protocol.STREAM, (hosts[0], sport), (hosts[1], dport))
+    assert encode_v2((hosts[0], sport), (hosts[1], dport)) == built.to_bytes()
+
+
+@pytest.mark.parametrize(
+    ("source", "destination", "message"),
+    [
+        (("192.0.2.1", True), ("192.0.2.2", 2), "port"),
+        (("192.0.2.1", 1), ("192.0.2.2", 65536), "port"),
+        (("192.0.2.1", -1), ("192.0.2.2", 2), "port"),
+        ((b"192.0.2.1", 1), ("192.0.2.2", 2), "host"),
+        (("192.0.2.01", 1), ("192.0.2.2", 2), "192.0.2.01"),
+        (("fe80::1%eth0", 1), ("fe80::2", 2), "fe80::1%eth0"),
+    ],
+)
+def test_encode_v2_refusals_are_not_short_circuited(source: object, destination: object, message: str) -> None:
+    """Input the fast path does not take still gets the general path's ValueError naming the field."""
+    with pytest.raises(ValueError, match=message):
+        encode_v2(source, destination)
+
+
+def test_encode_v2_mixed_and_socket_tuples_take_the_general_path() -> None:
+    """A mixed pair is mapped to INET6; socket 4-tuples are accepted (neither is the fast path's shape)."""
+    mixed = proxyproto.parse(encode_v2(("192.0.2.1", 1), ("2001:db8::2", 2)))
+    assert mixed is not None and mixed.source == ("::ffff:192.0.2.1", 1)
+    six = proxyproto.parse(encode_v2(("2001:db8::1", 1, 0, 0), ("2001:db8::2", 2, 0, 0)))
+    assert six is not None and six.family is Family.INET6
