@@ -1,9 +1,10 @@
 """ProxyHeader: what a PROXY protocol header says, as plain data.
 
 A header parsed from the wire remembers its exact bytes (``to_bytes()`` gives
-them back, CRC and TLV order intact) and decodes its v2 address block only
-A header built in code is validated once, in ``__init__``, and
-encodes canonically.
+them back, CRC and TLV order intact); the parsers build it through
+:func:`from_wire` (or the same steps inlined on their hottest paths), without
+validating again what they just checked.  A header built in code is
+validated once, in ``__init__``, and encodes canonically.
 """
 
 from __future__ import annotations

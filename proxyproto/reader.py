@@ -40,7 +40,6 @@ V2_SIGNATURE = v2.SIGNATURE
 BytesLike = Union[bytes, bytearray, memoryview]
 
 
-
 def measure(data: bytes, max_size: int | None = None) -> int:
     """How far ``data`` is from holding a complete header; see the module docstring.
 
