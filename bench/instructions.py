@@ -1,0 +1,196 @@
+"""Instructions executed per parse and per connection, counted by valgrind.
+
+Why this exists: wall-clock figures on a shared 2-core machine move by 10 to
+20 % between runs, enough to hide or invent the effect of a change.  The
+number of machine instructions a piece of Python code executes is
+deterministic, so this script counts them with ``valgrind --tool=callgrind``
+(user space only; the kernel's share of a system call is not counted, see
+``syscalls.sh`` for those).  Instructions are not time (cache misses and
+branch mispredictions are not weighed), so ``parse.py`` and ``conn.py`` stay
+the measure of speed; this is the stable companion that tells whether a
+change made the code do less.
+
+Method: each figure is the difference between two runs of the same program,
+one doing ``N`` more operations than the other, divided by ``N``, so start-up
+and import costs cancel out.
+
+* ``parse``: instructions per call of ``proxyproto.parse`` (reading both
+  addresses, as ``parse.py`` does) and of each installed peer, on the same
+  six headers as ``parse.py`` (one of its 64 inputs per case, so the count is
+  exact), plus the floor row.
+* ``conn``: instructions per connection in the serving process of a plain
+  ``socketserver.TCPServer`` and of ``ProxyTCPServer`` with a v1 and a v2
+  header (the sync pair: the threading pair's counts depend on how threads
+  interleave under valgrind).
+
+Run from the repository root (valgrind installed: ``apt-get install valgrind``)::
+
+    python bench/instructions.py              # both, about 6 minutes
+    python bench/instructions.py parse --cases ac
+    python bench/instructions.py conn
+
+Nothing here is part of the test suite's pass/fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+CALLS = 2000
+CONNECTIONS = 300
+
+# One program per measurement; {n} is the number of timed operations.
+PARSE_PROGRAM = """
+import sys
+sys.path[:0] = [{root!r}, {bench!r}]
+import parse as bench
+case, row = {case!r}, {row!r}
+inputs = bench.build_inputs()[case][:1]
+impl = dict((f.__name__, f) for f in bench.PARSE_IMPLS)[row](case, inputs)
+if impl.fn is None or impl.status != "ok":
+    print("UNAVAILABLE", impl.status)
+    raise SystemExit(0)
+fn, x = impl.fn, impl.inputs[0]
+fn(x)
+for _ in range({n}):
+    fn(x)
+"""
+
+SERVE_PROGRAM = """
+import socketserver, sys
+sys.path.insert(0, {root!r})
+from proxyproto import ProxyTCPServer
+
+class Handler(socketserver.BaseRequestHandler):
+    def handle(self):
+        self.request.recv(64)
+        self.request.sendall(b"ok\\n")
+
+server = (ProxyTCPServer if {proxied!r} else socketserver.TCPServer)(("127.0.0.1", 0), Handler)
+print(server.server_address[1], flush=True)
+served = 0
+while served < {n}:
+    server.handle_request()
+    served += 1
+server.server_close()
+"""
+
+ROWS = [
+    ("proxyproto", "ours_parse"),
+    ("proxy-protocol", "pp_parse"),
+    ("twisted", "twisted_parse"),
+    ("gunicorn", "gunicorn_parse"),
+    ("floor", "floor_parse"),
+]
+CASE_TITLES = {
+    "a": "(a) v1 TCP4",
+    "b": "(b) v1 TCP6",
+    "c": "(c) v2 TCP4, no TLV",
+    "d": "(d) v2 TCP6+TLVs+CRC",
+    "e": "(e) v1 UNKNOWN",
+    "f": "(f) v2 LOCAL",
+}
+
+
+def _instructions(stderr: str) -> int:
+    match = re.search(r"refs:\s+([\d,]+)", stderr)
+    if match is None:
+        raise RuntimeError(f"no instruction count in valgrind's output:\n{stderr[-2000:]}")
+    return int(match.group(1).replace(",", ""))
+
+
+def _valgrind(program: str) -> list[str]:
+    return ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-c", program]
+
+
+def count_parse(case: str, row: str, n: int) -> int | None:
+    """Instructions of ``n`` calls (plus start-up) of one implementation; None when it is unavailable."""
+    program = PARSE_PROGRAM.format(root=ROOT, bench=BENCH, case=case, row=row, n=n)
+    done = subprocess.run(_valgrind(program), capture_output=True, text=True, check=False)
+    if "UNAVAILABLE" in done.stdout or "Traceback" in done.stderr:
+        return None
+    return _instructions(done.stderr)
+
+
+def count_serving(header: bytes | None, n: int) -> int:
+    """Instructions of a server process that serves ``n`` connections (plus start-up)."""
+    program = SERVE_PROGRAM.format(root=ROOT, proxied=header is not None, n=n)
+    with subprocess.Popen(_valgrind(program), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        for _ in range(n):
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as conn:
+                conn.sendall((header or b"") + b"hello")
+                conn.recv(16)
+        _, stderr = proc.communicate(timeout=120)
+    return _instructions(stderr)
+
+
+def run_parse(cases: str) -> None:
+    """Print the per-call table of every case."""
+    print(f"PARSE: instructions per call (valgrind), difference of {CALLS} calls; ratio ours/this = this/ours")
+    for case in cases:
+        print(f"\n{CASE_TITLES[case]}")
+        print(f"  {'implementation':<16} {'instructions':>12}  {'ours/this':>9}")
+        ours: float | None = None
+        for name, row in ROWS:
+            base = count_parse(case, row, 0)
+            more = count_parse(case, row, CALLS)
+            if base is None or more is None:
+                print(f"  {name:<16} {'n/a or fails':>12}")
+                continue
+            per_call = (more - base) / CALLS
+            if ours is None:
+                ours = per_call
+            print(f"  {name:<16} {per_call:>12,.0f}  {per_call / ours:>8.2f}x", flush=True)
+
+
+def run_conn() -> None:
+    """Print instructions per connection of the sync pair."""
+    sys.path.insert(0, ROOT)
+    from proxyproto import encode_v1, encode_v2
+
+    source, destination = ("192.168.1.12", 58472), ("192.168.1.20", 27654)
+    cases = [
+        ("TCPServer (no header)", None),
+        ("ProxyTCPServer (v1 header)", encode_v1(source, destination)),
+        ("ProxyTCPServer (v2 header)", encode_v2(source, destination)),
+    ]
+    print(f"\nCONN: instructions per connection in the serving process (valgrind), difference of {CONNECTIONS}")
+    plain: float | None = None
+    for name, header in cases:
+        per_conn = (count_serving(header, 50 + CONNECTIONS) - count_serving(header, 50)) / CONNECTIONS
+        plain = plain or per_conn
+        extra = "" if per_conn == plain else f"  {per_conn / plain:.2f}x plain, +{per_conn - plain:,.0f}"
+        print(f"  {name:<28} {per_conn:>10,.0f}{extra}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", nargs="?", choices=("parse", "conn", "all"), default="all")
+    parser.add_argument("--cases", default="abcdef", help="parse cases, e.g. ac")
+    args = parser.parse_args(argv)
+    if shutil.which("valgrind") is None:
+        print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
+        return 2
+    print(f"machine: {platform.machine()} ({os.cpu_count()} cores), {platform.platform()}")
+    print(f"python:  {platform.python_implementation()} {platform.python_version()}")
+    print(f"command: python bench/instructions.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    if args.what in ("parse", "all"):
+        run_parse(args.cases)
+    if args.what in ("conn", "all"):
+        run_conn()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
