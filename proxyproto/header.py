@@ -10,7 +10,7 @@ validated once, in ``__init__``, and encodes canonically.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Union
 
 from . import addresses
@@ -47,6 +47,7 @@ class Protocol(enum.IntEnum):
 
 
 _UNSET: Any = object()
+_ENCODERS: list[Callable[[ProxyHeader], bytes]] = []
 
 
 class ProxyHeader:
@@ -135,11 +136,11 @@ class ProxyHeader:
     def to_bytes(self) -> bytes:
         """The wire form: the exact bytes a parsed header came from, else canonical."""
         if self._raw is None:
-            if self.version == 1:
-                from .v1 import encode_header as encode
-            else:
-                from .v2 import encode_header as encode
-            self._raw = encode(self)
+            if not _ENCODERS:  # v1 and v2 import this module: look them up once, on first use
+                from . import v1, v2
+
+                _ENCODERS.extend((v1.encode_header, v2.encode_header))
+            self._raw = _ENCODERS[self.version - 1](self)
             self.length = len(self._raw)
         return self._raw
 

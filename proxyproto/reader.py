@@ -118,7 +118,7 @@ def parse(
             header = v1.match_line(data, end + 2, allow_v4_in_tcp6)
             if header is not None:
                 return header
-    elif head == b"\r":
+    else:  # v2.match checks the signature itself
         header = v2.match(data, max_size, verify_checksum)
         if header is not None:
             return header

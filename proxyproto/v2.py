@@ -38,6 +38,8 @@ del _byte, _size
 #: Header kinds by ``ver_cmd << 8 | fam``.
 _KINDS = {(0x20 | command) << 8 | fam: kind for (version, command, fam), kind in KINDS.items() if version == 2}
 _NEW = object.__new__
+_TCP4 = _KINDS[0x2111]
+_UDP4 = _KINDS[0x2112]
 _UNPACK_INET_HEADER = struct.Struct(">12sBBH8BHH").unpack_from
 _DECIMAL = tuple(str(octet) for octet in range(256))
 _INET6_BLOCK = struct.Struct(">16s16sHH").unpack_from
@@ -120,18 +122,22 @@ def match(data: bytes, max_size: int | None, verify_checksum: bool = True) -> Pr
             source: Address | None = (f"{_DECIMAL[s1]}.{_DECIMAL[s2]}.{_DECIMAL[s3]}.{_DECIMAL[s4]}", sport)
             destination: Address | None = (f"{_DECIMAL[d1]}.{_DECIMAL[d2]}.{_DECIMAL[d3]}.{_DECIMAL[d4]}", dport)
             tlv_start = 28
+            kind = _TCP4 if fam == 0x11 else _UDP4
         elif (fam == 0x21 or fam == 0x22) and length >= 36:
             src, dst, sport, dport = _INET6_BLOCK(raw, 16)
             source = (inet_ntop(AF_INET6, src), sport)
             destination = (inet_ntop(AF_INET6, dst), dport)
             tlv_start = 52
+            kind = _KINDS[0x2100 | fam]
         elif (fam == 0x31 or fam == 0x32) and length >= 216:
             source = addresses.unix_name(raw[16:124])
             destination = addresses.unix_name(raw[124:232])
             tlv_start = 232
+            kind = _KINDS[0x2100 | fam]
         elif fam == 0x00:
             source = destination = None
             tlv_start = 16
+            kind = _KINDS[0x2100]
         else:
             return None
     elif ver_cmd == 0x20:
@@ -142,10 +148,11 @@ def match(data: bytes, max_size: int | None, verify_checksum: bool = True) -> Pr
         # LOCAL: skip the block and walk what follows (V2-R1, V2-R3); when
         # len does not even cover the block, the body is opaque.
         tlv_start = 16 + block if length >= block else total
+        kind = _KINDS[0x2000 | fam]
     else:
         return None
     header: ProxyHeader = _NEW(ProxyHeader)  # from_wire, inlined: the call costs a tenth of the parse
-    header._kind = _KINDS[ver_cmd << 8 | fam]
+    header._kind = kind
     header.source = source
     header.destination = destination
     header.tlvs = _walk_tlvs(raw, tlv_start, total, verify_checksum) if tlv_start < total else ()
