@@ -151,7 +151,7 @@ def match(data: bytes, max_size: int | None, verify_checksum: bool = True) -> Pr
         kind = _KINDS[0x2000 | fam]
     else:
         return None
-    header: ProxyHeader = _NEW(ProxyHeader)  # from_wire, inlined: the call costs a tenth of the parse
+    header: ProxyHeader = _NEW(ProxyHeader)  # from_wire, inlined on the hottest path: one call fewer per header
     header._kind = kind
     header.source = source
     header.destination = destination
