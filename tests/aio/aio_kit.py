@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -18,10 +16,9 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pytest
+from support import listening, require_haproxy
 
 CEILING = 30.0
-IN_CI = os.environ.get("CI") == "true"
 
 # Addresses carried inside headers are data, never dialled: documentation ranges.
 REAL_V4 = ("192.0.2.10", 51234)
@@ -76,37 +73,6 @@ async def send_slowly(sock: socket.socket, data: bytes, delay: float) -> None:
 # -- haproxy ---------------------------------------------------------------------------------
 
 
-def require_haproxy() -> str:
-    """haproxy's path; skip locally and fail under CI=true when it is missing."""
-    path = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/sbin:/usr/local/sbin")
-    if path is None:
-        if IN_CI:
-            pytest.fail("haproxy is not installed (CI=true: a missing program is a failure)", pytrace=False)
-        pytest.skip("haproxy is not installed")
-    return path
-
-
-def free_port() -> int:
-    """A TCP port free now on 127.0.0.1 (bound to port 0, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _listening(port: int) -> bool:
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    parts = line.split()
-                    if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
-                        return True
-        except FileNotFoundError:
-            continue
-    return False
-
-
 @contextlib.contextmanager
 def haproxy(workdir: Path, body: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
     """Run ``haproxy -db`` with a generated config until the block ends; stop it by PID."""
@@ -124,7 +90,7 @@ def haproxy(workdir: Path, body: str, port: int) -> Iterator[subprocess.Popen[by
     proc = subprocess.Popen([exe, "-f", str(cfg), "-db"], stdin=subprocess.DEVNULL, stdout=out, stderr=out)
     try:
         deadline = time.monotonic() + 10
-        while not _listening(port):
+        while not listening(port):
             assert proc.poll() is None, (workdir / "haproxy.out").read_text()
             assert time.monotonic() < deadline, "haproxy did not start listening"
             time.sleep(0.02)

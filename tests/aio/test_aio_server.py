@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aio_kit import DEST_V4, DEST_V6, REAL_V4, REAL_V6, async_test, free_port, haproxy, send_slowly
+from aio_kit import DEST_V4, DEST_V6, REAL_V4, REAL_V6, async_test, haproxy, send_slowly
+from support import free_port
 
 import proxyproto
 from proxyproto import Policy, aio

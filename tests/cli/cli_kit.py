@@ -7,11 +7,8 @@ Output goes to files, read while the process runs (no pipe can fill up and stall
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,11 +16,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from support import listening, require_haproxy
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "demo_echo_server.py"
 VECTORS = ROOT / "tests" / "vectors"
-IN_CI = os.environ.get("CI") == "true"
 RUN_TIMEOUT = 30.0
 WAIT = 10.0
 
@@ -126,36 +123,6 @@ def relay(workdir: Path, upstream_port: int, *extra: str) -> Iterator[tuple[Proc
         yield proc, port
     finally:
         proc.stop()
-
-
-def require_haproxy() -> str:
-    path = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/sbin:/usr/local/sbin")
-    if path is None:
-        if IN_CI:
-            pytest.fail("haproxy is not installed (CI=true: a missing program is a failure)", pytrace=False)
-        pytest.skip("haproxy is not installed")
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def listening(port: int) -> bool:
-    """Whether a TCP port is in LISTEN state, from the kernel's table (no probe connection)."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    parts = line.split()
-                    if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
-                        return True
-        except FileNotFoundError:
-            continue
-    return False
 
 
 @contextlib.contextmanager

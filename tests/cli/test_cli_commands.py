@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_kit import VECTORS, cli, demo_server, free_port, haproxy, relay, wait_until
+from cli_kit import VECTORS, cli, demo_server, haproxy, relay, wait_until
+from support import free_port
 
 import proxyproto
 
