@@ -45,6 +45,10 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
+sys.path[:0] = [ROOT, BENCH]
+
+from parse import CASES  # noqa: E402  (bench/parse.py: the cases, their inputs and rows)
+
 CALLS = 2000
 CONNECTIONS = 300
 
@@ -91,14 +95,6 @@ ROWS = [
     ("gunicorn", "gunicorn_parse"),
     ("floor", "floor_parse"),
 ]
-CASE_TITLES = {
-    "a": "(a) v1 TCP4",
-    "b": "(b) v1 TCP6",
-    "c": "(c) v2 TCP4, no TLV",
-    "d": "(d) v2 TCP6+TLVs+CRC",
-    "e": "(e) v1 UNKNOWN",
-    "f": "(f) v2 LOCAL",
-}
 
 
 def _instructions(stderr: str) -> int:
@@ -139,7 +135,7 @@ def run_parse(cases: str) -> None:
     """Print the per-call table of every case."""
     print(f"PARSE: instructions per call (valgrind), difference of {CALLS} calls; ratio ours/this = this/ours")
     for case in cases:
-        print(f"\n{CASE_TITLES[case]}")
+        print(f"\n{CASES[case]}")
         print(f"  {'implementation':<16} {'instructions':>12}  {'ours/this':>9}")
         ours: float | None = None
         for name, row in ROWS:
@@ -156,7 +152,6 @@ def run_parse(cases: str) -> None:
 
 def run_conn() -> None:
     """Print instructions per connection of the sync pair."""
-    sys.path.insert(0, ROOT)
     from proxyproto import encode_v1, encode_v2
 
     source, destination = ("192.168.1.12", 58472), ("192.168.1.20", 27654)
