@@ -29,7 +29,6 @@ __all__ = [
     "inet_pton",
     "ipv4_text",
     "ipv6_text",
-    "is_ipv4",
     "pack_ipv4",
     "pack_ipv6",
     "pack_unix",
@@ -155,15 +154,6 @@ try:
 except ImportError:  # pragma: no cover - interpreters without the _socket extension
     inet_pton = _inet_pton_python
     inet_ntop = _inet_ntop_python  # type: ignore[assignment]  # bytes, not any Buffer
-
-
-def is_ipv4(text: str) -> bool:
-    """Whether ``text`` is a strict dotted quad (0..255, no leading zeros): ``inet_pton`` is that strict."""
-    try:
-        inet_pton(AF_INET, text)
-    except (OSError, ValueError):
-        return False
-    return True
 
 
 def pack_ipv4(text: str) -> bytes | None:

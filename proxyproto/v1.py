@@ -22,7 +22,6 @@ __all__ = ["MAX_LENGTH", "check_prefix", "decode", "encode", "encode_header", "m
 #: The longest valid line, CRLF included (UNKNOWN followed by full IPv6 fields).
 MAX_LENGTH = 107
 
-_PORT_RE = re.compile(rb"0|[1-9][0-9]{0,4}")
 _NEW = object.__new__
 _TCP4 = KINDS[1, 1, 0x11]
 _TCP6 = KINDS[1, 1, 0x21]
@@ -213,7 +212,7 @@ def _diagnose(line: bytes, allow_v4_in_tcp6: bool) -> InvalidHeader:
         value = fields[index]
         offset = offsets[index]
         if index >= 4:
-            if not _PORT_RE.fullmatch(value) or int(value) > 65535:
+            if _port(value) < 0:
                 return InvalidHeader(
                     f"v1: {name} {value!r} is not a decimal 0..65535 without sign or leading zero",
                     field=name,
