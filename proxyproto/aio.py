@@ -38,8 +38,17 @@ from .errors import (
     ProxyProtocolError,
 )
 from .header import ProxyHeader
-from .policy import Outcome, Policy, TrustedNetworks, decide, describe, refusal, uses_addresses
-from .server import client_address_of, peer_text
+from .policy import (
+    Outcome,
+    Policy,
+    TrustedNetworks,
+    client_address_of,
+    decide,
+    describe,
+    peer_text,
+    refusal,
+    uses_addresses,
+)
 
 __all__ = ["ProxyStreamWriter", "read_header", "start_server", "start_unix_server"]
 

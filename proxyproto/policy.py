@@ -14,21 +14,30 @@ import enum
 import ipaddress
 import logging
 from collections.abc import Iterable
-from typing import NamedTuple, Union
+from typing import Any, NamedTuple, Union
 
+from .addresses import AF_INET, AF_INET6
 from .errors import HeaderRejected, HeaderTimeout, NoProxyHeader, ProxyProtocolError
-from .header import ProxyHeader
+from .header import Family, ProxyHeader
 
 __all__ = [
+    "Address",
     "Outcome",
     "Policy",
     "TrustedNetworks",
     "Verdict",
+    "check_untrusted_policy",
+    "client_address_of",
     "decide",
     "describe",
+    "peer_text",
     "refusal",
+    "served_address",
     "uses_addresses",
 ]
+
+#: What ``socket.accept()`` or ``recvfrom()`` gives: a tuple for IP families, str or bytes for AF_UNIX.
+Address = Any
 
 
 class Policy(enum.Enum):
@@ -98,11 +107,56 @@ def uses_addresses(policy: Policy, header: ProxyHeader | None) -> bool:
     """
     # A header has a source exactly when it is PROXY with a family other than UNSPEC:
     # parsers give LOCAL, UNSPEC and UNKNOWN none, and ProxyHeader() refuses one there.
-    return (
-        header is not None
-        and header.source is not None
-        and (policy is Policy.REQUIRE or policy is Policy.USE)
-    )
+    return header is not None and header.source is not None and (policy is Policy.REQUIRE or policy is Policy.USE)
+
+
+def client_address_of(header: ProxyHeader) -> Address:
+    """The header's source in the shape the socket module gives for its family."""
+    source = header.source
+    if header.family is Family.INET6:
+        assert isinstance(source, tuple)
+        return (source[0], source[1], 0, 0)
+    return source
+
+
+_IP_FAMILIES = (AF_INET, AF_INET6)
+
+
+def served_address(policy: Policy, header: ProxyHeader | None, peer: Address, listener_family: int) -> Address:
+    """The address a served connection (or datagram) is served with.
+
+    The header's source when the policy uses it (:func:`uses_addresses`),
+    else the socket's own ``peer``.  On an IP listener (``listener_family``
+    AF_INET or AF_INET6) the result is always an IP tuple, because the
+    handlers written for one (``http.server``'s ``address_string()``,
+    ``host, port = self.client_address[:2]``) assume so: a header whose
+    source is a UNIX address is served with the socket's own peer, as LOCAL
+    is, the header still on ``proxy_header`` (DESIGN.md, "What a handler sees").
+    """
+    if header is None or not uses_addresses(policy, header):
+        return peer
+    if header.family is Family.UNIX and listener_family in _IP_FAMILIES:
+        return peer
+    return client_address_of(header)
+
+
+def peer_text(peer: Address) -> str:
+    """A peer address for a log line: ``host:port``, ``[v6]:port`` or ``unix:path``."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = peer[0]
+        return f"[{host}]:{peer[1]}" if ":" in str(host) else f"{host}:{peer[1]}"
+    return f"unix:{peer!r}" if peer else "unix:(unnamed)"
+
+
+def check_untrusted_policy(value: Policy | str) -> Policy:
+    """``proxy_untrusted_policy`` as a Policy; ValueError for USE and REQUIRE (and unknown names)."""
+    policy = Policy(value)
+    if policy is Policy.USE or policy is Policy.REQUIRE:
+        raise ValueError(
+            "proxy_untrusted_policy: USE and REQUIRE would let untrusted peers set their address; "
+            "use SKIP, IGNORE or REJECT"
+        )
+    return policy
 
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -114,23 +168,24 @@ _SINGLE = (str, bytes, ipaddress.IPv4Network, ipaddress.IPv6Network, ipaddress.I
 class TrustedNetworks:
     """A set of IP networks allowed to send headers (G10).
 
-    Accepts network strings (``"10.0.0.0/8"``), single addresses and
-    ``ipaddress`` objects.  An IPv4-mapped peer (``::ffff:10.1.2.3``, as a
-    dual-stack socket reports IPv4 clients) matches its IPv4 network.
+    Accepts network strings (``"10.0.0.0/8"``), single addresses,
+    ``ipaddress`` objects, an iterable of those, and the comma-separated
+    strings gunicorn's ``proxy_allow_ips`` and uvicorn's
+    ``--forwarded-allow-ips`` take (``"10.0.0.0/8, 127.0.0.1"``); ``"*"``
+    means every IP peer.  An empty string trusts no one.  An IPv4-mapped peer
+    (``::ffff:10.1.2.3``, as a dual-stack socket reports IPv4 clients)
+    matches its IPv4 network.  Anything unreadable raises ``ValueError``
+    naming ``proxy_trusted``.
     """
 
     __slots__ = ("networks",)
 
-    def __init__(self, networks: Iterable[object]) -> None:
-        single = (
-            str,
-            bytes,
-            ipaddress.IPv4Network,
-            ipaddress.IPv6Network,
-            ipaddress.IPv4Address,
-            ipaddress.IPv6Address,
-        )
-        if isinstance(networks, single):
+    def __init__(self, networks: Iterable[object] | str) -> None:
+        if isinstance(networks, bytes):
+            networks = networks.decode("ascii", "replace")
+        if isinstance(networks, str):
+            networks = [part for part in networks.replace(",", " ").split() if part]
+        elif isinstance(networks, _SINGLE):
             networks = [networks]
         parsed: list[Network] = []
         for network in networks:
@@ -138,8 +193,13 @@ class TrustedNetworks:
                 parsed.append(network)
             elif isinstance(network, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
                 parsed.append(ipaddress.ip_network(network))
+            elif network == "*":
+                parsed.extend((ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")))
             elif isinstance(network, str):
-                parsed.append(ipaddress.ip_network(network, strict=False))
+                try:
+                    parsed.append(ipaddress.ip_network(network.strip(), strict=False))
+                except ValueError as exc:
+                    raise ValueError(f"proxy_trusted: cannot read {network!r} as an IP network: {exc}") from None
             else:
                 raise ValueError(f"proxy_trusted: cannot read {network!r} as an IP network")
         self.networks = tuple(parsed)

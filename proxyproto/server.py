@@ -35,8 +35,8 @@ import sys
 import time
 from typing import Any
 
-from .header import Family, ProxyHeader
-from .policy import Policy, TrustedNetworks, decide, uses_addresses
+from .header import ProxyHeader
+from .policy import Policy, TrustedNetworks, decide, peer_text, served_address
 from .sock import RETRY_DELAY, HeaderAttempt, take_complete_header, wait_for_outcome
 
 __all__ = [
@@ -139,28 +139,10 @@ class _State:
         self.generation = _fork_generation
 
 
-def peer_text(peer: Address) -> str:
-    """A peer address for a log line: ``host:port``, ``[v6]:port`` or ``unix:path``."""
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        host = peer[0]
-        return f"[{host}]:{peer[1]}" if ":" in str(host) else f"{host}:{peer[1]}"
-    return f"unix:{peer!r}" if peer else "unix:(unnamed)"
-
-
 def _queue(state: _State, sock: ProxySocket, header: ProxyHeader | None, policy: Policy, peer: Address) -> None:
     """Hand a connection to the serving loop with its header and the address it is served with."""
     sock.proxy_header = header
-    state.ready.append((sock, client_address_of(header) if uses_addresses(policy, header) else peer))
-
-
-def client_address_of(header: ProxyHeader | None) -> Address:
-    """The header's source in the shape the socket module gives for its family."""
-    assert header is not None
-    source = header.source
-    if header.family is Family.INET6:
-        assert isinstance(source, tuple)
-        return (source[0], source[1], 0, 0)
-    return source
+    state.ready.append((sock, served_address(policy, header, peer, state.socket_args[0])))
 
 
 class ProxyProtocolMixin:

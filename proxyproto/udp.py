@@ -41,8 +41,7 @@ from typing import Any
 from . import reader
 from .errors import InvalidHeader, NoProxyHeader, ProxyProtocolError
 from .header import ProxyHeader
-from .policy import Outcome, Policy, TrustedNetworks, decide, describe, uses_addresses
-from .server import client_address_of, peer_text
+from .policy import Outcome, Policy, TrustedNetworks, client_address_of, decide, describe, peer_text, uses_addresses
 
 __all__ = [
     "ForkingProxyUDPServer",

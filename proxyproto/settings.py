@@ -1,0 +1,123 @@
+"""The ``proxy_*`` settings of the server mixins: checked where they are set, noticed when they change.
+
+A server's configuration is a set of class attributes, overridable per
+subclass or instance, as ``socketserver`` does it, and DESIGN.md promises
+that a change made at any time (while ``serve_forever`` runs in another
+thread included) takes effect from the next connection.  Trust is where a
+silently ignored change hurts: a ``proxy_trusted`` narrowed while serving
+must never leave an untrusted peer able to set its address.  So:
+
+* :func:`check_setting` refuses an invalid value where it is set (the mixins
+  call it from ``__setattr__`` and when the listener is activated);
+* :class:`TrustSettings` holds what is derived from the three trust
+  settings (the parsed networks) and rebuilds it whenever one of them is no
+  longer the object, or no longer equal to the copy, it was built from: a
+  list changed in place is noticed too.  A value that became invalid behind
+  its back (set on the class, which ``__setattr__`` cannot see) leaves it in
+  an error state that the mixin logs once and answers by closing every new
+  connection until the value is fixed.
+"""
+
+from __future__ import annotations
+
+import copy
+import numbers
+from typing import Any
+
+from .policy import Policy, TrustedNetworks, check_untrusted_policy
+
+__all__ = ["TrustSettings", "check_setting", "check_settings"]
+
+
+def _positive_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) > 0:
+        raise ValueError(f"{name}: must be a number of seconds above 0, got {value!r}")
+
+
+def _int_at_least(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}: must be an integer of at least {low}, got {value!r}")
+
+
+def check_setting(name: str, value: Any) -> None:
+    """Raise ``ValueError`` naming the setting when ``value`` is not valid for ``name``.
+
+    Names this module does not know (every attribute that is not a
+    ``proxy_*`` setting) pass unchecked.
+    """
+    if name == "proxy_policy":
+        Policy(value)
+    elif name == "proxy_untrusted_policy":
+        check_untrusted_policy(value)
+    elif name == "proxy_trusted":
+        if value is not None:
+            TrustedNetworks(value)
+    elif name == "proxy_header_timeout":
+        _positive_number(name, value)
+    elif name == "proxy_max_header_size":
+        _int_at_least(name, value, 16)
+    elif name == "proxy_max_pending":
+        _int_at_least(name, value, 1)
+    elif name == "proxy_log_rate":
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real) or float(value) < 0):
+            raise ValueError(f"proxy_log_rate: must be None or a number of lines per second >= 0, got {value!r}")
+
+
+def check_settings(owner: object, names: tuple[str, ...]) -> None:
+    """:func:`check_setting` for each of ``names`` as ``owner`` has it now."""
+    for name in names:
+        if hasattr(owner, name):
+            check_setting(name, getattr(owner, name))
+
+
+_IMMUTABLE = (str, bytes, tuple, frozenset, type(None))
+
+
+class TrustSettings:
+    """``proxy_policy``, ``proxy_trusted`` and ``proxy_untrusted_policy``, parsed, and kept current.
+
+    :meth:`refresh` is called once per connection (or datagram); when
+    nothing changed it costs three attribute reads and three identity
+    checks (plus an equality check for a mutable ``proxy_trusted``).
+    """
+
+    __slots__ = ("error", "policy", "sources", "trusted", "trusted_copy", "untrusted")
+
+    def __init__(self) -> None:
+        self.policy = Policy.REQUIRE
+        self.untrusted = Policy.SKIP
+        self.trusted: TrustedNetworks | None = None
+        self.sources: tuple[Any, Any, Any] = (object(), object(), object())
+        self.trusted_copy: Any = None
+        #: The ValueError of the current, invalid configuration; None when valid.
+        self.error: ValueError | None = None
+
+    def refresh(self, owner: Any) -> bool:
+        """Re-read ``owner``'s three settings if any changed; True when they changed."""
+        policy, trusted, untrusted = owner.proxy_policy, owner.proxy_trusted, owner.proxy_untrusted_policy
+        sources = self.sources
+        if (
+            policy is sources[0]
+            and trusted is sources[1]
+            and untrusted is sources[2]
+            and (isinstance(trusted, _IMMUTABLE) or trusted == self.trusted_copy)
+        ):
+            return False
+        self.sources = (policy, trusted, untrusted)
+        self.trusted_copy = trusted if isinstance(trusted, _IMMUTABLE) else copy.copy(trusted)
+        try:
+            parsed_policy = Policy(policy)
+            parsed_untrusted = check_untrusted_policy(untrusted)
+            parsed_trusted = None if trusted is None else TrustedNetworks(trusted)
+        except ValueError as exc:
+            self.error = exc
+            return True
+        self.policy, self.untrusted, self.trusted, self.error = parsed_policy, parsed_untrusted, parsed_trusted, None
+        return True
+
+    def policy_for(self, peer: Any) -> Policy:
+        """The policy the default ``proxy_policy_for`` gives ``peer`` (UNIX peers: always trusted)."""
+        trusted = self.trusted
+        if trusted is None or not isinstance(peer, tuple) or peer[0] in trusted:
+            return self.policy
+        return self.untrusted
