@@ -27,6 +27,28 @@ def require_haproxy() -> str:
     return path
 
 
+#: Set by .ci/run for its run with only the ``[test]`` extra: optional Python
+#: packages (uvicorn, aiohttp, google-crc32c, ...) are then expected to be missing.
+MINIMAL_INSTALL = os.environ.get("PROXYPROTO_MINIMAL_INSTALL") == "1"
+
+
+def require_module(name: str) -> object:
+    """Import an optional package; skip when missing, but fail under CI=true unless the install is minimal.
+
+    The README offers ``pip install -e '.[test]'`` (every optional package
+    missing: the tests that need one skip) and ``bash .ci/run`` (every extra
+    installed: a missing one is a broken CI, not a skip).
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        if IN_CI and not MINIMAL_INSTALL:
+            pytest.fail(f"{name} is not installed (CI=true: a missing package is a failure)", pytrace=False)
+        pytest.skip(f"{name} is not installed (an optional extra)")
+
+
 def free_port() -> int:
     """A TCP port free now on 127.0.0.1 (bound to port 0, then released)."""
     with socket.socket() as s:
