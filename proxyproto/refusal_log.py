@@ -44,6 +44,8 @@ class RefusalLog:
 
     def log(self, level: int, message: str, *args: Any) -> None:
         """Log one refusal line, unless this second's share is spent (then count it)."""
+        if not self.logger.isEnabledFor(level):
+            return  # a line nobody would see neither counts nor earns a summary
         rate = self.rate
         if rate is None:
             self.logger.log(level, message, *args)
