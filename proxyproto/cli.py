@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import binascii
+import errno
 import ipaddress
 import json
 import os
@@ -26,6 +27,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +42,11 @@ __all__ = ["main"]
 
 PROG = "proxyproto"
 CHUNK = 65536
+#: accept() errors that mean "out of descriptors or memory": the listener stays readable,
+#: so retrying at once would spin; the relay rests instead (as the server mixin does).
+ACCEPT_RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+#: Seconds the relay stops polling its listener after such an error.
+ACCEPT_BACKOFF = 0.1
 
 
 class Failure(Exception):
@@ -411,7 +418,17 @@ class Relay:
         self.stopping.set()
 
     def serve(self) -> None:
+        """Accept until stopped (or ``max_connections``), then wait for the connections to end.
+
+        When ``accept()`` runs out of descriptors or memory (EMFILE, ENFILE,
+        ENOBUFS, ENOMEM) the pending connection stays in the backlog and the
+        listener stays readable: retrying at once would burn a whole core
+        until a descriptor is free.  The relay stops polling the listener for
+        :data:`ACCEPT_BACKOFF` seconds instead, says so once per episode on
+        stderr, and says so again when ``accept()`` works again.
+        """
         accepted = 0
+        failing = False
         with selectors.DefaultSelector() as selector:
             selector.register(self.listener, selectors.EVENT_READ)
             while not self.stopping.is_set():
@@ -421,8 +438,16 @@ class Relay:
                     continue
                 try:
                     client, peer = self.listener.accept()
-                except OSError:
-                    continue
+                except OSError as exc:
+                    if exc.errno in ACCEPT_RESOURCE_ERRORS:
+                        if not failing:
+                            failing = True
+                            self._say(f"accept() failed: {exc}; pausing the listener until it works again")
+                        time.sleep(ACCEPT_BACKOFF)  # not stopping.wait(): stop() runs as a signal handler
+                    continue  # ECONNABORTED and the like: that one connection is gone, the next may be fine
+                if failing:
+                    failing = False
+                    self._say("accept() works again")
                 accepted += 1
                 self.threads = [t for t in self.threads if t.is_alive()]
                 thread = threading.Thread(target=self.handle, args=(client, peer), daemon=True)
@@ -430,7 +455,7 @@ class Relay:
                 thread.start()
         self.listener.close()
         while not self.stopping.is_set() and any(t.is_alive() for t in self.threads):
-            self.stopping.wait(0.05)
+            time.sleep(0.05)  # not stopping.wait(): an Event's lock taken in a signal handler can deadlock
         with self.lock:
             for sock in list(self.active):
                 try:
@@ -440,17 +465,18 @@ class Relay:
         for thread in self.threads:
             thread.join(2.0)
 
+    @staticmethod
+    def _say(message: str) -> None:
+        """One line on stderr, as every relay message."""
+        print(f"{PROG} relay: {message}", file=sys.stderr, flush=True)
+
     def handle(self, client: socket.socket, peer: Any) -> None:
         try:
             local = client.getsockname()
             header = build_header(self.version, peer[:2], local[:2], checksum=self.checksum)
             upstream = socket.create_connection(self.upstream, timeout=self.connect_timeout)
         except (OSError, Failure) as exc:
-            print(
-                f"{PROG} relay: {endpoint_text(peer)}: cannot reach {endpoint_text(self.upstream)}: {exc}",
-                file=sys.stderr,
-                flush=True,
-            )
+            self._say(f"{endpoint_text(peer)}: cannot reach {endpoint_text(self.upstream)}: {exc}")
             client.close()
             return
         upstream.settimeout(None)
