@@ -9,6 +9,7 @@
   stand-in for haproxy's ``send-proxy`` / ``send-proxy-v2``: forward each
   connection to the upstream, prefixed with a header carrying the client's
   address and the listening address.
+* ``proxyproto --version``: the package's version.
 
 Exit codes: 0 success, 1 bad input or a network failure (one line on
 stderr saying which), 2 bad usage (argparse's message).
@@ -31,7 +32,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import reader
+from . import __version__, reader
 from .errors import InvalidHeader, NoProxyHeader, ProxyProtocolError
 from .header import ProxyHeader
 from .tlv import TLVType
@@ -540,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Send, decode and relay HAProxy PROXY protocol (v1/v2) headers.",
         epilog="Exit status: 0 success, 1 bad input or network failure, 2 bad usage.",
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     send = commands.add_parser(
@@ -547,11 +549,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="connect, send a header, then relay stdin/stdout like nc",
         description="Connect to HOST PORT, send a PROXY header, then copy stdin to the connection and the "
         "connection to stdout; at the end of stdin, half-close (the answer still arrives).",
+        epilog="Without --source and --destination the header carries no addresses: v2 sends a PROXY command "
+        "with family and protocol UNSPEC (bytes 0x21 0x00), v1 sends 'PROXY UNKNOWN'. A receiver then keeps the "
+        "connection's own address, or may refuse the header (the spec allows both; go-proxyproto refuses it). "
+        "--local sends a v2 LOCAL command instead, as haproxy's health checks do, which every receiver must accept.",
     )
     send.add_argument("host", metavar="HOST")
     send.add_argument("port", metavar="PORT", type=int)
-    send.add_argument("--source", type=parse_ip_endpoint, metavar="IP:PORT", help="the client the header names")
-    send.add_argument("--destination", type=parse_ip_endpoint, metavar="IP:PORT", help="the address it connected to")
+    send.add_argument(
+        "--source",
+        type=parse_ip_endpoint,
+        metavar="IP:PORT",
+        help="the client the header names (with --destination; without both: an UNSPEC/UNKNOWN header)",
+    )
+    send.add_argument(
+        "--destination",
+        type=parse_ip_endpoint,
+        metavar="IP:PORT",
+        help="the address the client connected to (with --source)",
+    )
     version = send.add_mutually_exclusive_group()
     version.add_argument("--v1", action="store_true", help="send a v1 text header")
     version.add_argument("--v2", action="store_true", help="send a v2 binary header (the default)")

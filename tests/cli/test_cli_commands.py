@@ -157,6 +157,57 @@ def test_cli_send_writes_exactly_the_encoded_header_then_stdin() -> None:
     assert bytes(received) == header + b"payload"
 
 
+def _capture_send(*options: str, stdin: bytes = b"") -> tuple[int, bytes]:
+    """Run ``proxyproto send`` against a listener that records every byte; (exit status, bytes)."""
+    received = bytearray()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(10)
+        port = listener.getsockname()[1]
+
+        def accept() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(10)
+                while chunk := conn.recv(65536):
+                    received.extend(chunk)
+
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
+        result = cli("send", "127.0.0.1", str(port), *options, stdin=stdin)
+        thread.join(10)
+    return result.returncode, bytes(received)
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ([], b"\r\n\r\n\x00\r\nQUIT\n\x21\x00\x00\x00"),  # PROXY command, family/protocol UNSPEC, len 0
+        (["--v1"], b"PROXY UNKNOWN\r\n"),
+        (["--local"], b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"),  # LOCAL
+    ],
+)
+def test_cli_send_without_addresses_sends_unspec_and_help_says_so_issue14_item8(
+    options: list[str], expected: bytes
+) -> None:
+    status, received = _capture_send(*options, stdin=b"x")
+    assert status == 0
+    assert received == expected + b"x"
+    assert proxyproto.parse(received) == proxyproto.parse(expected + b"x")
+    help_text = b" ".join(cli("send", "--help").stdout.split())
+    assert b"Without --source and --destination" in help_text
+    assert b"UNSPEC (bytes 0x21 0x00)" in help_text and b"'PROXY UNKNOWN'" in help_text
+    assert b"--local sends a v2 LOCAL command" in help_text
+
+
+def test_cli_version_prints_the_package_version_issue14_item8() -> None:
+    result = cli("--version")
+    assert result.returncode == 0
+    assert result.stdout == f"proxyproto {proxyproto.__version__}\n".encode()
+    assert proxyproto.__version__ == "0.1.0"
+
+
 # -- decode ---------------------------------------------------------------------------------
 
 
