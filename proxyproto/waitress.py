@@ -1,0 +1,284 @@
+"""waitress: the PROXY header read by the channel, so ``REMOTE_ADDR`` is the real client.
+
+waitress is asyncore-based: one loop thread accepts connections and feeds
+each ``HTTPChannel`` the bytes it reads through ``received(data)``; worker
+threads run the WSGI application with ``REMOTE_ADDR`` and ``REMOTE_PORT``
+taken from ``channel.addr``.  So the header belongs in ``received()``:
+:class:`ProxyHTTPChannel` holds the first bytes until :func:`proxyproto.reader.measure`
+says what they are, decides with the same policy table as every other
+adapter (:func:`proxyproto.policy.decide`), sets ``self.addr`` from the
+header, and hands the bytes after the header, in the same call, to
+waitress's own ``received()``: header and request line often arrive in one
+segment.
+
+The header deadline is enforced in ``readable()``, which the asyncore loop
+asks of every channel on each pass; the loop wakes at least every
+``asyncore_loop_timeout`` seconds (waitress's default: 1), so a silent
+client is closed within that much of its deadline, long before waitress's
+own ``channel_timeout`` (120 s) would notice it.
+
+Use :func:`create_server` or :func:`serve` in place of waitress's; they take
+waitress's keyword arguments plus the knobs of :mod:`proxyproto.aio`.
+waitress is imported when this module is, which only its users do.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import Any
+
+# waitress ships no type hints: mypy sees Any (and, on a [test]-only install, no module at all).
+from waitress.channel import HTTPChannel  # type: ignore[import-untyped,import-not-found,unused-ignore]
+from waitress.server import BaseWSGIServer  # type: ignore[import-untyped,import-not-found,unused-ignore]
+from waitress.server import create_server as _waitress_create_server  # type: ignore[import-untyped,import-not-found,unused-ignore]
+from waitress.task import WSGITask  # type: ignore[import-untyped,import-not-found,unused-ignore]
+
+from .errors import InvalidHeader, NoProxyHeader, ProxyProtocolError
+from .header import ProxyHeader
+from .policy import (
+    Outcome,
+    Policy,
+    TrustedNetworks,
+    check_untrusted_policy,
+    decide,
+    describe,
+    peer_text,
+    served_address,
+)
+from .reader import MAX_V1_LENGTH, decode, measure
+from .refusal_log import DEFAULT_LOG_RATE, RefusalLog
+
+__all__ = ["ENVIRON_KEY", "ProxyHTTPChannel", "ProxySettings", "ProxyWSGITask", "create_server", "serve"]
+
+logger = logging.getLogger("proxyproto")
+
+#: The WSGI environ key holding the parsed :class:`~proxyproto.ProxyHeader` (or None).
+ENVIRON_KEY = "proxyproto.header"
+
+
+class ProxySettings:
+    """The knobs of one :func:`create_server`, shared by its listeners, and the channels still waiting.
+
+    ``pending`` keeps the channels whose header is incomplete, oldest first,
+    so that past ``max_pending`` the oldest (the likeliest attacker: a real
+    proxy sends its header at once) is the one closed.
+    """
+
+    def __init__(
+        self,
+        *,
+        policy: Policy | str = Policy.REQUIRE,
+        trusted: Any | None = None,
+        untrusted_policy: Policy | str = Policy.SKIP,
+        header_timeout: float = 10.0,
+        max_header_size: int = 4096,
+        verify_checksum: bool = True,
+        allow_v4_in_tcp6: bool = False,
+        max_pending: int = 256,
+        log_rate: float | None = DEFAULT_LOG_RATE,
+    ) -> None:
+        self.policy = Policy(policy)
+        self.trusted = None if trusted is None else TrustedNetworks(trusted)
+        self.untrusted_policy = check_untrusted_policy(untrusted_policy)
+        if not header_timeout > 0:
+            raise ValueError(f"header_timeout: must be a number of seconds above 0, got {header_timeout!r}")
+        if max_header_size < 16:
+            raise ValueError(f"max_header_size: must be at least 16, got {max_header_size!r}")
+        if max_pending < 1:
+            raise ValueError(f"max_pending: must be at least 1, got {max_pending!r}")
+        self.header_timeout = header_timeout
+        self.max_header_size = max_header_size
+        self.verify_checksum = verify_checksum
+        self.allow_v4_in_tcp6 = allow_v4_in_tcp6
+        self.max_pending = max_pending
+        self.log = RefusalLog(logger, log_rate)
+        self.pending: dict[ProxyHTTPChannel, None] = {}
+
+    def policy_for(self, peer: Any, family: int) -> Policy:
+        """``policy`` for trusted peers (UNIX-socket peers always are), ``untrusted_policy`` for the others."""
+        if self.trusted is None or family == getattr(socket, "AF_UNIX", None):
+            return self.policy
+        if isinstance(peer, tuple) and peer[0] in self.trusted:
+            return self.policy
+        return self.untrusted_policy
+
+
+class ProxyWSGITask(WSGITask):  # type: ignore[misc]  # waitress has no type hints
+    """waitress's WSGI task, with the parsed header in ``environ["proxyproto.header"]``."""
+
+    def get_environment(self) -> dict[str, Any]:
+        environ: dict[str, Any] = super().get_environment()
+        environ[ENVIRON_KEY] = self.channel.proxy_header
+        return environ
+
+
+class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no type hints
+    """An ``HTTPChannel`` that reads the PROXY header before waitress's parser sees a byte.
+
+    The settings come from ``server.proxy_settings`` (a :class:`ProxySettings`),
+    which :func:`create_server` sets on each listener.  ``proxy_header`` is
+    the parsed header or None; ``proxy_peername`` the socket's own peer (the proxy).
+    """
+
+    task_class = ProxyWSGITask
+    proxy_header: ProxyHeader | None = None
+
+    def __init__(self, server: Any, sock: socket.socket, addr: Any, adj: Any, map: Any = None) -> None:
+        super().__init__(server, sock, addr, adj, map)
+        self.proxy_peername = addr
+        settings: ProxySettings = server.proxy_settings
+        self._proxy_settings = settings
+        self._proxy_family: int = server.family
+        self._proxy_policy = settings.policy_for(addr, self._proxy_family)
+        #: Bytes held while the header is undecided; None once decided (served or refused).
+        self._proxy_held: bytearray | None = None
+        if self._proxy_policy is Policy.SKIP:
+            return
+        self._proxy_held = bytearray()
+        self._proxy_deadline = time.monotonic() + settings.header_timeout
+        pending = settings.pending
+        pending[self] = None
+        if len(pending) > settings.max_pending:
+            oldest = next(iter(pending))
+            oldest._proxy_refuse(
+                logging.WARNING,
+                f"closed: more than {settings.max_pending} connections waiting for a PROXY header "
+                "(max_pending); closing the oldest",
+            )
+
+    # -- asyncore hooks --------------------------------------------------------------
+
+    def received(self, data: bytes) -> bool:
+        held = self._proxy_held
+        if held is None:
+            return bool(super().received(data))
+        held += data
+        settings = self._proxy_settings
+        # Nothing past the v2 cap or a v1 line is needed to decide (measure never reads further).
+        window = bytes(held[: max(settings.max_header_size, MAX_V1_LENGTH)])
+        try:
+            size = measure(window, settings.max_header_size)
+            if size < 0:
+                return True
+            header = decode(window, size, settings.verify_checksum, settings.allow_v4_in_tcp6)
+        except NoProxyHeader as exc:
+            return self._proxy_decided(Outcome.NO_HEADER, exc, bytes(held))
+        except ProxyProtocolError as exc:
+            return self._proxy_decided(Outcome.INVALID, exc, b"")
+        self.proxy_header = header
+        return self._proxy_decided(Outcome.HEADER, None, bytes(held[size:]))
+
+    def readable(self) -> bool:
+        if self._proxy_held is not None and time.monotonic() >= self._proxy_deadline:
+            outcome = Outcome.PARTIAL if self._proxy_held else Outcome.SILENT
+            # Served means "served, no header" (the opt-in policies after a silent deadline).
+            self._proxy_decided(outcome, None, b"", immediate=False)
+        return bool(super().readable())
+
+    def handle_close(self) -> None:
+        held = self._proxy_held
+        if held is not None:  # the peer closed (or the socket failed) before the header was decided
+            if held:
+                error = InvalidHeader(f"header truncated by EOF after {len(held)} byte(s)", offset=len(held))
+                self._proxy_decided(Outcome.INVALID, error, b"", immediate=False)
+            else:
+                self._proxy_decided(Outcome.EOF, None, b"", immediate=False)
+        self._proxy_settings.pending.pop(self, None)
+        super().handle_close()
+
+    # -- the decision ----------------------------------------------------------------
+
+    def _proxy_decided(
+        self, outcome: Outcome, error: ProxyProtocolError | None, rest: bytes, *, immediate: bool = True
+    ) -> bool:
+        """Apply the policy table's cell; serve ``rest`` to waitress, or close with one log line.
+
+        ``immediate`` closes the socket now (inside ``handle_read``); otherwise
+        the channel is marked to close on the loop's next pass, as waitress's
+        own maintenance does (``readable()`` runs while the loop walks its map).
+        """
+        settings = self._proxy_settings
+        policy = self._proxy_policy
+        held = len(self._proxy_held or b"")
+        verdict = decide(policy, outcome)
+        if not verdict.serve:
+            reason = describe(policy, outcome, error, held, settings.header_timeout)
+            self._proxy_refuse(verdict.level, f"closed: {reason}", immediate=immediate)
+            return False
+        self._proxy_held = None
+        settings.pending.pop(self, None)
+        address = served_address(policy, self.proxy_header, self.proxy_peername, self._proxy_family)
+        if isinstance(address, tuple):  # a UNIX source on a UNIX listener keeps waitress's ("localhost", None)
+            self.addr = address
+        if rest:
+            return bool(super().received(rest))
+        return True
+
+    def _proxy_refuse(self, level: int, message: str, *, immediate: bool = False) -> None:
+        """Close without a response, after one log line naming the peer."""
+        self._proxy_held = None
+        self._proxy_settings.pending.pop(self, None)
+        self._proxy_settings.log.log(level, "%s: %s", peer_text(self.proxy_peername), message)
+        if immediate:
+            self.handle_close()
+        else:
+            self.will_close = True
+
+
+def create_server(
+    application: Any,
+    *,
+    policy: Policy | str = Policy.REQUIRE,
+    trusted: Any | None = None,
+    untrusted_policy: Policy | str = Policy.SKIP,
+    header_timeout: float = 10.0,
+    max_header_size: int = 4096,
+    verify_checksum: bool = True,
+    allow_v4_in_tcp6: bool = False,
+    max_pending: int = 256,
+    log_rate: float | None = DEFAULT_LOG_RATE,
+    **kw: Any,
+) -> Any:
+    """``waitress.create_server`` whose connections start with a PROXY header.
+
+    The proxy knobs are those of :func:`proxyproto.aio.start_server` (the
+    mixin's ``proxy_*`` attributes without the prefix); ``trusted`` takes
+    networks, single addresses, ``"10.0.0.0/8,127.0.0.1"`` strings or
+    ``"*"``, and None (the default) trusts every peer.  Every other keyword
+    goes to waitress (``listen=``, ``threads=``, ``map=``, ...).  Returns
+    waitress's server object (call ``run()``); each of its listeners uses
+    :class:`ProxyHTTPChannel`.  Invalid knobs raise ``ValueError`` before
+    anything is bound.
+    """
+    settings = ProxySettings(
+        policy=policy,
+        trusted=trusted,
+        untrusted_policy=untrusted_policy,
+        header_timeout=header_timeout,
+        max_header_size=max_header_size,
+        verify_checksum=verify_checksum,
+        allow_v4_in_tcp6=allow_v4_in_tcp6,
+        max_pending=max_pending,
+        log_rate=log_rate,
+    )
+    socket_map = kw.pop("map", None)
+    if socket_map is None:
+        socket_map = {}
+    server = _waitress_create_server(application, map=socket_map, **kw)
+    # The listeners are already listening, but nothing is accepted before the
+    # loop runs, so no connection can get waitress's own channel class.
+    for dispatcher in list(socket_map.values()):
+        if isinstance(dispatcher, BaseWSGIServer):
+            dispatcher.proxy_settings = settings
+            dispatcher.channel_class = ProxyHTTPChannel
+    return server
+
+
+def serve(application: Any, **kw: Any) -> None:
+    """``waitress.serve`` whose connections start with a PROXY header (knobs as :func:`create_server`)."""
+    logging.basicConfig()  # as waitress.serve does: idempotent when logging is set up
+    server = create_server(application, **kw)
+    server.print_listen("Serving on http://{}:{} (PROXY protocol)")
+    server.run()
