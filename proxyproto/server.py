@@ -17,8 +17,12 @@ therefore never blocks:
   Deadlines are enforced there and in ``service_actions()``.
 
 Configuration is by class attribute, overridable per subclass or instance,
-as ``socketserver`` does it.  See DESIGN.md's policy table for what each
-policy serves, closes and logs.
+as ``socketserver`` does it, at any time: a change made while serving takes
+effect from the next connection (trust is re-read per connection, see
+:mod:`proxyproto.settings`), an invalid value set on the instance is refused
+where it is set.  See DESIGN.md's policy table for what each policy serves,
+closes and logs; refusal lines are rate-limited per listener
+(``proxy_log_rate``, :mod:`proxyproto.refusal_log`).
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ import time
 from typing import Any
 
 from .header import ProxyHeader
-from .policy import Policy, TrustedNetworks, decide, peer_text, served_address
+from .policy import Policy, decide, peer_text, served_address
+from .refusal_log import DEFAULT_LOG_RATE, RefusalLog
+from .settings import TrustSettings, check_setting, check_settings
 from .sock import RETRY_DELAY, HeaderAttempt, take_complete_header, wait_for_outcome
 
 __all__ = [
@@ -61,6 +67,18 @@ _WAKEUP = "wakeup"
 _ACCEPT_RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 #: Seconds the listener rests after accept() failed for lack of descriptors or memory.
 ACCEPT_BACKOFF = 0.1
+_OUT_OF_DESCRIPTORS = frozenset((errno.EMFILE, errno.ENFILE))
+
+#: The settings checked when the listener is activated and whenever one is set on an instance.
+SETTINGS = (
+    "proxy_policy",
+    "proxy_trusted",
+    "proxy_untrusted_policy",
+    "proxy_header_timeout",
+    "proxy_max_header_size",
+    "proxy_max_pending",
+    "proxy_log_rate",
+)
 
 Address = Any  # what socket.accept() gives: a tuple for IP families, str or bytes for AF_UNIX
 
@@ -110,16 +128,18 @@ class _State:
     __slots__ = (
         "accept_failing",
         "accept_resume_at",
+        "children_full",
         "generation",
+        "listening",
         "local_wanted",
+        "log",
+        "misconfigured",
         "parked",
-        "policy",
         "ready",
         "selector",
+        "settings",
         "signalled",
         "socket_args",
-        "trusted",
-        "untrusted_policy",
         "wakeup",
     )
 
@@ -129,13 +149,16 @@ class _State:
         self.ready: collections.deque[tuple[ProxySocket, Address]] = collections.deque()
         self.wakeup: tuple[int, int] | None = None
         self.signalled = False
-        self.trusted: TrustedNetworks | None = None
+        #: proxy_policy, proxy_trusted and proxy_untrusted_policy, parsed, re-read per connection.
+        self.settings = TrustSettings()
+        self.misconfigured = False  # the current settings are invalid (logged once)
+        self.log = RefusalLog(logger, DEFAULT_LOG_RATE)
         self.local_wanted = False  # proxy_policy_for is overridden: call it, with the local address
         self.socket_args = (-1, -1, -1)  # the listener's family, type and proto, read once
+        self.listening = False  # the listener is registered with the selector
         self.accept_resume_at = 0.0
         self.accept_failing = False
-        self.policy = Policy.REQUIRE  # proxy_policy, resolved when serving starts
-        self.untrusted_policy = Policy.SKIP  # proxy_untrusted_policy, likewise
+        self.children_full = False  # a forking server at max_children: accept nothing, hand out nothing
         self.generation = _fork_generation
 
 
@@ -171,6 +194,8 @@ class ProxyProtocolMixin:
     proxy_allow_v4_in_tcp6: bool = False
     #: Connections whose header is still incomplete; past it the oldest is closed.
     proxy_max_pending: int = 256
+    #: Refusal log lines per second for this listener; past it they are counted and summarised.
+    proxy_log_rate: float | None = DEFAULT_LOG_RATE
 
     _pp_state: _State | None = None
 
@@ -189,21 +214,68 @@ class ProxyProtocolMixin:
         is None unless the method is overridden.
         """
         state = self._pp_state
-        if state is None:  # asked before serving started: read the attributes as they are
-            trusted = None if self.proxy_trusted is None else TrustedNetworks(self.proxy_trusted)
-            policy, untrusted = Policy(self.proxy_policy), Policy(self.proxy_untrusted_policy)
-        else:
-            trusted, policy, untrusted = state.trusted, state.policy, state.untrusted_policy
-        if trusted is None or not isinstance(peer, tuple) or peer[0] in trusted:
-            return policy
-        return untrusted
+        settings = TrustSettings() if state is None else state.settings
+        settings.refresh(self)
+        if settings.error is not None:
+            raise settings.error
+        return settings.policy_for(peer)
+
+    # -- configuration -----------------------------------------------------------------
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse, when the class is made, the combinations in which the mixin cannot work.
+
+        On a datagram server ``accept()`` fails for every packet (the loop
+        would spin logging it); placed after the server class in the bases,
+        the mixin is silently inactive and the PROXY line reaches the handler
+        as payload.  Both are mistakes that must not reach production quietly.
+        """
+        super().__init_subclass__(**kwargs)
+        if not issubclass(cls, socketserver.BaseServer):
+            return  # a mixin stack not yet combined with a server class
+        socket_type = getattr(cls, "socket_type", socket.SOCK_STREAM)
+        if socket_type != socket.SOCK_STREAM:
+            raise TypeError(
+                f"{cls.__name__}: ProxyProtocolMixin needs a stream server (TCPServer, UnixStreamServer); "
+                "for UDP use proxyproto.ProxyUDPServer, ThreadingProxyUDPServer or ProxyDatagramMixin"
+            )
+        for klass in cls.__mro__:
+            if klass is ProxyProtocolMixin:
+                break
+            if "get_request" in vars(klass) and klass.__module__ == "socketserver":
+                raise TypeError(
+                    f"{cls.__name__}: put ProxyProtocolMixin before {klass.__name__} among the bases "
+                    f"(class {cls.__name__}(ProxyProtocolMixin, {klass.__name__}): ...); after it, the "
+                    "mixin is never called and the PROXY header reaches the handler as payload"
+                )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Refuse an invalid ``proxy_*`` value where it is set (ValueError naming the setting)."""
+        if name.startswith("proxy_"):
+            check_setting(name, value)
+        super().__setattr__(name, value)
+
+    def server_activate(self) -> None:
+        """Check the ``proxy_*`` settings before listening, so a mistake surfaces in the constructor."""
+        check_settings(self, SETTINGS)
+        super().server_activate()  # type: ignore[misc]
 
     # -- socketserver hooks ----------------------------------------------------------
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
-        """As socketserver's, after checking the configuration (so a refusal keeps its message)."""
+        """As socketserver's, after checking the configuration (so a refusal keeps its message).
+
+        When the check fails, ``shutdown()`` must still return: socketserver's
+        waits for an event that only a loop which ran sets, so it is set here.
+        """
         if self._pp_state is None:
-            self._pp_start()
+            try:
+                self._pp_start()
+            except BaseException:
+                shut_down = getattr(self, "_BaseServer__is_shut_down", None)
+                if shut_down is not None:
+                    shut_down.set()
+                raise
         super().serve_forever(poll_interval)  # type: ignore[misc]
 
     def handle_request(self) -> None:
@@ -232,21 +304,16 @@ class ProxyProtocolMixin:
         if state.selector is None:
             return self._pp_get_request_blocking(state)
         ready = state.ready
+        if state.children_full:
+            self._pp_poll(state)  # headers still progress and expire; nobody is handed out
+            raise OSError("proxyproto: max_children reached; waiting for a child to exit")
         if not ready:
             if not state.parked and not state.accept_failing:
                 # Only the listener is registered, and the loop saw the selector readable:
                 # accept at once and save a select() call (the common case).
                 self._pp_accept(state)
             else:
-                now = time.monotonic()
-                for key, _ in state.selector.select(0):
-                    if key.data is _LISTENER:
-                        self._pp_accept(state, now)
-                    elif key.data is not _WAKEUP:
-                        parked = state.parked.get(key.fd)
-                        if parked is key.data:  # (one evicted by an accept earlier in this batch is gone)
-                            self._pp_step(state, parked, now)
-                self._pp_expire(state, now)
+                self._pp_poll(state)
         if not ready:
             raise OSError("proxyproto: no connection with a complete header yet")
         request = ready.popleft()
@@ -258,8 +325,46 @@ class ProxyProtocolMixin:
         """Enforce header deadlines while the loop is idle, then the base class's actions."""
         super().service_actions()  # type: ignore[misc]
         state = self._pp_state
-        if state is not None and (state.parked or state.accept_resume_at) and state.selector is not None:
+        if state is None:
+            return
+        if (state.parked or state.accept_resume_at) and state.selector is not None:
             self._pp_expire(state, time.monotonic())
+        state.log.rate = self.proxy_log_rate
+        if state.log.suppressed:
+            state.log.flush()
+
+    def collect_children(self, *, blocking: bool = False) -> None:
+        """Reap children as ``ForkingMixIn`` does, but never block the loop at ``max_children``.
+
+        socketserver waits in ``waitpid`` until a child exits once
+        ``max_children`` are running; meanwhile nothing expires or evicts the
+        connections still waiting for their header, and a flood of silent
+        clients fills the backlog.  Here, at the cap, exited children are
+        reaped without blocking and the loop stops accepting and handing out
+        connections until one exits (parked headers keep progressing and
+        expiring); ``blocking=True`` (``server_close``) keeps the original.
+        """
+        active: set[int] | None = getattr(self, "active_children", None)
+        cap = getattr(self, "max_children", None)
+        if blocking or not active or cap is None or len(active) < cap:
+            super().collect_children(blocking=blocking)  # type: ignore[misc]
+        else:
+            for pid in list(active):
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done = pid  # reaped elsewhere
+                except OSError:  # pragma: no cover
+                    continue
+                if done:
+                    active.discard(pid)
+        state = self._pp_state
+        if state is not None and state.selector is not None and cap is not None:
+            full = active is not None and len(active) >= cap
+            if full is not state.children_full:
+                state.children_full = full
+                self._pp_listen(state, not full and not state.accept_resume_at)
+                self._pp_signal(state, bool(state.ready) and not full)
 
     def handle_timeout(self) -> None:
         """``handle_request()`` timed out: enforce header deadlines there too (it never calls service_actions)."""
@@ -286,7 +391,8 @@ class ProxyProtocolMixin:
                 suppress_ragged_eofs=listener.suppress_ragged_eofs,
             )
         except OSError as exc:
-            logger.info("%s: closed: TLS handshake failed: %s", peer_text(client_address), exc)
+            log = state.log if state is not None else logger
+            log.log(logging.INFO, "%s: closed: TLS handshake failed: %s", peer_text(client_address), exc)
             return
         tls.proxy_header = getattr(request, "proxy_header", None)
         try:
@@ -314,26 +420,21 @@ class ProxyProtocolMixin:
 
     def _pp_start(self) -> _State:
         """Validate the configuration and register the listening socket (when serving starts)."""
-        policy = Policy(self.proxy_policy)  # ValueError for an unknown policy
-        untrusted_policy = Policy(self.proxy_untrusted_policy)
-        if untrusted_policy in (Policy.USE, Policy.REQUIRE):
-            raise ValueError(
-                "proxy_untrusted_policy: USE and REQUIRE would let untrusted peers set their address; "
-                "use SKIP, IGNORE or REJECT"
+        check_settings(self, SETTINGS)  # ValueError naming the setting
+        listener = self.socket
+        if listener.type != socket.SOCK_STREAM:
+            raise TypeError(
+                "ProxyProtocolMixin needs a stream socket; for UDP use proxyproto.ProxyUDPServer, "
+                "ThreadingProxyUDPServer or ProxyDatagramMixin"
             )
-        if self.proxy_max_pending < 1:
-            raise ValueError(f"proxy_max_pending: must be at least 1, got {self.proxy_max_pending!r}")
         state = _State()
-        state.policy = policy
-        state.untrusted_policy = untrusted_policy
-        if self.proxy_trusted is not None:
-            state.trusted = TrustedNetworks(self.proxy_trusted)
+        state.settings.refresh(self)
+        state.log.rate = self.proxy_log_rate
         state.local_wanted = type(
             self
         ).proxy_policy_for is not ProxyProtocolMixin.proxy_policy_for or "proxy_policy_for" in getattr(
             self, "__dict__", {}
         )
-        listener = self.socket
         state.socket_args = (int(listener.family), int(listener.type), listener.proto)
         selector = selectors.DefaultSelector()
         if hasattr(selector, "fileno"):
@@ -345,14 +446,18 @@ class ProxyProtocolMixin:
             state.wakeup = (read_fd, write_fd)
             selector.register(read_fd, selectors.EVENT_READ, _WAKEUP)
             selector.register(self.socket, selectors.EVENT_READ, _LISTENER)
+            state.listening = True
             state.selector = selector
         else:  # pragma: no cover - platforms whose selector has no pollable descriptor
             selector.close()
         self._pp_state = state
         return state
 
-    def _pp_accept_one(self, state: _State) -> tuple[ProxySocket, Address, Policy, float | None]:
-        """Accept the raw connection (no TLS handshake) as a ProxySocket, with its policy and timeout."""
+    def _pp_accept_one(self, state: _State) -> tuple[ProxySocket, Address, Policy | None, float | None]:
+        """Accept the raw connection (no TLS handshake) as a ProxySocket, with its policy and timeout.
+
+        The policy is None when the configuration is invalid: the connection must be closed.
+        """
         listener = self.socket
         # The plain socket's accept, not the listener's own: a TLS listener would handshake
         # here, in the serving loop, before the header is read.  It runs socket.accept's steps
@@ -366,34 +471,68 @@ class ProxyProtocolMixin:
         if timeout is None and listener.gettimeout():
             sock.setblocking(True)
         sock.proxy_header = None
+        settings = state.settings
+        if settings.refresh(self) or state.misconfigured:
+            # Trust changed since the last connection (or was broken): never keep serving
+            # with the old values, never trust an untrusted peer because of a bad new one.
+            if not self._pp_settings_valid(state):
+                return sock, peer, None, timeout
         if state.local_wanted:
-            policy = self.proxy_policy_for(peer, sock.getsockname())
-            if type(policy) is not Policy:
-                policy = Policy(policy)
+            try:
+                chosen = self.proxy_policy_for(peer, sock.getsockname())
+                policy = chosen if type(chosen) is Policy else Policy(chosen)
+            except (ValueError, OSError) as exc:
+                state.log.log(logging.ERROR, "%s: closed: proxy_policy_for failed: %s", peer_text(peer), exc)
+                return sock, peer, None, timeout
         else:  # proxy_policy_for's default, without the call
-            trusted = state.trusted
+            trusted = settings.trusted
             trust = trusted is None or not isinstance(peer, tuple) or peer[0] in trusted
-            policy = state.policy if trust else state.untrusted_policy
+            policy = settings.policy if trust else settings.untrusted
         return sock, peer, policy, timeout
 
-    def _pp_accept(self, state: _State, now: float | None = None) -> None:
+    def _pp_settings_valid(self, state: _State) -> bool:
+        """After a change of the trust settings: log once at ERROR while they are invalid."""
+        error = state.settings.error
+        if error is None:
+            if state.misconfigured:
+                logger.warning("the proxy_* settings are valid again; serving connections")
+                state.misconfigured = False
+            return True
+        if not state.misconfigured:
+            logger.error("invalid setting: %s; closing every new connection until it is fixed", error)
+            state.misconfigured = True
+        return False
+
+    def _pp_accept(self, state: _State, now: float | None = None, evicted: bool = False) -> None:
         try:
             sock, peer, policy, timeout = self._pp_accept_one(state)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
+            if exc.errno in _OUT_OF_DESCRIPTORS and state.parked and not evicted:
+                # Out of descriptors while connections wait for their header: give the oldest
+                # one's place to the newcomer (a real proxy sends its header at once, so the
+                # oldest parked connection is the likeliest attacker), and accept again.
+                if not state.accept_failing:
+                    logger.error("accept() failed: %s; closing connections still waiting for their header", exc)
+                    state.accept_failing = True
+                self._pp_evict_oldest(state, "the process is out of file descriptors")
+                return self._pp_accept(state, now, evicted=True)
             if exc.errno in _ACCEPT_RESOURCE_ERRORS and state.selector is not None:
                 if not state.accept_failing:
                     logger.error("accept() failed: %s; pausing the listener until it works again", exc)
                     state.accept_failing = True
-                state.selector.unregister(self.socket)
+                self._pp_listen(state, False)
                 state.accept_resume_at = (time.monotonic() if now is None else now) + ACCEPT_BACKOFF
             else:
                 logger.warning("accept() failed: %s", exc)
             return
-        if state.accept_failing:
+        if state.accept_failing and not evicted:
             logger.warning("accept() works again")
             state.accept_failing = False
+        if policy is None:
+            sock.close()
+            return
         if policy is Policy.SKIP:
             state.ready.append((sock, peer))
             return
@@ -407,7 +546,7 @@ class ProxyProtocolMixin:
                     sock, self.proxy_max_header_size, self.proxy_verify_checksum, self.proxy_allow_v4_in_tcp6
                 )
             except OSError as exc:
-                logger.info("%s: closed: %s while reading the PROXY header", peer_text(peer), exc)
+                state.log.log(logging.INFO, "%s: closed: %s while reading the PROXY header", peer_text(peer), exc)
                 sock.close()
                 return
             if header is not None:
@@ -434,7 +573,7 @@ class ProxyProtocolMixin:
             done = attempt.step()
         except OSError as exc:
             self._pp_unpark(state, parked)
-            logger.info("%s: closed: %s while reading the PROXY header", peer_text(parked.peer), exc)
+            state.log.log(logging.INFO, "%s: closed: %s while reading the PROXY header", peer_text(parked.peer), exc)
             attempt.sock.close()
             return
         if done:
@@ -447,15 +586,9 @@ class ProxyProtocolMixin:
         sock = parked.attempt.sock
         fd = sock.fileno()
         if fd not in state.parked:
-            while len(state.parked) >= self.proxy_max_pending:
-                oldest = next(iter(state.parked.values()))
-                self._pp_unpark(state, oldest)
-                logger.warning(
-                    "%s: closed: %d connections already wait for their header (proxy_max_pending)",
-                    peer_text(oldest.peer),
-                    self.proxy_max_pending,
-                )
-                oldest.attempt.sock.close()
+            cap = self.proxy_max_pending
+            while state.parked and len(state.parked) >= cap:
+                self._pp_evict_oldest(state, f"{cap} connections already wait for their header (proxy_max_pending)")
             state.parked[fd] = parked
         selector = state.selector
         assert selector is not None
@@ -476,6 +609,23 @@ class ProxyProtocolMixin:
                 parked.registered = False
                 parked.retry_at = now + RETRY_DELAY
 
+    def _pp_evict_oldest(self, state: _State, reason: str) -> None:
+        """Close the connection that has waited longest for its header."""
+        oldest = next(iter(state.parked.values()))
+        self._pp_unpark(state, oldest)
+        state.log.log(logging.WARNING, "%s: closed: %s", peer_text(oldest.peer), reason)
+        oldest.attempt.sock.close()
+
+    def _pp_listen(self, state: _State, on: bool) -> None:
+        """Register the listener with the selector, or take it out (back-off, children at the cap)."""
+        if on is state.listening or state.selector is None:
+            return
+        if on:
+            state.selector.register(self.socket, selectors.EVENT_READ, _LISTENER)
+        else:
+            state.selector.unregister(self.socket)
+        state.listening = on
+
     def _pp_unpark(self, state: _State, parked: _Parked) -> None:
         sock = parked.attempt.sock
         if parked.registered and state.selector is not None:
@@ -483,14 +633,24 @@ class ProxyProtocolMixin:
             parked.registered = False
         state.parked.pop(sock.fileno(), None)
 
+    def _pp_poll(self, state: _State) -> None:
+        """Accept and advance whatever the selector reports ready, then enforce deadlines."""
+        assert state.selector is not None
+        now = time.monotonic()
+        for key, _ in state.selector.select(0):
+            if key.data is _LISTENER:
+                self._pp_accept(state, now)
+            elif key.data is not _WAKEUP:
+                parked = state.parked.get(key.fd)
+                if parked is key.data:  # (one evicted by an accept earlier in this batch is gone)
+                    self._pp_step(state, parked, now)
+        self._pp_expire(state, now)
+
     def _pp_expire(self, state: _State, now: float) -> None:
         """Close or serve the parked connections whose deadline has passed; retry the timed ones."""
         if state.accept_resume_at and now >= state.accept_resume_at and state.selector is not None:
             state.accept_resume_at = 0.0
-            try:
-                state.selector.register(self.socket, selectors.EVENT_READ, _LISTENER)
-            except KeyError:  # pragma: no cover - already registered
-                pass
+            self._pp_listen(state, not state.children_full)
         if not state.parked:
             return
         for parked in list(state.parked.values()):
@@ -500,7 +660,7 @@ class ProxyProtocolMixin:
                 self._pp_conclude(state, parked)
             elif parked.attempt.needs_retry and not parked.edge and parked.retry_at <= now:
                 self._pp_step(state, parked, now)
-        self._pp_signal(state, bool(state.ready))
+        self._pp_signal(state, bool(state.ready) and not state.children_full)
 
     def _pp_conclude(self, state: _State, parked: _Parked) -> None:
         """Apply the policy table: queue the connection for service, or close and log it."""
@@ -509,7 +669,7 @@ class ProxyProtocolMixin:
         assert attempt.outcome is not None
         verdict = decide(attempt.policy, attempt.outcome)
         if not verdict.serve:
-            logger.log(
+            state.log.log(
                 verdict.level,
                 "%s: closed: %s",
                 peer_text(parked.peer),
@@ -522,7 +682,7 @@ class ProxyProtocolMixin:
             if sock.gettimeout() != parked.saved_timeout:
                 sock.settimeout(parked.saved_timeout)
         except OSError as exc:  # pragma: no cover - the peer vanished meanwhile
-            logger.info("%s: closed: %s", peer_text(parked.peer), exc)
+            state.log.log(logging.INFO, "%s: closed: %s", peer_text(parked.peer), exc)
             sock.close()
             return
         assert isinstance(sock, ProxySocket)
@@ -563,6 +723,9 @@ class ProxyProtocolMixin:
     def _pp_get_request_blocking(self, state: _State) -> tuple[ProxySocket, Address]:  # pragma: no cover
         """Fallback without a pollable selector: read the header in the loop, bounded by the timeout."""
         sock, peer, policy, saved = self._pp_accept_one(state)
+        if policy is None:
+            sock.close()
+            raise OSError("proxyproto: connection closed: invalid settings")
         if policy is Policy.SKIP:
             return sock, peer
         sock.settimeout(0.0)

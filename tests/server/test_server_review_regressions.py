@@ -92,16 +92,14 @@ def test_evicted_connection_is_not_stepped_again_in_the_same_batch(caplog: pytes
     assert not [line for line in lines if "Bad file descriptor" in line]
 
 
-def test_max_pending_below_one_is_refused_when_serving_starts() -> None:
+def test_max_pending_below_one_is_refused_in_the_constructor() -> None:
+    """Refused when the listener is activated (issue 14 item 4: before any loop could hang shutdown)."""
+
     class Server(proxyproto.ProxyTCPServer):
         proxy_max_pending = 0
 
-    server = Server(("127.0.0.1", 0), Reply)
-    try:
-        with pytest.raises(ValueError, match="proxy_max_pending"):
-            server.serve_forever()
-    finally:
-        server.server_close()
+    with pytest.raises(ValueError, match="proxy_max_pending"):
+        Server(("127.0.0.1", 0), Reply)
 
 
 @pytest.mark.parametrize(
