@@ -527,11 +527,11 @@ def dnsdist_config(listen: Sequence[str], backend: tuple[str, int]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def stunnel_config(services: dict[str, str], backend: tuple[str, int], pem: Path) -> str:
-    """stunnel in the foreground, no PID file, one ``protocol = proxy`` service per ``{name: accept}``."""
+def stunnel_config(services: dict[str, tuple[str, tuple[str, int]]], pem: Path) -> str:
+    """stunnel in the foreground, no PID file, one ``protocol = proxy`` service per ``{name: (accept, connect)}``."""
     out = ["foreground = yes", "pid =", "syslog = no", ""]
-    for name, accept in services.items():
-        out += [f"[{name}]", f"accept = {accept}", f"connect = {backend[0]}:{backend[1]}"]
+    for name, (accept, connect) in services.items():
+        out += [f"[{name}]", f"accept = {accept}", f"connect = {connect[0]}:{connect[1]}"]
         out += ["protocol = proxy", f"cert = {pem}", ""]
     return "\n".join(out)
 
