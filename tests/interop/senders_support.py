@@ -328,10 +328,18 @@ class TLSResult:
 
 
 def tls_exchange(
-    address: tuple[str, int], payload: bytes, *, cert: SelfSigned, alpn: Sequence[str] = (), source: Any = None
+    address: tuple[str, int],
+    payload: bytes,
+    *,
+    cert: SelfSigned,
+    alpn: Sequence[str] = (),
+    source: Any = None,
+    tls12: bool = False,
 ) -> TLSResult:
     """Connect over TLS with SNI ``cert.name`` (verifying the certificate), send a line, read one line back."""
     ctx = ssl.create_default_context(cafile=str(cert.cert))
+    if tls12:
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
     raw = socket.socket(_family(address[0]), socket.SOCK_STREAM)
