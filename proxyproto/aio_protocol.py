@@ -1,0 +1,637 @@
+"""asyncio protocols that read the PROXY header first: a wrapper for any protocol factory.
+
+``asyncio.start_server`` hands connections to streams; most asyncio servers
+(uvicorn, hypercorn, aiohttp's low-level server, aiosmtpd) hand them to a
+*protocol* made by a factory given to ``loop.create_server``.
+:func:`wrap_protocol_factory` wraps such a factory::
+
+    factory = proxyproto.aio_protocol.wrap_protocol_factory(MyProtocol, trusted="10.0.0.0/8")
+    server = await loop.create_server(factory, "0.0.0.0", 8080)
+
+Each connection first gets a small :class:`asyncio.BufferedProtocol` that
+reads the header, and only then the real (inner) protocol, which sees a
+transport whose ``get_extra_info("peername")``, ``("sockname")`` and
+``("socket")`` tell the header's addresses (uvicorn and hypercorn ask the
+socket object first), plus ``"proxy_header"`` and ``"proxy_peername"``.
+
+Why a ``BufferedProtocol``: the transport reads into the buffer the protocol
+gives it, so the wrapper can ask for exactly the bytes the header still
+needs.  Before each read it peeks at the socket (one ``recv`` with
+``MSG_PEEK``, as HAProxy's receiver does) and sizes the buffer to the end of
+the header, so a whole v1 line or v2 header is read in one ``recv`` and the
+bytes after it (the request, or a TLS ClientHello) stay in the kernel for the
+inner protocol.  Where the socket cannot be peeked, the reads are sized by
+:func:`proxyproto.reader.measure` alone (16 bytes, then what the length field
+says; a v1 line byte by byte after its first 16), and any byte read past the
+header is handed to the inner protocol before anything else.
+
+Why TLS is the wrapper's job: ``create_server(ssl=...)`` handshakes before
+the protocol sees a byte, so the header would reach the TLS layer and fail
+(aiosmtpd's bug aio-libs/aiosmtpd#559).  Given ``ssl=``, the wrapper reads the
+header from the raw connection and then runs ``loop.start_tls``: the
+handshake happens after the header, as with haproxy's ``send-proxy`` in front
+of TLS passthrough.
+
+Every outcome goes through :func:`proxyproto.policy.decide` (DESIGN.md's
+table); each connection has its own header deadline; at most ``max_pending``
+connections wait for their header at once (past it the oldest is closed, as
+the socketserver mixin does); refusal lines are rate limited
+(:class:`~proxyproto.refusal_log.RefusalLog`); :meth:`ProxyProtocolFactory.close`
+closes the connections still waiting, for a prompt shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl as _ssl
+from collections.abc import Iterable
+from typing import Any, Callable, Union, cast
+
+from . import reader as core
+from .errors import InvalidHeader, NoProxyHeader, ProxyProtocolError
+from .header import Family, ProxyHeader
+from .policy import (
+    Outcome,
+    Policy,
+    TrustedNetworks,
+    check_untrusted_policy,
+    decide,
+    describe,
+    peer_text,
+    served_address,
+    uses_addresses,
+)
+from .refusal_log import DEFAULT_LOG_RATE, RefusalLog
+from .settings import check_setting
+
+__all__ = [
+    "ProxyProtocolFactory",
+    "ProxyTransport",
+    "SocketView",
+    "served_sockname",
+    "wrap_protocol_factory",
+]
+
+logger = logging.getLogger("proxyproto")
+
+ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+#: ``policy_for(peer, local) -> Policy``: the mixin's ``proxy_policy_for`` hook, as a function.
+PolicyHook = Callable[[Any, Any], Union[Policy, str]]
+
+_PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+_CAN_PEEK = hasattr(socket, "MSG_DONTWAIT")
+_IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+#: What the first read asks for when the socket cannot be peeked: a v2 header's fixed part.
+_FIRST_READ = 16
+
+
+def served_sockname(policy: Policy, header: ProxyHeader | None, local: Any, listener_family: int) -> Any:
+    """The local address a served connection reports: the header's destination when its addresses are used.
+
+    The same rule as :func:`proxyproto.policy.served_address` for the peer,
+    so ``peername`` and ``sockname`` always come from the same place.
+    """
+    if header is None or not uses_addresses(policy, header):
+        return local
+    if header.family is Family.UNIX and listener_family in _IP_FAMILIES:
+        return local
+    destination = header.destination
+    if header.family is Family.INET6:
+        assert isinstance(destination, tuple)
+        return (destination[0], destination[1], 0, 0)
+    return destination
+
+
+class SocketView:
+    """The connection's socket as the header describes it.
+
+    ``getpeername()`` and ``getsockname()`` answer with the header's source
+    and destination (in the socket module's shape); everything else
+    (``fileno``, ``family``, ``setsockopt``, ...) is the real socket's.
+    Servers such as uvicorn and hypercorn read the client's address from
+    ``get_extra_info("socket").getpeername()`` before ``"peername"``, so a
+    transport that changed only ``"peername"`` would still show the proxy.
+    """
+
+    __slots__ = ("_local", "_peer", "_sock")
+
+    def __init__(self, sock: Any, peer: Any, local: Any) -> None:
+        self._sock = sock
+        self._peer = peer
+        self._local = local
+
+    def getpeername(self) -> Any:
+        return self._peer
+
+    def getsockname(self) -> Any:
+        return self._local
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def __repr__(self) -> str:
+        return f"<SocketView peer={self._peer!r} local={self._local!r} of {self._sock!r}>"
+
+
+def proxy_extra(raw: asyncio.BaseTransport, policy: Policy, header: ProxyHeader | None) -> dict[str, Any]:
+    """The ``get_extra_info`` keys that ``header`` changes on the raw transport ``raw`` (or TLS over it)."""
+    peer = raw.get_extra_info("peername")
+    local = raw.get_extra_info("sockname")
+    sock = raw.get_extra_info("socket")
+    family = getattr(sock, "family", socket.AF_UNIX)
+    peername = served_address(policy, header, peer, family)
+    sockname = served_sockname(policy, header, local, family)
+    extra: dict[str, Any] = {"proxy_header": header, "proxy_peername": peer}
+    if peername is not peer or sockname is not local:
+        extra["peername"] = peername
+        extra["sockname"] = sockname
+        if sock is not None:
+            extra["socket"] = SocketView(sock, peername, sockname)
+    return extra
+
+
+class ProxyTransport(asyncio.Transport):
+    """The transport an inner protocol sees: the real one, with the header's addresses.
+
+    ``get_extra_info``: ``"peername"``, ``"sockname"`` and ``"socket"`` from the
+    header when its addresses are used (else the real transport's),
+    ``"proxy_header"`` (the header or None) and ``"proxy_peername"`` (the
+    proxy's own address); every other key, and every method (writes, flow
+    control, close, ``set_protocol``), is the real transport's.
+    """
+
+    __slots__ = ("_proxy_extra", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, extra: dict[str, Any]) -> None:
+        super().__init__()
+        self._transport = transport
+        self._proxy_extra = extra
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        try:
+            return self._proxy_extra[name]
+        except KeyError:
+            return self._transport.get_extra_info(name, default)
+
+    # Everything else is the real transport's.
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._transport.abort()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+    def write(self, data: Any) -> None:
+        self._transport.write(data)
+
+    def writelines(self, list_of_data: Iterable[Any]) -> None:
+        self._transport.writelines(list_of_data)
+
+    def write_eof(self) -> None:
+        self._transport.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def __repr__(self) -> str:
+        return f"<ProxyTransport peer={self.get_extra_info('peername')!r} of {self._transport!r}>"
+
+
+def deliver(protocol: asyncio.BaseProtocol, data: bytes) -> None:
+    """Hand bytes already read to ``protocol`` the way a transport would (both protocol kinds)."""
+    if isinstance(protocol, asyncio.BufferedProtocol):
+        rest = memoryview(data)
+        while rest:
+            buf = memoryview(protocol.get_buffer(len(rest)))
+            size = min(len(buf), len(rest))
+            if size == 0:
+                raise RuntimeError("get_buffer() returned an empty buffer")
+            buf[:size] = rest[:size]
+            protocol.buffer_updated(size)
+            rest = rest[size:]
+    elif isinstance(protocol, asyncio.Protocol):
+        protocol.data_received(data)
+
+
+class ProxyProtocolFactory:
+    """A protocol factory for ``loop.create_server``: each connection reads its header, then gets ``factory()``.
+
+    Made by :func:`wrap_protocol_factory`, which documents the knobs.  One
+    instance may serve several listeners; :attr:`pending` counts the
+    connections whose header is not in yet (across them), :meth:`close`
+    closes those connections.
+    """
+
+    def __init__(
+        self,
+        factory: ProtocolFactory,
+        *,
+        policy: Policy | str = Policy.REQUIRE,
+        trusted: Any | None = None,
+        untrusted_policy: Policy | str = Policy.SKIP,
+        header_timeout: float = 10.0,
+        max_header_size: int = 4096,
+        verify_checksum: bool = True,
+        allow_v4_in_tcp6: bool = False,
+        max_pending: int = 256,
+        ssl: _ssl.SSLContext | None = None,
+        ssl_handshake_timeout: float | None = None,
+        policy_for: PolicyHook | None = None,
+        log_rate: float | None = DEFAULT_LOG_RATE,
+    ) -> None:
+        check_setting("proxy_policy", policy)
+        check_setting("proxy_header_timeout", header_timeout)
+        check_setting("proxy_max_header_size", max_header_size)
+        check_setting("proxy_max_pending", max_pending)
+        check_setting("proxy_log_rate", log_rate)
+        self.factory = factory
+        self.policy = Policy(policy)
+        self.untrusted_policy = check_untrusted_policy(untrusted_policy)
+        self.trusted = None if trusted is None else TrustedNetworks(trusted)
+        self.policy_for_hook = policy_for
+        if ssl is not None and policy_for is None:
+            for name, value in (("policy", self.policy), ("untrusted_policy", self.untrusted_policy)):
+                if value in (Policy.USE, Policy.IGNORE, Policy.REJECT) and (name == "policy" or trusted is not None):
+                    raise ValueError(
+                        f"{name}={value.name} with ssl=: a stream that turns out to have no header would have "
+                        "lost its first bytes to the TLS layer; use REQUIRE (or SKIP)"
+                    )
+        self.header_timeout = float(header_timeout)
+        self.max_size = max_header_size
+        self.cap = max(max_header_size, core.MAX_V1_LENGTH)
+        self.verify_checksum = verify_checksum
+        self.allow_v4_in_tcp6 = allow_v4_in_tcp6
+        self.max_pending = max_pending
+        self.ssl = ssl
+        self.ssl_handshake_timeout = ssl_handshake_timeout
+        self.refusals = RefusalLog(logger, log_rate)
+        #: Connections not handed to their protocol yet, oldest first (dicts keep insertion order).
+        self.parked: dict[HeaderProtocol, None] = {}
+        self.handshakes: set[asyncio.Future[None]] = set()
+        self.closed = False
+
+    def __call__(self) -> HeaderProtocol:
+        return HeaderProtocol(self)
+
+    def policy_for(self, peer: Any, transport: asyncio.BaseTransport) -> Policy:
+        if self.policy_for_hook is not None:
+            return Policy(self.policy_for_hook(peer, transport.get_extra_info("sockname")))
+        trusted = self.trusted
+        if trusted is None or not isinstance(peer, tuple) or peer[0] in trusted:
+            return self.policy
+        return self.untrusted_policy
+
+    @property
+    def pending(self) -> int:
+        """Connections whose header (or, with ``ssl=``, handshake) is not complete yet."""
+        return len(self.parked)
+
+    def close(self) -> None:
+        """Close every connection still waiting for its header; later ones are closed on arrival.
+
+        Call it when the server stops accepting (after ``Server.close()``):
+        the connections it closes were never handed to the application, so a
+        graceful shutdown has nothing to wait for.
+        """
+        self.closed = True
+        for waiting in list(self.parked):
+            waiting.shutdown()
+
+    async def aclose(self) -> None:
+        """:meth:`close`, then one loop iteration so the transports finish closing."""
+        self.close()
+        await asyncio.sleep(0)
+
+    def park(self, waiting: HeaderProtocol) -> None:
+        parked = self.parked
+        while len(parked) >= self.max_pending:
+            oldest = next(iter(parked))
+            del parked[oldest]
+            self.refusals.log(
+                logging.WARNING,
+                "%s: closed: %d connections already wait for their header (max_pending)",
+                peer_text(oldest.peer),
+                self.max_pending,
+            )
+            oldest.abort()
+        parked[waiting] = None
+
+    def unpark(self, waiting: HeaderProtocol) -> None:
+        self.parked.pop(waiting, None)
+
+
+class _Holding(asyncio.Protocol):
+    """Keeps what the TLS layer decrypts before the inner protocol has been told of the connection."""
+
+    __slots__ = ("data", "eof")
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.eof = False
+
+    def data_received(self, data: bytes) -> None:
+        self.data.append(bytes(data))
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True
+
+
+class HeaderProtocol(asyncio.BufferedProtocol):
+    """One connection until its header is in: exact reads, then the inner protocol takes the transport."""
+
+    __slots__ = ("buf", "factory", "held", "need", "peek", "peer", "policy", "timer", "transport")
+
+    def __init__(self, factory: ProxyProtocolFactory) -> None:
+        self.factory = factory
+        self.transport: asyncio.Transport | None = None
+        self.peer: Any = None
+        self.policy = Policy.REQUIRE
+        self.buf = bytearray()
+        self.held = 0
+        self.need = _FIRST_READ
+        self.peek: socket.socket | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.BaseProtocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        transport = cast(asyncio.Transport, transport)
+        factory = self.factory
+        self.transport = transport
+        self.peer = peer = transport.get_extra_info("peername")
+        if factory.closed:
+            transport.abort()
+            return
+        try:
+            self.policy = factory.policy_for(peer, transport)
+        except ValueError as exc:
+            logger.error("%s: closed: proxy policy hook failed: %s", peer_text(peer), exc)
+            transport.abort()
+            return
+        if self.policy is Policy.SKIP:
+            self.serve(None, b"")
+            return
+        self.buf = bytearray(factory.cap)
+        if _CAN_PEEK:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                # A socket object on the same descriptor, detached when done: it never closes it.
+                self.peek = socket.socket(sock.family, sock.type, sock.proto, sock.fileno())
+        factory.park(self)
+        self.timer = asyncio.get_running_loop().call_later(factory.header_timeout, self.expire)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.release()
+
+    def eof_received(self) -> bool | None:
+        held = self.held
+        if held:
+            error = InvalidHeader(f"header truncated by EOF after {held} byte(s)", offset=held)
+            self.conclude(Outcome.INVALID, error)
+            return None
+        inner = self.conclude(Outcome.EOF)
+        if inner is None or self.transport is None or self.transport.is_closing():
+            return None
+        if isinstance(inner, asyncio.Protocol):  # BufferedProtocol is one too
+            return inner.eof_received()
+        return None
+
+    # -- reading exactly the header -------------------------------------------------------
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        held = self.held
+        want = self.need
+        peek = self.peek
+        if peek is not None:
+            try:
+                ahead = peek.recv(self.factory.cap - held, _PEEK_FLAGS)
+            except OSError:
+                ahead = b""  # nothing yet, or an error the transport's own read will report
+            if ahead:
+                try:
+                    size = core.measure(bytes(self.buf[:held]) + ahead, self.factory.max_size)
+                except ProxyProtocolError:
+                    size = 0  # concluded on this read: take what is there
+                want = size - held if size > 0 else len(ahead)
+            else:
+                want = 1
+        return memoryview(self.buf)[held : held + want]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.held += nbytes
+        data = bytes(self.buf[: self.held])
+        factory = self.factory
+        try:
+            size = core.measure(data, factory.max_size)
+        except NoProxyHeader as exc:
+            self.conclude(Outcome.NO_HEADER, exc)
+            return
+        except InvalidHeader as exc:
+            self.conclude(Outcome.INVALID, exc)
+            return
+        if size < 0:
+            self.need = -size
+            return
+        try:
+            header = core.decode(data, size, factory.verify_checksum, factory.allow_v4_in_tcp6)
+        except ProxyProtocolError as exc:
+            self.conclude(Outcome.INVALID, exc)
+            return
+        self.conclude(Outcome.HEADER, header=header, rest=data[size:])
+
+    def expire(self) -> None:
+        self.timer = None
+        self.conclude(Outcome.PARTIAL if self.held else Outcome.SILENT)
+
+    # -- deciding ---------------------------------------------------------------------------
+
+    def release(self) -> None:
+        """Forget the waiting state: deadline, parking slot, peek socket."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.peek is not None:
+            self.peek.detach()
+            self.peek = None
+        self.factory.unpark(self)
+
+    def shutdown(self) -> None:
+        """Close a connection whose header is not in (server shutdown); nothing was served on it."""
+        self.factory.unpark(self)
+        self.abort()
+
+    def abort(self) -> None:
+        self.release()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def conclude(
+        self,
+        outcome: Outcome,
+        error: ProxyProtocolError | None = None,
+        *,
+        header: ProxyHeader | None = None,
+        rest: bytes = b"",
+    ) -> asyncio.BaseProtocol | None:
+        """Close or serve, as the policy table says; the inner protocol when served."""
+        self.release()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return None
+        factory = self.factory
+        policy = self.policy
+        verdict = decide(policy, outcome)
+        if not verdict.serve:
+            factory.refusals.log(
+                verdict.level,
+                "%s: closed: %s",
+                peer_text(self.peer),
+                describe(policy, outcome, error, self.held, factory.header_timeout),
+            )
+            transport.close()
+            return None
+        if outcome is not Outcome.HEADER:
+            rest = bytes(self.buf[: self.held])  # no header: every byte read is payload
+        self.buf = bytearray()
+        return self.serve(header, rest)
+
+    def serve(self, header: ProxyHeader | None, rest: bytes) -> asyncio.BaseProtocol | None:
+        transport = self.transport
+        assert transport is not None
+        factory = self.factory
+        try:
+            inner = factory.factory()
+        except Exception:
+            logger.exception("%s: closed: the protocol factory failed", peer_text(self.peer))
+            transport.abort()
+            return None
+        if factory.ssl is not None:
+            factory.park(self)  # until the handshake is done: counted, and closed on shutdown
+            transport.pause_reading()
+            task = asyncio.ensure_future(self.start_tls(inner, header))
+            factory.handshakes.add(task)  # a reference, so the task is not collected mid-handshake
+            task.add_done_callback(factory.handshakes.discard)
+            return None
+        transport.set_protocol(inner)
+        inner.connection_made(ProxyTransport(transport, proxy_extra(transport, self.policy, header)))
+        if rest and not transport.is_closing():
+            deliver(inner, rest)
+        return inner
+
+    async def start_tls(self, inner: asyncio.BaseProtocol, header: ProxyHeader | None) -> None:
+        transport = self.transport
+        assert transport is not None
+        factory = self.factory
+        assert factory.ssl is not None
+        holding = _Holding()
+        try:
+            tls = await asyncio.get_running_loop().start_tls(
+                transport,
+                holding,
+                factory.ssl,
+                server_side=True,
+                ssl_handshake_timeout=factory.ssl_handshake_timeout,
+            )
+        except (OSError, asyncio.TimeoutError) as exc:  # ssl.SSLError and ConnectionError are OSErrors
+            factory.refusals.log(logging.INFO, "%s: closed: TLS handshake failed: %s", peer_text(self.peer), exc)
+            transport.abort()
+            return
+        finally:
+            factory.unpark(self)
+        if tls is None or tls.is_closing():
+            return
+        tls.set_protocol(inner)
+        inner.connection_made(ProxyTransport(tls, proxy_extra(transport, self.policy, header)))
+        for chunk in holding.data:
+            if tls.is_closing():
+                return
+            deliver(inner, chunk)
+        if holding.eof and isinstance(inner, asyncio.Protocol) and not inner.eof_received():
+            tls.close()
+
+
+def wrap_protocol_factory(
+    factory: ProtocolFactory,
+    *,
+    policy: Policy | str = Policy.REQUIRE,
+    trusted: Any | None = None,
+    untrusted_policy: Policy | str = Policy.SKIP,
+    header_timeout: float = 10.0,
+    max_header_size: int = 4096,
+    verify_checksum: bool = True,
+    allow_v4_in_tcp6: bool = False,
+    max_pending: int = 256,
+    ssl: _ssl.SSLContext | None = None,
+    ssl_handshake_timeout: float | None = None,
+    policy_for: PolicyHook | None = None,
+    log_rate: float | None = DEFAULT_LOG_RATE,
+) -> ProxyProtocolFactory:
+    """A protocol factory for ``loop.create_server`` / ``create_unix_server`` that reads the header first.
+
+    ``factory`` makes the inner protocol (any ``asyncio.Protocol`` or
+    ``BufferedProtocol``: a plain one, ``StreamReaderProtocol``, a web
+    server's); it is called once the header is in, and only for connections
+    that are served.  The knobs are the socketserver mixin's, without the
+    ``proxy_`` prefix (DESIGN.md): ``policy`` for trusted peers,
+    ``trusted`` (None: every peer; else networks, or a string like
+    ``"10.0.0.0/8, 127.0.0.1"`` or ``"*"``; UNIX-socket peers are always
+    trusted), ``untrusted_policy`` (SKIP, IGNORE or REJECT),
+    ``header_timeout`` (seconds for the whole header), ``max_header_size``,
+    ``verify_checksum``, ``allow_v4_in_tcp6``, ``max_pending`` (connections
+    waiting for their header; past it the oldest is closed), ``policy_for``
+    (``(peer, local) -> Policy``, replaces the three trust knobs) and
+    ``log_rate`` (refusal lines per second).
+
+    ``ssl``: an ``SSLContext`` to negotiate *after* the header; do not pass
+    ``ssl=`` to ``create_server`` as well.  With it, the policies that look at
+    a stream and may serve it without a header (USE, IGNORE, REJECT) are
+    refused with ``ValueError``: the bytes read to decide would be lost to
+    the handshake.
+
+    Raises ``ValueError`` for an invalid knob.
+    """
+    return ProxyProtocolFactory(
+        factory,
+        policy=policy,
+        trusted=trusted,
+        untrusted_policy=untrusted_policy,
+        header_timeout=header_timeout,
+        max_header_size=max_header_size,
+        verify_checksum=verify_checksum,
+        allow_v4_in_tcp6=allow_v4_in_tcp6,
+        max_pending=max_pending,
+        ssl=ssl,
+        ssl_handshake_timeout=ssl_handshake_timeout,
+        policy_for=policy_for,
+        log_rate=log_rate,
+    )
