@@ -1,0 +1,69 @@
+"""The pages of docs/ this suite owns render cleanly, link to real files, and their examples run.
+
+docs/udp-asyncio-cli.rst's examples are run by tests/cli/test_cli_beyond_docs.py
+(console sessions included); the README's by tests/test_readme.py and
+tests/interop/test_interop_readme_walkthrough.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+from doc_examples import DOCS, code_blocks, exec_block, missing_link_targets, rendering_warnings, run_doctests
+
+PAGES = ["api", "configuration", "performance", "platforms", "security", "testing", "udp-asyncio-cli"]
+#: Pages whose examples this module runs (udp-asyncio-cli.rst: see the module docstring).
+EXAMPLE_PAGES = [p for p in PAGES if p != "udp-asyncio-cli"]
+
+
+def test_pages_exist() -> None:
+    assert sorted(p.stem for p in DOCS.glob("*.rst")) >= PAGES
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_renders_without_docutils_warnings(page: str) -> None:
+    assert rendering_warnings(DOCS / f"{page}.rst") == ""
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_links_point_to_existing_files(page: str) -> None:
+    assert missing_link_targets(DOCS / f"{page}.rst") == []
+
+
+@pytest.mark.parametrize("page", EXAMPLE_PAGES)
+def test_page_doctests_pass(page: str) -> None:
+    failures, _ = run_doctests(DOCS / f"{page}.rst")
+    assert failures == 0
+
+
+PYTHON_BLOCKS = [
+    (page, block)
+    for page in EXAMPLE_PAGES
+    for block in code_blocks(DOCS / f"{page}.rst", "python")
+    if not block.source.startswith(">>>")
+]
+
+
+@pytest.mark.parametrize(("page", "block"), PYTHON_BLOCKS, ids=[f"{p}:{b.line}" for p, b in PYTHON_BLOCKS])
+def test_page_python_block_runs(page: str, block: object) -> None:
+    exec_block(block.source, f"docs/{page}.rst {block.name}")  # type: ignore[attr-defined]
+
+
+def test_api_page_has_doctests() -> None:
+    assert run_doctests(DOCS / "api.rst").attempted >= 5
+
+
+def test_configuration_page_has_one_settings_table_with_every_setting() -> None:
+    """Every ``proxy_*`` class attribute of the mixin is in the one table, with its real default."""
+    import proxyproto
+
+    text = (DOCS / "configuration.rst").read_text()
+    names = sorted(n for n in vars(proxyproto.ProxyProtocolMixin) if n.startswith("proxy_") and n != "proxy_policy_for")
+    assert names
+    for name in names:
+        default = getattr(proxyproto.ProxyProtocolMixin, name)
+        shown = f"Policy.{default.name}" if isinstance(default, proxyproto.Policy) else repr(default)
+        row = f"``{name}``"
+        assert row in text, name
+        line = next(line for line in text.splitlines() if line.startswith(row))
+        assert f"``{shown}``" in line, (name, shown, line)
+    assert text.count("attribute                   default") == 1
