@@ -19,8 +19,19 @@ logged as the socketserver mixin logs them, and the callback receives
 * ``writer.get_extra_info("peername")``: the real client (the header's
   source, in the socket module's shape) when the policy uses the header's
   addresses; otherwise the socket's own peer, as without a proxy;
+  ``("sockname")`` and ``("socket")`` agree with it (the header's
+  destination; a socket view whose ``getpeername()``/``getsockname()`` say
+  the same, as hypercorn reads them);
 * ``writer.get_extra_info("proxy_header")``: the parsed header, or None;
 * ``writer.get_extra_info("proxy_peername")``: the socket's own peer (the proxy).
+
+At most ``max_pending`` connections wait for their header at once: past it
+the oldest is closed and logged (a real proxy sends its header at once, so
+the oldest silent connection is the likeliest attacker), so a flood of
+silent connections holds a bounded number of descriptors.  Refusal lines are
+rate limited (:class:`~proxyproto.refusal_log.RefusalLog`, ``log_rate``).
+Servers built on protocols rather than streams use
+:func:`proxyproto.aio_protocol.wrap_protocol_factory`.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import os
 from typing import Any, Callable, Union
 
 from . import reader as core
+from .aio_protocol import proxy_extra
 from .errors import (
     InvalidHeader,
     NoProxyHeader,
@@ -42,13 +54,14 @@ from .policy import (
     Outcome,
     Policy,
     TrustedNetworks,
-    client_address_of,
+    check_untrusted_policy,
     decide,
     describe,
     peer_text,
     refusal,
-    uses_addresses,
 )
+from .refusal_log import DEFAULT_LOG_RATE, RefusalLog
+from .settings import check_setting
 
 __all__ = ["ProxyStreamWriter", "read_header", "start_server", "start_unix_server"]
 
@@ -178,9 +191,13 @@ class ProxyStreamWriter(asyncio.StreamWriter):
     """A ``StreamWriter`` whose ``get_extra_info`` knows what the PROXY header said.
 
     ``"peername"``: the real client when the header's addresses are used,
-    else the socket's peer; ``"proxy_header"``: the header or None;
-    ``"proxy_peername"``: the socket's own peer (the proxy).  Every other key
-    is the transport's.
+    else the socket's peer; ``"sockname"``: the header's destination, under
+    the same rule; ``"socket"``: the real socket, or when the header's
+    addresses are used a :class:`~proxyproto.aio_protocol.SocketView` whose
+    ``getpeername()`` and ``getsockname()`` give the two above (hypercorn
+    and uvicorn read the socket object first); ``"proxy_header"``: the
+    header or None; ``"proxy_peername"``: the socket's own peer (the proxy).
+    Every other key is the transport's.
     """
 
     def __init__(
@@ -188,16 +205,12 @@ class ProxyStreamWriter(asyncio.StreamWriter):
         writer: asyncio.StreamWriter,
         reader: asyncio.StreamReader,
         header: ProxyHeader | None,
-        peername: Any,
+        policy: Policy | str = Policy.REQUIRE,
     ) -> None:
         # The transport and protocol of the stream asyncio made: writes, drain,
         # close and start_tls behave exactly as on the original writer.
         super().__init__(writer.transport, writer._protocol, reader, asyncio.get_running_loop())  # type: ignore[attr-defined]
-        self._proxy_extra = {
-            "peername": peername,
-            "proxy_header": header,
-            "proxy_peername": writer.get_extra_info("peername"),
-        }
+        self._proxy_extra = proxy_extra(writer.transport, Policy(policy), header)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name in self._proxy_extra:
@@ -220,17 +233,27 @@ class _Acceptor:
         verify_checksum: bool,
         allow_v4_in_tcp6: bool,
         policy_for: PolicyHook | None,
+        max_pending: int,
+        log_rate: float | None,
     ) -> None:
         self.callback = client_connected_cb
         self.hook = policy_for
         self.policy = Policy(policy)
-        self.untrusted_policy = Policy(untrusted_policy)
-        if self.untrusted_policy in (Policy.USE, Policy.REQUIRE):
-            raise ValueError(
-                "untrusted_policy: USE and REQUIRE would let untrusted peers set their address; "
-                "use SKIP, IGNORE or REJECT"
-            )
+        try:
+            self.untrusted_policy = check_untrusted_policy(untrusted_policy)
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("proxy_untrusted_policy", "untrusted_policy")) from None
         self.trusted = None if trusted is None else TrustedNetworks(trusted)
+        check_setting("proxy_header_timeout", header_timeout)
+        check_setting("proxy_max_header_size", max_header_size)
+        check_setting("proxy_max_pending", max_pending)
+        check_setting("proxy_log_rate", log_rate)
+        self.max_pending = max_pending
+        self.refusals = RefusalLog(logger, log_rate)
+        #: Writers of the connections whose header is not in yet, oldest first.
+        self.pending: dict[asyncio.StreamWriter, Any] = {}
+        #: Writers closed by max_pending: their reading task ends without a second line.
+        self.evicted: set[asyncio.StreamWriter] = set()
         self.timeout = header_timeout
         self.options = {
             "max_size": max_header_size,
@@ -245,26 +268,56 @@ class _Acceptor:
             return self.policy
         return self.untrusted_policy
 
+    def park(self, writer: asyncio.StreamWriter, peer: Any) -> None:
+        """Count ``writer`` as waiting for its header; past ``max_pending``, close the oldest."""
+        pending = self.pending
+        while len(pending) >= self.max_pending:
+            oldest = next(iter(pending))
+            oldest_peer = pending.pop(oldest)
+            self.evicted.add(oldest)
+            self.refusals.log(
+                logging.WARNING,
+                "%s: closed: %d connections already wait for their header (max_pending)",
+                peer_text(oldest_peer),
+                self.max_pending,
+            )
+            oldest.transport.abort()
+        pending[writer] = peer
+
+    def unpark(self, writer: asyncio.StreamWriter) -> bool:
+        """Stop counting ``writer``; False when max_pending has already closed it."""
+        if writer in self.evicted:
+            self.evicted.discard(writer)
+            return False
+        self.pending.pop(writer, None)
+        return True
+
     async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         policy = self.policy_for(peer, writer)
         header: ProxyHeader | None = None
         if policy is not Policy.SKIP:
+            self.park(writer, peer)
             try:
                 attempt = await _attempt(reader, policy, self.timeout, self.options)
             except OSError as exc:
-                logger.info("%s: closed: %s while reading the PROXY header", peer_text(peer), exc)
+                if not self.unpark(writer):
+                    self.refusals.log(
+                        logging.INFO, "%s: closed: %s while reading the PROXY header", peer_text(peer), exc
+                    )
+                writer.close()
+                return
+            if not self.unpark(writer):
                 writer.close()
                 return
             assert attempt.outcome is not None
             verdict = decide(policy, attempt.outcome)
             if not verdict.serve:
-                logger.log(verdict.level, "%s: closed: %s", peer_text(peer), attempt.describe(self.timeout))
+                self.refusals.log(verdict.level, "%s: closed: %s", peer_text(peer), attempt.describe(self.timeout))
                 writer.close()
                 return
             header = attempt.header
-        address = client_address_of(header) if header is not None and uses_addresses(policy, header) else peer
-        result = self.callback(reader, ProxyStreamWriter(writer, reader, header, address))
+        result = self.callback(reader, ProxyStreamWriter(writer, reader, header, policy))
         if inspect.isawaitable(result):
             await result
 
@@ -282,6 +335,8 @@ async def start_server(
     verify_checksum: bool = True,
     allow_v4_in_tcp6: bool = False,
     policy_for: PolicyHook | None = None,
+    max_pending: int = 256,
+    log_rate: float | None = DEFAULT_LOG_RATE,
     **kwargs: Any,
 ) -> asyncio.Server:
     """``asyncio.start_server`` whose connections start with a PROXY header.
@@ -293,8 +348,11 @@ async def start_server(
     ``(reader, writer)`` with ``writer`` a :class:`ProxyStreamWriter`.
     ``policy_for(peer, local)``, when given, replaces ``policy``, ``trusted``
     and ``untrusted_policy`` with a decision per connection (the mixin's
-    ``proxy_policy_for`` hook).  Raises ``ValueError`` for an
-    ``untrusted_policy`` of USE or REQUIRE.
+    ``proxy_policy_for`` hook).  ``max_pending`` (default 256, the mixin's
+    ``proxy_max_pending``) caps the connections whose header is still
+    incomplete: past it the oldest is closed and logged.  ``log_rate`` caps
+    refusal lines per second (None: no cap).  Raises ``ValueError`` for an
+    ``untrusted_policy`` of USE or REQUIRE and for invalid knobs.
     """
     acceptor = _Acceptor(
         client_connected_cb,
@@ -306,6 +364,8 @@ async def start_server(
         verify_checksum=verify_checksum,
         allow_v4_in_tcp6=allow_v4_in_tcp6,
         policy_for=policy_for,
+        max_pending=max_pending,
+        log_rate=log_rate,
     )
     return await asyncio.start_server(acceptor, host, port, **kwargs)
 
@@ -322,6 +382,8 @@ async def start_unix_server(
     verify_checksum: bool = True,
     allow_v4_in_tcp6: bool = False,
     policy_for: PolicyHook | None = None,
+    max_pending: int = 256,
+    log_rate: float | None = DEFAULT_LOG_RATE,
     **kwargs: Any,
 ) -> asyncio.Server:
     """``asyncio.start_unix_server`` whose connections start with a PROXY header.
@@ -339,5 +401,7 @@ async def start_unix_server(
         verify_checksum=verify_checksum,
         allow_v4_in_tcp6=allow_v4_in_tcp6,
         policy_for=policy_for,
+        max_pending=max_pending,
+        log_rate=log_rate,
     )
     return await asyncio.start_unix_server(acceptor, path, **kwargs)

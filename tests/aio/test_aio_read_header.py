@@ -87,8 +87,6 @@ async def async_outcome(data: bytes, close: bool, policy: Policy) -> tuple[Any, 
         return result, await reader.read()
 
 
-
-
 def parity_params() -> list[Any]:
     params = []
     for case in CASES:

@@ -329,10 +329,7 @@ def test_aio_server_behind_real_haproxy_sees_the_client_address(send_proxy: str,
         server, backend = await serve(recorder)
         async with server:
             front = free_port()
-            body = (
-                f"listen fe\n    bind 127.0.0.1:{front}\n"
-                f"    server app {backend[0]}:{backend[1]} {send_proxy}\n"
-            )
+            body = f"listen fe\n    bind 127.0.0.1:{front}\n    server app {backend[0]}:{backend[1]} {send_proxy}\n"
             with haproxy(tmp_path, body, front):
                 reader, writer = await asyncio.open_connection("127.0.0.1", front, local_addr=("127.0.0.2", 0))
                 own = writer.get_extra_info("sockname")
