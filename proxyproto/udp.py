@@ -23,10 +23,37 @@ forged header reflect traffic at a third party.
 :class:`ProxyDatagramRequestHandler`, or ``sendto(..., self.request.proxy_address)``
 in a ``BaseRequestHandler``.
 
+What the header may describe.  The v2 protocol nibble says what the
+header's addresses describe, and every datagram is parsed on its own (G8):
+
+* PROXY with DGRAM (``0x12`` UDP/IPv4, ``0x22`` UDP/IPv6, ``0x32`` UNIX
+  dgram): served with the header's source as ``client_address``.
+* PROXY with STREAM (``0x11``, ``0x21``, ``0x31``): the header describes a
+  TCP connection, which a datagram cannot belong to (a proxy that sends it
+  is misconfigured, or the bytes were replayed from a stream): refused as
+  an invalid header whose message names the protocol, the datagram dropped
+  and logged.
+* UNSPEC (``0x00``), with LOCAL or PROXY: served with the datagram's own
+  source.  The spec makes the UNSPEC byte the one every receiver must
+  implement (V2-R4), and LOCAL health checks (dnsdist's, haproxy's) are
+  16-byte LOCAL headers with family and protocol ``0x00``.
+* LOCAL with any family and protocol: served with the datagram's own
+  source; the spec has the receiver ignore a LOCAL header's family (V2-R1),
+  so a LOCAL health check with a TCP family byte (as AWS NLB sends over TCP)
+  is not refused either.
+
 Configuration is by class attribute, with the names and meanings of
 :class:`proxyproto.ProxyProtocolMixin`; policies and trust apply per
-datagram, by the datagram's source.  A datagram the policy refuses is
-dropped, and logged in one line on the ``proxyproto`` logger.
+datagram, by the datagram's source.  A ``proxy_*`` attribute may change at
+any time, also while ``serve_forever`` runs in another thread: the trust
+settings are re-read for every datagram (:class:`proxyproto.settings.TrustSettings`),
+an invalid value set on the instance raises ``ValueError`` where it is set,
+and an invalid value set on the class is logged once at ERROR and every
+datagram dropped until it is fixed.  A datagram the policy refuses is
+dropped, and logged in one line on the ``proxyproto`` logger; those lines
+are rate-limited (``proxy_log_rate`` lines per second, then one summary of
+how many were suppressed), because a datagram costs its sender nothing and
+a flood of them must not become a flood of log lines.
 """
 
 from __future__ import annotations
@@ -40,8 +67,10 @@ from typing import Any
 
 from . import reader
 from .errors import InvalidHeader, NoProxyHeader, ProxyProtocolError
-from .header import ProxyHeader
-from .policy import Outcome, Policy, TrustedNetworks, client_address_of, decide, describe, peer_text, uses_addresses
+from .header import Command, Protocol, ProxyHeader
+from .policy import Outcome, Policy, decide, describe, peer_text, served_address
+from .refusal_log import DEFAULT_LOG_RATE, RefusalLog
+from .settings import TrustSettings, check_setting, check_settings
 
 __all__ = [
     "ForkingProxyUDPServer",
@@ -59,6 +88,11 @@ Address = Any
 #: Largest UDP payload over IPv4 is 65507 bytes, over IPv6 (without jumbograms) 65527:
 #: receive buffers of this size never truncate a datagram.
 MAX_DATAGRAM = 65535
+
+#: The settings checked when the server is activated and when serving starts.
+SETTINGS = ("proxy_policy", "proxy_trusted", "proxy_untrusted_policy", "proxy_max_header_size", "proxy_log_rate")
+
+_PROTOCOL_NAMES = {Protocol.STREAM: "STREAM (TCP)", Protocol.DGRAM: "DGRAM (UDP)", Protocol.UNSPEC: "UNSPEC"}
 
 
 class ProxyDatagram(tuple[Any, ...]):
@@ -87,8 +121,11 @@ class ProxyDatagram(tuple[Any, ...]):
 class ProxyDatagramMixin:
     """Strip the PROXY v2 header from each datagram of a ``socketserver.UDPServer``.
 
-    Put it first among the bases.  Overrides only ``get_request`` (and
-    ``serve_forever``, to check the configuration when serving starts).
+    Put it first among the bases.  Overrides ``get_request`` (and
+    ``serve_forever``, to check the configuration when serving starts;
+    ``server_activate``, to check it in the constructor; ``service_actions``
+    and ``handle_timeout``, to write the summary of suppressed log lines;
+    ``__setattr__``, to refuse an invalid ``proxy_*`` value where it is set).
     """
 
     #: What a datagram from a trusted source must do (the spec's mode: REQUIRE).
@@ -101,11 +138,14 @@ class ProxyDatagramMixin:
     proxy_max_header_size: int = 4096
     #: Verify a CRC-32C TLV when present.
     proxy_verify_checksum: bool = True
+    #: Refusal log lines per second for this server; past it they are counted and summarised (None: all).
+    proxy_log_rate: float | None = DEFAULT_LOG_RATE
     #: Receive buffer per datagram: large enough never to truncate one.
     max_packet_size = MAX_DATAGRAM
 
-    _ppd_trusted: TrustedNetworks | None = None
-    _ppd_started = False
+    _ppd_settings: TrustSettings | None = None
+    _ppd_log: RefusalLog | None = None
+    _ppd_misconfigured = False
 
     socket: socket.socket
 
@@ -117,29 +157,91 @@ class ProxyDatagramMixin:
         ``proxy_untrusted_policy``.  ``local`` is the socket's own address
         (``getsockname()``), passed only when the method is overridden.
         """
-        trusted = self._ppd_trusted
-        if trusted is None or not isinstance(peer, tuple) or peer[0] in trusted:
-            return Policy(self.proxy_policy)
-        return Policy(self.proxy_untrusted_policy)
+        settings = self._ppd_settings or TrustSettings()
+        settings.refresh(self)
+        if settings.error is not None:
+            raise settings.error
+        return settings.policy_for(peer)
+
+    # -- configuration ---------------------------------------------------------------------
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Refuse an invalid ``proxy_*`` value where it is set (ValueError naming the setting)."""
+        if name.startswith("proxy_"):
+            check_setting(name, value)
+        super().__setattr__(name, value)
+
+    def server_activate(self) -> None:
+        """Check the ``proxy_*`` settings in the constructor, so a mistake surfaces there."""
+        check_settings(self, SETTINGS)
+        super().server_activate()  # type: ignore[misc]
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
-        """Check the configuration, then serve as ``socketserver`` does."""
-        self._ppd_start()
+        """Check the configuration, then serve as ``socketserver`` does.
+
+        When the check fails, ``shutdown()`` must still return: socketserver's
+        waits for an event that only a loop which ran sets, so it is set here.
+        """
+        try:
+            self._ppd_start()
+        except BaseException:
+            shut_down = getattr(self, "_BaseServer__is_shut_down", None)
+            if shut_down is not None:
+                shut_down.set()
+            raise
         super().serve_forever(poll_interval)  # type: ignore[misc]
 
-    def _ppd_start(self) -> None:
-        """Validate the policies and parse ``proxy_trusted`` once, when serving starts."""
-        if self._ppd_started:
-            return
-        for name in ("proxy_policy", "proxy_untrusted_policy"):
-            Policy(getattr(self, name))  # ValueError for an unknown policy
-        if Policy(self.proxy_untrusted_policy) in (Policy.USE, Policy.REQUIRE):
-            raise ValueError(
-                "proxy_untrusted_policy: USE and REQUIRE would let untrusted sources set their address; "
-                "use SKIP, IGNORE or REJECT"
-            )
-        self._ppd_trusted = None if self.proxy_trusted is None else TrustedNetworks(self.proxy_trusted)
-        self._ppd_started = True
+    def service_actions(self) -> None:
+        """Write the summary of suppressed refusal lines once their second is over, then the base's actions."""
+        super().service_actions()  # type: ignore[misc]
+        log = self._ppd_log
+        if log is not None and log.suppressed:
+            log.rate = self.proxy_log_rate
+            log.flush()
+
+    def handle_timeout(self) -> None:
+        """``handle_request()`` timed out (it never calls ``service_actions``): the summary is due here too."""
+        log = self._ppd_log
+        if log is not None and log.suppressed:
+            log.flush()
+        super().handle_timeout()  # type: ignore[misc]
+
+    def _ppd_start(self) -> TrustSettings:
+        """Validate the settings when serving starts (ValueError naming the setting); set up trust and the log."""
+        settings = self._ppd_settings
+        if settings is not None:
+            return settings
+        check_settings(self, SETTINGS)
+        settings = TrustSettings()
+        settings.refresh(self)
+        self._ppd_log = RefusalLog(logger, self.proxy_log_rate)
+        self._ppd_settings = settings
+        return settings
+
+    def _ppd_settings_valid(self, settings: TrustSettings) -> bool:
+        """After a change of the trust settings: log once at ERROR while they are invalid."""
+        error = settings.error
+        if error is None:
+            if self._ppd_misconfigured:
+                logger.warning("the proxy_* settings are valid again; serving datagrams")
+                self._ppd_misconfigured = False
+            return True
+        if not self._ppd_misconfigured:
+            logger.error("invalid setting: %s; dropping every datagram until it is fixed", error)
+            self._ppd_misconfigured = True
+        return False
+
+    def _ppd_refuse(self, level: int, peer: Address, reason: str) -> OSError:
+        """Log one rate-limited refusal line; the OSError tells ``socketserver`` there is nothing to serve."""
+        log = self._ppd_log
+        if log is None:
+            logger.log(level, "%s: dropped datagram: %s", peer_text(peer), reason)
+        else:
+            log.rate = self.proxy_log_rate
+            log.log(level, "%s: dropped datagram: %s", peer_text(peer), reason)
+        return OSError("proxyproto: datagram dropped")
+
+    # -- the datagram path -------------------------------------------------------------------
 
     def get_request(self) -> tuple[Any, Address]:  # (ProxyDatagram, address); Any keeps mypy's base checks quiet
         """Receive one datagram; return it without its header, with the address it is served with.
@@ -147,22 +249,29 @@ class ProxyDatagramMixin:
         A refused datagram is logged and dropped: ``OSError`` tells
         ``socketserver`` there is nothing to serve this time.
         """
-        self._ppd_start()
+        settings = self._ppd_settings or self._ppd_start()
         sock = self.socket
         data, peer = sock.recvfrom(self.max_packet_size)
-        overridden = type(self).proxy_policy_for is not ProxyDatagramMixin.proxy_policy_for
-        policy = Policy(self.proxy_policy_for(peer, sock.getsockname() if overridden else None))
+        if (settings.refresh(self) or self._ppd_misconfigured) and not self._ppd_settings_valid(settings):
+            raise OSError("proxyproto: datagram dropped (invalid proxy_* setting)")
+        cls = type(self)
+        if cls.proxy_policy_for is not ProxyDatagramMixin.proxy_policy_for or "proxy_policy_for" in vars(self):
+            try:
+                chosen = self.proxy_policy_for(peer, sock.getsockname())
+                policy = chosen if type(chosen) is Policy else Policy(chosen)
+            except (ValueError, OSError) as exc:
+                raise self._ppd_refuse(logging.ERROR, peer, f"proxy_policy_for failed: {exc}") from None
+        else:
+            policy = settings.policy_for(peer)
         if policy is Policy.SKIP:
             return ProxyDatagram(data, sock, None, peer), peer
         header, outcome, error = self._ppd_parse(data)
         verdict = decide(policy, outcome)
         if not verdict.serve:
-            reason = describe(policy, outcome, error, len(data), 0.0)
-            logger.log(verdict.level, "%s: dropped datagram: %s", peer_text(peer), reason)
-            raise OSError("proxyproto: datagram dropped")
+            raise self._ppd_refuse(verdict.level, peer, describe(policy, outcome, error, len(data), 0.0))
         if header is None:
             return ProxyDatagram(data, sock, None, peer), peer
-        address = client_address_of(header) if uses_addresses(policy, header) else peer
+        address = served_address(policy, header, peer, sock.family)
         return ProxyDatagram(data[header.length :], sock, header, peer), address
 
     def _ppd_parse(self, data: bytes) -> tuple[ProxyHeader | None, Outcome, ProxyProtocolError | None]:
@@ -186,6 +295,18 @@ class ProxyDatagramMixin:
             )
         if header.version != 2:
             return None, Outcome.INVALID, InvalidHeader("v1 header in a datagram: only v2 applies to UDP (G8)")
+        if header.protocol is Protocol.STREAM and header.command is Command.PROXY:
+            byte = header.family << 4 | header.protocol
+            return (
+                None,
+                Outcome.INVALID,
+                InvalidHeader(
+                    f"PROXY header for a {_PROTOCOL_NAMES[header.protocol]} connection "
+                    f"(family/protocol byte 0x{byte:02x}) in a datagram: a datagram server takes "
+                    "DGRAM (UDP) or UNSPEC headers only (G8)",
+                    offset=13,
+                ),
+            )
         return header, Outcome.HEADER, None
 
 

@@ -104,15 +104,6 @@ def test_udp_local_header_with_inet_family_is_still_local_V2_R1() -> None:
     assert report["header"]["command"] == "LOCAL"
 
 
-def test_udp_stream_protocol_header_is_accepted_as_sent() -> None:
-    """The transport nibble describes the client's transport; the receiver does not second-guess it."""
-    datagram = v2_header(1, 0x11, REAL_V4, DEST_V4) + b"x"
-    with running("ProxyUDPServer") as server, proxy_socket() as proxy:
-        report = exchange(proxy, server, datagram)
-    assert report["client_address"] == list(REAL_V4)
-    assert report["header"]["protocol"] == "STREAM"
-
-
 def test_udp_empty_payload_after_header_is_served() -> None:
     with running("ProxyUDPServer") as server, proxy_socket() as proxy:
         report = exchange(proxy, server, udp4())
@@ -247,8 +238,11 @@ def test_udp_header_split_across_two_datagrams_is_two_invalid_datagrams_G8(
     assert "incomplete" in lines[0].getMessage()
 
 
-def test_udp_require_garbage_flood_logs_one_line_per_datagram(proxy_log: pytest.LogCaptureFixture) -> None:
-    with running("ProxyUDPServer") as server, proxy_socket() as proxy:
+def test_udp_require_garbage_flood_logs_one_line_per_datagram_when_unlimited(
+    proxy_log: pytest.LogCaptureFixture,
+) -> None:
+    """``proxy_log_rate = None``: every dropped datagram has its line (the limit is tested in test_udp_hardening)."""
+    with running("ProxyUDPServer", proxy_log_rate=None) as server, proxy_socket() as proxy:
         for i in range(20):
             proxy.sendto(b"junk %d" % i, server.server_address)
         assert exchange(proxy, server, udp4() + b"x")["client_address"] == list(REAL_V4)
@@ -331,7 +325,11 @@ def test_udp_untrusted_reject_drops_spoof_attempts_G10(proxy_log: pytest.LogCapt
 @pytest.mark.parametrize("bad", [Policy.USE, Policy.REQUIRE, "NOPE"])
 def test_udp_untrusted_policy_use_or_require_refused_when_serving_starts(bad: object) -> None:
     cls = type("S", (udp.ProxyUDPServer,), {"proxy_untrusted_policy": bad})
+    with pytest.raises(ValueError):
+        cls(("127.0.0.1", 0), Reporter)  # in the constructor (server_activate)...
+    cls.proxy_untrusted_policy = Policy.SKIP
     server = cls(("127.0.0.1", 0), Reporter)
+    cls.proxy_untrusted_policy = bad  # ...and when serving starts, for a change made on the class after it
     try:
         with pytest.raises(ValueError):
             server.serve_forever(poll_interval=0.05)

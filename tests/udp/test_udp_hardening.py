@@ -1,0 +1,275 @@
+"""UDP hardening (issue 11): what a datagram's header may describe, live settings, rate-limited refusals.
+
+* item 8: the v2 protocol nibble says what the header describes (SPEC-NOTES G8, the fam byte
+  table): a STREAM header in a datagram is refused naming the protocol; DGRAM is served;
+  UNSPEC (dnsdist's 16-byte LOCAL health checks, PROXY UNSPEC) keeps the datagram's source.
+* item 1 (UDP part): ``proxy_policy``, ``proxy_trusted`` and ``proxy_untrusted_policy`` changed
+  while ``serve_forever`` runs take effect from the next datagram; an invalid value is refused
+  where it is set on the instance, and set on the class it is logged once and every datagram
+  dropped until it is fixed.
+* item 7 (UDP part): refusal lines are rate-limited (``proxy_log_rate``), with summaries.
+
+Real datagram sockets on loopback; the handler's reply (to the proxy) says what it saw.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import socket
+import struct
+import time
+
+import pytest
+from udp_kit import (
+    CLASS_NAMES,
+    DEST_V4,
+    DEST_V6,
+    LOCAL,
+    REAL_V4,
+    REAL_V6,
+    SIGNATURE,
+    exchange,
+    no_reply,
+    proxy_socket,
+    running,
+    udp4,
+    v2_header,
+)
+
+from proxyproto import Policy, refusal_log, udp
+
+
+@pytest.fixture
+def proxy_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.DEBUG, logger="proxyproto")
+    return caplog
+
+
+def messages(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "proxyproto" and text in r.getMessage()]
+
+
+def unix_header(command: int, fam: int) -> bytes:
+    """A v2 header with an AF_UNIX address block (108 NUL-padded bytes per path)."""
+    block = b"/run/client.sock".ljust(108, b"\0") + b"/run/server.sock".ljust(108, b"\0")
+    return SIGNATURE + bytes([0x20 | command, fam]) + struct.pack(">H", len(block)) + block
+
+
+# -- item 8: the protocol byte says what the header describes (G8) -------------------------------
+
+STREAM_HEADERS = {
+    "0x11 TCP over IPv4": v2_header(1, 0x11, REAL_V4, DEST_V4),
+    "0x21 TCP over IPv6": v2_header(1, 0x21, REAL_V6, DEST_V6),
+    "0x31 UNIX stream": unix_header(1, 0x31),
+}
+
+
+@pytest.mark.parametrize("policy", [Policy.REQUIRE, Policy.USE, Policy.IGNORE])
+@pytest.mark.parametrize("case", sorted(STREAM_HEADERS))
+def test_udp_stream_header_is_refused_naming_the_protocol_G8_issue11_item8(
+    case: str, policy: Policy, proxy_log: pytest.LogCaptureFixture
+) -> None:
+    """A datagram cannot belong to a TCP connection: a STREAM header in one is an invalid header."""
+    byte = case.split()[0]
+    with running("ProxyUDPServer", proxy_policy=policy) as server, proxy_socket() as proxy:
+        assert no_reply(proxy, server, STREAM_HEADERS[case] + b"payload")
+        served = exchange(proxy, server, udp4() + b"next")  # a DGRAM header after it is served
+        assert served["header"]["protocol"] == "DGRAM" and bytes.fromhex(served["payload"]) == b"next"
+    lines = messages(proxy_log, "dropped datagram")
+    assert len(lines) == 1, [r.getMessage() for r in proxy_log.records]
+    message = lines[0].getMessage()
+    assert lines[0].levelno == logging.WARNING and lines[0].exc_info is None
+    assert "STREAM" in message and f"byte {byte}" in message and "G8" in message
+    assert "127.0.0.1:" in message and "\n" not in message
+
+
+def test_udp_stream_header_parses_as_invalid_header_G8_issue11_item8() -> None:
+    """The refusal is an InvalidHeader (the policy table's "malformed header" row), whatever the policy."""
+    server = udp.ProxyUDPServer(("127.0.0.1", 0), udp.ProxyDatagramRequestHandler)
+    try:
+        header, outcome, error = server._ppd_parse(STREAM_HEADERS["0x11 TCP over IPv4"])
+    finally:
+        server.server_close()
+    assert header is None and outcome.name == "INVALID"
+    assert type(error).__name__ == "InvalidHeader" and "STREAM (TCP)" in str(error)
+
+
+@pytest.mark.parametrize("name", CLASS_NAMES)
+def test_udp_dgram_header_is_served_with_its_source_G8_issue11_item8(name: str) -> None:
+    with running(name) as server, proxy_socket() as proxy:
+        report = exchange(proxy, server, v2_header(1, 0x12, REAL_V4, DEST_V4) + b"dgram")
+    assert report["client_address"] == list(REAL_V4)
+    assert report["header"]["protocol"] == "DGRAM" and bytes.fromhex(report["payload"]) == b"dgram"
+
+
+def test_udp_unix_dgram_header_on_ip_listener_keeps_the_datagram_source_G8_issue11_item8() -> None:
+    """0x32 is a valid datagram header; on an IP listener a UNIX source is served as LOCAL is (DESIGN.md)."""
+    with running("ProxyUDPServer") as server, proxy_socket() as proxy:
+        report = exchange(proxy, server, unix_header(1, 0x32) + b"u")
+        own = list(proxy.getsockname())
+    assert report["client_address"] == own
+    assert report["header"]["family"] == "UNIX" and report["header"]["protocol"] == "DGRAM"
+    assert bytes.fromhex(report["payload"]) == b"u"
+
+
+UNSPEC_HEADERS = {
+    # dnsdist's health check: 16 bytes, LOCAL, family/protocol 0x00, len 0.
+    "LOCAL 0x00 (dnsdist health check)": b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00",
+    "PROXY 0x00": b"\r\n\r\n\x00\r\nQUIT\n\x21\x00\x00\x00",
+    # The family of a LOCAL header is ignored (V2-R1), its STREAM nibble too.
+    "LOCAL 0x11 (family ignored)": v2_header(0, 0x11, REAL_V4, DEST_V4),
+}
+
+
+@pytest.mark.parametrize("name", CLASS_NAMES)
+@pytest.mark.parametrize("case", sorted(UNSPEC_HEADERS))
+def test_udp_unspec_and_local_headers_keep_the_datagram_source_G8_issue11_item8(
+    case: str, name: str, proxy_log: pytest.LogCaptureFixture
+) -> None:
+    assert UNSPEC_HEADERS["LOCAL 0x00 (dnsdist health check)"] == LOCAL
+    with running(name) as server, proxy_socket() as proxy:
+        report = exchange(proxy, server, UNSPEC_HEADERS[case] + b"check")
+        own = list(proxy.getsockname())
+    assert report["client_address"] == own
+    assert bytes.fromhex(report["payload"]) == b"check"
+    assert report["header"]["command"] == case.split()[0]
+    assert not messages(proxy_log, "dropped datagram")
+
+
+# -- item 1: settings changed while serving ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CLASS_NAMES)
+def test_udp_proxy_trusted_set_on_instance_while_serving_takes_effect_next_datagram_issue11_item1(
+    name: str,
+) -> None:
+    datagram = udp4() + b"x"
+    with running(name) as server, proxy_socket("127.0.0.3") as stranger, proxy_socket("127.0.0.1") as proxy:
+        assert exchange(stranger, server, datagram)["client_address"] == list(REAL_V4)  # everyone trusted
+        server.proxy_trusted = "127.0.0.1"  # the loop runs in another thread
+        own = list(stranger.getsockname())
+        for _ in range(20):
+            report = exchange(stranger, server, datagram)
+            assert report["client_address"] == own  # untrusted: SKIP, the header is payload
+            assert bytes.fromhex(report["payload"]) == datagram and report["header"] is None
+        assert exchange(proxy, server, datagram)["client_address"] == list(REAL_V4)
+
+
+def test_udp_trusted_list_changed_in_place_is_noticed_issue11_item1() -> None:
+    datagram = udp4() + b"x"
+    trusted = ["127.0.0.0/8"]
+    with running("ProxyUDPServer", proxy_trusted=trusted) as server, proxy_socket("127.0.0.3") as stranger:
+        assert exchange(stranger, server, datagram)["client_address"] == list(REAL_V4)
+        trusted[0] = "127.0.0.1/32"  # no assignment at all: the same list, narrowed
+        assert exchange(stranger, server, datagram)["client_address"] == list(stranger.getsockname())
+
+
+def test_udp_policy_changes_while_serving_take_effect_next_datagram_issue11_item1(
+    proxy_log: pytest.LogCaptureFixture,
+) -> None:
+    attrs = {"proxy_trusted": "127.0.0.1"}
+    with running("ProxyUDPServer", **attrs) as server, proxy_socket("127.0.0.3") as stranger:
+        with proxy_socket("127.0.0.1") as proxy:
+            server.proxy_policy = Policy.SKIP
+            assert bytes.fromhex(exchange(proxy, server, udp4() + b"x")["payload"]) == udp4() + b"x"
+            server.proxy_policy = "REQUIRE"
+            assert exchange(proxy, server, udp4() + b"x")["client_address"] == list(REAL_V4)
+        assert exchange(stranger, server, udp4() + b"y")["header"] is None  # SKIP
+        server.proxy_untrusted_policy = Policy.REJECT
+        assert no_reply(stranger, server, udp4() + b"spoof")
+    lines = messages(proxy_log, "dropped datagram")
+    assert len(lines) == 1 and "127.0.0.3" in lines[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("proxy_policy", "NOPE"),
+        ("proxy_trusted", "not a network"),
+        ("proxy_trusted", ["10.0.0.0/8", 42]),
+        ("proxy_untrusted_policy", Policy.USE),
+        ("proxy_untrusted_policy", "REQUIRE"),
+        ("proxy_max_header_size", 3),
+        ("proxy_log_rate", -1),
+    ],
+)
+def test_udp_invalid_setting_on_instance_raises_where_it_is_set_issue11_item1(setting: str, value: object) -> None:
+    with running("ProxyUDPServer", proxy_trusted="127.0.0.1") as server, proxy_socket() as proxy:
+        before = getattr(server, setting)
+        with pytest.raises(ValueError):
+            setattr(server, setting, value)
+        assert getattr(server, setting) == before
+        assert exchange(proxy, server, udp4() + b"x")["client_address"] == list(REAL_V4)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"), [("proxy_trusted", "bogus/99"), ("proxy_policy", "NOPE"), ("proxy_untrusted_policy", "USE")]
+)
+def test_udp_invalid_class_change_logs_once_and_drops_every_datagram_until_fixed_issue11_item1(
+    setting: str, value: object, proxy_log: pytest.LogCaptureFixture
+) -> None:
+    with running("ProxyUDPServer") as server, proxy_socket("127.0.0.3") as stranger:
+        cls = type(server)  # a subclass made for this test alone
+        assert exchange(stranger, server, udp4() + b"ok")["client_address"] == list(REAL_V4)
+        setattr(cls, setting, value)  # on the class: no __setattr__ of the instance sees it
+        try:
+            for _ in range(5):
+                assert no_reply(stranger, server, udp4() + b"while broken")
+        finally:
+            delattr(cls, setting)  # back to the mixin's default
+        assert exchange(stranger, server, udp4() + b"fixed")["client_address"] == list(REAL_V4)
+    errors = messages(proxy_log, "invalid setting")
+    assert len(errors) == 1 and errors[0].levelno == logging.ERROR
+    assert setting in errors[0].getMessage() or "NOPE" in errors[0].getMessage()
+    assert len(messages(proxy_log, "valid again")) == 1
+
+
+# -- item 7: refusal lines rate-limited ----------------------------------------------------------
+
+
+def test_udp_log_rate_default_is_the_shared_default_issue11_item7() -> None:
+    assert udp.ProxyDatagramMixin.proxy_log_rate == refusal_log.DEFAULT_LOG_RATE
+
+
+FLOOD = 5000
+SUPPRESSED = re.compile(r"(\d+) refusal line\(s\) suppressed")
+
+
+@pytest.mark.parametrize("rate", [refusal_log.DEFAULT_LOG_RATE, 5])
+def test_udp_malformed_flood_is_rate_limited_with_summaries_issue11_item7(
+    rate: float, proxy_log: pytest.LogCaptureFixture
+) -> None:
+    with running("ProxyUDPServer", proxy_log_rate=rate) as server, proxy_socket() as proxy:
+        start = time.monotonic()
+        for i in range(FLOOD):
+            proxy.sendto(b"junk %d" % i, server.server_address)
+            if i % 200 == 199:
+                time.sleep(0.002)  # let the server drain its buffer: most datagrams arrive
+        assert exchange(proxy, server, udp4() + b"after")["client_address"] == list(REAL_V4)
+        # The summary of the last window is written from service_actions once its second is over.
+        deadline = time.monotonic() + 3
+        while not messages(proxy_log, "suppressed") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.2)  # any later window's summary too
+        elapsed = time.monotonic() - start
+    dropped = messages(proxy_log, "dropped datagram")
+    summaries = messages(proxy_log, "suppressed")
+    windows = math.ceil(elapsed) + 1
+    assert 0 < len(dropped) <= rate * windows, (len(dropped), elapsed)
+    assert 1 <= len(summaries) <= windows
+    suppressed = sum(int(SUPPRESSED.search(r.getMessage()).group(1)) for r in summaries)  # type: ignore[union-attr]
+    assert len(dropped) + suppressed <= FLOOD
+    assert suppressed >= FLOOD // 10, suppressed  # most of the flood did arrive, and was counted
+    assert all(r.levelno == logging.WARNING for r in summaries)
+
+
+def test_udp_log_rate_none_logs_every_refusal_issue11_item7(proxy_log: pytest.LogCaptureFixture) -> None:
+    with running("ProxyUDPServer", proxy_log_rate=None) as server, proxy_socket() as proxy:
+        proxy.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        for i in range(100):
+            proxy.sendto(b"junk %d" % i, server.server_address)
+        assert exchange(proxy, server, udp4() + b"x")["client_address"] == list(REAL_V4)
+    assert len(messages(proxy_log, "dropped datagram")) == 100
+    assert not messages(proxy_log, "suppressed")
