@@ -109,7 +109,9 @@ def test_dnsdist_udp_custom_tlvs_decode_V2_TLV(dd: tuple[Program, DNSBackend, in
     assert h is not None and h.source == own
     assert h.tlv(0xE0) == b"hello"
     assert h.authority == "authority.example"
-    assert sorted(t.type for t in h.tlvs) == [0x02, 0xE0]
+    assert [t.type for t in h.tlvs] == [0xE0, 0x02]  # as dnsdist lays them out, never re-sorted
+    # 0xE0 is also GCP's PSC id (8 bytes): five bytes there are no id, and no reason to refuse the header.
+    assert h.gcp_psc_id is None
 
 
 def test_dnsdist_local_health_checks_are_answered_G8(dnsdist: tuple[Program, DNSBackend, int]) -> None:
