@@ -52,6 +52,8 @@ def dnsdist() -> Iterator[tuple[Program, DNSBackend, int]]:
             "dnsdist", [exe, "--supervised", "--disable-syslog", "-C", str(conf)], d, tcp=[port], udp_ports=[port]
         )
         try:
+            # dnsdist forwards nothing to a backend it holds down: see one health check answered first.
+            backend.wait(1, lambda s: s.header is not None and s.header.command == Command.LOCAL)
             yield proc, backend, port
         finally:
             proc.stop()
@@ -60,11 +62,8 @@ def dnsdist() -> Iterator[tuple[Program, DNSBackend, int]]:
 
 @pytest.fixture
 def dd(dnsdist: tuple[Program, DNSBackend, int]) -> tuple[Program, DNSBackend, int]:
-    """The module's dnsdist with the backend's records cleared, after the backend has been marked up."""
-    _proc, backend, _port = dnsdist
-    # dnsdist sends nothing on while its backend is down: wait for one answered health check.
-    backend.wait(1, lambda s: s.header is not None and s.header.command == Command.LOCAL)
-    backend.clear()
+    """The module's dnsdist with the backend's records cleared."""
+    dnsdist[1].clear()
     return dnsdist
 
 
