@@ -14,19 +14,27 @@ against: any client can claim any address.  Use ``--policy REQUIRE`` and
 
     python3 demo_echo_server.py                 # port 7654 on 127.0.0.1
     printf 'PROXY TCP4 192.168.1.12 192.168.1.20 58472 27654\\r\\ninkel\\n' | nc -N 127.0.0.1 7654
+    python3 demo_echo_server.py --host ::1      # IPv6: the address family follows --host
+
+A mistake in the options (a host that does not resolve, a busy port, a
+network that does not parse) is one line on stderr and exit status 2, as
+with ``proxyproto``'s command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import socketserver
 import sys
 from typing import Any
 
 import proxyproto
+from proxyproto.settings import check_setting
 
 log = logging.getLogger("demo")
+PROG = "demo_echo_server.py"
 
 SERVER_CLASSES: dict[str, Any] = {
     "sync": proxyproto.ProxyTCPServer,
@@ -73,10 +81,69 @@ class EchoHandler(socketserver.BaseRequestHandler):
         log.info("client sent %d bytes: %s", len(received), quote(bytes(received)))
 
 
+class UsageError(Exception):
+    """A one-line error for stderr and exit status 2."""
+
+
+def port_number(text: str) -> int:
+    """``--port``: 0-65535 (an argparse type, so a bad one is a usage error)."""
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{number} is out of range 0-65535")
+    return number
+
+
+def listen_address(host: str, port: int) -> tuple[socket.AddressFamily, tuple[Any, ...]]:
+    """The address family and bind address for ``--host``: ``::1`` is IPv6, ``127.0.0.1`` IPv4.
+
+    ``socketserver.TCPServer`` is AF_INET unless a subclass says otherwise,
+    so the family is looked up here (``getaddrinfo``, numeric or by name).
+    """
+    if not host:
+        return socket.AF_INET, ("", port)  # every IPv4 address, as socketserver does with ""
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]  # "[::1]", as URLs and the log lines write it
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:
+        raise UsageError(f"--host {host!r}: cannot resolve it: {exc}") from None
+    family, _, _, _, address = infos[0]
+    return family, address
+
+
+def build_server(args: argparse.Namespace) -> socketserver.TCPServer:
+    """The server ``args`` describe; UsageError for a bad option or a port that cannot be bound."""
+    for option, setting, value in (
+        ("--trusted", "proxy_trusted", args.trusted),
+        ("--header-timeout", "proxy_header_timeout", args.header_timeout),
+    ):
+        try:
+            check_setting(setting, value)
+        except ValueError as exc:  # "proxy_trusted: cannot read 'x' as an IP network: ..."
+            raise UsageError(f"{option}: {str(exc).removeprefix(setting + ': ')}") from None
+    family, address = listen_address(args.host, args.port)
+    # A subclass, not the library's class changed in place: other users of it keep their defaults.
+    server_class = type(
+        "DemoServer", (SERVER_CLASSES[args.mode],), {"allow_reuse_address": True, "address_family": family}
+    )
+    try:
+        server: socketserver.TCPServer = server_class(address, EchoHandler)
+    except OSError as exc:
+        where = format_address((args.host, args.port))
+        raise UsageError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    server.proxy_policy = proxyproto.Policy[args.policy]  # type: ignore[attr-defined]
+    server.proxy_trusted = args.trusted  # type: ignore[attr-defined]
+    server.proxy_header_timeout = args.header_timeout  # type: ignore[attr-defined]
+    return server
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=7654, help="TCP port (default: 7654)")
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on, IPv4 or IPv6 (default: 127.0.0.1)")
+    parser.add_argument("--port", type=port_number, default=7654, help="TCP port (default: 7654; 0 picks one)")
     parser.add_argument("--mode", choices=sorted(SERVER_CLASSES), default="threading", help="server class")
     parser.add_argument(
         "--policy",
@@ -96,12 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
-    server_class = SERVER_CLASSES[args.mode]
-    server_class.allow_reuse_address = True
-    server = server_class((args.host, args.port), EchoHandler)
-    server.proxy_policy = proxyproto.Policy[args.policy]
-    server.proxy_trusted = args.trusted
-    server.proxy_header_timeout = args.header_timeout
+    try:
+        server = build_server(args)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
     host, port = server.server_address[:2]
     log.info("listening on %s (%s server, policy %s)", format_address((host, port)), args.mode, args.policy)
     if args.policy in ("USE", "REQUIRE") and not args.trusted:
