@@ -88,6 +88,7 @@ def test_varnish_keep_alive_requests_each_carry_the_client_address(varnish: Varn
     seen = varnish.backend.wait(len(paths))
     assert varnish.backend.errors == []
     assert [s.payload.decode() for s in seen] == paths
+    assert len({s.peer for s in seen}) == len(paths)  # a backend connection (and header) per request
     for s in seen:
         h = s.header
         assert h is not None and h.command == Command.PROXY
