@@ -1,0 +1,409 @@
+"""hypercorn behind a proxy: ``scope["client"]`` is the real client, TLS is negotiated after the header.
+
+Every test runs hypercorn's own ``serve`` through :func:`proxyproto.hypercorn.serve`
+in a fresh event loop on loopback (or a UNIX socket), stopped by its
+``shutdown_trigger``, and talks raw HTTP/1.1 (or HTTPS) to it from a thread
+over real sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import free_port, listening, require_module
+
+import proxyproto
+
+require_module("hypercorn")
+
+from hypercorn.config import Config  # noqa: E402
+
+from proxyproto.hypercorn import serve  # noqa: E402
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "web-servers.rst"
+CEILING = 30.0
+
+# Addresses carried inside headers are data, never dialled: documentation ranges.
+REAL_V4 = ("192.0.2.10", 51234)
+DEST_V4 = ("198.51.100.20", 443)
+REAL_V6 = ("2001:db8::7", 4242)
+DEST_V6 = ("2001:db8::1", 8443)
+
+#: A body with every byte value, CRLFs and something that looks like a header.
+BODY = (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n" + bytes(range(256))) * 64
+
+
+def async_test(func: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+    """Run an ``async def`` test in a fresh loop under a ceiling: a bug fails a test, never hangs the suite."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(asyncio.wait_for(func(*args, **kwargs), CEILING))
+
+    return wrapper
+
+
+class App:
+    """An ASGI app that reports its scope, and counts its HTTP calls (lifespan supported)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        self.calls += 1
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        report = {
+            "client": scope["client"],
+            "server": scope["server"],
+            "scheme": scope["scheme"],
+            "body_sha256": hashlib.sha256(body).hexdigest(),
+            "body_length": len(body),
+        }
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": json.dumps(report).encode()})
+
+
+@contextlib.asynccontextmanager
+async def running(app: App, config: Config | None = None, **knobs: Any) -> AsyncIterator[tuple[str, int]]:
+    """hypercorn serving ``app`` on a free loopback port until the block ends; yields the address."""
+    if config is None:
+        config = Config()
+        config.bind = [f"127.0.0.1:{free_port()}"]
+    config.accesslog = None
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(serve(app, config, shutdown_trigger=stop.wait, **knobs))
+    bind = config.bind[0]
+    host, _, port = bind.rpartition(":")
+    deadline = time.monotonic() + 10
+    while not listening(int(port)):
+        assert not task.done(), task.exception()
+        assert time.monotonic() < deadline, "hypercorn did not start"
+        await asyncio.sleep(0.02)
+    try:
+        yield host.strip("[]"), int(port)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+def request(body: bytes = BODY) -> bytes:
+    return (
+        b"POST /echo HTTP/1.1\r\nHost: example\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+    ) + body
+
+
+def read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, ssl.SSLEOFError):
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def exchange_blocking(
+    address: Any, data: bytes, tls: ssl.SSLContext | None = None, head: bytes = b"", family: int = socket.AF_INET
+) -> bytes:
+    """Send ``head`` in the clear, then ``data`` (over TLS when ``tls``), and read until the server closes."""
+    with socket.socket(family, socket.SOCK_STREAM) as raw:
+        raw.settimeout(10)
+        raw.connect(address)
+        raw.sendall(head)
+        if tls is None:
+            raw.sendall(data)
+            return read_all(raw)
+        with tls.wrap_socket(raw, server_hostname="localhost") as sock:
+            sock.sendall(data)
+            return read_all(sock)
+
+
+async def exchange(address: Any, data: bytes, **kw: Any) -> bytes:
+    return await asyncio.to_thread(exchange_blocking, address, data, **kw)
+
+
+def report_of(response: bytes) -> dict[str, Any]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), response[:300]
+    if b"transfer-encoding: chunked" in head.lower():
+        decoded = b""
+        while True:
+            size_line, _, body = body.partition(b"\r\n")
+            size = int(size_line, 16)
+            if size == 0:
+                break
+            decoded, body = decoded + body[:size], body[size + 2 :]
+        body = decoded
+    return json.loads(body)  # type: ignore[no-any-return]
+
+
+def header_bytes(version: int, source: tuple[str, int], destination: tuple[str, int]) -> bytes:
+    if version == 1:
+        return proxyproto.encode_v1(source, destination)
+    return proxyproto.encode_v2(source, destination)
+
+
+def proxy_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "proxyproto"]
+
+
+def assert_no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], caplog.text
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A self-signed certificate for localhost, made with the openssl CLI (an EC key: instant)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command line tool is needed to make a test certificate")
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
+            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )  # fmt: skip
+    return str(cert), str(key)
+
+
+# -- the real client ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize(("source", "destination"), [(REAL_V4, DEST_V4), (REAL_V6, DEST_V6)], ids=["ipv4", "ipv6"])
+@async_test
+async def test_scope_client_is_the_headers_source(
+    version: int, source: tuple[str, int], destination: tuple[str, int]
+) -> None:
+    app = App()
+    async with running(app) as address:
+        report = report_of(await exchange(address, header_bytes(version, source, destination) + request()))
+    assert report["client"] == list(source)  # two items, as ASGI says, for IPv6 too
+    assert report["server"] == list(destination)
+
+
+@async_test
+async def test_post_body_after_the_header_is_byte_exact() -> None:
+    app = App()
+    async with running(app) as address:
+        report = report_of(await exchange(address, proxyproto.encode_v2(REAL_V4, DEST_V4) + request(BODY)))
+    assert report["body_length"] == len(BODY)
+    assert report["body_sha256"] == hashlib.sha256(BODY).hexdigest()
+
+
+@async_test
+async def test_ipv6_listener_serves_an_ipv4_source() -> None:
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no ::1 on this machine")
+    app = App()
+    config = Config()
+    config.bind = [f"[::1]:{free_port()}"]
+    async with running(app, config) as address:
+        data = proxyproto.encode_v1(REAL_V4, DEST_V4) + request()
+        report = report_of(await exchange(address, data, family=socket.AF_INET6))
+    assert report["client"] == list(REAL_V4)
+
+
+@async_test
+async def test_unix_listener_serves_the_headers_source(tmp_path: Path) -> None:
+    """haproxy in front of a UNIX-socket backend: the client is the header's, not None."""
+    path = tmp_path / "hypercorn.sock"
+    app = App()
+    config = Config()
+    config.bind = [f"unix:{path}"]
+    config.accesslog = None
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(serve(app, config, shutdown_trigger=stop.wait))
+    try:
+        for _ in range(500):
+            if path.exists() or task.done():
+                break
+            await asyncio.sleep(0.02)
+        data = proxyproto.encode_v2(REAL_V6, DEST_V6) + request()
+        report = report_of(await exchange(str(path), data, family=socket.AF_UNIX))
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert report["client"] == list(REAL_V6)
+
+
+@async_test
+async def test_tls_is_negotiated_after_the_header(tls_files: tuple[str, str]) -> None:
+    """config.certfile/keyfile: the header in the clear, then the handshake (TLS passthrough behind haproxy)."""
+    config = Config()
+    config.bind = [f"127.0.0.1:{free_port()}"]
+    config.certfile, config.keyfile = tls_files
+    client_tls = ssl.create_default_context(cafile=tls_files[0])
+    app = App()
+    async with running(app, config) as address:
+        head = proxyproto.encode_v2(REAL_V4, DEST_V4)
+        report = report_of(await exchange(address, request(), tls=client_tls, head=head))
+    assert report["client"] == list(REAL_V4)
+    assert report["scheme"] == "https"
+    assert report["body_sha256"] == hashlib.sha256(BODY).hexdigest()
+
+
+@async_test
+async def test_config_is_not_modified_and_the_loop_is_restored() -> None:
+    config = Config()
+    config.bind = [f"127.0.0.1:{free_port()}"]
+    loop = asyncio.get_running_loop()
+    async with running(App(), config):
+        assert "create_server" in vars(loop)
+    assert "create_server" not in vars(loop)
+    assert "create_sockets" not in vars(config)
+
+
+# -- trust ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("trusted", ["10.0.0.0/8,127.0.0.1", "*"])
+@async_test
+async def test_trust_lists_in_every_spelling(trusted: Any) -> None:
+    app = App()
+    async with running(app, trusted=trusted) as address:
+        report = report_of(await exchange(address, proxyproto.encode_v1(REAL_V4, DEST_V4) + request()))
+    assert report["client"] == list(REAL_V4)
+
+
+@async_test
+async def test_untrusted_peers_header_never_reaches_the_app() -> None:
+    """SKIP (the default for untrusted peers): the header is payload, hypercorn answers 400."""
+    app = App()
+    async with running(app, trusted="10.0.0.0/8") as address:
+        response = await exchange(address, proxyproto.encode_v1(REAL_V4, DEST_V4) + request())
+        served = report_of(await exchange(address, request()))
+    assert re.match(rb"HTTP/1\.[01] 400 ", response), response[:100]
+    assert app.calls == 1  # only the plain request
+    assert served["client"][0] == "127.0.0.1"
+
+
+@async_test
+async def test_invalid_knobs_are_refused_before_binding() -> None:
+    config = Config()
+    port = free_port()
+    config.bind = [f"127.0.0.1:{port}"]
+    with pytest.raises(ValueError, match="untrusted"):
+        await serve(App(), config, trusted="10.0.0.0/8", untrusted_policy="USE")
+    assert not listening(port)
+
+
+# -- refusals ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"PROXY TCP5 1.2.3.4 5.6.7.8 1 2\r\n", proxyproto.encode_v2(REAL_V4, DEST_V4)[:12] + b"\x31"],
+    ids=["v1-protocol", "v2-version"],
+)
+@async_test
+async def test_malformed_header_is_closed_with_one_log_line(garbage: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    app = App()
+    caplog.set_level(logging.DEBUG, logger="proxyproto")
+    async with running(app) as address:
+        response = await exchange(address, garbage + b"\0" * 64 + request())
+    assert response == b""
+    assert app.calls == 0
+    records = proxy_records(caplog)
+    assert len(records) == 1, caplog.text
+    assert records[0].levelno == logging.WARNING and records[0].getMessage().startswith("127.0.0.1:")
+    assert_no_tracebacks(caplog)
+
+
+@async_test
+async def test_silent_client_is_closed_at_the_header_deadline(caplog: pytest.LogCaptureFixture) -> None:
+    app = App()
+    caplog.set_level(logging.DEBUG, logger="proxyproto")
+    async with running(app, header_timeout=0.3) as address:
+        started = time.monotonic()
+        response = await exchange(address, b"")
+        elapsed = time.monotonic() - started
+    assert response == b""
+    assert 0.25 < elapsed < 2.0
+    assert [r.levelno for r in proxy_records(caplog)] == [logging.INFO], caplog.text
+    assert_no_tracebacks(caplog)
+
+
+@async_test
+async def test_shutdown_does_not_wait_for_a_silent_client() -> None:
+    app = App()
+    async with running(app) as address:
+        reader, writer = await asyncio.open_connection(*address)
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+    assert time.monotonic() - started < 2.0  # far below the 10 s header deadline
+    with contextlib.suppress(ConnectionResetError):
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
+# -- the documented example ----------------------------------------------------------------------
+
+
+def docs_block(name: str) -> str:
+    """The ``.. code-block:: python`` with ``:name: <name>`` in docs/web-servers.rst, dedented."""
+    text = DOCS.read_text()
+    match = re.search(
+        r"^\.\. code-block:: python\n   :name: " + re.escape(name) + r"\n\n((?:(?:    .*)?\n)+)", text, re.MULTILINE
+    )
+    assert match, f"no block named {name} in {DOCS}"
+    return "\n".join(line[4:] for line in match.group(1).splitlines()).strip() + "\n"
+
+
+def test_docs_hypercorn_example_runs(tmp_path: Path) -> None:
+    """The documented script, unchanged but for its port, serves the real client's address."""
+    port = free_port()
+    script = tmp_path / "example.py"
+    script.write_text(docs_block("hypercorn-example").replace("8080", str(port)))
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while not listening(port):
+            assert time.monotonic() < deadline and process.poll() is None, "the example did not start"
+            time.sleep(0.05)
+        get = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        response = exchange_blocking(("127.0.0.1", port), proxyproto.encode_v2(REAL_V6, DEST_V6) + get)
+    finally:
+        process.terminate()
+        process.wait(10)
+    assert response.startswith(b"HTTP/1.1 200"), response
+    assert b"Hello, 2001:db8::7\n" in response
