@@ -29,11 +29,14 @@ from support import free_port, require_module
 
 import proxyproto
 
-require_module("aiohttp")
+try:
+    require_module("aiohttp")
+except pytest.skip.Exception as missing:  # support.require_module skips without allow_module_level
+    pytest.skip(str(missing), allow_module_level=True)
 
-from aiohttp import web  # noqa: E402
+from aiohttp import web
 
-from proxyproto.aiohttp import ProxyTCPSite  # noqa: E402
+from proxyproto.aiohttp import ProxyTCPSite
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "web-servers.rst"
 CEILING = 30.0
@@ -351,6 +354,15 @@ async def test_stop_closes_connections_still_waiting_for_their_header() -> None:
         pass  # closed with a reset: nothing was served on it
     assert time.monotonic() - started < 2.0
     writer.close()
+
+
+def test_core_does_not_import_aiohttp() -> None:
+    """No new runtime dependency: ``import proxyproto`` (and its asyncio layers) never imports aiohttp."""
+    code = (
+        "import sys, proxyproto, proxyproto.aio, proxyproto.aio_protocol; "
+        "assert 'aiohttp' not in sys.modules, sorted(m for m in sys.modules if m.startswith('aiohttp'))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 # -- the documented example ----------------------------------------------------------------------

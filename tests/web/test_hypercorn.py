@@ -30,11 +30,14 @@ from support import free_port, listening, require_module
 
 import proxyproto
 
-require_module("hypercorn")
+try:
+    require_module("hypercorn")
+except pytest.skip.Exception as missing:  # support.require_module skips without allow_module_level
+    pytest.skip(str(missing), allow_module_level=True)
 
-from hypercorn.config import Config  # noqa: E402
+from hypercorn.config import Config
 
-from proxyproto.hypercorn import serve  # noqa: E402
+from proxyproto.hypercorn import serve
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "web-servers.rst"
 CEILING = 30.0
@@ -374,6 +377,15 @@ async def test_shutdown_does_not_wait_for_a_silent_client() -> None:
     with contextlib.suppress(ConnectionResetError):
         assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
+
+
+def test_core_does_not_import_hypercorn() -> None:
+    """No new runtime dependency: neither ``import proxyproto`` nor ``proxyproto.hypercorn`` imports hypercorn."""
+    code = (
+        "import sys, proxyproto, proxyproto.aio, proxyproto.aio_protocol, proxyproto.hypercorn; "
+        "assert 'hypercorn' not in sys.modules, sorted(m for m in sys.modules if m.startswith('hypercorn'))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 # -- the documented example ----------------------------------------------------------------------

@@ -26,11 +26,14 @@ from support import free_port, require_module
 
 import proxyproto
 
-require_module("waitress")
+try:
+    require_module("waitress")
+except pytest.skip.Exception as missing:  # support.require_module skips without allow_module_level
+    pytest.skip(str(missing), allow_module_level=True)
 
-from waitress import wasyncore  # noqa: E402
+from waitress import wasyncore
 
-from proxyproto.waitress import create_server  # noqa: E402
+from proxyproto.waitress import create_server
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "web-servers.rst"
 
@@ -345,6 +348,15 @@ def test_max_pending_closes_the_oldest_waiting_connection(caplog: pytest.LogCapt
             for sock in socks:
                 sock.close()
     assert any("max_pending" in r.getMessage() for r in proxy_records(caplog)), caplog.text
+
+
+def test_core_does_not_import_waitress() -> None:
+    """No new runtime dependency: ``import proxyproto`` (and its asyncio layers) never imports waitress."""
+    code = (
+        "import sys, proxyproto, proxyproto.aio, proxyproto.aio_protocol; "
+        "assert 'waitress' not in sys.modules, sorted(m for m in sys.modules if m.startswith('waitress'))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 # -- the documented example ----------------------------------------------------------------------
