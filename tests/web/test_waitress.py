@@ -206,6 +206,26 @@ def test_ipv6_listener_serves_an_ipv4_source() -> None:
     assert (report["remote_addr"], report["remote_port"]) == (REAL_V4[0], str(REAL_V4[1]))
 
 
+def test_unix_listener_serves_the_headers_source(tmp_path: Path) -> None:
+    """haproxy in front of a UNIX-socket backend: REMOTE_ADDR is the header's, not waitress's "localhost"."""
+    path = str(tmp_path / "waitress.sock")
+    app = App()
+    server = create_server(app, unix_socket=path, threads=2)
+    thread = threading.Thread(target=server.run, name="waitress", daemon=True)
+    thread.start()
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(path)
+            sock.sendall(proxyproto.encode_v2(REAL_V6, DEST_V6) + request())
+            report = report_of(read_all(sock))
+    finally:
+        server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
+        thread.join(10)
+        server.task_dispatcher.shutdown()
+    assert (report["remote_addr"], report["remote_port"]) == (REAL_V6[0], str(REAL_V6[1]))
+
+
 def test_local_header_keeps_the_socket_address() -> None:
     app = App()
     with running(app) as server:
