@@ -16,10 +16,15 @@ from typing import Any, Union
 from . import addresses
 from .tlv import TLV, SSLInfo, TLVType, aws_vpce_id, azure_linkid, check_tlv, gcp_psc_id
 
-__all__ = ["KINDS", "Address", "Command", "Family", "Protocol", "ProxyHeader", "from_wire"]
+__all__ = ["KINDS", "Address", "AddressInput", "Command", "Family", "Protocol", "ProxyHeader", "from_wire"]
 
 #: ``(host, port)`` for INET and INET6; a path (str) or abstract name (bytes) for UNIX.
 Address = Union[tuple[str, int], str, bytes]
+
+#: What the encoders and ``ProxyHeader()`` take as an address: what ``parse`` gives
+#: (:data:`Address`), or the socket module's IPv6 4-tuple ``(host, port, flowinfo, scope_id)``
+#: as ``accept()`` and ``getpeername()`` return it, so a peer can be passed as it came.
+AddressInput = Union[tuple[str, int], tuple[str, int, int, int], str, bytes]
 
 
 class Command(enum.IntEnum):
@@ -78,8 +83,8 @@ class ProxyHeader:
         command: int,
         family: int,
         protocol: int,
-        source: object | None = None,
-        destination: object | None = None,
+        source: AddressInput | None = None,
+        destination: AddressInput | None = None,
         tlvs: Iterable[tuple[int, bytes]] = (),
     ) -> None:
         if version not in (1, 2):
@@ -132,6 +137,23 @@ class ProxyHeader:
     def protocol(self) -> Protocol:
         """UNSPEC, STREAM or DGRAM."""
         return self._kind[3]
+
+    @property
+    def source_address(self) -> tuple[str, int] | None:
+        """``source`` when it is an IP ``(host, port)`` (INET or INET6), else None (UNIX, or no addresses).
+
+        ``source`` is typed as every family's address (:data:`Address`), so
+        ``host, port = header.source`` needs a check or a cast under a type
+        checker; this is the same value, typed for the common IP case.
+        """
+        source = self.source
+        return source if type(source) is tuple else None
+
+    @property
+    def destination_address(self) -> tuple[str, int] | None:
+        """``destination`` when it is an IP ``(host, port)``, else None (as :attr:`source_address`)."""
+        destination = self.destination
+        return destination if type(destination) is tuple else None
 
     def to_bytes(self) -> bytes:
         """The wire form: the exact bytes a parsed header came from, else canonical."""
@@ -247,7 +269,7 @@ def _as_tlv(record: tuple[int, bytes]) -> TLV:
     return TLV(int(tlv_type), value)
 
 
-def _canonical_address(family: Family, address: object | None, field: str) -> Address | None:
+def _canonical_address(family: Family, address: AddressInput | None, field: str) -> Address | None:
     """Validate an address for ``family`` and return it in the form ``parse`` gives."""
     if address is None:
         return None
