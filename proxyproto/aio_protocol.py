@@ -399,7 +399,13 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             transport.abort()
             return
         if self.policy is Policy.SKIP:
-            self.serve(None, b"")
+            if factory.ssl is None:
+                self.serve(None, b"")
+            else:
+                # uvloop starts reading once connection_made returns: the handshake starts
+                # on the next iteration, from a paused transport.
+                transport.pause_reading()
+                asyncio.get_running_loop().call_soon(self.serve, None, b"")
             return
         self.buf = bytearray(factory.cap)
         if _CAN_PEEK:

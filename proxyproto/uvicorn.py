@@ -1,0 +1,261 @@
+"""uvicorn behind a proxy that sends the PROXY protocol: ``--http proxyproto.uvicorn:H11``.
+
+uvicorn builds one HTTP protocol object per connection from the class named
+by ``--http`` (``Config(http=...)``), calling it with keyword arguments
+(``config``, ``server_state``, ``app_state``, ``_loop``).  The classes here
+take the same arguments, read the PROXY header first
+(:mod:`proxyproto.aio_protocol`), and then build uvicorn's own
+``H11Protocol`` or ``HttpToolsProtocol`` with those arguments, over a
+transport that reports the header's addresses: ``scope["client"]`` and
+``scope["server"]`` are the real client and the address it dialled::
+
+    uvicorn app:app --http proxyproto.uvicorn:H11
+    uvicorn app:app --http proxyproto.uvicorn:HttpTools
+    PROXYPROTO_ALLOW_IPS=10.0.0.0/8 uvicorn app:app --http proxyproto.uvicorn:H11
+
+Configuration comes from environment variables with gunicorn's and
+uvicorn's conventions (see :data:`ENVIRONMENT`), read when the server
+handles its first connection (and checked when this module is imported, so
+a typo stops the server at start):
+
+``PROXYPROTO_POLICY``            REQUIRE (default), USE, IGNORE, REJECT or SKIP (any case)
+``PROXYPROTO_ALLOW_IPS``         peers trusted to send a header: comma-separated IPs or
+                                 CIDRs, or ``*``; default ``127.0.0.1,::1`` (gunicorn's
+                                 ``proxy_allow_ips``, uvicorn's ``FORWARDED_ALLOW_IPS``);
+                                 UNIX-socket peers are always trusted
+``PROXYPROTO_UNTRUSTED_POLICY``  SKIP (default), IGNORE or REJECT
+``PROXYPROTO_HEADER_TIMEOUT``    seconds for the whole header, default 10
+``PROXYPROTO_MAX_PENDING``       connections waiting for their header, default 256
+``PROXYPROTO_MAX_HEADER_SIZE``   cap on a v2 header, default 4096
+``PROXYPROTO_LOG_RATE``          refusal lines per second, default 20; ``none``: no cap
+
+:func:`wrap` makes a class with settings in code instead, for
+``uvicorn.Config(app, http=proxyproto.uvicorn.wrap("h11", trusted=...))``.
+
+TLS: uvicorn passes its ``--ssl-*`` context to ``loop.create_server``, which
+would handshake before the header.  Importing this module gives
+``uvicorn.Config`` an ``ssl`` attribute that answers None to uvicorn (so
+``create_server`` gets no context) for configs whose HTTP class is one of
+these, and the wrapper negotiates TLS with that context right after the
+header.  (uvicorn's start-up line then says ``http://``; proxyproto logs one
+line saying TLS follows the header.)  Other configs are untouched.
+
+Shutdown: a connection whose header is not in yet is listed in uvicorn's
+``server_state.connections`` and closed by uvicorn's graceful shutdown
+(nothing was served on it), so shutdown is prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import weakref
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from .aio_protocol import HeaderProtocol, ProxyProtocolFactory
+from .policy import Policy
+from .refusal_log import DEFAULT_LOG_RATE
+
+__all__ = ["ENVIRONMENT", "H11", "HttpTools", "ProxyHTTPProtocol", "settings_from_env", "wrap"]
+
+logger = logging.getLogger("proxyproto")
+
+#: The environment variables and their defaults.
+ENVIRONMENT: dict[str, str] = {
+    "PROXYPROTO_POLICY": "REQUIRE",
+    "PROXYPROTO_ALLOW_IPS": "127.0.0.1,::1",
+    "PROXYPROTO_UNTRUSTED_POLICY": "SKIP",
+    "PROXYPROTO_HEADER_TIMEOUT": "10",
+    "PROXYPROTO_MAX_PENDING": "256",
+    "PROXYPROTO_MAX_HEADER_SIZE": "4096",
+    "PROXYPROTO_LOG_RATE": str(DEFAULT_LOG_RATE),
+}
+
+_INNER = {
+    "h11": "uvicorn.protocols.http.h11_impl:H11Protocol",
+    "httptools": "uvicorn.protocols.http.httptools_impl:HttpToolsProtocol",
+}
+
+
+def _number(name: str, text: str, kind: type) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r}: not a{'n integer' if kind is int else ' number'}") from None
+
+
+def settings_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The keyword arguments of :func:`proxyproto.aio_protocol.wrap_protocol_factory` the environment asks for.
+
+    Raises ``ValueError`` naming the variable for a value it cannot use.
+    """
+    env = os.environ if environ is None else environ
+
+    def get(name: str) -> str:
+        return env.get(name, ENVIRONMENT[name]).strip()
+
+    settings: dict[str, Any] = {}
+    for key, name in (("policy", "PROXYPROTO_POLICY"), ("untrusted_policy", "PROXYPROTO_UNTRUSTED_POLICY")):
+        text = get(name)
+        try:
+            settings[key] = Policy(text.upper())
+        except ValueError:
+            choices = ", ".join(p.name for p in Policy)
+            raise ValueError(f"{name}={text!r}: not a policy ({choices})") from None
+    settings["trusted"] = get("PROXYPROTO_ALLOW_IPS")
+    settings["header_timeout"] = _number("PROXYPROTO_HEADER_TIMEOUT", get("PROXYPROTO_HEADER_TIMEOUT"), float)
+    settings["max_pending"] = _number("PROXYPROTO_MAX_PENDING", get("PROXYPROTO_MAX_PENDING"), int)
+    settings["max_header_size"] = _number("PROXYPROTO_MAX_HEADER_SIZE", get("PROXYPROTO_MAX_HEADER_SIZE"), int)
+    rate = get("PROXYPROTO_LOG_RATE")
+    settings["log_rate"] = None if rate.lower() == "none" else _number("PROXYPROTO_LOG_RATE", rate, float)
+    try:  # every value checked the way the factory will check it
+        ProxyProtocolFactory(lambda: asyncio.Protocol(), **settings)
+    except ValueError as exc:
+        message = str(exc)
+        setting = message.partition(":")[0].replace("proxy_", "")
+        name = "PROXYPROTO_ALLOW_IPS" if setting == "trusted" else f"PROXYPROTO_{setting.upper()}"
+        raise ValueError(f"{name if name in ENVIRONMENT else 'PROXYPROTO_*'}: {message}") from None
+    return settings
+
+
+def _import(path: str) -> type[asyncio.Protocol]:
+    import importlib
+
+    module, _, name = path.partition(":")
+    cls: type[asyncio.Protocol] = getattr(importlib.import_module(module), name)
+    return cls
+
+
+class _UvicornFactory(ProxyProtocolFactory):
+    """The wrapper's factory for one uvicorn server: waiting connections are listed in ``server_state``."""
+
+    def __init__(self, connections: set[Any], *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connections = connections
+
+    def park(self, waiting: HeaderProtocol) -> None:
+        super().park(waiting)
+        self.connections.add(waiting)  # uvicorn's shutdown calls waiting.shutdown()
+
+    def unpark(self, waiting: HeaderProtocol) -> None:
+        super().unpark(waiting)
+        self.connections.discard(waiting)
+
+
+class ProxyHTTPProtocol(HeaderProtocol):
+    """Base of :class:`H11` and :class:`HttpTools`: uvicorn's ``--http`` class that reads the header first.
+
+    Subclasses name the inner protocol (``inner``, an import path or a
+    class) and, optionally, fixed ``settings`` (None: the environment).
+    """
+
+    inner: ClassVar[str | type[asyncio.Protocol]] = _INNER["h11"]
+    settings: ClassVar[dict[str, Any] | None] = None
+    #: uvicorn asks the ``--http`` class for its ALPN protocols when it builds the TLS context.
+    alpn_protocols: ClassVar[list[str] | None] = None
+    _factories: ClassVar[weakref.WeakKeyDictionary[Any, ProxyProtocolFactory]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._factories = weakref.WeakKeyDictionary()
+
+    def __init__(self, config: Any, server_state: Any, **kwargs: Any) -> None:
+        cls = type(self)
+        factory = cls._factories.get(server_state)
+        if factory is None:
+            factory = cls._factories[server_state] = cls._make_factory(config, server_state, kwargs)
+        super().__init__(factory)
+
+    @classmethod
+    def _make_factory(cls, config: Any, server_state: Any, kwargs: dict[str, Any]) -> ProxyProtocolFactory:
+        inner = cls.inner if isinstance(cls.inner, type) else _import(cls.inner)
+        settings = settings_from_env() if cls.settings is None else dict(cls.settings)
+        context = vars(config).get("ssl")  # the real context, which uvicorn's create_server no longer sees
+
+        def make_inner() -> asyncio.BaseProtocol:
+            return inner(config=config, server_state=server_state, **kwargs)  # type: ignore[call-arg]
+
+        factory = _UvicornFactory(server_state.connections, make_inner, ssl=context, **settings)
+        logger.info(
+            "proxyproto: PROXY header policy %s for %s, %s for other peers%s",
+            factory.policy.name,
+            settings.get("trusted") or "every peer",
+            factory.untrusted_policy.name,
+            "; TLS is negotiated after the header" if context is not None else "",
+        )
+        return factory
+
+
+class H11(ProxyHTTPProtocol):
+    """``--http proxyproto.uvicorn:H11``: uvicorn's h11 protocol after the PROXY header."""
+
+    inner = _INNER["h11"]
+
+
+class HttpTools(ProxyHTTPProtocol):
+    """``--http proxyproto.uvicorn:HttpTools``: uvicorn's httptools protocol after the PROXY header."""
+
+    inner = _INNER["httptools"]
+
+
+def wrap(http: str | type[asyncio.Protocol] = "h11", **settings: Any) -> type[ProxyHTTPProtocol]:
+    """A ``--http`` class for ``uvicorn.Config(http=...)`` with settings in code.
+
+    ``http``: ``"h11"``, ``"httptools"`` or a protocol class taking uvicorn's
+    keyword arguments.  ``settings``: the keyword arguments of
+    :func:`proxyproto.aio_protocol.wrap_protocol_factory` (``policy``,
+    ``trusted``, ``untrusted_policy``, ``header_timeout``, ``max_pending``,
+    ...; ``trusted`` defaults to ``"127.0.0.1,::1"`` as the environment does,
+    ``None`` trusts every peer); without any, the environment is read.
+    TLS comes from uvicorn's own ``ssl_*`` settings.  Raises ``ValueError``
+    for an invalid setting.
+    """
+    inner = _INNER.get(http, http) if isinstance(http, str) else http
+    if isinstance(inner, str) and ":" not in inner:
+        raise ValueError(f"http={http!r}: use 'h11', 'httptools' or a protocol class")
+    fixed: dict[str, Any] | None = None
+    if settings:
+        fixed = {"trusted": ENVIRONMENT["PROXYPROTO_ALLOW_IPS"], **settings}
+        ProxyProtocolFactory(lambda: asyncio.Protocol(), **fixed)  # raises ValueError now, not per connection
+    name = f"Proxy{inner.__name__ if isinstance(inner, type) else inner.rpartition(':')[2]}"
+    attributes: dict[str, Any] = {"inner": inner, "settings": fixed, "__module__": __name__}
+    if isinstance(inner, type):
+        attributes["alpn_protocols"] = getattr(inner, "alpn_protocols", None)
+    return type(name, (ProxyHTTPProtocol,), attributes)
+
+
+class _SSLTakeover:
+    """``uvicorn.Config.ssl``: None to uvicorn for configs served by these classes; the context to them.
+
+    A data descriptor on the class, storing the value in the instance's
+    ``__dict__`` as a plain attribute would; configs whose HTTP class is not
+    a :class:`ProxyHTTPProtocol` see no difference.
+    """
+
+    def __get__(self, config: Any, owner: Any = None) -> Any:
+        if config is None:
+            return self
+        values = vars(config)
+        context = values.get("ssl")
+        http = values.get("http_protocol_class")
+        if context is not None and isinstance(http, type) and issubclass(http, ProxyHTTPProtocol):
+            return None
+        return context
+
+    def __set__(self, config: Any, value: Any) -> None:
+        vars(config)["ssl"] = value
+
+
+def _take_over_ssl() -> None:
+    try:
+        from uvicorn.config import Config
+    except ImportError:  # the module is importable without uvicorn (docs, type checks)
+        return
+    if not isinstance(Config.__dict__.get("ssl"), _SSLTakeover):
+        Config.ssl = _SSLTakeover()  # type: ignore[assignment]
+
+
+_take_over_ssl()
+settings_from_env()  # a bad PROXYPROTO_* value stops the server at start, with the variable's name

@@ -1,0 +1,428 @@
+"""uvicorn with ``--http proxyproto.uvicorn:H11`` / ``:HttpTools``: ``scope["client"]`` is the real client.
+
+In-process (``uvicorn.Config`` + ``Server.serve`` in the test's loop, asyncio and uvloop) and
+through uvicorn's real command line in a subprocess; HTTPS negotiated after the header;
+keep-alive; a WebSocket echo; untrusted peers; a prompt shutdown with connections still
+waiting for their header; behind a real haproxy ``send-proxy-v2``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from support import free_port, require_haproxy, require_module
+from web_kit import (
+    CEILING,
+    DEST_V4,
+    DEST_V6,
+    REAL_V4,
+    REAL_V6,
+    Certificate,
+    command,
+    connect,
+    get,
+    python,
+    self_signed,
+    websocket,
+    ws_receive,
+    ws_send,
+)
+
+import proxyproto
+
+uvicorn: Any = require_module("uvicorn")
+
+import proxyproto.uvicorn as ppu  # noqa: E402
+
+V2 = proxyproto.encode_v2(REAL_V4, DEST_V4)
+V1 = proxyproto.encode_v1(REAL_V4, DEST_V4)
+V2_V6 = proxyproto.encode_v2(REAL_V6, DEST_V6)
+LOCAL = proxyproto.encode_v2(command=proxyproto.Command.LOCAL)
+
+HTTP_CLASSES = {"H11": ppu.H11, "HttpTools": ppu.HttpTools}
+
+
+def run(coro_fn: Callable[[], Awaitable[None]], loop: str) -> None:
+    """Run the scenario in a fresh asyncio or uvloop event loop, bounded by CEILING seconds."""
+
+    async def bounded() -> None:
+        await asyncio.wait_for(coro_fn(), CEILING)
+
+    if loop == "uvloop":
+        uvloop = require_module("uvloop")
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # type: ignore[attr-defined]
+            runner.run(bounded())
+    else:
+        asyncio.run(bounded())
+
+
+@pytest.fixture(params=["H11", "HttpTools"])
+def http(request: pytest.FixtureRequest) -> str:
+    if request.param == "HttpTools":
+        require_module("httptools")
+    return str(request.param)
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@contextlib.asynccontextmanager
+async def serving(http: Any, **config: Any) -> AsyncIterator[tuple[Any, tuple[str, int]]]:
+    """uvicorn serving ``web_kit.app`` on 127.0.0.1 in this loop; (server, address)."""
+    from web_kit import app
+
+    cls = HTTP_CLASSES.get(http, http) if isinstance(http, str) else http
+    settings = {"host": "127.0.0.1", "port": 0, "lifespan": "off", "log_level": "warning", **config}
+    server = uvicorn.Server(uvicorn.Config(app, http=cls, **settings))
+    task = asyncio.ensure_future(server.serve())
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert not task.done(), task.exception()
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        await asyncio.sleep(0.01)
+    address = server.servers[0].sockets[0].getsockname()[:2]
+    try:
+        yield server, address
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.mark.parametrize(
+    ("header", "client", "server"),
+    [
+        (V2, REAL_V4, DEST_V4),
+        (V1, REAL_V4, DEST_V4),
+        (V2_V6, REAL_V6, DEST_V6),
+        (proxyproto.encode_v1(REAL_V6, DEST_V6), REAL_V6, DEST_V6),
+    ],
+    ids=["v2-ipv4", "v1-ipv4", "v2-ipv6", "v1-ipv6"],
+)
+def test_uvicorn_scope_client_is_the_header_source(
+    http: str, loop: str, header: bytes, client: Any, server: Any
+) -> None:
+    async def scenario() -> None:
+        async with serving(http) as (_, address):
+            status, seen = await get(address, header)
+            assert status == 200
+            assert seen["client"] == list(client) and seen["server"] == list(server)
+            assert seen["scheme"] == "http"
+
+    run(scenario, loop)
+
+
+def test_uvicorn_local_header_keeps_the_socket_address(http: str) -> None:
+    async def scenario() -> None:
+        async with serving(http) as (_, address):
+            status, seen = await get(address, LOCAL)
+            assert status == 200 and seen["client"][0] == "127.0.0.1"
+
+    run(scenario, "asyncio")
+
+
+def test_uvicorn_keep_alive_serves_many_requests_on_one_connection(http: str, loop: str) -> None:
+    async def scenario() -> None:
+        async with serving(http) as (_, address):
+            conn = await connect(address, V2)
+            try:
+                for i in range(20):
+                    status, seen = await conn.request(body=b"x" * i)
+                    assert status == 200 and seen["client"] == list(REAL_V4)
+            finally:
+                await conn.close()
+
+    run(scenario, loop)
+
+
+def test_uvicorn_request_body_of_one_mebibyte_arrives_byte_exact(http: str) -> None:
+    import hashlib
+    import os
+
+    body = os.urandom(1 << 20)
+
+    async def scenario() -> None:
+        async with serving(http) as (_, address):
+            conn = await connect(address, V2)
+            try:
+                status, seen = await conn.request(body=body)
+            finally:
+                await conn.close()
+            assert status == 200 and seen["body"] == hashlib.sha256(body).hexdigest()
+
+    run(scenario, "asyncio")
+
+
+def test_uvicorn_websocket_echo_sees_the_real_client(http: str, loop: str) -> None:
+    require_module("websockets")
+
+    async def scenario() -> None:
+        async with serving(http, ws="auto") as (_, address):
+            conn = await connect(address, V2)
+            try:
+                seen = await websocket(conn)
+                assert seen["client"] == list(REAL_V4)
+                for text in ("hello", "again"):
+                    ws_send(conn, text)
+                    assert await ws_receive(conn) == text
+            finally:
+                await conn.close()
+
+    run(scenario, loop)
+
+
+def test_uvicorn_https_is_negotiated_after_the_header(http: str, loop: str, tmp_path: Path) -> None:
+    cert = self_signed(tmp_path) or pytest.skip("openssl is not installed")
+    assert isinstance(cert, Certificate)
+
+    async def scenario() -> None:
+        async with serving(http, ssl_certfile=str(cert.cert), ssl_keyfile=str(cert.key)) as (_, address):
+            tls = cert.client_context()
+            status, seen = await get(address, V2, tls=tls)
+            assert status == 200 and seen["scheme"] == "https" and seen["client"] == list(REAL_V4)
+            conn = await connect(address, V1, tls=tls)  # keep-alive over TLS too
+            try:
+                for _ in range(3):
+                    status, seen = await conn.request()
+                    assert status == 200 and seen["client"] == list(REAL_V4)
+            finally:
+                await conn.close()
+
+    run(scenario, loop)
+
+
+def test_uvicorn_untrusted_peer_header_never_reaches_scope_client(http: str) -> None:
+    async def scenario() -> None:
+        async with serving(ppu.wrap(http.lower(), trusted="127.0.0.1")) as (_, address):
+            # From 127.0.0.3 the header is payload (SKIP): uvicorn answers 400, never the header's source.
+            status, seen = await get(address, V2, local="127.0.0.3")
+            assert status == 400 and "192.0.2.10" not in str(seen)
+            # Without a header, the untrusted peer is served with its own address.
+            status, seen = await get(address, b"", local="127.0.0.3")
+            assert status == 200 and seen["client"][0] == "127.0.0.3"
+            status, seen = await get(address, V2, local="127.0.0.1")
+            assert status == 200 and seen["client"] == list(REAL_V4)
+        async with serving(ppu.wrap(http.lower(), trusted="127.0.0.1", untrusted_policy="REJECT")) as (_, address):
+            conn = await connect(address, V2, local="127.0.0.3")
+            conn.writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert await closed(conn)
+            await conn.close()
+
+    run(scenario, "asyncio")
+
+
+async def closed(conn: Any) -> bool:
+    """Whether the server closed the connection without a byte (an RST counts)."""
+    try:
+        return await asyncio.wait_for(conn.reader.read(), 5) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_uvicorn_require_closes_connections_without_a_header(http: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="proxyproto")
+
+    async def scenario() -> None:
+        async with serving(http) as (_, address):
+            conn = await connect(address)
+            conn.writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert await closed(conn)
+            await conn.close()
+
+    run(scenario, "asyncio")
+    assert any(
+        "closed: " in r.getMessage() and "not a PROXY protocol signature" in r.getMessage() for r in caplog.records
+    )
+
+
+def test_uvicorn_shutdown_with_connections_waiting_for_their_header_is_prompt(http: str, loop: str) -> None:
+    async def scenario() -> None:
+        silent = []
+        async with serving(ppu.wrap(http.lower(), header_timeout=60.0)) as (_, address):
+            for _ in range(20):
+                silent.append(await asyncio.open_connection(*address))
+            await asyncio.sleep(0.2)  # accepted, waiting for their header
+            start = time.monotonic()
+        elapsed = time.monotonic() - start
+        assert elapsed < 2.0, f"shutdown took {elapsed:.2f} s with connections waiting for their header"
+        for reader, writer in silent:
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
+
+    run(scenario, loop)
+
+
+def test_uvicorn_slow_and_silent_clients_never_delay_a_good_one(http: str) -> None:
+    async def scenario() -> None:
+        async with serving(ppu.wrap(http.lower(), header_timeout=5.0)) as (_, address):
+            silent = [await asyncio.open_connection(*address) for _ in range(20)]
+            slow = await connect(address)
+            slow.writer.write(V2[:5])
+            start = time.monotonic()
+            status, seen = await get(address, V2)
+            assert status == 200 and seen["client"] == list(REAL_V4)
+            assert time.monotonic() - start < 0.5
+            await slow.close()
+            for _, writer in silent:
+                writer.close()
+
+    run(scenario, "asyncio")
+
+
+# -- settings from the environment ---------------------------------------------------------
+
+
+def test_uvicorn_environment_defaults_trust_loopback_only() -> None:
+    settings = ppu.settings_from_env({})
+    assert settings["policy"] is proxyproto.Policy.REQUIRE
+    assert settings["untrusted_policy"] is proxyproto.Policy.SKIP
+    assert settings["trusted"] == "127.0.0.1,::1"
+    assert settings["header_timeout"] == 10.0 and settings["max_pending"] == 256
+
+
+def test_uvicorn_environment_values_are_read_in_any_case() -> None:
+    settings = ppu.settings_from_env(
+        {
+            "PROXYPROTO_POLICY": "use",
+            "PROXYPROTO_ALLOW_IPS": "10.0.0.0/8, 192.168.1.1",
+            "PROXYPROTO_UNTRUSTED_POLICY": "Reject",
+            "PROXYPROTO_HEADER_TIMEOUT": "2.5",
+            "PROXYPROTO_MAX_PENDING": "64",
+            "PROXYPROTO_LOG_RATE": "none",
+        }
+    )
+    assert settings["policy"] is proxyproto.Policy.USE and settings["untrusted_policy"] is proxyproto.Policy.REJECT
+    assert settings["header_timeout"] == 2.5 and settings["max_pending"] == 64 and settings["log_rate"] is None
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("PROXYPROTO_POLICY", "v2"),
+        ("PROXYPROTO_UNTRUSTED_POLICY", "USE"),
+        ("PROXYPROTO_ALLOW_IPS", "10.0.0.0/33"),
+        ("PROXYPROTO_HEADER_TIMEOUT", "soon"),
+        ("PROXYPROTO_MAX_PENDING", "0"),
+    ],
+)
+def test_uvicorn_environment_refuses_bad_values_naming_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ValueError, match=name.replace("PROXYPROTO_", "")):
+        ppu.settings_from_env({name: value})
+
+
+def test_uvicorn_config_ssl_is_untouched_for_other_http_classes(tmp_path: Path) -> None:
+    cert = self_signed(tmp_path) or pytest.skip("openssl is not installed")
+    assert isinstance(cert, Certificate)
+    from web_kit import app
+
+    plain = uvicorn.Config(app, http="h11", ssl_certfile=str(cert.cert), ssl_keyfile=str(cert.key))
+    plain.load()
+    assert plain.ssl is not None
+    wrapped = uvicorn.Config(app, http=ppu.H11, ssl_certfile=str(cert.cert), ssl_keyfile=str(cert.key))
+    wrapped.load()
+    assert wrapped.ssl is None and vars(wrapped)["ssl"] is not None
+
+
+# -- the real command line -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("http_class", ["H11", "HttpTools"])
+def test_uvicorn_cli_serves_the_real_client(http_class: str, tmp_path: Path) -> None:
+    if http_class == "HttpTools":
+        require_module("httptools")
+    port = free_port()
+    args = python("-m", "uvicorn", "web_kit:app", "--port", str(port), "--http", f"proxyproto.uvicorn:{http_class}")
+    with command(args, port, workdir=tmp_path):
+
+        async def scenario() -> None:
+            status, seen = await get(("127.0.0.1", port), V2)
+            assert status == 200 and seen["client"] == list(REAL_V4)
+            status, seen = await get(("127.0.0.1", port), V1)
+            assert status == 200 and seen["client"] == list(REAL_V4)
+
+        run(scenario, "asyncio")
+
+
+def test_uvicorn_cli_https_after_the_header_and_allow_ips_from_the_environment(tmp_path: Path) -> None:
+    cert = self_signed(tmp_path) or pytest.skip("openssl is not installed")
+    assert isinstance(cert, Certificate)
+    port = free_port()
+    args = python(
+        "-m", "uvicorn", "web_kit:app", "--port", str(port), "--http", "proxyproto.uvicorn:H11",
+        "--ssl-certfile", str(cert.cert), "--ssl-keyfile", str(cert.key),
+        # uvloop may call get_buffer once more after the wrapper paused reading for the handshake
+        # (a known gap, see docs/uvicorn.rst): the CLI test pins the asyncio loop.
+        "--loop", "asyncio",
+    )  # fmt: skip
+    with command(args, port, env={"PROXYPROTO_ALLOW_IPS": "127.0.0.1"}, workdir=tmp_path):
+
+        async def scenario() -> None:
+            tls = cert.client_context()
+            status, seen = await get(("127.0.0.1", port), V2, tls=tls)
+            assert status == 200 and seen["scheme"] == "https" and seen["client"] == list(REAL_V4)
+            # 127.0.0.2 is not in PROXYPROTO_ALLOW_IPS: served without looking for a header.
+            status, seen = await get(("127.0.0.1", port), b"", tls=tls, local="127.0.0.2")
+            assert status == 200 and seen["client"][0] == "127.0.0.2"
+
+        run(scenario, "asyncio")
+
+
+def test_uvicorn_cli_refuses_a_bad_environment_value_at_start(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from web_kit import HERE, ROOT
+
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "web_kit:app",
+            "--port",
+            str(free_port()),
+            "--http",
+            "proxyproto.uvicorn:H11",
+        ],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{HERE}", "PROXYPROTO_POLICY": "sometimes"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert res.returncode != 0 and "PROXYPROTO_POLICY" in res.stderr
+
+
+def test_uvicorn_cli_behind_real_haproxy_send_proxy_v2(tmp_path: Path) -> None:
+    exe = require_haproxy()
+    backend, front = free_port(), free_port()
+    args = python("-m", "uvicorn", "web_kit:app", "--port", str(backend), "--http", "proxyproto.uvicorn:HttpTools")
+    require_module("httptools")
+    config = (
+        "global\n    nbthread 1\ndefaults\n    mode tcp\n    timeout connect 2s\n"
+        "    timeout client 5s\n    timeout server 5s\n\n"
+        f"listen fe\n    bind 127.0.0.1:{front}\n    server app 127.0.0.1:{backend} send-proxy-v2\n"
+    )
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(config)
+    with command(args, backend, workdir=tmp_path), command([exe, "-f", str(cfg), "-db"], front, workdir=tmp_path):
+
+        async def scenario() -> None:
+            conn = await connect(("127.0.0.1", front), local="127.0.0.2")
+            own = conn.writer.get_extra_info("sockname")
+            try:
+                for _ in range(3):  # keep-alive through haproxy
+                    status, seen = await conn.request()
+                    assert status == 200 and seen["client"] == [own[0], own[1]]
+            finally:
+                await conn.close()
+
+        run(scenario, "asyncio")
