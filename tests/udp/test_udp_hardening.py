@@ -19,6 +19,7 @@ import math
 import re
 import socket
 import struct
+import sys
 import time
 
 import pytest
@@ -234,6 +235,8 @@ def test_udp_log_rate_default_is_the_shared_default_issue11_item7() -> None:
 
 
 FLOOD = 5000
+#: Linux's SO_RCVBUFFORCE (33), which the socket module does not export; -1 elsewhere (setsockopt fails).
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33 if sys.platform.startswith("linux") else -1)
 SUPPRESSED = re.compile(r"(\d+) refusal line\(s\) suppressed")
 
 
@@ -242,6 +245,11 @@ def test_udp_malformed_flood_is_rate_limited_with_summaries_issue11_item7(
     rate: float, proxy_log: pytest.LogCaptureFixture
 ) -> None:
     with running("ProxyUDPServer", proxy_log_rate=rate) as server, proxy_socket() as proxy:
+        try:  # room for the whole flood, so every datagram is counted (root: past rmem_max)
+            server.socket.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)
+            every_one_arrives = SO_RCVBUFFORCE > 0
+        except OSError:  # not root: the kernel may drop part of the flood, uncounted
+            every_one_arrives = False
         start = time.monotonic()
         for i in range(FLOOD):
             proxy.sendto(b"junk %d" % i, server.server_address)
@@ -261,7 +269,9 @@ def test_udp_malformed_flood_is_rate_limited_with_summaries_issue11_item7(
     assert 1 <= len(summaries) <= windows
     suppressed = sum(int(SUPPRESSED.search(r.getMessage()).group(1)) for r in summaries)  # type: ignore[union-attr]
     assert len(dropped) + suppressed <= FLOOD
-    assert suppressed >= FLOOD // 10, suppressed  # most of the flood did arrive, and was counted
+    if every_one_arrives:
+        assert len(dropped) + suppressed == FLOOD  # each refusal logged or counted, none lost
+    assert suppressed > 0
     assert all(r.levelno == logging.WARNING for r in summaries)
 
 
