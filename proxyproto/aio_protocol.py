@@ -351,11 +351,17 @@ class ProxyProtocolFactory:
 class _Holding(asyncio.Protocol):
     """Keeps what the TLS layer decrypts before the inner protocol has been told of the connection."""
 
-    __slots__ = ("data", "eof")
+    __slots__ = ("data", "eof", "lost", "lost_exc")
 
     def __init__(self) -> None:
         self.data: list[bytes] = []
         self.eof = False
+        self.lost = False
+        self.lost_exc: Exception | None = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.lost_exc = exc
 
     def data_received(self, data: bytes) -> None:
         self.data.append(bytes(data))
@@ -574,16 +580,18 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             return
         finally:
             factory.unpark(self)
-        if tls is None or tls.is_closing():
+        if tls is None:
             return
+        # What arrived with the handshake (data, the peer's close_notify, even the end of the
+        # connection) reaches the inner protocol in order, after connection_made.
         tls.set_protocol(inner)
         inner.connection_made(ProxyTransport(tls, proxy_extra(transport, self.policy, header)))
         for chunk in holding.data:
-            if tls.is_closing():
-                return
             deliver(inner, chunk)
         if holding.eof and isinstance(inner, asyncio.Protocol) and not inner.eof_received():
             tls.close()
+        if holding.lost:
+            inner.connection_lost(holding.lost_exc)
 
 
 def wrap_protocol_factory(

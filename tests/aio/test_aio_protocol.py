@@ -1,0 +1,344 @@
+"""``proxyproto.aio_protocol.wrap_protocol_factory``: any protocol factory reads the header first.
+
+Inner protocols of the three kinds (a plain ``Protocol``, a ``BufferedProtocol``, asyncio's own
+``StreamReaderProtocol``), header and payload in one write, two, or byte by byte; the policy
+table; trust; deadlines; ``max_pending``; TLS negotiated after the header; ``close()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import ssl
+import subprocess
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from aio_kit import DEST_V4, REAL_V4, async_test
+
+import proxyproto
+from proxyproto import Policy
+from proxyproto.aio_protocol import ProxyProtocolFactory, wrap_protocol_factory
+
+V2 = proxyproto.encode_v2(REAL_V4, DEST_V4)
+V1 = proxyproto.encode_v1(REAL_V4, DEST_V4)
+LOCAL = proxyproto.encode_v2(command=proxyproto.Command.LOCAL)
+
+
+class Sink:
+    """What an inner protocol saw: its transport's addresses and every byte, until EOF."""
+
+    def __init__(self) -> None:
+        self.extra: dict[str, Any] = {}
+        self.data = bytearray()
+        self.done = asyncio.Event()
+
+    def made(self, transport: Any) -> None:
+        self.transport = transport
+        for key in ("peername", "sockname", "proxy_header", "proxy_peername"):
+            self.extra[key] = transport.get_extra_info(key)
+        sock = transport.get_extra_info("socket")
+        self.extra["socket_peer"] = sock.getpeername()
+
+    def eof(self) -> bool:
+        self.transport.write(hashlib.sha256(bytes(self.data)).hexdigest().encode())
+        self.transport.close()
+        self.done.set()
+        return False
+
+
+class Plain(asyncio.Protocol):
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+
+    def connection_made(self, transport: Any) -> None:
+        self.sink.made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.sink.data += data
+
+    def eof_received(self) -> bool:
+        return self.sink.eof()
+
+
+class Buffered(asyncio.BufferedProtocol):
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.buf = bytearray(7)  # small on purpose: payload handed over in pieces
+
+    def connection_made(self, transport: Any) -> None:
+        self.sink.made(transport)
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self.buf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.sink.data += self.buf[:nbytes]
+
+    def eof_received(self) -> bool:
+        return self.sink.eof()
+
+
+def streams(sink: Sink) -> asyncio.BaseProtocol:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sink.made(writer.transport)
+        sink.data += await reader.read()
+        writer.write(hashlib.sha256(bytes(sink.data)).hexdigest().encode())
+        writer.close()
+        sink.done.set()
+
+    return asyncio.StreamReaderProtocol(asyncio.StreamReader(), handle)
+
+
+INNER: dict[str, Callable[[Sink], asyncio.BaseProtocol]] = {"plain": Plain, "buffered": Buffered, "streams": streams}
+
+
+async def serve(kind: str, **options: Any) -> tuple[asyncio.AbstractServer, tuple[str, int], list[Sink], Any]:
+    sinks: list[Sink] = []
+
+    def make() -> asyncio.BaseProtocol:
+        sink = Sink()
+        sinks.append(sink)
+        return INNER[kind](sink)
+
+    factory = wrap_protocol_factory(make, **options)
+    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[:2], sinks, factory
+
+
+async def talk(address: Any, pieces: list[bytes], local: str | None = None, delay: float = 0.0) -> bytes:
+    kwargs = {"local_addr": (local, 0)} if local else {}
+    reader, writer = await asyncio.open_connection(*address, **kwargs)
+    try:
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+            if delay:
+                await asyncio.sleep(delay)
+        writer.write_eof()
+        return await asyncio.wait_for(reader.read(), 10)
+    except ConnectionResetError:
+        return b""
+    finally:
+        writer.close()
+
+
+def splits(data: bytes, how: str) -> list[bytes]:
+    if how == "one":
+        return [data]
+    if how == "two":
+        return [data[:9], data[9:]]
+    return [data[i : i + 1] for i in range(len(data))]
+
+
+@pytest.mark.parametrize("kind", sorted(INNER))
+@pytest.mark.parametrize("header", ["v1", "v2"])
+@pytest.mark.parametrize("how", ["one", "two", "bytewise"])
+@async_test
+async def test_wrapped_protocol_sees_real_client_and_exact_payload(kind: str, header: str, how: str) -> None:
+    payload = b"payload\x00after the header"
+    server, address, sinks, _ = await serve(kind)
+    async with server:
+        answer = await talk(address, splits((V1 if header == "v1" else V2) + payload, how), delay=0.002)
+    (sink,) = sinks
+    assert bytes(sink.data) == payload and answer == hashlib.sha256(payload).hexdigest().encode()
+    assert sink.extra["peername"] == REAL_V4 == sink.extra["socket_peer"]
+    assert sink.extra["sockname"] == DEST_V4
+    assert sink.extra["proxy_peername"][0] == "127.0.0.1"
+    assert sink.extra["proxy_header"].version == (1 if header == "v1" else 2)
+
+
+@pytest.mark.parametrize("kind", sorted(INNER))
+@async_test
+async def test_wrapped_protocol_one_mebibyte_byte_exact(kind: str) -> None:
+    payload = os.urandom(1 << 20)
+    server, address, sinks, _ = await serve(kind)
+    async with server:
+        answer = await talk(address, [V2 + payload])
+    assert answer == hashlib.sha256(payload).hexdigest().encode() and bytes(sinks[0].data) == payload
+
+
+@async_test
+async def test_wrapped_protocol_local_header_keeps_the_socket_address() -> None:
+    server, address, sinks, _ = await serve("plain")
+    async with server:
+        await talk(address, [LOCAL + b"x"])
+    assert sinks[0].extra["peername"][0] == "127.0.0.1" and bytes(sinks[0].data) == b"x"
+
+
+# What arrives -> (served?, payload seen) per policy; DESIGN.md's table.
+CELLS = {
+    "header": V2 + b"data",
+    "no header": b"GET / HTTP/1.0\r\n",
+    "malformed": b"PROXY TCP5 1.2.3.4 5.6.7.8 1 2\r\ndata",
+}
+EXPECTED = {
+    ("REQUIRE", "header"): b"data",
+    ("REQUIRE", "no header"): None,
+    ("REQUIRE", "malformed"): None,
+    ("USE", "header"): b"data",
+    ("USE", "no header"): CELLS["no header"],
+    ("USE", "malformed"): None,
+    ("IGNORE", "header"): b"data",
+    ("IGNORE", "no header"): CELLS["no header"],
+    ("IGNORE", "malformed"): None,
+    ("REJECT", "header"): None,
+    ("REJECT", "no header"): CELLS["no header"],
+    ("REJECT", "malformed"): None,
+    ("SKIP", "header"): CELLS["header"],
+    ("SKIP", "no header"): CELLS["no header"],
+    ("SKIP", "malformed"): CELLS["malformed"],
+}
+
+
+@pytest.mark.parametrize(("policy", "case"), sorted(EXPECTED))
+@async_test
+async def test_wrapped_protocol_follows_the_policy_table(policy: str, case: str) -> None:
+    server, address, sinks, _ = await serve("plain", policy=policy)
+    async with server:
+        await talk(address, [CELLS[case]])
+    expected = EXPECTED[(policy, case)]
+    if expected is None:
+        assert sinks == []
+    else:
+        assert bytes(sinks[0].data) == expected
+        uses = policy in ("REQUIRE", "USE") and case == "header"
+        assert (sinks[0].extra["peername"] == REAL_V4) is uses
+
+
+@async_test
+async def test_wrapped_protocol_silent_client_require_closed_use_served_after_deadline(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="proxyproto")
+    loop = asyncio.get_running_loop()
+    server, address, sinks, _ = await serve("plain", header_timeout=0.3)
+    async with server:
+        reader, writer = await asyncio.open_connection(*address)
+        start = loop.time()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert 0.25 <= loop.time() - start < 2.0
+        writer.close()
+    assert sinks == [] and any("no PROXY header within 0.3 s" in r.getMessage() for r in caplog.records)
+    server, address, sinks, _ = await serve("plain", policy="USE", header_timeout=0.2)
+    async with server:
+        reader, writer = await asyncio.open_connection(*address)
+        await asyncio.sleep(0.5)
+        writer.write(b"late")
+        writer.write_eof()
+        await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    assert bytes(sinks[0].data) == b"late"
+
+
+@async_test
+async def test_wrapped_protocol_slow_and_silent_clients_never_delay_a_good_one() -> None:
+    server, address, sinks, _ = await serve("plain", header_timeout=5.0)
+    async with server:
+        silent = [await asyncio.open_connection(*address) for _ in range(20)]
+        slow = asyncio.ensure_future(talk(address, splits(V2, "bytewise"), delay=0.1))
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await talk(address, [V2 + b"prompt"])
+        assert loop.time() - start < 0.5
+        slow.cancel()
+        for _, writer in silent:
+            writer.close()
+    assert bytes(sinks[0].data) == b"prompt"
+
+
+@async_test
+async def test_wrapped_protocol_untrusted_peer_is_skipped_trusted_is_used() -> None:
+    server, address, sinks, _ = await serve("plain", trusted="127.0.0.1")
+    async with server:
+        await talk(address, [V2 + b"x"], local="127.0.0.3")
+        await talk(address, [V2 + b"y"], local="127.0.0.1")
+    stranger, proxy = sinks
+    assert stranger.extra["peername"][0] == "127.0.0.3" and bytes(stranger.data) == V2 + b"x"
+    assert proxy.extra["peername"] == REAL_V4 and bytes(proxy.data) == b"y"
+
+
+@async_test
+async def test_wrapped_protocol_max_pending_closes_the_oldest(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="proxyproto")
+    server, address, sinks, factory = await serve("plain", max_pending=3, log_rate=None)
+    async with server:
+        silent = []
+        for _ in range(5):
+            silent.append(await asyncio.open_connection(*address))
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
+        assert factory.pending == 3
+        assert await asyncio.wait_for(silent[0][0].read(), 5) == b""
+        await talk(address, [V2 + b"ok"])
+        for _, writer in silent:
+            writer.close()
+    lines = [r.getMessage() for r in caplog.records if "(max_pending)" in r.getMessage()]
+    assert len(lines) >= 2 and "3 connections already wait for their header" in lines[0]
+    assert bytes(sinks[0].data) == b"ok"
+
+
+@async_test
+async def test_wrapped_protocol_close_closes_connections_waiting_for_their_header() -> None:
+    server, address, _, factory = await serve("plain", header_timeout=60.0)
+    async with server:
+        silent = [await asyncio.open_connection(*address) for _ in range(5)]
+        await asyncio.sleep(0.1)
+        assert factory.pending == 5
+        await factory.aclose()
+        for reader, writer in silent:
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
+        assert factory.pending == 0
+
+
+def make_certificate(directory: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    cert, key = directory / "c.pem", directory / "k.pem"
+    res = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    if res.returncode != 0:
+        pytest.skip("openssl could not make a certificate")
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    return server, ssl.create_default_context(cafile=str(cert))
+
+
+@pytest.mark.parametrize("kind", sorted(INNER))
+def test_wrapped_protocol_tls_is_negotiated_after_the_header(kind: str, tmp_path: Path) -> None:
+    server_ctx, client_ctx = make_certificate(tmp_path)
+
+    async def scenario() -> None:
+        server, address, sinks, _ = await serve(kind, ssl=server_ctx)
+        async with server:
+            _, writer = await asyncio.open_connection(*address)
+            writer.write(V2)
+            await writer.start_tls(client_ctx, server_hostname="localhost")
+            writer.write(b"secret")
+            await writer.drain()
+            writer.close()  # close_notify: the inner protocol sees the end of the stream
+            for _ in range(100):
+                if sinks and bytes(sinks[0].data) == b"secret":
+                    break
+                await asyncio.sleep(0.05)
+        assert sinks[0].extra["peername"] == REAL_V4
+        assert bytes(sinks[0].data).startswith(b"secret")
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+@pytest.mark.parametrize("policy", ["USE", "IGNORE", "REJECT"])
+def test_wrapped_protocol_refuses_opt_in_policies_with_ssl(policy: str) -> None:
+    with pytest.raises(ValueError, match="ssl"):
+        ProxyProtocolFactory(asyncio.Protocol, policy=policy, ssl=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+
+
+@pytest.mark.parametrize(("name", "value"), [("untrusted_policy", Policy.USE), ("max_pending", 0)])
+def test_wrapped_protocol_refuses_invalid_knobs(name: str, value: Any) -> None:
+    with pytest.raises(ValueError):
+        wrap_protocol_factory(asyncio.Protocol, **{name: value})
