@@ -31,6 +31,7 @@ __all__ = [
     "decide",
     "describe",
     "peer_text",
+    "policy_named",
     "refusal",
     "served_address",
     "uses_addresses",
@@ -148,9 +149,18 @@ def peer_text(peer: Address) -> str:
     return f"unix:{peer!r}" if peer else "unix:(unnamed)"
 
 
+def policy_named(setting: str, value: Policy | str) -> Policy:
+    """``value`` as a Policy; a ValueError naming ``setting`` and the choices when it is none."""
+    try:
+        return Policy(value)
+    except ValueError:
+        choices = ", ".join(policy.name for policy in Policy)
+        raise ValueError(f"{setting}: {value!r} is not a policy (one of {choices})") from None
+
+
 def check_untrusted_policy(value: Policy | str) -> Policy:
     """``proxy_untrusted_policy`` as a Policy; ValueError for USE and REQUIRE (and unknown names)."""
-    policy = Policy(value)
+    policy = policy_named("proxy_untrusted_policy", value)
     if policy is Policy.USE or policy is Policy.REQUIRE:
         raise ValueError(
             "proxy_untrusted_policy: USE and REQUIRE would let untrusted peers set their address; "

@@ -48,7 +48,7 @@ class RefusalLog:
             return  # a line nobody would see neither counts nor earns a summary
         rate = self.rate
         if rate is None:
-            self.logger.log(level, message, *args)
+            self.logger.log(level, message, *args, stacklevel=2)
             return
         now = time.monotonic()
         if now - self.window_start >= _WINDOW:
@@ -57,7 +57,7 @@ class RefusalLog:
             self.sent = 0
         if self.sent < rate:
             self.sent += 1
-            self.logger.log(level, message, *args)
+            self.logger.log(level, message, *args, stacklevel=2)
         else:
             self.suppressed += 1
 

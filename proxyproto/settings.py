@@ -24,7 +24,7 @@ import copy
 import numbers
 from typing import Any
 
-from .policy import Policy, TrustedNetworks, check_untrusted_policy
+from .policy import Policy, TrustedNetworks, check_untrusted_policy, policy_named
 
 __all__ = ["TrustSettings", "check_setting", "check_settings"]
 
@@ -46,7 +46,7 @@ def check_setting(name: str, value: Any) -> None:
     ``proxy_*`` setting) pass unchecked.
     """
     if name == "proxy_policy":
-        Policy(value)
+        policy_named(name, value)
     elif name == "proxy_untrusted_policy":
         check_untrusted_policy(value)
     elif name == "proxy_trusted":
@@ -106,7 +106,7 @@ class TrustSettings:
         self.sources = (policy, trusted, untrusted)
         self.trusted_copy = trusted if isinstance(trusted, _IMMUTABLE) else copy.copy(trusted)
         try:
-            parsed_policy = Policy(policy)
+            parsed_policy = policy_named("proxy_policy", policy)
             parsed_untrusted = check_untrusted_policy(untrusted)
             parsed_trusted = None if trusted is None else TrustedNetworks(trusted)
         except ValueError as exc:

@@ -30,7 +30,7 @@ from .errors import (
     NoProxyHeader,
     ProxyProtocolError,
 )
-from .header import ProxyHeader
+from .header import AddressInput, ProxyHeader
 from .policy import Outcome, Policy, decide, describe, refusal
 from .v1 import encode as encode_v1
 from .v2 import encode as encode_v2
@@ -324,8 +324,8 @@ def read_header(
 def create_connection(
     address: tuple[str, int] | str,
     *,
-    source: object | None,
-    destination: object | None,
+    source: AddressInput | None,
+    destination: AddressInput | None,
     version: int = 2,
     tlvs: Sequence[tuple[int, bytes]] = (),
     timeout: float | None = None,

@@ -15,7 +15,7 @@ import re
 from . import addresses
 from .addresses import AF_INET, AF_INET6, inet_ntop, inet_pton
 from .errors import InvalidHeader, NoProxyHeader
-from .header import KINDS, Command, Family, Protocol, ProxyHeader, from_wire
+from .header import KINDS, AddressInput, Command, Family, Protocol, ProxyHeader, from_wire
 
 __all__ = ["MAX_LENGTH", "check_prefix", "decode", "encode", "encode_header", "match_line"]
 
@@ -236,7 +236,7 @@ def _diagnose(line: bytes, allow_v4_in_tcp6: bool) -> InvalidHeader:
     return InvalidHeader(f"v1: malformed line {line!r}", field="line", offset=0)  # pragma: no cover
 
 
-def encode(source: object | None, destination: object | None) -> bytes:
+def encode(source: AddressInput | None, destination: AddressInput | None) -> bytes:
     """The v1 line for two addresses as ``parse`` gives them (or socket 4-tuples).
 
     Two IPv4 addresses give TCP4; any IPv6 side gives TCP6 with the IPv4 side

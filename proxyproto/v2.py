@@ -20,7 +20,7 @@ from . import addresses
 from .addresses import AF_INET, AF_INET6, inet_ntop, inet_pton
 from .crc32c import crc32c
 from .errors import ChecksumError, InvalidHeader, NoProxyHeader
-from .header import KINDS, Address, Command, Family, Protocol, ProxyHeader
+from .header import KINDS, Address, AddressInput, Command, Family, Protocol, ProxyHeader
 from .tlv import TLV, TLVType, check_tlv
 
 __all__ = ["MAX_LENGTH", "SIGNATURE", "decode", "encode", "encode_header", "match", "measure"]
@@ -306,8 +306,8 @@ def _infer(source: object, destination: object) -> tuple[Family, Address | None,
 
 
 def encode(
-    source: object | None = None,
-    destination: object | None = None,
+    source: AddressInput | None = None,
+    destination: AddressInput | None = None,
     *,
     command: int = Command.PROXY,
     protocol: int = Protocol.STREAM,

@@ -35,6 +35,8 @@ MINIMAL_INSTALL = os.environ.get("PROXYPROTO_MINIMAL_INSTALL") == "1"
 def require_module(name: str) -> object:
     """Import an optional package; skip when missing, but fail under CI=true unless the install is minimal.
 
+    Callable at module level (the whole module is then skipped) or in a test.
+
     The README offers ``pip install -e '.[test]'`` (every optional package
     missing: the tests that need one skip) and ``bash .ci/run`` (every extra
     installed: a missing one is a broken CI, not a skip).
@@ -46,7 +48,7 @@ def require_module(name: str) -> object:
     except ImportError:
         if IN_CI and not MINIMAL_INSTALL:
             pytest.fail(f"{name} is not installed (CI=true: a missing package is a failure)", pytrace=False)
-        pytest.skip(f"{name} is not installed (an optional extra)")
+        pytest.skip(f"{name} is not installed (an optional extra)", allow_module_level=True)
 
 
 def free_port() -> int:
