@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for server in servers.values():
             server.start()
-        for (impl, wrapped), server in servers.items():
+        for server in servers.values():
             seen = check(server, args.header)
             print(f"{server.name:<18} pid {server.proc.pid if server.proc else '-':<7} app saw client {seen}")
             for mode in modes:  # warm-up, not counted
