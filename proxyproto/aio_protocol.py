@@ -70,6 +70,7 @@ __all__ = [
     "ProxyProtocolFactory",
     "ProxyTransport",
     "SocketView",
+    "served_family",
     "served_sockname",
     "wrap_protocol_factory",
 ]
@@ -83,8 +84,11 @@ PolicyHook = Callable[[Any, Any], Union[Policy, str]]
 _PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 _CAN_PEEK = hasattr(socket, "MSG_DONTWAIT")
 _IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+_SOCKET_FAMILY = {Family.INET: socket.AF_INET, Family.INET6: socket.AF_INET6, Family.UNIX: socket.AF_UNIX}
 #: What the first read asks for when the socket cannot be peeked: a v2 header's fixed part.
 _FIRST_READ = 16
+#: The buffer for bytes read after the decision, before ``start_tls`` takes the transport: a TLS record.
+_LATE_READ = 16384
 
 
 def served_sockname(policy: Policy, header: ProxyHeader | None, local: Any, listener_family: int) -> Any:
@@ -104,23 +108,46 @@ def served_sockname(policy: Policy, header: ProxyHeader | None, local: Any, list
     return destination
 
 
+def served_family(policy: Policy, header: ProxyHeader | None, listener_family: int) -> int:
+    """The address family of what :func:`served_address` and :func:`served_sockname` report.
+
+    The header's family when its addresses are used (INET: AF_INET, INET6:
+    AF_INET6, UNIX: AF_UNIX), else the real socket's (``listener_family``).
+    Servers shape the client address by the family (hypercorn keeps an
+    AF_INET address as is, the first two items of an AF_INET6 one, and
+    nothing of an AF_UNIX one), so it must describe the address reported,
+    not the socket it came through.
+    """
+    if header is None or not uses_addresses(policy, header):
+        return listener_family
+    if header.family is Family.UNIX and listener_family in _IP_FAMILIES:
+        return listener_family  # served with the socket's own peer (DESIGN.md)
+    return _SOCKET_FAMILY.get(header.family, listener_family)
+
+
 class SocketView:
     """The connection's socket as the header describes it.
 
     ``getpeername()`` and ``getsockname()`` answer with the header's source
-    and destination (in the socket module's shape); everything else
-    (``fileno``, ``family``, ``setsockopt``, ...) is the real socket's.
-    Servers such as uvicorn and hypercorn read the client's address from
+    and destination (in the socket module's shape: ``(host, port)`` for
+    IPv4, ``(host, port, 0, 0)`` for IPv6, a path for UNIX), and ``family``
+    is the family of those addresses (:func:`served_family`), so that code
+    shaping an address by ``sock.family`` gets it right when the header's
+    family differs from the listener's; everything else (``fileno``,
+    ``type``, ``setsockopt``, ...) is the real socket's.  Servers such as
+    uvicorn and hypercorn read the client's address from
     ``get_extra_info("socket").getpeername()`` before ``"peername"``, so a
     transport that changed only ``"peername"`` would still show the proxy.
     """
 
-    __slots__ = ("_local", "_peer", "_sock")
+    __slots__ = ("_local", "_peer", "_sock", "family")
 
-    def __init__(self, sock: Any, peer: Any, local: Any) -> None:
+    def __init__(self, sock: Any, peer: Any, local: Any, family: int | None = None) -> None:
         self._sock = sock
         self._peer = peer
         self._local = local
+        #: The family of ``getpeername()``'s address; the real socket's when not given.
+        self.family: int = sock.family if family is None else family
 
     def getpeername(self) -> Any:
         return self._peer
@@ -132,7 +159,7 @@ class SocketView:
         return getattr(self._sock, name)
 
     def __repr__(self) -> str:
-        return f"<SocketView peer={self._peer!r} local={self._local!r} of {self._sock!r}>"
+        return f"<SocketView family={self.family!r} peer={self._peer!r} local={self._local!r} of {self._sock!r}>"
 
 
 def proxy_extra(raw: asyncio.BaseTransport, policy: Policy, header: ProxyHeader | None) -> dict[str, Any]:
@@ -148,7 +175,7 @@ def proxy_extra(raw: asyncio.BaseTransport, policy: Policy, header: ProxyHeader 
         extra["peername"] = peername
         extra["sockname"] = sockname
         if sock is not None:
-            extra["socket"] = SocketView(sock, peername, sockname)
+            extra["socket"] = SocketView(sock, peername, sockname, served_family(policy, header, family))
     return extra
 
 
@@ -374,7 +401,9 @@ class _Holding(asyncio.Protocol):
 class HeaderProtocol(asyncio.BufferedProtocol):
     """One connection until its header is in: exact reads, then the inner protocol takes the transport."""
 
-    __slots__ = ("buf", "factory", "held", "need", "peek", "peer", "policy", "timer", "transport")
+    __slots__ = (
+        "buf", "factory", "held", "late", "late_eof", "need", "peek", "peer", "policy", "spare", "timer", "transport",
+    )  # fmt: skip
 
     def __init__(self, factory: ProxyProtocolFactory) -> None:
         self.factory = factory
@@ -386,6 +415,11 @@ class HeaderProtocol(asyncio.BufferedProtocol):
         self.need = _FIRST_READ
         self.peek: socket.socket | None = None
         self.timer: asyncio.TimerHandle | None = None
+        #: Served with ``ssl=``, until ``start_tls`` takes the transport: the bytes (of the
+        #: ClientHello) the transport read meanwhile, handed to the TLS layer; else None.
+        self.late: bytearray | None = None
+        self.late_eof = False
+        self.spare = bytearray()
 
     # -- asyncio.BaseProtocol -------------------------------------------------------------
 
@@ -405,13 +439,10 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             transport.abort()
             return
         if self.policy is Policy.SKIP:
-            if factory.ssl is None:
-                self.serve(None, b"")
-            else:
-                # uvloop starts reading once connection_made returns: the handshake starts
-                # on the next iteration, from a paused transport.
-                transport.pause_reading()
-                asyncio.get_running_loop().call_soon(self.serve, None, b"")
+            # With ssl=, the handshake starts on the next iteration.  asyncio honours the pause
+            # serve() asks for here; uvloop starts reading once connection_made returns and may
+            # read (the ClientHello) first: get_buffer keeps those bytes for the TLS layer.
+            self.serve(None, b"")
             return
         self.buf = bytearray(factory.cap)
         if _CAN_PEEK:
@@ -426,6 +457,11 @@ class HeaderProtocol(asyncio.BufferedProtocol):
         self.release()
 
     def eof_received(self) -> bool | None:
+        if self.late is not None:
+            # The peer ended its side before the handshake could start: no TLS session can
+            # complete (the client's Finished never comes), so there is nothing to serve.
+            self.late_eof = True
+            return True  # start_tls's task closes the connection
         held = self.held
         if held:
             error = InvalidHeader(f"header truncated by EOF after {held} byte(s)", offset=held)
@@ -441,6 +477,12 @@ class HeaderProtocol(asyncio.BufferedProtocol):
     # -- reading exactly the header -------------------------------------------------------
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        # Never an empty buffer: uvloop treats one as a fatal error and resets the connection.
+        if not self.buf:
+            # The header is decided (or never looked for) and the transport still reads into
+            # this protocol: with ssl=, uvloop in the iteration before start_tls takes over.
+            self.spare = bytearray(_LATE_READ)
+            return memoryview(self.spare)
         held = self.held
         want = self.need
         peek = self.peek
@@ -457,9 +499,16 @@ class HeaderProtocol(asyncio.BufferedProtocol):
                 want = size - held if size > 0 else len(ahead)
             else:
                 want = 1
-        return memoryview(self.buf)[held : held + want]
+        return memoryview(self.buf)[held : held + max(want, 1)]
 
     def buffer_updated(self, nbytes: int) -> None:
+        if not self.buf:
+            spare, self.spare = self.spare, bytearray()
+            if self.late is not None:
+                self.late += spare[:nbytes]
+                if self.transport is not None:
+                    self.transport.pause_reading()  # the rest waits in the kernel for the TLS layer
+            return  # else the connection is closing: nothing more is read for anyone
         self.held += nbytes
         data = bytes(self.buf[: self.held])
         factory = self.factory
@@ -549,6 +598,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             return None
         if factory.ssl is not None:
             factory.park(self)  # until the handshake is done: counted, and closed on shutdown
+            self.late = bytearray()
             transport.pause_reading()
             task = asyncio.ensure_future(self.start_tls(inner, header))
             factory.handshakes.add(task)  # a reference, so the task is not collected mid-handshake
@@ -560,14 +610,49 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             deliver(inner, rest)
         return inner
 
+    def hand_over_late(self) -> None:
+        """Give the TLS protocol the bytes this one read after the decision, before anything else.
+
+        Neither loop's ``start_tls`` can be told of bytes already read, and
+        uvloop may read once more into this protocol before ``start_tls``
+        takes the transport.  Both loops' TLS protocols are buffered ones
+        whose ``buffer_updated`` before ``connection_made`` only queues the
+        bytes in the incoming BIO, which the handshake then reads first, in
+        stream order (what arrives later is read after ``resume_reading``).
+        """
+        late, self.late = self.late, None
+        transport = self.transport
+        if not late or transport is None or transport.is_closing():
+            return
+        tls = transport.get_protocol()
+        if tls is self:  # start_tls failed before taking the transport; its error is reported
+            return
+        rest = memoryview(late)
+        while rest:
+            buf = memoryview(tls.get_buffer(len(rest)))  # type: ignore[attr-defined]
+            size = min(len(buf), len(rest))
+            buf[:size] = rest[:size]
+            tls.buffer_updated(size)  # type: ignore[attr-defined]
+            rest = rest[size:]
+
     async def start_tls(self, inner: asyncio.BaseProtocol, header: ProxyHeader | None) -> None:
         transport = self.transport
         assert transport is not None
         factory = self.factory
         assert factory.ssl is not None
         holding = _Holding()
+        loop = asyncio.get_running_loop()
+        if self.late_eof or transport.is_closing():
+            factory.unpark(self)
+            factory.refusals.log(logging.INFO, "%s: closed before the TLS handshake started", peer_text(self.peer))
+            transport.abort()
+            return
+        # Scheduled before start_tls's own connection_made and resume_reading callbacks, so it
+        # runs after start_tls has set its TLS protocol on the paused transport and before that
+        # protocol starts the handshake or reads anything.
+        loop.call_soon(self.hand_over_late)
         try:
-            tls = await asyncio.get_running_loop().start_tls(
+            tls = await loop.start_tls(
                 transport,
                 holding,
                 factory.ssl,
