@@ -11,13 +11,16 @@ import asyncio
 import hashlib
 import logging
 import os
+import socket
 import ssl
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from aio_kit import DEST_V4, REAL_V4, async_test
+from aio_kit import CEILING, DEST_V4, DEST_V6, REAL_V4, REAL_V6, async_test
+from support import require_module
 
 import proxyproto
 from proxyproto import Policy
@@ -42,6 +45,8 @@ class Sink:
             self.extra[key] = transport.get_extra_info(key)
         sock = transport.get_extra_info("socket")
         self.extra["socket_peer"] = sock.getpeername()
+        self.extra["socket_sockname"] = sock.getsockname()
+        self.extra["socket_family"] = sock.family
 
     def eof(self) -> bool:
         self.transport.write(hashlib.sha256(bytes(self.data)).hexdigest().encode())
@@ -342,3 +347,227 @@ def test_wrapped_protocol_refuses_opt_in_policies_with_ssl(policy: str) -> None:
 def test_wrapped_protocol_refuses_invalid_knobs(name: str, value: Any) -> None:
     with pytest.raises(ValueError):
         wrap_protocol_factory(asyncio.Protocol, **{name: value})
+
+
+# -- TLS after the header, many times, on both loops ---------------------------------------
+
+
+def run_on(loop: str, scenario: Callable[[], Any]) -> None:
+    """Run ``scenario()`` in a fresh asyncio or uvloop event loop, bounded by CEILING seconds."""
+
+    async def bounded() -> None:
+        await asyncio.wait_for(scenario(), CEILING)
+
+    if loop == "uvloop":
+        uvloop: Any = require_module("uvloop")
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(bounded())
+    else:
+        asyncio.run(bounded())
+
+
+class Echo(asyncio.Protocol):
+    """Echoes every byte; records its peer."""
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+async def handshake_with_header_in_one_write(address: Any, header: bytes, client_ctx: ssl.SSLContext) -> None:
+    """A TLS client whose ClientHello leaves in the same write as the header (as haproxy's
+    ``send-proxy`` forwards it); then one echoed record."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, address)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = client_ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+        first = True
+        while True:
+            try:
+                tls.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            out = outgoing.read()
+            if out or first:
+                await loop.sock_sendall(sock, (header if first else b"") + out)
+                first = False
+            if done:
+                break
+            data = await loop.sock_recv(sock, 65536)
+            if not data:
+                raise ConnectionResetError("the server closed during the handshake")
+            incoming.write(data)
+        tls.write(b"ping")
+        await loop.sock_sendall(sock, outgoing.read())
+        echoed = b""
+        while len(echoed) < 4:
+            try:
+                echoed += tls.read(4)
+            except ssl.SSLWantReadError:
+                data = await loop.sock_recv(sock, 65536)
+                if not data:
+                    raise ConnectionResetError("the server closed before echoing") from None
+                incoming.write(data)
+        assert echoed == b"ping"
+    finally:
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def contexts() -> Any:
+    with tempfile.TemporaryDirectory() as directory:
+        yield make_certificate(Path(directory))
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("path", ["header-then-tls", "header-and-hello-in-one-write", "untrusted-peer-tls-at-once"])
+def test_wrapped_protocol_fifty_tls_handshakes_after_the_header_none_reset(
+    loop: str, path: str, contexts: tuple[ssl.SSLContext, ssl.SSLContext]
+) -> None:
+    """uvloop asks the header protocol for a buffer once more after a SKIP connection's
+    ``connection_made`` (it starts reading then, whatever the protocol paused): an empty buffer
+    was a fatal error (a reset), and the bytes read there must reach the TLS layer first."""
+    server_ctx, client_ctx = contexts
+    errors: list[str] = []
+
+    async def scenario() -> None:
+        running = asyncio.get_running_loop()
+        running.set_exception_handler(lambda _, context: errors.append(str(context.get("message"))))
+        factory = wrap_protocol_factory(Echo, ssl=server_ctx, trusted="127.0.0.1")
+        server = await running.create_server(factory, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()[:2]
+        async with server:
+            for _ in range(50):
+                if path == "header-and-hello-in-one-write":
+                    await handshake_with_header_in_one_write(address, V2, client_ctx)
+                    continue
+                if path == "header-then-tls":
+                    reader, writer = await asyncio.open_connection(*address, local_addr=("127.0.0.1", 0))
+                    writer.write(V2)
+                    await writer.start_tls(client_ctx, server_hostname="localhost")
+                else:  # 127.0.0.2 is not trusted: SKIP, the ClientHello is the first byte
+                    reader, writer = await asyncio.open_connection(
+                        *address, ssl=client_ctx, server_hostname="localhost", local_addr=("127.0.0.2", 0)
+                    )
+                writer.write(b"ping")
+                assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+                writer.close()
+                await writer.wait_closed()
+            assert factory.pending == 0
+
+    run_on(loop, scenario)
+    assert errors == []
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("sent", [b"", b"\x16\x03\x01"], ids=["nothing", "part-of-a-client-hello"])
+def test_wrapped_protocol_peer_ending_before_the_tls_handshake_is_closed(
+    loop: str, sent: bytes, contexts: tuple[ssl.SSLContext, ssl.SSLContext]
+) -> None:
+    server_ctx, _ = contexts
+    errors: list[str] = []
+
+    async def scenario() -> None:
+        running = asyncio.get_running_loop()
+        running.set_exception_handler(lambda _, context: errors.append(str(context.get("message"))))
+        factory = wrap_protocol_factory(Echo, ssl=server_ctx, trusted="127.0.0.1")
+        server = await running.create_server(factory, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()[:2]
+        async with server:
+            for _ in range(10):
+                # Connected, written and half-closed before the server's loop runs again, so
+                # uvloop reads the bytes and the end of the stream before start_tls takes over.
+                client = socket.create_connection(address, timeout=10, source_address=("127.0.0.2", 0))
+                with client:
+                    client.sendall(sent)
+                    client.shutdown(socket.SHUT_WR)
+                    client.setblocking(False)
+                    try:
+                        assert await asyncio.wait_for(running.sock_recv(client, 100), 10) == b""
+                    except ConnectionResetError:
+                        pass
+            for _ in range(100):
+                if factory.pending == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert factory.pending == 0
+
+    run_on(loop, scenario)
+    assert errors == []
+
+
+# -- the socket view: family and addresses in the shape of the header's family -------------
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize(
+    ("listener", "header", "family", "peer", "local"),
+    [
+        ("127.0.0.1", proxyproto.encode_v2(REAL_V4, DEST_V4), socket.AF_INET, REAL_V4, DEST_V4),
+        ("127.0.0.1", proxyproto.encode_v2(REAL_V6, DEST_V6), socket.AF_INET6, (*REAL_V6, 0, 0), (*DEST_V6, 0, 0)),
+        ("127.0.0.1", proxyproto.encode_v1(REAL_V6, DEST_V6), socket.AF_INET6, (*REAL_V6, 0, 0), (*DEST_V6, 0, 0)),
+        ("::1", proxyproto.encode_v2(REAL_V4, DEST_V4), socket.AF_INET, REAL_V4, DEST_V4),
+        ("::1", proxyproto.encode_v2(REAL_V6, DEST_V6), socket.AF_INET6, (*REAL_V6, 0, 0), (*DEST_V6, 0, 0)),
+        ("127.0.0.1", proxyproto.encode_v2("/run/a.sock", "/run/b.sock"), socket.AF_INET, None, None),
+        ("127.0.0.1", LOCAL, socket.AF_INET, None, None),
+        ("unix", proxyproto.encode_v2(REAL_V4, DEST_V4), socket.AF_INET, REAL_V4, DEST_V4),
+        ("unix", proxyproto.encode_v2(REAL_V6, DEST_V6), socket.AF_INET6, (*REAL_V6, 0, 0), (*DEST_V6, 0, 0)),
+        ("unix", proxyproto.encode_v2("/run/a.sock", "/run/b.sock"), socket.AF_UNIX, "/run/a.sock", "/run/b.sock"),
+    ],
+    ids=["v4-on-v4", "v6-on-v4", "v1-v6-on-v4", "v4-on-v6", "v6-on-v6", "unix-on-v4", "local-on-v4",
+         "v4-on-unix", "v6-on-unix", "unix-on-unix"],
+)  # fmt: skip
+@async_test
+async def test_wrapped_protocol_socket_family_is_that_of_the_address_it_reports(
+    listener: str, header: bytes, family: int, peer: Any, local: Any
+) -> None:
+    """hypercorn shapes ``scope["client"]`` by ``socket.family``: the view's family, peer and
+    local address must agree (IPv6 as the socket module's 4-tuple), whatever the listener is."""
+    if listener == "::1" and not ipv6_loopback():
+        pytest.skip("no IPv6 loopback")
+    sinks: list[Sink] = []
+
+    def make() -> asyncio.BaseProtocol:
+        sinks.append(Sink())
+        return Plain(sinks[-1])
+
+    running = asyncio.get_running_loop()
+    factory = wrap_protocol_factory(make)
+    with tempfile.TemporaryDirectory() as directory:
+        if listener == "unix":
+            path = os.path.join(directory, "s")
+            server = await running.create_unix_server(factory, path)
+            reader, writer = await asyncio.open_unix_connection(path)
+        else:
+            server = await running.create_server(factory, listener, 0)
+            reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+        async with server:
+            writer.write(header + b"x")
+            writer.write_eof()
+            await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+    (sink,) = sinks
+    assert sink.extra["socket_family"] == family
+    assert sink.extra["socket_peer"] == sink.extra["peername"]
+    assert sink.extra["socket_sockname"] == sink.extra["sockname"]
+    if peer is None:  # the header's addresses are not used: the socket's own, and its family
+        assert sink.extra["peername"] == sink.extra["proxy_peername"]
+    else:
+        assert sink.extra["peername"] == peer and sink.extra["sockname"] == local
+    ip_shape = {socket.AF_INET: 2, socket.AF_INET6: 4}
+    if family in ip_shape:
+        assert len(sink.extra["peername"]) == ip_shape[family] == len(sink.extra["sockname"])
