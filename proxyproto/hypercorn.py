@@ -30,64 +30,11 @@ import socket
 from collections.abc import Awaitable
 from typing import Any, Callable, Literal
 
-from .aio_protocol import ProxyProtocolFactory, ProxyTransport, SocketView, wrap_protocol_factory
+from .aio_protocol import ProxyProtocolFactory, wrap_protocol_factory
 from .policy import Policy
 from .refusal_log import DEFAULT_LOG_RATE
 
 __all__ = ["serve"]
-
-
-def _family_of(address: Any) -> int | None:
-    """The address family an address tuple has the shape of (None for anything else)."""
-    if isinstance(address, tuple) and len(address) == 4:
-        return socket.AF_INET6
-    if isinstance(address, tuple) and len(address) == 2:
-        return socket.AF_INET6 if ":" in str(address[0]) else socket.AF_INET
-    return None
-
-
-class _FamilyView(SocketView):
-    """A :class:`SocketView` whose ``family`` is that of the addresses it reports."""
-
-    __slots__ = ("family",)
-
-    def __init__(self, sock: Any, peer: Any, local: Any, family: int) -> None:
-        super().__init__(sock, peer, local)
-        self.family = family
-
-
-class _SocketFamily(asyncio.Protocol):
-    """Gives hypercorn a ``socket`` whose ``family`` matches ``getpeername()``.
-
-    hypercorn shapes ``scope["client"]`` by ``socket.family`` (AF_INET: the
-    address as is; AF_INET6: its first two items; AF_UNIX: None), so an
-    IPv6 client behind an IPv4 listener would be a 4-tuple, and any client
-    behind a UNIX-socket listener None.  The transport view of
-    :mod:`proxyproto.aio_protocol` reports the real socket's family; until
-    it reports the header's, this shim sits in front of hypercorn's protocol
-    for ``connection_made`` and the bytes read with the header, then hands
-    the transport over.
-    """
-
-    def __init__(self, inner: asyncio.Protocol) -> None:
-        self.inner = inner
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        sock = transport.get_extra_info("socket")
-        peer = transport.get_extra_info("peername")
-        family = _family_of(peer)
-        if sock is not None and family is not None and family != sock.family:
-            view = _FamilyView(sock, peer, transport.get_extra_info("sockname"), family)
-            transport = ProxyTransport(transport, {"socket": view})
-        transport.set_protocol(self.inner)
-        self.inner.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self.inner.eof_received()
 
 
 async def serve(
@@ -142,7 +89,7 @@ async def serve(
         if sock is None or id(sock) not in listeners:
             return await original(protocol_factory, *args, **kwargs)
         factory = wrap_protocol_factory(
-            lambda: _SocketFamily(protocol_factory()),
+            protocol_factory,
             ssl=kwargs.pop("ssl", None),
             ssl_handshake_timeout=kwargs.pop("ssl_handshake_timeout", None),
             **knobs,
