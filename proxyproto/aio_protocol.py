@@ -307,9 +307,10 @@ class ProxyProtocolFactory:
         if ssl is not None and policy_for is None:
             for name, value in (("policy", self.policy), ("untrusted_policy", self.untrusted_policy)):
                 if value in (Policy.USE, Policy.IGNORE, Policy.REJECT) and (name == "policy" or trusted is not None):
+                    instead = "REQUIRE (or SKIP)" if name == "policy" else "SKIP"
                     raise ValueError(
                         f"{name}={value.name} with ssl=: a stream that turns out to have no header would have "
-                        "lost its first bytes to the TLS layer; use REQUIRE (or SKIP)"
+                        f"lost its first bytes to the TLS layer; use {instead}"
                     )
         self.header_timeout = float(header_timeout)
         self.max_size = max_header_size

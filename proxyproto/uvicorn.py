@@ -33,12 +33,29 @@ a typo stops the server at start):
 ``uvicorn.Config(app, http=proxyproto.uvicorn.wrap("h11", trusted=...))``.
 
 TLS: uvicorn passes its ``--ssl-*`` context to ``loop.create_server``, which
-would handshake before the header.  Importing this module gives
-``uvicorn.Config`` an ``ssl`` attribute that answers None to uvicorn (so
-``create_server`` gets no context) for configs whose HTTP class is one of
-these, and the wrapper negotiates TLS with that context right after the
-header.  (uvicorn's start-up line then says ``http://``; proxyproto logs one
-line saying TLS follows the header.)  Other configs are untouched.
+would handshake before the header.  uvicorn has no documented hook between
+its ``Config`` and ``create_server`` that the ``--http`` class (the only
+thing ``uvicorn app:app --http ...`` lets us plug in) could use:
+``ssl_context_factory`` must return a context, a ``Server`` subclass or a
+``run()`` of our own would not serve the command line, and a ``--loop``
+factory would patch the event loop instead.  So importing this module
+replaces ``uvicorn.Config.ssl`` with a data descriptor (:class:`_SSLTakeover`)
+that stores the value where a plain attribute would (the instance's
+``__dict__``) and answers None to uvicorn (so ``create_server`` gets no
+context) only for configs whose HTTP class has the
+``proxyproto_tls_after_header`` marker (the classes here and those
+:func:`wrap` makes); every other config reads and writes ``ssl`` exactly
+as before.  Installing it is idempotent (a second import or a reload keeps
+one descriptor, and the marker, not a class identity, decides).  The
+wrapper negotiates TLS with the real context right after the header
+(uvicorn's start-up line then says ``http://``; proxyproto logs one line
+saying TLS follows the header).
+
+With TLS, the policies that may serve a stream without a header (USE,
+IGNORE, REJECT, for ``PROXYPROTO_POLICY`` or, when ``PROXYPROTO_ALLOW_IPS``
+is set, ``PROXYPROTO_UNTRUSTED_POLICY``) are refused when uvicorn loads its
+config: one ERROR line naming the setting and exit status 3, as uvicorn
+does for its own configuration errors.
 
 Shutdown: a connection whose header is not in yet is listed in uvicorn's
 ``server_state.connections`` and closed by uvicorn's graceful shutdown
@@ -50,6 +67,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import weakref
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -153,6 +171,8 @@ class ProxyHTTPProtocol(HeaderProtocol):
 
     inner: ClassVar[str | type[asyncio.Protocol]] = _INNER["h11"]
     settings: ClassVar[dict[str, Any] | None] = None
+    #: The marker :class:`_SSLTakeover` looks for: configs served by this class get no TLS from uvicorn.
+    proxyproto_tls_after_header: ClassVar[bool] = True
     #: uvicorn asks the ``--http`` class for its ALPN protocols when it builds the TLS context.
     alpn_protocols: ClassVar[list[str] | None] = None
     _factories: ClassVar[weakref.WeakKeyDictionary[Any, ProxyProtocolFactory]]
@@ -167,6 +187,28 @@ class ProxyHTTPProtocol(HeaderProtocol):
         if factory is None:
             factory = cls._factories[server_state] = cls._make_factory(config, server_state, kwargs)
         super().__init__(factory)
+
+    @classmethod
+    def check_tls(cls, context: Any) -> None:
+        """Refuse settings that cannot work with TLS after the header; ValueError naming the setting.
+
+        Called when uvicorn loads a config with ``--ssl-*`` (see
+        :class:`_SSLTakeover`), so the error comes at start, not at the
+        first connection.
+        """
+        settings = settings_from_env() if cls.settings is None else dict(cls.settings)
+        try:
+            ProxyProtocolFactory(lambda: asyncio.Protocol(), ssl=context, **settings)
+        except ValueError as exc:
+            key, _, reason = str(exc).partition(" with ssl=: ")
+            if not reason:
+                raise
+            name, _, value = key.partition("=")
+            where = f"PROXYPROTO_{name.upper()}={value}" if cls.settings is None else f"wrap({name}={value!r})"
+            raise ValueError(
+                f"proxyproto.uvicorn: {where} cannot be used with uvicorn's --ssl-* settings "
+                f"(TLS is negotiated after the PROXY header): {reason}"
+            ) from None
 
     @classmethod
     def _make_factory(cls, config: Any, server_state: Any, kwargs: dict[str, Any]) -> ProxyProtocolFactory:
@@ -226,34 +268,76 @@ def wrap(http: str | type[asyncio.Protocol] = "h11", **settings: Any) -> type[Pr
     return type(name, (ProxyHTTPProtocol,), attributes)
 
 
+def _takes_tls(config: Any) -> Any:
+    """The HTTP class of ``config`` when it negotiates TLS after the header itself, else None."""
+    http = vars(config).get("http_protocol_class")
+    return http if getattr(http, "proxyproto_tls_after_header", False) is True else None
+
+
+def _refuse_at_start(config: Any) -> None:
+    """Check ``config``'s TLS against its class's settings once; exit uvicorn's way when they conflict.
+
+    One ERROR line on uvicorn's logger and ``sys.exit(3)`` (uvicorn's
+    ``STARTUP_FAILURE``), as uvicorn does for a configuration it cannot
+    serve, so the command line stops at start with that one line.
+    """
+    http = _takes_tls(config)
+    context = vars(config).get("ssl")
+    if http is None or context is None or _CHECKED.get(config) is context:
+        return
+    try:
+        http.check_tls(context)
+    except ValueError as exc:
+        logging.getLogger("uvicorn.error").error("%s", exc)
+        sys.exit(3)
+    _CHECKED[config] = context
+
+
+#: Configs whose TLS context has been checked against their class's settings (checked once each).
+_CHECKED: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
 class _SSLTakeover:
     """``uvicorn.Config.ssl``: None to uvicorn for configs served by these classes; the context to them.
 
     A data descriptor on the class, storing the value in the instance's
-    ``__dict__`` as a plain attribute would; configs whose HTTP class is not
-    a :class:`ProxyHTTPProtocol` see no difference.
+    ``__dict__`` as a plain attribute would; configs whose HTTP class lacks
+    the ``proxyproto_tls_after_header`` marker see no difference.  It is
+    also where the settings are checked against TLS at start: when uvicorn
+    sets the context (recent versions load the HTTP class first) or, with
+    older ones, when ``create_server`` reads it.
     """
 
     def __get__(self, config: Any, owner: Any = None) -> Any:
         if config is None:
             return self
-        values = vars(config)
-        context = values.get("ssl")
-        http = values.get("http_protocol_class")
-        if context is not None and isinstance(http, type) and issubclass(http, ProxyHTTPProtocol):
+        context = vars(config).get("ssl")
+        if context is not None and _takes_tls(config) is not None:
+            _refuse_at_start(config)
             return None
         return context
 
     def __set__(self, config: Any, value: Any) -> None:
         vars(config)["ssl"] = value
+        _refuse_at_start(config)
 
 
 def _take_over_ssl() -> None:
+    """Install :class:`_SSLTakeover` on ``uvicorn.Config``: idempotent, also across reloads of this module.
+
+    A descriptor of this module (of any load of it) is replaced by the
+    current one, so there is only ever one, with this code; anything else
+    already there belongs to someone else and is not overwritten.
+    """
     try:
         from uvicorn.config import Config
     except ImportError:  # the module is importable without uvicorn (docs, type checks)
         return
-    if not isinstance(Config.__dict__.get("ssl"), _SSLTakeover):
+    current = Config.__dict__.get("ssl")
+    ours = type(current).__name__ == "_SSLTakeover" and type(current).__module__ == __name__
+    if current is not None and not ours:
+        raise RuntimeError(f"proxyproto.uvicorn: uvicorn.Config.ssl is already {current!r}; not replacing it")
+    if not isinstance(current, _SSLTakeover):
         Config.ssl = _SSLTakeover()  # type: ignore[assignment]
 
 

@@ -318,17 +318,97 @@ def test_uvicorn_environment_refuses_bad_values_naming_the_variable(name: str, v
         ppu.settings_from_env({name: value})
 
 
+def other_http_classes() -> list[Any]:
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Custom(H11Protocol):  # a user's own class: not ours, even though it derives from uvicorn's
+        pass
+
+    classes: list[Any] = ["h11", H11Protocol, Custom]
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        classes.append("httptools")
+    return classes
+
+
 def test_uvicorn_config_ssl_is_untouched_for_other_http_classes(tmp_path: Path) -> None:
     cert = self_signed(tmp_path) or pytest.skip("openssl is not installed")
     assert isinstance(cert, Certificate)
     from web_kit import app
 
-    plain = uvicorn.Config(app, http="h11", ssl_certfile=str(cert.cert), ssl_keyfile=str(cert.key))
-    plain.load()
-    assert plain.ssl is not None
-    wrapped = uvicorn.Config(app, http=ppu.H11, ssl_certfile=str(cert.cert), ssl_keyfile=str(cert.key))
-    wrapped.load()
-    assert wrapped.ssl is None and vars(wrapped)["ssl"] is not None
+    for http in other_http_classes():
+        plain = uvicorn.Config(app, http=http, ssl_certfile=str(cert.cert), ssl_keyfile=str(cert.key))
+        plain.load()
+        assert plain.ssl is not None and plain.ssl is vars(plain)["ssl"], http
+        plain.ssl = None  # writes go where a plain attribute's would
+        assert plain.ssl is None and vars(plain)["ssl"] is None
+        no_tls = uvicorn.Config(app, http=http)
+        no_tls.load()
+        assert no_tls.ssl is None
+    for http in (ppu.H11, ppu.HttpTools, ppu.wrap("h11", header_timeout=5.0)):
+        wrapped = uvicorn.Config(app, http=http, ssl_certfile=str(cert.cert), ssl_keyfile=str(cert.key))
+        wrapped.load()
+        assert wrapped.ssl is None and vars(wrapped)["ssl"] is not None
+
+
+def test_uvicorn_config_ssl_takeover_is_installed_once_and_survives_a_reload() -> None:
+    import subprocess
+    import sys
+
+    from web_kit import HERE, ROOT
+
+    code = """if True:
+        import importlib
+        import uvicorn.config
+        import proxyproto.uvicorn as ppu
+        first = uvicorn.config.Config.__dict__["ssl"]
+        old_h11 = ppu.H11
+        importlib.reload(ppu)
+        importlib.import_module("proxyproto.uvicorn")
+        second = uvicorn.config.Config.__dict__["ssl"]
+        assert type(second) is ppu._SSLTakeover, second
+        assert [k for k in vars(uvicorn.config.Config) if k == "ssl"] == ["ssl"]
+        for http in (old_h11, ppu.H11):  # a class from before the reload is still recognised
+            config = uvicorn.config.Config(lambda: None, http=http)
+            config.http_protocol_class = http
+            config.ssl = "context"
+            assert config.ssl is None and vars(config)["ssl"] == "context"
+        print("ok")
+    """
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{HERE}"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+@pytest.mark.parametrize("policy", ["USE", "IGNORE", "REJECT"])
+def test_uvicorn_wrap_with_an_opt_in_policy_and_ssl_is_refused_when_the_config_loads(
+    policy: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cert = self_signed(tmp_path) or pytest.skip("openssl is not installed")
+    assert isinstance(cert, Certificate)
+    from web_kit import app
+
+    http = ppu.wrap("h11", policy=policy)  # fine without TLS
+    config = uvicorn.Config(app, http=http, ssl_certfile=str(cert.cert), ssl_keyfile=str(cert.key))
+    with pytest.raises(SystemExit) as stopped:
+        config.load()
+    assert stopped.value.code == 3
+    # uvicorn's own logging (its handler, not propagated): one line on stderr.
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "proxyproto" in line]
+    assert f"wrap(policy='{policy}')" in line and "--ssl-*" in line and "use REQUIRE (or SKIP)" in line
+    plain = uvicorn.Config(app, http=http)
+    plain.load()  # without TLS the same class is fine
+    required = uvicorn.Config(app, http=ppu.wrap("h11"), ssl_certfile=str(cert.cert), ssl_keyfile=str(cert.key))
+    required.load()  # REQUIRE and TLS are fine
 
 
 # -- the real command line -------------------------------------------------------------------
@@ -351,28 +431,59 @@ def test_uvicorn_cli_serves_the_real_client(http_class: str, tmp_path: Path) -> 
         run(scenario, "asyncio")
 
 
-def test_uvicorn_cli_https_after_the_header_and_allow_ips_from_the_environment(tmp_path: Path) -> None:
+@pytest.mark.parametrize("server_loop", ["asyncio", "uvloop"])
+def test_uvicorn_cli_https_after_the_header_and_allow_ips_from_the_environment(
+    server_loop: str, tmp_path: Path
+) -> None:
+    """Across processes, on both loops: 20 handshakes after a header and 20 from an untrusted
+    peer (SKIP: the ClientHello first), none reset (uvloop reads once more before start_tls)."""
+    if server_loop == "uvloop":
+        require_module("uvloop")
     cert = self_signed(tmp_path) or pytest.skip("openssl is not installed")
     assert isinstance(cert, Certificate)
     port = free_port()
     args = python(
         "-m", "uvicorn", "web_kit:app", "--port", str(port), "--http", "proxyproto.uvicorn:H11",
-        "--ssl-certfile", str(cert.cert), "--ssl-keyfile", str(cert.key),
-        # uvloop may call get_buffer once more after the wrapper paused reading for the handshake
-        # (a known gap, see docs/uvicorn.rst): the CLI test pins the asyncio loop.
-        "--loop", "asyncio",
+        "--ssl-certfile", str(cert.cert), "--ssl-keyfile", str(cert.key), "--loop", server_loop,
     )  # fmt: skip
     with command(args, port, env={"PROXYPROTO_ALLOW_IPS": "127.0.0.1"}, workdir=tmp_path):
 
         async def scenario() -> None:
             tls = cert.client_context()
-            status, seen = await get(("127.0.0.1", port), V2, tls=tls)
-            assert status == 200 and seen["scheme"] == "https" and seen["client"] == list(REAL_V4)
-            # 127.0.0.2 is not in PROXYPROTO_ALLOW_IPS: served without looking for a header.
-            status, seen = await get(("127.0.0.1", port), b"", tls=tls, local="127.0.0.2")
-            assert status == 200 and seen["client"][0] == "127.0.0.2"
+            for _ in range(20):
+                status, seen = await get(("127.0.0.1", port), V2, tls=tls)
+                assert status == 200 and seen["scheme"] == "https" and seen["client"] == list(REAL_V4)
+                # 127.0.0.2 is not in PROXYPROTO_ALLOW_IPS: served without looking for a header.
+                status, seen = await get(("127.0.0.1", port), b"", tls=tls, local="127.0.0.2")
+                assert status == 200 and seen["client"][0] == "127.0.0.2"
 
         run(scenario, "asyncio")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("PROXYPROTO_POLICY", "use"), ("PROXYPROTO_POLICY", "IGNORE"), ("PROXYPROTO_UNTRUSTED_POLICY", "reject")],
+)
+def test_uvicorn_cli_refuses_an_opt_in_policy_with_ssl_at_start_in_one_line(
+    variable: str, value: str, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    from web_kit import HERE, ROOT
+
+    cert = self_signed(tmp_path) or pytest.skip("openssl is not installed")
+    assert isinstance(cert, Certificate)
+    res = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "web_kit:app", "--port", str(free_port()),
+         "--http", "proxyproto.uvicorn:H11", "--ssl-certfile", str(cert.cert), "--ssl-keyfile", str(cert.key)],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{HERE}", variable: value},
+        capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    lines = [line for line in (res.stdout + res.stderr).splitlines() if line.strip()]
+    assert res.returncode == 3, res.stderr
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("ERROR:") and f"{variable}={value.upper()}" in lines[0] and "--ssl-*" in lines[0]
 
 
 def test_uvicorn_cli_refuses_a_bad_environment_value_at_start(tmp_path: Path) -> None:
