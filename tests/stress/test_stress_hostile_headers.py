@@ -120,7 +120,9 @@ class Server:
     """A recording ThreadingProxyTCPServer serving in a thread."""
 
     def __init__(self, **attrs: Any) -> None:
-        cls = type("HostileServer", (proxyproto.ThreadingProxyTCPServer,), {"daemon_threads": True, **attrs})
+        # Every refusal is counted line by line here: no rate limit (proxy_log_rate has its own tests).
+        settings = {"daemon_threads": True, "proxy_log_rate": None, **attrs}
+        cls = type("HostileServer", (proxyproto.ThreadingProxyTCPServer,), settings)
         self.server = cls(("127.0.0.1", 0), ReportHandler)
         self.server.calls = []  # type: ignore[attr-defined]
         self.errors: list[str] = []
@@ -330,10 +332,14 @@ def test_untrusted_peers_never_set_their_address_G10(log: Recorder, policy: str)
 
 
 def start_with_untrusted_policy(policy: str) -> ValueError:
-    """Serve with ``proxy_untrusted_policy`` = ``policy``; the ValueError it must raise when serving starts."""
+    """Serve with ``proxy_untrusted_policy`` = ``policy``; the ValueError it must raise before serving
+    (in the constructor since issue 14 item 4, or when serving starts)."""
     cls = type("S", (proxyproto.ThreadingProxyTCPServer,), {
         "proxy_trusted": "127.0.0.2/32", "proxy_untrusted_policy": policy})
-    server = cls(("127.0.0.1", 0), ReportHandler)
+    try:
+        server = cls(("127.0.0.1", 0), ReportHandler)
+    except ValueError as exc:
+        return exc
     timer = threading.Timer(2.0, server.shutdown)  # bounded even if the refusal never comes
     timer.start()
     try:
