@@ -172,6 +172,9 @@ def check_untrusted_policy(value: Policy | str) -> Policy:
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
+#: Peers whose trust verdict is remembered before the memory starts over.
+_VERDICT_CACHE_SIZE = 1024
+
 _SINGLE = (str, bytes, ipaddress.IPv4Network, ipaddress.IPv6Network, ipaddress.IPv4Address, ipaddress.IPv6Address)
 
 
@@ -188,7 +191,7 @@ class TrustedNetworks:
     naming ``proxy_trusted``.
     """
 
-    __slots__ = ("networks",)
+    __slots__ = ("networks", "verdicts")
 
     def __init__(self, networks: Iterable[object] | str) -> None:
         if isinstance(networks, bytes):
@@ -213,10 +216,24 @@ class TrustedNetworks:
             else:
                 raise ValueError(f"proxy_trusted: cannot read {network!r} as an IP network")
         self.networks = tuple(parsed)
+        self.verdicts: dict[str, bool] = {}
 
     def __contains__(self, host: object) -> bool:
         if not isinstance(host, str):
             return False
+        verdicts = self.verdicts
+        verdict = verdicts.get(host)
+        if verdict is None:
+            # A backend sees few distinct peers (its proxies): remember each answer, so the
+            # ipaddress parse and network walk (~15 us) run once per peer, not per connection.
+            # Bounded, so a scan from many addresses cannot grow it without limit.
+            verdict = self._match(host)
+            if len(verdicts) >= _VERDICT_CACHE_SIZE:
+                verdicts.clear()
+            verdicts[host] = verdict
+        return verdict
+
+    def _match(self, host: str) -> bool:
         try:
             address = ipaddress.ip_address(host.partition("%")[0])
         except ValueError:

@@ -1,0 +1,58 @@
+"""Trust lists (G10): the forms users write them in, and the per-peer memory of verdicts.
+
+``proxy_trusted`` and every adapter's ``trusted=`` go through ``TrustedNetworks``; the
+comma-separated and ``"*"`` forms are gunicorn's ``proxy_allow_ips`` and uvicorn's
+``--forwarded-allow-ips`` conventions (issue 13).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from proxyproto.policy import TrustedNetworks
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["10.0.0.0/8,127.0.0.1", " 10.0.0.0/8 , 127.0.0.1 ", ["10.0.0.0/8", "127.0.0.1"], b"10.0.0.0/8,127.0.0.1"],
+)
+def test_comma_separated_and_listed_forms_agree_G10(spec: object) -> None:
+    trusted = TrustedNetworks(spec)  # type: ignore[arg-type]
+    assert "10.1.2.3" in trusted and "127.0.0.1" in trusted
+    assert "127.0.0.2" not in trusted and "192.0.2.1" not in trusted
+
+
+def test_star_trusts_every_ip_peer_G10() -> None:
+    trusted = TrustedNetworks("*")
+    assert "192.0.2.1" in trusted and "2001:db8::1" in trusted and "::ffff:10.0.0.1" in trusted
+    assert "not-an-address" not in trusted
+
+
+def test_empty_string_trusts_no_one_G10() -> None:
+    trusted = TrustedNetworks("")
+    assert trusted.networks == ()
+    assert "127.0.0.1" not in trusted
+
+
+def test_ipv4_mapped_peer_matches_its_ipv4_network_G10() -> None:
+    trusted = TrustedNetworks([ipaddress.ip_network("127.0.0.0/8")])
+    assert "::ffff:127.0.0.1" in trusted
+    assert "fe80::1%eth0" not in trusted
+
+
+@pytest.mark.parametrize("spec", ["10.0.0.0/33", "10.0.0.0/8,nonsense", [object()]])
+def test_unreadable_entry_is_a_value_error_naming_the_setting_G10(spec: object) -> None:
+    with pytest.raises(ValueError, match="proxy_trusted"):
+        TrustedNetworks(spec)  # type: ignore[arg-type]
+
+
+def test_verdicts_are_remembered_per_peer_and_the_memory_is_bounded() -> None:
+    trusted = TrustedNetworks("10.0.0.0/8")
+    for i in range(5000):
+        host = f"192.0.{i // 256 % 256}.{i % 256}"
+        assert host not in trusted
+        assert len(trusted.verdicts) <= 1024
+    assert "10.9.8.7" in trusted and trusted.verdicts["10.9.8.7"] is True
+    assert "10.9.8.7" in trusted  # answered from memory, same verdict
