@@ -30,7 +30,12 @@ the protocol sees a byte, so the header would reach the TLS layer and fail
 (aiosmtpd's bug aio-libs/aiosmtpd#559).  Given ``ssl=``, the wrapper reads the
 header from the raw connection and then runs ``loop.start_tls``: the
 handshake happens after the header, as with haproxy's ``send-proxy`` in front
-of TLS passthrough.
+of TLS passthrough.  uvloop starts reading when ``connection_made`` returns,
+whatever the protocol paused, so it may read (a ClientHello) into the
+wrapper once more before ``start_tls`` takes the transport: the wrapper
+never answers such a read with an empty buffer (a fatal error to uvloop),
+keeps those bytes and gives them to the TLS protocol before its handshake
+starts (:meth:`HeaderProtocol.hand_over_late`).
 
 Every outcome goes through :func:`proxyproto.policy.decide` (DESIGN.md's
 table); each connection has its own header deadline; at most ``max_pending``

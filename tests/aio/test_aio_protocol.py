@@ -24,7 +24,7 @@ from support import require_module
 
 import proxyproto
 from proxyproto import Policy
-from proxyproto.aio_protocol import ProxyProtocolFactory, wrap_protocol_factory
+from proxyproto.aio_protocol import wrap_protocol_factory
 
 V2 = proxyproto.encode_v2(REAL_V4, DEST_V4)
 V1 = proxyproto.encode_v1(REAL_V4, DEST_V4)
@@ -338,9 +338,14 @@ def test_wrapped_protocol_tls_is_negotiated_after_the_header(kind: str, tmp_path
 
 
 @pytest.mark.parametrize("policy", ["USE", "IGNORE", "REJECT"])
-def test_wrapped_protocol_refuses_opt_in_policies_with_ssl(policy: str) -> None:
-    with pytest.raises(ValueError, match="ssl"):
-        ProxyProtocolFactory(asyncio.Protocol, policy=policy, ssl=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+def test_wrapped_protocol_refuses_opt_in_policies_with_ssl_at_construction(policy: str) -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with pytest.raises(ValueError, match=rf"^policy={policy} with ssl=: .*use REQUIRE \(or SKIP\)$"):
+        wrap_protocol_factory(asyncio.Protocol, policy=policy, ssl=context)
+    if policy != "USE":  # untrusted peers may only SKIP, IGNORE or REJECT
+        with pytest.raises(ValueError, match=rf"^untrusted_policy={policy} with ssl=: .*use SKIP$"):
+            wrap_protocol_factory(asyncio.Protocol, trusted="10.0.0.0/8", untrusted_policy=policy, ssl=context)
+    wrap_protocol_factory(asyncio.Protocol, ssl=context)  # REQUIRE, and SKIP for strangers: fine
 
 
 @pytest.mark.parametrize(("name", "value"), [("untrusted_policy", Policy.USE), ("max_pending", 0)])
