@@ -79,6 +79,8 @@ SETTINGS = (
     "proxy_max_pending",
     "proxy_log_rate",
 )
+#: Read live where they are used; re-checked whenever one changes (see TrustSettings).
+_LIVE_CHECKED = SETTINGS[3:]
 
 Address = Any  # what socket.accept() gives: a tuple for IP families, str or bytes for AF_UNIX
 
@@ -150,7 +152,7 @@ class _State:
         self.wakeup: tuple[int, int] | None = None
         self.signalled = False
         #: proxy_policy, proxy_trusted and proxy_untrusted_policy, parsed, re-read per connection.
-        self.settings = TrustSettings()
+        self.settings = TrustSettings(_LIVE_CHECKED)
         self.misconfigured = False  # the current settings are invalid (logged once)
         self.log = RefusalLog(logger, DEFAULT_LOG_RATE)
         self.local_wanted = False  # proxy_policy_for is overridden: call it, with the local address
