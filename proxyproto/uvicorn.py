@@ -338,7 +338,7 @@ def _take_over_ssl() -> None:
     if current is not None and not ours:
         raise RuntimeError(f"proxyproto.uvicorn: uvicorn.Config.ssl is already {current!r}; not replacing it")
     if not isinstance(current, _SSLTakeover):
-        Config.ssl = _SSLTakeover()  # type: ignore[assignment]
+        Config.ssl = _SSLTakeover()  # type: ignore[assignment,unused-ignore]
 
 
 _take_over_ssl()
