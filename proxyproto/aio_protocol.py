@@ -47,6 +47,7 @@ closes the connections still waiting, for a prompt shutdown.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import logging
 import socket
@@ -65,7 +66,6 @@ from .policy import (
     decide,
     describe,
     peer_text,
-    served_address,
     uses_addresses,
 )
 from .refusal_log import DEFAULT_LOG_RATE, RefusalLog
@@ -87,7 +87,10 @@ ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 PolicyHook = Callable[[Any, Any], Union[Policy, str]]
 
 _PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+_READ_FLAGS = getattr(socket, "MSG_DONTWAIT", 0)
 _CAN_PEEK = hasattr(socket, "MSG_DONTWAIT")
+_AF_INET, _AF_INET6, _AF_UNIX, _SOCK_STREAM = socket.AF_INET, socket.AF_INET6, socket.AF_UNIX, socket.SOCK_STREAM
+_MISSING: Any = object()
 _IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 _SOCKET_FAMILY = {Family.INET: socket.AF_INET, Family.INET6: socket.AF_INET6, Family.UNIX: socket.AF_UNIX}
 #: What the first read asks for when the socket cannot be peeked: a v2 header's fixed part.
@@ -167,20 +170,47 @@ class SocketView:
         return f"<SocketView family={self.family!r} peer={self._peer!r} local={self._local!r} of {self._sock!r}>"
 
 
-def proxy_extra(raw: asyncio.BaseTransport, policy: Policy, header: ProxyHeader | None) -> dict[str, Any]:
-    """The ``get_extra_info`` keys that ``header`` changes on the raw transport ``raw`` (or TLS over it)."""
-    peer = raw.get_extra_info("peername")
-    local = raw.get_extra_info("sockname")
-    sock = raw.get_extra_info("socket")
-    family = getattr(sock, "family", socket.AF_UNIX)
-    peername = served_address(policy, header, peer, family)
-    sockname = served_sockname(policy, header, local, family)
+def proxy_extra(
+    raw: asyncio.BaseTransport,
+    policy: Policy,
+    header: ProxyHeader | None,
+    peer: Any = _MISSING,
+    sock: Any = _MISSING,
+) -> dict[str, Any]:
+    """The ``get_extra_info`` keys that ``header`` changes on the raw transport ``raw`` (or TLS over it).
+
+    ``peer`` and ``sock``: the raw transport's ``"peername"`` and ``"socket"``
+    when the caller has them already (asked of ``raw`` otherwise).  The real
+    ``"sockname"`` is never needed: when the header's addresses are not used,
+    the transport's own keys answer.  The same rules as
+    :func:`proxyproto.policy.served_address`, :func:`served_sockname` and
+    :func:`served_family`, in one pass.
+    """
+    if peer is _MISSING:
+        peer = raw.get_extra_info("peername")
     extra: dict[str, Any] = {"proxy_header": header, "proxy_peername": peer}
-    if peername is not peer or sockname is not local:
-        extra["peername"] = peername
-        extra["sockname"] = sockname
-        if sock is not None:
-            extra["socket"] = SocketView(sock, peername, sockname, served_family(policy, header, family))
+    if header is None or not uses_addresses(policy, header):
+        return extra
+    if sock is _MISSING:
+        sock = raw.get_extra_info("socket")
+    family = header.family
+    peername: Any
+    sockname: Any
+    if family is Family.INET:
+        peername, sockname, view_family = header.source, header.destination, _AF_INET
+    elif family is Family.INET6:
+        source, destination = header.source, header.destination
+        assert isinstance(source, tuple) and isinstance(destination, tuple)
+        peername = (source[0], source[1], 0, 0)
+        sockname, view_family = (destination[0], destination[1], 0, 0), _AF_INET6
+    else:  # UNIX (uses_addresses is false for UNSPEC)
+        if getattr(sock, "family", _AF_UNIX) in _IP_FAMILIES:
+            return extra  # served with the socket's own addresses on an IP listener (DESIGN.md)
+        peername, sockname, view_family = header.source, header.destination, _AF_UNIX
+    extra["peername"] = peername
+    extra["sockname"] = sockname
+    if sock is not None:
+        extra["socket"] = SocketView(sock, peername, sockname, view_family)
     return extra
 
 
@@ -191,21 +221,27 @@ class ProxyTransport(asyncio.Transport):
     header when its addresses are used (else the real transport's),
     ``"proxy_header"`` (the header or None) and ``"proxy_peername"`` (the
     proxy's own address); every other key, and every method (writes, flow
-    control, close, ``set_protocol``), is the real transport's.
+    control, close, ``set_protocol``), is the real transport's.  The methods
+    called per request (``write``, ``writelines``, ``is_closing``, ``close``)
+    are the real transport's own bound methods, set on the instance, so a
+    call costs no extra Python frame.
     """
 
-    __slots__ = ("_proxy_extra", "_transport")
-
     def __init__(self, transport: asyncio.Transport, extra: dict[str, Any]) -> None:
-        super().__init__()
+        self._extra = extra
         self._transport = transport
         self._proxy_extra = extra
+        # Instance attributes shadow the delegating methods below (which document the interface).
+        self.write = transport.write  # type: ignore[method-assign]
+        self.writelines = transport.writelines  # type: ignore[method-assign]
+        self.is_closing = transport.is_closing  # type: ignore[method-assign]
+        self.close = transport.close  # type: ignore[method-assign]
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        try:
-            return self._proxy_extra[name]
-        except KeyError:
+        value = self._proxy_extra.get(name, _MISSING)
+        if value is _MISSING:
             return self._transport.get_extra_info(name, default)
+        return value
 
     # Everything else is the real transport's.
     def is_closing(self) -> bool:
@@ -405,27 +441,35 @@ class _Holding(asyncio.Protocol):
 
 
 class HeaderProtocol(asyncio.BufferedProtocol):
-    """One connection until its header is in: exact reads, then the inner protocol takes the transport."""
+    """One connection until its header is in: exact reads, then the inner protocol takes the transport.
 
-    __slots__ = (
-        "buf", "factory", "held", "late", "late_eof", "need", "peek", "peer", "policy", "spare", "timer", "transport",
-    )  # fmt: skip
+    The common case costs two system calls and no waiting state: a header
+    that arrived with the connection (a proxy sends it before or with the
+    first segment) is peeked at and read exactly in :meth:`connection_made`
+    (:meth:`take_complete_header`), and the inner protocol is served there.
+    Only a connection whose header is not complete yet gets a buffer, a
+    parking slot and a deadline, and reads through :meth:`get_buffer`.
+    """
+
+    # Class defaults, so that a connection served at once sets only what it uses.
+    transport: asyncio.Transport | None = None
+    peer: Any = None
+    policy = Policy.REQUIRE
+    #: The header bytes read so far (a bytearray of ``factory.cap``) while waiting; empty
+    #: (false) when nothing is waited for: never waited, or decided.
+    buf: bytes | bytearray = b""
+    held = 0
+    need = _FIRST_READ
+    peek: Any = None
+    timer: asyncio.TimerHandle | None = None
+    #: Served with ``ssl=``, until ``start_tls`` takes the transport: the bytes (of the
+    #: ClientHello) the transport read meanwhile, handed to the TLS layer; else None.
+    late: bytearray | None = None
+    late_eof = False
+    spare = bytearray()  # replaced, never mutated
 
     def __init__(self, factory: ProxyProtocolFactory) -> None:
         self.factory = factory
-        self.transport: asyncio.Transport | None = None
-        self.peer: Any = None
-        self.policy = Policy.REQUIRE
-        self.buf = bytearray()
-        self.held = 0
-        self.need = _FIRST_READ
-        self.peek: socket.socket | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        #: Served with ``ssl=``, until ``start_tls`` takes the transport: the bytes (of the
-        #: ClientHello) the transport read meanwhile, handed to the TLS layer; else None.
-        self.late: bytearray | None = None
-        self.late_eof = False
-        self.spare = bytearray()
 
     # -- asyncio.BaseProtocol -------------------------------------------------------------
 
@@ -439,25 +483,93 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             transport.abort()
             return
         try:
-            self.policy = factory.policy_for(peer, transport)
+            self.policy = policy = factory.policy_for(peer, transport)
         except ValueError as exc:
             logger.error("%s: closed: proxy policy hook failed: %s", peer_text(peer), exc)
             transport.abort()
             return
-        if self.policy is Policy.SKIP:
+        if policy is Policy.SKIP:
             # With ssl=, the handshake starts on the next iteration.  asyncio honours the pause
             # serve() asks for here; uvloop starts reading once connection_made returns and may
             # read (the ClientHello) first: get_buffer keeps those bytes for the TLS layer.
             self.serve(None, b"")
             return
-        self.buf = bytearray(factory.cap)
         if _CAN_PEEK:
             sock = transport.get_extra_info("socket")
             if sock is not None:
                 # A socket object on the same descriptor, detached when done: it never closes it.
-                self.peek = socket.socket(sock.family, sock.type, sock.proto, sock.fileno())
+                # The family is only a label (recv does not look at it): the peer's shape gives it
+                # without the enum conversions of sock.family.
+                family = _AF_UNIX if type(peer) is not tuple else _AF_INET6 if len(peer) == 4 else _AF_INET
+                peek = _socket.socket(family, _SOCK_STREAM, 0, sock.fileno())
+                self.peek = peek
+                try:
+                    if self.take_complete_header(peek, sock):
+                        return
+                finally:
+                    if self.peek is not peek:  # decided: nothing waits with it
+                        peek.detach()
+        # The header is not all there yet: wait for it, with a deadline.
+        if not self.buf:
+            self.buf = bytearray(factory.cap)
         factory.park(self)
         self.timer = asyncio.get_running_loop().call_later(factory.header_timeout, self.expire)
+
+    def take_complete_header(self, peek: Any, sock: Any) -> bool:
+        """Serve (or close) at once when the header is complete in the socket; True when decided.
+
+        Called from :meth:`connection_made` with ``peek`` (a socket object on
+        the connection's descriptor, also in :attr:`peek`) before the
+        transport has read anything: asyncio registers its reader after
+        ``connection_made``, uvloop starts reading when it returns, and
+        neither reads before the loop polls again.  So reading the header's
+        exact bytes here leaves the stream on the first byte after it, in the
+        kernel, for the inner protocol or the TLS layer.  Anything but a
+        complete valid header (or a stream that is no header, under a policy
+        that serves it untouched) returns False, nothing consumed, for the
+        waiting path, which reads, decides and logs as it always did.
+        """
+        factory = self.factory
+        try:
+            ahead = peek.recv(factory.cap, _PEEK_FLAGS)
+        except OSError:
+            return False  # nothing yet, or an error the transport's own read will report
+        if not ahead:
+            return False  # the end of the stream: the transport reports it (eof_received)
+        try:
+            header = core.parse(
+                ahead,
+                max_size=factory.max_size,
+                verify_checksum=factory.verify_checksum,
+                allow_v4_in_tcp6=factory.allow_v4_in_tcp6,
+            )
+        except NoProxyHeader:
+            if not decide(self.policy, Outcome.NO_HEADER).serve:
+                return False
+            self.peek = None
+            self.serve(None, b"", sock)  # nothing was read: every byte is the inner protocol's
+            return True
+        except ProxyProtocolError:
+            return False
+        if header is None:
+            return False  # a valid prefix: the rest has not arrived
+        size = header.length
+        try:
+            got = peek.recv(size, _READ_FLAGS)
+        except OSError:
+            return False
+        if len(got) != size:  # a stream socket gives what it just showed; never lose a byte anyway
+            self.buf = buf = bytearray(factory.cap)
+            buf[: len(got)] = got
+            self.held = len(got)
+            return False
+        self.peek = None
+        if decide(self.policy, Outcome.HEADER).serve:
+            self.serve(header, b"", sock)
+        else:
+            self.held = size
+            self.conclude(Outcome.HEADER, header=header)
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.release()
@@ -592,7 +704,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
         self.buf = bytearray()
         return self.serve(header, rest)
 
-    def serve(self, header: ProxyHeader | None, rest: bytes) -> asyncio.BaseProtocol | None:
+    def serve(self, header: ProxyHeader | None, rest: bytes, sock: Any = _MISSING) -> asyncio.BaseProtocol | None:
         transport = self.transport
         assert transport is not None
         factory = self.factory
@@ -611,7 +723,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             task.add_done_callback(factory.handshakes.discard)
             return None
         transport.set_protocol(inner)
-        inner.connection_made(ProxyTransport(transport, proxy_extra(transport, self.policy, header)))
+        inner.connection_made(ProxyTransport(transport, proxy_extra(transport, self.policy, header, self.peer, sock)))
         if rest and not transport.is_closing():
             deliver(inner, rest)
         return inner

@@ -176,16 +176,25 @@ class ProxyHTTPProtocol(HeaderProtocol):
     #: uvicorn asks the ``--http`` class for its ALPN protocols when it builds the TLS context.
     alpn_protocols: ClassVar[list[str] | None] = None
     _factories: ClassVar[weakref.WeakKeyDictionary[Any, ProxyProtocolFactory]]
+    #: The last server's state (weakly) and factory: one server per class is the rule, so the
+    #: per-connection lookup is a weakref call and an identity test, not a weak-dict lookup.
+    _last: ClassVar[tuple[weakref.ref[Any], ProxyProtocolFactory] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls._factories = weakref.WeakKeyDictionary()
+        cls._last = None
 
     def __init__(self, config: Any, server_state: Any, **kwargs: Any) -> None:
+        last = self._last
+        if last is not None and last[0]() is server_state:
+            self.factory = last[1]  # HeaderProtocol.__init__, inlined
+            return
         cls = type(self)
         factory = cls._factories.get(server_state)
         if factory is None:
             factory = cls._factories[server_state] = cls._make_factory(config, server_state, kwargs)
+        cls._last = (weakref.ref(server_state), factory)
         super().__init__(factory)
 
     @classmethod
