@@ -294,7 +294,19 @@ class _Acceptor:
 
     async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
-        policy = self.policy_for(peer, writer)
+        try:
+            policy = self.policy_for(peer, writer)
+        except Exception as exc:  # a user's hook: its failure closes this connection, nothing else
+            self.refusals.log(
+                logging.ERROR,
+                "%s: closed: policy_for failed: %s: %s",
+                peer_text(peer),
+                type(exc).__name__,
+                exc,
+                kind="policy_for failed",
+            )
+            writer.close()
+            return
         header: ProxyHeader | None = None
         if policy is not Policy.SKIP:
             self.park(writer, peer)
@@ -313,7 +325,13 @@ class _Acceptor:
             assert attempt.outcome is not None
             verdict = decide(policy, attempt.outcome)
             if not verdict.serve:
-                self.refusals.log(verdict.level, "%s: closed: %s", peer_text(peer), attempt.describe(self.timeout))
+                self.refusals.log(
+                    verdict.level,
+                    "%s: closed: %s",
+                    peer_text(peer),
+                    attempt.describe(self.timeout),
+                    kind=attempt.outcome.value,
+                )
                 writer.close()
                 return
             header = attempt.header

@@ -193,7 +193,10 @@ class TrustedNetworks:
 
     __slots__ = ("networks", "verdicts")
 
-    def __init__(self, networks: Iterable[object] | str) -> None:
+    def __init__(
+        self,
+        networks: Iterable[object] | str | bytes | ipaddress.IPv4Address | ipaddress.IPv6Address,
+    ) -> None:
         if isinstance(networks, bytes):
             networks = networks.decode("ascii", "replace")
         if isinstance(networks, str):

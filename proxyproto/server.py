@@ -133,7 +133,6 @@ class _State:
         "children_full",
         "generation",
         "listening",
-        "local_wanted",
         "log",
         "misconfigured",
         "parked",
@@ -155,7 +154,6 @@ class _State:
         self.settings = TrustSettings(_LIVE_CHECKED)
         self.misconfigured = False  # the current settings are invalid (logged once)
         self.log = RefusalLog(logger, DEFAULT_LOG_RATE)
-        self.local_wanted = False  # proxy_policy_for is overridden: call it, with the local address
         self.socket_args = (-1, -1, -1)  # the listener's family, type and proto, read once
         self.listening = False  # the listener is registered with the selector
         self.accept_resume_at = 0.0
@@ -244,11 +242,16 @@ class ProxyProtocolMixin:
         for klass in cls.__mro__:
             if klass is ProxyProtocolMixin:
                 break
-            if "get_request" in vars(klass) and klass.__module__ == "socketserver":
+            if klass.__module__ != "socketserver":
+                continue
+            shadowed = sorted(_HOOKS.intersection(vars(klass)))
+            if shadowed:
                 raise TypeError(
                     f"{cls.__name__}: put ProxyProtocolMixin before {klass.__name__} among the bases "
-                    f"(class {cls.__name__}(ProxyProtocolMixin, {klass.__name__}): ...); after it, the "
-                    "mixin is never called and the PROXY header reaches the handler as payload"
+                    f"(class {cls.__name__}(ProxyProtocolMixin, {klass.__name__}, ...)): socketserver's "
+                    f"{', '.join(shadowed)} would run instead of the mixin's and not call it "
+                    "(after TCPServer, the PROXY header reaches the handler as payload; after "
+                    "ForkingMixIn, header deadlines and max_children stop being enforced)"
                 )
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -432,11 +435,6 @@ class ProxyProtocolMixin:
         state = _State()
         state.settings.refresh(self)
         state.log.rate = self.proxy_log_rate
-        state.local_wanted = type(
-            self
-        ).proxy_policy_for is not ProxyProtocolMixin.proxy_policy_for or "proxy_policy_for" in getattr(
-            self, "__dict__", {}
-        )
         state.socket_args = (int(listener.family), int(listener.type), listener.proto)
         selector = selectors.DefaultSelector()
         if hasattr(selector, "fileno"):
@@ -479,17 +477,26 @@ class ProxyProtocolMixin:
             # with the old values, never trust an untrusted peer because of a bad new one.
             if not self._pp_settings_valid(state):
                 return sock, peer, None, timeout
-        if state.local_wanted:
+        # Whether proxy_policy_for is overridden is asked per connection: a hook assigned on
+        # the instance or the class while serving must take effect, like every other setting.
+        if type(self).proxy_policy_for is not _DEFAULT_POLICY_FOR or "proxy_policy_for" in self.__dict__:
             try:
                 chosen = self.proxy_policy_for(peer, sock.getsockname())
                 policy = chosen if type(chosen) is Policy else Policy(chosen)
-            except (ValueError, OSError) as exc:
-                state.log.log(logging.ERROR, "%s: closed: proxy_policy_for failed: %s", peer_text(peer), exc)
+            except Exception as exc:  # a user's hook: its failure closes this connection, never the loop
+                state.log.log(
+                    logging.ERROR,
+                    "%s: closed: proxy_policy_for failed: %s: %s",
+                    peer_text(peer),
+                    type(exc).__name__,
+                    exc,
+                    kind="proxy_policy_for failed",
+                )
                 return sock, peer, None, timeout
         else:  # proxy_policy_for's default, without the call
-            trusted = settings.trusted
-            trust = trusted is None or not isinstance(peer, tuple) or peer[0] in trusted
-            policy = settings.policy if trust else settings.untrusted
+            policy, untrusted, trusted, _ = settings.parsed
+            if trusted is not None and isinstance(peer, tuple) and peer[0] not in trusted:
+                policy = untrusted
         return sock, peer, policy, timeout
 
     def _pp_settings_valid(self, state: _State) -> bool:
@@ -615,7 +622,7 @@ class ProxyProtocolMixin:
         """Close the connection that has waited longest for its header."""
         oldest = next(iter(state.parked.values()))
         self._pp_unpark(state, oldest)
-        state.log.log(logging.WARNING, "%s: closed: %s", peer_text(oldest.peer), reason)
+        state.log.log(logging.WARNING, "%s: closed: %s", peer_text(oldest.peer), reason, kind="evicted")
         oldest.attempt.sock.close()
 
     def _pp_listen(self, state: _State, on: bool) -> None:
@@ -676,6 +683,7 @@ class ProxyProtocolMixin:
                 "%s: closed: %s",
                 peer_text(parked.peer),
                 attempt.describe(self.proxy_header_timeout),
+                kind=attempt.outcome.value,
             )
             sock.close()
             return
@@ -743,6 +751,15 @@ class ProxyProtocolMixin:
             raise OSError("proxyproto: connection closed by policy")
         return state.ready.popleft()
 
+
+_DEFAULT_POLICY_FOR = ProxyProtocolMixin.proxy_policy_for
+#: The hooks the mixin overrides whose socketserver versions do not call super(): a
+#: socketserver class defining one must come after the mixin in the class order.
+_HOOKS = frozenset(
+    name
+    for name in ("get_request", "fileno", "service_actions", "handle_timeout", "collect_children", "finish_request")
+    if name in vars(ProxyProtocolMixin)
+)
 
 _BACKLOG = 128
 

@@ -21,6 +21,7 @@ must never leave an untrusted peer able to set its address.  So:
 from __future__ import annotations
 
 import copy
+import ipaddress
 import numbers
 import operator
 from typing import Any
@@ -52,6 +53,13 @@ def check_setting(name: str, value: Any) -> None:
         check_untrusted_policy(value)
     elif name == "proxy_trusted":
         if value is not None:
+            if not isinstance(value, _TRUSTED_FORMS):
+                # Read again at every change check: an iterator would be used up by this very
+                # check, and a view or a custom iterable cannot be copied to notice changes.
+                raise ValueError(
+                    f"proxy_trusted: give a string, an ipaddress object, or a list, tuple or set of them, "
+                    f"not {type(value).__name__}"
+                )
             TrustedNetworks(value)
     elif name == "proxy_header_timeout":
         _positive_number(name, value)
@@ -72,6 +80,18 @@ def check_settings(owner: object, names: tuple[str, ...]) -> None:
 
 
 _IMMUTABLE = (str, bytes, tuple, frozenset, type(None))
+_TRUSTED_FORMS = (
+    str,
+    bytes,
+    list,
+    tuple,
+    set,
+    frozenset,
+    ipaddress.IPv4Network,
+    ipaddress.IPv6Network,
+    ipaddress.IPv4Address,
+    ipaddress.IPv6Address,
+)
 
 
 class TrustSettings:
@@ -86,30 +106,29 @@ class TrustSettings:
     ``__setattr__``'s back) puts the settings in the error state too.
     """
 
-    __slots__ = (
-        "checked",
-        "checked_values",
-        "error",
-        "policy",
-        "read_checked",
-        "sources",
-        "trusted",
-        "trusted_copy",
-        "untrusted",
-    )
+    __slots__ = ("checked", "checked_values", "parsed", "read_checked", "sources", "trusted_copy")
 
     def __init__(self, checked: tuple[str, ...] = ()) -> None:
         self.checked = checked
         self.checked_values: Any = None
         # One C call reads them all (a per-connection cost: ~0.1 us instead of ~0.4 us).
         self.read_checked = operator.attrgetter(*checked) if checked else None
-        self.policy = Policy.REQUIRE
-        self.untrusted = Policy.SKIP
-        self.trusted: TrustedNetworks | None = None
+        #: (policy, untrusted policy, trusted networks or None, the ValueError of an invalid
+        #: configuration or None): one tuple, replaced whole, so that a thread calling
+        #: ``proxy_policy_for`` while the loop refreshes never sees half of a change.
+        self.parsed: tuple[Policy, Policy, TrustedNetworks | None, ValueError | None] = (
+            Policy.REQUIRE,
+            Policy.SKIP,
+            None,
+            None,
+        )
         self.sources: tuple[Any, Any, Any] = (object(), object(), object())
         self.trusted_copy: Any = None
-        #: The ValueError of the current, invalid configuration; None when valid.
-        self.error: ValueError | None = None
+
+    @property
+    def error(self) -> ValueError | None:
+        """The ValueError of the current, invalid configuration; None when valid."""
+        return self.parsed[3]
 
     def refresh(self, owner: Any) -> bool:
         """Re-read ``owner``'s three settings if any changed; True when they changed."""
@@ -125,23 +144,30 @@ class TrustSettings:
             and (isinstance(trusted, _IMMUTABLE) or trusted == self.trusted_copy)
         ):
             return False
-        self.sources = (policy, trusted, untrusted)
+        parsed: tuple[Policy, Policy, TrustedNetworks | None, ValueError | None]
+        try:
+            check_setting("proxy_trusted", trusted)
+            parsed = (
+                policy_named("proxy_policy", policy),
+                check_untrusted_policy(untrusted),
+                None if trusted is None else TrustedNetworks(trusted),
+                None,
+            )
+            check_settings(owner, self.checked)
+        except (ValueError, TypeError) as exc:
+            error = exc if isinstance(exc, ValueError) else ValueError(f"invalid proxy_* setting: {exc}")
+            parsed = (Policy.REQUIRE, Policy.SKIP, None, error)
+        # The parsed state first, the sources it came from last: a concurrent refresh that
+        # sees the new sources also sees their parsed state.
+        self.parsed = parsed
         self.checked_values = checked
         self.trusted_copy = trusted if isinstance(trusted, _IMMUTABLE) else copy.copy(trusted)
-        try:
-            parsed_policy = policy_named("proxy_policy", policy)
-            parsed_untrusted = check_untrusted_policy(untrusted)
-            parsed_trusted = None if trusted is None else TrustedNetworks(trusted)
-            check_settings(owner, self.checked)
-        except ValueError as exc:
-            self.error = exc
-            return True
-        self.policy, self.untrusted, self.trusted, self.error = parsed_policy, parsed_untrusted, parsed_trusted, None
+        self.sources = (policy, trusted, untrusted)
         return True
 
     def policy_for(self, peer: Any) -> Policy:
         """The policy the default ``proxy_policy_for`` gives ``peer`` (UNIX peers: always trusted)."""
-        trusted = self.trusted
+        policy, untrusted, trusted, _ = self.parsed
         if trusted is None or not isinstance(peer, tuple) or peer[0] in trusted:
-            return self.policy
-        return self.untrusted
+            return policy
+        return untrusted

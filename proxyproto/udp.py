@@ -231,14 +231,14 @@ class ProxyDatagramMixin:
             self._ppd_misconfigured = True
         return False
 
-    def _ppd_refuse(self, level: int, peer: Address, reason: str) -> OSError:
+    def _ppd_refuse(self, level: int, peer: Address, reason: str, kind: str) -> OSError:
         """Log one rate-limited refusal line; the OSError tells ``socketserver`` there is nothing to serve."""
         log = self._ppd_log
         if log is None:
             logger.log(level, "%s: dropped datagram: %s", peer_text(peer), reason)
         else:
             log.rate = self.proxy_log_rate
-            log.log(level, "%s: dropped datagram: %s", peer_text(peer), reason)
+            log.log(level, "%s: dropped datagram: %s", peer_text(peer), reason, kind=kind)
         return OSError("proxyproto: datagram dropped")
 
     # -- the datagram path -------------------------------------------------------------------
@@ -259,8 +259,9 @@ class ProxyDatagramMixin:
             try:
                 chosen = self.proxy_policy_for(peer, sock.getsockname())
                 policy = chosen if type(chosen) is Policy else Policy(chosen)
-            except (ValueError, OSError) as exc:
-                raise self._ppd_refuse(logging.ERROR, peer, f"proxy_policy_for failed: {exc}") from None
+            except Exception as exc:  # a user's hook: its failure drops this datagram, never the loop
+                reason = f"proxy_policy_for failed: {type(exc).__name__}: {exc}"
+                raise self._ppd_refuse(logging.ERROR, peer, reason, "proxy_policy_for failed") from None
         else:
             policy = settings.policy_for(peer)
         if policy is Policy.SKIP:
@@ -268,7 +269,8 @@ class ProxyDatagramMixin:
         header, outcome, error = self._ppd_parse(data)
         verdict = decide(policy, outcome)
         if not verdict.serve:
-            raise self._ppd_refuse(verdict.level, peer, describe(policy, outcome, error, len(data), 0.0))
+            reason = describe(policy, outcome, error, len(data), 0.0)
+            raise self._ppd_refuse(verdict.level, peer, reason, outcome.value)
         if header is None:
             return ProxyDatagram(data, sock, None, peer), peer
         address = served_address(policy, header, peer, sock.family)

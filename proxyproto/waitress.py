@@ -146,6 +146,7 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
                 logging.WARNING,
                 f"closed: more than {settings.max_pending} connections waiting for a PROXY header "
                 "(max_pending); closing the oldest",
+                kind="evicted",
             )
 
     # -- asyncore hooks --------------------------------------------------------------
@@ -205,7 +206,7 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
         verdict = decide(policy, outcome)
         if not verdict.serve:
             reason = describe(policy, outcome, error, held, settings.header_timeout)
-            self._proxy_refuse(verdict.level, f"closed: {reason}", immediate=immediate)
+            self._proxy_refuse(verdict.level, f"closed: {reason}", immediate=immediate, kind=outcome.value)
             return False
         self._proxy_held = None
         settings.pending.pop(self, None)
@@ -216,11 +217,11 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
             return bool(super().received(rest))
         return True
 
-    def _proxy_refuse(self, level: int, message: str, *, immediate: bool = False) -> None:
+    def _proxy_refuse(self, level: int, message: str, *, immediate: bool = False, kind: str | None = None) -> None:
         """Close without a response, after one log line naming the peer."""
         self._proxy_held = None
         self._proxy_settings.pending.pop(self, None)
-        self._proxy_settings.log.log(level, "%s: %s", peer_text(self.proxy_peername), message)
+        self._proxy_settings.log.log(level, "%s: %s", peer_text(self.proxy_peername), message, kind=kind)
         if immediate:
             self.handle_close()
         else:

@@ -462,3 +462,97 @@ def test_shutdown_returns_after_serve_forever_raised_on_configuration_issue14_it
         assert done.wait(1.0), "shutdown() hung after a configuration error"
     finally:
         server.server_close()
+
+
+# --------------------------------------------------------------------------- the review's findings
+
+
+def test_policy_hook_assigned_while_serving_takes_effect_issue11_item1() -> None:
+    """A ``proxy_policy_for`` set on the instance or the class while serving is called from the
+    next connection on (it used to be looked up once, when serving started: a silent spoof)."""
+    cls = make_class(proxyproto.ThreadingProxyTCPServer)
+    server = cls(("127.0.0.1", 0), ReportHandler)
+    running = start(server)
+    try:
+        report, _ = exchange(running, [HEADER + PAYLOAD])
+        assert report is not None and as_address(report["client_address"]) == REAL_V4
+        server.proxy_policy_for = lambda peer, local: Policy.SKIP
+        report, own = exchange(running, [HEADER + PAYLOAD])
+        assert report is not None and as_address(report["client_address"]) == own
+        del server.proxy_policy_for
+        cls.proxy_policy_for = lambda self, peer, local: Policy.REJECT
+        report, _ = exchange(running, [HEADER + PAYLOAD])
+        assert report is None
+    finally:
+        running.stop()
+
+
+def test_failing_policy_hook_closes_the_connection_not_the_loop(caplog: pytest.LogCaptureFixture) -> None:
+    """An ordinary hook written for IP peers fails on an unnamed UNIX peer (``''[0]``)."""
+    caplog.set_level(logging.INFO, logger="proxyproto")
+
+    def hook(self: Any, peer: Any, local: Any) -> Policy:
+        return Policy.REQUIRE if peer[0] else Policy.SKIP
+
+    with serve("ThreadingProxyUnixStreamServer", proxy_policy_for=hook) as running:
+        with socket.socket(socket.AF_UNIX) as sock:  # unbound: its address is ''
+            sock.settimeout(5)
+            sock.connect(running.server.server_address)
+            sock.sendall(HEADER + PAYLOAD)
+            assert read_all(sock) == b""
+        assert running.thread.is_alive()
+        report, _ = exchange(running, [HEADER + PAYLOAD])  # a bound client: the hook works
+        assert report is not None
+    errors = [r.getMessage() for r in proxyproto_records(caplog) if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "IndexError" in errors[0]
+
+
+@pytest.mark.parametrize("value", [{"127.0.0.1": 1}.keys(), iter(["127.0.0.1"]), 5])
+def test_trusted_of_an_unreadable_type_is_refused_at_assignment_issue11_item1(value: Any) -> None:
+    server = proxyproto.ThreadingProxyTCPServer(("127.0.0.1", 0), ReportHandler)
+    try:
+        with pytest.raises(ValueError, match="proxy_trusted"):
+            server.proxy_trusted = value
+    finally:
+        server.server_close()
+
+
+def test_trusted_of_an_unreadable_type_set_on_the_class_keeps_the_loop_alive_issue11_item1(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="proxyproto")
+    with serve("ThreadingProxyTCPServer") as running:
+        type(running.server).proxy_trusted = 5  # the test's own subclass
+        report, _ = exchange(running, [HEADER + PAYLOAD])
+        assert report is None and running.thread.is_alive()
+        type(running.server).proxy_trusted = None
+        report, _ = exchange(running, [HEADER + PAYLOAD])
+        assert report is not None and as_address(report["client_address"]) == REAL_V4
+    errors = [r for r in proxyproto_records(caplog) if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "proxy_trusted" in errors[0].getMessage()
+
+
+def test_forking_mixin_before_the_proxy_class_is_a_type_error_issue14_item3() -> None:
+    """``ForkingMixIn``'s service_actions and collect_children do not call super(): placed
+    first, they would switch off header deadlines and the max_children handling."""
+    with pytest.raises(TypeError, match=r"before ForkingMixIn"):
+
+        class Wrong(socketserver.ForkingMixIn, proxyproto.ProxyTCPServer):
+            pass
+
+
+def test_a_flood_of_one_refusal_kind_does_not_hide_another_issue11_item7(caplog: pytest.LogCaptureFixture) -> None:
+    """Budgets are per kind: 100 malformed headers spend the malformed budget, and the one
+    spoof attempt REJECT catches afterwards is still written."""
+    caplog.set_level(logging.INFO, logger="proxyproto")
+    with serve(
+        "ThreadingProxyTCPServer", proxy_trusted=["10.0.0.0/8"], proxy_untrusted_policy="REJECT", proxy_log_rate=5
+    ) as running:
+        for _ in range(100):
+            with running.connect() as sock:
+                sock.sendall(b"PROXY TCP9 nonsense\r\n")
+                read_all(sock)
+        report, _ = exchange(running, [HEADER + PAYLOAD])
+        assert report is None
+    messages = [r.getMessage() for r in proxyproto_records(caplog)]
+    assert any("which policy REJECT refuses" in m for m in messages)
