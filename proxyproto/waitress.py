@@ -268,6 +268,13 @@ def create_server(
     if socket_map is None:
         socket_map = {}
     server = _waitress_create_server(application, map=socket_map, **kw)
+    # waitress stops accepting at its connection_limit (100 by default): parked connections
+    # count toward it, so a max_pending above it would never evict anyone and silent sockets
+    # would lock everyone out for the whole header timeout.  Keep half the slots for
+    # connections past their header.
+    limit = getattr(getattr(server, "adj", None), "connection_limit", None)
+    if isinstance(limit, int) and limit > 1:
+        settings.max_pending = min(settings.max_pending, limit // 2)
     # The listeners are already listening, but nothing is accepted before the
     # loop runs, so no connection can get waitress's own channel class.
     for dispatcher in list(socket_map.values()):

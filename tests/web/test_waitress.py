@@ -418,3 +418,21 @@ def test_docs_waitress_example_runs(tmp_path: Path) -> None:
         process.wait(10)
     assert response.startswith(b"HTTP/1.1 200"), response
     assert response.endswith(b"Hello, 192.0.2.10\n")
+
+
+def test_silent_clients_up_to_the_connection_limit_cannot_lock_out_a_good_one() -> None:
+    """Parked connections count toward waitress's ``connection_limit``: ``max_pending`` is kept
+    below it, so the oldest silent one is evicted and a good client is served at once (with the
+    default 256 above a limit of 10, waitress stopped accepting for the whole header timeout)."""
+    app = App()
+    with running(app, connection_limit=10, header_timeout=30.0) as server:
+        silent = [socket.create_connection(address(server), timeout=10) for _ in range(12)]
+        try:
+            time.sleep(0.3)
+            began = time.monotonic()
+            answer = exchange(server, proxyproto.encode_v1(REAL_V4, DEST_V4) + request())
+            assert report_of(answer)["remote_addr"] == REAL_V4[0]
+            assert time.monotonic() - began < 2.0
+        finally:
+            for sock in silent:
+                sock.close()
