@@ -53,7 +53,7 @@ import logging
 import socket
 import ssl as _ssl
 from collections.abc import Iterable
-from typing import Any, Callable, Union, cast
+from typing import Any, Callable, Union
 
 from . import reader as core
 from .errors import InvalidHeader, NoProxyHeader, ProxyProtocolError
@@ -91,6 +91,8 @@ _READ_FLAGS = getattr(socket, "MSG_DONTWAIT", 0)
 _CAN_PEEK = hasattr(socket, "MSG_DONTWAIT")
 _AF_INET, _AF_INET6, _AF_UNIX, _SOCK_STREAM = socket.AF_INET, socket.AF_INET6, socket.AF_UNIX, socket.SOCK_STREAM
 _MISSING: Any = object()
+#: The policies under which a valid header is served (the table's first row), looked up once.
+_SERVES_A_HEADER = frozenset(policy for policy in Policy if decide(policy, Outcome.HEADER).serve)
 _IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 _SOCKET_FAMILY = {Family.INET: socket.AF_INET, Family.INET6: socket.AF_INET6, Family.UNIX: socket.AF_UNIX}
 #: What the first read asks for when the socket cannot be peeked: a v2 header's fixed part.
@@ -228,7 +230,6 @@ class ProxyTransport(asyncio.Transport):
     """
 
     def __init__(self, transport: asyncio.Transport, extra: dict[str, Any]) -> None:
-        self._extra = extra
         self._transport = transport
         self._proxy_extra = extra
         # Instance attributes shadow the delegating methods below (which document the interface).
@@ -239,9 +240,7 @@ class ProxyTransport(asyncio.Transport):
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         value = self._proxy_extra.get(name, _MISSING)
-        if value is _MISSING:
-            return self._transport.get_extra_info(name, default)
-        return value
+        return self._transport.get_extra_info(name, default) if value is _MISSING else value
 
     # Everything else is the real transport's.
     def is_closing(self) -> bool:
@@ -374,9 +373,13 @@ class ProxyProtocolFactory:
         if self.policy_for_hook is not None:
             return Policy(self.policy_for_hook(peer, transport.get_extra_info("sockname")))
         trusted = self.trusted
-        if trusted is None or not isinstance(peer, tuple) or peer[0] in trusted:
+        if trusted is None or not isinstance(peer, tuple):
             return self.policy
-        return self.untrusted_policy
+        host = peer[0]
+        verdict = trusted.verdicts.get(host)  # TrustedNetworks' memory of this peer, without a call
+        if verdict is None:
+            verdict = host in trusted
+        return self.policy if verdict else self.untrusted_policy
 
     @property
     def pending(self) -> int:
@@ -474,19 +477,18 @@ class HeaderProtocol(asyncio.BufferedProtocol):
     # -- asyncio.BaseProtocol -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
-        transport = cast(asyncio.Transport, transport)
+        raw: Any = transport  # uvloop's transports are not asyncio.Transport subclasses, but have its methods
         factory = self.factory
-        self.transport = transport
-        self.peer = peer = transport.get_extra_info("peername")
+        self.transport = raw
+        self.peer = peer = raw.get_extra_info("peername")
         if factory.closed:
-            transport.abort()
+            raw.abort()
             return
         try:
-            self.policy = policy = factory.policy_for(peer, transport)
+            self.policy = policy = factory.policy_for(peer, raw)
         except ValueError as exc:
             logger.error("%s: closed: proxy policy hook failed: %s", peer_text(peer), exc)
-            transport.abort()
+            raw.abort()
             return
         if policy is Policy.SKIP:
             # With ssl=, the handshake starts on the next iteration.  asyncio honours the pause
@@ -494,49 +496,40 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             # read (the ClientHello) first: get_buffer keeps those bytes for the TLS layer.
             self.serve(None, b"")
             return
-        if _CAN_PEEK:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                # A socket object on the same descriptor, detached when done: it never closes it.
-                # The family is only a label (recv does not look at it): the peer's shape gives it
-                # without the enum conversions of sock.family.
-                family = _AF_UNIX if type(peer) is not tuple else _AF_INET6 if len(peer) == 4 else _AF_INET
-                peek = _socket.socket(family, _SOCK_STREAM, 0, sock.fileno())
-                self.peek = peek
-                try:
-                    if self.take_complete_header(peek, sock):
-                        return
-                finally:
-                    if self.peek is not peek:  # decided: nothing waits with it
-                        peek.detach()
+        sock = raw.get_extra_info("socket") if _CAN_PEEK else None
+        if sock is not None and self.take_complete_header(peer, sock):
+            return
         # The header is not all there yet: wait for it, with a deadline.
         if not self.buf:
             self.buf = bytearray(factory.cap)
         factory.park(self)
         self.timer = asyncio.get_running_loop().call_later(factory.header_timeout, self.expire)
 
-    def take_complete_header(self, peek: Any, sock: Any) -> bool:
+    def take_complete_header(self, peer: Any, sock: Any) -> bool:
         """Serve (or close) at once when the header is complete in the socket; True when decided.
 
-        Called from :meth:`connection_made` with ``peek`` (a socket object on
-        the connection's descriptor, also in :attr:`peek`) before the
-        transport has read anything: asyncio registers its reader after
-        ``connection_made``, uvloop starts reading when it returns, and
-        neither reads before the loop polls again.  So reading the header's
-        exact bytes here leaves the stream on the first byte after it, in the
-        kernel, for the inner protocol or the TLS layer.  Anything but a
-        complete valid header (or a stream that is no header, under a policy
-        that serves it untouched) returns False, nothing consumed, for the
-        waiting path, which reads, decides and logs as it always did.
+        Called from :meth:`connection_made` before the transport has read
+        anything: asyncio registers its reader after ``connection_made``,
+        uvloop starts reading when it returns, and neither reads before the
+        loop polls again.  So one peek, and a ``recv`` of exactly the
+        header's bytes when the peek holds all of them, leave the stream on
+        the first byte after the header, in the kernel, for the inner
+        protocol or the TLS layer.  Anything but a complete valid header (or
+        a stream that is no header, under a policy that serves it untouched)
+        returns False with nothing consumed, and with the peek socket in
+        :attr:`peek`, for the waiting path, which reads, decides and logs as
+        it always did.
         """
         factory = self.factory
+        # A socket object on the same descriptor, detached when done: it never closes it.  The
+        # family is only a label (recv does not look at it): the peer's shape gives it without
+        # the enum conversions of sock.family.
+        family = _AF_UNIX if type(peer) is not tuple else _AF_INET6 if len(peer) == 4 else _AF_INET
+        self.peek = peek = _socket.socket(family, _SOCK_STREAM, 0, sock.fileno())
         try:
             ahead = peek.recv(factory.cap, _PEEK_FLAGS)
-        except OSError:
-            return False  # nothing yet, or an error the transport's own read will report
-        if not ahead:
-            return False  # the end of the stream: the transport reports it (eof_received)
-        try:
+            if not ahead:
+                return False  # the end of the stream, which the transport reports (eof_received)
             header = core.parse(
                 ahead,
                 max_size=factory.max_size,
@@ -547,10 +540,11 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             if not decide(self.policy, Outcome.NO_HEADER).serve:
                 return False
             self.peek = None
+            peek.detach()
             self.serve(None, b"", sock)  # nothing was read: every byte is the inner protocol's
             return True
-        except ProxyProtocolError:
-            return False
+        except (OSError, ProxyProtocolError):
+            return False  # nothing yet (or an error the transport will report), or a malformed header
         if header is None:
             return False  # a valid prefix: the rest has not arrived
         size = header.length
@@ -564,7 +558,8 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             self.held = len(got)
             return False
         self.peek = None
-        if decide(self.policy, Outcome.HEADER).serve:
+        peek.detach()
+        if self.policy in _SERVES_A_HEADER:
             self.serve(header, b"", sock)
         else:
             self.held = size
