@@ -24,7 +24,7 @@ from support import require_module
 
 import proxyproto
 from proxyproto import Policy
-from proxyproto.aio_protocol import wrap_protocol_factory
+from proxyproto.aio_protocol import HeaderProtocol, wrap_protocol_factory
 
 V2 = proxyproto.encode_v2(REAL_V4, DEST_V4)
 V1 = proxyproto.encode_v1(REAL_V4, DEST_V4)
@@ -576,3 +576,207 @@ async def test_wrapped_protocol_socket_family_is_that_of_the_address_it_reports(
     ip_shape = {socket.AF_INET: 2, socket.AF_INET6: 4}
     if family in ip_shape:
         assert len(sink.extra["peername"]) == ip_shape[family] == len(sink.extra["sockname"])
+
+
+# -- the at-once path: a header already in the socket when the connection is made ------------
+#
+# The client below is a blocking socket that connects and writes before the test's coroutine
+# yields, so the kernel holds the bytes before the loop accepts: the wrapper finds the whole
+# header with its first peek, reads exactly it in connection_made and serves there.  A spy on
+# HeaderProtocol.take_complete_header says which path each connection took.
+
+
+@pytest.fixture
+def at_once(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """What take_complete_header answered, per connection (True: decided at once)."""
+    answers: list[bool] = []
+    original = HeaderProtocol.take_complete_header
+
+    def spy(self: HeaderProtocol, peer: Any, sock: Any) -> bool:
+        answer = original(self, peer, sock)
+        answers.append(answer)
+        return answer
+
+    monkeypatch.setattr(HeaderProtocol, "take_complete_header", spy)
+    return answers
+
+
+async def send_before_accept(address: Any, data: bytes, *, local: str = "127.0.0.1") -> bytes:
+    """Connect and write ``data`` (and the end of the stream) before the loop runs; what comes back."""
+    loop = asyncio.get_running_loop()
+    client = socket.create_connection(address, timeout=10, source_address=(local, 0))
+    with client:
+        client.sendall(data)
+        client.shutdown(socket.SHUT_WR)
+        client.setblocking(False)
+        answer = b""
+        try:
+            while chunk := await asyncio.wait_for(loop.sock_recv(client, 65536), 10):
+                answer += chunk
+        except ConnectionResetError:
+            pass
+    return answer
+
+
+async def serve_on_this_loop(kind: str, **options: Any) -> tuple[asyncio.AbstractServer, Any, list[Sink], Any]:
+    sinks: list[Sink] = []
+
+    def make() -> asyncio.BaseProtocol:
+        sinks.append(Sink())
+        return INNER[kind](sinks[-1])
+
+    factory = wrap_protocol_factory(make, **options)
+    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[:2], sinks, factory
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("kind", sorted(INNER))
+@pytest.mark.parametrize("header", ["v1", "v2", "v2-v6"])
+def test_header_in_the_first_segment_is_read_in_connection_made_byte_exact(
+    loop: str, kind: str, header: str, at_once: list[bool]
+) -> None:
+    """Header and 256 KiB of payload in one write: served at once, every payload byte to the
+    inner protocol in order (none read by the wrapper, none lost), the real client reported."""
+    wire = {"v1": V1, "v2": V2, "v2-v6": proxyproto.encode_v2(REAL_V6, DEST_V6)}[header]
+    payload = os.urandom(256 << 10)
+    errors: list[str] = []
+
+    async def scenario() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _, c: errors.append(str(c.get("message"))))
+        server, address, sinks, factory = await serve_on_this_loop(kind)
+        async with server:
+            answer = await send_before_accept(address, wire + payload)
+            assert factory.pending == 0
+        (sink,) = sinks
+        assert bytes(sink.data) == payload and answer == hashlib.sha256(payload).hexdigest().encode()
+        expected = REAL_V4 if header != "v2-v6" else (*REAL_V6, 0, 0)
+        assert sink.extra["peername"] == expected == sink.extra["socket_peer"]
+        assert sink.extra["proxy_header"].to_bytes() == wire
+        assert sink.extra["proxy_peername"][0] == "127.0.0.1"
+
+    run_on(loop, scenario)
+    assert at_once == [True] and errors == []
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_header_completed_later_takes_the_waiting_path_byte_exact(loop: str, at_once: list[bool]) -> None:
+    """Half a header at connection_made: nothing consumed at once, the rest read as it comes."""
+    payload = os.urandom(4096)
+
+    async def scenario() -> None:
+        running = asyncio.get_running_loop()
+        server, address, sinks, factory = await serve_on_this_loop("buffered")
+        async with server:
+            client = socket.create_connection(address, timeout=10)
+            with client:
+                client.sendall(V2[:9])
+                for _ in range(200):  # the loop accepts and parks the connection
+                    if factory.pending:
+                        break
+                    await asyncio.sleep(0.01)
+                client.sendall(V2[9:] + payload)
+                client.shutdown(socket.SHUT_WR)
+                client.setblocking(False)
+                answer = await asyncio.wait_for(running.sock_recv(client, 100), 10)
+        assert answer == hashlib.sha256(payload).hexdigest().encode()
+        assert bytes(sinks[0].data) == payload and sinks[0].extra["peername"] == REAL_V4
+
+    run_on(loop, scenario)
+    assert at_once == [False]
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize(("policy", "case"), sorted(EXPECTED))
+def test_header_in_the_first_segment_follows_the_policy_table(
+    loop: str, policy: str, case: str, at_once: list[bool], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The cells of DESIGN.md's table when every byte is there at connection_made: a valid header
+    (served, or closed under REJECT) and a stream that is no header under a policy that serves it
+    are decided at once; the rest goes the waiting way; what is served and logged is the same."""
+    caplog.set_level(logging.DEBUG, logger="proxyproto")
+
+    async def scenario() -> None:
+        server, address, sinks, factory = await serve_on_this_loop("plain", policy=policy, log_rate=None)
+        async with server:
+            await send_before_accept(address, CELLS[case])
+            for _ in range(100):  # a refused connection is closed after the client's read ends
+                if factory.pending == 0:
+                    break
+                await asyncio.sleep(0.01)
+        expected = EXPECTED[(policy, case)]
+        if expected is None:
+            assert sinks == []
+        else:
+            assert bytes(sinks[0].data) == expected
+            uses = policy in ("REQUIRE", "USE") and case == "header"
+            assert (sinks[0].extra["peername"] == REAL_V4) is uses
+            assert (sinks[0].extra["proxy_header"] is not None) is (case == "header" and policy != "SKIP")
+
+    run_on(loop, scenario)
+    closed = [r for r in caplog.records if ": closed: " in r.getMessage()]
+    if EXPECTED[(policy, case)] is None:
+        assert [r.levelno for r in closed] == [logging.WARNING]
+    else:
+        assert closed == []
+    decided_at_once = case == "header" or (case == "no header" and policy in ("USE", "IGNORE", "REJECT"))
+    assert at_once == ([] if policy == "SKIP" else [decided_at_once])
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_header_and_client_hello_in_one_segment_with_ssl(
+    loop: str, at_once: list[bool], contexts: tuple[ssl.SSLContext, ssl.SSLContext]
+) -> None:
+    """The header and the ClientHello in the kernel before the loop accepts: the header is read
+    exactly at once, the ClientHello is left for the TLS layer, 20 handshakes, none reset."""
+    server_ctx, client_ctx = contexts
+    errors: list[str] = []
+
+    async def scenario() -> None:
+        running = asyncio.get_running_loop()
+        running.set_exception_handler(lambda _, c: errors.append(str(c.get("message"))))
+        factory = wrap_protocol_factory(Echo, ssl=server_ctx, trusted="127.0.0.1")
+        server = await running.create_server(factory, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()[:2]
+        async with server:
+            for _ in range(20):
+                client = socket.create_connection(address, timeout=10)
+                with client:
+                    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+                    tls = client_ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+                    with pytest.raises(ssl.SSLWantReadError):
+                        tls.do_handshake()
+                    client.sendall(V2 + outgoing.read())  # before the loop runs: one segment
+                    client.setblocking(False)
+                    while True:
+                        data = await asyncio.wait_for(running.sock_recv(client, 65536), 10)
+                        assert data, "the server closed during the handshake"
+                        incoming.write(data)
+                        try:
+                            tls.do_handshake()
+                            done = True
+                        except ssl.SSLWantReadError:
+                            done = False
+                        if out := outgoing.read():
+                            await running.sock_sendall(client, out)
+                        if done:
+                            break
+                    tls.write(b"ping")
+                    await running.sock_sendall(client, outgoing.read())
+                    echoed = b""
+                    while len(echoed) < 4:
+                        try:
+                            echoed += tls.read(4)
+                        except ssl.SSLWantReadError:
+                            data = await asyncio.wait_for(running.sock_recv(client, 65536), 10)
+                            assert data, "the server closed before echoing"
+                            incoming.write(data)
+                    assert echoed == b"ping"
+            for _ in range(100):
+                if factory.pending == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert factory.pending == 0
+
+    run_on(loop, scenario)
+    assert at_once == [True] * 20 and errors == []
