@@ -587,6 +587,28 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             return inner.eof_received()
         return None
 
+    def data_received(self, data: bytes) -> None:
+        """``data`` as a transport would give it through :meth:`get_buffer` and :meth:`buffer_updated`.
+
+        A ``BufferedProtocol`` needs no ``data_received``, and neither loop
+        calls this one; but uvloop looks the attribute up on every protocol
+        it is given (``set_protocol`` and each new connection), and a missing
+        attribute cost it an ``AttributeError`` per connection.  So it
+        exists, and is correct: the bytes after a decision go to the
+        protocol that took the transport.
+        """
+        rest = memoryview(data)
+        while rest:
+            transport = self.transport
+            if transport is not None and transport.get_protocol() is not self:
+                deliver(transport.get_protocol(), bytes(rest))
+                return
+            buf = memoryview(self.get_buffer(len(rest)))
+            size = min(len(buf), len(rest))
+            buf[:size] = rest[:size]
+            self.buffer_updated(size)
+            rest = rest[size:]
+
     # -- reading exactly the header -------------------------------------------------------
 
     def get_buffer(self, sizehint: int) -> memoryview:

@@ -24,7 +24,7 @@ from support import require_module
 
 import proxyproto
 from proxyproto import Policy
-from proxyproto.aio_protocol import HeaderProtocol, wrap_protocol_factory
+from proxyproto.aio_protocol import HeaderProtocol, deliver, wrap_protocol_factory
 
 V2 = proxyproto.encode_v2(REAL_V4, DEST_V4)
 V1 = proxyproto.encode_v1(REAL_V4, DEST_V4)
@@ -780,3 +780,69 @@ def test_header_and_client_hello_in_one_segment_with_ssl(
 
     run_on(loop, scenario)
     assert at_once == [True] * 20 and errors == []
+
+
+class FakeTransport(asyncio.Transport):
+    """Just enough of a transport for feeding a header protocol by hand; its socket stays empty
+    (every peek finds nothing), so the bytes come only from the test."""
+
+    def __init__(self, protocol: asyncio.BaseProtocol, sock: socket.socket) -> None:
+        super().__init__()
+        self.protocol = protocol
+        self.closed = False
+        self.extra = {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 80), "socket": sock}
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.extra.get(name, default)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self.protocol
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    abort = close
+
+    def pause_reading(self) -> None:
+        pass
+
+    def write(self, data: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("kind", ["plain", "buffered"])
+@pytest.mark.parametrize("how", ["one", "two", "bytewise"])
+@async_test
+async def test_header_protocol_data_received_is_its_buffered_path(kind: str, how: str) -> None:
+    """uvloop looks ``data_received`` up on every protocol (a missing one cost it an exception
+    per connection), so the header protocol has one: bytes given that way are read as through
+    get_buffer, and what follows the header reaches the inner protocol exactly once, in order."""
+    sinks: list[Sink] = []
+
+    def make() -> asyncio.BaseProtocol:
+        sinks.append(Sink())
+        return INNER[kind](sinks[-1])
+
+    factory = wrap_protocol_factory(make)
+    protocol = factory()
+    quiet, other = socket.socketpair()
+    with quiet, other:
+        transport = FakeTransport(protocol, quiet)
+        protocol.connection_made(transport)
+        assert factory.pending == 1
+        payload = b"payload\x00" * 40
+        for piece in splits(V2 + payload, how):
+            target = transport.get_protocol()
+            if target is protocol:
+                protocol.data_received(piece)
+            else:  # the inner protocol took the transport: a transport feeds it directly
+                deliver(target, piece)
+    (sink,) = sinks
+    assert bytes(sink.data) == payload and sink.extra["peername"] == REAL_V4
+    assert factory.pending == 0 and not transport.closed
