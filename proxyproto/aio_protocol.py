@@ -486,8 +486,19 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             return
         try:
             self.policy = policy = factory.policy_for(peer, raw)
-        except ValueError as exc:
-            logger.error("%s: closed: proxy policy hook failed: %s", peer_text(peer), exc)
+            if factory.ssl is not None and policy is not Policy.REQUIRE and policy is not Policy.SKIP:
+                # Refused when built without a hook; a hook can still answer an opt-in policy,
+                # whose sniffed bytes the TLS layer would never see.
+                raise ValueError(f"policy {policy.name} with ssl=: only REQUIRE or SKIP can negotiate TLS")
+        except Exception as exc:  # a user's hook: its failure closes this connection, never the server
+            factory.refusals.log(
+                logging.ERROR,
+                "%s: closed: policy_for failed: %s: %s",
+                peer_text(peer),
+                type(exc).__name__,
+                exc,
+                kind="policy_for failed",
+            )
             raw.abort()
             return
         if policy is Policy.SKIP:

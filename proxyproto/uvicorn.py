@@ -232,7 +232,7 @@ class ProxyHTTPProtocol(HeaderProtocol):
         logger.info(
             "proxyproto: PROXY header policy %s for %s, %s for other peers%s",
             factory.policy.name,
-            settings.get("trusted") or "every peer",
+            "every peer" if settings.get("trusted") is None else (settings.get("trusted") or "no peer"),
             factory.untrusted_policy.name,
             "; TLS is negotiated after the header" if context is not None else "",
         )
