@@ -53,15 +53,13 @@ from .header import ProxyHeader
 from .policy import (
     Outcome,
     Policy,
-    TrustedNetworks,
-    check_untrusted_policy,
     decide,
     describe,
     peer_text,
     refusal,
 )
 from .refusal_log import DEFAULT_LOG_RATE, RefusalLog
-from .settings import check_setting
+from .settings import adapter_settings
 
 __all__ = ["ProxyStreamWriter", "read_header", "start_server", "start_unix_server"]
 
@@ -238,16 +236,15 @@ class _Acceptor:
     ) -> None:
         self.callback = client_connected_cb
         self.hook = policy_for
-        self.policy = Policy(policy)
-        try:
-            self.untrusted_policy = check_untrusted_policy(untrusted_policy)
-        except ValueError as exc:
-            raise ValueError(str(exc).replace("proxy_untrusted_policy", "untrusted_policy")) from None
-        self.trusted = None if trusted is None else TrustedNetworks(trusted)
-        check_setting("proxy_header_timeout", header_timeout)
-        check_setting("proxy_max_header_size", max_header_size)
-        check_setting("proxy_max_pending", max_pending)
-        check_setting("proxy_log_rate", log_rate)
+        self.policy, self.untrusted_policy, self.trusted = adapter_settings(
+            policy=policy,
+            trusted=trusted,
+            untrusted_policy=untrusted_policy,
+            header_timeout=header_timeout,
+            max_header_size=max_header_size,
+            max_pending=max_pending,
+            log_rate=log_rate,
+        )
         self.max_pending = max_pending
         self.refusals = RefusalLog(logger, log_rate)
         #: Writers of the connections whose header is not in yet, oldest first.

@@ -61,15 +61,13 @@ from .header import Family, ProxyHeader
 from .policy import (
     Outcome,
     Policy,
-    TrustedNetworks,
-    check_untrusted_policy,
     decide,
     describe,
     peer_text,
     uses_addresses,
 )
 from .refusal_log import DEFAULT_LOG_RATE, RefusalLog
-from .settings import check_setting
+from .settings import adapter_settings
 
 __all__ = [
     "ProxyProtocolFactory",
@@ -334,15 +332,16 @@ class ProxyProtocolFactory:
         policy_for: PolicyHook | None = None,
         log_rate: float | None = DEFAULT_LOG_RATE,
     ) -> None:
-        check_setting("proxy_policy", policy)
-        check_setting("proxy_header_timeout", header_timeout)
-        check_setting("proxy_max_header_size", max_header_size)
-        check_setting("proxy_max_pending", max_pending)
-        check_setting("proxy_log_rate", log_rate)
+        self.policy, self.untrusted_policy, self.trusted = adapter_settings(
+            policy=policy,
+            trusted=trusted,
+            untrusted_policy=untrusted_policy,
+            header_timeout=header_timeout,
+            max_header_size=max_header_size,
+            max_pending=max_pending,
+            log_rate=log_rate,
+        )
         self.factory = factory
-        self.policy = Policy(policy)
-        self.untrusted_policy = check_untrusted_policy(untrusted_policy)
-        self.trusted = None if trusted is None else TrustedNetworks(trusted)
         self.policy_for_hook = policy_for
         if ssl is not None and policy_for is None:
             for name, value in (("policy", self.policy), ("untrusted_policy", self.untrusted_policy)):

@@ -28,7 +28,7 @@ from typing import Any
 
 from .policy import Policy, TrustedNetworks, check_untrusted_policy, policy_named
 
-__all__ = ["TrustSettings", "check_setting", "check_settings"]
+__all__ = ["TrustSettings", "adapter_settings", "check_setting", "check_settings"]
 
 
 def _positive_number(name: str, value: Any) -> None:
@@ -77,6 +77,41 @@ def check_settings(owner: object, names: tuple[str, ...]) -> None:
     for name in names:
         if hasattr(owner, name):
             check_setting(name, getattr(owner, name))
+
+
+def adapter_settings(
+    *,
+    policy: Policy | str,
+    trusted: Any | None,
+    untrusted_policy: Policy | str,
+    header_timeout: float,
+    max_header_size: int,
+    max_pending: int,
+    log_rate: float | None,
+) -> tuple[Policy, Policy, TrustedNetworks | None]:
+    """Check the knobs every adapter takes (the mixin's settings without ``proxy_``).
+
+    The asyncio, uvicorn, aiohttp, hypercorn and waitress adapters take
+    their settings once, when they are built: this is the one place that
+    checks them, with the mixin's rules, and the ``ValueError`` names the
+    knob as the adapter spells it.  Returns the policy for trusted peers,
+    the policy for the others, and the trusted networks (None: every peer).
+    """
+    try:
+        for name, value in (
+            ("proxy_header_timeout", header_timeout),
+            ("proxy_max_header_size", max_header_size),
+            ("proxy_max_pending", max_pending),
+            ("proxy_log_rate", log_rate),
+        ):
+            check_setting(name, value)
+        return (
+            policy_named("proxy_policy", policy),
+            check_untrusted_policy(untrusted_policy),
+            None if trusted is None else TrustedNetworks(trusted),
+        )
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("proxy_", "", 1)) from None
 
 
 _IMMUTABLE = (str, bytes, tuple, frozenset, type(None))

@@ -40,8 +40,6 @@ from .header import ProxyHeader
 from .policy import (
     Outcome,
     Policy,
-    TrustedNetworks,
-    check_untrusted_policy,
     decide,
     describe,
     peer_text,
@@ -49,6 +47,7 @@ from .policy import (
 )
 from .reader import MAX_V1_LENGTH, decode, measure
 from .refusal_log import DEFAULT_LOG_RATE, RefusalLog
+from .settings import adapter_settings
 
 __all__ = ["ENVIRON_KEY", "ProxyHTTPChannel", "ProxySettings", "ProxyWSGITask", "create_server", "serve"]
 
@@ -79,15 +78,15 @@ class ProxySettings:
         max_pending: int = 256,
         log_rate: float | None = DEFAULT_LOG_RATE,
     ) -> None:
-        self.policy = Policy(policy)
-        self.trusted = None if trusted is None else TrustedNetworks(trusted)
-        self.untrusted_policy = check_untrusted_policy(untrusted_policy)
-        if not header_timeout > 0:
-            raise ValueError(f"header_timeout: must be a number of seconds above 0, got {header_timeout!r}")
-        if max_header_size < 16:
-            raise ValueError(f"max_header_size: must be at least 16, got {max_header_size!r}")
-        if max_pending < 1:
-            raise ValueError(f"max_pending: must be at least 1, got {max_pending!r}")
+        self.policy, self.untrusted_policy, self.trusted = adapter_settings(
+            policy=policy,
+            trusted=trusted,
+            untrusted_policy=untrusted_policy,
+            header_timeout=header_timeout,
+            max_header_size=max_header_size,
+            max_pending=max_pending,
+            log_rate=log_rate,
+        )
         self.header_timeout = header_timeout
         self.max_header_size = max_header_size
         self.verify_checksum = verify_checksum
