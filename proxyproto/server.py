@@ -134,7 +134,6 @@ class _State:
         "generation",
         "listening",
         "log",
-        "misconfigured",
         "parked",
         "ready",
         "selector",
@@ -152,7 +151,6 @@ class _State:
         self.signalled = False
         #: proxy_policy, proxy_trusted and proxy_untrusted_policy, parsed, re-read per connection.
         self.settings = TrustSettings(_LIVE_CHECKED)
-        self.misconfigured = False  # the current settings are invalid (logged once)
         self.log = RefusalLog(logger, DEFAULT_LOG_RATE)
         self.socket_args = (-1, -1, -1)  # the listener's family, type and proto, read once
         self.listening = False  # the listener is registered with the selector
@@ -472,10 +470,10 @@ class ProxyProtocolMixin:
             sock.setblocking(True)
         sock.proxy_header = None
         settings = state.settings
-        if settings.refresh(self) or state.misconfigured:
+        if settings.refresh(self) or settings.reported:
             # Trust changed since the last connection (or was broken): never keep serving
             # with the old values, never trust an untrusted peer because of a bad new one.
-            if not self._pp_settings_valid(state):
+            if not settings.usable("closing every new connection", "serving connections"):
                 return sock, peer, None, timeout
         # Whether proxy_policy_for is overridden is asked per connection: a hook assigned on
         # the instance or the class while serving must take effect, like every other setting.
@@ -498,19 +496,6 @@ class ProxyProtocolMixin:
             if trusted is not None and isinstance(peer, tuple) and peer[0] not in trusted:
                 policy = untrusted
         return sock, peer, policy, timeout
-
-    def _pp_settings_valid(self, state: _State) -> bool:
-        """After a change of the trust settings: log once at ERROR while they are invalid."""
-        error = state.settings.error
-        if error is None:
-            if state.misconfigured:
-                logger.warning("the proxy_* settings are valid again; serving connections")
-                state.misconfigured = False
-            return True
-        if not state.misconfigured:
-            logger.error("invalid setting: %s; closing every new connection until it is fixed", error)
-            state.misconfigured = True
-        return False
 
     def _pp_accept(self, state: _State, now: float | None = None, evicted: bool = False) -> None:
         try:

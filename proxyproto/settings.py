@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import logging
 import numbers
 import operator
 from typing import Any
@@ -29,6 +30,8 @@ from typing import Any
 from .policy import Policy, TrustedNetworks, check_untrusted_policy, policy_named
 
 __all__ = ["TrustSettings", "adapter_settings", "check_setting", "check_settings"]
+
+logger = logging.getLogger("proxyproto")
 
 
 def _positive_number(name: str, value: Any) -> None:
@@ -141,7 +144,7 @@ class TrustSettings:
     ``__setattr__``'s back) puts the settings in the error state too.
     """
 
-    __slots__ = ("checked", "checked_values", "parsed", "read_checked", "sources", "trusted_copy")
+    __slots__ = ("checked", "checked_values", "parsed", "read_checked", "reported", "sources", "trusted_copy")
 
     def __init__(self, checked: tuple[str, ...] = ()) -> None:
         self.checked = checked
@@ -159,6 +162,8 @@ class TrustSettings:
         )
         self.sources: tuple[Any, Any, Any] = (object(), object(), object())
         self.trusted_copy: Any = None
+        #: The current error has been logged (and its end will be).
+        self.reported = False
 
     @property
     def error(self) -> ValueError | None:
@@ -199,6 +204,23 @@ class TrustSettings:
         self.trusted_copy = trusted if isinstance(trusted, _IMMUTABLE) else copy.copy(trusted)
         self.sources = (policy, trusted, untrusted)
         return True
+
+    def usable(self, refusing: str, resuming: str) -> bool:
+        """After :meth:`refresh`: False while the settings are invalid, each change of state logged once.
+
+        ``refusing`` and ``resuming`` say what the server does meanwhile and
+        afterwards ("closing every new connection", "serving connections").
+        """
+        error = self.error
+        if error is None:
+            if self.reported:
+                logger.warning("the proxy_* settings are valid again; %s", resuming)
+                self.reported = False
+            return True
+        if not self.reported:
+            logger.error("invalid setting: %s; %s until it is fixed", error, refusing)
+            self.reported = True
+        return False
 
     def policy_for(self, peer: Any) -> Policy:
         """The policy the default ``proxy_policy_for`` gives ``peer`` (UNIX peers: always trusted)."""

@@ -145,7 +145,6 @@ class ProxyDatagramMixin:
 
     _ppd_settings: TrustSettings | None = None
     _ppd_log: RefusalLog | None = None
-    _ppd_misconfigured = False
 
     socket: socket.socket
 
@@ -218,19 +217,6 @@ class ProxyDatagramMixin:
         self._ppd_settings = settings
         return settings
 
-    def _ppd_settings_valid(self, settings: TrustSettings) -> bool:
-        """After a change of the trust settings: log once at ERROR while they are invalid."""
-        error = settings.error
-        if error is None:
-            if self._ppd_misconfigured:
-                logger.warning("the proxy_* settings are valid again; serving datagrams")
-                self._ppd_misconfigured = False
-            return True
-        if not self._ppd_misconfigured:
-            logger.error("invalid setting: %s; dropping every datagram until it is fixed", error)
-            self._ppd_misconfigured = True
-        return False
-
     def _ppd_refuse(self, level: int, peer: Address, reason: str, kind: str) -> OSError:
         """Log one rate-limited refusal line; the OSError tells ``socketserver`` there is nothing to serve."""
         log = self._ppd_log
@@ -252,7 +238,9 @@ class ProxyDatagramMixin:
         settings = self._ppd_settings or self._ppd_start()
         sock = self.socket
         data, peer = sock.recvfrom(self.max_packet_size)
-        if (settings.refresh(self) or self._ppd_misconfigured) and not self._ppd_settings_valid(settings):
+        if (settings.refresh(self) or settings.reported) and not settings.usable(
+            "dropping every datagram", "serving datagrams"
+        ):
             raise OSError("proxyproto: datagram dropped (invalid proxy_* setting)")
         cls = type(self)
         if cls.proxy_policy_for is not ProxyDatagramMixin.proxy_policy_for or "proxy_policy_for" in vars(self):
