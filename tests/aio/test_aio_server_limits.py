@@ -82,10 +82,10 @@ async def test_max_pending_evicts_oldest_silent_connection_issue11_item4(caplog:
             server_side = open_fds() - baseline - flood
             assert server_side <= limit + 5, f"{server_side} server-side descriptors for max_pending={limit}"
 
-            # Parked connections cost no CPU while they wait.
+            # Parked connections cost no CPU while they wait (issue 11 acceptance 4: under 10%).
             cpu = time.process_time()
             await asyncio.sleep(1.0)
-            assert time.process_time() - cpu < 0.3
+            assert time.process_time() - cpu < 0.1
 
             # A good client is served at once, and displaces the oldest silent one.
             start = time.monotonic()
@@ -106,6 +106,11 @@ async def test_max_pending_evicts_oldest_silent_connection_issue11_item4(caplog:
         finally:
             for sock in silent:
                 sock.close()
+        # The server side of every connection is closed once its peer is gone: back to baseline.
+        deadline = time.monotonic() + 5
+        while open_fds() > baseline and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert open_fds() <= baseline
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5])
