@@ -42,6 +42,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
@@ -88,6 +89,29 @@ while served < {n}:
 server.server_close()
 """
 
+UVICORN_PROGRAM = """
+import asyncio, sys
+sys.path[:0] = [{root!r}, {bench!r}]
+import uvicorn, uvloop
+from uvicorn_pair import app as hello
+
+served = 0
+
+async def app(scope, receive, send):
+    global served
+    await hello(scope, receive, send)
+    served += 1
+    if served >= {n}:
+        server.should_exit = True
+
+config = uvicorn.Config(app, host="127.0.0.1", port={port}, http={http!r}, loop="none",
+                        lifespan="off", access_log=False, log_level="warning")
+server = uvicorn.Server(config)
+uvloop.install()
+print("ready", flush=True)
+asyncio.run(server.serve())
+"""
+
 ROWS = [
     ("proxyproto", "ours_parse"),
     ("proxy-protocol", "pp_parse"),
@@ -131,6 +155,50 @@ def count_serving(header: bytes | None, n: int) -> int:
     return _instructions(stderr)
 
 
+def count_uvicorn(http: str, header: bytes, n: int) -> int:
+    """Instructions of an in-process uvicorn (on uvloop) that serves ``n`` connections, one request each."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    program = UVICORN_PROGRAM.format(root=ROOT, bench=BENCH, port=port, http=http, n=n)
+    env = dict(os.environ, PROXYPROTO_ALLOW_IPS="127.0.0.1")
+    with subprocess.Popen(
+        _valgrind(program), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    ) as proc:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        request = header + b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        for _ in range(n):
+            for _attempt in range(600):  # until the server listens (valgrind starts slowly)
+                try:
+                    conn = socket.create_connection(("127.0.0.1", port), timeout=60)
+                    break
+                except ConnectionRefusedError:
+                    time.sleep(0.1)
+            with conn:
+                conn.sendall(request)
+                while conn.recv(4096):
+                    pass
+        _, stderr = proc.communicate(timeout=120)
+    return _instructions(stderr)
+
+
+def run_uvicorn(servers: str) -> None:
+    """Print instructions per connection of uvicorn, plain and wrapped, for each HTTP implementation."""
+    from proxyproto import encode_v2
+
+    header = encode_v2(("192.168.1.12", 58472), ("192.168.1.20", 27654))
+    print(f"\nUVICORN: instructions per connection in the serving process (valgrind), difference of {CONNECTIONS}")
+    for impl in servers.split(","):
+        wrapped = {"h11": "proxyproto.uvicorn:H11", "httptools": "proxyproto.uvicorn:HttpTools"}[impl]
+        plain: float | None = None
+        for name, http, head in ((f"{impl} plain", impl, b""), (f"{impl} wrapped (v2)", wrapped, header)):
+            per_conn = (count_uvicorn(http, head, 50 + CONNECTIONS) - count_uvicorn(http, head, 50)) / CONNECTIONS
+            plain = plain or per_conn
+            extra = "" if per_conn == plain else f"  {per_conn / plain:.3f}x plain, +{per_conn - plain:,.0f}"
+            print(f"  {name:<28} {per_conn:>10,.0f}{extra}", flush=True)
+
+
 def run_parse(cases: str) -> None:
     """Print the per-call table of every case."""
     print(f"PARSE: instructions per call (valgrind), difference of {CALLS} calls; ratio ours/this = this/ours")
@@ -171,8 +239,9 @@ def run_conn() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", nargs="?", choices=("parse", "conn", "all"), default="all")
+    parser.add_argument("what", nargs="?", choices=("parse", "conn", "uvicorn", "all"), default="all")
     parser.add_argument("--cases", default="abcdef", help="parse cases, e.g. ac")
+    parser.add_argument("--servers", default="httptools,h11", help="uvicorn HTTP implementations, e.g. h11")
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
@@ -184,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         run_parse(args.cases)
     if args.what in ("conn", "all"):
         run_conn()
+    if args.what in ("uvicorn", "all"):
+        run_uvicorn(args.servers)
     return 0
 
 

@@ -14,16 +14,22 @@ transport whose ``get_extra_info("peername")``, ``("sockname")`` and
 ``("socket")`` tell the header's addresses (uvicorn and hypercorn ask the
 socket object first), plus ``"proxy_header"`` and ``"proxy_peername"``.
 
-Why a ``BufferedProtocol``: the transport reads into the buffer the protocol
-gives it, so the wrapper can ask for exactly the bytes the header still
-needs.  Before each read it peeks at the socket (one ``recv`` with
-``MSG_PEEK``, as HAProxy's receiver does) and sizes the buffer to the end of
-the header, so a whole v1 line or v2 header is read in one ``recv`` and the
-bytes after it (the request, or a TLS ClientHello) stay in the kernel for the
-inner protocol.  Where the socket cannot be peeked, the reads are sized by
-:func:`proxyproto.reader.measure` alone (16 bytes, then what the length field
-says; a v1 line byte by byte after its first 16), and any byte read past the
-header is handed to the inner protocol before anything else.
+How it reads: a header that is already in the socket when the connection is
+made (the case of every real proxy: the header leaves with, or before, the
+first segment) is read in ``connection_made``, before the transport reads
+anything.  Without ``ssl=`` that is one ``recv`` of whatever is there (the
+read the transport would have made first): the header is decoded and the
+bytes after it go to the inner protocol right after its ``connection_made``,
+so the wrapper adds no system call.  A header still on its way gets a
+buffer (the wrapper is a ``BufferedProtocol``: the transport reads into the
+buffer it gives), a deadline and a parking slot.
+
+With ``ssl=`` nothing after the header may be read (the TLS layer needs the
+ClientHello), so every read is exact: the wrapper peeks at the socket (one
+``recv`` with ``MSG_PEEK``, as HAProxy's receiver does) and reads up to the
+end of the header only.  Where the socket cannot be peeked, the reads are
+sized by :func:`proxyproto.reader.measure` alone (16 bytes, then what the
+length field says; a v1 line byte by byte after its first 16).
 
 Why TLS is the wrapper's job: ``create_server(ssl=...)`` handshakes before
 the protocol sees a byte, so the header would reach the TLS layer and fail
@@ -95,8 +101,20 @@ _IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 _SOCKET_FAMILY = {Family.INET: socket.AF_INET, Family.INET6: socket.AF_INET6, Family.UNIX: socket.AF_UNIX}
 #: What the first read asks for when the socket cannot be peeked: a v2 header's fixed part.
 _FIRST_READ = 16
+#: What the first read takes when no TLS layer follows: the header and what came with it.
+_READ_AHEAD = 65536
 #: The buffer for bytes read after the decision, before ``start_tls`` takes the transport: a TLS record.
 _LATE_READ = 16384
+
+
+def _borrow(peer: Any, sock: Any) -> Any:
+    """A socket object on ``sock``'s descriptor, for one ``recv``; detach it after, it never closes it.
+
+    The family is only a label (``recv`` does not look at it): the peer's
+    shape gives it without the enum conversions of ``sock.family``.
+    """
+    family = _AF_UNIX if type(peer) is not tuple else _AF_INET6 if len(peer) == 4 else _AF_INET
+    return _socket.socket(family, _SOCK_STREAM, 0, sock.fileno())
 
 
 def served_sockname(policy: Policy, header: ProxyHeader | None, local: Any, listener_family: int) -> Any:
@@ -445,9 +463,9 @@ class _Holding(asyncio.Protocol):
 class HeaderProtocol(asyncio.BufferedProtocol):
     """One connection until its header is in: exact reads, then the inner protocol takes the transport.
 
-    The common case costs two system calls and no waiting state: a header
-    that arrived with the connection (a proxy sends it before or with the
-    first segment) is peeked at and read exactly in :meth:`connection_made`
+    The common case costs no system call of its own and no waiting state: a
+    header that arrived with the connection (a proxy sends it before or with
+    the first segment) is read in :meth:`connection_made`
     (:meth:`take_complete_header`), and the inner protocol is served there.
     Only a connection whose header is not complete yet gets a buffer, a
     parking slot and a deadline, and reads through :meth:`get_buffer`.
@@ -521,21 +539,18 @@ class HeaderProtocol(asyncio.BufferedProtocol):
         Called from :meth:`connection_made` before the transport has read
         anything: asyncio registers its reader after ``connection_made``,
         uvloop starts reading when it returns, and neither reads before the
-        loop polls again.  So one peek, and a ``recv`` of exactly the
-        header's bytes when the peek holds all of them, leave the stream on
-        the first byte after the header, in the kernel, for the inner
-        protocol or the TLS layer.  Anything but a complete valid header (or
-        a stream that is no header, under a policy that serves it untouched)
-        returns False with nothing consumed, and with the peek socket in
-        :attr:`peek`, for the waiting path, which reads, decides and logs as
-        it always did.
+        loop polls again.  Without ``ssl=``: :meth:`read_complete_header`.
+        With it, one peek, and a ``recv`` of exactly the header's bytes when
+        the peek holds all of them, leave the stream on the first byte after
+        the header, in the kernel, for the TLS layer.  Anything but a
+        complete valid header returns False with nothing consumed, and with
+        the peek socket in :attr:`peek`, for the waiting path, which reads,
+        decides and logs as it always did.
         """
         factory = self.factory
-        # A socket object on the same descriptor, detached when done: it never closes it.  The
-        # family is only a label (recv does not look at it): the peer's shape gives it without
-        # the enum conversions of sock.family.
-        family = _AF_UNIX if type(peer) is not tuple else _AF_INET6 if len(peer) == 4 else _AF_INET
-        self.peek = peek = _socket.socket(family, _SOCK_STREAM, 0, sock.fileno())
+        if factory.ssl is None:
+            return self.read_complete_header(peer, sock)
+        self.peek = peek = _borrow(peer, sock)
         try:
             ahead = peek.recv(factory.cap, _PEEK_FLAGS)
             if not ahead:
@@ -574,6 +589,60 @@ class HeaderProtocol(asyncio.BufferedProtocol):
         else:
             self.held = size
             self.conclude(Outcome.HEADER, header=header)
+        return True
+
+    def read_complete_header(self, peer: Any, sock: Any) -> bool:
+        """Without ``ssl=``: one read of what the socket holds, decided at once unless it is a prefix.
+
+        No byte has to stay in the kernel when no TLS layer follows, so the
+        wrapper reads up to :data:`_READ_AHEAD` bytes itself (the read the
+        transport would have made first) and hands what follows the header
+        to the inner protocol right after its ``connection_made``: no peek,
+        no second read, and the request is answered one loop iteration
+        sooner.  A prefix of a header is kept in the buffer for the waiting
+        path; nothing at all (or the end of the stream, or an error, which
+        the transport then reports) returns False with nothing consumed.
+        """
+        factory = self.factory
+        # Not os.read: MSG_DONTWAIT keeps a socket the loop did not make non-blocking (one given
+        # to connect_accepted_socket) from stalling the loop until the peer writes.
+        borrowed = _borrow(peer, sock)
+        try:
+            got = borrowed.recv(_READ_AHEAD, _READ_FLAGS)
+        except OSError:
+            return False
+        finally:
+            borrowed.detach()
+        if not got:
+            return False
+        header: ProxyHeader | None = None
+        error: ProxyProtocolError | None = None
+        try:
+            header = core.parse(
+                got,
+                max_size=factory.max_size,
+                verify_checksum=factory.verify_checksum,
+                allow_v4_in_tcp6=factory.allow_v4_in_tcp6,
+            )
+        except NoProxyHeader as exc:
+            outcome, error = Outcome.NO_HEADER, exc
+        except ProxyProtocolError as exc:
+            outcome, error = Outcome.INVALID, exc
+        else:
+            if header is None:  # a valid prefix: keep it, the rest comes through get_buffer
+                self.buf = buf = bytearray(factory.cap)
+                buf[: len(got)] = got
+                self.held = len(got)
+                return False
+            if self.policy in _SERVES_A_HEADER:
+                self.serve(header, got[header.length :], sock)
+                return True
+            outcome = Outcome.HEADER
+        if decide(self.policy, outcome).serve:  # a stream that is no header, served as it is
+            self.serve(None, got, sock)
+        else:
+            self.held = len(got) if header is None else header.length
+            self.conclude(outcome, error, header=header)
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -629,6 +698,8 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             self.spare = bytearray(_LATE_READ)
             return memoryview(self.spare)
         held = self.held
+        if self.factory.ssl is None:
+            return memoryview(self.buf)[held:]  # what follows the header is the inner protocol's
         want = self.need
         peek = self.peek
         if peek is not None:

@@ -661,7 +661,7 @@ def test_header_in_the_first_segment_is_read_in_connection_made_byte_exact(
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_header_completed_later_takes_the_waiting_path_byte_exact(loop: str, at_once: list[bool]) -> None:
-    """Half a header at connection_made: nothing consumed at once, the rest read as it comes."""
+    """Half a header at connection_made: kept by the first read, the rest read as it comes."""
     payload = os.urandom(4096)
 
     async def scenario() -> None:
@@ -691,9 +691,8 @@ def test_header_completed_later_takes_the_waiting_path_byte_exact(loop: str, at_
 def test_header_in_the_first_segment_follows_the_policy_table(
     loop: str, policy: str, case: str, at_once: list[bool], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The cells of DESIGN.md's table when every byte is there at connection_made: a valid header
-    (served, or closed under REJECT) and a stream that is no header under a policy that serves it
-    are decided at once; the rest goes the waiting way; what is served and logged is the same."""
+    """The cells of DESIGN.md's table when every byte is there at connection_made: each is decided
+    at once, and what is served and logged is what the waiting path serves and logs."""
     caplog.set_level(logging.DEBUG, logger="proxyproto")
 
     async def scenario() -> None:
@@ -719,8 +718,9 @@ def test_header_in_the_first_segment_follows_the_policy_table(
         assert [r.levelno for r in closed] == [logging.WARNING]
     else:
         assert closed == []
-    decided_at_once = case == "header" or (case == "no header" and policy in ("USE", "IGNORE", "REJECT"))
-    assert at_once == ([] if policy == "SKIP" else [decided_at_once])
+    # Without ssl= every cell whose bytes are all there is decided at once (the wrapper reads them);
+    # only a prefix of a header waits (test_header_completed_later_takes_the_waiting_path_byte_exact).
+    assert at_once == ([] if policy == "SKIP" else [True])
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
@@ -846,3 +846,45 @@ async def test_header_protocol_data_received_is_its_buffered_path(kind: str, how
     (sink,) = sinks
     assert bytes(sink.data) == payload and sink.extra["peername"] == REAL_V4
     assert factory.pending == 0 and not transport.closed
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_blocking_accepted_socket_never_stalls_the_loop(loop: str) -> None:
+    """``connect_accepted_socket`` with a socket accepted by hand (blocking, as ``socket.accept``
+    gives it) and no byte yet: the loop keeps running, and the header that comes a second later
+    is served.  Both loops make the socket non-blocking; the wrapper's first read would not wait
+    even on a blocking one (MSG_DONTWAIT: test_header_protocol_data_received_is_its_buffered_path
+    drives it over a blocking socketpair, and hung with a plain os.read)."""
+    import threading
+    import time
+
+    sinks: list[Sink] = []
+
+    def make() -> asyncio.BaseProtocol:
+        sinks.append(Sink())
+        return Plain(sinks[-1])
+
+    async def scenario() -> None:
+        running = asyncio.get_running_loop()
+        factory = wrap_protocol_factory(make)
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            client = socket.create_connection(listener.getsockname()[:2], timeout=10)
+            accepted, _ = listener.accept()
+            assert accepted.getblocking()
+            late = threading.Timer(1.0, lambda: client.sendall(V2 + b"data"))
+            with client:
+                late.start()
+                try:
+                    started = time.monotonic()
+                    await asyncio.wait_for(running.connect_accepted_socket(factory, accepted), 5)
+                    assert time.monotonic() - started < 0.5, "the loop waited for the peer's first byte"
+                    assert factory.pending == 1
+                    while not sinks:
+                        await asyncio.sleep(0.01)
+                    client.shutdown(socket.SHUT_WR)
+                    await asyncio.wait_for(sinks[0].done.wait(), 5)
+                finally:
+                    late.join()
+        assert bytes(sinks[0].data) == b"data" and sinks[0].extra["peername"] == REAL_V4
+
+    run_on(loop, scenario)
