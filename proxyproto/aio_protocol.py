@@ -56,10 +56,11 @@ from __future__ import annotations
 import _socket
 import asyncio
 import logging
+import os
 import socket
 import ssl as _ssl
 from collections.abc import Iterable
-from typing import Any, Callable, Union
+from typing import Any, Callable, TypeVar, Union
 
 from . import reader as core
 from .errors import InvalidHeader, NoProxyHeader, ProxyProtocolError
@@ -87,6 +88,7 @@ __all__ = [
 logger = logging.getLogger("proxyproto")
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+_P = TypeVar("_P", bound=asyncio.BaseProtocol)
 #: ``policy_for(peer, local) -> Policy``: the mixin's ``proxy_policy_for`` hook, as a function.
 PolicyHook = Callable[[Any, Any], Union[Policy, str]]
 
@@ -96,13 +98,15 @@ _CAN_PEEK = hasattr(socket, "MSG_DONTWAIT")
 _AF_INET, _AF_INET6, _AF_UNIX, _SOCK_STREAM = socket.AF_INET, socket.AF_INET6, socket.AF_UNIX, socket.SOCK_STREAM
 _MISSING: Any = object()
 #: The policies under which a valid header is served (the table's first row), looked up once.
-_SERVES_A_HEADER = frozenset(policy for policy in Policy if decide(policy, Outcome.HEADER).serve)
+#: A tuple, not a set: ``in`` finds a member by identity, where a set would call Enum's Python ``__hash__``.
+_SERVES_A_HEADER = tuple(policy for policy in Policy if decide(policy, Outcome.HEADER).serve)
 _IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 _SOCKET_FAMILY = {Family.INET: socket.AF_INET, Family.INET6: socket.AF_INET6, Family.UNIX: socket.AF_UNIX}
 #: What the first read asks for when the socket cannot be peeked: a v2 header's fixed part.
 _FIRST_READ = 16
 #: What the first read takes when no TLS layer follows: the header and what came with it.
 _READ_AHEAD = 65536
+_read = os.read
 #: The buffer for bytes read after the decision, before ``start_tls`` takes the transport: a TLS record.
 _LATE_READ = 16384
 
@@ -207,11 +211,12 @@ def proxy_extra(
     if peer is _MISSING:
         peer = raw.get_extra_info("peername")
     extra: dict[str, Any] = {"proxy_header": header, "proxy_peername": peer}
-    if header is None or not uses_addresses(policy, header):
+    # uses_addresses(policy, header), without its call: this runs per connection.
+    if header is None or header.source is None or (policy is not Policy.REQUIRE and policy is not Policy.USE):
         return extra
     if sock is _MISSING:
         sock = raw.get_extra_info("socket")
-    family = header.family
+    family = header._kind[2]  # header.family without the property's call: this runs per connection
     peername: Any
     sockname: Any
     if family is Family.INET:
@@ -382,9 +387,31 @@ class ProxyProtocolFactory:
         self.parked: dict[HeaderProtocol, None] = {}
         self.handshakes: set[asyncio.Future[None]] = set()
         self.closed = False
+        self._header_first: dict[type, type] = {}
 
     def __call__(self) -> HeaderProtocol:
         return HeaderProtocol(self)
+
+    def header_first(self, inner_class: type[_P]) -> type[_P]:
+        """A subclass of ``inner_class`` whose ``connection_made`` reads the header first.
+
+        The other way to use this factory, for servers that make their
+        protocol objects themselves (uvicorn builds one from its ``--http``
+        class): instead of a :class:`HeaderProtocol` that reads the header
+        and then hands the transport to a second object, the server's own
+        protocol is the transport's from the start.  Its ``connection_made``
+        reads the header in place (a :class:`HeaderProtocol` does it, over
+        the same rules) and calls the original ``connection_made`` with the
+        :class:`ProxyTransport`: no second protocol object for the loop, no
+        ``set_protocol`` in the common case.  A header still on its way (or
+        ``ssl=``) installs the :class:`HeaderProtocol` on the transport until
+        it is decided, as :meth:`__call__` does.  One class per inner class
+        and factory, made once.
+        """
+        made = self._header_first.get(inner_class)
+        if made is None:
+            made = self._header_first[inner_class] = _header_first_class(self, inner_class)
+        return made
 
     def policy_for(self, peer: Any, transport: asyncio.BaseTransport) -> Policy:
         if self.policy_for_hook is not None:
@@ -487,9 +514,23 @@ class HeaderProtocol(asyncio.BufferedProtocol):
     late: bytearray | None = None
     late_eof = False
     spare = bytearray()  # replaced, never mutated
+    #: The inner protocol when it was made before the header (:meth:`ProxyProtocolFactory.header_first`),
+    #: else None: ``factory.factory()`` makes it once the connection is to be served.
+    inner: asyncio.BaseProtocol | None = None
+    #: The function ``connection_made`` of ``inner``'s original class when header_first replaced
+    #: it (called with ``inner`` and the view), else None.
+    connect: Callable[[Any, asyncio.BaseTransport], None] | None = None
 
-    def __init__(self, factory: ProxyProtocolFactory) -> None:
+    def __init__(
+        self,
+        factory: ProxyProtocolFactory,
+        inner: asyncio.BaseProtocol | None = None,
+        connect: Callable[[Any, asyncio.BaseTransport], None] | None = None,
+    ) -> None:
         self.factory = factory
+        if inner is not None:
+            self.inner = inner
+            self.connect = connect
 
     # -- asyncio.BaseProtocol -------------------------------------------------------------
 
@@ -525,31 +566,33 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             self.serve(None, b"")
             return
         sock = raw.get_extra_info("socket") if _CAN_PEEK else None
-        if sock is not None and self.take_complete_header(peer, sock):
-            return
-        # The header is not all there yet: wait for it, with a deadline.
+        if sock is not None:
+            if factory.ssl is None:
+                if self.take_complete_header(peer, sock):
+                    return
+            elif self.peek_complete_header(peer, sock):
+                return
+        # The header is not all there yet: wait for it, with a deadline, reading through this protocol.
+        if raw.get_protocol() is not self:
+            raw.set_protocol(self)  # header_first's inner has the transport until now
         if not self.buf:
             self.buf = bytearray(factory.cap)
         factory.park(self)
         self.timer = asyncio.get_running_loop().call_later(factory.header_timeout, self.expire)
 
-    def take_complete_header(self, peer: Any, sock: Any) -> bool:
-        """Serve (or close) at once when the header is complete in the socket; True when decided.
+    def peek_complete_header(self, peer: Any, sock: Any) -> bool:
+        """With ``ssl=``: serve at once when the header is complete in the socket; True when decided.
 
         Called from :meth:`connection_made` before the transport has read
-        anything: asyncio registers its reader after ``connection_made``,
-        uvloop starts reading when it returns, and neither reads before the
-        loop polls again.  Without ``ssl=``: :meth:`read_complete_header`.
-        With it, one peek, and a ``recv`` of exactly the header's bytes when
-        the peek holds all of them, leave the stream on the first byte after
-        the header, in the kernel, for the TLS layer.  Anything but a
-        complete valid header returns False with nothing consumed, and with
-        the peek socket in :attr:`peek`, for the waiting path, which reads,
-        decides and logs as it always did.
+        anything (see :meth:`take_complete_header`).  One peek, and a
+        ``recv`` of exactly the header's bytes when the peek holds all of
+        them, leave the stream on the first byte after the header, in the
+        kernel, for the TLS layer.  Anything but a complete valid header
+        returns False with nothing consumed, and with the peek socket in
+        :attr:`peek`, for the waiting path, which reads, decides and logs as
+        it always did.
         """
         factory = self.factory
-        if factory.ssl is None:
-            return self.read_complete_header(peer, sock)
         self.peek = peek = _borrow(peer, sock)
         try:
             ahead = peek.recv(factory.cap, _PEEK_FLAGS)
@@ -591,28 +634,35 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             self.conclude(Outcome.HEADER, header=header)
         return True
 
-    def read_complete_header(self, peer: Any, sock: Any) -> bool:
+    def take_complete_header(self, peer: Any, sock: Any) -> bool:
         """Without ``ssl=``: one read of what the socket holds, decided at once unless it is a prefix.
 
-        No byte has to stay in the kernel when no TLS layer follows, so the
-        wrapper reads up to :data:`_READ_AHEAD` bytes itself (the read the
-        transport would have made first) and hands what follows the header
-        to the inner protocol right after its ``connection_made``: no peek,
-        no second read, and the request is answered one loop iteration
-        sooner.  A prefix of a header is kept in the buffer for the waiting
-        path; nothing at all (or the end of the stream, or an error, which
-        the transport then reports) returns False with nothing consumed.
+        Called from :meth:`connection_made` before the transport has read
+        anything: asyncio registers its reader after ``connection_made``,
+        uvloop starts reading when it returns, and neither reads before the
+        loop polls again.  No byte has to stay in the kernel when no TLS
+        layer follows, so the wrapper reads up to :data:`_READ_AHEAD` bytes
+        itself (the read the transport would have made first) and hands what
+        follows the header to the inner protocol right after its
+        ``connection_made``: no peek, no second read, and the request is
+        answered one loop iteration sooner.  True when decided (served or
+        closed); a prefix of a header is kept in the buffer for the waiting
+        path, and nothing at all (or the end of the stream, or an error,
+        which the transport then reports) returns False with nothing
+        consumed.
         """
         factory = self.factory
-        # Not os.read: MSG_DONTWAIT keeps a socket the loop did not make non-blocking (one given
-        # to connect_accepted_socket) from stalling the loop until the peer writes.
-        borrowed = _borrow(peer, sock)
         try:
-            got = borrowed.recv(_READ_AHEAD, _READ_FLAGS)
+            if sock.gettimeout() == 0.0:  # non-blocking, as both loops make it: a plain read(2)
+                got = _read(sock.fileno(), _READ_AHEAD)
+            else:  # a read that does not wait all the same (a socket object costs a getsockname)
+                borrowed = _borrow(peer, sock)
+                try:
+                    got = borrowed.recv(_READ_AHEAD, _READ_FLAGS)
+                finally:
+                    borrowed.detach()
         except OSError:
             return False
-        finally:
-            borrowed.detach()
         if not got:
             return False
         header: ProxyHeader | None = None
@@ -806,12 +856,14 @@ class HeaderProtocol(asyncio.BufferedProtocol):
         transport = self.transport
         assert transport is not None
         factory = self.factory
-        try:
-            inner = factory.factory()
-        except Exception:
-            logger.exception("%s: closed: the protocol factory failed", peer_text(self.peer))
-            transport.abort()
-            return None
+        inner = self.inner
+        if inner is None:
+            try:
+                inner = factory.factory()
+            except Exception:
+                logger.exception("%s: closed: the protocol factory failed", peer_text(self.peer))
+                transport.abort()
+                return None
         if factory.ssl is not None:
             factory.park(self)  # until the handshake is done: counted, and closed on shutdown
             self.late = bytearray()
@@ -820,10 +872,19 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             factory.handshakes.add(task)  # a reference, so the task is not collected mid-handshake
             task.add_done_callback(factory.handshakes.discard)
             return None
-        transport.set_protocol(inner)
-        inner.connection_made(ProxyTransport(transport, proxy_extra(transport, self.policy, header, self.peer, sock)))
+        if transport.get_protocol() is not inner:  # else header_first's inner had it all along
+            transport.set_protocol(inner)
+        view = ProxyTransport(transport, proxy_extra(transport, self.policy, header, self.peer, sock))
+        connect = self.connect
+        if connect is None:
+            inner.connection_made(view)
+        else:  # header_first: its own connection_made would only pass the view on, one call deeper
+            connect(inner, view)
         if rest and not transport.is_closing():
-            deliver(inner, rest)
+            if isinstance(inner, asyncio.BufferedProtocol):
+                deliver(inner, rest)
+            else:  # deliver() would do just this, one call deeper
+                inner.data_received(rest)  # type: ignore[attr-defined]
         return inner
 
     def hand_over_late(self) -> None:
@@ -893,6 +954,24 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             tls.close()
         if holding.lost:
             inner.connection_lost(holding.lost_exc)
+
+
+def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) -> type[_P]:
+    """``inner_class`` reading the header first: see :meth:`ProxyProtocolFactory.header_first`."""
+    inner_connection_made = inner_class.connection_made
+
+    def connection_made(self: Any, transport: Any) -> None:
+        if type(transport) is ProxyTransport:  # the header is decided: what the server wrote runs now
+            inner_connection_made(self, transport)
+            return
+        reading = HeaderProtocol(factory, self, inner_connection_made)
+        if factory.ssl is not None:
+            transport.set_protocol(reading)  # every byte is the header's, then the TLS layer's
+        reading.connection_made(transport)
+
+    name = f"HeaderFirst{inner_class.__name__}"
+    attributes = {"connection_made": connection_made, "__module__": __name__, "__qualname__": name}
+    return type(name, (inner_class,), attributes)
 
 
 def wrap_protocol_factory(

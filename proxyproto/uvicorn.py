@@ -162,11 +162,16 @@ class _UvicornFactory(ProxyProtocolFactory):
         self.connections.discard(waiting)
 
 
-class ProxyHTTPProtocol(HeaderProtocol):
+class ProxyHTTPProtocol:
     """Base of :class:`H11` and :class:`HttpTools`: uvicorn's ``--http`` class that reads the header first.
 
     Subclasses name the inner protocol (``inner``, an import path or a
     class) and, optionally, fixed ``settings`` (None: the environment).
+    Calling the class, as uvicorn does once per connection, makes uvicorn's
+    own protocol, of a subclass whose ``connection_made`` reads the header
+    before uvicorn's runs
+    (:meth:`proxyproto.aio_protocol.ProxyProtocolFactory.header_first`): one
+    protocol object per connection, as without the header.
     """
 
     inner: ClassVar[str | type[asyncio.Protocol]] = _INNER["h11"]
@@ -175,27 +180,27 @@ class ProxyHTTPProtocol(HeaderProtocol):
     proxyproto_tls_after_header: ClassVar[bool] = True
     #: uvicorn asks the ``--http`` class for its ALPN protocols when it builds the TLS context.
     alpn_protocols: ClassVar[list[str] | None] = None
-    _factories: ClassVar[weakref.WeakKeyDictionary[Any, ProxyProtocolFactory]]
-    #: The last server's state (weakly) and factory: one server per class is the rule, so the
-    #: per-connection lookup is a weakref call and an identity test, not a weak-dict lookup.
-    _last: ClassVar[tuple[weakref.ref[Any], ProxyProtocolFactory] | None] = None
+    _classes: ClassVar[weakref.WeakKeyDictionary[Any, type[asyncio.Protocol]]]
+    #: The last server's state (weakly) and protocol class: one server per class is the rule, so
+    #: the per-connection lookup is a weakref call and an identity test, not a weak-dict lookup.
+    _last: ClassVar[tuple[weakref.ref[Any], type[asyncio.Protocol]] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls._factories = weakref.WeakKeyDictionary()
+        cls._classes = weakref.WeakKeyDictionary()
         cls._last = None
 
-    def __init__(self, config: Any, server_state: Any, **kwargs: Any) -> None:
-        last = self._last
+    def __new__(cls, config: Any, server_state: Any, **kwargs: Any) -> Any:
+        last = cls._last
         if last is not None and last[0]() is server_state:
-            self.factory = last[1]  # HeaderProtocol.__init__, inlined
-            return
-        cls = type(self)
-        factory = cls._factories.get(server_state)
-        if factory is None:
-            factory = cls._factories[server_state] = cls._make_factory(config, server_state, kwargs)
-        cls._last = (weakref.ref(server_state), factory)
-        super().__init__(factory)
+            protocol_class = last[1]
+        else:
+            protocol_class = cls._classes.get(server_state)  # type: ignore[assignment]
+            if protocol_class is None:
+                factory, inner = cls._make_factory(config, server_state)
+                protocol_class = cls._classes[server_state] = factory.header_first(inner)
+            cls._last = (weakref.ref(server_state), protocol_class)
+        return protocol_class(config=config, server_state=server_state, **kwargs)  # type: ignore[call-arg]
 
     @classmethod
     def check_tls(cls, context: Any) -> None:
@@ -220,15 +225,16 @@ class ProxyHTTPProtocol(HeaderProtocol):
             ) from None
 
     @classmethod
-    def _make_factory(cls, config: Any, server_state: Any, kwargs: dict[str, Any]) -> ProxyProtocolFactory:
+    def _make_factory(cls, config: Any, server_state: Any) -> tuple[ProxyProtocolFactory, type[asyncio.Protocol]]:
+        """The factory serving ``server_state``'s connections, and uvicorn's protocol class."""
         inner = cls.inner if isinstance(cls.inner, type) else _import(cls.inner)
         settings = settings_from_env() if cls.settings is None else dict(cls.settings)
         context = vars(config).get("ssl")  # the real context, which uvicorn's create_server no longer sees
 
-        def make_inner() -> asyncio.BaseProtocol:
-            return inner(config=config, server_state=server_state, **kwargs)  # type: ignore[call-arg]
+        def unused() -> asyncio.BaseProtocol:  # header_first's inner is made by uvicorn, never by the factory
+            raise RuntimeError("proxyproto.uvicorn: the protocol is made by uvicorn")
 
-        factory = _UvicornFactory(server_state.connections, make_inner, ssl=context, **settings)
+        factory = _UvicornFactory(server_state.connections, unused, ssl=context, **settings)
         logger.info(
             "proxyproto: PROXY header policy %s for %s, %s for other peers%s",
             factory.policy.name,
@@ -236,7 +242,7 @@ class ProxyHTTPProtocol(HeaderProtocol):
             factory.untrusted_policy.name,
             "; TLS is negotiated after the header" if context is not None else "",
         )
-        return factory
+        return factory, inner
 
 
 class H11(ProxyHTTPProtocol):

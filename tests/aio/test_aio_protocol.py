@@ -582,22 +582,28 @@ async def test_wrapped_protocol_socket_family_is_that_of_the_address_it_reports(
 #
 # The client below is a blocking socket that connects and writes before the test's coroutine
 # yields, so the kernel holds the bytes before the loop accepts: the wrapper finds the whole
-# header with its first peek, reads exactly it in connection_made and serves there.  A spy on
-# HeaderProtocol.take_complete_header says which path each connection took.
+# header with its first read (with ssl=: its first peek, then reads exactly it) in connection_made
+# and serves there.  A spy on the two at-once methods says which path each connection took.
 
 
 @pytest.fixture
 def at_once(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """What take_complete_header answered, per connection (True: decided at once)."""
+    """What the at-once path answered, per connection (True: decided at once): take_complete_header
+    without ssl=, peek_complete_header with it."""
     answers: list[bool] = []
-    original = HeaderProtocol.take_complete_header
 
-    def spy(self: HeaderProtocol, peer: Any, sock: Any) -> bool:
-        answer = original(self, peer, sock)
-        answers.append(answer)
-        return answer
+    def spying_on(name: str) -> Callable[..., bool]:
+        original = getattr(HeaderProtocol, name)
 
-    monkeypatch.setattr(HeaderProtocol, "take_complete_header", spy)
+        def spy(self: HeaderProtocol, peer: Any, sock: Any) -> bool:
+            answer: bool = original(self, peer, sock)
+            answers.append(answer)
+            return answer
+
+        return spy
+
+    for name in ("take_complete_header", "peek_complete_header"):
+        monkeypatch.setattr(HeaderProtocol, name, spying_on(name))
     return answers
 
 
@@ -888,3 +894,90 @@ def test_a_blocking_accepted_socket_never_stalls_the_loop(loop: str) -> None:
         assert bytes(sinks[0].data) == b"data" and sinks[0].extra["peername"] == REAL_V4
 
     run_on(loop, scenario)
+
+
+# -- header_first: the server's own protocol class reads the header (uvicorn's way) ---------------
+
+
+class Recorder(asyncio.Protocol):
+    """A protocol class a server instantiates itself; records what it saw, as Plain does."""
+
+    made_count = 0
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+
+    def connection_made(self, transport: Any) -> None:
+        Recorder.made_count += 1  # on the base: type(self) is the header-first subclass
+        self.sink.made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.sink.data += data
+
+    def eof_received(self) -> bool:
+        return self.sink.eof()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("how", ["before accept", "two", "bytewise", "no header", "tls"])
+def test_header_first_class_serves_like_the_wrapper(
+    loop: str, how: str, contexts: tuple[ssl.SSLContext, ssl.SSLContext]
+) -> None:
+    """``factory.header_first(cls)``: the server makes ``cls`` objects itself and each reads the
+    header in its ``connection_made``; the original ``connection_made`` runs once, with the view,
+    for a header taken at once, one that comes in pieces, and before a TLS handshake; a stream
+    without a header under REQUIRE never reaches it; every payload byte arrives, in order."""
+    server_ctx, client_ctx = contexts
+    payload = os.urandom(64 << 10)
+    sinks: list[Sink] = []
+
+    async def scenario() -> None:
+        running = asyncio.get_running_loop()
+        factory = wrap_protocol_factory(asyncio.Protocol, ssl=server_ctx if how == "tls" else None)
+        cls = factory.header_first(Recorder)
+        assert issubclass(cls, Recorder) and factory.header_first(Recorder) is cls
+
+        def make() -> Recorder:
+            sinks.append(Sink())
+            return cls(sinks[-1])
+
+        server = await running.create_server(make, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()[:2]
+        async with server:
+            if how == "before accept":
+                answer = await send_before_accept(address, V2 + payload)
+            elif how == "no header":
+                answer = await send_before_accept(address, payload)
+            elif how == "tls":  # no half-close in TLS: wait for the bytes, not for the answer
+                _, writer = await asyncio.open_connection(*address)
+                writer.write(V2)
+                await asyncio.wait_for(writer.start_tls(client_ctx, server_hostname="localhost"), 10)
+                writer.write(payload)
+                await writer.drain()
+                for _ in range(1000):
+                    if sinks and len(sinks[0].data) >= len(payload):
+                        break
+                    await asyncio.sleep(0.01)
+                writer.close()
+                answer = hashlib.sha256(bytes(sinks[0].data)).hexdigest().encode()
+            else:
+                reader, writer = await asyncio.open_connection(*address)
+                for piece in splits(V2, how):
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(0)
+                writer.write(payload)
+                writer.write_eof()
+                answer = await asyncio.wait_for(reader.read(), 10)
+                writer.close()
+            assert factory.pending == 0
+        if how == "no header":
+            assert answer == b"" and [s.extra for s in sinks] == [{}]
+            return
+        (sink,) = sinks
+        assert answer == hashlib.sha256(payload).hexdigest().encode() and bytes(sink.data) == payload
+        assert sink.extra["peername"] == REAL_V4 == sink.extra["socket_peer"]
+
+    Recorder.made_count = 0
+    run_on(loop, scenario)
+    assert Recorder.made_count == (0 if how == "no header" else 1)
