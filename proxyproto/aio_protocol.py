@@ -282,11 +282,38 @@ class ProxyTransport(asyncio.Transport):
     def is_reading(self) -> bool:
         return self._transport.is_reading()
 
+    # Bytes read with the header for a protocol that paused in its connection_made wait here
+    # (hold), with the real transport paused, until it resumes: they come first, then the socket's.
+    _held = b""
+    _paused = False
+    _handing = False
+
+    def hold(self, data: bytes) -> None:
+        """Keep ``data`` for the protocol until it calls :meth:`resume_reading` (it paused)."""
+        self._held += data
+        self._paused = True
+
     def pause_reading(self) -> None:
+        self._paused = True
         self._transport.pause_reading()
 
     def resume_reading(self) -> None:
-        self._transport.resume_reading()
+        self._paused = False
+        if not self._held:
+            self._transport.resume_reading()
+        elif not self._handing:  # on the next iteration, never inside the protocol's own call
+            self._handing = True
+            asyncio.get_running_loop().call_soon(self._hand_held)
+
+    def _hand_held(self) -> None:
+        self._handing = False
+        transport = self._transport
+        if self._paused or transport.is_closing():
+            return  # paused again meanwhile: kept for the next resume_reading
+        held, self._held = self._held, b""
+        deliver(transport.get_protocol(), held)
+        if not self._paused and not transport.is_closing():
+            transport.resume_reading()
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         self._transport.set_write_buffer_limits(high, low)
@@ -540,6 +567,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
         self.transport = raw
         self.peer = peer = raw.get_extra_info("peername")
         if factory.closed:
+            self.reclaim()
             raw.abort()
             return
         try:
@@ -557,6 +585,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
                 exc,
                 kind="policy_for failed",
             )
+            self.reclaim()
             raw.abort()
             return
         if policy is Policy.SKIP:
@@ -820,7 +849,20 @@ class HeaderProtocol(asyncio.BufferedProtocol):
     def abort(self) -> None:
         self.release()
         if self.transport is not None:
+            self.reclaim()
             self.transport.abort()
+
+    def reclaim(self) -> None:
+        """Make this protocol the transport's again, before a connection that is not served closes.
+
+        A :meth:`ProxyProtocolFactory.header_first` inner holds the transport
+        from the start; it was never told of the connection, so it must not
+        be told of its end either (uvicorn's ``connection_lost`` would fail
+        on a transport it never got).
+        """
+        transport = self.transport
+        if self.inner is not None and transport is not None and transport.get_protocol() is not self:
+            transport.set_protocol(self)
 
     def conclude(
         self,
@@ -845,6 +887,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
                 peer_text(self.peer),
                 describe(policy, outcome, error, self.held, factory.header_timeout),
             )
+            self.reclaim()
             transport.close()
             return None
         if outcome is not Outcome.HEADER:
@@ -881,7 +924,13 @@ class HeaderProtocol(asyncio.BufferedProtocol):
         else:  # header_first: its own connection_made would only pass the view on, one call deeper
             connect(inner, view)
         if rest and not transport.is_closing():
-            if isinstance(inner, asyncio.BufferedProtocol):
+            if isinstance(transport, asyncio.ReadTransport) and not transport.is_reading():
+                # The inner paused in connection_made, and asyncio's transports honour that: the
+                # bytes read with the header wait for its resume_reading.  (uvloop's are no
+                # ReadTransport: it reads into a protocol that paused there, so they go now, in
+                # order with what it reads next.)
+                view.hold(rest)
+            elif isinstance(inner, asyncio.BufferedProtocol):
                 deliver(inner, rest)
             else:  # deliver() would do just this, one call deeper
                 inner.data_received(rest)  # type: ignore[attr-defined]

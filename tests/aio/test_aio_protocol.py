@@ -818,6 +818,9 @@ class FakeTransport(asyncio.Transport):
     def pause_reading(self) -> None:
         pass
 
+    def is_reading(self) -> bool:
+        return True
+
     def write(self, data: Any) -> None:
         pass
 
@@ -981,3 +984,52 @@ def test_header_first_class_serves_like_the_wrapper(
     Recorder.made_count = 0
     run_on(loop, scenario)
     assert Recorder.made_count == (0 if how == "no header" else 1)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_header_first_policy_hook_failure_closes_without_telling_the_inner(
+    loop: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``policy_for`` hook that raises closes that connection with one ERROR line; the
+    header-first inner, never told of the connection, is not told of its end either (no
+    connection_lost, no exception in the loop's handler), and the server keeps serving."""
+    errors: list[str] = []
+    lost: list[Any] = []
+
+    class Watched(Recorder):
+        def connection_lost(self, exc: Exception | None) -> None:
+            lost.append(exc)
+
+    calls = 0
+
+    def flaky(peer: Any, local: Any) -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("hook down")
+        return "REQUIRE"
+
+    async def scenario() -> None:
+        running = asyncio.get_running_loop()
+        running.set_exception_handler(lambda _, c: errors.append(str(c.get("message"))))
+        cls = wrap_protocol_factory(asyncio.Protocol, policy_for=flaky).header_first(Watched)
+        sinks: list[Sink] = []
+
+        def make() -> Recorder:
+            sinks.append(Sink())
+            return cls(sinks[-1])
+
+        server = await running.create_server(make, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()[:2]
+        async with server:
+            assert await send_before_accept(address, V2 + b"first") == b""
+            answer = await send_before_accept(address, V2 + b"second")
+        assert answer == hashlib.sha256(b"second").hexdigest().encode()
+        assert [bytes(s.data) for s in sinks] == [b"", b"second"] and sinks[0].extra == {}
+
+    caplog.set_level(logging.ERROR, logger="proxyproto")
+    run_on(loop, scenario)
+    assert len(lost) == 1 and errors == []  # the second connection's end only
+    assert [r.getMessage().split(": closed: ")[1] for r in caplog.records] == [
+        "policy_for failed: RuntimeError: hook down"
+    ]
