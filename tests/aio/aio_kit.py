@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from support import listening, require_haproxy
+from support import listening, require_haproxy, require_module
 
 CEILING = 30.0
 
@@ -43,6 +43,20 @@ def async_test(func: Callable[..., Awaitable[Any]]) -> Callable[..., None]:
 
 
 @contextlib.asynccontextmanager
+def run_on(loop: str, scenario: Callable[[], Awaitable[Any]]) -> None:
+    """Run ``scenario()`` in a fresh asyncio or uvloop event loop, bounded by CEILING seconds."""
+
+    async def bounded() -> None:
+        await asyncio.wait_for(scenario(), CEILING)
+
+    if loop == "uvloop":
+        uvloop: Any = require_module("uvloop")
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(bounded())
+    else:
+        asyncio.run(bounded())
+
+
 async def stream_pair() -> Any:
     """``(reader, peer)``: an asyncio StreamReader on one end of a real TCP connection, and the
     other end as a plain non-blocking socket the test writes to."""

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from aio_kit import CEILING, DEST_V4, DEST_V6, REAL_V4, REAL_V6, async_test
-from support import require_module
+from aio_kit import DEST_V4, DEST_V6, REAL_V4, REAL_V6, async_test, run_on
 
 import proxyproto
 from proxyproto import Policy
@@ -355,20 +354,6 @@ def test_wrapped_protocol_refuses_invalid_knobs(name: str, value: Any) -> None:
 
 
 # -- TLS after the header, many times, on both loops ---------------------------------------
-
-
-def run_on(loop: str, scenario: Callable[[], Any]) -> None:
-    """Run ``scenario()`` in a fresh asyncio or uvloop event loop, bounded by CEILING seconds."""
-
-    async def bounded() -> None:
-        await asyncio.wait_for(scenario(), CEILING)
-
-    if loop == "uvloop":
-        uvloop: Any = require_module("uvloop")
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(bounded())
-    else:
-        asyncio.run(bounded())
 
 
 class Echo(asyncio.Protocol):

@@ -17,7 +17,7 @@ import time
 from typing import Any, Callable
 
 import pytest
-from aio_kit import CEILING, DEST_V4, REAL_V4
+from aio_kit import DEST_V4, REAL_V4, run_on
 from support import require_module
 
 import proxyproto
@@ -26,18 +26,6 @@ from proxyproto.aio_protocol import wrap_protocol_factory
 V2 = proxyproto.encode_v2(REAL_V4, DEST_V4)
 V1 = proxyproto.encode_v1(REAL_V4, DEST_V4)
 LOOPS = ["asyncio", "uvloop"]
-
-
-def run_on(loop: str, scenario: Callable[[], Any]) -> None:
-    async def bounded() -> None:
-        await asyncio.wait_for(scenario(), CEILING)
-
-    if loop == "uvloop":
-        uvloop: Any = require_module("uvloop")
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(bounded())
-    else:
-        asyncio.run(bounded())
 
 
 class Journal(asyncio.Protocol):
