@@ -42,7 +42,6 @@ def async_test(func: Callable[..., Awaitable[Any]]) -> Callable[..., None]:
     return wrapper
 
 
-@contextlib.asynccontextmanager
 def run_on(loop: str, scenario: Callable[[], Awaitable[Any]]) -> None:
     """Run ``scenario()`` in a fresh asyncio or uvloop event loop, bounded by CEILING seconds."""
 
@@ -57,6 +56,7 @@ def run_on(loop: str, scenario: Callable[[], Awaitable[Any]]) -> None:
         asyncio.run(bounded())
 
 
+@contextlib.asynccontextmanager
 async def stream_pair() -> Any:
     """``(reader, peer)``: an asyncio StreamReader on one end of a real TCP connection, and the
     other end as a plain non-blocking socket the test writes to."""
