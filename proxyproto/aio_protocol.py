@@ -858,10 +858,12 @@ class HeaderProtocol(asyncio.BufferedProtocol):
         A :meth:`ProxyProtocolFactory.header_first` inner holds the transport
         from the start; it was never told of the connection, so it must not
         be told of its end either (uvicorn's ``connection_lost`` would fail
-        on a transport it never got).
+        on a transport it never got).  Only from that inner: a TLS protocol
+        mid-handshake keeps the transport, and learns of the close itself.
         """
         transport = self.transport
-        if self.inner is not None and transport is not None and transport.get_protocol() is not self:
+        inner = self.inner
+        if inner is not None and transport is not None and transport.get_protocol() is inner:
             transport.set_protocol(self)
 
     def conclude(
@@ -992,6 +994,13 @@ class HeaderProtocol(asyncio.BufferedProtocol):
         finally:
             factory.unpark(self)
         if tls is None:
+            return
+        if transport.is_closing():
+            # Aborted mid-handshake (a shutdown, max_pending): asyncio's start_tls raises, uvloop's
+            # returns a TLS transport anyway, and would never tell the inner of the end of a
+            # connection it was told of (uvicorn's graceful shutdown would wait for it forever).
+            factory.refusals.log(logging.INFO, "%s: closed during the TLS handshake", peer_text(self.peer))
+            tls.abort()
             return
         # What arrived with the handshake (data, the peer's close_notify, even the end of the
         # connection) reaches the inner protocol in order, after connection_made.

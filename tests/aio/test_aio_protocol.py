@@ -1018,3 +1018,56 @@ def test_header_first_policy_hook_failure_closes_without_telling_the_inner(
     assert [r.getMessage().split(": closed: ")[1] for r in caplog.records] == [
         "policy_for failed: RuntimeError: hook down"
     ]
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("how", ["wrapper", "header_first"])
+def test_shutdown_mid_handshake_ends_the_handshake_at_once(
+    loop: str, how: str, contexts: tuple[ssl.SSLContext, ssl.SSLContext]
+) -> None:
+    """With ``ssl=``, a connection whose header is in but whose ClientHello never comes waits in
+    the handshake; ``factory.close()`` (uvicorn's shutdown) aborts it and the TLS layer learns of
+    it: the handshake task ends within a second, not at its 60 s timeout (a header-first inner
+    took the transport back from the TLS layer before 69682b7's fix was narrowed), and the inner
+    protocol never hears of the connection (uvloop's start_tls returned a transport anyway, and
+    the inner got connection_made and never connection_lost: uvicorn would wait for it)."""
+    import time
+
+    server_ctx, _ = contexts
+
+    async def scenario() -> None:
+        running = asyncio.get_running_loop()
+        sinks: list[Sink] = []
+
+        def make() -> Recorder:
+            sinks.append(Sink())
+            return cls(sinks[-1])
+
+        if how == "header_first":
+            factory = wrap_protocol_factory(asyncio.Protocol, ssl=server_ctx)
+            cls: Any = factory.header_first(Recorder)
+            server = await running.create_server(make, "127.0.0.1", 0)
+        else:
+            factory, cls = wrap_protocol_factory(make, ssl=server_ctx), Recorder
+            server = await running.create_server(factory, "127.0.0.1", 0)
+        async with server:
+            _, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+            writer.write(V2)  # and no ClientHello
+            for _ in range(200):
+                if factory.handshakes:
+                    break
+                await asyncio.sleep(0.01)
+            assert factory.pending == 1 and len(factory.handshakes) == 1
+            started = time.monotonic()
+            factory.close()
+            for _ in range(100):
+                if not factory.handshakes:
+                    break
+                await asyncio.sleep(0.01)
+            assert not factory.handshakes and time.monotonic() - started < 1.0
+            writer.close()
+        assert all(s.extra == {} for s in sinks)  # the wrapper makes its inner before the handshake
+
+    Recorder.made_count = 0
+    run_on(loop, scenario)
+    assert Recorder.made_count == 0
