@@ -75,3 +75,21 @@ def listening(port: int) -> bool:
         except FileNotFoundError:
             continue
     return False
+
+
+#: Runs the script named next as a terminal would, with Ctrl-C (SIGINT) raising KeyboardInterrupt.
+#: A program started in the background by a non-interactive shell inherits SIGINT *ignored*
+#: (POSIX, for asynchronous lists without job control), Python keeps that, and ``asyncio.run``
+#: then installs no handler of its own: a test that stops an example with SIGINT would wait for
+#: its SIGKILL instead (seen with ``bash .ci/run &`` from a script).
+CTRL_C_ABLE = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+def python_script(path: object) -> list[str]:
+    """The command line that runs the Python script ``path`` with Ctrl-C working (:data:`CTRL_C_ABLE`)."""
+    import sys
+
+    return [sys.executable, "-c", CTRL_C_ABLE, str(path)]

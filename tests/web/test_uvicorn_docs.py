@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 from doc_examples import missing_link_targets, rendering_warnings
-from support import free_port, listening, require_module
+from support import free_port, listening, python_script, require_module
 from web_kit import DEST_V4, REAL_V4, Certificate, self_signed
 
 import proxyproto
@@ -167,7 +167,7 @@ def test_generic_example_greets_the_real_client_and_echoes(tmp_path: Path) -> No
     port = free_port()
     script = tmp_path / "hello.py"
     script.write_text(block("generic-example").replace("8080", str(port)))
-    with running([sys.executable, str(script)], port, tmp_path):
+    with running(python_script(script), port, tmp_path):
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         with sock:
             sock.sendall(HEADER + b"ping\n")
@@ -182,7 +182,7 @@ def test_generic_example_without_a_header_is_closed(tmp_path: Path) -> None:
     port = free_port()
     script = tmp_path / "hello.py"
     script.write_text(block("generic-example").replace("8080", str(port)))
-    with running([sys.executable, str(script)], port, tmp_path):
+    with running(python_script(script), port, tmp_path):
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         with sock, contextlib.suppress(ConnectionResetError):
             sock.sendall(b"ping\n")
@@ -194,7 +194,7 @@ def test_generic_example_shutdown_closes_connections_waiting_for_their_header(tm
     port = free_port()
     script = tmp_path / "hello.py"
     script.write_text(block("generic-example").replace("8080", str(port)))
-    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(python_script(script), cwd=tmp_path, stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20
         while not listening(port):
@@ -235,7 +235,7 @@ def test_uvicorn_code_example_serves_the_real_client(tmp_path: Path) -> None:
     port = free_port()
     script = tmp_path / "serve.py"
     script.write_text(block("uvicorn-code").replace("8000", str(port)))
-    with running([sys.executable, str(script)], port, tmp_path):
+    with running(python_script(script), port, tmp_path):
         assert_hello(http_get(port))
         assert_hello(http_get(port, proxyproto.encode_v1(REAL_V4, DEST_V4)))
 
