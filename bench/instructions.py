@@ -161,7 +161,7 @@ def count_uvicorn(http: str, header: bytes, n: int) -> int:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     program = UVICORN_PROGRAM.format(root=ROOT, bench=BENCH, port=port, http=http, n=n)
-    env = dict(os.environ, PROXYPROTO_ALLOW_IPS="127.0.0.1")
+    env = dict(os.environ, PROXYPROTO_ALLOW_IPS="127.0.0.1", PYTHONHASHSEED=os.environ.get("PYTHONHASHSEED", "0"))
     with subprocess.Popen(
         _valgrind(program), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     ) as proc:

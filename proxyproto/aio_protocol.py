@@ -63,6 +63,7 @@ from collections.abc import Iterable
 from typing import Any, Callable, TypeVar, Union
 
 from . import reader as core
+from . import v2
 from .errors import InvalidHeader, NoProxyHeader, ProxyProtocolError
 from .header import Family, ProxyHeader
 from .policy import (
@@ -101,12 +102,18 @@ _MISSING: Any = object()
 #: A tuple, not a set: ``in`` finds a member by identity, where a set would call Enum's Python ``__hash__``.
 _SERVES_A_HEADER = tuple(policy for policy in Policy if decide(policy, Outcome.HEADER).serve)
 _IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+# Enum members as module constants for the per-connection code: on CPython 3.11 ``Policy.REQUIRE``
+# costs a call of EnumType.__getattr__'s hook (about a thousand instructions), a global a lookup.
+_REQUIRE, _USE, _SKIP = Policy.REQUIRE, Policy.USE, Policy.SKIP
+_INET, _INET6 = Family.INET, Family.INET6
 _SOCKET_FAMILY = {Family.INET: socket.AF_INET, Family.INET6: socket.AF_INET6, Family.UNIX: socket.AF_UNIX}
 #: What the first read asks for when the socket cannot be peeked: a v2 header's fixed part.
 _FIRST_READ = 16
 #: What the first read takes when no TLS layer follows: the header and what came with it.
 _READ_AHEAD = 65536
 _read = os.read
+_new = object.__new__
+_ReadTransport = asyncio.ReadTransport
 #: The buffer for bytes read after the decision, before ``start_tls`` takes the transport: a TLS record.
 _LATE_READ = 16384
 
@@ -119,6 +126,25 @@ def _borrow(peer: Any, sock: Any) -> Any:
     """
     family = _AF_UNIX if type(peer) is not tuple else _AF_INET6 if len(peer) == 4 else _AF_INET
     return _socket.socket(family, _SOCK_STREAM, 0, sock.fileno())
+
+
+def read_ahead(peer: Any, sock: Any) -> bytes | None:
+    """What ``sock`` holds now, up to :data:`_READ_AHEAD` bytes, without waiting; None when nothing can be read.
+
+    Empty at the end of the stream; None when nothing has arrived yet or the
+    read failed (an error the transport then reports itself).
+    """
+    try:
+        if sock.gettimeout() == 0.0:  # non-blocking, as both loops make it: a plain read(2)
+            return _read(sock.fileno(), _READ_AHEAD)
+        borrowed = _borrow(peer, sock)  # a read that does not wait all the same (a socket object costs a getsockname)
+        try:
+            got: bytes = borrowed.recv(_READ_AHEAD, _READ_FLAGS)
+            return got
+        finally:
+            borrowed.detach()
+    except OSError:
+        return None
 
 
 def served_sockname(policy: Policy, header: ProxyHeader | None, local: Any, listener_family: int) -> Any:
@@ -168,6 +194,7 @@ class SocketView:
     uvicorn and hypercorn read the client's address from
     ``get_extra_info("socket").getpeername()`` before ``"peername"``, so a
     transport that changed only ``"peername"`` would still show the proxy.
+
     """
 
     __slots__ = ("_local", "_peer", "_sock", "family")
@@ -212,16 +239,16 @@ def proxy_extra(
         peer = raw.get_extra_info("peername")
     extra: dict[str, Any] = {"proxy_header": header, "proxy_peername": peer}
     # uses_addresses(policy, header), without its call: this runs per connection.
-    if header is None or header.source is None or (policy is not Policy.REQUIRE and policy is not Policy.USE):
+    if header is None or header.source is None or (policy is not _REQUIRE and policy is not _USE):
         return extra
     if sock is _MISSING:
         sock = raw.get_extra_info("socket")
     family = header._kind[2]  # header.family without the property's call: this runs per connection
     peername: Any
     sockname: Any
-    if family is Family.INET:
+    if family is _INET:
         peername, sockname, view_family = header.source, header.destination, _AF_INET
-    elif family is Family.INET6:
+    elif family is _INET6:
         source, destination = header.source, header.destination
         assert isinstance(source, tuple) and isinstance(destination, tuple)
         peername = (source[0], source[1], 0, 0)
@@ -233,7 +260,9 @@ def proxy_extra(
     extra["peername"] = peername
     extra["sockname"] = sockname
     if sock is not None:
-        extra["socket"] = SocketView(sock, peername, sockname, view_family)
+        # SocketView(sock, peername, sockname, view_family), without the call of __init__ (per connection)
+        view = extra["socket"] = _new(SocketView)
+        view._sock, view._peer, view._local, view.family = sock, peername, sockname, view_family
     return extra
 
 
@@ -245,9 +274,10 @@ class ProxyTransport(asyncio.Transport):
     ``"proxy_header"`` (the header or None) and ``"proxy_peername"`` (the
     proxy's own address); every other key, and every method (writes, flow
     control, close, ``set_protocol``), is the real transport's.  The methods
-    called per request (``write``, ``writelines``, ``is_closing``, ``close``)
-    are the real transport's own bound methods, set on the instance, so a
-    call costs no extra Python frame.
+    servers call per request (``write``, ``is_closing``, ``close``) are the
+    real transport's own bound methods, set on the instance, so a call costs
+    no extra Python frame; the others delegate (binding one costs every
+    connection about what a delegated call costs).
     """
 
     def __init__(self, transport: asyncio.Transport, extra: dict[str, Any]) -> None:
@@ -255,7 +285,6 @@ class ProxyTransport(asyncio.Transport):
         self._proxy_extra = extra
         # Instance attributes shadow the delegating methods below (which document the interface).
         self.write = transport.write  # type: ignore[method-assign]
-        self.writelines = transport.writelines  # type: ignore[method-assign]
         self.is_closing = transport.is_closing  # type: ignore[method-assign]
         self.close = transport.close  # type: ignore[method-assign]
 
@@ -356,6 +385,22 @@ def deliver(protocol: asyncio.BaseProtocol, data: bytes) -> None:
         protocol.data_received(data)
 
 
+def hand_rest(transport: Any, view: ProxyTransport, inner: asyncio.BaseProtocol, rest: bytes) -> None:
+    """Give ``inner`` the bytes read with its header, right after its ``connection_made`` (``view``'s)."""
+    if transport.is_closing():
+        return
+    if isinstance(transport, asyncio.ReadTransport) and not transport.is_reading():
+        # The inner paused in connection_made, and asyncio's transports honour that: the bytes
+        # read with the header wait for its resume_reading.  (uvloop's are no ReadTransport: it
+        # reads into a protocol that paused there, so they go now, in order with what it reads
+        # next.)
+        view.hold(rest)
+    elif isinstance(inner, asyncio.BufferedProtocol):
+        deliver(inner, rest)
+    else:  # deliver() would do just this, one call deeper
+        inner.data_received(rest)  # type: ignore[attr-defined]
+
+
 class ProxyProtocolFactory:
     """A protocol factory for ``loop.create_server``: each connection reads its header, then gets ``factory()``.
 
@@ -414,6 +459,9 @@ class ProxyProtocolFactory:
         self.parked: dict[HeaderProtocol, None] = {}
         self.handshakes: set[asyncio.Future[None]] = set()
         self.closed = False
+        #: Whether :meth:`header_first` classes may take a header already in the socket inline:
+        #: no TLS layer to leave bytes for and no user hook to call (those go through HeaderProtocol).
+        self.inline = ssl is None and policy_for is None and _CAN_PEEK
         self._header_first: dict[type, type] = {}
 
     def __call__(self) -> HeaderProtocol:
@@ -572,7 +620,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             return
         try:
             self.policy = policy = factory.policy_for(peer, raw)
-            if factory.ssl is not None and policy is not Policy.REQUIRE and policy is not Policy.SKIP:
+            if factory.ssl is not None and policy is not _REQUIRE and policy is not _SKIP:
                 # Refused when built without a hook; a hook can still answer an opt-in policy,
                 # whose sniffed bytes the TLS layer would never see.
                 raise ValueError(f"policy {policy.name} with ssl=: only REQUIRE or SKIP can negotiate TLS")
@@ -588,7 +636,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             self.reclaim()
             raw.abort()
             return
-        if policy is Policy.SKIP:
+        if policy is _SKIP:
             # With ssl=, the handshake starts on the next iteration.  asyncio honours the pause
             # serve() asks for here; uvloop starts reading once connection_made returns and may
             # read (the ClientHello) first: get_buffer keeps those bytes for the TLS layer.
@@ -601,7 +649,12 @@ class HeaderProtocol(asyncio.BufferedProtocol):
                     return
             elif self.peek_complete_header(peer, sock):
                 return
-        # The header is not all there yet: wait for it, with a deadline, reading through this protocol.
+        self.wait()
+
+    def wait(self) -> None:
+        """The header is not all there yet: wait for it, with a deadline, reading through this protocol."""
+        raw: Any = self.transport
+        factory = self.factory
         if raw.get_protocol() is not self:
             raw.set_protocol(self)  # header_first's inner has the transport until now
         if not self.buf:
@@ -671,29 +724,23 @@ class HeaderProtocol(asyncio.BufferedProtocol):
         uvloop starts reading when it returns, and neither reads before the
         loop polls again.  No byte has to stay in the kernel when no TLS
         layer follows, so the wrapper reads up to :data:`_READ_AHEAD` bytes
-        itself (the read the transport would have made first) and hands what
-        follows the header to the inner protocol right after its
-        ``connection_made``: no peek, no second read, and the request is
-        answered one loop iteration sooner.  True when decided (served or
-        closed); a prefix of a header is kept in the buffer for the waiting
-        path, and nothing at all (or the end of the stream, or an error,
-        which the transport then reports) returns False with nothing
-        consumed.
+        itself (:func:`read_ahead`: the read the transport would have made
+        first) and hands what follows the header to the inner protocol right
+        after its ``connection_made``: no peek, no second read, and the
+        request is answered one loop iteration sooner.  True when decided
+        (served or closed, :meth:`decide_ahead`); a prefix of a header is
+        kept in the buffer for the waiting path, and nothing at all (or the
+        end of the stream, or an error, which the transport then reports)
+        returns False with nothing consumed.
         """
-        factory = self.factory
-        try:
-            if sock.gettimeout() == 0.0:  # non-blocking, as both loops make it: a plain read(2)
-                got = _read(sock.fileno(), _READ_AHEAD)
-            else:  # a read that does not wait all the same (a socket object costs a getsockname)
-                borrowed = _borrow(peer, sock)
-                try:
-                    got = borrowed.recv(_READ_AHEAD, _READ_FLAGS)
-                finally:
-                    borrowed.detach()
-        except OSError:
-            return False
+        got = read_ahead(peer, sock)
         if not got:
             return False
+        return self.decide_ahead(got, sock)
+
+    def decide_ahead(self, got: bytes, sock: Any) -> bool:
+        """Serve or close on ``got``, the first bytes of the stream; False (kept) for a valid prefix."""
+        factory = self.factory
         header: ProxyHeader | None = None
         error: ProxyProtocolError | None = None
         try:
@@ -925,17 +972,8 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             inner.connection_made(view)
         else:  # header_first: its own connection_made would only pass the view on, one call deeper
             connect(inner, view)
-        if rest and not transport.is_closing():
-            if isinstance(transport, asyncio.ReadTransport) and not transport.is_reading():
-                # The inner paused in connection_made, and asyncio's transports honour that: the
-                # bytes read with the header wait for its resume_reading.  (uvloop's are no
-                # ReadTransport: it reads into a protocol that paused there, so they go now, in
-                # order with what it reads next.)
-                view.hold(rest)
-            elif isinstance(inner, asyncio.BufferedProtocol):
-                deliver(inner, rest)
-            else:  # deliver() would do just this, one call deeper
-                inner.data_received(rest)  # type: ignore[attr-defined]
+        if rest:
+            hand_rest(transport, view, inner, rest)
         return inner
 
     def hand_over_late(self) -> None:
@@ -1017,15 +1055,75 @@ class HeaderProtocol(asyncio.BufferedProtocol):
 def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) -> type[_P]:
     """``inner_class`` reading the header first: see :meth:`ProxyProtocolFactory.header_first`."""
     inner_connection_made = inner_class.connection_made
+    plain_inner = not issubclass(inner_class, asyncio.BufferedProtocol)
+    parse, match_v2 = core.parse, v2.match
+    max_size, verify, allow_v4 = factory.max_size, factory.verify_checksum, factory.allow_v4_in_tcp6
+    trusted = factory.trusted
 
     def connection_made(self: Any, transport: Any) -> None:
         if type(transport) is ProxyTransport:  # the header is decided: what the server wrote runs now
             inner_connection_made(self, transport)
             return
+        if not factory.inline or factory.closed:
+            reading = HeaderProtocol(factory, self, inner_connection_made)
+            if factory.ssl is not None:
+                transport.set_protocol(reading)  # every byte is the header's, then the TLS layer's
+            reading.connection_made(transport)
+            return
+        # What HeaderProtocol.connection_made, factory.policy_for, take_complete_header and
+        # serve do, written out for the case of every connection from a real proxy: a trusted
+        # peer (REQUIRE or USE) whose whole header is in the socket already.  This runs per
+        # connection, and on CPython each call or object costs about a tenth of what the
+        # header's parse does, so none is made here that this case does not need.  Anything
+        # else goes to a HeaderProtocol at the point reached, with what was read (``handled``);
+        # tests/aio/test_header_first.py holds the two paths to the same answers.
+        peer = transport.get_extra_info("peername")
+        policy = factory.policy
+        if trusted is not None and isinstance(peer, tuple):
+            host = peer[0]
+            verdict = trusted.verdicts.get(host)  # TrustedNetworks' memory of this peer, without a call
+            if not (host in trusted if verdict is None else verdict):
+                policy = factory.untrusted_policy
+        got = sock = None
+        if policy is _REQUIRE or policy is _USE:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                try:  # read_ahead(), without its call when the socket is non-blocking (both loops')
+                    got = _read(sock.fileno(), _READ_AHEAD) if sock.gettimeout() == 0.0 else read_ahead(peer, sock)
+                except OSError:
+                    got = None  # nothing yet, or an error the transport reports itself
+            if got:
+                try:
+                    if got[0] == 0x0D:  # v2 (parse() would dispatch there, one call deeper)
+                        header = match_v2(got, max_size, verify)
+                    else:
+                        header = parse(got, max_size=max_size, verify_checksum=verify, allow_v4_in_tcp6=allow_v4)
+                except ProxyProtocolError:
+                    header = None  # decide_ahead says what is wrong, and closes
+                if header is not None:
+                    view = ProxyTransport(transport, proxy_extra(transport, policy, header, peer, sock))
+                    inner_connection_made(self, view)
+                    rest = got[header.length :]
+                    if rest:
+                        if plain_inner and not isinstance(transport, _ReadTransport):
+                            # hand_rest() for uvloop's transports (no ReadTransport), which read
+                            # even into a protocol that paused in connection_made: now, in order.
+                            if not transport.is_closing():
+                                self.data_received(rest)
+                        else:
+                            hand_rest(transport, view, self, rest)
+                    return
+        handled(self, transport, peer, policy, sock, got)
+
+    def handled(self: Any, transport: Any, peer: Any, policy: Policy, sock: Any, got: bytes | None) -> None:
+        """The connection from where the inline path left it, to a HeaderProtocol."""
         reading = HeaderProtocol(factory, self, inner_connection_made)
-        if factory.ssl is not None:
-            transport.set_protocol(reading)  # every byte is the header's, then the TLS layer's
-        reading.connection_made(transport)
+        if policy is not _REQUIRE and policy is not _USE:
+            reading.connection_made(transport)  # SKIP, IGNORE, REJECT: nothing read; decided as always
+            return
+        reading.transport, reading.peer, reading.policy = transport, peer, policy
+        if not got or not reading.decide_ahead(got, sock):
+            reading.wait()  # nothing there yet, the end of the stream, or a prefix (kept in reading.buf)
 
     name = f"HeaderFirst{inner_class.__name__}"
     attributes = {"connection_made": connection_made, "__module__": __name__, "__qualname__": name}

@@ -147,19 +147,26 @@ def _import(path: str) -> type[asyncio.Protocol]:
 
 
 class _UvicornFactory(ProxyProtocolFactory):
-    """The wrapper's factory for one uvicorn server: waiting connections are listed in ``server_state``."""
+    """The wrapper's factory for one uvicorn config: a waiting connection is listed in its server's state.
 
-    def __init__(self, connections: set[Any], *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.connections = connections
+    Each connection's own ``server_state`` (uvicorn gives it to the
+    protocol), not one fixed at creation: a config may be served by several
+    ``uvicorn.Server`` objects, one after the other or at once, and each
+    one's shutdown must see its own waiting connections.
+    """
 
     def park(self, waiting: HeaderProtocol) -> None:
         super().park(waiting)
-        self.connections.add(waiting)  # uvicorn's shutdown calls waiting.shutdown()
+        _state_of(waiting).connections.add(waiting)  # uvicorn's shutdown calls waiting.shutdown()
 
     def unpark(self, waiting: HeaderProtocol) -> None:
         super().unpark(waiting)
-        self.connections.discard(waiting)
+        _state_of(waiting).connections.discard(waiting)
+
+
+def _state_of(waiting: HeaderProtocol) -> Any:
+    """The ``server_state`` of the uvicorn protocol ``waiting`` reads the header for."""
+    return waiting.inner.server_state  # type: ignore[union-attr]
 
 
 class ProxyHTTPProtocol:
@@ -167,11 +174,14 @@ class ProxyHTTPProtocol:
 
     Subclasses name the inner protocol (``inner``, an import path or a
     class) and, optionally, fixed ``settings`` (None: the environment).
-    Calling the class, as uvicorn does once per connection, makes uvicorn's
-    own protocol, of a subclass whose ``connection_made`` reads the header
+    Calling the class, as uvicorn does per connection, makes uvicorn's own
+    protocol, of a subclass whose ``connection_made`` reads the header
     before uvicorn's runs
     (:meth:`proxyproto.aio_protocol.ProxyProtocolFactory.header_first`): one
-    protocol object per connection, as without the header.
+    protocol object per connection, as without the header.  The first call
+    for a config also puts that subclass in the config's
+    ``http_protocol_class``, which uvicorn reads for every connection, so it
+    builds the later ones directly.
     """
 
     inner: ClassVar[str | type[asyncio.Protocol]] = _INNER["h11"]
@@ -180,26 +190,26 @@ class ProxyHTTPProtocol:
     proxyproto_tls_after_header: ClassVar[bool] = True
     #: uvicorn asks the ``--http`` class for its ALPN protocols when it builds the TLS context.
     alpn_protocols: ClassVar[list[str] | None] = None
+    #: The protocol class made for each config (weakly).
     _classes: ClassVar[weakref.WeakKeyDictionary[Any, type[asyncio.Protocol]]]
-    #: The last server's state (weakly) and protocol class: one server per class is the rule, so
-    #: the per-connection lookup is a weakref call and an identity test, not a weak-dict lookup.
-    _last: ClassVar[tuple[weakref.ref[Any], type[asyncio.Protocol]] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls._classes = weakref.WeakKeyDictionary()
-        cls._last = None
 
     def __new__(cls, config: Any, server_state: Any, **kwargs: Any) -> Any:
-        last = cls._last
-        if last is not None and last[0]() is server_state:
-            protocol_class = last[1]
-        else:
-            protocol_class = cls._classes.get(server_state)  # type: ignore[assignment]
-            if protocol_class is None:
-                factory, inner = cls._make_factory(config, server_state)
-                protocol_class = cls._classes[server_state] = factory.header_first(inner)
-            cls._last = (weakref.ref(server_state), protocol_class)
+        protocol_class = cls._classes.get(config)
+        if protocol_class is None:
+            factory, inner = cls._make_factory(config)
+            protocol_class = cls._classes[config] = factory.header_first(inner)
+            # What uvicorn and _SSLTakeover ask of the --http class, on the class that replaces it.
+            protocol_class.proxyproto_tls_after_header = True  # type: ignore[attr-defined]
+            protocol_class.check_tls = cls.check_tls  # type: ignore[attr-defined]
+        if getattr(config, "http_protocol_class", None) is cls:
+            # uvicorn looks the class up on its config for every connection: from the next one
+            # on, it builds the header-first protocol itself, without this call in between
+            # (a Python __new__ with keyword arguments: a third of what the header costs).
+            config.http_protocol_class = protocol_class
         return protocol_class(config=config, server_state=server_state, **kwargs)  # type: ignore[call-arg]
 
     @classmethod
@@ -225,8 +235,8 @@ class ProxyHTTPProtocol:
             ) from None
 
     @classmethod
-    def _make_factory(cls, config: Any, server_state: Any) -> tuple[ProxyProtocolFactory, type[asyncio.Protocol]]:
-        """The factory serving ``server_state``'s connections, and uvicorn's protocol class."""
+    def _make_factory(cls, config: Any) -> tuple[ProxyProtocolFactory, type[asyncio.Protocol]]:
+        """The factory serving ``config``'s connections, and uvicorn's protocol class."""
         inner = cls.inner if isinstance(cls.inner, type) else _import(cls.inner)
         settings = settings_from_env() if cls.settings is None else dict(cls.settings)
         context = vars(config).get("ssl")  # the real context, which uvicorn's create_server no longer sees
@@ -234,7 +244,7 @@ class ProxyHTTPProtocol:
         def unused() -> asyncio.BaseProtocol:  # header_first's inner is made by uvicorn, never by the factory
             raise RuntimeError("proxyproto.uvicorn: the protocol is made by uvicorn")
 
-        factory = _UvicornFactory(server_state.connections, unused, ssl=context, **settings)
+        factory = _UvicornFactory(unused, ssl=context, **settings)
         logger.info(
             "proxyproto: PROXY header policy %s for %s, %s for other peers%s",
             factory.policy.name,

@@ -1,0 +1,225 @@
+"""``header_first``'s inline path gives the answers of the general path, for every input.
+
+``ProxyProtocolFactory.header_first`` reads a header that is already in the socket without a
+``HeaderProtocol`` (the per-connection path of uvicorn, written out for speed).  The general
+path, ``wrap_protocol_factory``, goes through ``HeaderProtocol`` every time.  Here both serve the
+same bytes, sent before the loop accepts (so the inline path is the one that runs), over real
+loopback sockets on asyncio and uvloop, with a plain and a buffered inner protocol, and what the
+inner protocol sees must be equal: served or not, every ``get_extra_info`` key a server reads,
+the socket view's answers, and the payload, byte for byte.  A spy counts the ``HeaderProtocol``
+objects: none for a trusted peer's valid header (the case of every connection from a proxy),
+one for anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import pytest
+from aio_kit import DEST_V4, DEST_V6, REAL_V4, REAL_V6, run_on
+from support import require_module
+
+import proxyproto
+from proxyproto.aio_protocol import HeaderProtocol, wrap_protocol_factory
+
+LOOPS = ["asyncio", "uvloop"]
+PAYLOAD = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(range(256)) * 64
+
+TLVS = [(proxyproto.TLVType.ALPN, b"h2"), (proxyproto.TLVType.AUTHORITY, b"example.com")]
+WIRES = {
+    "v1 tcp4": proxyproto.encode_v1(REAL_V4, DEST_V4),
+    "v1 tcp6": proxyproto.encode_v1(REAL_V6, DEST_V6),
+    "v1 unknown": b"PROXY UNKNOWN\r\n",
+    "v2 tcp4": proxyproto.encode_v2(REAL_V4, DEST_V4),
+    "v2 tcp6": proxyproto.encode_v2(REAL_V6, DEST_V6),
+    "v2 tcp4 tlvs": proxyproto.encode_v2(REAL_V4, DEST_V4, tlvs=TLVS),
+    "v2 tcp4 crc": proxyproto.encode_v2(REAL_V4, DEST_V4, tlvs=TLVS, checksum=True),
+    "v2 unix": proxyproto.encode_v2("/run/client.sock", "/run/server.sock"),
+    "v2 local": proxyproto.encode_v2(None, None),
+    "v2 bad crc": proxyproto.encode_v2(REAL_V4, DEST_V4, checksum=True)[:-1] + b"\x00",
+    "v1 malformed": b"PROXY TCP5 1.2.3.4 5.6.7.8 1 2\r\n",
+    "no header": b"",
+    "v2 cut by eof": proxyproto.encode_v2(REAL_V4, DEST_V4)[:20],
+}
+#: Sent without the payload after it: the stream ends inside the header.
+ALONE = {"v2 cut by eof"}
+#: The inputs the inline path must serve without a HeaderProtocol (trusted peer, REQUIRE or USE).
+INLINE = {"v1 tcp4", "v1 tcp6", "v1 unknown", "v2 tcp4", "v2 tcp6", "v2 tcp4 tlvs", "v2 tcp4 crc"}
+INLINE |= {"v2 unix", "v2 local"}
+KEYS = ("peername", "sockname", "proxy_header", "proxy_peername")
+
+
+class Observer(asyncio.Protocol):
+    """What a server would read from the transport, and every byte it is given."""
+
+    def __init__(self, seen: list[dict[str, Any]]) -> None:
+        self.seen = seen
+        self.record: dict[str, Any] = {"data": bytearray()}
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        record = self.record
+        for key in KEYS:
+            record[key] = transport.get_extra_info(key)
+        sock = transport.get_extra_info("socket")
+        record["socket"] = (sock.getpeername(), sock.getsockname(), sock.family, sock.type, sock.fileno() >= 0)
+        record["sslcontext"] = transport.get_extra_info("sslcontext")
+        self.seen.append(record)
+
+    def data_received(self, data: bytes) -> None:
+        self.record["data"] += data
+
+    def eof_received(self) -> bool:
+        self.transport.write(b"served")
+        self.transport.close()
+        return False
+
+
+class BufferedObserver(Observer, asyncio.BufferedProtocol):
+    def __init__(self, seen: list[dict[str, Any]]) -> None:
+        super().__init__(seen)
+        self.buf = bytearray(7)  # small: the bytes read with the header go in several pieces
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self.buf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.record["data"] += self.buf[:nbytes]
+
+
+INNER = {"plain": Observer, "buffered": BufferedObserver}
+
+
+def serve_once(loop: str, path: str, kind: str, name: str, **settings: Any) -> tuple[bytes, list[Any], int]:
+    """The answer to ``WIRES[name] + PAYLOAD`` sent before the accept, what the inner protocol saw, and
+    how many HeaderProtocol objects were made, through ``header_first`` or the general wrapper."""
+    seen: list[dict[str, Any]] = []
+    made = [0]
+    original = HeaderProtocol.__init__
+
+    def counting(self: HeaderProtocol, *args: Any, **kwargs: Any) -> None:
+        made[0] += 1
+        original(self, *args, **kwargs)
+
+    answer = b""
+
+    async def scenario() -> None:
+        nonlocal answer
+        inner = INNER[kind]
+        factory = wrap_protocol_factory(lambda: inner(seen), header_timeout=2.0, **settings)
+        make: Any = factory
+        if path == "header_first":
+            cls = factory.header_first(inner)
+
+            def make() -> Any:
+                return cls(seen)
+
+        server = await asyncio.get_running_loop().create_server(make, "127.0.0.1", 0)
+        async with server:
+            client = socket.create_connection(server.sockets[0].getsockname()[:2], timeout=10)
+            with client:
+                client.sendall(WIRES[name] + (b"" if name in ALONE else PAYLOAD))
+                client.shutdown(socket.SHUT_WR)
+                client.setblocking(False)
+                loop_ = asyncio.get_running_loop()
+                try:
+                    while chunk := await asyncio.wait_for(loop_.sock_recv(client, 65536), 10):
+                        answer += chunk
+                except ConnectionResetError:
+                    pass
+
+    HeaderProtocol.__init__ = counting  # type: ignore[method-assign]
+    try:
+        run_on(loop, scenario)
+    finally:
+        HeaderProtocol.__init__ = original  # type: ignore[method-assign]
+    return answer, [local_ports_hidden(record) for record in seen], made[0]
+
+
+def local_ports_hidden(value: Any) -> Any:
+    """``value`` with the ports of 127.0.0.1 addresses as ``"*"``: two runs use two servers, and
+    two clients, whose ephemeral ports differ; the header's addresses are never on 127.0.0.1."""
+    if isinstance(value, dict):
+        return {key: local_ports_hidden(item) for key, item in value.items()}
+    if isinstance(value, bytearray):
+        return bytes(value)
+    if isinstance(value, tuple):
+        if len(value) == 2 and value[0] == "127.0.0.1":
+            return ("127.0.0.1", "*")
+        return tuple(local_ports_hidden(item) for item in value)
+    return value
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("kind", sorted(INNER))
+@pytest.mark.parametrize("wire", sorted(WIRES))
+def test_inline_path_answers_as_the_general_path(loop: str, kind: str, wire: str) -> None:
+    """Trusted peer under REQUIRE: the same verdict, keys, socket view and payload on both paths."""
+    inline = serve_once(loop, "header_first", kind, wire)
+    general = serve_once(loop, "wrapper", kind, wire)
+    assert inline[:2] == general[:2]
+    answer, seen, made = inline
+    if wire in INLINE:
+        assert answer == b"served" and made == 0, (answer, made)
+        assert seen[0]["data"] == PAYLOAD
+        assert seen[0]["proxy_header"] == proxyproto.parse(WIRES[wire])
+        assert seen[0]["sslcontext"] is None
+    else:
+        assert answer == b"" and seen == [] and made == 1, (answer, seen, made)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize(
+    ("settings", "wire"),
+    [
+        ({"policy": "USE"}, "v2 tcp6"),
+        ({"policy": "USE"}, "no header"),
+        ({"policy": "IGNORE"}, "v2 tcp4"),
+        ({"policy": "REJECT"}, "no header"),
+        ({"policy": "REJECT"}, "v2 tcp4"),
+        ({"policy": "SKIP"}, "v1 tcp4"),
+        ({"trusted": "10.0.0.0/8"}, "v2 tcp4"),
+        ({"trusted": "10.0.0.0/8", "untrusted_policy": "IGNORE"}, "v2 tcp4"),
+        ({"trusted": "10.0.0.0/8", "untrusted_policy": "REJECT"}, "no header"),
+        ({"trusted": "127.0.0.0/8"}, "v1 tcp6"),
+        ({"trusted": "*"}, "v2 tcp4"),
+        ({"max_header_size": 20}, "v2 tcp4 tlvs"),
+        ({"verify_checksum": False}, "v2 bad crc"),
+        ({"allow_v4_in_tcp6": True}, "v1 tcp4"),
+    ],
+)
+def test_inline_path_follows_every_knob_as_the_general_path(loop: str, settings: dict[str, Any], wire: str) -> None:
+    """The policy table, the trust list and the parse options: the inline path decides as the
+    general one does, for the cells it serves itself and the ones it hands over."""
+    inline = serve_once(loop, "header_first", "plain", wire, **settings)
+    general = serve_once(loop, "wrapper", "plain", wire, **settings)
+    assert inline[:2] == general[:2]
+
+
+def test_uvicorn_protocol_class_is_built_directly_after_the_first_connection() -> None:
+    """proxyproto.uvicorn puts the header-first class in the config's http_protocol_class at the
+    first connection, so uvicorn builds it without the ``--http`` class's ``__new__`` after that;
+    the config's TLS marker and check stay on it."""
+    uvicorn = require_module("uvicorn")
+    from proxyproto.uvicorn import wrap
+
+    http = wrap("h11", trusted="127.0.0.1")
+    loop = asyncio.new_event_loop()
+    try:
+        config = uvicorn.Config(lambda scope, receive, send: None, http=http, lifespan="off")
+        config.load()
+        assert config.http_protocol_class is http
+        state = uvicorn.server.ServerState()
+        options = {"config": config, "server_state": state, "app_state": {}, "_loop": loop}
+        protocol = http(**options)
+        made = config.http_protocol_class
+        assert made is not http and type(protocol) is made
+        assert made.proxyproto_tls_after_header is True and made.check_tls == http.check_tls
+        assert type(made(**options)) is made
+        other = uvicorn.Config(lambda scope, receive, send: None, http=http, lifespan="off")
+        other.load()
+        assert type(http(**{**options, "config": other})) is not made  # one class per config
+    finally:
+        loop.close()
