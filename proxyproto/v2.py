@@ -40,8 +40,13 @@ _KINDS = {(0x20 | command) << 8 | fam: kind for (version, command, fam), kind in
 _NEW = object.__new__
 _TCP4 = _KINDS[0x2111]
 _UDP4 = _KINDS[0x2112]
-_UNPACK_INET_HEADER = struct.Struct(">12sBBH8BHH").unpack_from
+_UNPACK_INET_HEADER = struct.Struct(">12sBBH4BIHH").unpack_from
 _DECIMAL = tuple(str(octet) for octet in range(256))
+#: Destination hosts already formatted, by their address as an integer.  A server sees few of
+#: them (the addresses its proxies accept on), so a lookup replaces the formatting; sources vary
+#: per client and are always formatted.  Bounded: emptied when full.
+_DESTINATIONS: dict[int, str] = {}
+_DESTINATIONS_MAX = 256
 _INET6_BLOCK = struct.Struct(">16s16sHH").unpack_from
 _NEW_TLV = tuple.__new__
 _ZERO_CRC = b"\0\0\0\0"
@@ -96,6 +101,15 @@ def measure(data: bytes, max_size: int) -> int:
     return total
 
 
+def _dotted(address: int) -> str:
+    """The dotted quad of an IPv4 address given as an integer, remembered in :data:`_DESTINATIONS`."""
+    host = f"{address >> 24}.{address >> 16 & 255}.{address >> 8 & 255}.{address & 255}"
+    if len(_DESTINATIONS) >= _DESTINATIONS_MAX:
+        _DESTINATIONS.clear()
+    _DESTINATIONS[address] = host
+    return host
+
+
 def match(data: bytes, max_size: int | None, verify_checksum: bool = True) -> ProxyHeader | None:
     """The header ``data`` starts with when it is a complete v2 header of a valid shape, else None.
 
@@ -106,7 +120,7 @@ def match(data: bytes, max_size: int | None, verify_checksum: bool = True) -> Pr
     """
     size = len(data)
     if size >= 28:  # room for an INET block: read it with the fixed fields, in one call
-        signature, ver_cmd, fam, length, s1, s2, s3, s4, d1, d2, d3, d4, sport, dport = _UNPACK_INET_HEADER(data)
+        signature, ver_cmd, fam, length, s1, s2, s3, s4, dst, sport, dport = _UNPACK_INET_HEADER(data)
     elif size >= 16:
         signature, ver_cmd, fam, length = _UNPACK_PREFIX(data)
     else:
@@ -120,7 +134,10 @@ def match(data: bytes, max_size: int | None, verify_checksum: bool = True) -> Pr
             # total <= size, so size >= 28: the block was read with the fixed fields.  Dotted
             # quads from a table cost half what inet_ntop does (glibc goes through sprintf).
             source: Address | None = (f"{_DECIMAL[s1]}.{_DECIMAL[s2]}.{_DECIMAL[s3]}.{_DECIMAL[s4]}", sport)
-            destination: Address | None = (f"{_DECIMAL[d1]}.{_DECIMAL[d2]}.{_DECIMAL[d3]}.{_DECIMAL[d4]}", dport)
+            host = _DESTINATIONS.get(dst)
+            if host is None:
+                host = _dotted(dst)
+            destination: Address | None = (host, dport)
             tlv_start = 28
             kind = _TCP4 if fam == 0x11 else _UDP4
         elif (fam == 0x21 or fam == 0x22) and length >= 36:

@@ -494,3 +494,18 @@ def test_python_inet_pton_accepts_exactly_what_socket_accepts(v6: bool, text: st
     """Same acceptance, and the same bytes when accepted."""
     family = addresses.AF_INET6 if v6 else addresses.AF_INET
     assert outcome(addresses._inet_pton_python, family, text) == outcome(socket.inet_pton, family, text)
+
+
+def test_v2_destination_cache_is_bounded_and_never_changes_an_answer() -> None:
+    """``v2.match`` remembers formatted IPv4 destinations (a server sees few): every destination
+    still reads as ``ipaddress`` writes it, through misses, hits and the emptying of a full cache,
+    and the cache never holds more than its bound."""
+    v2._DESTINATIONS.clear()
+    addresses_seen = [str(ipaddress.IPv4Address(n)) for n in range(0, 2**32, 2**32 // (3 * v2._DESTINATIONS_MAX))]
+    for rounds in range(2):  # the second round hits what the first one left, after clearings
+        for index, host in enumerate(addresses_seen):
+            wire = struct.pack(">12sBBH4s4sHH", SIG, 0x21, 0x11, 12, bytes(4), socket.inet_aton(host), 1, index)
+            header = proxyproto.parse(wire + b"payload")
+            assert header is not None and header.destination == (host, index), (rounds, host)
+            assert len(v2._DESTINATIONS) <= v2._DESTINATIONS_MAX
+    assert v2._DESTINATIONS  # it is used
