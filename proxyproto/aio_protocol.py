@@ -1101,7 +1101,12 @@ def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) ->
                 except ProxyProtocolError:
                     header = None  # decide_ahead says what is wrong, and closes
                 if header is not None:
-                    view = ProxyTransport(transport, proxy_extra(transport, policy, header, peer, sock))
+                    extra = proxy_extra(transport, policy, header, peer, sock)
+                    # No TLS on this transport (none follows the header: factory.ssl is None, and
+                    # one under it would have swallowed the header): answered here, not by a
+                    # miss that asks the real transport (uvicorn asks per connection).
+                    extra["sslcontext"] = None
+                    view = ProxyTransport(transport, extra)
                     inner_connection_made(self, view)
                     rest = got[header.length :]
                     if rest:
