@@ -76,6 +76,10 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 # The servers
 
 
+#: ``--pin``: (the server's CPUs, the clients' CPUs), else None (the scheduler places every process).
+PIN: tuple[set[int], set[int]] | None = None
+
+
 def _die_with_parent() -> None:
     """In the server child: SIGTERM when the benchmark's process dies, so no server outlives it."""
     try:
@@ -128,6 +132,8 @@ class Server:
             if self.wrapped:
                 env["PROXYPROTO_ALLOW_IPS"] = "127.0.0.1"
             self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+            if PIN is not None:
+                os.sched_setaffinity(self.proc.pid, PIN[0])
             deadline = time.monotonic() + timeout
             while not _listening(self.port):
                 if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -202,6 +208,8 @@ def read_response(sock: socket.socket, pending: bytes) -> tuple[bytes, bytes]:
 def client(port: int, version: int, mode: str, seconds: float, go: Any, results: Any) -> None:
     """Sequential requests until ``seconds`` have passed; report (requests, errors, wall time)."""
     prefixes = headers(version)
+    if PIN is not None:
+        os.sched_setaffinity(0, PIN[1])
     go.wait()
     t0 = time.perf_counter()
     stop = t0 + seconds
@@ -369,7 +377,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loop", default="auto", help="uvicorn's --loop (auto: uvloop when installed)")
     ap.add_argument("--quick", action="store_true", help="2 rounds of 1 s")
     ap.add_argument("--json", metavar="FILE", help="also write every run as JSON")
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="each server on the last CPU, the clients on the others: the server's CPU per request no"
+        " longer shares its core's caches with a client (less spread on a small machine)",
+    )
     args = ap.parse_args(argv)
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            ap.error("--pin needs two CPUs or more")
+        global PIN
+        PIN = ({cpus[-1]}, set(cpus[:-1]))
     if args.quick:
         args.rounds, args.seconds = 2, 1.0
     impls = [i for i in args.impls.split(",") if i]
@@ -382,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"method:  {args.rounds} rounds x {args.seconds:g} s per server and mode, {args.clients} client processes,"
         f" v{args.header} header, --loop {args.loop}, plain/wrapped adjacent in ABBA order; server CPU from"
-        " /proc/PID/stat\n",
+        f" /proc/PID/stat{'; server on CPU %s, clients on %s' % (sorted(PIN[0]), sorted(PIN[1])) if PIN else ''}\n",
         flush=True,
     )
     servers = {(impl, w): Server(impl, w, args.loop) for impl in impls for w in (False, True)}
