@@ -40,6 +40,7 @@ import asyncio
 import inspect
 import logging
 import os
+import socket
 from typing import Any, Callable, Union
 
 from . import reader as core
@@ -261,9 +262,15 @@ class _Acceptor:
     def policy_for(self, peer: Any, writer: asyncio.StreamWriter) -> Policy:
         if self.hook is not None:
             return Policy(self.hook(peer, writer.get_extra_info("sockname")))
-        if self.trusted is None or not isinstance(peer, tuple) or peer[0] in self.trusted:
+        if self.trusted is None:
             return self.policy
-        return self.untrusted_policy
+        if not isinstance(peer, tuple):
+            # A UNIX-socket peer (always trusted), or an IP peer whose address the loop could not
+            # tell (uvloop answers None once the client has reset): that one is not trusted.
+            sock = writer.get_extra_info("socket")
+            unix = sock is not None and getattr(sock, "family", None) == getattr(socket, "AF_UNIX", None)
+            return self.policy if unix else self.untrusted_policy
+        return self.policy if peer[0] in self.trusted else self.untrusted_policy
 
     def park(self, writer: asyncio.StreamWriter, peer: Any) -> None:
         """Count ``writer`` as waiting for its header; past ``max_pending``, close the oldest."""

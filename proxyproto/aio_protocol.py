@@ -98,6 +98,8 @@ _READ_FLAGS = getattr(socket, "MSG_DONTWAIT", 0)
 _CAN_PEEK = hasattr(socket, "MSG_DONTWAIT")
 _AF_INET, _AF_INET6, _AF_UNIX, _SOCK_STREAM = socket.AF_INET, socket.AF_INET6, socket.AF_UNIX, socket.SOCK_STREAM
 _MISSING: Any = object()
+#: A value in a ProxyTransport's extra dict meaning "absent": ``get_extra_info`` answers the caller's default.
+_DEFAULT: Any = object()
 #: The policies under which a valid header is served (the table's first row), looked up once.
 #: A tuple, not a set: ``in`` finds a member by identity, where a set would call Enum's Python ``__hash__``.
 _SERVES_A_HEADER = tuple(policy for policy in Policy if decide(policy, Outcome.HEADER).serve)
@@ -126,6 +128,12 @@ def _borrow(peer: Any, sock: Any) -> Any:
     """
     family = _AF_UNIX if type(peer) is not tuple else _AF_INET6 if len(peer) == 4 else _AF_INET
     return _socket.socket(family, _SOCK_STREAM, 0, sock.fileno())
+
+
+def _is_unix(transport: Any) -> bool:
+    """Whether ``transport`` runs over a UNIX socket (asked by family, never by the peer's shape)."""
+    sock = transport.get_extra_info("socket")
+    return sock is not None and getattr(sock, "family", None) == _AF_UNIX
 
 
 def read_ahead(peer: Any, sock: Any) -> bytes | None:
@@ -290,7 +298,9 @@ class ProxyTransport(asyncio.Transport):
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         value = self._proxy_extra.get(name, _MISSING)
-        return self._transport.get_extra_info(name, default) if value is _MISSING else value
+        if value is _MISSING:
+            return self._transport.get_extra_info(name, default)
+        return default if value is _DEFAULT else value
 
     # Everything else is the real transport's.
     def is_closing(self) -> bool:
@@ -461,7 +471,12 @@ class ProxyProtocolFactory:
         self.closed = False
         #: Whether :meth:`header_first` classes may take a header already in the socket inline:
         #: no TLS layer to leave bytes for and no user hook to call (those go through HeaderProtocol).
-        self.inline = ssl is None and policy_for is None and _CAN_PEEK
+        self.inline = (
+            ssl is None
+            and policy_for is None
+            and _CAN_PEEK
+            and type(self).policy_for is ProxyProtocolFactory.policy_for  # a subclass may decide otherwise
+        )
         self._header_first: dict[type, type] = {}
 
     def __call__(self) -> HeaderProtocol:
@@ -492,8 +507,13 @@ class ProxyProtocolFactory:
         if self.policy_for_hook is not None:
             return Policy(self.policy_for_hook(peer, transport.get_extra_info("sockname")))
         trusted = self.trusted
-        if trusted is None or not isinstance(peer, tuple):
+        if trusted is None:
             return self.policy
+        if not isinstance(peer, tuple):
+            # A UNIX-socket peer (always trusted), or an IP peer whose address the loop could not
+            # tell (uvloop answers None once the client has reset, with its bytes still readable):
+            # that one is not trusted.
+            return self.policy if _is_unix(transport) else self.untrusted_policy
         host = peer[0]
         verdict = trusted.verdicts.get(host)  # TrustedNetworks' memory of this peer, without a call
         if verdict is None:
@@ -1057,8 +1077,6 @@ def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) ->
     inner_connection_made = inner_class.connection_made
     plain_inner = not issubclass(inner_class, asyncio.BufferedProtocol)
     parse, match_v2 = core.parse, v2.match
-    max_size, verify, allow_v4 = factory.max_size, factory.verify_checksum, factory.allow_v4_in_tcp6
-    trusted = factory.trusted
 
     def connection_made(self: Any, transport: Any) -> None:
         if type(transport) is ProxyTransport:  # the header is decided: what the server wrote runs now
@@ -1076,14 +1094,17 @@ def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) ->
         # connection, and on CPython each call or object costs about a tenth of what the
         # header's parse does, so none is made here that this case does not need.  Anything
         # else goes to a HeaderProtocol at the point reached, with what was read (``handled``);
-        # tests/aio/test_header_first.py holds the two paths to the same answers.
+        # tests/aio/test_header_first_inline.py holds the two paths to the same answers.
         peer = transport.get_extra_info("peername")
-        policy = factory.policy
-        if trusted is not None and isinstance(peer, tuple):
+        trusted = factory.trusted
+        if trusted is None:
+            policy = factory.policy
+        elif isinstance(peer, tuple):  # factory.policy_for, inline for an IP peer
             host = peer[0]
             verdict = trusted.verdicts.get(host)  # TrustedNetworks' memory of this peer, without a call
-            if not (host in trusted if verdict is None else verdict):
-                policy = factory.untrusted_policy
+            policy = factory.policy if (host in trusted if verdict is None else verdict) else factory.untrusted_policy
+        else:
+            policy = factory.policy_for(peer, transport)  # a UNIX peer, or one the loop could not tell
         got = sock = None
         if policy is _REQUIRE or policy is _USE:
             sock = transport.get_extra_info("socket")
@@ -1095,9 +1116,14 @@ def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) ->
             if got:
                 try:
                     if got[0] == 0x0D:  # v2 (parse() would dispatch there, one call deeper)
-                        header = match_v2(got, max_size, verify)
+                        header = match_v2(got, factory.max_size, factory.verify_checksum)
                     else:
-                        header = parse(got, max_size=max_size, verify_checksum=verify, allow_v4_in_tcp6=allow_v4)
+                        header = parse(
+                            got,
+                            max_size=factory.max_size,
+                            verify_checksum=factory.verify_checksum,
+                            allow_v4_in_tcp6=factory.allow_v4_in_tcp6,
+                        )
                 except ProxyProtocolError:
                     header = None  # decide_ahead says what is wrong, and closes
                 if header is not None:
@@ -1105,7 +1131,7 @@ def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) ->
                     # No TLS on this transport (none follows the header: factory.ssl is None, and
                     # one under it would have swallowed the header): answered here, not by a
                     # miss that asks the real transport (uvicorn asks per connection).
-                    extra["sslcontext"] = None
+                    extra["sslcontext"] = _DEFAULT
                     view = ProxyTransport(transport, extra)
                     inner_connection_made(self, view)
                     rest = got[header.length :]

@@ -157,16 +157,24 @@ class _UvicornFactory(ProxyProtocolFactory):
 
     def park(self, waiting: HeaderProtocol) -> None:
         super().park(waiting)
-        _state_of(waiting).connections.add(waiting)  # uvicorn's shutdown calls waiting.shutdown()
+        state = _state_of(waiting)
+        if state is not None:
+            state.connections.add(waiting)  # uvicorn's shutdown calls waiting.shutdown()
 
     def unpark(self, waiting: HeaderProtocol) -> None:
         super().unpark(waiting)
-        _state_of(waiting).connections.discard(waiting)
+        state = _state_of(waiting)
+        if state is not None:
+            state.connections.discard(waiting)
 
 
 def _state_of(waiting: HeaderProtocol) -> Any:
-    """The ``server_state`` of the uvicorn protocol ``waiting`` reads the header for."""
-    return waiting.inner.server_state  # type: ignore[union-attr]
+    """The ``server_state`` of the uvicorn protocol ``waiting`` reads the header for, or None.
+
+    uvicorn's protocols keep it as ``server_state``; for a class of the
+    user's that does not, :meth:`ProxyHTTPProtocol.__new__` sets it.
+    """
+    return getattr(waiting.inner, "server_state", None)
 
 
 class ProxyHTTPProtocol:
@@ -205,12 +213,21 @@ class ProxyHTTPProtocol:
             # What uvicorn and _SSLTakeover ask of the --http class, on the class that replaces it.
             protocol_class.proxyproto_tls_after_header = True  # type: ignore[attr-defined]
             protocol_class.check_tls = cls.check_tls  # type: ignore[attr-defined]
-        if getattr(config, "http_protocol_class", None) is cls:
+        protocol = protocol_class(config=config, server_state=server_state, **kwargs)  # type: ignore[call-arg]
+        if getattr(protocol, "server_state", None) is not server_state:
+            # A class of the user's (wrap(MyProtocol)) that keeps it under another name: its
+            # waiting connections are listed in this server's state through this attribute, so
+            # this call stays in between for each connection.
+            try:
+                setattr(protocol, "server_state", server_state)  # noqa: B010  (any class)
+            except AttributeError:
+                pass  # __slots__ without it: its waiting connections close at header_timeout
+        elif getattr(config, "http_protocol_class", None) is cls:
             # uvicorn looks the class up on its config for every connection: from the next one
             # on, it builds the header-first protocol itself, without this call in between
             # (a Python __new__ with keyword arguments: a third of what the header costs).
             config.http_protocol_class = protocol_class
-        return protocol_class(config=config, server_state=server_state, **kwargs)  # type: ignore[call-arg]
+        return protocol
 
     @classmethod
     def check_tls(cls, context: Any) -> None:
