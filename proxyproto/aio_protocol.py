@@ -202,7 +202,6 @@ class SocketView:
     uvicorn and hypercorn read the client's address from
     ``get_extra_info("socket").getpeername()`` before ``"peername"``, so a
     transport that changed only ``"peername"`` would still show the proxy.
-
     """
 
     __slots__ = ("_local", "_peer", "_sock", "family")
