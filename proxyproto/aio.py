@@ -40,11 +40,10 @@ import asyncio
 import inspect
 import logging
 import os
-import socket
 from typing import Any, Callable, Union
 
 from . import reader as core
-from .aio_protocol import proxy_extra
+from .aio_protocol import is_unix_transport, proxy_extra
 from .errors import (
     InvalidHeader,
     NoProxyHeader,
@@ -267,9 +266,7 @@ class _Acceptor:
         if not isinstance(peer, tuple):
             # A UNIX-socket peer (always trusted), or an IP peer whose address the loop could not
             # tell (uvloop answers None once the client has reset): that one is not trusted.
-            sock = writer.get_extra_info("socket")
-            unix = sock is not None and getattr(sock, "family", None) == getattr(socket, "AF_UNIX", None)
-            return self.policy if unix else self.untrusted_policy
+            return self.policy if is_unix_transport(writer) else self.untrusted_policy
         return self.policy if peer[0] in self.trusted else self.untrusted_policy
 
     def park(self, writer: asyncio.StreamWriter, peer: Any) -> None:

@@ -130,7 +130,7 @@ def _borrow(peer: Any, sock: Any) -> Any:
     return _socket.socket(family, _SOCK_STREAM, 0, sock.fileno())
 
 
-def _is_unix(transport: Any) -> bool:
+def is_unix_transport(transport: Any) -> bool:
     """Whether ``transport`` runs over a UNIX socket (asked by family, never by the peer's shape)."""
     sock = transport.get_extra_info("socket")
     return sock is not None and getattr(sock, "family", None) == _AF_UNIX
@@ -512,7 +512,7 @@ class ProxyProtocolFactory:
             # A UNIX-socket peer (always trusted), or an IP peer whose address the loop could not
             # tell (uvloop answers None once the client has reset, with its bytes still readable):
             # that one is not trusted.
-            return self.policy if _is_unix(transport) else self.untrusted_policy
+            return self.policy if is_unix_transport(transport) else self.untrusted_policy
         host = peer[0]
         verdict = trusted.verdicts.get(host)  # TrustedNetworks' memory of this peer, without a call
         if verdict is None:
