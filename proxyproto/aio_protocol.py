@@ -130,6 +130,28 @@ def _borrow(peer: Any, sock: Any) -> Any:
     return _socket.socket(family, _SOCK_STREAM, 0, sock.fileno())
 
 
+#: Per transport class: whether its ``get_extra_info`` knows only "socket", "sockname" and
+#: "peername" (any other name: the default), so that a dict holding the header's three is
+#: every answer it gives (filled by :func:`knows_only_socket_keys`).
+_SOCKET_KEYS_ONLY: dict[type, bool] = {}
+
+
+def knows_only_socket_keys(cls: type) -> bool:
+    """Whether ``cls`` is a transport class whose extra info is only the socket and its two addresses.
+
+    asyncio's socket transport keeps ``{"socket", "sockname", "peername"}`` in a
+    dict (it is given nothing else on an accepted connection); uvloop's TCP and
+    UNIX transports compute those three and answer the default for any other
+    name.  Anything else, TLS transports included, may know more, so no.
+    """
+    known = _SOCKET_KEYS_ONLY.get(cls)
+    if known is None:
+        selector = getattr(asyncio.selector_events, "_SelectorSocketTransport", None)
+        uvloop = cls.__module__ == "uvloop.loop" and cls.__name__ in ("TCPTransport", "UnixTransport")
+        known = _SOCKET_KEYS_ONLY[cls] = cls is selector or uvloop
+    return known
+
+
 def is_unix_transport(transport: Any) -> bool:
     """Whether ``transport`` runs over a UNIX socket (asked by family, never by the peer's shape)."""
     sock = transport.get_extra_info("socket")
@@ -197,14 +219,21 @@ class SocketView:
     IPv4, ``(host, port, 0, 0)`` for IPv6, a path for UNIX), and ``family``
     is the family of those addresses (:func:`served_family`), so that code
     shaping an address by ``sock.family`` gets it right when the header's
-    family differs from the listener's; everything else (``fileno``,
-    ``type``, ``setsockopt``, ...) is the real socket's.  Servers such as
-    uvicorn and hypercorn read the client's address from
+    family differs from the listener's.  The rest of the socket API an
+    asyncio transport's ``get_extra_info("socket")`` offers
+    (``asyncio.trsock.TransportSocket``'s: ``type``, ``proto``, ``fileno``,
+    ``setsockopt``, ``settimeout``, ...) is the real socket's.  Servers such
+    as uvicorn and hypercorn read the client's address from
     ``get_extra_info("socket").getpeername()`` before ``"peername"``, so a
     transport that changed only ``"peername"`` would still show the proxy.
+
+    The delegation is written out, not a ``__getattr__``: on CPython a class
+    with ``__getattr__`` takes the slow path for *every* attribute, and
+    servers call ``getpeername()`` on every connection.
     """
 
     __slots__ = ("_local", "_peer", "_sock", "family")
+    _sock: socket.socket  # the transport's socket object (TransportSocket, uvloop's PseudoSocket): that API
 
     def __init__(self, sock: Any, peer: Any, local: Any, family: int | None = None) -> None:
         self._sock = sock
@@ -219,8 +248,41 @@ class SocketView:
     def getsockname(self) -> Any:
         return self._local
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
+    # The real socket's, as asyncio.trsock.TransportSocket offers them.
+    @property
+    def type(self) -> socket.SocketKind:
+        return self._sock.type
+
+    @property
+    def proto(self) -> int:
+        return self._sock.proto
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def dup(self) -> socket.socket:
+        return self._sock.dup()
+
+    def get_inheritable(self) -> bool:
+        return self._sock.get_inheritable()
+
+    def shutdown(self, how: int) -> None:
+        self._sock.shutdown(how)
+
+    def getsockopt(self, *args: Any) -> Any:
+        return self._sock.getsockopt(*args)
+
+    def setsockopt(self, *args: Any) -> None:
+        self._sock.setsockopt(*args)
+
+    def settimeout(self, value: float | None) -> None:
+        self._sock.settimeout(value)
+
+    def gettimeout(self) -> float | None:
+        return self._sock.gettimeout()
+
+    def setblocking(self, flag: bool) -> None:
+        self._sock.setblocking(flag)
 
     def __repr__(self) -> str:
         return f"<SocketView family={self.family!r} peer={self._peer!r} local={self._local!r} of {self._sock!r}>"
@@ -1127,11 +1189,20 @@ def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) ->
                     header = None  # decide_ahead says what is wrong, and closes
                 if header is not None:
                     extra = proxy_extra(transport, policy, header, peer, sock)
-                    # No TLS on this transport (none follows the header: factory.ssl is None, and
-                    # one under it would have swallowed the header): answered here, not by a
-                    # miss that asks the real transport (uvicorn asks per connection).
-                    extra["sslcontext"] = _DEFAULT
                     view = ProxyTransport(transport, extra)
+                    known = _SOCKET_KEYS_ONLY.get(type(transport))
+                    if known is None:
+                        known = knows_only_socket_keys(type(transport))
+                    if known and "socket" in extra:
+                        # The header's socket, sockname and peername are all the transport knows:
+                        # the dict answers every question, without a Python call (uvicorn asks
+                        # three per connection); any other name gets the default, as it would.
+                        view.get_extra_info = extra.get  # type: ignore[method-assign, assignment]
+                    else:
+                        # No TLS on this transport (none follows the header: factory.ssl is None,
+                        # and one under it would have swallowed the header): answered here, not
+                        # by a miss that asks the real transport (uvicorn asks per connection).
+                        extra["sslcontext"] = _DEFAULT
                     inner_connection_made(self, view)
                     rest = got[header.length :]
                     if rest:
