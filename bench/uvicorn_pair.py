@@ -16,12 +16,16 @@ Method, for a machine whose speed drifts by up to 2x over minutes:
   script dies);
 * the load comes from client processes of their own (raw blocking sockets,
   sequential requests), so their CPU is never the server's;
-* a round runs each (server, mode) for ``--seconds``; plain and wrapped of a
-  pair run back to back, in alternating order from round to round (ABBA);
-* the server's CPU is user + system time of its process from
-  ``/proc/PID/stat``, read before and after each run;
-* the table gives medians over rounds, and each ratio is the median of the
-  per-round ratios of adjacent runs, with its spread (min-max).
+* the same clients move between plain and wrapped every ``--slice`` seconds
+  (0.25 by default), in pairs of slices whose order alternates (ABBA): a
+  pair's two halves are a quarter of a second apart, so a drift of the
+  machine's speed weighs on both alike (runs of seconds each, as this script
+  made at first, saw drifts of +-20 % between the halves of a pair);
+* the server's CPU is user + system time of its process to the nanosecond,
+  from ``/proc/PID/task/*/schedstat``, read at every switch; a server keeps
+  the CPU and the requests of its slice's last requests in flight;
+* the table gives medians over slices, and each ratio is the median of the
+  per-pair ratios, with its first and third quartiles.
 
 Run ``python bench/uvicorn_pair.py --help`` for the options; bench/README.md
 has the figures.
@@ -145,9 +149,23 @@ class Server:
         raise RuntimeError(f"{self.name}: uvicorn did not start (exit code {self.proc and self.proc.returncode})")
 
     def cpu_seconds(self) -> float:
-        """User + system CPU of the server process so far, from /proc/PID/stat."""
+        """User + system CPU of the server process so far: the sum of its threads' run time, in ns.
+
+        ``/proc/PID/task/*/schedstat`` counts to the nanosecond; ``/proc/PID/stat``
+        (the fallback) counts in clock ticks of 10 ms, too coarse for a slice.
+        """
         assert self.proc is not None
-        with open(f"/proc/{self.proc.pid}/stat") as f:
+        pid = self.proc.pid
+        if os.path.exists(f"/proc/{pid}/schedstat"):  # the kernel keeps it (CONFIG_SCHED_INFO)
+            total = 0
+            for task in os.listdir(f"/proc/{pid}/task"):
+                try:
+                    with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                        total += int(f.read().split()[0])
+                except FileNotFoundError:
+                    pass  # a thread that ended meanwhile (uvicorn's own work runs in the main thread)
+            return total / 1e9
+        with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rpartition(")")[2].split()
         return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime: fields 14, 15 of stat(5)
 
@@ -205,24 +223,30 @@ def read_response(sock: socket.socket, pending: bytes) -> tuple[bytes, bytes]:
     return head + b"\r\n\r\n" + rest[:length], rest[length:]
 
 
-def client(port: int, version: int, mode: str, seconds: float, go: Any, results: Any) -> None:
-    """Sequential requests until ``seconds`` have passed; report (requests, errors, wall time)."""
-    prefixes = headers(version)
+def client(
+    index: int, ports: list[int], versions: list[int], mode: str, target: Any, counts: Any, errors: Any
+) -> None:
+    """Sequential requests to ``ports[target.value]`` until the target is -1, counted in this client's slots.
+
+    The coordinator moves ``target`` from server to server every slice; a
+    request is counted for the server that answered it, when it completes.
+    In keep-alive mode each client keeps one connection per server.
+    """
+    prefixes = [headers(v) for v in versions]
     if PIN is not None:
         os.sched_setaffinity(0, PIN[1])
-    go.wait()
-    t0 = time.perf_counter()
-    stop = t0 + seconds
-    done = errors = 0
+    socks: dict[int, socket.socket] = {}
+    pending: dict[int, bytes] = {}
     i = 0
-    sock: socket.socket | None = None
-    pending = b""
-    while time.perf_counter() < stop:
+    while True:
+        t = target.value
+        if t < 0:
+            break
+        slot = index * len(ports) + t
         try:
             if mode == "close":
-                with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-                    s.sendall(prefixes[i % len(prefixes)] + REQUEST_CLOSE)
-                    i += 1
+                with socket.create_connection(("127.0.0.1", ports[t]), timeout=5) as s:
+                    s.sendall(prefixes[t][i % len(prefixes[t])] + REQUEST_CLOSE)
                     data = b""
                     while True:
                         chunk = s.recv(65536)
@@ -231,34 +255,36 @@ def client(port: int, version: int, mode: str, seconds: float, go: Any, results:
                         data += chunk
                 ok = data.startswith(b"HTTP/1.1 200")
             else:
+                sock = socks.get(t)
                 if sock is None:
-                    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-                    sock.sendall(prefixes[i % len(prefixes)])
-                    i += 1
-                    pending = b""
+                    sock = socks[t] = socket.create_connection(("127.0.0.1", ports[t]), timeout=5)
+                    sock.sendall(prefixes[t][i % len(prefixes[t])])
+                    pending[t] = b""
                 sock.sendall(REQUEST)
-                response, pending = read_response(sock, pending)
+                response, pending[t] = read_response(sock, pending[t])
                 ok = response.startswith(b"HTTP/1.1 200")
         except OSError:
             ok = False
-            if sock is not None:
-                sock.close()
-                sock = None
-        done += ok
-        errors += not ok
-    if sock is not None:
+            dead = socks.pop(t, None)
+            if dead is not None:
+                dead.close()
+        i += 1
+        if ok:
+            counts[slot] += 1
+        else:
+            errors[slot] += 1
+    for sock in socks.values():
         sock.close()
-    results.put((done, errors, time.perf_counter() - t0))
 
 
 @dataclass
 class Run:
-    """One measurement of one server in one mode."""
+    """One slice of one server in one mode: its requests, and its CPU from this slice's start to its next."""
 
     requests: int
     errors: int
-    wall: float
-    cpu: float  # server CPU seconds during the run
+    wall: float  # the slice's length: the time the clients spent on this server
+    cpu: float  # server CPU seconds from the slice's start to the start of its next slice (or the end)
 
     @property
     def rate(self) -> float:
@@ -274,25 +300,66 @@ class Run:
         return self.cpu / self.wall
 
 
-def measure(server: Server, mode: str, version: int, clients: int, seconds: float) -> Run:
-    """Drive the server with ``clients`` processes for ``seconds``; its CPU from /proc around the load."""
+def measure_pair(
+    plain: Server, wrapped: Server, mode: str, version: int, clients: int, pairs: int, slice_seconds: float
+) -> list[tuple[Run, Run]]:
+    """Alternate the same client processes between the two servers, slice by slice; (plain, wrapped) per pair.
+
+    Pair k runs plain then wrapped when k is even, wrapped then plain when it
+    is odd (ABBA), so a drift of the machine's speed within a pair weighs on
+    both sides alike.  A slice's server keeps the CPU it spends after the
+    switch on requests already in flight: its CPU and requests are counted
+    from the start of its slice to the start of its next one.
+    """
     ctx = mp.get_context("fork")
-    go = ctx.Event()
-    results = ctx.Queue()
-    v = version if server.wrapped else 0
-    procs = [ctx.Process(target=client, args=(server.port, v, mode, seconds, go, results)) for _ in range(clients)]
+    servers = [plain, wrapped]
+    target = ctx.RawValue("i", 0)
+    counts = ctx.RawArray("q", clients * 2)
+    errors = ctx.RawArray("q", clients * 2)
+    versions = [0, version]
+    procs = [
+        ctx.Process(target=client, args=(i, [s.port for s in servers], versions, mode, target, counts, errors))
+        for i in range(clients)
+    ]
+
+    def snapshot() -> tuple[float, list[float], list[int], list[int]]:
+        done = [sum(counts[i * 2 + t] for i in range(clients)) for t in (0, 1)]
+        failed = [sum(errors[i * 2 + t] for i in range(clients)) for t in (0, 1)]
+        return time.perf_counter(), [s.cpu_seconds() for s in servers], done, failed
+
+    order = [t for k in range(pairs) for t in ((0, 1) if k % 2 == 0 else (1, 0))]
     for p in procs:
         p.start()
-    time.sleep(0.1)  # the clients are forked and waiting
-    c0 = server.cpu_seconds()
-    go.set()
-    got = [results.get(timeout=seconds + 30) for _ in procs]
-    c1 = server.cpu_seconds()
-    for p in procs:
-        p.join(10)
-        if p.is_alive():
-            p.kill()
-    return Run(sum(g[0] for g in got), sum(g[1] for g in got), max(g[2] for g in got), c1 - c0)
+    try:
+        for t in (0, 1):  # warm-up, not counted
+            target.value = t
+            time.sleep(min(1.0, 4 * slice_seconds))
+        marks = []
+        for t in order:
+            target.value = t
+            marks.append(snapshot())
+            time.sleep(slice_seconds)
+        marks.append(snapshot())
+        target.value = -1
+        for p in procs:
+            p.join(10)
+        marks.append(snapshot())  # the requests in flight at the end, and their CPU
+    finally:
+        target.value = -1
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+    runs: list[Run] = []
+    for i, t in enumerate(order):
+        nxt = next((j for j in range(i + 1, len(order)) if order[j] == t), len(marks) - 1)
+        (t0, cpu0, done0, failed0), (t1, *_), (_, cpu1, done1, failed1) = marks[i], marks[i + 1], marks[nxt]
+        runs.append(Run(done1[t] - done0[t], failed1[t] - failed0[t], t1 - t0, cpu1[t] - cpu0[t]))
+    result = []
+    for k in range(pairs):
+        a, b = runs[2 * k], runs[2 * k + 1]
+        result.append((a, b) if order[2 * k] == 0 else (b, a))
+    return result
 
 
 def check(server: Server, version: int) -> str:
@@ -309,19 +376,23 @@ def check(server: Server, version: int) -> str:
 
 @dataclass
 class Results:
-    runs: dict[tuple[str, str], list[Run]] = field(default_factory=dict)  # (server name, mode) -> rounds
-    ratios: dict[tuple[str, str], list[tuple[float, float]]] = field(default_factory=dict)  # (impl, mode)
+    runs: dict[tuple[str, str], list[Run]] = field(default_factory=dict)  # (server name, mode) -> slices
+    ratios: dict[tuple[str, str], list[tuple[float, float]]] = field(default_factory=dict)  # (impl, mode) per pair
 
 
 def _spread(values: list[float]) -> str:
-    return f"{min(values):.3f}-{max(values):.3f}"
+    """The middle half of the values (first to third quartile)."""
+    if len(values) < 2:
+        return f"{values[0]:.3f}"
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return f"{q1:.3f}-{q3:.3f}"
 
 
 def table(res: Results, impls: list[str], modes: list[str]) -> str:
-    """Medians per server and mode; wrapped/plain as the median of per-round ratios, with spread."""
+    """Medians over slices per server and mode; wrapped/plain as the median of per-pair ratios, with quartiles."""
     lines = [
         f"{'mode':<10}{'server':<20}{'req/s':>8}{'CPU us/req':>12}{'busy':>6}{'errors':>7}"
-        f"{'req/s ratio (spread)':>24}{'CPU ratio (spread)':>22}"
+        f"{'req/s ratio (q1-q3)':>24}{'CPU ratio (q1-q3)':>22}"
     ]
     for mode in modes:
         for impl in impls:
@@ -368,20 +439,20 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Start the servers, run the interleaved rounds, print the table; stop every server by PID."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=5, help="rounds (default 5)")
-    ap.add_argument("--seconds", type=float, default=3.0, help="seconds per server, mode and round (default 3)")
+    ap.add_argument("--pairs", type=int, default=40, help="slice pairs per server and mode (default 40)")
+    ap.add_argument("--slice", type=float, default=0.25, help="seconds per slice (default 0.25)")
     ap.add_argument("--clients", type=int, default=3, help="client processes (default 3)")
     ap.add_argument("--impls", default="h11,httptools", help="subset of h11,httptools")
     ap.add_argument("--modes", default="close,keepalive", help="subset of close,keepalive")
     ap.add_argument("--header", type=int, choices=(1, 2), default=2, help="PROXY header version (default 2)")
     ap.add_argument("--loop", default="auto", help="uvicorn's --loop (auto: uvloop when installed)")
-    ap.add_argument("--quick", action="store_true", help="2 rounds of 1 s")
-    ap.add_argument("--json", metavar="FILE", help="also write every run as JSON")
+    ap.add_argument("--quick", action="store_true", help="8 pairs of 0.2 s")
+    ap.add_argument("--json", metavar="FILE", help="also write every slice as JSON")
     ap.add_argument(
         "--pin",
         action="store_true",
         help="each server on the last CPU, the clients on the others: the server's CPU per request no"
-        " longer shares its core's caches with a client (less spread on a small machine)",
+        " longer shares its core's caches with a client",
     )
     args = ap.parse_args(argv)
     if args.pin:
@@ -391,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         global PIN
         PIN = ({cpus[-1]}, set(cpus[:-1]))
     if args.quick:
-        args.rounds, args.seconds = 2, 1.0
+        args.pairs, args.slice = 8, 0.2
     impls = [i for i in args.impls.split(",") if i]
     modes = [m for m in args.modes.split(",") if m]
     if not set(impls) <= set(IMPLS) or not set(modes) <= set(MODES):
@@ -400,9 +471,10 @@ def main(argv: list[str] | None = None) -> int:
     print(machine())
     print(f"command: python bench/uvicorn_pair.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
     print(
-        f"method:  {args.rounds} rounds x {args.seconds:g} s per server and mode, {args.clients} client processes,"
-        f" v{args.header} header, --loop {args.loop}, plain/wrapped adjacent in ABBA order; server CPU from"
-        f" /proc/PID/stat{'; server on CPU %s, clients on %s' % (sorted(PIN[0]), sorted(PIN[1])) if PIN else ''}\n",
+        f"method:  {args.pairs} pairs of {args.slice:g} s slices per server and mode, the same {args.clients}"
+        f" client processes moving between plain and wrapped every slice (ABBA), v{args.header} header,"
+        f" --loop {args.loop}; server CPU from /proc/PID/task/*/schedstat"
+        f"{'; server on CPU %s, clients on %s' % (sorted(PIN[0]), sorted(PIN[1])) if PIN else ''}\n",
         flush=True,
     )
     servers = {(impl, w): Server(impl, w, args.loop) for impl in impls for w in (False, True)}
@@ -413,21 +485,15 @@ def main(argv: list[str] | None = None) -> int:
         for server in servers.values():
             seen = check(server, args.header)
             print(f"{server.name:<18} pid {server.proc.pid if server.proc else '-':<7} app saw client {seen}")
-            for mode in modes:  # warm-up, not counted
-                measure(server, mode, args.header, args.clients, min(1.0, args.seconds))
         print(flush=True)
-        for rnd in range(args.rounds):
-            for mode in modes:
-                for impl in impls:
-                    order = (False, True) if rnd % 2 == 0 else (True, False)
-                    got = {}
-                    for wrapped in order:
-                        server = servers[(impl, wrapped)]
-                        got[wrapped] = run = measure(server, mode, args.header, args.clients, args.seconds)
-                        res.runs.setdefault((server.name, mode), []).append(run)
-                    ratio = (got[True].rate / got[False].rate, got[True].cpu_us / got[False].cpu_us)
-                    res.ratios.setdefault((impl, mode), []).append(ratio)
-            print(f"round {rnd + 1}/{args.rounds} done", flush=True)
+        for mode in modes:
+            for impl in impls:
+                plain, wrapped = servers[(impl, False)], servers[(impl, True)]
+                for a, b in measure_pair(plain, wrapped, mode, args.header, args.clients, args.pairs, args.slice):
+                    res.runs.setdefault((plain.name, mode), []).append(a)
+                    res.runs.setdefault((wrapped.name, mode), []).append(b)
+                    res.ratios.setdefault((impl, mode), []).append((b.rate / a.rate, b.cpu_us / a.cpu_us))
+                print(f"{mode} {impl} done", flush=True)
     finally:
         for server in servers.values():
             server.stop()

@@ -298,6 +298,8 @@ def test_socket_transports_know_only_the_socket_and_its_addresses(loop: str) -> 
 
 def test_only_known_socket_transports_are_taken_for_dict_answers() -> None:
     """TLS transports and unknown classes may know more keys: never answered from the dict."""
+    import asyncio.sslproto
+
     from proxyproto.aio_protocol import knows_only_socket_keys
 
     assert knows_only_socket_keys(asyncio.sslproto._SSLProtocolTransport) is False
