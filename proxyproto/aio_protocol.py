@@ -142,7 +142,8 @@ def knows_only_socket_keys(cls: type) -> bool:
     asyncio's socket transport keeps ``{"socket", "sockname", "peername"}`` in a
     dict (it is given nothing else on an accepted connection); uvloop's TCP and
     UNIX transports compute those three and answer the default for any other
-    name.  Anything else, TLS transports included, may know more, so no.
+    name.  Anything else, TLS transports included, may know more, so no.  Both
+    loops keep these transports' sockets non-blocking, too: a read never waits.
     """
     known = _SOCKET_KEYS_ONLY.get(cls)
     if known is None:
@@ -306,10 +307,9 @@ def proxy_extra(
     """
     if peer is _MISSING:
         peer = raw.get_extra_info("peername")
-    extra: dict[str, Any] = {"proxy_header": header, "proxy_peername": peer}
     # uses_addresses(policy, header), without its call: this runs per connection.
     if header is None or header.source is None or (policy is not _REQUIRE and policy is not _USE):
-        return extra
+        return {"proxy_header": header, "proxy_peername": peer}
     if sock is _MISSING:
         sock = raw.get_extra_info("socket")
     family = header._kind[2]  # header.family without the property's call: this runs per connection
@@ -324,15 +324,14 @@ def proxy_extra(
         sockname, view_family = (destination[0], destination[1], 0, 0), _AF_INET6
     else:  # UNIX (uses_addresses is false for UNSPEC)
         if getattr(sock, "family", _AF_UNIX) in _IP_FAMILIES:
-            return extra  # served with the socket's own addresses on an IP listener (DESIGN.md)
+            return {"proxy_header": header, "proxy_peername": peer}  # the socket's own addresses (DESIGN.md)
         peername, sockname, view_family = header.source, header.destination, _AF_UNIX
-    extra["peername"] = peername
-    extra["sockname"] = sockname
-    if sock is not None:
-        # SocketView(sock, peername, sockname, view_family), without the call of __init__ (per connection)
-        view = extra["socket"] = _new(SocketView)
-        view._sock, view._peer, view._local, view.family = sock, peername, sockname, view_family
-    return extra
+    if sock is None:
+        return {"proxy_header": header, "proxy_peername": peer, "peername": peername, "sockname": sockname}
+    # SocketView(sock, peername, sockname, view_family), without the call of __init__ (per connection)
+    view = _new(SocketView)
+    view._sock, view._peer, view._local, view.family = sock, peername, sockname, view_family
+    return {"proxy_header": header, "proxy_peername": peer, "peername": peername, "sockname": sockname, "socket": view}
 
 
 class ProxyTransport(asyncio.Transport):
@@ -1169,9 +1168,13 @@ def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) ->
         got = sock = None
         if policy is _REQUIRE or policy is _USE:
             sock = transport.get_extra_info("socket")
+            known = _SOCKET_KEYS_ONLY.get(type(transport))
+            if known is None:
+                known = knows_only_socket_keys(type(transport))
             if sock is not None:
                 try:  # read_ahead(), without its call when the socket is non-blocking (both loops')
-                    got = _read(sock.fileno(), _READ_AHEAD) if sock.gettimeout() == 0.0 else read_ahead(peer, sock)
+                    nonblocking = known or sock.gettimeout() == 0.0  # both loops' transports: always
+                    got = _read(sock.fileno(), _READ_AHEAD) if nonblocking else read_ahead(peer, sock)
                 except OSError:
                     got = None  # nothing yet, or an error the transport reports itself
             if got:
@@ -1190,9 +1193,6 @@ def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) ->
                 if header is not None:
                     extra = proxy_extra(transport, policy, header, peer, sock)
                     view = ProxyTransport(transport, extra)
-                    known = _SOCKET_KEYS_ONLY.get(type(transport))
-                    if known is None:
-                        known = knows_only_socket_keys(type(transport))
                     if known and "socket" in extra:
                         # The header's socket, sockname and peername are all the transport knows:
                         # the dict answers every question, without a Python call (uvicorn asks
