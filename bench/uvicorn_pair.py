@@ -53,8 +53,10 @@ ROOT = os.path.dirname(HERE)
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 IMPLS = ("h11", "httptools")
+VARIANTS = ("plain", "wrapped", "floor")
 MODES = ("close", "keepalive")
 WRAPPED_CLASS = {"h11": "proxyproto.uvicorn:H11", "httptools": "proxyproto.uvicorn:HttpTools"}
+FLOOR_CLASS = {"h11": "uvicorn_floor:H11", "httptools": "uvicorn_floor:HttpTools"}
 
 
 # --------------------------------------------------------------------------
@@ -110,23 +112,35 @@ def _listening(port: int) -> bool:
 
 @dataclass
 class Server:
-    """One uvicorn process: ``impl`` (h11, httptools), wrapped or not, on a loopback port."""
+    """One uvicorn process on a loopback port: ``impl`` (h11, httptools) as ``variant``.
+
+    ``plain``: uvicorn's own ``--http``; ``wrapped``: proxyproto's class, every
+    client sends a PROXY header; ``floor`` (``--floor``): uvicorn's own class
+    parsing one header per connection with ``proxyproto.parse`` and nothing
+    else (bench/uvicorn_floor.py), the least any Python PROXY server does.
+    """
 
     impl: str
-    wrapped: bool
+    variant: str
     loop: str
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
 
     @property
     def name(self) -> str:
-        return f"{self.impl}-{'wrapped' if self.wrapped else 'plain'}"
+        return f"{self.impl}-{self.variant}"
+
+    @property
+    def wrapped(self) -> bool:
+        """Whether its clients send a PROXY header."""
+        return self.variant == "wrapped"
 
     def start(self, timeout: float = 20.0) -> None:
         """Start ``python -m uvicorn`` and wait until it listens; up to 3 tries for a port taken meanwhile."""
         for _ in range(3):
             self.port = _free_port()
-            http = WRAPPED_CLASS[self.impl] if self.wrapped else self.impl
+            classes = {"plain": self.impl, "wrapped": WRAPPED_CLASS[self.impl], "floor": FLOOR_CLASS[self.impl]}
+            http = classes[self.variant]
             argv = [
                 sys.executable, "-m", "uvicorn", "uvicorn_pair:app", "--app-dir", HERE,
                 "--host", "127.0.0.1", "--port", str(self.port), "--http", http, "--loop", self.loop,
@@ -301,22 +315,22 @@ class Run:
 
 
 def measure_pair(
-    plain: Server, wrapped: Server, mode: str, version: int, clients: int, pairs: int, slice_seconds: float
+    plain: Server, other: Server, mode: str, version: int, clients: int, pairs: int, slice_seconds: float
 ) -> list[tuple[Run, Run]]:
-    """Alternate the same client processes between the two servers, slice by slice; (plain, wrapped) per pair.
+    """Alternate the same client processes between two servers, slice by slice; (plain, other) per pair.
 
-    Pair k runs plain then wrapped when k is even, wrapped then plain when it
+    Pair k runs plain then the other when k is even, the other then plain when it
     is odd (ABBA), so a drift of the machine's speed within a pair weighs on
     both sides alike.  A slice's server keeps the CPU it spends after the
     switch on requests already in flight: its CPU and requests are counted
     from the start of its slice to the start of its next one.
     """
     ctx = mp.get_context("fork")
-    servers = [plain, wrapped]
+    servers = [plain, other]
     target = ctx.RawValue("i", 0)
     counts = ctx.RawArray("q", clients * 2)
     errors = ctx.RawArray("q", clients * 2)
-    versions = [0, version]
+    versions = [0, version if other.wrapped else 0]
     procs = [
         ctx.Process(target=client, args=(i, [s.port for s in servers], versions, mode, target, counts, errors))
         for i in range(clients)
@@ -377,7 +391,7 @@ def check(server: Server, version: int) -> str:
 @dataclass
 class Results:
     runs: dict[tuple[str, str], list[Run]] = field(default_factory=dict)  # (server name, mode) -> slices
-    ratios: dict[tuple[str, str], list[tuple[float, float]]] = field(default_factory=dict)  # (impl, mode) per pair
+    ratios: dict[tuple[str, str, str], list[tuple[float, float]]] = field(default_factory=dict)  # (impl, mode, variant)
 
 
 def _spread(values: list[float]) -> str:
@@ -389,15 +403,15 @@ def _spread(values: list[float]) -> str:
 
 
 def table(res: Results, impls: list[str], modes: list[str]) -> str:
-    """Medians over slices per server and mode; wrapped/plain as the median of per-pair ratios, with quartiles."""
+    """Medians over slices per server and mode; x/plain as the median of per-pair ratios, with quartiles."""
     lines = [
         f"{'mode':<10}{'server':<20}{'req/s':>8}{'CPU us/req':>12}{'busy':>6}{'errors':>7}"
         f"{'req/s ratio (q1-q3)':>24}{'CPU ratio (q1-q3)':>22}"
     ]
     for mode in modes:
         for impl in impls:
-            for wrapped in (False, True):
-                name = f"{impl}-{'wrapped' if wrapped else 'plain'}"
+            for variant in VARIANTS:
+                name = f"{impl}-{variant}"
                 runs = res.runs.get((name, mode), [])
                 if not runs:
                     continue
@@ -406,8 +420,8 @@ def table(res: Results, impls: list[str], modes: list[str]) -> str:
                 busy = statistics.median(r.busy for r in runs)
                 errors = sum(r.errors for r in runs)
                 rr = cr = ""
-                pairs = res.ratios.get((impl, mode), [])
-                if wrapped and pairs:
+                pairs = res.ratios.get((impl, mode, variant), [])
+                if pairs:
                     rates = [p[0] for p in pairs]
                     cpus = [p[1] for p in pairs]
                     rr = f"{statistics.median(rates):.3f}x ({_spread(rates)})"
@@ -447,6 +461,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--header", type=int, choices=(1, 2), default=2, help="PROXY header version (default 2)")
     ap.add_argument("--loop", default="auto", help="uvicorn's --loop (auto: uvloop when installed)")
     ap.add_argument("--quick", action="store_true", help="8 pairs of 0.2 s")
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="also pair plain with uvicorn's own class parsing one header per connection (proxyproto.parse,"
+        " nothing else): what parsing alone costs, the floor under any Python PROXY server",
+    )
     ap.add_argument("--json", metavar="FILE", help="also write every slice as JSON")
     ap.add_argument(
         "--pin",
@@ -477,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{'; server on CPU %s, clients on %s' % (sorted(PIN[0]), sorted(PIN[1])) if PIN else ''}\n",
         flush=True,
     )
-    servers = {(impl, w): Server(impl, w, args.loop) for impl in impls for w in (False, True)}
+    variants = ["plain", "wrapped"] + (["floor"] if args.floor else [])
+    servers = {(impl, v): Server(impl, v, args.loop) for impl in impls for v in variants}
     res = Results()
     try:
         for server in servers.values():
@@ -488,12 +509,14 @@ def main(argv: list[str] | None = None) -> int:
         print(flush=True)
         for mode in modes:
             for impl in impls:
-                plain, wrapped = servers[(impl, False)], servers[(impl, True)]
-                for a, b in measure_pair(plain, wrapped, mode, args.header, args.clients, args.pairs, args.slice):
-                    res.runs.setdefault((plain.name, mode), []).append(a)
-                    res.runs.setdefault((wrapped.name, mode), []).append(b)
-                    res.ratios.setdefault((impl, mode), []).append((b.rate / a.rate, b.cpu_us / a.cpu_us))
-                print(f"{mode} {impl} done", flush=True)
+                plain = servers[(impl, "plain")]
+                for variant in variants[1:]:
+                    other = servers[(impl, variant)]
+                    for a, b in measure_pair(plain, other, mode, args.header, args.clients, args.pairs, args.slice):
+                        res.runs.setdefault((plain.name, mode), []).append(a)
+                        res.runs.setdefault((other.name, mode), []).append(b)
+                        res.ratios.setdefault((impl, mode, variant), []).append((b.rate / a.rate, b.cpu_us / a.cpu_us))
+                    print(f"{mode} {impl} {variant} done", flush=True)
     finally:
         for server in servers.values():
             server.stop()
