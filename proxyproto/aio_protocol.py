@@ -130,29 +130,6 @@ def _borrow(peer: Any, sock: Any) -> Any:
     return _socket.socket(family, _SOCK_STREAM, 0, sock.fileno())
 
 
-#: Per transport class: whether its ``get_extra_info`` knows only "socket", "sockname" and
-#: "peername" (any other name: the default), so that a dict holding the header's three is
-#: every answer it gives (filled by :func:`knows_only_socket_keys`).
-_SOCKET_KEYS_ONLY: dict[type, bool] = {}
-
-
-def knows_only_socket_keys(cls: type) -> bool:
-    """Whether ``cls`` is a transport class whose extra info is only the socket and its two addresses.
-
-    asyncio's socket transport keeps ``{"socket", "sockname", "peername"}`` in a
-    dict (it is given nothing else on an accepted connection); uvloop's TCP and
-    UNIX transports compute those three and answer the default for any other
-    name.  Anything else, TLS transports included, may know more, so no.  Both
-    loops keep these transports' sockets non-blocking, too: a read never waits.
-    """
-    known = _SOCKET_KEYS_ONLY.get(cls)
-    if known is None:
-        selector = getattr(asyncio.selector_events, "_SelectorSocketTransport", None)
-        uvloop = cls.__module__ == "uvloop.loop" and cls.__name__ in ("TCPTransport", "UnixTransport")
-        known = _SOCKET_KEYS_ONLY[cls] = cls is selector or uvloop
-    return known
-
-
 def is_unix_transport(transport: Any) -> bool:
     """Whether ``transport`` runs over a UNIX socket (asked by family, never by the peer's shape)."""
     sock = transport.get_extra_info("socket")
@@ -1168,13 +1145,9 @@ def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) ->
         got = sock = None
         if policy is _REQUIRE or policy is _USE:
             sock = transport.get_extra_info("socket")
-            known = _SOCKET_KEYS_ONLY.get(type(transport))
-            if known is None:
-                known = knows_only_socket_keys(type(transport))
             if sock is not None:
                 try:  # read_ahead(), without its call when the socket is non-blocking (both loops')
-                    nonblocking = known or sock.gettimeout() == 0.0  # both loops' transports: always
-                    got = _read(sock.fileno(), _READ_AHEAD) if nonblocking else read_ahead(peer, sock)
+                    got = _read(sock.fileno(), _READ_AHEAD) if sock.gettimeout() == 0.0 else read_ahead(peer, sock)
                 except OSError:
                     got = None  # nothing yet, or an error the transport reports itself
             if got:
@@ -1192,17 +1165,13 @@ def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) ->
                     header = None  # decide_ahead says what is wrong, and closes
                 if header is not None:
                     extra = proxy_extra(transport, policy, header, peer, sock)
+                    # No TLS on this transport (none follows the header: factory.ssl is None, and
+                    # one under it would have swallowed the header): answered here, not by a
+                    # miss that asks the real transport (uvicorn asks per connection).  The dict's
+                    # own ``get`` would answer without a Python call, but it takes no keyword
+                    # arguments, and get_extra_info(name, default=...) must work.
+                    extra["sslcontext"] = _DEFAULT
                     view = ProxyTransport(transport, extra)
-                    if known and "socket" in extra:
-                        # The header's socket, sockname and peername are all the transport knows:
-                        # the dict answers every question, without a Python call (uvicorn asks
-                        # three per connection); any other name gets the default, as it would.
-                        view.get_extra_info = extra.get  # type: ignore[method-assign, assignment]
-                    else:
-                        # No TLS on this transport (none follows the header: factory.ssl is None,
-                        # and one under it would have swallowed the header): answered here, not
-                        # by a miss that asks the real transport (uvicorn asks per connection).
-                        extra["sslcontext"] = _DEFAULT
                     inner_connection_made(self, view)
                     rest = got[header.length :]
                     if rest:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 from aio_kit import DEST_V4, DEST_V6, REAL_V4, REAL_V6, run_on
@@ -68,6 +68,11 @@ class Observer(asyncio.Protocol):
         record["socket options"] = (sock.proto, sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE), sock.gettimeout())
         record["sslcontext"] = transport.get_extra_info("sslcontext")
         record["unknown keys"] = (transport.get_extra_info("peercert"), transport.get_extra_info("no such", "dflt"))
+        # Keywords as asyncio's own transports take them (a dict's get would not).
+        record["keywords"] = (
+            transport.get_extra_info(name="no such", default="kw"),
+            transport.get_extra_info("sslcontext", default="kw"),
+        )
         self.seen.append(record)
 
     def data_received(self, data: bytes) -> None:
@@ -169,6 +174,7 @@ def test_inline_path_answers_as_the_general_path(loop: str, kind: str, wire: str
         assert seen[0]["proxy_header"] == proxyproto.parse(WIRES[wire])
         assert seen[0]["sslcontext"] is None
         assert seen[0]["unknown keys"] == (None, "dflt")
+        assert seen[0]["keywords"] == ("kw", "kw")
     else:
         assert answer == b"" and seen == [] and made == 1, (answer, seen, made)
 
@@ -226,85 +232,6 @@ def test_uvicorn_protocol_class_is_built_directly_after_the_first_connection() -
         assert type(http(**{**options, "config": other})) is not made  # one class per config
     finally:
         loop.close()
-
-
-class ExtraInfoKind(asyncio.Protocol):
-    """Records what kind of callable the transport's ``get_extra_info`` is, then closes."""
-
-    kinds: ClassVar[list[str]] = []
-
-    def connection_made(self, transport: Any) -> None:
-        self.kinds.append(type(transport.get_extra_info).__name__)
-        transport.close()
-
-
-@pytest.mark.parametrize("loop", LOOPS)
-@pytest.mark.parametrize(("wire", "kind"), [("v2 tcp4", "builtin_function_or_method"), ("v2 unix", "method")])
-def test_inline_path_answers_extra_info_from_its_dict_when_that_is_every_key(loop: str, wire: str, kind: str) -> None:
-    """On asyncio's and uvloop's socket transports, whose extra info is the socket and its two
-    addresses only, a header whose addresses are used replaces all three: the view's
-    ``get_extra_info`` is then the dict's own ``get`` (no Python call per question; the answers are
-    held equal to the general path's above).  A header served with the socket's own addresses
-    (UNIX addresses on an IP listener) keeps the delegating method."""
-    ExtraInfoKind.kinds = []
-
-    async def scenario() -> None:
-        cls = wrap_protocol_factory(ExtraInfoKind, header_timeout=2.0).header_first(ExtraInfoKind)
-        server = await asyncio.get_running_loop().create_server(cls, "127.0.0.1", 0)
-        async with server:
-            with socket.create_connection(server.sockets[0].getsockname()[:2], timeout=10) as client:
-                client.sendall(WIRES[wire])
-                client.setblocking(False)
-                await asyncio.wait_for(asyncio.get_running_loop().sock_recv(client, 16), 10)
-
-    run_on(loop, scenario)
-    assert ExtraInfoKind.kinds == [kind]
-
-
-#: Names a transport could be asked for that are not a socket transport's (TLS, pipes, ...).
-OTHER_KEYS = ("sslcontext", "ssl_object", "peercert", "cipher", "compression", "pipe", "subprocess", "proxy")
-
-
-@pytest.mark.parametrize("loop", LOOPS)
-def test_socket_transports_know_only_the_socket_and_its_addresses(loop: str) -> None:
-    """The premise of the dict answers: the real transport of an accepted TCP connection on
-    both loops answers the socket and its two addresses, and the default for anything else
-    (a loop version that added a key would fail here, not silently hide it)."""
-    from proxyproto.aio_protocol import knows_only_socket_keys
-
-    seen: dict[str, Any] = {}
-
-    class Probe(asyncio.Protocol):
-        def connection_made(self, transport: Any) -> None:
-            seen["known"] = knows_only_socket_keys(type(transport))
-            seen["others"] = {key: transport.get_extra_info(key, "dflt") for key in OTHER_KEYS}
-            seen["three"] = [transport.get_extra_info(key) is not None for key in ("socket", "sockname", "peername")]
-            seen["dict"] = set(getattr(transport, "_extra", {}))  # asyncio keeps them in a dict
-            transport.close()
-
-    async def scenario() -> None:
-        server = await asyncio.get_running_loop().create_server(Probe, "127.0.0.1", 0)
-        async with server:
-            with socket.create_connection(server.sockets[0].getsockname()[:2], timeout=10) as client:
-                client.setblocking(False)
-                await asyncio.wait_for(asyncio.get_running_loop().sock_recv(client, 16), 10)
-
-    run_on(loop, scenario)
-    assert seen["known"] is True
-    assert seen["others"] == dict.fromkeys(OTHER_KEYS, "dflt")
-    assert seen["three"] == [True, True, True]
-    assert seen["dict"] <= {"socket", "sockname", "peername"}
-
-
-def test_only_known_socket_transports_are_taken_for_dict_answers() -> None:
-    """TLS transports and unknown classes may know more keys: never answered from the dict."""
-    import asyncio.sslproto
-
-    from proxyproto.aio_protocol import knows_only_socket_keys
-
-    assert knows_only_socket_keys(asyncio.sslproto._SSLProtocolTransport) is False
-    assert knows_only_socket_keys(asyncio.Transport) is False
-    assert knows_only_socket_keys(type("TCPTransport", (asyncio.Transport,), {})) is False
 
 
 def test_socket_view_offers_every_name_of_asyncios_transport_socket() -> None:
