@@ -14,22 +14,20 @@ transport whose ``get_extra_info("peername")``, ``("sockname")`` and
 ``("socket")`` tell the header's addresses (uvicorn and hypercorn ask the
 socket object first), plus ``"proxy_header"`` and ``"proxy_peername"``.
 
-How it reads: a header that is already in the socket when the connection is
-made (the case of every real proxy: the header leaves with, or before, the
-first segment) is read in ``connection_made``, before the transport reads
-anything.  Without ``ssl=`` that is one ``recv`` of whatever is there (the
-read the transport would have made first): the header is decoded and the
-bytes after it go to the inner protocol right after its ``connection_made``,
-so the wrapper adds no system call.  A header still on its way gets a
-buffer (the wrapper is a ``BufferedProtocol``: the transport reads into the
-buffer it gives), a deadline and a parking slot.
-
-With ``ssl=`` nothing after the header may be read (the TLS layer needs the
-ClientHello), so every read is exact: the wrapper peeks at the socket (one
-``recv`` with ``MSG_PEEK``, as HAProxy's receiver does) and reads up to the
-end of the header only.  Where the socket cannot be peeked, the reads are
-sized by :func:`proxyproto.reader.measure` alone (16 bytes, then what the
-length field says; a v1 line byte by byte after its first 16).
+How it reads: the wrapper never reads a byte past the header, so what
+follows it (a request, a ClientHello, the end of the stream) reaches the
+inner protocol from the transport itself, in the order and on the loop turns
+it would without the wrapper.  A header that is already in the socket when
+the connection is made (the case of every real proxy: the header leaves with,
+or before, the first segment) is taken in ``connection_made``, before the
+transport reads anything: one ``recv`` with ``MSG_PEEK`` (as HAProxy's
+receiver does) shows it, a second ``recv`` takes exactly its bytes.  A header
+still on its way gets a buffer that grows with it (the wrapper is a
+``BufferedProtocol``: the transport reads into the buffer it gives, sized to
+what the header still needs), a deadline and a parking slot.  Where the
+socket cannot be peeked, the reads are sized by
+:func:`proxyproto.reader.measure` alone (16 bytes, then what the length field
+says; a v1 line byte by byte after its first 16).
 
 Why TLS is the wrapper's job: ``create_server(ssl=...)`` handshakes before
 the protocol sees a byte, so the header would reach the TLS layer and fail
@@ -56,7 +54,6 @@ from __future__ import annotations
 import _socket
 import asyncio
 import logging
-import os
 import socket
 import ssl as _ssl
 from collections.abc import Iterable
@@ -111,11 +108,12 @@ _INET, _INET6 = Family.INET, Family.INET6
 _SOCKET_FAMILY = {Family.INET: socket.AF_INET, Family.INET6: socket.AF_INET6, Family.UNIX: socket.AF_UNIX}
 #: What the first read asks for when the socket cannot be peeked: a v2 header's fixed part.
 _FIRST_READ = 16
-#: What the first read takes when no TLS layer follows: the header and what came with it.
-_READ_AHEAD = 65536
-_read = os.read
 _new = object.__new__
-_ReadTransport = asyncio.ReadTransport
+#: What the inline path peeks at: every header real senders emit fits (a longer one, or a prefix,
+#: goes to a HeaderProtocol, which peeks up to the size cap); small enough for CPython's
+#: small-object allocator.
+_INLINE_PEEK = 400
+_socket_object = _socket.socket
 #: The buffer for bytes read after the decision, before ``start_tls`` takes the transport: a TLS record.
 _LATE_READ = 16384
 
@@ -134,25 +132,6 @@ def is_unix_transport(transport: Any) -> bool:
     """Whether ``transport`` runs over a UNIX socket (asked by family, never by the peer's shape)."""
     sock = transport.get_extra_info("socket")
     return sock is not None and getattr(sock, "family", None) == _AF_UNIX
-
-
-def read_ahead(peer: Any, sock: Any) -> bytes | None:
-    """What ``sock`` holds now, up to :data:`_READ_AHEAD` bytes, without waiting; None when nothing can be read.
-
-    Empty at the end of the stream; None when nothing has arrived yet or the
-    read failed (an error the transport then reports itself).
-    """
-    try:
-        if sock.gettimeout() == 0.0:  # non-blocking, as both loops make it: a plain read(2)
-            return _read(sock.fileno(), _READ_AHEAD)
-        borrowed = _borrow(peer, sock)  # a read that does not wait all the same (a socket object costs a getsockname)
-        try:
-            got: bytes = borrowed.recv(_READ_AHEAD, _READ_FLAGS)
-            return got
-        finally:
-            borrowed.detach()
-    except OSError:
-        return None
 
 
 def served_sockname(policy: Policy, header: ProxyHeader | None, local: Any, listener_family: int) -> Any:
@@ -622,20 +601,26 @@ class _Holding(asyncio.Protocol):
 class HeaderProtocol(asyncio.BufferedProtocol):
     """One connection until its header is in: exact reads, then the inner protocol takes the transport.
 
-    The common case costs no system call of its own and no waiting state: a
-    header that arrived with the connection (a proxy sends it before or with
-    the first segment) is read in :meth:`connection_made`
-    (:meth:`take_complete_header`), and the inner protocol is served there.
+    The common case costs two system calls of its own and no waiting state:
+    a header that arrived with the connection (a proxy sends it before or
+    with the first segment) is peeked at and taken in :meth:`connection_made`
+    (:meth:`peek_complete_header`), and the inner protocol is served there.
     Only a connection whose header is not complete yet gets a buffer, a
-    parking slot and a deadline, and reads through :meth:`get_buffer`.
+    parking slot and a deadline, and reads through :meth:`get_buffer`.  No
+    read ever goes past the header's last byte (where the socket can be
+    peeked): the bytes after it, and the end of the stream, are the inner
+    protocol's, read by the transport.
     """
 
     # Class defaults, so that a connection served at once sets only what it uses.
     transport: asyncio.Transport | None = None
     peer: Any = None
     policy = Policy.REQUIRE
-    #: The header bytes read so far (a bytearray of ``factory.cap``) while waiting; empty
-    #: (false) when nothing is waited for: never waited, or decided.
+    #: True while the header is awaited through :meth:`get_buffer` (parked, with a deadline).
+    waiting = False
+    #: The header bytes read so far while waiting: ``buf[:held]``.  It grows with what the
+    #: header needs (never beyond ``factory.cap``), so a parked connection holds no more
+    #: memory than the bytes its peer sent.
     buf: bytes | bytearray = b""
     held = 0
     need = _FIRST_READ
@@ -700,12 +685,8 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             self.serve(None, b"")
             return
         sock = raw.get_extra_info("socket") if _CAN_PEEK else None
-        if sock is not None:
-            if factory.ssl is None:
-                if self.take_complete_header(peer, sock):
-                    return
-            elif self.peek_complete_header(peer, sock):
-                return
+        if sock is not None and self.peek_complete_header(peer, sock):
+            return
         self.wait()
 
     def wait(self) -> None:
@@ -714,22 +695,25 @@ class HeaderProtocol(asyncio.BufferedProtocol):
         factory = self.factory
         if raw.get_protocol() is not self:
             raw.set_protocol(self)  # header_first's inner has the transport until now
-        if not self.buf:
-            self.buf = bytearray(factory.cap)
+        self.waiting = True
         factory.park(self)
         self.timer = asyncio.get_running_loop().call_later(factory.header_timeout, self.expire)
 
     def peek_complete_header(self, peer: Any, sock: Any) -> bool:
-        """With ``ssl=``: serve at once when the header is complete in the socket; True when decided.
+        """Serve at once when the header is complete in the socket; True when decided.
 
         Called from :meth:`connection_made` before the transport has read
-        anything (see :meth:`take_complete_header`).  One peek, and a
-        ``recv`` of exactly the header's bytes when the peek holds all of
-        them, leave the stream on the first byte after the header, in the
-        kernel, for the TLS layer.  Anything but a complete valid header
-        returns False with nothing consumed, and with the peek socket in
-        :attr:`peek`, for the waiting path, which reads, decides and logs as
-        it always did.
+        anything (asyncio registers its reader after ``connection_made``,
+        uvloop starts reading when it returns, and neither reads before the
+        loop polls again).  One peek, and a ``recv`` of exactly the header's
+        bytes when the peek holds all of them, leave the stream on the first
+        byte after the header, in the kernel, for the transport to read (and
+        with ``ssl=``, for the TLS layer).  A stream that is no header is
+        served with nothing consumed where the policy serves it, and closed
+        where it does not, as a malformed header always is.  Anything else (a
+        prefix, nothing yet, the end of the stream) returns False with
+        nothing consumed, and with the peek socket in :attr:`peek`, for the
+        waiting path.
         """
         factory = self.factory
         self.peek = peek = _borrow(peer, sock)
@@ -743,15 +727,19 @@ class HeaderProtocol(asyncio.BufferedProtocol):
                 verify_checksum=factory.verify_checksum,
                 allow_v4_in_tcp6=factory.allow_v4_in_tcp6,
             )
-        except NoProxyHeader:
+        except OSError:
+            return False  # nothing yet, or an error the transport will report
+        except NoProxyHeader as exc:
             if not decide(self.policy, Outcome.NO_HEADER).serve:
-                return False
+                self.conclude(Outcome.NO_HEADER, exc)
+                return True
             self.peek = None
             peek.detach()
             self.serve(None, b"", sock)  # nothing was read: every byte is the inner protocol's
             return True
-        except (OSError, ProxyProtocolError):
-            return False  # nothing yet (or an error the transport will report), or a malformed header
+        except ProxyProtocolError as exc:
+            self.conclude(Outcome.INVALID, exc)  # closed, whatever the policy: nothing to keep
+            return True
         if header is None:
             return False  # a valid prefix: the rest has not arrived
         size = header.length
@@ -760,9 +748,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
         except OSError:
             return False
         if len(got) != size:  # a stream socket gives what it just showed; never lose a byte anyway
-            self.buf = buf = bytearray(factory.cap)
-            buf[: len(got)] = got
-            self.held = len(got)
+            self.keep(got)
             return False
         self.peek = None
         peek.detach()
@@ -773,60 +759,10 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             self.conclude(Outcome.HEADER, header=header)
         return True
 
-    def take_complete_header(self, peer: Any, sock: Any) -> bool:
-        """Without ``ssl=``: one read of what the socket holds, decided at once unless it is a prefix.
-
-        Called from :meth:`connection_made` before the transport has read
-        anything: asyncio registers its reader after ``connection_made``,
-        uvloop starts reading when it returns, and neither reads before the
-        loop polls again.  No byte has to stay in the kernel when no TLS
-        layer follows, so the wrapper reads up to :data:`_READ_AHEAD` bytes
-        itself (:func:`read_ahead`: the read the transport would have made
-        first) and hands what follows the header to the inner protocol right
-        after its ``connection_made``: no peek, no second read, and the
-        request is answered one loop iteration sooner.  True when decided
-        (served or closed, :meth:`decide_ahead`); a prefix of a header is
-        kept in the buffer for the waiting path, and nothing at all (or the
-        end of the stream, or an error, which the transport then reports)
-        returns False with nothing consumed.
-        """
-        got = read_ahead(peer, sock)
-        if not got:
-            return False
-        return self.decide_ahead(got, sock)
-
-    def decide_ahead(self, got: bytes, sock: Any) -> bool:
-        """Serve or close on ``got``, the first bytes of the stream; False (kept) for a valid prefix."""
-        factory = self.factory
-        header: ProxyHeader | None = None
-        error: ProxyProtocolError | None = None
-        try:
-            header = core.parse(
-                got,
-                max_size=factory.max_size,
-                verify_checksum=factory.verify_checksum,
-                allow_v4_in_tcp6=factory.allow_v4_in_tcp6,
-            )
-        except NoProxyHeader as exc:
-            outcome, error = Outcome.NO_HEADER, exc
-        except ProxyProtocolError as exc:
-            outcome, error = Outcome.INVALID, exc
-        else:
-            if header is None:  # a valid prefix: keep it, the rest comes through get_buffer
-                self.buf = buf = bytearray(factory.cap)
-                buf[: len(got)] = got
-                self.held = len(got)
-                return False
-            if self.policy in _SERVES_A_HEADER:
-                self.serve(header, got[header.length :], sock)
-                return True
-            outcome = Outcome.HEADER
-        if decide(self.policy, outcome).serve:  # a stream that is no header, served as it is
-            self.serve(None, got, sock)
-        else:
-            self.held = len(got) if header is None else header.length
-            self.conclude(outcome, error, header=header)
-        return True
+    def keep(self, data: bytes) -> None:
+        """Hold ``data``, the first bytes of a header read before waiting for the rest."""
+        self.buf = bytearray(data)
+        self.held = len(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.release()
@@ -875,33 +811,47 @@ class HeaderProtocol(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         # Never an empty buffer: uvloop treats one as a fatal error and resets the connection.
-        if not self.buf:
+        if not self.waiting:
             # The header is decided (or never looked for) and the transport still reads into
             # this protocol: with ssl=, uvloop in the iteration before start_tls takes over.
             self.spare = bytearray(_LATE_READ)
             return memoryview(self.spare)
         held = self.held
-        if self.factory.ssl is None:
-            return memoryview(self.buf)[held:]  # what follows the header is the inner protocol's
-        want = self.need
+        end = held + max(self.wanted(held), 1)
+        buf = self.buf
+        if len(buf) < end:
+            # A new buffer, not a resize: the transport may still hold a view of the old one.
+            grown = bytearray(end)
+            grown[:held] = buf[:held]
+            self.buf = buf = grown
+        return memoryview(buf)[held:end]
+
+    def wanted(self, held: int) -> int:
+        """How many more bytes belong to the header, as far as the socket (a peek) or the bytes held show.
+
+        Never more than the header's end: what follows it is the inner
+        protocol's (or the TLS layer's).  With a peek, a valid prefix takes
+        all that is there (every byte of it is the header's), and a stream
+        the peek shows to be wrong takes what is there, to be concluded on.
+        """
+        factory = self.factory
         peek = self.peek
-        if peek is not None:
-            try:
-                ahead = peek.recv(self.factory.cap - held, _PEEK_FLAGS)
-            except OSError:
-                ahead = b""  # nothing yet, or an error the transport's own read will report
-            if ahead:
-                try:
-                    size = core.measure(bytes(self.buf[:held]) + ahead, self.factory.max_size)
-                except ProxyProtocolError:
-                    size = 0  # concluded on this read: take what is there
-                want = size - held if size > 0 else len(ahead)
-            else:
-                want = 1
-        return memoryview(self.buf)[held : held + max(want, 1)]
+        if peek is None:
+            return self.need
+        try:
+            ahead = peek.recv(factory.cap - held, _PEEK_FLAGS)
+        except OSError:
+            ahead = b""  # nothing yet, or an error the transport's own read will report
+        if not ahead:
+            return 1
+        try:
+            size = core.measure(bytes(self.buf[:held]) + ahead, factory.max_size)
+        except ProxyProtocolError:
+            return len(ahead)  # concluded on this read: take what is there
+        return size - held if size > 0 else len(ahead)
 
     def buffer_updated(self, nbytes: int) -> None:
-        if not self.buf:
+        if not self.waiting:
             spare, self.spare = self.spare, bytearray()
             if self.late is not None:
                 self.late += spare[:nbytes]
@@ -937,6 +887,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
 
     def release(self) -> None:
         """Forget the waiting state: deadline, parking slot, peek socket."""
+        self.waiting = False
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -1112,7 +1063,6 @@ class HeaderProtocol(asyncio.BufferedProtocol):
 def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) -> type[_P]:
     """``inner_class`` reading the header first: see :meth:`ProxyProtocolFactory.header_first`."""
     inner_connection_made = inner_class.connection_made
-    plain_inner = not issubclass(inner_class, asyncio.BufferedProtocol)
     parse, match_v2 = core.parse, v2.match
 
     def connection_made(self: Any, transport: Any) -> None:
@@ -1125,13 +1075,13 @@ def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) ->
                 transport.set_protocol(reading)  # every byte is the header's, then the TLS layer's
             reading.connection_made(transport)
             return
-        # What HeaderProtocol.connection_made, factory.policy_for, take_complete_header and
+        # What HeaderProtocol.connection_made, factory.policy_for, peek_complete_header and
         # serve do, written out for the case of every connection from a real proxy: a trusted
         # peer (REQUIRE or USE) whose whole header is in the socket already.  This runs per
-        # connection, and on CPython each call or object costs about a tenth of what the
-        # header's parse does, so none is made here that this case does not need.  Anything
-        # else goes to a HeaderProtocol at the point reached, with what was read (``handled``);
-        # tests/aio/test_header_first_inline.py holds the two paths to the same answers.
+        # connection, so no call or object is made here that this case does not need (the
+        # figures are in bench/README.md).  Anything else goes to a HeaderProtocol with
+        # nothing consumed; tests/aio/test_header_first_inline.py holds the two paths to the
+        # same answers.
         peer = transport.get_extra_info("peername")
         trusted = factory.trusted
         if trusted is None:
@@ -1142,58 +1092,53 @@ def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) ->
             policy = factory.policy if (host in trusted if verdict is None else verdict) else factory.untrusted_policy
         else:
             policy = factory.policy_for(peer, transport)  # a UNIX peer, or one the loop could not tell
-        got = sock = None
         if policy is _REQUIRE or policy is _USE:
             sock = transport.get_extra_info("socket")
             if sock is not None:
-                try:  # read_ahead(), without its call when the socket is non-blocking (both loops')
-                    got = _read(sock.fileno(), _READ_AHEAD) if sock.gettimeout() == 0.0 else read_ahead(peer, sock)
-                except OSError:
-                    got = None  # nothing yet, or an error the transport reports itself
-            if got:
+                # _borrow(peer, sock), without its call (the family is only a label to recv)
+                peek = _socket_object(_AF_INET, _SOCK_STREAM, 0, sock.fileno())
                 try:
-                    if got[0] == 0x0D:  # v2 (parse() would dispatch there, one call deeper)
-                        header = match_v2(got, factory.max_size, factory.verify_checksum)
-                    else:
-                        header = parse(
-                            got,
-                            max_size=factory.max_size,
-                            verify_checksum=factory.verify_checksum,
-                            allow_v4_in_tcp6=factory.allow_v4_in_tcp6,
-                        )
-                except ProxyProtocolError:
-                    header = None  # decide_ahead says what is wrong, and closes
-                if header is not None:
-                    extra = proxy_extra(transport, policy, header, peer, sock)
-                    # No TLS on this transport (none follows the header: factory.ssl is None, and
-                    # one under it would have swallowed the header): answered here, not by a
-                    # miss that asks the real transport (uvicorn asks per connection).  The dict's
-                    # own ``get`` would answer without a Python call, but it takes no keyword
-                    # arguments, and get_extra_info(name, default=...) must work.
-                    extra["sslcontext"] = _DEFAULT
-                    view = ProxyTransport(transport, extra)
-                    inner_connection_made(self, view)
-                    rest = got[header.length :]
-                    if rest:
-                        if plain_inner and not isinstance(transport, _ReadTransport):
-                            # hand_rest() for uvloop's transports (no ReadTransport), which read
-                            # even into a protocol that paused in connection_made: now, in order.
-                            if not transport.is_closing():
-                                self.data_received(rest)
+                    got = peek.recv(_INLINE_PEEK, _PEEK_FLAGS)
+                except OSError:
+                    got = b""  # nothing yet, or an error the transport reports itself
+                header = None
+                if got:
+                    try:
+                        if got[0] == 0x0D:  # v2 (parse() would dispatch there, one call deeper)
+                            header = match_v2(got, factory.max_size, factory.verify_checksum)
                         else:
-                            hand_rest(transport, view, self, rest)
+                            header = parse(
+                                got,
+                                max_size=factory.max_size,
+                                verify_checksum=factory.verify_checksum,
+                                allow_v4_in_tcp6=factory.allow_v4_in_tcp6,
+                            )
+                    except ProxyProtocolError:
+                        pass  # the HeaderProtocol says what is wrong, and closes
+                if header is not None:
+                    size = header.length
+                    try:
+                        taken = peek.recv(size, _READ_FLAGS)  # exactly the header: the rest is the transport's
+                    except OSError:
+                        taken = b""
+                    if len(taken) == size:
+                        peek.detach()
+                        extra = proxy_extra(transport, policy, header, peer, sock)
+                        # No TLS on this transport (none follows the header: factory.ssl is None, and
+                        # one under it would have swallowed the header): answered here, not by a
+                        # miss that asks the real transport (uvicorn asks per connection).
+                        extra["sslcontext"] = _DEFAULT
+                        inner_connection_made(self, ProxyTransport(transport, extra))
+                        return
+                    # A stream socket gives what a peek just showed; should it not, nothing is lost.
+                    reading = HeaderProtocol(factory, self, inner_connection_made)
+                    reading.transport, reading.peer, reading.policy, reading.peek = transport, peer, policy, peek
+                    reading.keep(taken)
+                    reading.wait()
                     return
-        handled(self, transport, peer, policy, sock, got)
-
-    def handled(self: Any, transport: Any, peer: Any, policy: Policy, sock: Any, got: bytes | None) -> None:
-        """The connection from where the inline path left it, to a HeaderProtocol."""
-        reading = HeaderProtocol(factory, self, inner_connection_made)
-        if policy is not _REQUIRE and policy is not _USE:
-            reading.connection_made(transport)  # SKIP, IGNORE, REJECT: nothing read; decided as always
-            return
-        reading.transport, reading.peer, reading.policy = transport, peer, policy
-        if not got or not reading.decide_ahead(got, sock):
-            reading.wait()  # nothing there yet, the end of the stream, or a prefix (kept in reading.buf)
+                peek.detach()
+        # Anything else, with nothing consumed: a HeaderProtocol decides it from the start.
+        HeaderProtocol(factory, self, inner_connection_made).connection_made(transport)
 
     name = f"HeaderFirst{inner_class.__name__}"
     attributes = {"connection_made": connection_made, "__module__": __name__, "__qualname__": name}

@@ -567,14 +567,13 @@ async def test_wrapped_protocol_socket_family_is_that_of_the_address_it_reports(
 #
 # The client below is a blocking socket that connects and writes before the test's coroutine
 # yields, so the kernel holds the bytes before the loop accepts: the wrapper finds the whole
-# header with its first read (with ssl=: its first peek, then reads exactly it) in connection_made
+# header with its first peek, then reads exactly it, in connection_made
 # and serves there.  A spy on the two at-once methods says which path each connection took.
 
 
 @pytest.fixture
 def at_once(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """What the at-once path answered, per connection (True: decided at once): take_complete_header
-    without ssl=, peek_complete_header with it."""
+    """What the at-once path (peek_complete_header) answered, per connection (True: decided at once)."""
     answers: list[bool] = []
 
     def spying_on(name: str) -> Callable[..., bool]:
@@ -587,8 +586,7 @@ def at_once(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
 
         return spy
 
-    for name in ("take_complete_header", "peek_complete_header"):
-        monkeypatch.setattr(HeaderProtocol, name, spying_on(name))
+    monkeypatch.setattr(HeaderProtocol, "peek_complete_header", spying_on("peek_complete_header"))
     return answers
 
 
