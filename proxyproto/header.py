@@ -246,8 +246,10 @@ class ProxyHeader:
             return NotImplemented
         return self._key() == other._key()
 
-    def __hash__(self) -> int:
-        return hash(self._key())
+    #: Headers compare by value but are not hashable: their attributes are plain slots, written
+    #: by the parsers and read at full speed, and a hash must never change while a header is a
+    #: key.  Use ``header.to_bytes()`` as a key where one is needed.
+    __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return (

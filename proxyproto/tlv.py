@@ -248,8 +248,8 @@ class SSLInfo:
             return NotImplemented
         return (self.client, self.verify, self.tlvs) == (other.client, other.verify, other.tlvs)
 
-    def __hash__(self) -> int:
-        return hash((self.client, self.verify, self.tlvs))
+    #: Unhashable, as :class:`~proxyproto.ProxyHeader` is: its attributes are writable.
+    __hash__ = None  # type: ignore[assignment]
 
 
 _VPCE_ID = re.compile(rb"[A-Za-z0-9-]*")

@@ -281,3 +281,29 @@ def test_encode_v2_mixed_and_socket_tuples_take_the_general_path() -> None:
     assert mixed is not None and mixed.source == ("::ffff:192.0.2.1", 1)
     six = proxyproto.parse(encode_v2(("2001:db8::1", 1, 0, 0), ("2001:db8::2", 2, 0, 0)))
     assert six is not None and six.family is Family.INET6
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        proxyproto.parse(encode_v2(("192.0.2.1", 1), ("198.51.100.2", 2), tlvs=[(0x02, b"example.com")])),
+        proxyproto.parse(encode_v1(("192.0.2.1", 1), ("198.51.100.2", 2))),
+        ProxyHeader(2, Command.PROXY, Family.INET, Protocol.STREAM, ("192.0.2.1", 1), ("198.51.100.2", 2)),
+    ],
+    ids=["parsed v2", "parsed v1", "built"],
+)
+def test_header_is_unhashable_because_its_attributes_are_writable(header: ProxyHeader) -> None:
+    with pytest.raises(TypeError):
+        hash(header)
+    with pytest.raises(TypeError):
+        {header}  # noqa: B018
+    ssl = proxyproto.SSLInfo(bytes([proxyproto.SSLClient.SSL]) + bytes(4))
+    with pytest.raises(TypeError):
+        hash(ssl)
+    assert header == proxyproto.parse(header.to_bytes()) and {header.to_bytes(): 1}[header.to_bytes()] == 1
+
+
+def test_header_length_is_set_by_encoding_a_built_header() -> None:
+    header = ProxyHeader(2, Command.PROXY, Family.INET, Protocol.STREAM, ("192.0.2.1", 1), ("198.51.100.2", 2))
+    assert header.length == 0
+    assert len(header.to_bytes()) == 28 and header.length == 28
