@@ -43,7 +43,7 @@ import os
 from typing import Any, Callable, Union
 
 from . import reader as core
-from .aio_protocol import is_unix_transport, proxy_extra
+from .aio_protocol import call_later, is_unix_transport, proxy_extra
 from .errors import (
     InvalidHeader,
     NoProxyHeader,
@@ -58,7 +58,7 @@ from .policy import (
     peer_text,
     refusal,
 )
-from .refusal_log import DEFAULT_LOG_RATE, RefusalLog
+from .refusal_log import DEFAULT_LOG_RATE, KIND_EVICTED, KIND_POLICY_FOR, KIND_READ_ERROR, RefusalLog, kind_of
 from .settings import adapter_settings
 
 __all__ = ["ProxyStreamWriter", "read_header", "start_server", "start_unix_server"]
@@ -246,7 +246,7 @@ class _Acceptor:
             log_rate=log_rate,
         )
         self.max_pending = max_pending
-        self.refusals = RefusalLog(logger, log_rate)
+        self.refusals = RefusalLog(logger, log_rate, later=call_later)
         #: Writers of the connections whose header is not in yet, oldest first.
         self.pending: dict[asyncio.StreamWriter, Any] = {}
         #: Writers closed by max_pending: their reading task ends without a second line.
@@ -281,6 +281,7 @@ class _Acceptor:
                 "%s: closed: %d connections already wait for their header (max_pending)",
                 peer_text(oldest_peer),
                 self.max_pending,
+                kind=KIND_EVICTED,
             )
             oldest.transport.abort()
         pending[writer] = peer
@@ -304,7 +305,7 @@ class _Acceptor:
                 peer_text(peer),
                 type(exc).__name__,
                 exc,
-                kind="policy_for failed",
+                kind=KIND_POLICY_FOR,
             )
             writer.close()
             return
@@ -314,9 +315,13 @@ class _Acceptor:
             try:
                 attempt = await _attempt(reader, policy, self.timeout, self.options)
             except OSError as exc:
-                if not self.unpark(writer):
+                if self.unpark(writer):  # (one closed by max_pending has had its line)
                     self.refusals.log(
-                        logging.INFO, "%s: closed: %s while reading the PROXY header", peer_text(peer), exc
+                        logging.INFO,
+                        "%s: closed: %s while reading the PROXY header",
+                        peer_text(peer),
+                        exc,
+                        kind=KIND_READ_ERROR,
                     )
                 writer.close()
                 return
@@ -331,7 +336,7 @@ class _Acceptor:
                     "%s: closed: %s",
                     peer_text(peer),
                     attempt.describe(self.timeout),
-                    kind=attempt.outcome.value,
+                    kind=kind_of(attempt.outcome),
                 )
                 writer.close()
                 return

@@ -71,7 +71,7 @@ from .policy import (
     peer_text,
     uses_addresses,
 )
-from .refusal_log import DEFAULT_LOG_RATE, RefusalLog
+from .refusal_log import DEFAULT_LOG_RATE, KIND_EVICTED, KIND_POLICY_FOR, KIND_TLS, RefusalLog, kind_of
 from .settings import adapter_settings
 
 __all__ = [
@@ -116,6 +116,20 @@ _INLINE_PEEK = 400
 _socket_object = _socket.socket
 #: The buffer for bytes read after the decision, before ``start_tls`` takes the transport: a TLS record.
 _LATE_READ = 16384
+
+
+def call_later(delay: float, callback: Callable[[], None]) -> bool:
+    """:data:`proxyproto.refusal_log.Later` for the asyncio adapters: a timer on the running loop.
+
+    The refusal logs call it from the loop's own callbacks; False (nothing
+    armed) when no loop is running.
+    """
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    loop.call_later(delay, callback)
+    return True
 
 
 def _borrow(peer: Any, sock: Any) -> Any:
@@ -480,7 +494,7 @@ class ProxyProtocolFactory:
         self.max_pending = max_pending
         self.ssl = ssl
         self.ssl_handshake_timeout = ssl_handshake_timeout
-        self.refusals = RefusalLog(logger, log_rate)
+        self.refusals = RefusalLog(logger, log_rate, later=call_later)
         #: Connections not handed to their protocol yet, oldest first (dicts keep insertion order).
         self.parked: dict[HeaderProtocol, None] = {}
         self.handshakes: set[asyncio.Future[None]] = set()
@@ -567,6 +581,7 @@ class ProxyProtocolFactory:
                 "%s: closed: %d connections already wait for their header (max_pending)",
                 peer_text(oldest.peer),
                 self.max_pending,
+                kind=KIND_EVICTED,
             )
             oldest.abort()
         parked[waiting] = None
@@ -673,7 +688,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
                 peer_text(peer),
                 type(exc).__name__,
                 exc,
-                kind="policy_for failed",
+                kind=KIND_POLICY_FOR,
             )
             self.reclaim()
             raw.abort()
@@ -943,6 +958,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
                 "%s: closed: %s",
                 peer_text(self.peer),
                 describe(policy, outcome, error, self.held, factory.header_timeout),
+                kind=kind_of(outcome),
             )
             self.reclaim()
             transport.close()
@@ -1018,7 +1034,9 @@ class HeaderProtocol(asyncio.BufferedProtocol):
         loop = asyncio.get_running_loop()
         if self.late_eof or transport.is_closing():
             factory.unpark(self)
-            factory.refusals.log(logging.INFO, "%s: closed before the TLS handshake started", peer_text(self.peer))
+            factory.refusals.log(
+                logging.INFO, "%s: closed before the TLS handshake started", peer_text(self.peer), kind=KIND_TLS
+            )
             transport.abort()
             return
         # Scheduled before start_tls's own connection_made and resume_reading callbacks, so it
@@ -1034,7 +1052,9 @@ class HeaderProtocol(asyncio.BufferedProtocol):
                 ssl_handshake_timeout=factory.ssl_handshake_timeout,
             )
         except (OSError, asyncio.TimeoutError) as exc:  # ssl.SSLError and ConnectionError are OSErrors
-            factory.refusals.log(logging.INFO, "%s: closed: TLS handshake failed: %s", peer_text(self.peer), exc)
+            factory.refusals.log(
+                logging.INFO, "%s: closed: TLS handshake failed: %s", peer_text(self.peer), exc, kind=KIND_TLS
+            )
             transport.abort()
             return
         finally:
@@ -1045,7 +1065,9 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             # Aborted mid-handshake (a shutdown, max_pending): asyncio's start_tls raises, uvloop's
             # returns a TLS transport anyway, and would never tell the inner of the end of a
             # connection it was told of (uvicorn's graceful shutdown would wait for it forever).
-            factory.refusals.log(logging.INFO, "%s: closed during the TLS handshake", peer_text(self.peer))
+            factory.refusals.log(
+                logging.INFO, "%s: closed during the TLS handshake", peer_text(self.peer), kind=KIND_TLS
+            )
             tls.abort()
             return
         # What arrived with the handshake (data, the peer's close_notify, even the end of the

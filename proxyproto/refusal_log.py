@@ -7,25 +7,77 @@ turn the log into the attack's amplifier.  A :class:`RefusalLog` lets
 ``rate`` lines of each *kind* through per one-second window and counts the
 rest.  Budgets are per kind (a malformed header, a header refused by REJECT,
 a silent client, ...) so that a cheap flood of one kind cannot hide the one
-line of another that matters (a spoof attempt caught by REJECT, say).  The
-first line after a window with suppressed lines (or a call to :meth:`flush`
-from the serving loop's idle hook) says how many of each kind were dropped,
-at the highest level among them, so the log stays honest about what
-happened without growing with the flood.
+line of another that matters (a spoof attempt caught by REJECT, say).
+
+Every line names its kind, one of a small fixed set: :func:`kind_of` gives
+it for a connection or datagram the policy table closes (it derives from the
+:class:`~proxyproto.policy.Outcome` alone), and the ``KIND_*`` constants name
+the others (an eviction, a failed ``policy_for`` hook, a read error, a TLS
+handshake that did not complete).  A record carries its kind as the
+``refusal_kind`` attribute, for filters and structured logging.
+
+The summary of a window with suppressed lines says how many of each kind
+were dropped, by kind, at the highest level among them; it is written by the
+first line after the window, by :meth:`RefusalLog.flush` from the serving
+loop's idle hook (the socketserver mixins, waitress), or by a timer the log
+arms through its ``later`` function (the asyncio adapters), so it comes
+within moments of the window's end even when no further traffic does.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Callable
 
-__all__ = ["DEFAULT_LOG_RATE", "RefusalLog"]
+from .policy import Outcome
+
+__all__ = [
+    "DEFAULT_LOG_RATE",
+    "KIND_EVICTED",
+    "KIND_POLICY_FOR",
+    "KIND_READ_ERROR",
+    "KIND_TLS",
+    "Later",
+    "RefusalLog",
+    "kind_of",
+]
 
 #: Refusal lines per second, listener and kind that reach the log before suppression starts.
 DEFAULT_LOG_RATE = 20.0
 
 _WINDOW = 1.0
+#: How long after its window's end a timed summary is written (past the end, never before it).
+_MARGIN = 0.05
+
+#: The oldest connection still waiting for its header, closed to make room (max_pending, EMFILE).
+KIND_EVICTED = "evicted"
+#: The user's ``policy_for`` (``proxy_policy_for``) hook raised.
+KIND_POLICY_FOR = "policy_for failed"
+#: The socket failed (a reset, say) while the header was being read.
+KIND_READ_ERROR = "read error"
+#: The TLS handshake after the header did not complete (failed, timed out, or the peer left).
+KIND_TLS = "TLS handshake failed"
+
+_OUTCOME_KINDS = {
+    # The only policy that closes a connection for sending a valid header is REJECT.
+    Outcome.HEADER: "header refused by REJECT",
+    Outcome.NO_HEADER: Outcome.NO_HEADER.value,
+    Outcome.INVALID: Outcome.INVALID.value,
+    Outcome.SILENT: Outcome.SILENT.value,
+    Outcome.PARTIAL: Outcome.PARTIAL.value,
+    Outcome.EOF: Outcome.EOF.value,
+}
+
+
+def kind_of(outcome: Outcome) -> str:
+    """The kind of the refusal line for a connection or datagram closed because of ``outcome``."""
+    return _OUTCOME_KINDS[outcome]
+
+
+#: ``later(delay, callback)``: call ``callback()`` in the serving loop's thread ``delay`` seconds
+#: from now; False when it cannot (no loop running), and the log tries again at its next line.
+Later = Callable[[float, Callable[[], None]], bool]
 
 
 class RefusalLog:
@@ -33,52 +85,79 @@ class RefusalLog:
 
     ``rate`` None lets every line through; 0 keeps only the summaries.  It
     is an attribute read on every call, so a server can change it while
-    serving.  ``kind`` names the refusal (callers pass a small fixed set of
-    names; by default the message format is the kind), so the number of
-    kinds, and with it the lines per second, stays bounded.  Meant for one
-    serving loop (one thread); a race between two threads could cost a
-    count, never an exception.
+    serving.  ``kind`` names the refusal (:func:`kind_of` or a ``KIND_*``
+    constant), so the number of kinds, and with it the lines per second,
+    stays bounded.  ``later``, when given, arms a timer when a line is
+    first suppressed, so the summary is written within ``_MARGIN`` of its
+    window's end without waiting for another refusal; without it the owner
+    calls :meth:`flush` from its idle hook.  Meant for one serving loop (one
+    thread); a race between two threads could cost a count, never an
+    exception.
     """
 
-    __slots__ = ("logger", "rate", "sent", "suppressed", "window_start")
+    __slots__ = ("due", "later", "logger", "rate", "sent", "suppressed", "window_start")
 
-    def __init__(self, logger: logging.Logger, rate: float | None = DEFAULT_LOG_RATE) -> None:
+    def __init__(
+        self, logger: logging.Logger, rate: float | None = DEFAULT_LOG_RATE, *, later: Later | None = None
+    ) -> None:
         self.logger = logger
         self.rate = rate
+        self.later = later
         self.window_start = 0.0
         self.sent: dict[str, int] = {}
         #: kind -> [suppressed count, highest level among them]
         self.suppressed: dict[str, list[int]] = {}
+        #: When the armed timer fires (monotonic time), 0.0 when none is armed.
+        self.due = 0.0
 
-    def log(self, level: int, message: str, *args: Any, kind: str | None = None) -> None:
-        """Log one refusal line, unless this second's share for its kind is spent (then count it)."""
+    def log(self, level: int, message: str, *args: object, kind: str) -> None:
+        """Log one refusal line of ``kind``, unless this second's share for it is spent (then count it)."""
         if not self.logger.isEnabledFor(level):
             return  # a line nobody would see neither counts nor earns a summary
         rate = self.rate
         if rate is None:
-            self.logger.log(level, message, *args, stacklevel=2)
+            self.logger.log(level, message, *args, stacklevel=2, extra={"refusal_kind": kind})
             return
         now = time.monotonic()
         if now - self.window_start >= _WINDOW:
             self.flush(now)
             self.window_start = now
             self.sent.clear()
-        key = message if kind is None else kind
-        sent = self.sent.get(key, 0)
+        sent = self.sent.get(kind, 0)
         if sent < rate:
-            self.sent[key] = sent + 1
-            self.logger.log(level, message, *args, stacklevel=2)
+            self.sent[kind] = sent + 1
+            self.logger.log(level, message, *args, stacklevel=2, extra={"refusal_kind": kind})
             return
-        entry = self.suppressed.get(key)
+        entry = self.suppressed.get(kind)
         if entry is None:
-            self.suppressed[key] = [1, level]
+            self.suppressed[kind] = [1, level]
         else:
             entry[0] += 1
             if level > entry[1]:
                 entry[1] = level
+        # A timer already armed is trusted until a window past its time (its loop may have closed).
+        if self.later is not None and (not self.due or now > self.due + _WINDOW):
+            self.arm(now)
+
+    def arm(self, now: float) -> None:
+        """Have ``later`` call :meth:`timed_flush` just after the current window ends."""
+        assert self.later is not None
+        delay = max(self.window_start + _WINDOW - now, 0.0) + _MARGIN
+        self.due = now + delay if self.later(delay, self.timed_flush) else 0.0
+
+    def timed_flush(self) -> None:
+        """The timer's callback: the summary if its window is over, else the timer again."""
+        self.due = 0.0
+        self.flush()
+        if self.suppressed and self.later is not None:
+            self.arm(time.monotonic())
 
     def flush(self, now: float | None = None) -> None:
-        """Write the summary of lines suppressed in a window that has ended (cheap when none were)."""
+        """Write the summary of lines suppressed in a window that has ended (cheap when none were).
+
+        The line names each kind with its count (``280 x malformed header``);
+        its record's ``refusal_suppressed`` attribute is the same as a dict.
+        """
         if not self.suppressed:
             return
         if now is None:
@@ -96,4 +175,5 @@ class RefusalLog:
             now - self.window_start,
             self.rate,
             details,
+            extra={"refusal_suppressed": {kind: count for kind, (count, _) in suppressed.items()}},
         )

@@ -41,7 +41,7 @@ from typing import Any
 
 from .header import ProxyHeader
 from .policy import Policy, decide, peer_text, served_address
-from .refusal_log import DEFAULT_LOG_RATE, RefusalLog
+from .refusal_log import DEFAULT_LOG_RATE, KIND_EVICTED, KIND_POLICY_FOR, KIND_READ_ERROR, KIND_TLS, RefusalLog, kind_of
 from .settings import TrustSettings, check_setting, check_settings
 from .sock import RETRY_DELAY, HeaderAttempt, take_complete_header, wait_for_outcome
 
@@ -370,10 +370,15 @@ class ProxyProtocolMixin:
                 self._pp_signal(state, bool(state.ready) and not full)
 
     def handle_timeout(self) -> None:
-        """``handle_request()`` timed out: enforce header deadlines there too (it never calls service_actions)."""
+        """``handle_request()`` timed out: enforce header deadlines and write a due summary there too.
+
+        (``handle_request()`` never calls ``service_actions``.)
+        """
         state = self._pp_state
         if state is not None and state.selector is not None:
             self._pp_expire(state, time.monotonic())
+        if state is not None and state.log.suppressed:
+            state.log.flush()
         super().handle_timeout()  # type: ignore[misc]
 
     def finish_request(self, request: Any, client_address: Address) -> None:
@@ -394,8 +399,11 @@ class ProxyProtocolMixin:
                 suppress_ragged_eofs=listener.suppress_ragged_eofs,
             )
         except OSError as exc:
-            log = state.log if state is not None else logger
-            log.log(logging.INFO, "%s: closed: TLS handshake failed: %s", peer_text(client_address), exc)
+            message = "%s: closed: TLS handshake failed: %s"
+            if state is None:
+                logger.info(message, peer_text(client_address), exc)
+            else:
+                state.log.log(logging.INFO, message, peer_text(client_address), exc, kind=KIND_TLS)
             return
         tls.proxy_header = getattr(request, "proxy_header", None)
         try:
@@ -488,7 +496,7 @@ class ProxyProtocolMixin:
                     peer_text(peer),
                     type(exc).__name__,
                     exc,
-                    kind="proxy_policy_for failed",
+                    kind=KIND_POLICY_FOR,
                 )
                 return sock, peer, None, timeout
         else:  # proxy_policy_for's default, without the call
@@ -540,7 +548,13 @@ class ProxyProtocolMixin:
                     sock, self.proxy_max_header_size, self.proxy_verify_checksum, self.proxy_allow_v4_in_tcp6
                 )
             except OSError as exc:
-                state.log.log(logging.INFO, "%s: closed: %s while reading the PROXY header", peer_text(peer), exc)
+                state.log.log(
+                    logging.INFO,
+                    "%s: closed: %s while reading the PROXY header",
+                    peer_text(peer),
+                    exc,
+                    kind=KIND_READ_ERROR,
+                )
                 sock.close()
                 return
             if header is not None:
@@ -567,7 +581,13 @@ class ProxyProtocolMixin:
             done = attempt.step()
         except OSError as exc:
             self._pp_unpark(state, parked)
-            state.log.log(logging.INFO, "%s: closed: %s while reading the PROXY header", peer_text(parked.peer), exc)
+            state.log.log(
+                logging.INFO,
+                "%s: closed: %s while reading the PROXY header",
+                peer_text(parked.peer),
+                exc,
+                kind=KIND_READ_ERROR,
+            )
             attempt.sock.close()
             return
         if done:
@@ -607,7 +627,7 @@ class ProxyProtocolMixin:
         """Close the connection that has waited longest for its header."""
         oldest = next(iter(state.parked.values()))
         self._pp_unpark(state, oldest)
-        state.log.log(logging.WARNING, "%s: closed: %s", peer_text(oldest.peer), reason, kind="evicted")
+        state.log.log(logging.WARNING, "%s: closed: %s", peer_text(oldest.peer), reason, kind=KIND_EVICTED)
         oldest.attempt.sock.close()
 
     def _pp_listen(self, state: _State, on: bool) -> None:
@@ -668,7 +688,7 @@ class ProxyProtocolMixin:
                 "%s: closed: %s",
                 peer_text(parked.peer),
                 attempt.describe(self.proxy_header_timeout),
-                kind=attempt.outcome.value,
+                kind=kind_of(attempt.outcome),
             )
             sock.close()
             return
@@ -677,7 +697,7 @@ class ProxyProtocolMixin:
             if sock.gettimeout() != parked.saved_timeout:
                 sock.settimeout(parked.saved_timeout)
         except OSError as exc:  # pragma: no cover - the peer vanished meanwhile
-            state.log.log(logging.INFO, "%s: closed: %s", peer_text(parked.peer), exc)
+            state.log.log(logging.INFO, "%s: closed: %s", peer_text(parked.peer), exc, kind=KIND_READ_ERROR)
             sock.close()
             return
         assert isinstance(sock, ProxySocket)
@@ -728,7 +748,13 @@ class ProxyProtocolMixin:
         try:
             wait_for_outcome(parked.attempt, parked.deadline)
         except OSError as exc:
-            logger.info("%s: closed: %s while reading the PROXY header", peer_text(peer), exc)
+            state.log.log(
+                logging.INFO,
+                "%s: closed: %s while reading the PROXY header",
+                peer_text(peer),
+                exc,
+                kind=KIND_READ_ERROR,
+            )
             sock.close()
             raise
         self._pp_conclude(state, parked)

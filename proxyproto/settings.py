@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import ipaddress
 import logging
+import math
 import numbers
 import operator
 from typing import Any
@@ -34,18 +35,48 @@ __all__ = ["TrustSettings", "adapter_settings", "check_setting", "check_settings
 logger = logging.getLogger("proxyproto")
 
 
-def _positive_number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) > 0:
-        raise ValueError(f"{name}: must be a number of seconds above 0, got {value!r}")
+#: Bounds of ``proxy_header_timeout``, in seconds.  Below a millisecond no proxy's header can
+#: arrive; above an hour a parked connection would hold its ``max_pending`` slot for what is
+#: certainly a misconfiguration (a proxy sends its header at once), and the loops' timers
+#: overflow on values far beyond it (``inf`` never expires at all).
+MIN_HEADER_TIMEOUT = 0.001
+MAX_HEADER_TIMEOUT = 3600.0
+#: Bounds of ``proxy_max_header_size``: a v2 header's fixed part, and the protocol's maximum
+#: (16 + a 16-bit length).
+MIN_HEADER_SIZE = 16
+MAX_HEADER_SIZE = 16 + 0xFFFF
 
 
-def _int_at_least(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: must be an integer of at least {low}, got {value!r}")
+def _real(value: Any) -> float | None:
+    """``value`` as a float when it is a real number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def _check_header_timeout(name: str, value: Any) -> None:
+    seconds = _real(value)
+    # Written so that nan fails every comparison into the refusal.
+    if seconds is None or not MIN_HEADER_TIMEOUT <= seconds <= MAX_HEADER_TIMEOUT:
+        raise ValueError(
+            f"{name}: must be a number of seconds from {MIN_HEADER_TIMEOUT:g} to {MAX_HEADER_TIMEOUT:g}, got {value!r}"
+        )
+
+
+def _int_in(name: str, value: Any, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bounds = f"of at least {low}" if high is None else f"from {low} to {high}"
+        raise ValueError(f"{name}: must be an integer {bounds}, got {value!r}")
 
 
 def check_setting(name: str, value: Any) -> None:
     """Raise ``ValueError`` naming the setting when ``value`` is not valid for ``name``.
+
+    ``proxy_header_timeout``: a number of seconds in
+    ``MIN_HEADER_TIMEOUT..MAX_HEADER_TIMEOUT`` (0.001..3600; not nan, not
+    inf); ``proxy_max_header_size``: an integer in 16..65551;
+    ``proxy_max_pending``: an integer of at least 1; ``proxy_log_rate``:
+    None or a finite number >= 0.
 
     Names this module does not know (every attribute that is not a
     ``proxy_*`` setting) pass unchecked.
@@ -65,14 +96,15 @@ def check_setting(name: str, value: Any) -> None:
                 )
             TrustedNetworks(value)
     elif name == "proxy_header_timeout":
-        _positive_number(name, value)
+        _check_header_timeout(name, value)
     elif name == "proxy_max_header_size":
-        _int_at_least(name, value, 16)
+        _int_in(name, value, MIN_HEADER_SIZE, MAX_HEADER_SIZE)
     elif name == "proxy_max_pending":
-        _int_at_least(name, value, 1)
+        _int_in(name, value, 1)
     elif name == "proxy_log_rate":
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real) or float(value) < 0):
-            raise ValueError(f"proxy_log_rate: must be None or a number of lines per second >= 0, got {value!r}")
+        rate = _real(value)
+        if value is not None and (rate is None or not 0 <= rate < math.inf):  # nan fails both
+            raise ValueError(f"proxy_log_rate: must be None or a finite number of lines per second >= 0, got {value!r}")
 
 
 def check_settings(owner: object, names: tuple[str, ...]) -> None:

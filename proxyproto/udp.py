@@ -69,7 +69,7 @@ from . import reader
 from .errors import InvalidHeader, NoProxyHeader, ProxyProtocolError
 from .header import Command, Protocol, ProxyHeader
 from .policy import Outcome, Policy, decide, describe, peer_text, served_address
-from .refusal_log import DEFAULT_LOG_RATE, RefusalLog
+from .refusal_log import DEFAULT_LOG_RATE, KIND_POLICY_FOR, RefusalLog, kind_of
 from .settings import TrustSettings, check_setting, check_settings
 
 __all__ = [
@@ -249,7 +249,7 @@ class ProxyDatagramMixin:
                 policy = chosen if type(chosen) is Policy else Policy(chosen)
             except Exception as exc:  # a user's hook: its failure drops this datagram, never the loop
                 reason = f"proxy_policy_for failed: {type(exc).__name__}: {exc}"
-                raise self._ppd_refuse(logging.ERROR, peer, reason, "proxy_policy_for failed") from None
+                raise self._ppd_refuse(logging.ERROR, peer, reason, KIND_POLICY_FOR) from None
         else:
             policy = settings.policy_for(peer)
         if policy is Policy.SKIP:
@@ -258,7 +258,7 @@ class ProxyDatagramMixin:
         verdict = decide(policy, outcome)
         if not verdict.serve:
             reason = describe(policy, outcome, error, len(data), 0.0)
-            raise self._ppd_refuse(verdict.level, peer, reason, outcome.value)
+            raise self._ppd_refuse(verdict.level, peer, reason, kind_of(outcome))
         if header is None:
             return ProxyDatagram(data, sock, None, peer), peer
         address = served_address(policy, header, peer, sock.family)

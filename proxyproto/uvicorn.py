@@ -24,10 +24,10 @@ a typo stops the server at start):
                                  ``proxy_allow_ips``, uvicorn's ``FORWARDED_ALLOW_IPS``);
                                  UNIX-socket peers are always trusted
 ``PROXYPROTO_UNTRUSTED_POLICY``  SKIP (default), IGNORE or REJECT
-``PROXYPROTO_HEADER_TIMEOUT``    seconds for the whole header, default 10
-``PROXYPROTO_MAX_PENDING``       connections waiting for their header, default 256
-``PROXYPROTO_MAX_HEADER_SIZE``   cap on a v2 header, default 4096
-``PROXYPROTO_LOG_RATE``          refusal lines per second, default 20; ``none``: no cap
+``PROXYPROTO_HEADER_TIMEOUT``    seconds for the whole header, default 10 (0.001 to 3600)
+``PROXYPROTO_MAX_PENDING``       connections waiting for their header, default 256 (at least 1)
+``PROXYPROTO_MAX_HEADER_SIZE``   cap on a v2 header, default 4096 (16 to 65551)
+``PROXYPROTO_LOG_RATE``          refusal lines per second and kind, default 20; ``none``: no cap
 
 :func:`wrap` makes a class with settings in code instead, for
 ``uvicorn.Config(app, http=proxyproto.uvicorn.wrap("h11", trusted=...))``.

@@ -15,7 +15,8 @@ The header deadline is enforced in ``readable()``, which the asyncore loop
 asks of every channel on each pass; the loop wakes at least every
 ``asyncore_loop_timeout`` seconds (waitress's default: 1), so a silent
 client is closed within that much of its deadline, long before waitress's
-own ``channel_timeout`` (120 s) would notice it.
+own ``channel_timeout`` (120 s) would notice it.  The listener's
+``readable()`` writes the summary of suppressed refusal lines the same way.
 
 Use :func:`create_server` or :func:`serve` in place of waitress's; they take
 waitress's keyword arguments plus the knobs of :mod:`proxyproto.aio`.
@@ -46,7 +47,7 @@ from .policy import (
     served_address,
 )
 from .reader import MAX_V1_LENGTH, decode, measure
-from .refusal_log import DEFAULT_LOG_RATE, RefusalLog
+from .refusal_log import DEFAULT_LOG_RATE, KIND_EVICTED, RefusalLog, kind_of
 from .settings import adapter_settings
 
 __all__ = ["ENVIRON_KEY", "ProxyHTTPChannel", "ProxySettings", "ProxyWSGITask", "create_server", "serve"]
@@ -145,7 +146,7 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
                 logging.WARNING,
                 f"closed: more than {settings.max_pending} connections waiting for a PROXY header "
                 "(max_pending); closing the oldest",
-                kind="evicted",
+                kind=KIND_EVICTED,
             )
 
     # -- asyncore hooks --------------------------------------------------------------
@@ -205,7 +206,7 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
         verdict = decide(policy, outcome)
         if not verdict.serve:
             reason = describe(policy, outcome, error, held, settings.header_timeout)
-            self._proxy_refuse(verdict.level, f"closed: {reason}", immediate=immediate, kind=outcome.value)
+            self._proxy_refuse(verdict.level, f"closed: {reason}", immediate=immediate, kind=kind_of(outcome))
             return False
         self._proxy_held = None
         settings.pending.pop(self, None)
@@ -216,7 +217,7 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
             return bool(super().received(rest))
         return True
 
-    def _proxy_refuse(self, level: int, message: str, *, immediate: bool = False, kind: str | None = None) -> None:
+    def _proxy_refuse(self, level: int, message: str, *, kind: str, immediate: bool = False) -> None:
         """Close without a response, after one log line naming the peer."""
         self._proxy_held = None
         self._proxy_settings.pending.pop(self, None)
@@ -280,7 +281,24 @@ def create_server(
         if isinstance(dispatcher, BaseWSGIServer):
             dispatcher.proxy_settings = settings
             dispatcher.channel_class = ProxyHTTPChannel
+            dispatcher.readable = _flushing(settings.log, dispatcher.readable)
     return server
+
+
+def _flushing(log: RefusalLog, readable: Any) -> Any:
+    """A listener's ``readable`` that first writes the refusal summary once its window is over.
+
+    waitress's loop asks every dispatcher ``readable()`` on each pass, and
+    passes at least every ``asyncore_loop_timeout`` seconds (1 by default)
+    even without traffic: the summary comes within that much of its window's end.
+    """
+
+    def flushing_readable() -> bool:
+        if log.suppressed:
+            log.flush()
+        return bool(readable())
+
+    return flushing_readable
 
 
 def serve(application: Any, **kw: Any) -> None:

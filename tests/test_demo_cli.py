@@ -137,7 +137,7 @@ def test_demo_busy_port_is_one_line_and_exit_2_issue14_item5() -> None:
     [
         (["--trusted", "10.0.0.0/33"], "--trusted: cannot read '10.0.0.0/33'"),
         (["--trusted", "127.0.0.1", "--trusted", "not-a-network"], "--trusted: cannot read 'not-a-network'"),
-        (["--header-timeout", "0"], "--header-timeout: must be a number of seconds above 0"),
+        (["--header-timeout", "0"], "--header-timeout: must be a number of seconds from 0.001 to 3600"),
         (["--host", "::1%no-such-interface"], "--host '::1%no-such-interface': cannot resolve it"),
     ],
 )

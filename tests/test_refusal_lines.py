@@ -1,0 +1,434 @@
+"""Refusal lines in every adapter: budgeted per kind, every line and summary naming its kind,
+and the summary written without further traffic.
+
+Each adapter serves on loopback with ``policy=REJECT`` for the test's (trusted) peer and the
+default ``log_rate`` (20 lines per second and kind).  A burst of 300 malformed headers spends
+the "malformed header" budget; 3 valid headers sent right after, in the same second, are
+refused by REJECT and must still be written; the summary of the suppressed lines must come
+within 2 s of the burst's end with no further traffic, naming the kind and accounting for
+every malformed header.  asyncio-based adapters run in the test's own loop (asyncio or
+uvloop), the others in a thread; the clients run in a worker thread over real sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import pytest
+from support import free_port, listening, require_module
+
+import proxyproto
+from proxyproto import aio, refusal_log, udp
+from proxyproto.aio_protocol import wrap_protocol_factory
+
+REAL_V4 = ("192.0.2.10", 51234)  # data inside headers, never dialled
+DEST_V4 = ("198.51.100.20", 443)
+MALFORMED = b"PROXY TCP9 nonsense\r\n"
+VALID = proxyproto.encode_v2(REAL_V4, DEST_V4)
+VALID_DGRAM = proxyproto.encode_v2(REAL_V4, DEST_V4, protocol=proxyproto.Protocol.DGRAM)
+FLOOD = 300
+SPOOFS = 3
+#: The summary must come this long after the burst at the latest.
+SUMMARY_WITHIN = 2.0
+CEILING = 30.0
+
+MALFORMED_KIND = refusal_log.kind_of(proxyproto.policy.Outcome.INVALID)
+REJECT_KIND = refusal_log.kind_of(proxyproto.policy.Outcome.HEADER)
+
+Address = tuple[str, int]
+
+
+class Records(logging.Handler):
+    """Every record of the ``proxyproto`` logger, from any thread."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self.lock_ = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self.lock_:
+            self.records.append(record)
+
+    def snapshot(self) -> list[logging.LogRecord]:
+        with self.lock_:
+            return list(self.records)
+
+
+@pytest.fixture
+def records() -> Iterator[Records]:
+    logger = logging.getLogger("proxyproto")
+    handler = Records()
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+# -- the servers ------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def in_thread(serve: Callable[[], None], stop: Callable[[], None]) -> AsyncIterator[None]:
+    """Run ``serve`` in a thread until the block ends, then ``stop`` it and join it."""
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(stop)
+        await asyncio.to_thread(thread.join, 10)
+        assert not thread.is_alive()
+
+
+class Closer(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        pass
+
+
+class Echo(udp.ProxyDatagramRequestHandler):
+    def handle(self) -> None:
+        self.wfile.write(b"ok")
+
+
+@contextlib.asynccontextmanager
+async def mixin() -> AsyncIterator[Address]:
+    server = proxyproto.ThreadingProxyTCPServer(("127.0.0.1", 0), Closer)
+    server.daemon_threads = True
+    server.proxy_policy = proxyproto.Policy.REJECT
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+
+    async with in_thread(server.serve_forever, stop):
+        yield server.server_address[:2]
+
+
+@contextlib.asynccontextmanager
+async def udp_server() -> AsyncIterator[Address]:
+    server = udp.ProxyUDPServer(("127.0.0.1", 0), Echo)
+    server.proxy_policy = proxyproto.Policy.REJECT
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+
+    async with in_thread(server.serve_forever, stop):
+        yield server.server_address[:2]
+
+
+@contextlib.asynccontextmanager
+async def waitress_server() -> AsyncIterator[Address]:
+    require_module("waitress")
+    from waitress import wasyncore
+
+    from proxyproto.waitress import create_server
+
+    def app(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [])
+        return [b""]
+
+    server = create_server(app, listen="127.0.0.1:0", threads=1, policy="REJECT")
+
+    def stop() -> None:
+        server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
+
+    def run() -> None:
+        server.run()
+        server.task_dispatcher.shutdown()
+
+    async with in_thread(run, stop):
+        yield server.socket.getsockname()[:2]
+
+
+@contextlib.asynccontextmanager
+async def aio_streams() -> AsyncIterator[Address]:
+    def served(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await aio.start_server(served, "127.0.0.1", 0, policy="REJECT")
+    try:
+        yield server.sockets[0].getsockname()[:2]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def protocol_factory() -> AsyncIterator[Address]:
+    factory = wrap_protocol_factory(asyncio.Protocol, policy="REJECT")
+    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[:2]
+    finally:
+        server.close()
+        factory.close()
+        await server.wait_closed()
+
+
+async def _asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def _uvicorn(http: str) -> Callable[[], contextlib.AbstractAsyncContextManager[Address]]:
+    @contextlib.asynccontextmanager
+    async def serving() -> AsyncIterator[Address]:
+        uvicorn: Any = require_module("uvicorn")
+        if http == "httptools":
+            require_module("httptools")
+        import proxyproto.uvicorn as ppu
+
+        config = uvicorn.Config(
+            _asgi, http=ppu.wrap(http, policy="REJECT"), host="127.0.0.1", port=0, lifespan="off", log_config=None
+        )
+        server = uvicorn.Server(config)
+        task = asyncio.ensure_future(server.serve())
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert not task.done(), task.exception()
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            await asyncio.sleep(0.01)
+        try:
+            yield server.servers[0].sockets[0].getsockname()[:2]
+        finally:
+            server.should_exit = True
+            await asyncio.wait_for(task, 10)
+
+    return serving
+
+
+@contextlib.asynccontextmanager
+async def aiohttp_site() -> AsyncIterator[Address]:
+    require_module("aiohttp")
+    from aiohttp import web
+
+    from proxyproto.aiohttp import ProxyTCPSite
+
+    runner = web.AppRunner(web.Application())
+    await runner.setup()
+    site = ProxyTCPSite(runner, "127.0.0.1", free_port(), policy="REJECT")
+    await site.start()
+    try:
+        yield site._server.sockets[0].getsockname()[:2]
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def hypercorn_server() -> AsyncIterator[Address]:
+    require_module("hypercorn")
+    from hypercorn.config import Config
+
+    from proxyproto.hypercorn import serve
+
+    port = free_port()
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.accesslog = None
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(serve(_asgi, config, shutdown_trigger=stop.wait, policy="REJECT"))
+    deadline = time.monotonic() + 10
+    while not listening(port):
+        assert not task.done(), task.exception()
+        assert time.monotonic() < deadline, "hypercorn did not start"
+        await asyncio.sleep(0.02)
+    try:
+        yield ("127.0.0.1", port)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+#: adapter -> (server, event loop, transport)
+ADAPTERS: dict[str, tuple[Callable[[], contextlib.AbstractAsyncContextManager[Address]], str, str]] = {
+    "socketserver-mixin": (mixin, "asyncio", "tcp"),
+    "udp-datagram-server": (udp_server, "asyncio", "udp"),
+    "aio-start_server": (aio_streams, "asyncio", "tcp"),
+    "wrap_protocol_factory": (protocol_factory, "asyncio", "tcp"),
+    "uvicorn-h11-asyncio": (_uvicorn("h11"), "asyncio", "tcp"),
+    "uvicorn-httptools-asyncio": (_uvicorn("httptools"), "asyncio", "tcp"),
+    "uvicorn-h11-uvloop": (_uvicorn("h11"), "uvloop", "tcp"),
+    "uvicorn-httptools-uvloop": (_uvicorn("httptools"), "uvloop", "tcp"),
+    "aiohttp": (aiohttp_site, "asyncio", "tcp"),
+    "hypercorn": (hypercorn_server, "asyncio", "tcp"),
+    "waitress": (waitress_server, "asyncio", "tcp"),
+}
+
+
+# -- the clients ------------------------------------------------------------------------------
+
+
+def send_and_wait_for_close(address: Address, data: bytes) -> None:
+    """One connection: ``data``, then read until the server closes it (it has decided)."""
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(data)
+        with contextlib.suppress(ConnectionResetError):
+            while sock.recv(4096):
+                pass
+
+
+def tcp_burst(address: Address) -> None:
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: send_and_wait_for_close(address, MALFORMED), range(FLOOD)))
+    for _ in range(SPOOFS):
+        send_and_wait_for_close(address, VALID)
+
+
+def udp_burst(address: Address) -> None:
+    """The datagrams in batches, each batch followed by a headerless one whose reply shows the
+    server has read the batch (REJECT serves those): none is lost to a full receive buffer."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(10)
+        batches = [[MALFORMED] * 50 for _ in range(FLOOD // 50)] + [[VALID_DGRAM] * SPOOFS]
+        for batch in batches:
+            for datagram in batch:
+                sock.sendto(datagram, address)
+            sock.sendto(b"no header", address)
+            assert sock.recvfrom(100)[0] == b"ok"
+
+
+# -- the test ---------------------------------------------------------------------------------
+
+
+def run(loop: str, scenario: Callable[[], Any]) -> None:
+    async def bounded() -> None:
+        await asyncio.wait_for(scenario(), CEILING)
+
+    if loop == "uvloop":
+        uvloop: Any = require_module("uvloop")
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(bounded())
+    else:
+        asyncio.run(bounded())
+
+
+def accounted(records: list[logging.LogRecord]) -> int:
+    """Malformed headers written or counted in a summary so far."""
+    written = sum(1 for r in records if getattr(r, "refusal_kind", None) == MALFORMED_KIND)
+    counted = sum(getattr(r, "refusal_suppressed", {}).get(MALFORMED_KIND, 0) for r in records)
+    return written + counted
+
+
+@pytest.mark.parametrize("adapter", list(ADAPTERS))
+def test_a_flood_of_malformed_headers_hides_no_reject_line_and_its_summary_comes_unprompted(
+    adapter: str, records: Records
+) -> None:
+    serving, loop, transport = ADAPTERS[adapter]
+
+    async def scenario() -> None:
+        async with serving() as address:
+            burst = udp_burst if transport == "udp" else tcp_burst
+            await asyncio.to_thread(burst, address)
+            ended = time.monotonic()
+            while accounted(records.snapshot()) < FLOOD and time.monotonic() < ended + SUMMARY_WITHIN:
+                await asyncio.sleep(0.02)
+            waited = time.monotonic() - ended
+            seen = records.snapshot()
+        assert accounted(seen) == FLOOD, (waited, [r.getMessage() for r in seen[-5:]])
+        assert waited < SUMMARY_WITHIN
+
+        rejected = [i for i, r in enumerate(seen) if getattr(r, "refusal_kind", None) == REJECT_KIND]
+        assert len(rejected) == SPOOFS, [r.getMessage() for r in seen]
+        assert all("REJECT" in seen[i].getMessage() and seen[i].levelno == logging.WARNING for i in rejected)
+        summaries = [i for i, r in enumerate(seen) if hasattr(r, "refusal_suppressed")]
+        assert summaries
+        # The last summary (written by the idle flush, after the REJECT lines) counts malformed
+        # headers: they were suppressed in the very window in which the REJECT lines were written.
+        last = seen[summaries[-1]]
+        assert summaries[-1] > rejected[-1] and last.refusal_suppressed.get(MALFORMED_KIND)  # type: ignore[attr-defined]
+        for i in summaries:
+            text = seen[i].getMessage()
+            assert f"x {MALFORMED_KIND}" in text and "%s" not in text, text
+        # Every refusal line names a kind from the fixed set; nothing else was refused.
+        kinds = {getattr(r, "refusal_kind", None) for r in seen if not hasattr(r, "refusal_suppressed")}
+        assert kinds <= {MALFORMED_KIND, REJECT_KIND, None}
+        assert all(
+            ": closed: " not in r.getMessage() and "dropped" not in r.getMessage()
+            for r in seen
+            if not hasattr(r, "refusal_kind") and not hasattr(r, "refusal_suppressed")
+        )
+
+    run(loop, scenario)
+
+
+# -- the timer behind the unprompted summary --------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def timed_log(monkeypatch: pytest.MonkeyPatch) -> tuple[refusal_log.RefusalLog, Clock, list[tuple[float, Any]]]:
+    """A RefusalLog (rate 1) on a fake clock whose ``later`` only records what it was asked."""
+    clock = Clock()
+    monkeypatch.setattr(refusal_log.time, "monotonic", clock)
+    asked: list[tuple[float, Any]] = []
+
+    def later(delay: float, callback: Callable[[], None]) -> bool:
+        asked.append((delay, callback))
+        return True
+
+    return refusal_log.RefusalLog(logging.getLogger("proxyproto"), 1, later=later), clock, asked
+
+
+def test_a_suppressed_line_arms_one_timer_for_just_after_its_window(
+    monkeypatch: pytest.MonkeyPatch, records: Records
+) -> None:
+    log, clock, asked = timed_log(monkeypatch)
+    for _ in range(5):
+        log.log(logging.WARNING, "%s", "bad", kind="malformed header")
+        clock.now += 0.1
+    assert len(asked) == 1 and 1.0 <= 0.1 + asked[0][0] <= 1.1  # armed at the 2nd line, 0.1 s in
+    clock.now = 101.0 + asked[0][0] - 0.1
+    asked[0][1]()
+    summaries = [r for r in records.snapshot() if hasattr(r, "refusal_suppressed")]
+    assert [s.refusal_suppressed for s in summaries] == [{"malformed header": 4}]  # type: ignore[attr-defined]
+
+
+def test_a_timer_firing_before_its_window_ends_is_armed_again(
+    monkeypatch: pytest.MonkeyPatch, records: Records
+) -> None:
+    log, clock, asked = timed_log(monkeypatch)
+    log.log(logging.WARNING, "line", kind="malformed header")
+    log.log(logging.WARNING, "line", kind="malformed header")
+    clock.now += 0.9  # a loop's timer may fire a clock tick early
+    asked[0][1]()
+    assert not [r for r in records.snapshot() if hasattr(r, "refusal_suppressed")]
+    assert len(asked) == 2 and asked[1][0] > 0.1
+    clock.now += asked[1][0]
+    asked[1][1]()
+    assert [r for r in records.snapshot() if hasattr(r, "refusal_suppressed")]
+
+
+def test_a_timer_lost_with_its_loop_is_replaced_a_window_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    log, clock, asked = timed_log(monkeypatch)
+    log.log(logging.WARNING, "line", kind="malformed header")
+    log.log(logging.WARNING, "line", kind="malformed header")  # armed; that timer never fires
+    clock.now += 0.5
+    log.log(logging.WARNING, "line", kind="malformed header")
+    assert len(asked) == 1  # one timer per window, not one per line
+    clock.now += 3.0
+    log.log(logging.WARNING, "line", kind="malformed header")  # a new window: counted afresh
+    log.log(logging.WARNING, "line", kind="malformed header")
+    assert len(asked) == 2
