@@ -1244,8 +1244,9 @@ def wrap_protocol_factory(
     that are served.  The knobs are the socketserver mixin's, without the
     ``proxy_`` prefix (DESIGN.md): ``policy`` for trusted peers,
     ``trusted`` (None: every peer; else networks, or a string like
-    ``"10.0.0.0/8, 127.0.0.1"`` or ``"*"``; UNIX-socket peers are always
-    trusted), ``untrusted_policy`` (SKIP, IGNORE or REJECT),
+    ``"10.0.0.0/8, 127.0.0.1"`` or ``"*"``; UNIX-socket peers only behind a
+    socket file that is not world-writable, unless it holds ``unix``),
+    ``untrusted_policy`` (SKIP, IGNORE or REJECT),
     ``header_timeout`` (seconds for the whole header), ``max_header_size``,
     ``verify_checksum``, ``allow_v4_in_tcp6``, ``max_pending`` (connections
     waiting for their header; past it the oldest is closed), ``policy_for``

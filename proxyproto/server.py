@@ -192,7 +192,7 @@ class ProxyProtocolMixin:
 
     #: What a connection from a trusted peer must do (the spec's mode: REQUIRE).
     proxy_policy: Policy | str = Policy.REQUIRE
-    #: None: every peer is trusted; else IP networks allowed to send headers.
+    #: None: every IP peer is trusted; else IP networks (and the token ``unix``) allowed to send headers.
     proxy_trusted: Any | None = None
     #: What peers outside ``proxy_trusted`` get (SKIP, IGNORE or REJECT).
     proxy_untrusted_policy: Policy | str = Policy.SKIP
