@@ -22,7 +22,9 @@ logged as the socketserver mixin logs them, and the callback receives
   ``("sockname")`` and ``("socket")`` agree with it (the header's
   destination; a socket view whose ``getpeername()``/``getsockname()`` say
   the same, as hypercorn reads them);
-* ``writer.get_extra_info("proxy_header")``: the parsed header, or None;
+* ``writer.get_extra_info("proxy_header")``: the parsed header when the
+  peer is trusted, else None (an untrusted peer's header never reaches the
+  application, under any policy);
 * ``writer.get_extra_info("proxy_peername")``: the socket's own peer (the proxy).
 
 At most ``max_pending`` connections wait for their header at once: past it
@@ -43,18 +45,21 @@ import os
 from typing import Any, Callable, Union
 
 from . import reader as core
-from .aio_protocol import call_later, is_unix_transport, proxy_extra
+from .aio_protocol import call_later, proxy_extra
 from .errors import (
     InvalidHeader,
     NoProxyHeader,
     ProxyProtocolError,
 )
 from .header import ProxyHeader
+from .peers import connection_trust
 from .policy import (
     Outcome,
     Policy,
+    Trust,
     decide,
     describe,
+    hook_trust,
     peer_text,
     refusal,
 )
@@ -258,16 +263,11 @@ class _Acceptor:
             "allow_v4_in_tcp6": allow_v4_in_tcp6,
         }
 
-    def policy_for(self, peer: Any, writer: asyncio.StreamWriter) -> Policy:
+    def trust(self, peer: Any, writer: asyncio.StreamWriter) -> Trust:
+        """The connection's policy and whether its peer is trusted (the hook's answer, or the default rule)."""
         if self.hook is not None:
-            return Policy(self.hook(peer, writer.get_extra_info("sockname")))
-        if self.trusted is None:
-            return self.policy
-        if not isinstance(peer, tuple):
-            # A UNIX-socket peer (always trusted), or an IP peer whose address the loop could not
-            # tell (uvloop answers None once the client has reset): that one is not trusted.
-            return self.policy if is_unix_transport(writer) else self.untrusted_policy
-        return self.policy if peer[0] in self.trusted else self.untrusted_policy
+            return hook_trust(self.hook(peer, writer.get_extra_info("sockname")))
+        return connection_trust(self.policy, self.untrusted_policy, self.trusted, peer, writer.get_extra_info("socket"))
 
     def park(self, writer: asyncio.StreamWriter, peer: Any) -> None:
         """Count ``writer`` as waiting for its header; past ``max_pending``, close the oldest."""
@@ -297,7 +297,7 @@ class _Acceptor:
     async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         try:
-            policy = self.policy_for(peer, writer)
+            policy, trusted = self.trust(peer, writer)
         except Exception as exc:  # a user's hook: its failure closes this connection, nothing else
             self.refusals.log(
                 logging.ERROR,
@@ -340,7 +340,8 @@ class _Acceptor:
                 )
                 writer.close()
                 return
-            header = attempt.header
+            # An untrusted peer's header is read and removed, never handed on (its TLVs are anyone's).
+            header = attempt.header if trusted else None
         result = self.callback(reader, ProxyStreamWriter(writer, reader, header, policy))
         if inspect.isawaitable(result):
             await result
@@ -412,8 +413,10 @@ async def start_unix_server(
 ) -> asyncio.Server:
     """``asyncio.start_unix_server`` whose connections start with a PROXY header.
 
-    As :func:`start_server`; UNIX-socket peers are always trusted (file
-    permissions are their access control), so ``trusted`` changes nothing here.
+    As :func:`start_server`.  A peer is trusted when the socket file is not
+    world-writable (its permissions restrict who can connect: asyncio binds
+    under the process's umask), or when ``trusted`` says ``unix`` or ``"*"``;
+    ``""`` trusts no one.  The mode is read per connection.
     """
     acceptor = _Acceptor(
         client_connected_cb,

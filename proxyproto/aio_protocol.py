@@ -63,11 +63,14 @@ from . import reader as core
 from . import v2
 from .errors import InvalidHeader, NoProxyHeader, ProxyProtocolError
 from .header import Family, ProxyHeader
+from .peers import connection_trust, socket_family
 from .policy import (
     Outcome,
     Policy,
+    Trust,
     decide,
     describe,
+    hook_trust,
     peer_text,
     uses_addresses,
 )
@@ -143,9 +146,13 @@ def _borrow(peer: Any, sock: Any) -> Any:
 
 
 def is_unix_transport(transport: Any) -> bool:
-    """Whether ``transport`` runs over a UNIX socket (asked by family, never by the peer's shape)."""
+    """Whether ``transport`` runs over a UNIX socket: asked of the socket itself, never of its label.
+
+    ``uvicorn --fd`` labels a TCP listener AF_UNIX (``socket.fromfd(fd,
+    AF_UNIX, ...)``), and asyncio's accepted sockets inherit the label.
+    """
     sock = transport.get_extra_info("socket")
-    return sock is not None and getattr(sock, "family", None) == _AF_UNIX
+    return sock is not None and socket_family(sock) == _AF_UNIX
 
 
 def served_sockname(policy: Policy, header: ProxyHeader | None, local: Any, listener_family: int) -> Any:
@@ -293,8 +300,10 @@ def proxy_extra(
         peername = (source[0], source[1], 0, 0)
         sockname, view_family = (destination[0], destination[1], 0, 0), _AF_INET6
     else:  # UNIX (uses_addresses is false for UNSPEC)
-        if getattr(sock, "family", _AF_UNIX) in _IP_FAMILIES:
-            return {"proxy_header": header, "proxy_peername": peer}  # the socket's own addresses (DESIGN.md)
+        # On an IP socket (whatever its label says: uvicorn --fd's is AF_UNIX), the socket's own
+        # addresses (DESIGN.md); without a socket object, the peer's shape tells.
+        if (type(peer) is tuple) if sock is None else socket_family(sock) in _IP_FAMILIES:
+            return {"proxy_header": header, "proxy_peername": peer}
         peername, sockname, view_family = header.source, header.destination, _AF_UNIX
     if sock is None:
         return {"proxy_header": header, "proxy_peername": peer, "peername": peername, "sockname": sockname}
@@ -534,21 +543,25 @@ class ProxyProtocolFactory:
         return made
 
     def policy_for(self, peer: Any, transport: asyncio.BaseTransport) -> Policy:
+        """The policy for a connection from ``peer`` (:meth:`trust`'s; a subclass may override this)."""
+        return self.trust(peer, transport).policy
+
+    def trust(self, peer: Any, transport: asyncio.BaseTransport) -> Trust:
+        """The connection's policy, and whether its peer is trusted (only then is its header handed on).
+
+        The user's ``policy_for`` hook (or a subclass's :meth:`policy_for`)
+        answers a Policy, and its peer counts as trusted when that is REQUIRE
+        or USE (:func:`~proxyproto.policy.hook_trust`); else the default rule
+        (:func:`~proxyproto.policy.trust_for`), asking the socket itself for a
+        peer that is no IP tuple (a UNIX one: is the socket file world-writable?).
+        """
         if self.policy_for_hook is not None:
-            return Policy(self.policy_for_hook(peer, transport.get_extra_info("sockname")))
-        trusted = self.trusted
-        if trusted is None:
-            return self.policy
-        if not isinstance(peer, tuple):
-            # A UNIX-socket peer (always trusted), or an IP peer whose address the loop could not
-            # tell (uvloop answers None once the client has reset, with its bytes still readable):
-            # that one is not trusted.
-            return self.policy if is_unix_transport(transport) else self.untrusted_policy
-        host = peer[0]
-        verdict = trusted.verdicts.get(host)  # TrustedNetworks' memory of this peer, without a call
-        if verdict is None:
-            verdict = host in trusted
-        return self.policy if verdict else self.untrusted_policy
+            return hook_trust(self.policy_for_hook(peer, transport.get_extra_info("sockname")))
+        if type(self).policy_for is not ProxyProtocolFactory.policy_for:
+            return hook_trust(self.policy_for(peer, transport))
+        return connection_trust(
+            self.policy, self.untrusted_policy, self.trusted, peer, transport.get_extra_info("socket")
+        )
 
     @property
     def pending(self) -> int:
@@ -631,6 +644,8 @@ class HeaderProtocol(asyncio.BufferedProtocol):
     transport: asyncio.Transport | None = None
     peer: Any = None
     policy = Policy.REQUIRE
+    #: Whether the peer is trusted: only then does its header reach the inner protocol.
+    trusted = False
     #: True while the header is awaited through :meth:`get_buffer` (parked, with a deadline).
     waiting = False
     #: The header bytes read so far while waiting: ``buf[:held]``.  It grows with what the
@@ -676,7 +691,8 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             raw.abort()
             return
         try:
-            self.policy = policy = factory.policy_for(peer, raw)
+            policy, self.trusted = factory.trust(peer, raw)
+            self.policy = policy
             if factory.ssl is not None and policy is not _REQUIRE and policy is not _SKIP:
                 # Refused when built without a hook; a hook can still answer an opt-in policy,
                 # whose sniffed bytes the TLS layer would never see.
@@ -969,6 +985,9 @@ class HeaderProtocol(asyncio.BufferedProtocol):
         return self.serve(header, rest)
 
     def serve(self, header: ProxyHeader | None, rest: bytes, sock: Any = _MISSING) -> asyncio.BaseProtocol | None:
+        """Hand the connection to the inner protocol; ``header`` only when the peer is trusted."""
+        if not self.trusted:
+            header = None  # an untrusted peer's header (under IGNORE) is read and removed, never handed on
         transport = self.transport
         assert transport is not None
         factory = self.factory
@@ -1106,14 +1125,14 @@ def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) ->
         # same answers.
         peer = transport.get_extra_info("peername")
         trusted = factory.trusted
-        if trusted is None:
+        if not isinstance(peer, tuple):
+            policy = factory.policy_for(peer, transport)  # a UNIX peer, or one the loop could not tell
+        elif trusted is None:
             policy = factory.policy
-        elif isinstance(peer, tuple):  # factory.policy_for, inline for an IP peer
+        else:  # factory.policy_for, inline for an IP peer
             host = peer[0]
             verdict = trusted.verdicts.get(host)  # TrustedNetworks' memory of this peer, without a call
             policy = factory.policy if (host in trusted if verdict is None else verdict) else factory.untrusted_policy
-        else:
-            policy = factory.policy_for(peer, transport)  # a UNIX peer, or one the loop could not tell
         if policy is _REQUIRE or policy is _USE:
             sock = transport.get_extra_info("socket")
             if sock is not None:
@@ -1155,6 +1174,7 @@ def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) ->
                     # A stream socket gives what a peek just showed; should it not, nothing is lost.
                     reading = HeaderProtocol(factory, self, inner_connection_made)
                     reading.transport, reading.peer, reading.policy, reading.peek = transport, peer, policy, peek
+                    reading.trusted = True  # REQUIRE and USE: only a trusted peer's (check_untrusted_policy)
                     reading.keep(taken)
                     reading.wait()
                     return
@@ -1191,8 +1211,9 @@ def wrap_protocol_factory(
     that are served.  The knobs are the socketserver mixin's, without the
     ``proxy_`` prefix (DESIGN.md): ``policy`` for trusted peers,
     ``trusted`` (None: every peer; else networks, or a string like
-    ``"10.0.0.0/8, 127.0.0.1"`` or ``"*"``; UNIX-socket peers are always
-    trusted), ``untrusted_policy`` (SKIP, IGNORE or REJECT),
+    ``"10.0.0.0/8, 127.0.0.1"`` or ``"*"``; UNIX-socket peers only behind a
+    socket file that is not world-writable, unless it holds ``unix``),
+    ``untrusted_policy`` (SKIP, IGNORE or REJECT),
     ``header_timeout`` (seconds for the whole header), ``max_header_size``,
     ``verify_checksum``, ``allow_v4_in_tcp6``, ``max_pending`` (connections
     waiting for their header; past it the oldest is closed), ``policy_for``

@@ -21,19 +21,26 @@ from .errors import HeaderRejected, HeaderTimeout, NoProxyHeader, ProxyProtocolE
 from .header import Family, ProxyHeader
 
 __all__ = [
+    "UNIX_ANY",
+    "UNIX_NONE",
+    "UNIX_OPEN",
+    "UNIX_RESTRICTED",
     "Address",
     "Outcome",
     "Policy",
+    "Trust",
     "TrustedNetworks",
     "Verdict",
     "check_untrusted_policy",
     "client_address_of",
     "decide",
     "describe",
+    "hook_trust",
     "peer_text",
     "policy_named",
     "refusal",
     "served_address",
+    "trust_for",
     "uses_addresses",
 ]
 
@@ -172,6 +179,17 @@ def check_untrusted_policy(value: Policy | str) -> Policy:
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
+#: ``TrustedNetworks.unix``: every UNIX-socket peer is trusted (the ``unix`` token, or ``"*"``).
+UNIX_ANY = "any"
+#: ``TrustedNetworks.unix``, and :func:`trust_for`'s ``unix``: the peers of a UNIX socket whose
+#: permissions restrict who can connect (a socket file that is not world-writable).
+UNIX_RESTRICTED = "restricted"
+#: ``TrustedNetworks.unix``: no UNIX-socket peer is trusted (``""``).
+UNIX_NONE = "none"
+#: :func:`trust_for`'s ``unix``: a UNIX socket anyone on the host may connect to (world-writable,
+#: abstract, unnamed).
+UNIX_OPEN = "open"
+
 #: Peers whose trust verdict is remembered before the memory starts over.
 _VERDICT_CACHE_SIZE = 1024
 
@@ -185,13 +203,20 @@ class TrustedNetworks:
     ``ipaddress`` objects, an iterable of those, and the comma-separated
     strings gunicorn's ``proxy_allow_ips`` and uvicorn's
     ``--forwarded-allow-ips`` take (``"10.0.0.0/8, 127.0.0.1"``); ``"*"``
-    means every IP peer.  An empty string trusts no one.  An IPv4-mapped peer
+    means every peer.  An empty string trusts no one.  An IPv4-mapped peer
     (``::ffff:10.1.2.3``, as a dual-stack socket reports IPv4 clients)
     matches its IPv4 network.  Anything unreadable raises ``ValueError``
     naming ``proxy_trusted``.
+
+    UNIX-socket peers (``unix``): :data:`UNIX_ANY` when the list holds the
+    token ``unix`` or ``"*"`` (every peer of every UNIX socket);
+    :data:`UNIX_NONE` when the list is empty (``""``: no one, UNIX peers
+    included); else :data:`UNIX_RESTRICTED`, the default: the peers of a
+    UNIX socket whose permissions restrict who can connect
+    (:func:`trust_for`).
     """
 
-    __slots__ = ("networks", "verdicts")
+    __slots__ = ("networks", "unix", "verdicts")
 
     def __init__(
         self,
@@ -204,13 +229,18 @@ class TrustedNetworks:
         elif isinstance(networks, _SINGLE):
             networks = [networks]
         parsed: list[Network] = []
+        unix = UNIX_NONE
         for network in networks:
+            if isinstance(network, str) and network.strip().lower() == "unix":
+                unix = UNIX_ANY
+                continue
             if isinstance(network, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
                 parsed.append(network)
             elif isinstance(network, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
                 parsed.append(ipaddress.ip_network(network))
             elif network == "*":
                 parsed.extend((ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")))
+                unix = UNIX_ANY
             elif isinstance(network, str):
                 try:
                     parsed.append(ipaddress.ip_network(network.strip(), strict=False))
@@ -219,6 +249,10 @@ class TrustedNetworks:
             else:
                 raise ValueError(f"proxy_trusted: cannot read {network!r} as an IP network")
         self.networks = tuple(parsed)
+        if unix == UNIX_NONE and parsed:
+            unix = UNIX_RESTRICTED
+        #: Which UNIX-socket peers are trusted: UNIX_ANY, UNIX_RESTRICTED or UNIX_NONE.
+        self.unix: str = unix
         self.verdicts: dict[str, bool] = {}
 
     def __contains__(self, host: object) -> bool:
@@ -248,7 +282,57 @@ class TrustedNetworks:
         return any(address in network for network in self.networks)
 
     def __repr__(self) -> str:
-        return f"TrustedNetworks({[str(network) for network in self.networks]!r})"
+        names = [str(network) for network in self.networks] + (["unix"] if self.unix == UNIX_ANY else [])
+        return f"TrustedNetworks({names!r})"
+
+
+class Trust(NamedTuple):
+    """The trust decision for one connection (or datagram): its policy, and whether its peer is trusted.
+
+    ``trusted`` says whether a header the connection sends may reach the
+    application (as ``proxy_header``, ``get_extra_info("proxy_header")``,
+    ``environ["proxyproto.header"]``): a header from an untrusted peer never
+    does, under any policy (DESIGN.md); its TLVs are claims anyone can write.
+    """
+
+    policy: Policy
+    trusted: bool
+
+
+def trust_for(
+    policy: Policy, untrusted_policy: Policy, trusted: TrustedNetworks | None, peer: Address, unix: str | None
+) -> Trust:
+    """The default decision (no user hook): ``policy`` for a trusted peer, ``untrusted_policy`` for the others.
+
+    ``unix`` is None when the connection's socket is an IP socket (whatever
+    label its server gave it), else what the UNIX socket's permissions say:
+    :data:`UNIX_RESTRICTED` (a socket file that is not world-writable) or
+    :data:`UNIX_OPEN` (world-writable, abstract or unnamed: anyone on the
+    host may connect).  An IP peer is trusted when it is in ``trusted``
+    (every IP peer when ``trusted`` is None; one whose address the loop
+    could not tell only then).  A UNIX peer is trusted when ``trusted.unix``
+    is UNIX_ANY (the ``unix`` token, ``"*"``), or when it is UNIX_RESTRICTED
+    (any other non-empty list, and None) and the socket restricts its peers;
+    ``""`` trusts no UNIX peer.
+    """
+    if unix is None:
+        ok = trusted is None or (isinstance(peer, tuple) and peer[0] in trusted)
+    else:
+        mode = UNIX_RESTRICTED if trusted is None else trusted.unix
+        ok = mode == UNIX_ANY or (mode == UNIX_RESTRICTED and unix == UNIX_RESTRICTED)
+    return Trust(policy, True) if ok else Trust(untrusted_policy, False)
+
+
+def hook_trust(answer: Policy | str) -> Trust:
+    """The decision of a user's ``policy_for`` / ``proxy_policy_for`` hook, which answers only a Policy.
+
+    The peer counts as trusted when the hook answers REQUIRE or USE (the
+    policies that take a header's addresses); under an IGNORE, REJECT or
+    SKIP from a hook no header reaches the application.  ValueError for an
+    answer that is no policy.
+    """
+    policy = answer if type(answer) is Policy else Policy(answer)
+    return Trust(policy, policy is Policy.REQUIRE or policy is Policy.USE)
 
 
 def describe(policy: Policy, outcome: Outcome, error: ProxyProtocolError | None, held: int, timeout: float) -> str:

@@ -40,7 +40,8 @@ import time
 from typing import Any
 
 from .header import ProxyHeader
-from .policy import Policy, decide, peer_text, served_address
+from .peers import socket_family, unix_access
+from .policy import Policy, Trust, decide, hook_trust, peer_text, served_address
 from .refusal_log import DEFAULT_LOG_RATE, KIND_EVICTED, KIND_POLICY_FOR, KIND_READ_ERROR, KIND_TLS, RefusalLog, kind_of
 from .settings import TrustSettings, check_setting, check_settings
 from .sock import RETRY_DELAY, HeaderAttempt, take_complete_header, wait_for_outcome
@@ -101,7 +102,9 @@ class ProxySocket(socket.socket):
     """An accepted connection: a real socket, plus the header it started with.
 
     ``proxy_header`` is the parsed :class:`ProxyHeader` whenever one was
-    parsed (also under IGNORE, and for LOCAL), else None.
+    parsed from a trusted peer (also under IGNORE, and for LOCAL), else None:
+    a header from an untrusted peer never reaches the handler
+    (:class:`~proxyproto.policy.Trust`).
     """
 
     __slots__ = ("proxy_header",)
@@ -112,11 +115,15 @@ class ProxySocket(socket.socket):
 class _Parked:
     """A connection whose header is not complete yet."""
 
-    __slots__ = ("attempt", "deadline", "edge", "peer", "registered", "retry_at", "saved_timeout")
+    __slots__ = ("attempt", "deadline", "edge", "peer", "registered", "retry_at", "saved_timeout", "trusted")
 
-    def __init__(self, attempt: HeaderAttempt, peer: Address, deadline: float, saved_timeout: float | None) -> None:
+    def __init__(
+        self, attempt: HeaderAttempt, peer: Address, deadline: float, saved_timeout: float | None, trusted: bool
+    ) -> None:
         self.attempt = attempt
         self.peer = peer
+        #: Whether the peer is trusted: only then may its header reach the handler.
+        self.trusted = trusted
         self.deadline = deadline
         self.saved_timeout = saved_timeout
         self.registered = False
@@ -160,9 +167,16 @@ class _State:
         self.generation = _fork_generation
 
 
-def _queue(state: _State, sock: ProxySocket, header: ProxyHeader | None, policy: Policy, peer: Address) -> None:
-    """Hand a connection to the serving loop with its header and the address it is served with."""
-    sock.proxy_header = header
+def _queue(
+    state: _State, sock: ProxySocket, header: ProxyHeader | None, policy: Policy, peer: Address, trusted: bool
+) -> None:
+    """Hand a connection to the serving loop with its header and the address it is served with.
+
+    The header reaches the handler only from a ``trusted`` peer (an untrusted
+    one's is never used for the address either: its policy is SKIP, IGNORE
+    or REJECT).
+    """
+    sock.proxy_header = header if trusted else None
     state.ready.append((sock, served_address(policy, header, peer, state.socket_args[0])))
 
 
@@ -178,7 +192,7 @@ class ProxyProtocolMixin:
 
     #: What a connection from a trusted peer must do (the spec's mode: REQUIRE).
     proxy_policy: Policy | str = Policy.REQUIRE
-    #: None: every peer is trusted; else IP networks allowed to send headers.
+    #: None: every IP peer is trusted; else IP networks (and the token ``unix``) allowed to send headers.
     proxy_trusted: Any | None = None
     #: What peers outside ``proxy_trusted`` get (SKIP, IGNORE or REJECT).
     proxy_untrusted_policy: Policy | str = Policy.SKIP
@@ -206,17 +220,26 @@ class ProxyProtocolMixin:
     def proxy_policy_for(self, peer: Address, local: Address | None) -> Policy:
         """The policy for a connection from ``peer`` accepted on ``local``.
 
-        The default applies ``proxy_trusted``: trusted peers (all, when it is
-        None; UNIX-socket peers always) get ``proxy_policy``, the others
-        ``proxy_untrusted_policy``.  Override it for anything else; ``local``
-        is None unless the method is overridden.
+        The default applies ``proxy_trusted``: trusted peers (all IP peers,
+        when it is None) get ``proxy_policy``, the others
+        ``proxy_untrusted_policy``; a UNIX-socket peer is trusted when the
+        listening socket's file is not world-writable, or when
+        ``proxy_trusted`` says ``unix`` or ``"*"``
+        (:func:`proxyproto.policy.trust_for`).  Override it for anything
+        else; ``local`` is None unless the method is overridden.  An
+        override's peer counts as trusted (its header reaches the handler)
+        when it answers REQUIRE or USE (:func:`proxyproto.policy.hook_trust`).
         """
         state = self._pp_state
         settings = TrustSettings() if state is None else state.settings
         settings.refresh(self)
         if settings.error is not None:
             raise settings.error
-        return settings.policy_for(peer)
+        return self._pp_default_trust(settings, peer).policy
+
+    def _pp_default_trust(self, settings: TrustSettings, peer: Address) -> Trust:
+        """``proxy_trusted``'s decision for ``peer``: a UNIX peer's asks the listening socket's mode."""
+        return settings.trust(peer, None if type(peer) is tuple else unix_access(self.socket))
 
     # -- configuration -----------------------------------------------------------------
 
@@ -441,7 +464,9 @@ class ProxyProtocolMixin:
         state = _State()
         state.settings.refresh(self)
         state.log.rate = self.proxy_log_rate
-        state.socket_args = (int(listener.family), int(listener.type), listener.proto)
+        # The family the socket really has (a listener made with socket.fromfd may be mislabeled).
+        family = socket_family(listener)
+        state.socket_args = (int(listener.family) if family < 0 else family, int(listener.type), listener.proto)
         selector = selectors.DefaultSelector()
         if hasattr(selector, "fileno"):
             # The wake-up pipe is made now, not when first needed: by then the
@@ -459,10 +484,10 @@ class ProxyProtocolMixin:
         self._pp_state = state
         return state
 
-    def _pp_accept_one(self, state: _State) -> tuple[ProxySocket, Address, Policy | None, float | None]:
-        """Accept the raw connection (no TLS handshake) as a ProxySocket, with its policy and timeout.
+    def _pp_accept_one(self, state: _State) -> tuple[ProxySocket, Address, Trust | None, float | None]:
+        """Accept the raw connection (no TLS handshake) as a ProxySocket, with its trust decision and timeout.
 
-        The policy is None when the configuration is invalid: the connection must be closed.
+        The decision is None when the configuration is invalid: the connection must be closed.
         """
         listener = self.socket
         # The plain socket's accept, not the listener's own: a TLS listener would handshake
@@ -487,8 +512,7 @@ class ProxyProtocolMixin:
         # the instance or the class while serving must take effect, like every other setting.
         if type(self).proxy_policy_for is not _DEFAULT_POLICY_FOR or "proxy_policy_for" in self.__dict__:
             try:
-                chosen = self.proxy_policy_for(peer, sock.getsockname())
-                policy = chosen if type(chosen) is Policy else Policy(chosen)
+                trust = hook_trust(self.proxy_policy_for(peer, sock.getsockname()))
             except Exception as exc:  # a user's hook: its failure closes this connection, never the loop
                 state.log.log(
                     logging.ERROR,
@@ -500,14 +524,12 @@ class ProxyProtocolMixin:
                 )
                 return sock, peer, None, timeout
         else:  # proxy_policy_for's default, without the call
-            policy, untrusted, trusted, _ = settings.parsed
-            if trusted is not None and isinstance(peer, tuple) and peer[0] not in trusted:
-                policy = untrusted
-        return sock, peer, policy, timeout
+            trust = self._pp_default_trust(settings, peer)
+        return sock, peer, trust, timeout
 
     def _pp_accept(self, state: _State, now: float | None = None, evicted: bool = False) -> None:
         try:
-            sock, peer, policy, timeout = self._pp_accept_one(state)
+            sock, peer, trust, timeout = self._pp_accept_one(state)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -532,9 +554,10 @@ class ProxyProtocolMixin:
         if state.accept_failing and not evicted:
             logger.warning("accept() works again")
             state.accept_failing = False
-        if policy is None:
+        if trust is None:
             sock.close()
             return
+        policy, trusted = trust
         if policy is Policy.SKIP:
             state.ready.append((sock, peer))
             return
@@ -558,11 +581,11 @@ class ProxyProtocolMixin:
                 sock.close()
                 return
             if header is not None:
-                _queue(state, sock, header, policy, peer)
+                _queue(state, sock, header, policy, peer, trusted)
                 return
         if now is None:
             now = time.monotonic()
-        parked = _Parked(self._pp_attempt(sock, policy), peer, now + self.proxy_header_timeout, timeout)
+        parked = _Parked(self._pp_attempt(sock, policy), peer, now + self.proxy_header_timeout, timeout, trusted)
         self._pp_step(state, parked, now)
 
     def _pp_attempt(self, sock: ProxySocket, policy: Policy) -> HeaderAttempt:
@@ -701,7 +724,7 @@ class ProxyProtocolMixin:
             sock.close()
             return
         assert isinstance(sock, ProxySocket)
-        _queue(state, sock, attempt.header, attempt.policy, parked.peer)
+        _queue(state, sock, attempt.header, attempt.policy, parked.peer, parked.trusted)
 
     def _pp_signal(self, state: _State, pending: bool) -> None:
         """Keep the selector readable while completed connections are queued."""
@@ -737,14 +760,16 @@ class ProxyProtocolMixin:
 
     def _pp_get_request_blocking(self, state: _State) -> tuple[ProxySocket, Address]:  # pragma: no cover
         """Fallback without a pollable selector: read the header in the loop, bounded by the timeout."""
-        sock, peer, policy, saved = self._pp_accept_one(state)
-        if policy is None:
+        sock, peer, trust, saved = self._pp_accept_one(state)
+        if trust is None:
             sock.close()
             raise OSError("proxyproto: connection closed: invalid settings")
+        policy, trusted = trust
         if policy is Policy.SKIP:
             return sock, peer
         sock.settimeout(0.0)
-        parked = _Parked(self._pp_attempt(sock, policy), peer, time.monotonic() + self.proxy_header_timeout, saved)
+        deadline = time.monotonic() + self.proxy_header_timeout
+        parked = _Parked(self._pp_attempt(sock, policy), peer, deadline, saved, trusted)
         try:
             wait_for_outcome(parked.attempt, parked.deadline)
         except OSError as exc:

@@ -28,7 +28,7 @@ import numbers
 import operator
 from typing import Any
 
-from .policy import Policy, TrustedNetworks, check_untrusted_policy, policy_named
+from .policy import Policy, Trust, TrustedNetworks, check_untrusted_policy, policy_named, trust_for
 
 __all__ = ["TrustSettings", "adapter_settings", "check_setting", "check_settings"]
 
@@ -254,9 +254,11 @@ class TrustSettings:
             self.reported = True
         return False
 
-    def policy_for(self, peer: Any) -> Policy:
-        """The policy the default ``proxy_policy_for`` gives ``peer`` (UNIX peers: always trusted)."""
+    def trust(self, peer: Any, unix: str | None) -> Trust:
+        """The default ``proxy_policy_for``'s decision for ``peer`` (:func:`~proxyproto.policy.trust_for`).
+
+        ``unix``: None on an IP socket, else what the UNIX socket's
+        permissions say (:func:`proxyproto.peers.unix_access`).
+        """
         policy, untrusted, trusted, _ = self.parsed
-        if trusted is None or not isinstance(peer, tuple) or peer[0] in trusted:
-            return policy
-        return untrusted
+        return trust_for(policy, untrusted, trusted, peer, unix)

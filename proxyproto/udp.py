@@ -67,8 +67,9 @@ from typing import Any
 
 from . import reader
 from .errors import InvalidHeader, NoProxyHeader, ProxyProtocolError
-from .header import Command, Protocol, ProxyHeader
-from .policy import Outcome, Policy, decide, describe, peer_text, served_address
+from .header import Command, Family, Protocol, ProxyHeader
+from .peers import socket_family, unix_access
+from .policy import Outcome, Policy, Trust, decide, describe, hook_trust, peer_text, served_address
 from .refusal_log import DEFAULT_LOG_RATE, KIND_POLICY_FOR, RefusalLog, kind_of
 from .settings import TrustSettings, check_setting, check_settings
 
@@ -99,7 +100,8 @@ class ProxyDatagram(tuple[Any, ...]):
     """``(payload, socket)`` as ``socketserver`` gives datagram handlers, plus where it came from.
 
     ``proxy_header``: the parsed :class:`ProxyHeader` whenever one was parsed
-    (also under IGNORE, and for LOCAL), else None.  ``proxy_address``: the
+    from a trusted source (also under IGNORE, and for LOCAL), else None: an
+    untrusted source's header is stripped and never handed on.  ``proxy_address``: the
     datagram's source, i.e. the proxy: the only address a reply may go to.
     """
 
@@ -151,16 +153,25 @@ class ProxyDatagramMixin:
     def proxy_policy_for(self, peer: Address, local: Address | None) -> Policy:
         """The policy for a datagram from ``peer`` received on ``local``.
 
-        The default applies ``proxy_trusted``: trusted sources (all, when it is
-        None; non-IP sources always) get ``proxy_policy``, the others
-        ``proxy_untrusted_policy``.  ``local`` is the socket's own address
-        (``getsockname()``), passed only when the method is overridden.
+        The default applies ``proxy_trusted``: trusted sources (all IP
+        sources, when it is None) get ``proxy_policy``, the others
+        ``proxy_untrusted_policy``; on a UNIX datagram socket a source is
+        trusted when the socket's file is not world-writable, or when
+        ``proxy_trusted`` says ``unix`` or ``"*"``
+        (:func:`proxyproto.policy.trust_for`).  ``local`` is the socket's own
+        address (``getsockname()``), passed only when the method is
+        overridden.  An override's source counts as trusted (its header
+        reaches the handler) when it answers REQUIRE or USE.
         """
         settings = self._ppd_settings or TrustSettings()
         settings.refresh(self)
         if settings.error is not None:
             raise settings.error
-        return settings.policy_for(peer)
+        return self._ppd_default_trust(settings, peer).policy
+
+    def _ppd_default_trust(self, settings: TrustSettings, peer: Address) -> Trust:
+        """``proxy_trusted``'s decision for ``peer``: on a UNIX socket it asks the socket file's mode."""
+        return settings.trust(peer, None if type(peer) is tuple else unix_access(self.socket))
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -245,13 +256,13 @@ class ProxyDatagramMixin:
         cls = type(self)
         if cls.proxy_policy_for is not ProxyDatagramMixin.proxy_policy_for or "proxy_policy_for" in vars(self):
             try:
-                chosen = self.proxy_policy_for(peer, sock.getsockname())
-                policy = chosen if type(chosen) is Policy else Policy(chosen)
+                trust = hook_trust(self.proxy_policy_for(peer, sock.getsockname()))
             except Exception as exc:  # a user's hook: its failure drops this datagram, never the loop
                 reason = f"proxy_policy_for failed: {type(exc).__name__}: {exc}"
                 raise self._ppd_refuse(logging.ERROR, peer, reason, KIND_POLICY_FOR) from None
         else:
-            policy = settings.policy_for(peer)
+            trust = self._ppd_default_trust(settings, peer)
+        policy = trust.policy
         if policy is Policy.SKIP:
             return ProxyDatagram(data, sock, None, peer), peer
         header, outcome, error = self._ppd_parse(data)
@@ -261,8 +272,11 @@ class ProxyDatagramMixin:
             raise self._ppd_refuse(verdict.level, peer, reason, kind_of(outcome))
         if header is None:
             return ProxyDatagram(data, sock, None, peer), peer
-        address = served_address(policy, header, peer, sock.family)
-        return ProxyDatagram(data[header.length :], sock, header, peer), address
+        # The listener's family matters only for a UNIX-family header: then ask the socket itself.
+        family = socket_family(sock) if header.family is Family.UNIX else sock.family
+        address = served_address(policy, header, peer, family)
+        # An untrusted source's header is stripped, never handed on (its TLVs are anyone's claims).
+        return ProxyDatagram(data[header.length :], sock, header if trust.trusted else None, peer), address
 
     def _ppd_parse(self, data: bytes) -> tuple[ProxyHeader | None, Outcome, ProxyProtocolError | None]:
         """What one datagram starts with (G8: on its own, never joined with another)."""

@@ -22,7 +22,9 @@ a typo stops the server at start):
 ``PROXYPROTO_ALLOW_IPS``         peers trusted to send a header: comma-separated IPs or
                                  CIDRs, or ``*``; default ``127.0.0.1,::1`` (gunicorn's
                                  ``proxy_allow_ips``, uvicorn's ``FORWARDED_ALLOW_IPS``);
-                                 UNIX-socket peers are always trusted
+                                 UNIX-socket peers only behind a socket file that is not
+                                 world-writable (``--uds`` makes it 0o666), unless the
+                                 list holds ``unix`` (``127.0.0.1,::1,unix``) or is ``*``
 ``PROXYPROTO_UNTRUSTED_POLICY``  SKIP (default), IGNORE or REJECT
 ``PROXYPROTO_HEADER_TIMEOUT``    seconds for the whole header, default 10 (0.001 to 3600)
 ``PROXYPROTO_MAX_PENDING``       connections waiting for their header, default 256 (at least 1)

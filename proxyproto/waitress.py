@@ -38,13 +38,16 @@ from waitress.task import WSGITask  # type: ignore[import-untyped,import-not-fou
 
 from .errors import InvalidHeader, NoProxyHeader, ProxyProtocolError
 from .header import ProxyHeader
+from .peers import socket_family, unix_access
 from .policy import (
     Outcome,
     Policy,
+    Trust,
     decide,
     describe,
     peer_text,
     served_address,
+    trust_for,
 )
 from .reader import MAX_V1_LENGTH, decode, measure
 from .refusal_log import DEFAULT_LOG_RATE, KIND_EVICTED, RefusalLog, kind_of
@@ -96,13 +99,17 @@ class ProxySettings:
         self.log = RefusalLog(logger, log_rate)
         self.pending: dict[ProxyHTTPChannel, None] = {}
 
-    def policy_for(self, peer: Any, family: int) -> Policy:
-        """``policy`` for trusted peers (UNIX-socket peers always are), ``untrusted_policy`` for the others."""
-        if self.trusted is None or family == getattr(socket, "AF_UNIX", None):
-            return self.policy
-        if isinstance(peer, tuple) and peer[0] in self.trusted:
-            return self.policy
-        return self.untrusted_policy
+    def trust(self, peer: Any, sock: Any, family: int) -> Trust:
+        """``policy`` for trusted peers, ``untrusted_policy`` for the others (:func:`~proxyproto.policy.trust_for`).
+
+        ``family`` is ``sock``'s real one (:func:`~proxyproto.peers.socket_family`).
+        waitress gives every UNIX peer the address ``("localhost", None)``,
+        so the socket, never the address's shape, says whether the peer is a
+        UNIX one; such a peer is trusted when the socket file is not
+        world-writable (waitress's ``unix_socket_perms`` default, ``600``,
+        is not), or when ``trusted`` says ``unix`` or ``"*"``.
+        """
+        return trust_for(self.policy, self.untrusted_policy, self.trusted, peer, unix_access(sock, family))
 
 
 class ProxyWSGITask(WSGITask):  # type: ignore[misc]  # waitress has no type hints
@@ -110,7 +117,7 @@ class ProxyWSGITask(WSGITask):  # type: ignore[misc]  # waitress has no type hin
 
     def get_environment(self) -> dict[str, Any]:
         environ: dict[str, Any] = super().get_environment()
-        environ[ENVIRON_KEY] = self.channel.proxy_header
+        environ[ENVIRON_KEY] = self.channel.proxy_header  # a trusted peer's only (ProxyHTTPChannel)
         return environ
 
 
@@ -119,7 +126,9 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
 
     The settings come from ``server.proxy_settings`` (a :class:`ProxySettings`),
     which :func:`create_server` sets on each listener.  ``proxy_header`` is
-    the parsed header or None; ``proxy_peername`` the socket's own peer (the proxy).
+    the parsed header when the peer is trusted, else None (an untrusted
+    peer's header is read and removed, never handed on); ``proxy_peername``
+    the socket's own peer (the proxy).
     """
 
     task_class = ProxyWSGITask
@@ -130,8 +139,9 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
         self.proxy_peername = addr
         settings: ProxySettings = server.proxy_settings
         self._proxy_settings = settings
-        self._proxy_family: int = server.family
-        self._proxy_policy = settings.policy_for(addr, self._proxy_family)
+        family = socket_family(sock)  # the socket's own, whatever the server's label says
+        self._proxy_family: int = server.family if family < 0 else family
+        self._proxy_policy, self._proxy_trusted = settings.trust(addr, sock, self._proxy_family)
         #: Bytes held while the header is undecided; None once decided (served or refused).
         self._proxy_held: bytearray | None = None
         if self._proxy_policy is Policy.SKIP:
@@ -168,7 +178,8 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
             return self._proxy_decided(Outcome.NO_HEADER, exc, bytes(held))
         except ProxyProtocolError as exc:
             return self._proxy_decided(Outcome.INVALID, exc, b"")
-        self.proxy_header = header
+        if self._proxy_trusted:
+            self.proxy_header = header
         return self._proxy_decided(Outcome.HEADER, None, bytes(held[size:]))
 
     def readable(self) -> bool:
