@@ -46,7 +46,8 @@ starts (:meth:`HeaderProtocol.hand_over_late`).
 Every outcome goes through :func:`proxyproto.policy.decide` (DESIGN.md's
 table); each connection has its own header deadline; at most ``max_pending``
 connections wait for their header at once (past it the oldest is closed, as
-the socketserver mixin does); refusal lines are rate limited
+the socketserver mixin does), and fewer when the process runs short of file
+descriptors (:mod:`proxyproto.parking`); refusal lines are rate limited
 (:class:`~proxyproto.refusal_log.RefusalLog`); :meth:`ProxyProtocolFactory.close`
 closes the connections still waiting, for a prompt shutdown.
 """
@@ -66,6 +67,7 @@ from . import reader as core
 from . import v2
 from .errors import InvalidHeader, NoProxyHeader, ProxyProtocolError
 from .header import Family, ProxyHeader
+from .parking import Parking, descriptor_of
 from .policy import (
     Outcome,
     Policy,
@@ -502,8 +504,10 @@ class ProxyProtocolFactory:
         self.ssl = ssl
         self.ssl_handshake_timeout = ssl_handshake_timeout
         self.refusals = RefusalLog(logger, log_rate)
-        #: Connections not handed to their protocol yet, oldest first (dicts keep insertion order).
-        self.parked: dict[HeaderProtocol, None] = {}
+        #: Connections not handed to their protocol yet, and the one rule that evicts them (max_pending,
+        #: the descriptor reserve); :attr:`parked` is its dict (oldest first: dicts keep insertion order).
+        self.parking: Parking[HeaderProtocol] = Parking(self.refusals, HeaderProtocol.abort)
+        self.parked: dict[HeaderProtocol, Any] = self.parking.waiting
         self.handshakes: set[asyncio.Future[None]] = set()
         self.closed = False
         #: Whether :meth:`header_first` classes may take a header already in the socket inline:
@@ -579,18 +583,15 @@ class ProxyProtocolFactory:
         await asyncio.sleep(0)
 
     def park(self, waiting: HeaderProtocol) -> None:
-        parked = self.parked
-        while len(parked) >= self.max_pending:
-            oldest = next(iter(parked))
-            del parked[oldest]
-            self.refusals.log(
-                logging.WARNING,
-                "%s: closed: %d connections already wait for their header (max_pending)",
-                peer_text(oldest.peer),
-                self.max_pending,
-            )
-            oldest.abort()
-        parked[waiting] = None
+        """Count ``waiting`` (its header, or with ``ssl=`` its handshake, is not done); close the oldest as needed.
+
+        Past ``max_pending``, or when ``waiting``'s descriptor is within the
+        reserve below the soft ``RLIMIT_NOFILE``, the oldest waiting
+        connections are closed first (:class:`proxyproto.parking.Parking`,
+        the streams adapter's rule too).  Only connections that wait come
+        here, never one whose header was complete on arrival.
+        """
+        self.parking.add(waiting, waiting.peer, descriptor_of(waiting.transport), self.max_pending)
 
     def unpark(self, waiting: HeaderProtocol) -> None:
         self.parked.pop(waiting, None)
