@@ -450,6 +450,15 @@ def hand_rest(transport: Any, view: ProxyTransport, inner: asyncio.BaseProtocol,
         inner.data_received(rest)  # type: ignore[attr-defined]
 
 
+def _handshake_timeout(given: float | None, header_timeout: float) -> float:
+    """The TLS handshake's bound: ``given`` when the user gave one, else ``header_timeout``."""
+    if given is None:
+        return header_timeout
+    if isinstance(given, bool) or not isinstance(given, (int, float)) or not 0 < given < float("inf"):
+        raise ValueError(f"ssl_handshake_timeout: must be a finite number of seconds above 0, got {given!r}")
+    return float(given)
+
+
 class ProxyProtocolFactory:
     """A protocol factory for ``loop.create_server``: each connection reads its header, then gets ``factory()``.
 
@@ -502,7 +511,9 @@ class ProxyProtocolFactory:
         self.allow_v4_in_tcp6 = allow_v4_in_tcp6
         self.max_pending = max_pending
         self.ssl = ssl
-        self.ssl_handshake_timeout = ssl_handshake_timeout
+        #: Seconds for the TLS handshake after the header: ``header_timeout`` unless given (see
+        #: :func:`wrap_protocol_factory`); the connection counts toward ``max_pending`` meanwhile.
+        self.ssl_handshake_timeout = _handshake_timeout(ssl_handshake_timeout, self.header_timeout)
         self.refusals = RefusalLog(logger, log_rate)
         #: Connections not handed to their protocol yet, and the one rule that evicts them (max_pending,
         #: the descriptor reserve); :attr:`parked` is its dict (oldest first: dicts keep insertion order).
@@ -1237,7 +1248,17 @@ def wrap_protocol_factory(
     ``ssl=`` to ``create_server`` as well.  With it, the policies that look at
     a stream and may serve it without a header (USE, IGNORE, REJECT) are
     refused with ``ValueError``: the bytes read to decide would be lost to
-    the handshake.
+    the handshake.  ``ssl_handshake_timeout``: seconds for that handshake,
+    counted from its start (the header decided, or at once for a peer under
+    SKIP); by default ``header_timeout`` (not asyncio's 60 s), so a client
+    that sends its header and then nothing, or an untrusted one that sends
+    nothing at all, is closed as promptly as one that never sends its
+    header: a connection lives at most ``2 * header_timeout`` before it is
+    served.  (A fresh window rather than what is left of the header's: a
+    proxy sends its header at once, so the two differ only for a slow header,
+    and the connection served at once keeps no start time.)  A value given
+    is used as it is (a finite number above 0).  A connection counts toward
+    ``max_pending`` until its handshake is done.
 
     Raises ``ValueError`` for an invalid knob.
     """
