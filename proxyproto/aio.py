@@ -30,7 +30,8 @@ logged as the socketserver mixin logs them, and the callback receives
 At most ``max_pending`` connections wait for their header at once: past it
 the oldest is closed and logged (a real proxy sends its header at once, so
 the oldest silent connection is the likeliest attacker), so a flood of
-silent connections holds a bounded number of descriptors.  Refusal lines are
+silent connections holds a bounded number of descriptors; when the process
+runs short of descriptors, fewer wait (:mod:`proxyproto.parking`).  Refusal lines are
 rate limited (:class:`~proxyproto.refusal_log.RefusalLog`, ``log_rate``).
 Servers built on protocols rather than streams use
 :func:`proxyproto.aio_protocol.wrap_protocol_factory`.
@@ -52,6 +53,7 @@ from .errors import (
     ProxyProtocolError,
 )
 from .header import ProxyHeader
+from .parking import Parking, descriptor_of
 from .peers import connection_trust
 from .policy import (
     Outcome,
@@ -63,7 +65,7 @@ from .policy import (
     peer_text,
     refusal,
 )
-from .refusal_log import DEFAULT_LOG_RATE, KIND_EVICTED, KIND_POLICY_FOR, KIND_READ_ERROR, RefusalLog, kind_of
+from .refusal_log import DEFAULT_LOG_RATE, KIND_POLICY_FOR, KIND_READ_ERROR, RefusalLog, kind_of
 from .settings import adapter_settings
 
 __all__ = ["ProxyStreamWriter", "read_header", "start_server", "start_unix_server"]
@@ -252,9 +254,11 @@ class _Acceptor:
         )
         self.max_pending = max_pending
         self.refusals = RefusalLog(logger, log_rate, later=call_later)
-        #: Writers of the connections whose header is not in yet, oldest first.
-        self.pending: dict[asyncio.StreamWriter, Any] = {}
-        #: Writers closed by max_pending: their reading task ends without a second line.
+        #: Writers of the connections whose header is not in yet, oldest first, and the one rule
+        #: that evicts them (:class:`proxyproto.parking.Parking`, shared with aio_protocol).
+        self.parking: Parking[asyncio.StreamWriter] = Parking(self.refusals, self.evict)
+        self.pending = self.parking.waiting
+        #: Writers closed by max_pending or the descriptor reserve: their reading task ends without a second line.
         self.evicted: set[asyncio.StreamWriter] = set()
         self.timeout = header_timeout
         self.options = {
@@ -270,28 +274,19 @@ class _Acceptor:
         return connection_trust(self.policy, self.untrusted_policy, self.trusted, peer, writer.get_extra_info("socket"))
 
     def park(self, writer: asyncio.StreamWriter, peer: Any) -> None:
-        """Count ``writer`` as waiting for its header; past ``max_pending``, close the oldest."""
-        pending = self.pending
-        while len(pending) >= self.max_pending:
-            oldest = next(iter(pending))
-            oldest_peer = pending.pop(oldest)
-            self.evicted.add(oldest)
-            self.refusals.log(
-                logging.WARNING,
-                "%s: closed: %d connections already wait for their header (max_pending)",
-                peer_text(oldest_peer),
-                self.max_pending,
-                kind=KIND_EVICTED,
-            )
-            oldest.transport.abort()
-        pending[writer] = peer
+        """Count ``writer`` as waiting for its header; past max_pending or the descriptor reserve, close the oldest."""
+        self.parking.add(writer, peer, descriptor_of(writer.transport), self.max_pending)
+
+    def evict(self, writer: asyncio.StreamWriter) -> None:
+        self.evicted.add(writer)
+        writer.transport.abort()
 
     def unpark(self, writer: asyncio.StreamWriter) -> bool:
-        """Stop counting ``writer``; False when max_pending has already closed it."""
+        """Stop counting ``writer``; False when an eviction has already closed it."""
         if writer in self.evicted:
             self.evicted.discard(writer)
             return False
-        self.pending.pop(writer, None)
+        self.parking.discard(writer)
         return True
 
     async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

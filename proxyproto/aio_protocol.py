@@ -44,7 +44,8 @@ starts (:meth:`HeaderProtocol.hand_over_late`).
 Every outcome goes through :func:`proxyproto.policy.decide` (DESIGN.md's
 table); each connection has its own header deadline; at most ``max_pending``
 connections wait for their header at once (past it the oldest is closed, as
-the socketserver mixin does); refusal lines are rate limited
+the socketserver mixin does), and fewer when the process runs short of file
+descriptors (:mod:`proxyproto.parking`); refusal lines are rate limited
 (:class:`~proxyproto.refusal_log.RefusalLog`); :meth:`ProxyProtocolFactory.close`
 closes the connections still waiting, for a prompt shutdown.
 """
@@ -63,6 +64,7 @@ from . import reader as core
 from . import v2
 from .errors import InvalidHeader, NoProxyHeader, ProxyProtocolError
 from .header import Family, ProxyHeader
+from .parking import Parking, descriptor_of
 from .peers import connection_trust, socket_family
 from .policy import (
     Outcome,
@@ -74,7 +76,7 @@ from .policy import (
     peer_text,
     uses_addresses,
 )
-from .refusal_log import DEFAULT_LOG_RATE, KIND_EVICTED, KIND_POLICY_FOR, KIND_TLS, RefusalLog, kind_of
+from .refusal_log import DEFAULT_LOG_RATE, KIND_POLICY_FOR, KIND_TLS, RefusalLog, kind_of
 from .settings import adapter_settings
 
 __all__ = [
@@ -450,6 +452,15 @@ def hand_rest(transport: Any, view: ProxyTransport, inner: asyncio.BaseProtocol,
         inner.data_received(rest)  # type: ignore[attr-defined]
 
 
+def _handshake_timeout(given: float | None, header_timeout: float) -> float:
+    """The TLS handshake's bound: ``given`` when the user gave one, else ``header_timeout``."""
+    if given is None:
+        return header_timeout
+    if isinstance(given, bool) or not isinstance(given, (int, float)) or not 0 < given < float("inf"):
+        raise ValueError(f"ssl_handshake_timeout: must be a finite number of seconds above 0, got {given!r}")
+    return float(given)
+
+
 class ProxyProtocolFactory:
     """A protocol factory for ``loop.create_server``: each connection reads its header, then gets ``factory()``.
 
@@ -502,10 +513,14 @@ class ProxyProtocolFactory:
         self.allow_v4_in_tcp6 = allow_v4_in_tcp6
         self.max_pending = max_pending
         self.ssl = ssl
-        self.ssl_handshake_timeout = ssl_handshake_timeout
+        #: Seconds for the TLS handshake after the header: ``header_timeout`` unless given (see
+        #: :func:`wrap_protocol_factory`); the connection counts toward ``max_pending`` meanwhile.
+        self.ssl_handshake_timeout = _handshake_timeout(ssl_handshake_timeout, self.header_timeout)
         self.refusals = RefusalLog(logger, log_rate, later=call_later)
-        #: Connections not handed to their protocol yet, oldest first (dicts keep insertion order).
-        self.parked: dict[HeaderProtocol, None] = {}
+        #: Connections not handed to their protocol yet, and the one rule that evicts them (max_pending,
+        #: the descriptor reserve); :attr:`parked` is its dict (oldest first: dicts keep insertion order).
+        self.parking: Parking[HeaderProtocol] = Parking(self.refusals, HeaderProtocol.abort)
+        self.parked: dict[HeaderProtocol, Any] = self.parking.waiting
         self.handshakes: set[asyncio.Future[None]] = set()
         self.closed = False
         #: Whether :meth:`header_first` classes may take a header already in the socket inline:
@@ -585,19 +600,15 @@ class ProxyProtocolFactory:
         await asyncio.sleep(0)
 
     def park(self, waiting: HeaderProtocol) -> None:
-        parked = self.parked
-        while len(parked) >= self.max_pending:
-            oldest = next(iter(parked))
-            del parked[oldest]
-            self.refusals.log(
-                logging.WARNING,
-                "%s: closed: %d connections already wait for their header (max_pending)",
-                peer_text(oldest.peer),
-                self.max_pending,
-                kind=KIND_EVICTED,
-            )
-            oldest.abort()
-        parked[waiting] = None
+        """Count ``waiting`` (its header, or with ``ssl=`` its handshake, is not done); close the oldest as needed.
+
+        Past ``max_pending``, or when ``waiting``'s descriptor is within the
+        reserve below the soft ``RLIMIT_NOFILE``, the oldest waiting
+        connections are closed first (:class:`proxyproto.parking.Parking`,
+        the streams adapter's rule too).  Only connections that wait come
+        here, never one whose header was complete on arrival.
+        """
+        self.parking.add(waiting, waiting.peer, descriptor_of(waiting.transport), self.max_pending)
 
     def unpark(self, waiting: HeaderProtocol) -> None:
         self.parked.pop(waiting, None)
@@ -1224,7 +1235,17 @@ def wrap_protocol_factory(
     ``ssl=`` to ``create_server`` as well.  With it, the policies that look at
     a stream and may serve it without a header (USE, IGNORE, REJECT) are
     refused with ``ValueError``: the bytes read to decide would be lost to
-    the handshake.
+    the handshake.  ``ssl_handshake_timeout``: seconds for that handshake,
+    counted from its start (the header decided, or at once for a peer under
+    SKIP); by default ``header_timeout`` (not asyncio's 60 s), so a client
+    that sends its header and then nothing, or an untrusted one that sends
+    nothing at all, is closed as promptly as one that never sends its
+    header: a connection lives at most ``2 * header_timeout`` before it is
+    served.  (A fresh window rather than what is left of the header's: a
+    proxy sends its header at once, so the two differ only for a slow header,
+    and the connection served at once keeps no start time.)  A value given
+    is used as it is (a finite number above 0).  A connection counts toward
+    ``max_pending`` until its handshake is done.
 
     Raises ``ValueError`` for an invalid knob.
     """

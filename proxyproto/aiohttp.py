@@ -44,7 +44,8 @@ class ProxyTCPSite(web.TCPSite):  # type: ignore[misc,unused-ignore]
     ``untrusted_policy`` (SKIP), ``header_timeout`` (10 s),
     ``max_header_size`` (4096), ``verify_checksum``, ``allow_v4_in_tcp6``,
     ``max_pending`` (256 connections waiting for their header; past it the
-    oldest is closed) and ``log_rate``.  Invalid knobs raise ``ValueError``
+    oldest is closed) and ``log_rate``.  ``ssl_context`` is negotiated after
+    the header, within ``ssl_handshake_timeout`` (default: ``header_timeout``).  Invalid knobs raise ``ValueError``
     here, before anything is bound.  :meth:`stop` (and so
     ``runner.cleanup()``) also closes the connections still waiting for
     their header, which aiohttp does not know of yet.

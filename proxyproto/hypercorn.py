@@ -61,6 +61,9 @@ async def serve(
     ``trusted`` takes networks, ``"10.0.0.0/8,127.0.0.1"`` or ``"*"``, and
     None (the default) trusts every peer.  Invalid knobs raise
     ``ValueError`` before anything is bound.  ``config`` is not modified.
+    With certificates in ``config``, TLS is negotiated after the header,
+    within ``header_timeout`` unless ``config.ssl_handshake_timeout`` was
+    set (hypercorn's own default, 60 s, is not used for it).
     """
     from hypercorn.asyncio import serve as hypercorn_serve  # type: ignore[import-not-found,unused-ignore]
 
@@ -76,6 +79,7 @@ async def serve(
         "log_rate": log_rate,
     }
     wrap_protocol_factory(asyncio.Protocol, **knobs)  # checks the knobs now, before binding
+    handshake_set = "ssl_handshake_timeout" in vars(config)  # set on the instance, not hypercorn's default
     loop = asyncio.get_running_loop()
     sockets = config.create_sockets()
     listeners = {id(sock) for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]}
@@ -88,10 +92,13 @@ async def serve(
         sock: socket.socket | None = kwargs.get("sock")
         if sock is None or id(sock) not in listeners:
             return await original(protocol_factory, *args, **kwargs)
+        handshake_timeout = kwargs.pop("ssl_handshake_timeout", None)
         factory = wrap_protocol_factory(
             protocol_factory,
             ssl=kwargs.pop("ssl", None),
-            ssl_handshake_timeout=kwargs.pop("ssl_handshake_timeout", None),
+            # hypercorn passes its config's value, 60 s unless set: only a value the user set
+            # replaces the wrapper's default (header_timeout).
+            ssl_handshake_timeout=handshake_timeout if handshake_set else None,
             **knobs,
         )
         factories.append(factory)

@@ -235,6 +235,36 @@ async def test_tls_is_negotiated_after_the_header(tls_files: tuple[str, str]) ->
     assert report["body_sha256"] == hashlib.sha256(BODY).hexdigest()
 
 
+async def held_until_closed(host: str, port: int, head: bytes, bound: float = 10.0) -> float:
+    """Connect, send ``head`` and nothing else; seconds until the server closes the connection."""
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(head)
+    began = time.monotonic()
+    try:
+        while await asyncio.wait_for(reader.read(65536), bound):
+            pass
+    except ConnectionResetError:
+        pass
+    finally:
+        writer.close()
+    return time.monotonic() - began
+
+
+@async_test
+async def test_stalled_tls_handshake_after_the_header_is_closed_at_the_header_timeout(
+    tls_files: tuple[str, str],
+) -> None:
+    """ssl_context and header_timeout=0.5: the header, then no ClientHello, is closed in about
+    half a second (the handshake gets header_timeout, not asyncio's 60 s)."""
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(*tls_files)
+    app = App()
+    async with running(app, ssl_context=server_tls, header_timeout=0.5) as site:
+        held = await held_until_closed(site._host, site.port, proxyproto.encode_v2(REAL_V4, DEST_V4))
+    assert 0.3 < held < 5.0, f"held {held:.2f} s"
+    assert app.calls == 0
+
+
 # -- trust ---------------------------------------------------------------------------------------
 
 

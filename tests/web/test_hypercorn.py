@@ -285,6 +285,41 @@ async def test_tls_is_negotiated_after_the_header(tls_files: tuple[str, str]) ->
     assert report["body_sha256"] == hashlib.sha256(BODY).hexdigest()
 
 
+async def held_until_closed(address: tuple[str, int], head: bytes, bound: float = 10.0) -> float:
+    """Connect, send ``head`` and nothing else; seconds until the server closes the connection."""
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(head)
+    began = time.monotonic()
+    try:
+        while await asyncio.wait_for(reader.read(65536), bound):
+            pass
+    except ConnectionResetError:
+        pass
+    finally:
+        writer.close()
+    return time.monotonic() - began
+
+
+@pytest.mark.parametrize("set_in_config", [False, True], ids=["default", "config.ssl_handshake_timeout"])
+@async_test
+async def test_stalled_tls_handshake_after_the_header_is_closed_promptly(
+    set_in_config: bool, tls_files: tuple[str, str]
+) -> None:
+    """The header, then no ClientHello: closed within header_timeout (hypercorn's own 60 s default
+    is not used), or within config.ssl_handshake_timeout when that was set."""
+    config = Config()
+    config.bind = [f"127.0.0.1:{free_port()}"]
+    config.certfile, config.keyfile = tls_files
+    header_timeout = 0.5
+    if set_in_config:
+        config.ssl_handshake_timeout = 0.5
+        header_timeout = 30.0
+    app = App()
+    async with running(app, config, header_timeout=header_timeout) as address:
+        held = await held_until_closed(address, proxyproto.encode_v2(REAL_V4, DEST_V4))
+    assert 0.3 < held < 5.0, f"held {held:.2f} s"
+
+
 @async_test
 async def test_config_is_not_modified_and_the_loop_is_restored() -> None:
     config = Config()

@@ -460,6 +460,41 @@ def test_uvicorn_cli_https_after_the_header_and_allow_ips_from_the_environment(
         run(scenario, "asyncio")
 
 
+@pytest.mark.parametrize("server_loop", ["asyncio", "uvloop"])
+def test_uvicorn_cli_stalled_tls_handshakes_are_closed_at_the_header_timeout(server_loop: str, tmp_path: Path) -> None:
+    """--ssl-* and PROXYPROTO_HEADER_TIMEOUT=0.5: a trusted client that sends its header and then
+    no ClientHello, and an untrusted one (SKIP) that sends nothing, are closed in about half a
+    second, not after asyncio's 60 s handshake timeout."""
+    if server_loop == "uvloop":
+        require_module("uvloop")
+    cert = self_signed(tmp_path) or pytest.skip("openssl is not installed")
+    assert isinstance(cert, Certificate)
+    port = free_port()
+    args = python(
+        "-m", "uvicorn", "web_kit:app", "--port", str(port), "--http", "proxyproto.uvicorn:H11",
+        "--ssl-certfile", str(cert.cert), "--ssl-keyfile", str(cert.key), "--loop", server_loop,
+    )  # fmt: skip
+    env = {"PROXYPROTO_ALLOW_IPS": "127.0.0.1", "PROXYPROTO_HEADER_TIMEOUT": "0.5"}
+    held: list[float] = []
+    with command(args, port, env=env, workdir=tmp_path):
+
+        async def scenario() -> None:
+            for head, local in ((V2, "127.0.0.1"), (b"", "127.0.0.2")):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(local, 0))
+                writer.write(head)
+                began = time.monotonic()
+                try:
+                    while await asyncio.wait_for(reader.read(65536), 10):
+                        pass
+                except ConnectionResetError:
+                    pass
+                held.append(time.monotonic() - began)
+                writer.close()
+
+        run(scenario, "asyncio")
+    assert all(0.3 < seconds < 5.0 for seconds in held), held
+
+
 @pytest.mark.parametrize(
     ("variable", "value"),
     [("PROXYPROTO_POLICY", "use"), ("PROXYPROTO_POLICY", "IGNORE"), ("PROXYPROTO_UNTRUSTED_POLICY", "reject")],
