@@ -532,6 +532,11 @@ class ProxyProtocolFactory:
             and type(self).policy_for is ProxyProtocolFactory.policy_for  # a subclass may decide otherwise
         )
         self._header_first: dict[type, type] = {}
+        #: ``(name, value)`` pairs set on the inner protocol of a connection from a trusted peer,
+        #: before it is told of the connection: an adapter's way to serve such connections
+        #: differently (``proxyproto.uvicorn`` gives them the application without uvicorn's
+        #: X-Forwarded-For middleware).
+        self.trusted_overrides: tuple[tuple[str, Any], ...] = ()
 
     def __call__(self) -> HeaderProtocol:
         return HeaderProtocol(self)
@@ -1010,6 +1015,9 @@ class HeaderProtocol(asyncio.BufferedProtocol):
                 logger.exception("%s: closed: the protocol factory failed", peer_text(self.peer))
                 transport.abort()
                 return None
+        if self.trusted:
+            for name, value in factory.trusted_overrides:
+                setattr(inner, name, value)
         if factory.ssl is not None:
             factory.park(self)  # until the handshake is done: counted, and closed on shutdown
             self.late = bytearray()
@@ -1180,6 +1188,8 @@ def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) ->
                         # one under it would have swallowed the header): answered here, not by a
                         # miss that asks the real transport (uvicorn asks per connection).
                         extra["sslcontext"] = _DEFAULT
+                        for name, value in factory.trusted_overrides:  # REQUIRE and USE: a trusted peer
+                            setattr(self, name, value)
                         inner_connection_made(self, ProxyTransport(transport, extra))
                         return
                     # A stream socket gives what a peek just showed; should it not, nothing is lost.

@@ -264,6 +264,9 @@ class ProxyHTTPProtocol:
             raise RuntimeError("proxyproto.uvicorn: the protocol is made by uvicorn")
 
         factory = _UvicornFactory(unused, ssl=context, **settings)
+        app = _without_forwarded_headers(config)
+        if app is not None:
+            factory.trusted_overrides = (("app", app),)
         logger.info(
             "proxyproto: PROXY header policy %s for %s, %s for other peers%s",
             factory.policy.name,
@@ -272,6 +275,43 @@ class ProxyHTTPProtocol:
             "; TLS is negotiated after the header" if context is not None else "",
         )
         return factory, inner
+
+
+#: uvicorn's own defaults for ``--forwarded-allow-ips`` (0.30 and later; earlier versions).
+_UVICORN_FORWARDED_DEFAULTS = ("127.0.0.1,::1", "127.0.0.1")
+
+
+def _without_forwarded_headers(config: Any) -> Any:
+    """The application without uvicorn's X-Forwarded-For middleware, where it must not act; else None.
+
+    uvicorn trusts ``X-Forwarded-For`` from its ``--forwarded-allow-ips``
+    (loopback by default: the same peers as ``PROXYPROTO_ALLOW_IPS``).  A
+    connection from a peer trusted to send the PROXY header but served with
+    the socket's own address (a LOCAL or UNKNOWN header, IGNORE, USE without
+    a header) would then take its client from ``X-Forwarded-For`` bytes that
+    the proxy relayed from the client (haproxy in ``mode tcp`` relays them
+    untouched).  So, unless the user chose the forwarded-header hosts
+    (``FORWARDED_ALLOW_IPS`` in the environment, or ``--forwarded-allow-ips``
+    other than uvicorn's default), connections from peers trusted to send
+    the header are served without that middleware: the PROXY header is the
+    one authority on their addresses.  Other peers keep uvicorn's behaviour.
+    """
+    app = getattr(config, "loaded_app", None)
+    try:
+        from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+    except ImportError:  # pragma: no cover (uvicorn without the middleware)
+        return None
+    if not isinstance(app, ProxyHeadersMiddleware):
+        return None  # --no-proxy-headers, or a uvicorn that wraps differently: nothing to take off
+    chosen = getattr(config, "forwarded_allow_ips", None)
+    default = chosen is None or (isinstance(chosen, str) and chosen.replace(" ", "") in _UVICORN_FORWARDED_DEFAULTS)
+    if os.environ.get("FORWARDED_ALLOW_IPS") is not None or not default:
+        return None
+    logger.info(
+        "proxyproto: uvicorn's X-Forwarded-For handling is off for peers trusted to send the PROXY header "
+        "(set FORWARDED_ALLOW_IPS to keep it)"
+    )
+    return app.app
 
 
 class H11(ProxyHTTPProtocol):

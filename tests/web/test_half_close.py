@@ -18,13 +18,12 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from support import free_port, require_haproxy, require_module
-from web_kit import CEILING, DEST_V4, REAL_V4, command
+from web_kit import DEST_V4, REAL_V4, command, run_on_loop, uvicorn_serving
 
 import proxyproto
 from proxyproto.aio_protocol import wrap_protocol_factory
@@ -33,18 +32,6 @@ CLIENTS = 100
 FIN_DELAYS_MS = (0.0, 0.1, 0.5)
 V2 = proxyproto.encode_v2(REAL_V4, DEST_V4)
 REQUEST = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
-
-
-def run(loop: str, scenario: Callable[[], Awaitable[None]]) -> None:
-    async def bounded() -> None:
-        await asyncio.wait_for(scenario(), CEILING)
-
-    if loop == "uvloop":
-        uvloop: Any = require_module("uvloop")
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(bounded())
-    else:
-        asyncio.run(bounded())
 
 
 def half_closing_clients(address: tuple[str, int], data: bytes, delay_ms: float, count: int) -> list[bytes]:
@@ -85,27 +72,6 @@ def loop(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@contextlib.asynccontextmanager
-async def uvicorn_serving(http: Any, **config: Any) -> AsyncIterator[tuple[str, int]]:
-    """uvicorn serving ``web_kit.app`` on 127.0.0.1 in this loop, with ``http`` as its ``--http``."""
-    import uvicorn
-    from web_kit import app
-
-    settings = {"host": "127.0.0.1", "port": 0, "lifespan": "off", "log_level": "warning", **config}
-    server = uvicorn.Server(uvicorn.Config(app, http=http, **settings))
-    task = asyncio.ensure_future(server.serve())
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert not task.done(), task.exception()
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        await asyncio.sleep(0.01)
-    try:
-        yield server.servers[0].sockets[0].getsockname()[:2]
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
-
-
 def wrapped_and_plain(http: str) -> tuple[Any, str]:
     import proxyproto.uvicorn as ppu
 
@@ -122,7 +88,7 @@ def test_uvicorn_answers_every_client_that_half_closes_after_its_request(http: s
                 got = await answered(proxied, V2 + REQUEST, delay, b"HTTP/1.1 200")
                 assert got == CLIENTS, f"wrapped, FIN +{delay} ms: {got} of {CLIENTS} answered"
 
-    run(loop, scenario)
+    run_on_loop(loop, scenario)
 
 
 def test_uvicorn_behind_haproxy_answers_every_client_that_half_closes(http: str, loop: str, tmp_path: Path) -> None:
@@ -148,7 +114,7 @@ def test_uvicorn_behind_haproxy_answers_every_client_that_half_closes(http: str,
                     got = await answered(("127.0.0.1", front_wrapped), REQUEST, delay, b"HTTP/1.1 200")
                     assert got == CLIENTS, f"wrapped behind haproxy, FIN +{delay} ms: {got} of {CLIENTS} answered"
 
-    run(loop, scenario)
+    run_on_loop(loop, scenario)
 
 
 class AnswersOneTurnLater(asyncio.Protocol):
@@ -201,4 +167,4 @@ def test_wrapped_protocol_answers_every_client_that_half_closes_as_the_bare_prot
                 server.close()
                 await server.wait_closed()
 
-    run(loop, scenario)
+    run_on_loop(loop, scenario)

@@ -21,7 +21,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -298,3 +298,46 @@ def command(
 
 def python(*args: str) -> list[str]:
     return [sys.executable, *args]
+
+
+# -- event loops and in-process uvicorn -----------------------------------------------------
+
+
+def run_on_loop(loop: str, scenario: Callable[[], Awaitable[None]]) -> None:
+    """Run ``scenario()`` in a fresh asyncio or uvloop event loop, bounded by ``CEILING`` seconds."""
+
+    async def bounded() -> None:
+        await asyncio.wait_for(scenario(), CEILING)
+
+    if loop == "uvloop":
+        uvloop: Any = _require("uvloop")
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(bounded())
+    else:
+        asyncio.run(bounded())
+
+
+@contextlib.asynccontextmanager
+async def uvicorn_serving(http: Any, **config: Any) -> AsyncIterator[tuple[str, int]]:
+    """uvicorn serving ``web_kit.app`` on 127.0.0.1 in this loop, with ``http`` as its ``--http``."""
+    import uvicorn
+
+    settings = {"host": "127.0.0.1", "port": 0, "lifespan": "off", "log_level": "warning", **config}
+    server = uvicorn.Server(uvicorn.Config(app, http=http, **settings))
+    task = asyncio.ensure_future(server.serve())
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert not task.done(), task.exception()
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        await asyncio.sleep(0.01)
+    try:
+        yield server.servers[0].sockets[0].getsockname()[:2]
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+def _require(name: str) -> Any:
+    from support import require_module
+
+    return require_module(name)
