@@ -181,6 +181,8 @@ class ReplySocket:
         )
 
     def __getattr__(self, name: str) -> Any:
+        if name in ReplySocket.__slots__:  # not set yet (copy makes the object first): no recursion
+            raise AttributeError(name)
         return getattr(self._sock, name)
 
     def __repr__(self) -> str:

@@ -11,6 +11,7 @@ also proves ``client_address`` is still the header's source.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import select
 import socket
@@ -199,6 +200,8 @@ def test_request_socket_is_the_server_socket_for_everything_but_sending() -> Non
     class Inspect(udp.ProxyDatagramRequestHandler):
         def handle(self) -> None:
             sock = self.request[1]
+            copied = copy.copy(self.request)[1]
+            assert copied is sock and copy.copy(sock).getsockname() == sock.getsockname()
             seen.append((sock.fileno(), sock.getsockname(), sock.family, sock.type, repr(sock)))
             self.wfile.write(b"ok")
 
