@@ -15,13 +15,25 @@ What a handler sees:
   ``(payload, socket)`` of ``socketserver`` (header removed), with two more
   attributes: ``proxy_header`` (the parsed header, or None) and
   ``proxy_address`` (the source of the datagram: the proxy that sent it).
+  Its socket is a :class:`ReplySocket` on the server's socket.
 
-Replies must go back to ``proxy_address``, never to ``client_address``:
-sending straight to the header's source would bypass the proxy, and with a
-forged header reflect traffic at a third party.
-``socketserver.DatagramRequestHandler`` replies to ``client_address``, so use
-:class:`ProxyDatagramRequestHandler`, or ``sendto(..., self.request.proxy_address)``
-in a ``BaseRequestHandler``.
+Replies reach the proxy, never the header's source, whatever the handler.
+A PROXY-protocol UDP proxy (dnsdist) sends header + query to the backend and
+relays the answer that comes back on the same address pair, without a
+header, to its client; an answer sent straight to the header's source would
+bypass the proxy and, with a forged header, reflect (and amplify) traffic at
+a third party.  Every handler written for plain ``socketserver`` replies to
+``client_address`` (``DatagramRequestHandler.finish`` calls
+``self.request[1].sendto(reply, self.client_address)``), so the request's
+socket is a :class:`ReplySocket`: its ``sendto`` and ``sendmsg`` send a
+datagram addressed to the header's source, or to the proxy, to the proxy,
+and refuse any other destination with ``PermissionError``.  Such handlers
+are therefore served, not refused: they keep ``self.client_address`` as the
+real client for logs and ACLs and still cannot aim a datagram at it.
+:class:`ProxyDatagramRequestHandler` says the same explicitly (its
+``finish`` sends to ``proxy_address``, and nothing when nothing was
+written).  The server's own socket, ``self.server.socket``, is not
+wrapped: a handler that uses it sends where it says, on purpose.
 
 What the header may describe.  The v2 protocol nibble says what the
 header's addresses describe, and every datagram is parsed on its own (G8):
@@ -59,6 +71,7 @@ a flood of them must not become a flood of log lines.
 from __future__ import annotations
 
 import io
+import ipaddress
 import logging
 import os
 import socket
@@ -79,6 +92,7 @@ __all__ = [
     "ProxyDatagramMixin",
     "ProxyDatagramRequestHandler",
     "ProxyUDPServer",
+    "ReplySocket",
     "ThreadingProxyUDPServer",
 ]
 
@@ -96,8 +110,90 @@ SETTINGS = ("proxy_policy", "proxy_trusted", "proxy_untrusted_policy", "proxy_ma
 _PROTOCOL_NAMES = {Protocol.STREAM: "STREAM (TCP)", Protocol.DGRAM: "DGRAM (UDP)", Protocol.UNSPEC: "UNSPEC"}
 
 
+def _endpoint(address: Address) -> Any:
+    """``address`` in a form where two spellings of one IP endpoint compare equal.
+
+    ``(host, port)`` and ``(host, port, flowinfo, scope_id)`` of the same host and
+    port are one endpoint, and so are ``"192.0.2.1"`` and ``"::ffff:192.0.2.1"``;
+    anything else (a UNIX path, a host name) compares as given.
+    """
+    if isinstance(address, tuple) and len(address) >= 2 and isinstance(address[0], str):
+        try:
+            ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address[0])
+        except ValueError:
+            return address
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return (ip, address[1])
+    return address
+
+
+class ReplySocket:
+    """The socket of a :class:`ProxyDatagram` (``self.request[1]``): its datagrams reach the proxy.
+
+    A handler written for plain ``socketserver`` answers ``client_address``,
+    which behind the mixin is the header's source: a claim of the sender's.
+    Through this socket, ``sendto`` and ``sendmsg`` send a datagram addressed
+    to the header's source (``client_address``, in any spelling of that IP
+    and port) or to the proxy (``proxy_address``) to the proxy, i.e. back to
+    the datagram's real sender on the server's socket, as a PROXY-protocol
+    UDP proxy expects; any other destination raises ``PermissionError``
+    (nothing is sent), because a destination derived from what a datagram
+    says is how reflection works.  ``sendmsg`` without an address is passed
+    on unchanged (an unconnected socket refuses it).  Every other attribute
+    (``fileno``, ``getsockname``, ``family``, ...) is the server socket's.
+    It is not a ``socket.socket``; ``self.server.socket`` is the socket
+    itself, for a handler that means to send elsewhere.
+    """
+
+    __slots__ = ("_client", "_proxy", "_sock")
+
+    def __init__(self, sock: socket.socket, proxy_address: Address, client_address: Address) -> None:
+        self._sock = sock
+        self._proxy = proxy_address
+        self._client = client_address
+
+    def sendto(self, data: Any, *args: Any) -> int:
+        """``socket.sendto(data[, flags], address)``, sent to the proxy (see the class)."""
+        if len(args) == 1:
+            flags, address = 0, args[0]
+        elif len(args) == 2:
+            flags, address = args
+        else:
+            raise TypeError(f"sendto() takes 2 or 3 arguments ({len(args) + 1} given)")
+        return self._sock.sendto(data, flags, self._destination(address))
+
+    def sendmsg(self, buffers: Any, ancdata: Any = (), flags: int = 0, address: Address | None = None) -> int:
+        """``socket.sendmsg``, sent to the proxy when it names an address (see the class)."""
+        if address is None:
+            return self._sock.sendmsg(buffers, ancdata, flags)
+        return self._sock.sendmsg(buffers, ancdata, flags, self._destination(address))
+
+    def _destination(self, address: Address) -> Address:
+        """The proxy's address for the header's source or the proxy; PermissionError for anything else."""
+        wanted = _endpoint(address)
+        if wanted == _endpoint(self._proxy) or wanted == _endpoint(self._client):
+            return self._proxy
+        raise PermissionError(
+            f"proxyproto: a reply to this datagram goes to the proxy that sent it ({peer_text(self._proxy)}); "
+            f"sending to {address!r} through the request's socket is refused (it could aim traffic at a "
+            "third party); send through self.server.socket to send elsewhere on purpose"
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ReplySocket.__slots__:  # not set yet (copy makes the object first): no recursion
+            raise AttributeError(name)
+        return getattr(self._sock, name)
+
+    def __repr__(self) -> str:
+        return f"<proxyproto.udp.ReplySocket to {self._proxy!r} on {self._sock!r}>"
+
+
 class ProxyDatagram(tuple[Any, ...]):
     """``(payload, socket)`` as ``socketserver`` gives datagram handlers, plus where it came from.
+
+    The servers give a :class:`ReplySocket` as the socket, so that no reply
+    reaches the header's source.
 
     ``proxy_header``: the parsed :class:`ProxyHeader` whenever one was parsed
     from a trusted source (also under IGNORE, and for LOCAL), else None: an
@@ -109,7 +205,7 @@ class ProxyDatagram(tuple[Any, ...]):
     proxy_address: Address
 
     def __new__(
-        cls, payload: bytes, sock: socket.socket, proxy_header: ProxyHeader | None, proxy_address: Address
+        cls, payload: bytes, sock: socket.socket | ReplySocket, proxy_header: ProxyHeader | None, proxy_address: Address
     ) -> ProxyDatagram:
         self = super().__new__(cls, (payload, sock))
         self.proxy_header = proxy_header
@@ -264,19 +360,20 @@ class ProxyDatagramMixin:
             trust = self._ppd_default_trust(settings, peer)
         policy = trust.policy
         if policy is Policy.SKIP:
-            return ProxyDatagram(data, sock, None, peer), peer
+            return ProxyDatagram(data, ReplySocket(sock, peer, peer), None, peer), peer
         header, outcome, error = self._ppd_parse(data)
         verdict = decide(policy, outcome)
         if not verdict.serve:
             reason = describe(policy, outcome, error, len(data), 0.0)
             raise self._ppd_refuse(verdict.level, peer, reason, kind_of(outcome))
         if header is None:
-            return ProxyDatagram(data, sock, None, peer), peer
+            return ProxyDatagram(data, ReplySocket(sock, peer, peer), None, peer), peer
         # The listener's family matters only for a UNIX-family header: then ask the socket itself.
         family = socket_family(sock) if header.family is Family.UNIX else sock.family
         address = served_address(policy, header, peer, family)
+        reply = ReplySocket(sock, peer, address)
         # An untrusted source's header is stripped, never handed on (its TLVs are anyone's claims).
-        return ProxyDatagram(data[header.length :], sock, header if trust.trusted else None, peer), address
+        return ProxyDatagram(data[header.length :], reply, header if trust.trusted else None, peer), address
 
     def _ppd_parse(self, data: bytes) -> tuple[ProxyHeader | None, Outcome, ProxyProtocolError | None]:
         """What one datagram starts with (G8: on its own, never joined with another)."""
@@ -315,13 +412,15 @@ class ProxyDatagramMixin:
 
 
 class ProxyDatagramRequestHandler(socketserver.DatagramRequestHandler):
-    """``DatagramRequestHandler`` whose reply goes to the proxy that sent the datagram.
+    """``DatagramRequestHandler`` whose reply goes, by name, to the proxy that sent the datagram.
 
     ``socketserver.DatagramRequestHandler.finish()`` sends ``wfile`` to
-    ``client_address``, which behind a proxy is the header's source: that
-    would bypass the proxy, and with a forged header reflect traffic at a third
-    party.  This one sends to ``self.request.proxy_address`` (the datagram's
-    source), without a header, and sends nothing when nothing was written.
+    ``client_address``, which behind a proxy is the header's source; the
+    mixin's :class:`ReplySocket` turns that into a reply to the proxy, so the
+    plain handler is safe too.  This one says so in its code: it sends to
+    ``self.request.proxy_address`` (the datagram's source), without a header,
+    and sends nothing when nothing was written (the plain handler sends an
+    empty datagram then, as ``socketserver`` does).
     """
 
     def finish(self) -> None:

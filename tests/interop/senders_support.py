@@ -433,8 +433,8 @@ def answer_for(client_address: Any, query: bytes) -> bytes:
     return dns_answer(query, repr(client_address) if qtype == TYPE_TXT else None)
 
 
-class DNSDatagramHandler(udp.ProxyDatagramRequestHandler):
-    """One DNS query per datagram; the reply goes back to the proxy (``proxy_address``)."""
+class PlainDNSDatagramHandler(socketserver.DatagramRequestHandler):
+    """One DNS query per datagram, written for plain ``socketserver``: ``finish()`` answers ``client_address``."""
 
     def handle(self) -> None:
         query = self.rfile.read()
@@ -444,6 +444,10 @@ class DNSDatagramHandler(udp.ProxyDatagramRequestHandler):
             Seen(self.client_address, header, self.request.proxy_address, query, extra)
         )
         self.wfile.write(answer_for(self.client_address, query))
+
+
+class DNSDatagramHandler(PlainDNSDatagramHandler, udp.ProxyDatagramRequestHandler):
+    """The same, with the library's handler: the reply goes back to the proxy (``proxy_address``) by name."""
 
 
 class DNSStreamHandler(socketserver.BaseRequestHandler):
@@ -479,9 +483,9 @@ class DNSStreamHandler(socketserver.BaseRequestHandler):
 class DNSBackend:
     """The library's UDP and TCP servers on one port of 127.0.0.1, as a DNS server behind dnsdist."""
 
-    def __init__(self) -> None:
+    def __init__(self, datagram_handler: type = DNSDatagramHandler) -> None:
         for _attempt in range(50):
-            self.udp = Backend(udp.ThreadingProxyUDPServer, ("127.0.0.1", 0), DNSDatagramHandler)
+            self.udp = Backend(udp.ThreadingProxyUDPServer, ("127.0.0.1", 0), datagram_handler)
             try:
                 self.tcp = Backend(proxyproto.ThreadingProxyTCPServer, self.udp.address, DNSStreamHandler)
             except OSError:  # the TCP side of that port is taken: try another

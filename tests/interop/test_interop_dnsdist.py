@@ -7,11 +7,14 @@ here is the library's own ``ThreadingProxyUDPServer`` and
 ``ThreadingProxyTCPServer`` on one port, answering each TXT query with the
 ``client_address`` its handler saw; the client checks that answer against its
 own socket, so the path is proved end to end, replies included (they go back
-to ``proxy_address``, i.e. through dnsdist).
+to ``proxy_address``, i.e. through dnsdist).  A second dnsdist, in front of a handler
+written for plain ``socketserver`` (its answer addressed to ``client_address``), shows that
+answer relayed by dnsdist too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import socket
 import struct
@@ -22,6 +25,7 @@ import pytest
 from interop_support import require_ipv6, require_program
 from senders_support import (
     DNSBackend,
+    PlainDNSDatagramHandler,
     Program,
     Seen,
     dns_query,
@@ -38,12 +42,11 @@ from proxyproto import Command, Family, Protocol
 _ids = itertools.count(1)
 
 
-@pytest.fixture(scope="module")
-def dnsdist() -> Iterator[tuple[Program, DNSBackend, int]]:
-    """One dnsdist for the module, listening on 127.0.0.1 and ::1 (UDP and TCP), in front of the library."""
+@contextlib.contextmanager
+def _dnsdist_in_front_of(backend: DNSBackend) -> Iterator[tuple[Program, DNSBackend, int]]:
+    """dnsdist listening on 127.0.0.1 and ::1 (UDP and TCP), in front of ``backend``; both stopped at exit."""
     exe = require_program("dnsdist")
     require_ipv6()
-    backend = DNSBackend()
     port = free_ports(1)[0]
     with module_workdir("dnsdist") as d:
         conf = d / "dnsdist.conf"
@@ -58,6 +61,13 @@ def dnsdist() -> Iterator[tuple[Program, DNSBackend, int]]:
         finally:
             proc.stop()
             backend.close()
+
+
+@pytest.fixture(scope="module")
+def dnsdist() -> Iterator[tuple[Program, DNSBackend, int]]:
+    """One dnsdist for the module, in front of the library's servers and its ``ProxyDatagramRequestHandler``."""
+    with _dnsdist_in_front_of(DNSBackend()) as running:
+        yield running
 
 
 @pytest.fixture
@@ -95,6 +105,21 @@ def test_dnsdist_udp_client_address_end_to_end_G8(dd: tuple[Program, DNSBackend,
     assert h.tlvs == ()
     # The datagram came from dnsdist, not from the client: that is where the reply went.
     assert seen.peer[0] == "127.0.0.1" and seen.peer != own
+
+
+def test_dnsdist_relays_the_answer_of_a_plain_socketserver_datagram_handler_G8() -> None:
+    """socketserver's own ``DatagramRequestHandler`` answers ``client_address``: the answer still goes to dnsdist.
+
+    dnsdist relays an answer only when it comes back from the backend on the address pair the
+    query went out on; one sent to the header's source (the client) would bypass it.
+    """
+    with _dnsdist_in_front_of(DNSBackend(PlainDNSDatagramHandler)) as (_proc, backend, port):
+        qname = _name("plain")
+        own, response = udp_dns(("127.0.0.1", port), dns_query(qname, ident=0x4321), source=("127.0.0.2", 0))
+        assert dns_txt(response) == (0x4321, 0, [repr(own)])  # through dnsdist: it restored the client's id
+        (seen,) = backend.wait(1, _mine(qname))
+        assert backend.errors == []
+        assert seen.client_address == own and seen.peer[0] == "127.0.0.1" and seen.peer != own
 
 
 def test_dnsdist_udp_custom_tlvs_decode_V2_TLV(dd: tuple[Program, DNSBackend, int]) -> None:

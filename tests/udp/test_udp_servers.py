@@ -57,7 +57,7 @@ def test_udp4_header_fam_0x12_gives_real_client_and_exact_payload_G8(name: str) 
     assert bytes.fromhex(report["payload"]) == b"\x00payload\xff"
     assert report["proxy_address"] == own
     assert report["header"] == {"command": "PROXY", "family": "INET", "protocol": "DGRAM", "length": 28}
-    assert report["request_is_pair"] and report["socket_is_server_socket"]
+    assert report["request_is_pair"] and report["socket_is_reply_socket_on_server_socket"]
 
 
 @pytest.mark.parametrize("name", CLASS_NAMES)
@@ -144,22 +144,6 @@ def test_udp_reply_goes_to_the_proxy_never_to_the_header_source(name: str) -> No
         assert report["client_address"] == list(victim.getsockname())
         with pytest.raises(socket.timeout):
             victim.recvfrom(65535)
-
-
-def test_plain_datagram_request_handler_would_reply_to_the_header_source() -> None:
-    """Why ProxyDatagramRequestHandler exists: socketserver's own handler sends to client_address."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as victim:
-        victim.bind(("127.0.0.5", 0))
-        victim.settimeout(5.0)
-
-        class Plain(socketserver.DatagramRequestHandler):
-            def handle(self) -> None:
-                self.wfile.write(b"reply")
-
-        with running("ProxyUDPServer", handler=Plain) as server, proxy_socket() as proxy:
-            proxy.sendto(udp4(victim.getsockname(), DEST_V4) + b"x", server.server_address)
-            data, _ = victim.recvfrom(65535)
-        assert data == b"reply"
 
 
 def test_proxy_datagram_is_the_socketserver_pair_with_attributes() -> None:

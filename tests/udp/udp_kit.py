@@ -77,7 +77,8 @@ class Reporter(udp.ProxyDatagramRequestHandler):
             "payload": self.rfile.read().hex(),
             "proxy_address": list(request.proxy_address),
             "request_is_pair": isinstance(request, tuple) and len(request) == 2,
-            "socket_is_server_socket": request[1] is self.server.socket,
+            "socket_is_reply_socket_on_server_socket": isinstance(request[1], udp.ReplySocket)
+            and request[1].fileno() == self.server.socket.fileno(),
             "header": None
             if header is None
             else {
