@@ -214,13 +214,29 @@ class ProxyStreamWriter(asyncio.StreamWriter):
     ) -> None:
         # The transport and protocol of the stream asyncio made: writes, drain,
         # close and start_tls behave exactly as on the original writer.
-        super().__init__(writer.transport, writer._protocol, reader, asyncio.get_running_loop())  # type: ignore[attr-defined]
+        protocol: Any = writer.transport.get_protocol()  # the stream's protocol, as writer._protocol
+        super().__init__(writer.transport, protocol, reader, asyncio.get_running_loop())
         self._proxy_extra = proxy_extra(writer.transport, Policy(policy), header)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name in self._proxy_extra:
             return self._proxy_extra[name]
         return super().get_extra_info(name, default)
+
+
+#: The StreamReader attributes :func:`read_header` looks at (docs/platforms.rst): asyncio has no
+#: public way to see buffered bytes without consuming them, or to wait for more.
+_STREAM_INTERNALS = ("_buffer", "_eof", "_wait_for_data")
+
+
+def _require_stream_internals(reader: Any) -> None:
+    """Raise ``RuntimeError`` naming what is missing when ``reader`` lacks what :func:`read_header` uses."""
+    missing = [name for name in _STREAM_INTERNALS if not hasattr(reader, name)]
+    if missing:
+        raise RuntimeError(
+            f"proxyproto.aio: this Python's asyncio.StreamReader has no {', '.join(missing)}, which "
+            "read_header needs to look at bytes without consuming them (see docs/platforms.rst)"
+        )
 
 
 class _Acceptor:
@@ -241,6 +257,7 @@ class _Acceptor:
         max_pending: int,
         log_rate: float | None,
     ) -> None:
+        _require_stream_internals(asyncio.StreamReader())  # at start, not at the first connection
         self.callback = client_connected_cb
         self.hook = policy_for
         self.policy, self.untrusted_policy, self.trusted = adapter_settings(

@@ -34,6 +34,27 @@ from .refusal_log import DEFAULT_LOG_RATE
 __all__ = ["ProxyTCPSite"]
 
 
+#: The private slots of ``web.TCPSite`` that :meth:`ProxyTCPSite.start` reads and sets in its
+#: place (docs/platforms.rst); ``_bound_port`` too where it exists (aiohttp 3.10 and later).
+_SITE_SLOTS = ("_server", "_host", "_port", "_backlog", "_reuse_address", "_reuse_port")
+
+
+def _require_site_slots() -> None:
+    """Raise ``RuntimeError`` naming them when this aiohttp's ``TCPSite`` lacks :data:`_SITE_SLOTS`.
+
+    The subclass has a ``__dict__``: without this check, a renamed slot would
+    be set there silently, and ``BaseSite.stop`` would no longer close the
+    listener.
+    """
+    slots = {name for klass in web.TCPSite.__mro__ for name in getattr(klass, "__slots__", ())}
+    missing = [name for name in _SITE_SLOTS if name not in slots]
+    if missing:
+        raise RuntimeError(
+            f"proxyproto.aiohttp: this aiohttp's web.TCPSite has no {', '.join(missing)}, which "
+            "ProxyTCPSite.start sets in its place (see docs/platforms.rst)"
+        )
+
+
 class ProxyTCPSite(web.TCPSite):  # type: ignore[misc,unused-ignore]
     """``web.TCPSite`` for a backend behind a PROXY-protocol proxy.
 
@@ -72,6 +93,7 @@ class ProxyTCPSite(web.TCPSite):  # type: ignore[misc,unused-ignore]
         reuse_address: bool | None = None,
         reuse_port: bool | None = None,
     ) -> None:
+        _require_site_slots()
         super().__init__(
             runner,
             host,

@@ -7,9 +7,14 @@ hook for what happens between ``accept()`` and its own protocol.  A recipe
 built on :func:`proxyproto.aio.start_server` would have to drive hypercorn's
 internal ``TCPServer`` and lifespan by hand.  This adapter keeps hypercorn's
 own ``serve`` (lifespan, graceful shutdown, HTTP/2, logging) and changes one
-thing: while it runs, the running loop's ``create_server`` wraps the
-protocol factory of exactly the listening sockets this adapter bound (and
-nothing else) with :func:`proxyproto.aio_protocol.wrap_protocol_factory`.
+thing, for this call only: it runs a copy of hypercorn's ``serve`` and
+``worker_serve`` functions (same code, same module globals) whose global
+``asyncio`` is a view of the asyncio module with its own ``start_server``,
+which wraps the protocol factory of exactly the listening sockets this call
+bound (and passes every other call through) with
+:func:`proxyproto.aio_protocol.wrap_protocol_factory`.  Nothing shared is
+changed: no module, class or event loop; two ``serve`` calls on one loop
+each have their own wrapper.
 
 * The TLS handshake of ``config.certfile``/``keyfile`` listeners is moved
   *after* the header (haproxy's ``send-proxy`` in front of TLS passthrough).
@@ -18,8 +23,11 @@ nothing else) with :func:`proxyproto.aio_protocol.wrap_protocol_factory`.
 * Closing a listener also closes the connections still waiting for their
   header, so a silent client never delays shutdown.
 
-hypercorn is imported when :func:`serve` is called.  asyncio's own event
-loop is needed (uvloop's loop cannot have its ``create_server`` replaced).
+hypercorn is imported when :func:`serve` is called.  Should a hypercorn
+release stop creating its listeners with ``asyncio.start_server`` in
+``worker_serve`` (or ``serve`` stop calling ``worker_serve``), :func:`serve`
+raises ``RuntimeError`` before binding anything, rather than serve without
+reading headers (see ``docs/platforms.rst``).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import socket
+import types
 from collections.abc import Awaitable
 from typing import Any, Callable, Literal
 
@@ -67,6 +76,7 @@ async def serve(
     """
     from hypercorn.asyncio import serve as hypercorn_serve  # type: ignore[import-not-found,unused-ignore]
 
+    run = _serve_with_own_start_server(hypercorn_serve)  # RuntimeError, before binding, if hypercorn changed
     knobs: dict[str, Any] = {
         "policy": policy,
         "trusted": trusted,
@@ -80,21 +90,31 @@ async def serve(
     }
     wrap_protocol_factory(asyncio.Protocol, **knobs)  # checks the knobs now, before binding
     handshake_set = "ssl_handshake_timeout" in vars(config)  # set on the instance, not hypercorn's default
-    loop = asyncio.get_running_loop()
     sockets = config.create_sockets()
     listeners = {id(sock) for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]}
     factories: list[ProxyProtocolFactory] = []
-    original = loop.create_server
-    # Another serve() on this loop may have replaced it already: restore what was there.
-    replaced_before = "create_server" in getattr(loop, "__dict__", {})
 
-    async def create_server(protocol_factory: Callable[[], Any], *args: Any, **kwargs: Any) -> asyncio.Server:
+    async def start_server(
+        client_connected_cb: Callable[..., Any],
+        host: Any = None,
+        port: Any = None,
+        *,
+        limit: int = _STREAM_LIMIT,
+        **kwargs: Any,
+    ) -> Any:
+        """``asyncio.start_server`` as this call's copy of hypercorn sees it: its own sockets wrapped."""
         sock: socket.socket | None = kwargs.get("sock")
         if sock is None or id(sock) not in listeners:
-            return await original(protocol_factory, *args, **kwargs)
+            return await asyncio.start_server(client_connected_cb, host, port, limit=limit, **kwargs)
+        loop = asyncio.get_running_loop()
+
+        def streams() -> asyncio.StreamReaderProtocol:  # what asyncio.start_server's factory makes
+            reader = asyncio.StreamReader(limit=limit, loop=loop)
+            return asyncio.StreamReaderProtocol(reader, client_connected_cb, loop=loop)
+
         handshake_timeout = kwargs.pop("ssl_handshake_timeout", None)
         factory = wrap_protocol_factory(
-            protocol_factory,
+            streams,
             ssl=kwargs.pop("ssl", None),
             # hypercorn passes its config's value, 60 s unless set: only a value the user set
             # replaces the wrapper's default (header_timeout).
@@ -102,33 +122,85 @@ async def serve(
             **knobs,
         )
         factories.append(factory)
-        server = await original(factory, *args, **kwargs)
-        close = server.close
-
-        def close_with_waiting() -> None:
-            close()
-            factory.close()  # connections still waiting for a header were never handed to hypercorn
-
-        server.close = close_with_waiting  # type: ignore[method-assign]
-        return server
+        return _Listener(await loop.create_server(factory, host, port, **kwargs), factory)
 
     ours = copy.copy(config)
     ours.create_sockets = lambda: sockets  # hypercorn serves the sockets bound above
     try:
-        loop.create_server = create_server  # type: ignore[method-assign]
-    except AttributeError:
-        for sock in [*sockets.secure_sockets, *sockets.insecure_sockets, *sockets.quic_sockets]:
-            sock.close()
-        raise RuntimeError("proxyproto.hypercorn.serve needs asyncio's own event loop (not uvloop)") from None
-    try:
         if mode is None:  # hypercorn < 0.15 has no mode argument
-            await hypercorn_serve(app, ours, shutdown_trigger=shutdown_trigger)
+            await run(start_server, app, ours, shutdown_trigger=shutdown_trigger)
         else:
-            await hypercorn_serve(app, ours, shutdown_trigger=shutdown_trigger, mode=mode)
+            await run(start_server, app, ours, shutdown_trigger=shutdown_trigger, mode=mode)
     finally:
-        if replaced_before:
-            loop.create_server = original  # type: ignore[method-assign]
-        else:
-            del loop.create_server  # the class's method again
         for factory in factories:
             factory.close()
+
+
+#: ``asyncio.start_server``'s default buffer limit (64 KiB), which hypercorn does not change.
+_STREAM_LIMIT = 2**16
+
+
+class _Listener:
+    """A listener as hypercorn sees it: closing it also closes the connections still waiting for their header.
+
+    Those were never handed to hypercorn, so its graceful shutdown would not
+    close them.  Everything else is the ``asyncio.Server``'s.
+    """
+
+    def __init__(self, server: asyncio.AbstractServer, factory: ProxyProtocolFactory) -> None:
+        self.server = server
+        self.factory = factory
+
+    def close(self) -> None:
+        self.server.close()
+        self.factory.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.server, name)
+
+
+class _AsyncioView(types.ModuleType):
+    """The asyncio module as one ``serve`` call's copy of hypercorn sees it: its own ``start_server``."""
+
+    def __init__(self, start_server: Callable[..., Any]) -> None:
+        super().__init__("asyncio")
+        self.start_server = start_server
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+
+def _copy_with_globals(function: Any, **replaced: Any) -> Any:
+    """A copy of ``function`` (same code, defaults and closure) whose module globals have ``replaced``."""
+    namespace = dict(function.__globals__)
+    namespace.update(replaced)
+    copied = types.FunctionType(
+        function.__code__, namespace, function.__name__, function.__defaults__, function.__closure__
+    )
+    copied.__kwdefaults__ = function.__kwdefaults__
+    copied.__qualname__ = function.__qualname__
+    return copied
+
+
+def _serve_with_own_start_server(hypercorn_serve: Any) -> Callable[..., Awaitable[None]]:
+    """``run(start_server, app, config, **kw)``: hypercorn's ``serve`` with ``start_server`` as asyncio's.
+
+    What it relies on (``docs/platforms.rst``): hypercorn's ``serve`` calls
+    the module global ``worker_serve``, which calls ``asyncio.start_server``
+    through its module global ``asyncio`` for each TCP listener.  Raises
+    ``RuntimeError`` naming what changed when the code says otherwise.
+    """
+    worker_serve = hypercorn_serve.__globals__.get("worker_serve")
+    names = getattr(getattr(worker_serve, "__code__", None), "co_names", ())
+    if "worker_serve" not in hypercorn_serve.__code__.co_names or not {"asyncio", "start_server"} <= set(names):
+        raise RuntimeError(
+            "proxyproto.hypercorn: this hypercorn's serve() no longer makes its listeners with "
+            "asyncio.start_server in worker_serve(), so their connections cannot read a PROXY header "
+            "(see docs/platforms.rst)"
+        )
+
+    async def run(start_server: Callable[..., Any], app: Any, config: Any, **kwargs: Any) -> None:
+        worker = _copy_with_globals(worker_serve, asyncio=_AsyncioView(start_server))
+        await _copy_with_globals(hypercorn_serve, worker_serve=worker)(app, config, **kwargs)
+
+    return run

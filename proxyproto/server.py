@@ -37,7 +37,7 @@ import socket
 import socketserver
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from .header import ProxyHeader
 from .peers import socket_family, unix_access
@@ -60,8 +60,17 @@ __all__ = [
 logger = logging.getLogger("proxyproto")
 
 _EPOLLET = getattr(select, "EPOLLET", 0)
-# socket.socket._accept is the C accept() that socket.socket.accept wraps (there since Python 3.3).
-_ACCEPT = socket.socket._accept  # type: ignore[attr-defined]
+
+
+def _public_accept(listener: socket.socket) -> tuple[int, Any]:
+    """``(fd, address)`` of a new connection through the public ``socket.socket.accept`` (no handshake)."""
+    conn, peer = socket.socket.accept(listener)
+    return conn.detach(), peer
+
+
+# socket.socket._accept is the C accept() that socket.socket.accept wraps (there since Python 3.3):
+# one socket object per connection instead of two (docs/platforms.rst); the public path otherwise.
+_ACCEPT: Callable[[socket.socket], tuple[int, Any]] = getattr(socket.socket, "_accept", None) or _public_accept
 _getdefaulttimeout = socket.getdefaulttimeout
 _LISTENER = "listener"
 _WAKEUP = "wakeup"

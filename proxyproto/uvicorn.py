@@ -14,9 +14,9 @@ transport that reports the header's addresses: ``scope["client"]`` and
     PROXYPROTO_ALLOW_IPS=10.0.0.0/8 uvicorn app:app --http proxyproto.uvicorn:H11
 
 Configuration comes from environment variables with gunicorn's and
-uvicorn's conventions (see :data:`ENVIRONMENT`), read when the server
-handles its first connection (and checked when this module is imported, so
-a typo stops the server at start):
+uvicorn's conventions (see :data:`ENVIRONMENT`), read when uvicorn loads its
+config (so a typo stops the server at start, naming the variable) and
+when the server handles its first connection:
 
 ``PROXYPROTO_POLICY``            REQUIRE (default), USE, IGNORE, REJECT or SKIP (any case)
 ``PROXYPROTO_ALLOW_IPS``         peers trusted to send a header: comma-separated IPs or
@@ -35,29 +35,36 @@ a typo stops the server at start):
 ``uvicorn.Config(app, http=proxyproto.uvicorn.wrap("h11", trusted=...))``.
 
 TLS: uvicorn passes its ``--ssl-*`` context to ``loop.create_server``, which
-would handshake before the header.  uvicorn has no documented hook between
-its ``Config`` and ``create_server`` that the ``--http`` class (the only
-thing ``uvicorn app:app --http ...`` lets us plug in) could use:
-``ssl_context_factory`` must return a context, a ``Server`` subclass or a
-``run()`` of our own would not serve the command line, and a ``--loop``
-factory would patch the event loop instead.  So importing this module
-replaces ``uvicorn.Config.ssl`` with a data descriptor (:class:`_SSLTakeover`)
-that stores the value where a plain attribute would (the instance's
-``__dict__``) and answers None to uvicorn (so ``create_server`` gets no
-context) only for configs whose HTTP class has the
-``proxyproto_tls_after_header`` marker (the classes here and those
-:func:`wrap` makes); every other config reads and writes ``ssl`` exactly
-as before.  Installing it is idempotent (a second import or a reload keeps
-one descriptor, and the marker, not a class identity, decides).  The
-wrapper negotiates TLS with the real context right after the header
-(uvicorn's start-up line then says ``http://``; proxyproto logs one line
-saying TLS follows the header).
+would handshake before the header.  Importing this module changes nothing
+outside it.  The one moment uvicorn hands control to the ``--http`` class
+before it builds that context is ``Config.load()`` asking the class for its
+``alpn_protocols``; these classes answer through a property of their
+metaclass, which finds the config being loaded in its caller's frame (the
+frame of ``uvicorn.config.Config.load`` itself, nothing else) and, for that
+one config instance:
 
-With TLS, the policies that may serve a stream without a header (USE,
-IGNORE, REJECT, for ``PROXYPROTO_POLICY`` or, when ``PROXYPROTO_ALLOW_IPS``
-is set, ``PROXYPROTO_UNTRUSTED_POLICY``) are refused when uvicorn loads its
-config: one ERROR line naming the setting and exit status 3, as uvicorn
-does for its own configuration errors.
+* checks the settings (the environment, or :func:`wrap`'s), and, when the
+  config has TLS (``config.is_ssl``), that the policies can negotiate it
+  after the header;
+* when it has TLS, makes that instance's class a subclass of its own whose
+  ``ssl`` attribute reads None (the context uvicorn then builds is stored in
+  the instance's ``__dict__``, as a plain attribute would be), so uvicorn's
+  ``create_server`` gets no context and the wrapper negotiates TLS with it
+  right after the header (uvicorn's start-up line then says ``http://``;
+  proxyproto logs one line saying TLS follows the header).
+
+No other config, class or loop sees any difference.  A setting that cannot
+work (a bad ``PROXYPROTO_*`` value; with TLS, the policies that may serve a
+stream without a header: USE, IGNORE, REJECT, for ``PROXYPROTO_POLICY`` or,
+when ``PROXYPROTO_ALLOW_IPS`` is set, ``PROXYPROTO_UNTRUSTED_POLICY``)
+raises a ``ValueError`` naming the variable from ``Config.load()``; under
+uvicorn's command line it is one ERROR line and exit status 3, as uvicorn
+does for its own configuration errors (the exception is also click's
+``ClickException``, which uvicorn's click command reports that way).
+Should a uvicorn stop asking for ``alpn_protocols`` from ``Config.load``,
+a config with TLS is refused at its first connection with one ERROR line
+(TLS would come before the header), never served otherwise; see
+``docs/platforms.rst``.
 
 Shutdown: a connection whose header is not in yet is listed in uvicorn's
 ``server_state.connections`` and closed by uvicorn's graceful shutdown
@@ -67,12 +74,14 @@ Shutdown: a connection whose header is not in yet is listed in uvicorn's
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
-import sys
+import ssl
 import weakref
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from types import FrameType
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .aio_protocol import HeaderProtocol, ProxyProtocolFactory
 from .policy import Policy
@@ -97,6 +106,40 @@ _INNER = {
     "h11": "uvicorn.protocols.http.h11_impl:H11Protocol",
     "httptools": "uvicorn.protocols.http.httptools_impl:HttpToolsProtocol",
 }
+
+
+if TYPE_CHECKING:
+    _Reported = Exception
+else:
+    try:  # uvicorn's command line is a click command: click reports its ClickException in one line
+        from click import ClickException as _Reported
+    except ImportError:  # pragma: no cover (uvicorn always brings click)
+        _Reported = Exception
+
+
+class _StartupError(ValueError, _Reported):
+    """A setting uvicorn cannot serve with, raised from ``Config.load()`` before anything listens.
+
+    A ``ValueError`` whose text names the variable or the :func:`wrap`
+    knob.  It is also click's ``ClickException``: uvicorn's command line
+    (a click command that lets exceptions of ``Config.load`` through) then
+    shows it as one ERROR line on uvicorn's logger and exits with status 3,
+    uvicorn's ``STARTUP_FAILURE``.  Anywhere else it propagates as any
+    exception does.
+    """
+
+    exit_code = 3
+
+    def __init__(self, message: str) -> None:
+        ValueError.__init__(self, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def show(self, file: Any = None) -> None:
+        """What click calls before exiting: the line goes where uvicorn's own errors go."""
+        logging.getLogger("uvicorn.error").error("%s", self.message)
 
 
 def _number(name: str, text: str, kind: type) -> Any:
@@ -179,7 +222,32 @@ def _state_of(waiting: HeaderProtocol) -> Any:
     return getattr(waiting.inner, "server_state", None)
 
 
-class ProxyHTTPProtocol:
+class _HTTPClass(type):
+    """The metaclass of :class:`ProxyHTTPProtocol`: where ``uvicorn.Config.load()`` meets the ``--http`` class."""
+
+    @property
+    def alpn_protocols(cls) -> list[str] | None:
+        """The inner protocol's ALPN protocols; asked by ``Config.load()``, it also prepares that config.
+
+        uvicorn reads this while loading a config, before it builds the
+        config's TLS context; the config is found in the caller's frame
+        (only when the caller is ``uvicorn.config.Config.load``) and
+        prepared by :func:`_prepare` (settings checked; with TLS, the
+        context kept from ``create_server``).  Raises
+        :class:`_StartupError` for settings that cannot be served.
+        """
+        frame = inspect.currentframe()
+        try:
+            config = _loading_config(cls, frame.f_back if frame is not None else None)
+        finally:
+            del frame  # no reference cycle through the frame
+        if config is not None:
+            _prepare(cls, config)  # type: ignore[arg-type]
+        inner: list[str] | None = cls.inner_alpn_protocols  # type: ignore[attr-defined]
+        return inner
+
+
+class ProxyHTTPProtocol(metaclass=_HTTPClass):
     """Base of :class:`H11` and :class:`HttpTools`: uvicorn's ``--http`` class that reads the header first.
 
     Subclasses name the inner protocol (``inner``, an import path or a
@@ -196,10 +264,8 @@ class ProxyHTTPProtocol:
 
     inner: ClassVar[str | type[asyncio.Protocol]] = _INNER["h11"]
     settings: ClassVar[dict[str, Any] | None] = None
-    #: The marker :class:`_SSLTakeover` looks for: configs served by this class get no TLS from uvicorn.
-    proxyproto_tls_after_header: ClassVar[bool] = True
-    #: uvicorn asks the ``--http`` class for its ALPN protocols when it builds the TLS context.
-    alpn_protocols: ClassVar[list[str] | None] = None
+    #: What the class answers uvicorn's ``alpn_protocols`` question with (the inner class's).
+    inner_alpn_protocols: ClassVar[list[str] | None] = None
     #: The protocol class made for each config (weakly).
     _classes: ClassVar[weakref.WeakKeyDictionary[Any, type[asyncio.Protocol]]]
 
@@ -210,11 +276,14 @@ class ProxyHTTPProtocol:
     def __new__(cls, config: Any, server_state: Any, **kwargs: Any) -> Any:
         protocol_class = cls._classes.get(config)
         if protocol_class is None:
-            factory, inner = cls._make_factory(config)
+            try:
+                factory, inner = cls._make_factory(config)
+            except _TLSFirst as exc:
+                if config not in _TLS_FIRST:  # one line per config, then each connection is just closed
+                    _TLS_FIRST.add(config)
+                    logging.getLogger("uvicorn.error").error("%s", exc)
+                raise
             protocol_class = cls._classes[config] = factory.header_first(inner)
-            # What uvicorn and _SSLTakeover ask of the --http class, on the class that replaces it.
-            protocol_class.proxyproto_tls_after_header = True  # type: ignore[attr-defined]
-            protocol_class.check_tls = cls.check_tls  # type: ignore[attr-defined]
         protocol = protocol_class(config=config, server_state=server_state, **kwargs)  # type: ignore[call-arg]
         if getattr(protocol, "server_state", None) is not server_state:
             # A class of the user's (wrap(MyProtocol)) that keeps it under another name: its
@@ -232,23 +301,22 @@ class ProxyHTTPProtocol:
         return protocol
 
     @classmethod
-    def check_tls(cls, context: Any) -> None:
-        """Refuse settings that cannot work with TLS after the header; ValueError naming the setting.
+    def _settings(cls) -> dict[str, Any]:
+        """The wrapper's settings: :func:`wrap`'s, or the environment's (ValueError naming the variable)."""
+        return settings_from_env() if cls.settings is None else dict(cls.settings)
 
-        Called when uvicorn loads a config with ``--ssl-*`` (see
-        :class:`_SSLTakeover`), so the error comes at start, not at the
-        first connection.
-        """
-        settings = settings_from_env() if cls.settings is None else dict(cls.settings)
+    @classmethod
+    def _check_tls(cls, settings: dict[str, Any]) -> None:
+        """Refuse settings that cannot work with TLS after the header: :class:`_StartupError` naming the setting."""
         try:
-            ProxyProtocolFactory(lambda: asyncio.Protocol(), ssl=context, **settings)
+            ProxyProtocolFactory(lambda: asyncio.Protocol(), ssl=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), **settings)
         except ValueError as exc:
             key, _, reason = str(exc).partition(" with ssl=: ")
             if not reason:
-                raise
+                raise _StartupError(f"proxyproto.uvicorn: {exc}") from None
             name, _, value = key.partition("=")
             where = f"PROXYPROTO_{name.upper()}={value}" if cls.settings is None else f"wrap({name}={value!r})"
-            raise ValueError(
+            raise _StartupError(
                 f"proxyproto.uvicorn: {where} cannot be used with uvicorn's --ssl-* settings "
                 f"(TLS is negotiated after the PROXY header): {reason}"
             ) from None
@@ -257,8 +325,14 @@ class ProxyHTTPProtocol:
     def _make_factory(cls, config: Any) -> tuple[ProxyProtocolFactory, type[asyncio.Protocol]]:
         """The factory serving ``config``'s connections, and uvicorn's protocol class."""
         inner = cls.inner if isinstance(cls.inner, type) else _import(cls.inner)
-        settings = settings_from_env() if cls.settings is None else dict(cls.settings)
-        context = vars(config).get("ssl")  # the real context, which uvicorn's create_server no longer sees
+        settings = cls._settings()
+        context = vars(config).get("ssl")  # the real context, which uvicorn's create_server does not see
+        if context is not None and getattr(config, "ssl", None) is context:
+            raise _TLSFirst(
+                "proxyproto.uvicorn: uvicorn gave this config's TLS context to loop.create_server, so TLS "
+                "would come before the PROXY header (its Config.load did not ask the --http class for "
+                "alpn_protocols; see docs/platforms.rst): every connection is closed"
+            )
 
         def unused() -> asyncio.BaseProtocol:  # header_first's inner is made by uvicorn, never by the factory
             raise RuntimeError("proxyproto.uvicorn: the protocol is made by uvicorn")
@@ -348,82 +422,86 @@ def wrap(http: str | type[asyncio.Protocol] = "h11", **settings: Any) -> type[Pr
     name = f"Proxy{inner.__name__ if isinstance(inner, type) else inner.rpartition(':')[2]}"
     attributes: dict[str, Any] = {"inner": inner, "settings": fixed, "__module__": __name__}
     if isinstance(inner, type):
-        attributes["alpn_protocols"] = getattr(inner, "alpn_protocols", None)
-    return type(name, (ProxyHTTPProtocol,), attributes)
+        attributes["inner_alpn_protocols"] = getattr(inner, "alpn_protocols", None)
+    made: type[ProxyHTTPProtocol] = _HTTPClass(name, (ProxyHTTPProtocol,), attributes)  # type: ignore[assignment]
+    return made
 
 
-def _takes_tls(config: Any) -> Any:
-    """The HTTP class of ``config`` when it negotiates TLS after the header itself, else None."""
-    http = vars(config).get("http_protocol_class")
-    return http if getattr(http, "proxyproto_tls_after_header", False) is True else None
+class _TLSFirst(RuntimeError):
+    """uvicorn negotiates a config's TLS before the header: the config was not prepared by :func:`_prepare`."""
 
 
-def _refuse_at_start(config: Any) -> None:
-    """Check ``config``'s TLS against its class's settings once; exit uvicorn's way when they conflict.
+#: Configs refused by _TLSFirst, so that the ERROR line comes once per config.
+_TLS_FIRST: weakref.WeakSet[Any] = weakref.WeakSet()
 
-    One ERROR line on uvicorn's logger and ``sys.exit(3)`` (uvicorn's
-    ``STARTUP_FAILURE``), as uvicorn does for a configuration it cannot
-    serve, so the command line stops at start with that one line.
+
+def _loading_config(cls: type, caller: FrameType | None) -> Any:
+    """The ``uvicorn.Config`` whose ``load()`` is the frame ``caller`` and is loading ``cls``; else None.
+
+    Only uvicorn's own ``Config.load`` code counts (a subclass's ``load``
+    calling it is seen through that call), and only a config whose
+    ``http_protocol_class`` is ``cls`` and that is not loaded yet.
     """
-    http = _takes_tls(config)
-    context = vars(config).get("ssl")
-    if http is None or context is None or _CHECKED.get(config) is context:
-        return
+    if caller is None:
+        return None
     try:
-        http.check_tls(context)
-    except ValueError as exc:
-        logging.getLogger("uvicorn.error").error("%s", exc)
-        sys.exit(3)
-    _CHECKED[config] = context
+        from uvicorn.config import Config
+    except ImportError:  # pragma: no cover (no uvicorn: nobody loads a config)
+        return None
+    if caller.f_code is not getattr(Config.load, "__code__", None):
+        return None
+    for value in caller.f_locals.values():
+        if isinstance(value, Config) and vars(value).get("http_protocol_class") is cls and not value.loaded:
+            return value
+    return None
 
 
-#: Configs whose TLS context has been checked against their class's settings (checked once each).
-_CHECKED: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+def _prepare(cls: type[ProxyHTTPProtocol], config: Any) -> None:
+    """Check ``config``'s settings; with TLS, keep its context from ``create_server`` (this instance only).
 
-
-class _SSLTakeover:
-    """``uvicorn.Config.ssl``: None to uvicorn for configs served by these classes; the context to them.
-
-    A data descriptor on the class, storing the value in the instance's
-    ``__dict__`` as a plain attribute would; configs whose HTTP class lacks
-    the ``proxyproto_tls_after_header`` marker see no difference.  It is
-    also where the settings are checked against TLS at start: when uvicorn
-    sets the context (recent versions load the HTTP class first) or, with
-    older ones, when ``create_server`` reads it.
+    Raises :class:`_StartupError` for a setting that cannot be served.
+    The config's class becomes a subclass of it (:func:`_tls_after_header`)
+    whose ``ssl`` reads None; the context uvicorn then builds stays in the
+    instance's ``__dict__``, where :meth:`ProxyHTTPProtocol._make_factory`
+    takes it.
     """
+    try:
+        settings = cls._settings()
+    except ValueError as exc:
+        raise _StartupError(f"proxyproto.uvicorn: {exc}") from None
+    if not getattr(config, "is_ssl", False):
+        return
+    cls._check_tls(settings)
+    base = type(config)
+    if not isinstance(base.__dict__.get("ssl"), _ContextAfterHeader):
+        config.__class__ = _tls_after_header(base)
+
+
+class _ContextAfterHeader:
+    """``ssl`` of a config whose TLS follows the header: None to uvicorn, the value kept in ``__dict__``."""
 
     def __get__(self, config: Any, owner: Any = None) -> Any:
-        if config is None:
-            return self
-        context = vars(config).get("ssl")
-        if context is not None and _takes_tls(config) is not None:
-            _refuse_at_start(config)
-            return None
-        return context
+        return self if config is None else None
 
     def __set__(self, config: Any, value: Any) -> None:
         vars(config)["ssl"] = value
-        _refuse_at_start(config)
 
 
-def _take_over_ssl() -> None:
-    """Install :class:`_SSLTakeover` on ``uvicorn.Config``: idempotent, also across reloads of this module.
-
-    A descriptor of this module (of any load of it) is replaced by the
-    current one, so there is only ever one, with this code; anything else
-    already there belongs to someone else and is not overwritten.
-    """
-    try:
-        from uvicorn.config import Config
-    except ImportError:  # the module is importable without uvicorn (docs, type checks)
-        return
-    current = Config.__dict__.get("ssl")
-    ours = type(current).__name__ == "_SSLTakeover" and type(current).__module__ == __name__
-    if current is not None and not ours:
-        raise RuntimeError(f"proxyproto.uvicorn: uvicorn.Config.ssl is already {current!r}; not replacing it")
-    if not isinstance(current, _SSLTakeover):
-        Config.ssl = _SSLTakeover()  # type: ignore[assignment,unused-ignore]
+#: The subclass made for each config class (weakly: a user's Config subclass may go away).
+_CONFIG_CLASSES: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
 
 
-_take_over_ssl()
-settings_from_env()  # a bad PROXYPROTO_* value stops the server at start, with the variable's name
+def _tls_after_header(base: type) -> type:
+    """The subclass of ``base`` (a ``uvicorn.Config`` class) whose ``ssl`` is :class:`_ContextAfterHeader`."""
+    made = _CONFIG_CLASSES.get(base)
+    if made is None:
+        made = _CONFIG_CLASSES[base] = type(base)(
+            f"{base.__name__}WithTLSAfterHeader",
+            (base,),
+            {
+                "ssl": _ContextAfterHeader(),
+                "__module__": __name__,
+                "__doc__": f"{base.__qualname__} whose TLS context proxyproto.uvicorn negotiates after the header.",
+            },
+        )
+    return made

@@ -213,8 +213,7 @@ def test_inline_path_follows_every_knob_as_the_general_path(loop: str, settings:
 
 def test_uvicorn_protocol_class_is_built_directly_after_the_first_connection() -> None:
     """proxyproto.uvicorn puts the header-first class in the config's http_protocol_class at the
-    first connection, so uvicorn builds it without the ``--http`` class's ``__new__`` after that;
-    the config's TLS marker and check stay on it."""
+    first connection, so uvicorn builds it without the ``--http`` class's ``__new__`` after that."""
     uvicorn = require_module("uvicorn")
     from proxyproto.uvicorn import wrap
 
@@ -229,7 +228,6 @@ def test_uvicorn_protocol_class_is_built_directly_after_the_first_connection() -
         protocol = http(**options)
         made = config.http_protocol_class
         assert made is not http and type(protocol) is made
-        assert made.proxyproto_tls_after_header is True and made.check_tls == http.check_tls
         assert type(made(**options)) is made
         other = uvicorn.Config(lambda scope, receive, send: None, http=http, lifespan="off")
         other.load()

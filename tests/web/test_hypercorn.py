@@ -321,14 +321,54 @@ async def test_stalled_tls_handshake_after_the_header_is_closed_promptly(
 
 
 @async_test
-async def test_config_is_not_modified_and_the_loop_is_restored() -> None:
+async def test_config_and_the_loop_are_not_modified() -> None:
     config = Config()
     config.bind = [f"127.0.0.1:{free_port()}"]
     loop = asyncio.get_running_loop()
     async with running(App(), config):
-        assert "create_server" in vars(loop)
+        assert "create_server" not in vars(loop)
+        assert asyncio.start_server is asyncio.streams.start_server
     assert "create_server" not in vars(loop)
     assert "create_sockets" not in vars(config)
+
+
+@async_test
+async def test_overlapping_serve_calls_on_one_loop_each_keep_their_own_settings() -> None:
+    """Three serve() calls on one loop: one trusting loopback, one trusting only 10.0.0.0/8 (a
+    loopback header is payload: 400), and a third started after the first stopped while the
+    second still runs; each listener answers by its own settings, and none is left behind."""
+    header = proxyproto.encode_v1(REAL_V4, DEST_V4)
+    loop = asyncio.get_running_loop()
+    trusting, distrusting, later = App(), App(), App()
+    async with running(distrusting, trusted="10.0.0.0/8") as other:
+        async with running(trusting, trusted="127.0.0.1") as first:
+            assert report_of(await exchange(first, header + request()))["client"] == list(REAL_V4)
+            response = await exchange(other, header + request())
+            assert re.match(rb"HTTP/1\.[01] 400 ", response), response[:100]
+        # The first has stopped; the second keeps its own wrapper, and a third gets its own.
+        response = await exchange(other, header + request())
+        assert re.match(rb"HTTP/1\.[01] 400 ", response), response[:100]
+        assert report_of(await exchange(other, request()))["client"][0] == "127.0.0.1"
+        async with running(later, trusted="127.0.0.1", policy="USE") as third:
+            assert report_of(await exchange(third, header + request()))["client"] == list(REAL_V4)
+            assert report_of(await exchange(third, request()))["client"][0] == "127.0.0.1"  # USE
+        with pytest.raises(OSError):
+            await exchange(first, header + request())  # the first's listener is closed
+    assert trusting.calls == 1 and distrusting.calls == 1 and later.calls == 2
+    assert "create_server" not in vars(loop)
+
+
+def test_serves_on_uvloop() -> None:
+    """No loop attribute is replaced, so uvloop's loop (whose attributes cannot be) works too."""
+    uvloop = require_module("uvloop")
+
+    async def scenario() -> None:
+        async with running(App()) as address:
+            report = report_of(await exchange(address, proxyproto.encode_v2(REAL_V4, DEST_V4) + request()))
+        assert report["client"] == list(REAL_V4)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # type: ignore[attr-defined]
+        runner.run(asyncio.wait_for(scenario(), CEILING))
 
 
 # -- trust ---------------------------------------------------------------------------------------

@@ -354,33 +354,33 @@ def test_uvicorn_config_ssl_is_untouched_for_other_http_classes(tmp_path: Path) 
         assert wrapped.ssl is None and vars(wrapped)["ssl"] is not None
 
 
-def test_uvicorn_config_ssl_takeover_is_installed_once_and_survives_a_reload() -> None:
+def test_uvicorn_importing_the_adapter_changes_nothing_outside_it() -> None:
+    """Importing (and reloading) proxyproto.uvicorn, even with a bad PROXYPROTO_* value in the
+    environment, leaves uvicorn's classes and modules as they were and never exits; only the
+    config whose load() meets one of its classes with TLS is prepared, and no other."""
     import subprocess
     import sys
 
     from web_kit import HERE, ROOT
 
     code = """if True:
-        import importlib
-        import uvicorn.config
+        import importlib, sys
+        import uvicorn.config, uvicorn.server, uvicorn.main
+        watched = (uvicorn.config.Config, uvicorn.server.Server, uvicorn.server.ServerState,
+                   uvicorn.config, uvicorn.server, uvicorn.main, sys)
+        before = [dict(vars(thing)) for thing in watched]
         import proxyproto.uvicorn as ppu
-        first = uvicorn.config.Config.__dict__["ssl"]
-        old_h11 = ppu.H11
         importlib.reload(ppu)
-        importlib.import_module("proxyproto.uvicorn")
-        second = uvicorn.config.Config.__dict__["ssl"]
-        assert type(second) is ppu._SSLTakeover, second
-        assert [k for k in vars(uvicorn.config.Config) if k == "ssl"] == ["ssl"]
-        for http in (old_h11, ppu.H11):  # a class from before the reload is still recognised
-            config = uvicorn.config.Config(lambda: None, http=http)
-            config.http_protocol_class = http
-            config.ssl = "context"
-            assert config.ssl is None and vars(config)["ssl"] == "context"
+        after = [dict(vars(thing)) for thing in watched]
+        for thing, old, new in zip(watched, before, after):
+            changed = {k for k in old.keys() | new.keys() if old.get(k) is not new.get(k)}
+            changed -= {"modules", "path_importer_cache"} if thing is sys else set()
+            assert not changed, (thing, changed)
         print("ok")
     """
     res = subprocess.run(
         [sys.executable, "-c", code],
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{HERE}"},
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{HERE}", "PROXYPROTO_POLICY": "sometimes"},
         capture_output=True,
         text=True,
         timeout=60,
@@ -389,9 +389,68 @@ def test_uvicorn_config_ssl_takeover_is_installed_once_and_survives_a_reload() -
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
 
 
+def test_uvicorn_tls_takeover_is_per_config(tmp_path: Path) -> None:
+    """A config loaded with a proxyproto class and TLS hides its context from create_server; a
+    config loaded before or after it with uvicorn's own class keeps uvicorn's behaviour."""
+    cert = self_signed(tmp_path) or pytest.skip("openssl is not installed")
+    assert isinstance(cert, Certificate)
+    from web_kit import app
+
+    tls = {"ssl_certfile": str(cert.cert), "ssl_keyfile": str(cert.key)}
+    configs = [uvicorn.Config(app, http=http, **tls) for http in ("h11", ppu.H11, "h11")]
+    for config in configs:
+        config.load()
+    before, ours, after = configs
+    assert type(before) is uvicorn.Config and type(after) is uvicorn.Config
+    assert before.ssl is not None and after.ssl is not None
+    assert isinstance(ours, uvicorn.Config) and type(ours) is not uvicorn.Config
+    assert ours.ssl is None and vars(ours)["ssl"] is not None
+    assert "ssl" not in vars(uvicorn.Config)
+
+
+def test_uvicorn_tls_context_that_reaches_create_server_closes_every_connection_with_one_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Should uvicorn hand a proxyproto config's context to create_server after all (here: set
+    after load(), as a uvicorn that no longer asks the class for alpn_protocols would), no
+    connection is served (TLS would come before the header) and one ERROR line says why."""
+    cert = self_signed(tmp_path) or pytest.skip("openssl is not installed")
+    assert isinstance(cert, Certificate)
+    from web_kit import app
+
+    async def scenario() -> None:
+        config = uvicorn.Config(app, http=ppu.H11, host="127.0.0.1", port=0, lifespan="off", log_level="warning")
+        config.load()
+        config.ssl = cert.server_context()
+        server = uvicorn.Server(config)
+        task = asyncio.ensure_future(server.serve())
+        while not server.started:
+            assert not task.done(), task.exception()
+            await asyncio.sleep(0.01)
+        address = server.servers[0].sockets[0].getsockname()[:2]
+        try:
+            for _ in range(3):
+                reader, writer = await asyncio.open_connection(*address)
+                writer.write(V2 + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                try:
+                    assert await asyncio.wait_for(reader.read(), 10) == b""
+                except ConnectionResetError:
+                    pass
+                writer.close()
+        finally:
+            server.should_exit = True
+            await asyncio.wait_for(task, 10)
+
+    run(scenario, "asyncio")
+    # uvicorn's own logging (its handler, not propagated): one line on stderr for three connections.
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "before the PROXY header" in line]
+    assert len(errors) == 1 and errors[0].startswith("ERROR:"), err
+
+
 @pytest.mark.parametrize("policy", ["USE", "IGNORE", "REJECT"])
 def test_uvicorn_wrap_with_an_opt_in_policy_and_ssl_is_refused_when_the_config_loads(
-    policy: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    policy: str, tmp_path: Path
 ) -> None:
     cert = self_signed(tmp_path) or pytest.skip("openssl is not installed")
     assert isinstance(cert, Certificate)
@@ -399,12 +458,11 @@ def test_uvicorn_wrap_with_an_opt_in_policy_and_ssl_is_refused_when_the_config_l
 
     http = ppu.wrap("h11", policy=policy)  # fine without TLS
     config = uvicorn.Config(app, http=http, ssl_certfile=str(cert.cert), ssl_keyfile=str(cert.key))
-    with pytest.raises(SystemExit) as stopped:
+    with pytest.raises(ValueError) as refused:  # an exception, never an exit from inside uvicorn
         config.load()
-    assert stopped.value.code == 3
-    # uvicorn's own logging (its handler, not propagated): one line on stderr.
-    (line,) = [line for line in capsys.readouterr().err.splitlines() if "proxyproto" in line]
+    line = str(refused.value)
     assert f"wrap(policy='{policy}')" in line and "--ssl-*" in line and "use REQUIRE (or SKIP)" in line
+    assert type(config) is uvicorn.Config  # nothing was changed on the refused config
     plain = uvicorn.Config(app, http=http)
     plain.load()  # without TLS the same class is fine
     required = uvicorn.Config(app, http=ppu.wrap("h11"), ssl_certfile=str(cert.cert), ssl_keyfile=str(cert.key))
@@ -543,8 +601,12 @@ def test_uvicorn_cli_refuses_a_bad_environment_value_at_start(tmp_path: Path) ->
         text=True,
         timeout=30,
         check=False,
+        cwd=tmp_path,
     )
-    assert res.returncode != 0 and "PROXYPROTO_POLICY" in res.stderr
+    lines = [line for line in (res.stdout + res.stderr).splitlines() if line.strip()]
+    assert res.returncode == 3, res.stderr
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("ERROR:") and "PROXYPROTO_POLICY='sometimes'" in lines[0]
 
 
 def test_uvicorn_cli_behind_real_haproxy_send_proxy_v2(tmp_path: Path) -> None:
