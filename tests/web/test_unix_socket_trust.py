@@ -298,6 +298,7 @@ def _report(response: str) -> dict[str, Any] | None:
 def test_uvicorn_uds_world_writable_socket_ignores_another_users_header_by_default(
     allow_ips: str | None, uses_header: bool
 ) -> None:
+    require_module("uvicorn")
     with shared_dir() as directory:
         path = str(directory / "uvicorn.sock")
 
