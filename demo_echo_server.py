@@ -9,12 +9,20 @@ Behind HAProxy with ``send-proxy`` (or ``send-proxy-v2``) ADDR is the real
 client; behind a listener without it, the proxy's address; for a direct
 connection, the client's own.  The default policy, USE, accepts all three on
 one port, which is what the article shows but what the spec (G9) warns
-against: any client can claim any address.  Use ``--policy REQUIRE`` and
-``--trusted`` for anything real.
+against: a trusted peer can claim any address.
 
-    python3 demo_echo_server.py                 # port 7654 on 127.0.0.1
+Trust: headers are believed only from the peers ``--trusted`` names, by
+default ``127.0.0.1`` and ``::1`` (loopback only, as in every proxyproto
+server); anyone else is served with its own address and its bytes untouched
+(a header it sends is payload).  HAProxy on another address (the article's
+192.168.1.20) needs ``--trusted 192.168.1.20``; ``--trusted '*'`` trusts
+every peer.  Use ``--policy REQUIRE`` and ``--trusted`` with your proxies'
+networks for anything real.
+
+    python3 demo_echo_server.py                 # port 7654 on 127.0.0.1, trusting loopback
     printf 'PROXY TCP4 192.168.1.12 192.168.1.20 58472 27654\\r\\ninkel\\n' | nc -N 127.0.0.1 7654
     python3 demo_echo_server.py --host ::1      # IPv6: the address family follows --host
+    python3 demo_echo_server.py --host 0.0.0.0 --trusted 192.168.1.20   # HAProxy on another host
 
 A mistake in the options (a host that does not resolve, a busy port, a
 network that does not parse) is one line on stderr and exit status 2, as
@@ -31,10 +39,12 @@ import sys
 from typing import Any
 
 import proxyproto
-from proxyproto.settings import check_setting
+from proxyproto.settings import DEFAULT_TRUSTED, check_setting
 
 log = logging.getLogger("demo")
 PROG = "demo_echo_server.py"
+#: ``--trusted``'s default: the library's (loopback only).
+DEFAULT_TRUSTED_NETWORKS = [network for network in DEFAULT_TRUSTED.split(",") if network]
 
 SERVER_CLASSES: dict[str, Any] = {
     "sync": proxyproto.ProxyTCPServer,
@@ -152,7 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         help="what a trusted peer must do (default: USE, header optional)",
     )
     parser.add_argument(
-        "--trusted", action="append", metavar="NETWORK", help="network allowed to send headers (repeatable)"
+        "--trusted",
+        action="append",
+        metavar="NETWORK",
+        help=(
+            "network allowed to send headers (repeatable; default: "
+            f"{' and '.join(DEFAULT_TRUSTED_NETWORKS)}, loopback only; '*' trusts every peer)"
+        ),
     )
     parser.add_argument(
         "--header-timeout",
@@ -161,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds to wait for a header; a silent client is served after it under USE (default: 3)",
     )
     args = parser.parse_args(argv)
+    if args.trusted is None:
+        args.trusted = list(DEFAULT_TRUSTED_NETWORKS)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
     try:
@@ -170,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     host, port = server.server_address[:2]
     log.info("listening on %s (%s server, policy %s)", format_address((host, port)), args.mode, args.policy)
-    if args.policy in ("USE", "REQUIRE") and not args.trusted:
-        log.warning("policy %s with no --trusted networks: any client can claim any address", args.policy)
+    log.info("PROXY headers trusted from %s", ", ".join(args.trusted) or "no peer")
+    if args.policy in ("USE", "REQUIRE") and "*" in args.trusted:
+        log.warning("policy %s with --trusted '*': any client can claim any address", args.policy)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

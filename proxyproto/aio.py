@@ -27,6 +27,12 @@ logged as the socketserver mixin logs them, and the callback receives
   application, under any policy);
 * ``writer.get_extra_info("proxy_peername")``: the socket's own peer (the proxy).
 
+TLS: ``ssl=`` is negotiated *after* the header, as everywhere in proxyproto
+(haproxy's ``send-proxy`` in front of TLS passthrough), with the machinery of
+:func:`proxyproto.aio_protocol.wrap_protocol_factory` (``loop.start_tls``
+once the header is in); ``ssl_before_header=`` is asyncio's own ``ssl=``
+(the handshake first, the header inside TLS, for a TLS-terminating proxy).
+
 At most ``max_pending`` connections wait for their header at once: past it
 the oldest is closed and logged (a real proxy sends its header at once, so
 the oldest silent connection is the likeliest attacker), so a flood of
@@ -43,10 +49,12 @@ import asyncio
 import inspect
 import logging
 import os
+import ssl as _ssl
+from collections.abc import Awaitable
 from typing import Any, Callable, Union
 
 from . import reader as core
-from .aio_protocol import call_later, proxy_extra
+from .aio_protocol import ProxyProtocolFactory, call_later, proxy_extra, wrap_protocol_factory
 from .errors import (
     InvalidHeader,
     NoProxyHeader,
@@ -66,7 +74,7 @@ from .policy import (
     refusal,
 )
 from .refusal_log import DEFAULT_LOG_RATE, KIND_POLICY_FOR, KIND_READ_ERROR, RefusalLog, kind_of
-from .settings import adapter_settings
+from .settings import DEFAULT_TRUSTED, adapter_settings
 
 __all__ = ["ProxyStreamWriter", "read_header", "start_server", "start_unix_server"]
 
@@ -75,6 +83,8 @@ logger = logging.getLogger("proxyproto")
 ClientConnected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]
 #: ``policy_for(peer, local) -> Policy``: the mixin's ``proxy_policy_for`` hook, as a function.
 PolicyHook = Callable[[Any, Any], Union[Policy, str]]
+#: asyncio's default StreamReader buffer limit (``asyncio.start_server``'s ``limit``).
+_LIMIT = 2**16
 
 
 class _Attempt:
@@ -211,12 +221,15 @@ class ProxyStreamWriter(asyncio.StreamWriter):
         reader: asyncio.StreamReader,
         header: ProxyHeader | None,
         policy: Policy | str = Policy.REQUIRE,
+        *,
+        extra: dict[str, Any] | None = None,
     ) -> None:
+        """``extra``: the keys to answer, when the caller has them (a ``ProxyTransport`` answers them itself)."""
         # The transport and protocol of the stream asyncio made: writes, drain,
         # close and start_tls behave exactly as on the original writer.
         protocol: Any = writer.transport.get_protocol()  # the stream's protocol, as writer._protocol
         super().__init__(writer.transport, protocol, reader, asyncio.get_running_loop())
-        self._proxy_extra = proxy_extra(writer.transport, Policy(policy), header)
+        self._proxy_extra = proxy_extra(writer.transport, Policy(policy), header) if extra is None else extra
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name in self._proxy_extra:
@@ -247,7 +260,7 @@ class _Acceptor:
         client_connected_cb: ClientConnected,
         *,
         policy: Policy | str,
-        trusted: Any | None,
+        trusted: Any,
         untrusted_policy: Policy | str,
         header_timeout: float,
         max_header_size: int,
@@ -359,13 +372,73 @@ class _Acceptor:
             await result
 
 
+def _tls_server_factory(
+    client_connected_cb: ClientConnected,
+    knobs: dict[str, Any],
+    ssl: _ssl.SSLContext,
+    ssl_handshake_timeout: float | None,
+    limit: int,
+) -> ProxyProtocolFactory:
+    """The protocol factory of a streams server whose TLS is negotiated after the header.
+
+    asyncio's own streams (``StreamReaderProtocol``) made by
+    :func:`~proxyproto.aio_protocol.wrap_protocol_factory`, which reads the
+    header from the raw connection and then runs ``loop.start_tls`` (the
+    machinery, tests and refusals of its ``ssl=``); the callback gets a
+    :class:`ProxyStreamWriter` whose extra keys are the ``ProxyTransport``'s.
+    """
+    loop = asyncio.get_running_loop()
+
+    def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Any:
+        return client_connected_cb(reader, ProxyStreamWriter(writer, reader, None, extra={}))
+
+    def streams() -> asyncio.BaseProtocol:
+        reader = asyncio.StreamReader(limit=limit, loop=loop)
+        return asyncio.StreamReaderProtocol(reader, connected, loop=loop)
+
+    return wrap_protocol_factory(streams, ssl=ssl, ssl_handshake_timeout=ssl_handshake_timeout, **knobs)
+
+
+async def _serve(
+    client_connected_cb: ClientConnected,
+    knobs: dict[str, Any],
+    tls: dict[str, Any],
+    kwargs: dict[str, Any],
+    plain: Callable[..., Awaitable[asyncio.Server]],
+    create: Callable[[asyncio.AbstractEventLoop], Callable[..., Awaitable[asyncio.Server]]],
+) -> asyncio.Server:
+    """Listen with ``plain`` (asyncio's start_*server) or, given ``ssl``, ``create`` (the loop's create_*server)."""
+    ssl, before, handshake_timeout = tls["ssl"], tls["ssl_before_header"], tls["ssl_handshake_timeout"]
+    if ssl is not None and before is not None:
+        raise ValueError(
+            "ssl= (TLS negotiated after the PROXY header) and ssl_before_header= (TLS before it): give one"
+        )
+    if ssl is None:
+        acceptor = _Acceptor(client_connected_cb, **knobs)
+        if before is not None:
+            kwargs["ssl"] = before
+        if handshake_timeout is not None:
+            kwargs["ssl_handshake_timeout"] = handshake_timeout  # asyncio's: only with ssl_before_header
+        return await plain(acceptor, **kwargs)
+    factory = _tls_server_factory(client_connected_cb, knobs, ssl, handshake_timeout, kwargs.pop("limit", _LIMIT))
+    server = await create(asyncio.get_running_loop())(factory, **kwargs)
+    close = server.close
+
+    def close_with_waiting() -> None:
+        close()
+        factory.close()  # connections still waiting for their header or handshake were never served
+
+    server.close = close_with_waiting  # type: ignore[method-assign]
+    return server
+
+
 async def start_server(
     client_connected_cb: ClientConnected,
     host: Any = None,
     port: int | None = None,
     *,
     policy: Policy | str = Policy.REQUIRE,
-    trusted: Any | None = None,
+    trusted: Any = DEFAULT_TRUSTED,
     untrusted_policy: Policy | str = Policy.SKIP,
     header_timeout: float = 10.0,
     max_header_size: int = 4096,
@@ -374,37 +447,60 @@ async def start_server(
     policy_for: PolicyHook | None = None,
     max_pending: int = 256,
     log_rate: float | None = DEFAULT_LOG_RATE,
+    ssl: _ssl.SSLContext | None = None,
+    ssl_handshake_timeout: float | None = None,
+    ssl_before_header: _ssl.SSLContext | None = None,
     **kwargs: Any,
 ) -> asyncio.Server:
     """``asyncio.start_server`` whose connections start with a PROXY header.
 
-    The knobs are the mixin's, without the ``proxy_`` prefix; ``kwargs`` go to
-    ``asyncio.start_server`` (``ssl=`` included: TLS is negotiated before the
-    header is read, which suits a TLS-terminating proxy in front, not
-    ``send-proxy`` in front of TLS passthrough).  ``client_connected_cb`` gets
-    ``(reader, writer)`` with ``writer`` a :class:`ProxyStreamWriter`.
-    ``policy_for(peer, local)``, when given, replaces ``policy``, ``trusted``
-    and ``untrusted_policy`` with a decision per connection (the mixin's
-    ``proxy_policy_for`` hook).  ``max_pending`` (default 256, the mixin's
-    ``proxy_max_pending``) caps the connections whose header is still
-    incomplete: past it the oldest is closed and logged.  ``log_rate`` caps
-    refusal lines per second (None: no cap).  Raises ``ValueError`` for an
+    The knobs are the mixin's, without the ``proxy_`` prefix, with the same
+    defaults (``docs/configuration.rst``): ``trusted`` is ``"127.0.0.1,::1"``
+    (loopback only; ``"*"`` for every peer, ``""`` for none; None is
+    refused).  ``client_connected_cb`` gets ``(reader, writer)`` with
+    ``writer`` a :class:`ProxyStreamWriter`.  ``policy_for(peer, local)``,
+    when given, replaces ``policy``, ``trusted`` and ``untrusted_policy``
+    with a decision per connection (the mixin's ``proxy_policy_for`` hook).
+    ``max_pending`` (default 256, the mixin's ``proxy_max_pending``) caps
+    the connections whose header is still incomplete: past it the oldest is
+    closed and logged.  ``log_rate`` caps refusal lines per second (None: no
+    cap).
+
+    ``ssl``: an ``SSLContext`` negotiated *after* the header, as everywhere
+    in proxyproto (haproxy's ``send-proxy`` in front of TLS passthrough),
+    by :func:`~proxyproto.aio_protocol.wrap_protocol_factory`'s machinery
+    and rules: only REQUIRE and SKIP (``ValueError`` for USE, IGNORE and
+    REJECT, whose look at the first bytes would take them from the
+    handshake); the handshake is bounded by ``ssl_handshake_timeout``
+    (default ``header_timeout``) and counts toward ``max_pending``.
+    ``ssl_before_header``: an ``SSLContext`` negotiated *before* the header
+    (asyncio's own ``ssl=``: a TLS-terminating proxy in front that sends the
+    header inside TLS); then ``ssl_handshake_timeout`` is asyncio's.  At most
+    one of the two.  Other ``kwargs`` go to ``asyncio.start_server``
+    (``limit=``, ``backlog=``, ...).  Raises ``ValueError`` for an
     ``untrusted_policy`` of USE or REQUIRE and for invalid knobs.
     """
-    acceptor = _Acceptor(
+    knobs = {
+        "policy": policy,
+        "trusted": trusted,
+        "untrusted_policy": untrusted_policy,
+        "header_timeout": header_timeout,
+        "max_header_size": max_header_size,
+        "verify_checksum": verify_checksum,
+        "allow_v4_in_tcp6": allow_v4_in_tcp6,
+        "policy_for": policy_for,
+        "max_pending": max_pending,
+        "log_rate": log_rate,
+    }
+    tls = {"ssl": ssl, "ssl_before_header": ssl_before_header, "ssl_handshake_timeout": ssl_handshake_timeout}
+    return await _serve(
         client_connected_cb,
-        policy=policy,
-        trusted=trusted,
-        untrusted_policy=untrusted_policy,
-        header_timeout=header_timeout,
-        max_header_size=max_header_size,
-        verify_checksum=verify_checksum,
-        allow_v4_in_tcp6=allow_v4_in_tcp6,
-        policy_for=policy_for,
-        max_pending=max_pending,
-        log_rate=log_rate,
+        knobs,
+        tls,
+        {"host": host, "port": port, **kwargs},
+        asyncio.start_server,
+        lambda loop: loop.create_server,
     )
-    return await asyncio.start_server(acceptor, host, port, **kwargs)
 
 
 async def start_unix_server(
@@ -412,7 +508,7 @@ async def start_unix_server(
     path: str | os.PathLike[str] | None = None,
     *,
     policy: Policy | str = Policy.REQUIRE,
-    trusted: Any | None = None,
+    trusted: Any = DEFAULT_TRUSTED,
     untrusted_policy: Policy | str = Policy.SKIP,
     header_timeout: float = 10.0,
     max_header_size: int = 4096,
@@ -421,26 +517,37 @@ async def start_unix_server(
     policy_for: PolicyHook | None = None,
     max_pending: int = 256,
     log_rate: float | None = DEFAULT_LOG_RATE,
+    ssl: _ssl.SSLContext | None = None,
+    ssl_handshake_timeout: float | None = None,
+    ssl_before_header: _ssl.SSLContext | None = None,
     **kwargs: Any,
 ) -> asyncio.Server:
     """``asyncio.start_unix_server`` whose connections start with a PROXY header.
 
-    As :func:`start_server`.  A peer is trusted when the socket file is not
+    As :func:`start_server` (``ssl`` after the header, ``ssl_before_header``
+    before it).  A peer is trusted when the socket file is not
     world-writable (its permissions restrict who can connect: asyncio binds
     under the process's umask), or when ``trusted`` says ``unix`` or ``"*"``;
     ``""`` trusts no one.  The mode is read per connection.
     """
-    acceptor = _Acceptor(
+    knobs = {
+        "policy": policy,
+        "trusted": trusted,
+        "untrusted_policy": untrusted_policy,
+        "header_timeout": header_timeout,
+        "max_header_size": max_header_size,
+        "verify_checksum": verify_checksum,
+        "allow_v4_in_tcp6": allow_v4_in_tcp6,
+        "policy_for": policy_for,
+        "max_pending": max_pending,
+        "log_rate": log_rate,
+    }
+    tls = {"ssl": ssl, "ssl_before_header": ssl_before_header, "ssl_handshake_timeout": ssl_handshake_timeout}
+    return await _serve(
         client_connected_cb,
-        policy=policy,
-        trusted=trusted,
-        untrusted_policy=untrusted_policy,
-        header_timeout=header_timeout,
-        max_header_size=max_header_size,
-        verify_checksum=verify_checksum,
-        allow_v4_in_tcp6=allow_v4_in_tcp6,
-        policy_for=policy_for,
-        max_pending=max_pending,
-        log_rate=log_rate,
+        knobs,
+        tls,
+        {"path": path, **kwargs},
+        asyncio.start_unix_server,
+        lambda loop: loop.create_unix_server,
     )
-    return await asyncio.start_unix_server(acceptor, path, **kwargs)

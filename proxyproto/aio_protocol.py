@@ -77,7 +77,7 @@ from .policy import (
     uses_addresses,
 )
 from .refusal_log import DEFAULT_LOG_RATE, KIND_POLICY_FOR, KIND_TLS, RefusalLog, kind_of
-from .settings import adapter_settings
+from .settings import DEFAULT_TRUSTED, adapter_settings
 
 __all__ = [
     "ProxyProtocolFactory",
@@ -475,7 +475,7 @@ class ProxyProtocolFactory:
         factory: ProtocolFactory,
         *,
         policy: Policy | str = Policy.REQUIRE,
-        trusted: Any | None = None,
+        trusted: Any = DEFAULT_TRUSTED,
         untrusted_policy: Policy | str = Policy.SKIP,
         header_timeout: float = 10.0,
         max_header_size: int = 4096,
@@ -500,7 +500,7 @@ class ProxyProtocolFactory:
         self.policy_for_hook = policy_for
         if ssl is not None and policy_for is None:
             for name, value in (("policy", self.policy), ("untrusted_policy", self.untrusted_policy)):
-                if value in (Policy.USE, Policy.IGNORE, Policy.REJECT) and (name == "policy" or trusted is not None):
+                if value in (Policy.USE, Policy.IGNORE, Policy.REJECT):
                     instead = "REQUIRE (or SKIP)" if name == "policy" else "SKIP"
                     raise ValueError(
                         f"{name}={value.name} with ssl=: a stream that turns out to have no header would have "
@@ -1212,7 +1212,7 @@ def wrap_protocol_factory(
     factory: ProtocolFactory,
     *,
     policy: Policy | str = Policy.REQUIRE,
-    trusted: Any | None = None,
+    trusted: Any = DEFAULT_TRUSTED,
     untrusted_policy: Policy | str = Policy.SKIP,
     header_timeout: float = 10.0,
     max_header_size: int = 4096,
@@ -1231,9 +1231,10 @@ def wrap_protocol_factory(
     server's); it is called once the header is in, and only for connections
     that are served.  The knobs are the socketserver mixin's, without the
     ``proxy_`` prefix (DESIGN.md): ``policy`` for trusted peers,
-    ``trusted`` (None: every peer; else networks, or a string like
-    ``"10.0.0.0/8, 127.0.0.1"`` or ``"*"``; UNIX-socket peers only behind a
-    socket file that is not world-writable, unless it holds ``unix``),
+    ``trusted`` (default ``"127.0.0.1,::1"``, loopback only; networks, a
+    string like ``"10.0.0.0/8, 127.0.0.1"``, ``"*"`` for every peer, ``""``
+    for none; UNIX-socket peers only behind a socket file that is not
+    world-writable, unless it holds ``unix``; None is refused),
     ``untrusted_policy`` (SKIP, IGNORE or REJECT),
     ``header_timeout`` (seconds for the whole header), ``max_header_size``,
     ``verify_checksum``, ``allow_v4_in_tcp6``, ``max_pending`` (connections

@@ -27,9 +27,10 @@ from typing import Any
 # Without aiohttp installed (a [test]-only install), mypy sees Any here.
 from aiohttp import web  # type: ignore[import-not-found,unused-ignore]
 
-from .aio_protocol import ProxyProtocolFactory, wrap_protocol_factory
+from .aio_protocol import PolicyHook, ProxyProtocolFactory, wrap_protocol_factory
 from .policy import Policy
 from .refusal_log import DEFAULT_LOG_RATE
+from .settings import DEFAULT_TRUSTED
 
 __all__ = ["ProxyTCPSite"]
 
@@ -60,12 +61,15 @@ class ProxyTCPSite(web.TCPSite):  # type: ignore[misc,unused-ignore]
 
     Takes ``web.TCPSite``'s arguments and the knobs of
     :func:`proxyproto.aio.start_server` (the socketserver mixin's ``proxy_*``
-    attributes without the prefix): ``policy`` (REQUIRE), ``trusted`` (None:
-    every peer; networks, ``"10.0.0.0/8,127.0.0.1"`` or ``"*"``),
-    ``untrusted_policy`` (SKIP), ``header_timeout`` (10 s),
-    ``max_header_size`` (4096), ``verify_checksum``, ``allow_v4_in_tcp6``,
-    ``max_pending`` (256 connections waiting for their header; past it the
-    oldest is closed) and ``log_rate``.  ``ssl_context`` is negotiated after
+    attributes without the prefix, with their defaults: ``docs/configuration.rst``):
+    ``policy`` (REQUIRE), ``trusted`` (``"127.0.0.1,::1"``: loopback only;
+    networks, ``"10.0.0.0/8,127.0.0.1"``, ``"*"`` for every peer, ``""`` for
+    none; None is refused), ``untrusted_policy`` (SKIP), ``header_timeout``
+    (10 s), ``max_header_size`` (4096), ``verify_checksum``,
+    ``allow_v4_in_tcp6``, ``max_pending`` (256 connections waiting for their
+    header; past it the oldest is closed), ``policy_for`` (``(peer, local)
+    -> Policy``, replaces the three trust knobs) and ``log_rate``.
+    ``ssl_context`` (aiohttp's spelling of ``ssl``) is negotiated after
     the header, within ``ssl_handshake_timeout`` (default: ``header_timeout``).  Invalid knobs raise ``ValueError``
     here, before anything is bound.  :meth:`stop` (and so
     ``runner.cleanup()``) also closes the connections still waiting for
@@ -79,7 +83,7 @@ class ProxyTCPSite(web.TCPSite):  # type: ignore[misc,unused-ignore]
         port: int | None = None,
         *,
         policy: Policy | str = Policy.REQUIRE,
-        trusted: Any | None = None,
+        trusted: Any = DEFAULT_TRUSTED,
         untrusted_policy: Policy | str = Policy.SKIP,
         header_timeout: float = 10.0,
         max_header_size: int = 4096,
@@ -87,6 +91,7 @@ class ProxyTCPSite(web.TCPSite):  # type: ignore[misc,unused-ignore]
         allow_v4_in_tcp6: bool = False,
         max_pending: int = 256,
         log_rate: float | None = DEFAULT_LOG_RATE,
+        policy_for: PolicyHook | None = None,
         ssl_context: ssl.SSLContext | None = None,
         ssl_handshake_timeout: float | None = None,
         backlog: int = 128,
@@ -118,6 +123,7 @@ class ProxyTCPSite(web.TCPSite):  # type: ignore[misc,unused-ignore]
             max_pending=max_pending,
             ssl=ssl_context,
             ssl_handshake_timeout=ssl_handshake_timeout,
+            policy_for=policy_for,
             log_rate=log_rate,
         )
 

@@ -39,9 +39,10 @@ import types
 from collections.abc import Awaitable
 from typing import Any, Callable, Literal
 
-from .aio_protocol import ProxyProtocolFactory, wrap_protocol_factory
+from .aio_protocol import PolicyHook, ProxyProtocolFactory, wrap_protocol_factory
 from .policy import Policy
 from .refusal_log import DEFAULT_LOG_RATE
+from .settings import DEFAULT_TRUSTED
 
 __all__ = ["serve"]
 
@@ -53,7 +54,7 @@ async def serve(
     shutdown_trigger: Callable[..., Awaitable[Any]] | None = None,
     mode: Literal["asgi", "wsgi"] | None = None,
     policy: Policy | str = Policy.REQUIRE,
-    trusted: Any | None = None,
+    trusted: Any = DEFAULT_TRUSTED,
     untrusted_policy: Policy | str = Policy.SKIP,
     header_timeout: float = 10.0,
     max_header_size: int = 4096,
@@ -61,14 +62,18 @@ async def serve(
     allow_v4_in_tcp6: bool = False,
     max_pending: int = 256,
     log_rate: float | None = DEFAULT_LOG_RATE,
+    policy_for: PolicyHook | None = None,
 ) -> None:
     """``hypercorn.asyncio.serve(app, config)`` behind a PROXY-protocol proxy.
 
     ``app``, ``config``, ``shutdown_trigger`` and ``mode`` are hypercorn's.
     The other knobs are those of :func:`proxyproto.aio.start_server` (the
-    socketserver mixin's ``proxy_*`` attributes without the prefix);
-    ``trusted`` takes networks, ``"10.0.0.0/8,127.0.0.1"`` or ``"*"``, and
-    None (the default) trusts every peer.  Invalid knobs raise
+    socketserver mixin's ``proxy_*`` attributes without the prefix, with
+    their defaults: ``docs/configuration.rst``); ``trusted`` defaults to
+    ``"127.0.0.1,::1"`` (loopback only) and takes networks,
+    ``"10.0.0.0/8,127.0.0.1"``, ``"*"`` for every peer or ``""`` for none
+    (None is refused); ``policy_for(peer, local) -> Policy`` replaces the
+    three trust knobs with a decision per connection.  Invalid knobs raise
     ``ValueError`` before anything is bound.  ``config`` is not modified.
     With certificates in ``config``, TLS is negotiated after the header,
     within ``header_timeout`` unless ``config.ssl_handshake_timeout`` was
@@ -87,6 +92,7 @@ async def serve(
         "allow_v4_in_tcp6": allow_v4_in_tcp6,
         "max_pending": max_pending,
         "log_rate": log_rate,
+        "policy_for": policy_for,
     }
     wrap_protocol_factory(asyncio.Protocol, **knobs)  # checks the knobs now, before binding
     handshake_set = "ssl_handshake_timeout" in vars(config)  # set on the instance, not hypercorn's default

@@ -43,7 +43,7 @@ from .header import ProxyHeader
 from .peers import socket_family, unix_access
 from .policy import Policy, Trust, decide, hook_trust, peer_text, served_address
 from .refusal_log import DEFAULT_LOG_RATE, KIND_EVICTED, KIND_POLICY_FOR, KIND_READ_ERROR, KIND_TLS, RefusalLog, kind_of
-from .settings import TrustSettings, check_setting, check_settings
+from .settings import DEFAULT_TRUSTED, TrustSettings, check_setting, check_settings
 from .sock import RETRY_DELAY, HeaderAttempt, take_complete_header, wait_for_outcome
 
 __all__ = [
@@ -201,8 +201,10 @@ class ProxyProtocolMixin:
 
     #: What a connection from a trusted peer must do (the spec's mode: REQUIRE).
     proxy_policy: Policy | str = Policy.REQUIRE
-    #: None: every IP peer is trusted; else IP networks (and the token ``unix``) allowed to send headers.
-    proxy_trusted: Any | None = None
+    #: The peers allowed to send headers: loopback by default (and the peers of a UNIX socket whose
+    #: file is not world-writable); IP networks, the token ``unix``, ``"*"`` (every peer) or ``""``
+    #: (none).  None, which used to mean every peer, is refused.
+    proxy_trusted: Any = DEFAULT_TRUSTED
     #: What peers outside ``proxy_trusted`` get (SKIP, IGNORE or REJECT).
     proxy_untrusted_policy: Policy | str = Policy.SKIP
     #: Seconds for the whole header to arrive (never per read).
@@ -229,8 +231,8 @@ class ProxyProtocolMixin:
     def proxy_policy_for(self, peer: Address, local: Address | None) -> Policy:
         """The policy for a connection from ``peer`` accepted on ``local``.
 
-        The default applies ``proxy_trusted``: trusted peers (all IP peers,
-        when it is None) get ``proxy_policy``, the others
+        The default applies ``proxy_trusted``: trusted peers (loopback,
+        unless it says otherwise) get ``proxy_policy``, the others
         ``proxy_untrusted_policy``; a UNIX-socket peer is trusted when the
         listening socket's file is not world-writable, or when
         ``proxy_trusted`` says ``unix`` or ``"*"``

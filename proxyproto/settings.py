@@ -30,10 +30,23 @@ from typing import Any
 
 from .policy import Policy, Trust, TrustedNetworks, check_untrusted_policy, policy_named, trust_for
 
-__all__ = ["TrustSettings", "adapter_settings", "check_setting", "check_settings"]
+__all__ = [
+    "DEFAULT_TRUSTED",
+    "TrustSettings",
+    "adapter_settings",
+    "check_setting",
+    "check_settings",
+    "check_trusted_given",
+]
 
 logger = logging.getLogger("proxyproto")
 
+
+#: ``proxy_trusted``'s default (``trusted=`` outside socketserver) in every adapter: the loopback
+#: addresses, and the peers of a UNIX socket whose file is not world-writable (gunicorn's
+#: ``proxy_allow_ips`` and uvicorn's ``forwarded_allow_ips`` convention).  Nothing trusts the
+#: whole Internet unless told ``"*"``.
+DEFAULT_TRUSTED = "127.0.0.1,::1"
 
 #: Bounds of ``proxy_header_timeout``, in seconds.  Below a millisecond no proxy's header can
 #: arrive; above an hour a parked connection would hold its ``max_pending`` slot for what is
@@ -69,6 +82,21 @@ def _int_in(name: str, value: Any, low: int, high: int | None = None) -> None:
         raise ValueError(f"{name}: must be an integer {bounds}, got {value!r}")
 
 
+def check_trusted_given(name: str, value: Any) -> None:
+    """Refuse ``None`` for the trust setting ``name`` (``proxy_trusted``, ``trusted``), with both its meanings.
+
+    None used to trust every peer, and was the default; the default is now
+    loopback only (:data:`DEFAULT_TRUSTED`).  A configuration written for the
+    old meaning must not silently change to the new one, nor the reverse, so
+    None is refused and the ``ValueError`` says what to write instead.
+    """
+    if value is None:
+        raise ValueError(
+            f"{name}=None used to mean every peer; give '*' for every peer or the networks to trust "
+            f"(the default, {DEFAULT_TRUSTED!r}, trusts loopback only)"
+        )
+
+
 def check_setting(name: str, value: Any) -> None:
     """Raise ``ValueError`` naming the setting when ``value`` is not valid for ``name``.
 
@@ -76,7 +104,9 @@ def check_setting(name: str, value: Any) -> None:
     ``MIN_HEADER_TIMEOUT..MAX_HEADER_TIMEOUT`` (0.001..3600; not nan, not
     inf); ``proxy_max_header_size``: an integer in 16..65551;
     ``proxy_max_pending``: an integer of at least 1; ``proxy_log_rate``:
-    None or a finite number >= 0.
+    None or a finite number >= 0; ``proxy_trusted``: a trust list
+    (:class:`~proxyproto.policy.TrustedNetworks`), never None
+    (:func:`check_trusted_given`).
 
     Names this module does not know (every attribute that is not a
     ``proxy_*`` setting) pass unchecked.
@@ -86,15 +116,15 @@ def check_setting(name: str, value: Any) -> None:
     elif name == "proxy_untrusted_policy":
         check_untrusted_policy(value)
     elif name == "proxy_trusted":
-        if value is not None:
-            if not isinstance(value, _TRUSTED_FORMS):
-                # Read again at every change check: an iterator would be used up by this very
-                # check, and a view or a custom iterable cannot be copied to notice changes.
-                raise ValueError(
-                    f"proxy_trusted: give a string, an ipaddress object, or a list, tuple or set of them, "
-                    f"not {type(value).__name__}"
-                )
-            TrustedNetworks(value)
+        check_trusted_given(name, value)
+        if not isinstance(value, _TRUSTED_FORMS):
+            # Read again at every change check: an iterator would be used up by this very
+            # check, and a view or a custom iterable cannot be copied to notice changes.
+            raise ValueError(
+                f"proxy_trusted: give a string, an ipaddress object, or a list, tuple or set of them, "
+                f"not {type(value).__name__}"
+            )
+        TrustedNetworks(value)
     elif name == "proxy_header_timeout":
         _check_header_timeout(name, value)
     elif name == "proxy_max_header_size":
@@ -117,22 +147,24 @@ def check_settings(owner: object, names: tuple[str, ...]) -> None:
 def adapter_settings(
     *,
     policy: Policy | str,
-    trusted: Any | None,
+    trusted: Any,
     untrusted_policy: Policy | str,
     header_timeout: float,
     max_header_size: int,
     max_pending: int,
     log_rate: float | None,
-) -> tuple[Policy, Policy, TrustedNetworks | None]:
+) -> tuple[Policy, Policy, TrustedNetworks]:
     """Check the knobs every adapter takes (the mixin's settings without ``proxy_``).
 
     The asyncio, uvicorn, aiohttp, hypercorn and waitress adapters take
     their settings once, when they are built: this is the one place that
     checks them, with the mixin's rules, and the ``ValueError`` names the
     knob as the adapter spells it.  Returns the policy for trusted peers,
-    the policy for the others, and the trusted networks (None: every peer).
+    the policy for the others, and the trusted networks.  ``trusted=None``
+    is refused (:func:`check_trusted_given`): it used to mean every peer.
     """
     try:
+        check_trusted_given("proxy_trusted", trusted)
         for name, value in (
             ("proxy_header_timeout", header_timeout),
             ("proxy_max_header_size", max_header_size),
@@ -143,7 +175,7 @@ def adapter_settings(
         return (
             policy_named("proxy_policy", policy),
             check_untrusted_policy(untrusted_policy),
-            None if trusted is None else TrustedNetworks(trusted),
+            TrustedNetworks(trusted),
         )
     except ValueError as exc:
         raise ValueError(str(exc).replace("proxy_", "", 1)) from None

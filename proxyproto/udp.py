@@ -84,7 +84,7 @@ from .header import Command, Family, Protocol, ProxyHeader
 from .peers import socket_family, unix_access
 from .policy import Outcome, Policy, Trust, decide, describe, hook_trust, peer_text, served_address
 from .refusal_log import DEFAULT_LOG_RATE, KIND_POLICY_FOR, RefusalLog, kind_of
-from .settings import TrustSettings, check_setting, check_settings
+from .settings import DEFAULT_TRUSTED, TrustSettings, check_setting, check_settings
 
 __all__ = [
     "ForkingProxyUDPServer",
@@ -228,8 +228,9 @@ class ProxyDatagramMixin:
 
     #: What a datagram from a trusted source must do (the spec's mode: REQUIRE).
     proxy_policy: Policy | str = Policy.REQUIRE
-    #: None: every source is trusted; else IP networks allowed to send headers.
-    proxy_trusted: Any | None = None
+    #: The sources allowed to send headers: loopback by default; IP networks, the token ``unix``,
+    #: ``"*"`` (every source) or ``""`` (none).  None, which used to mean every source, is refused.
+    proxy_trusted: Any = DEFAULT_TRUSTED
     #: What sources outside ``proxy_trusted`` get (SKIP, IGNORE or REJECT).
     proxy_untrusted_policy: Policy | str = Policy.SKIP
     #: Cap on a v2 header's 16 + len; larger ones are refused.
@@ -249,8 +250,8 @@ class ProxyDatagramMixin:
     def proxy_policy_for(self, peer: Address, local: Address | None) -> Policy:
         """The policy for a datagram from ``peer`` received on ``local``.
 
-        The default applies ``proxy_trusted``: trusted sources (all IP
-        sources, when it is None) get ``proxy_policy``, the others
+        The default applies ``proxy_trusted``: trusted sources (loopback,
+        unless it says otherwise) get ``proxy_policy``, the others
         ``proxy_untrusted_policy``; on a UNIX datagram socket a source is
         trusted when the socket's file is not world-writable, or when
         ``proxy_trusted`` says ``unix`` or ``"*"``

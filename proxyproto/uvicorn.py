@@ -344,7 +344,7 @@ class ProxyHTTPProtocol(metaclass=_HTTPClass):
         logger.info(
             "proxyproto: PROXY header policy %s for %s, %s for other peers%s",
             factory.policy.name,
-            "every peer" if settings.get("trusted") is None else (settings.get("trusted") or "no peer"),
+            "every peer" if settings.get("trusted") == "*" else (settings.get("trusted") or "no peer"),
             factory.untrusted_policy.name,
             "; TLS is negotiated after the header" if context is not None else "",
         )
@@ -407,8 +407,9 @@ def wrap(http: str | type[asyncio.Protocol] = "h11", **settings: Any) -> type[Pr
     keyword arguments.  ``settings``: the keyword arguments of
     :func:`proxyproto.aio_protocol.wrap_protocol_factory` (``policy``,
     ``trusted``, ``untrusted_policy``, ``header_timeout``, ``max_pending``,
-    ...; ``trusted`` defaults to ``"127.0.0.1,::1"`` as the environment does,
-    ``None`` trusts every peer); without any, the environment is read.
+    ``policy_for``, ...; ``trusted`` defaults to ``"127.0.0.1,::1"`` as
+    the environment does, ``"*"`` trusts every peer, None is refused);
+    without any, the environment is read.
     TLS comes from uvicorn's own ``ssl_*`` settings.  Raises ``ValueError``
     for an invalid setting.
     """

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from typing import Any
+from typing import Any, Callable, Union
 
 # waitress ships no type hints: mypy sees Any (and, on a [test]-only install, no module at all).
 from waitress.channel import HTTPChannel  # type: ignore[import-untyped,import-not-found,unused-ignore]
@@ -45,13 +45,14 @@ from .policy import (
     Trust,
     decide,
     describe,
+    hook_trust,
     peer_text,
     served_address,
     trust_for,
 )
 from .reader import MAX_V1_LENGTH, decode, measure
-from .refusal_log import DEFAULT_LOG_RATE, KIND_EVICTED, RefusalLog, kind_of
-from .settings import adapter_settings
+from .refusal_log import DEFAULT_LOG_RATE, KIND_EVICTED, KIND_POLICY_FOR, RefusalLog, kind_of
+from .settings import DEFAULT_TRUSTED, adapter_settings
 
 __all__ = ["ENVIRON_KEY", "ProxyHTTPChannel", "ProxySettings", "ProxyWSGITask", "create_server", "serve"]
 
@@ -59,6 +60,8 @@ logger = logging.getLogger("proxyproto")
 
 #: The WSGI environ key holding the parsed :class:`~proxyproto.ProxyHeader` (or None).
 ENVIRON_KEY = "proxyproto.header"
+#: ``policy_for(peer, local) -> Policy``: the mixin's ``proxy_policy_for`` hook, as a function.
+PolicyHook = Callable[[Any, Any], Union[Policy, str]]
 
 
 class ProxySettings:
@@ -73,7 +76,7 @@ class ProxySettings:
         self,
         *,
         policy: Policy | str = Policy.REQUIRE,
-        trusted: Any | None = None,
+        trusted: Any = DEFAULT_TRUSTED,
         untrusted_policy: Policy | str = Policy.SKIP,
         header_timeout: float = 10.0,
         max_header_size: int = 4096,
@@ -81,7 +84,9 @@ class ProxySettings:
         allow_v4_in_tcp6: bool = False,
         max_pending: int = 256,
         log_rate: float | None = DEFAULT_LOG_RATE,
+        policy_for: PolicyHook | None = None,
     ) -> None:
+        self.hook = policy_for
         self.policy, self.untrusted_policy, self.trusted = adapter_settings(
             policy=policy,
             trusted=trusted,
@@ -102,6 +107,10 @@ class ProxySettings:
     def trust(self, peer: Any, sock: Any, family: int) -> Trust:
         """``policy`` for trusted peers, ``untrusted_policy`` for the others (:func:`~proxyproto.policy.trust_for`).
 
+        With a ``policy_for`` hook, its answer for ``(peer, sock.getsockname())``
+        instead, the peer trusted when it is REQUIRE or USE
+        (:func:`~proxyproto.policy.hook_trust`); whatever the hook raises
+        propagates (the channel closes the connection and logs it).
         ``family`` is ``sock``'s real one (:func:`~proxyproto.peers.socket_family`).
         waitress gives every UNIX peer the address ``("localhost", None)``,
         so the socket, never the address's shape, says whether the peer is a
@@ -109,6 +118,8 @@ class ProxySettings:
         world-writable (waitress's ``unix_socket_perms`` default, ``600``,
         is not), or when ``trusted`` says ``unix`` or ``"*"``.
         """
+        if self.hook is not None:
+            return hook_trust(self.hook(peer, sock.getsockname()))
         return trust_for(self.policy, self.untrusted_policy, self.trusted, peer, unix_access(sock, family))
 
 
@@ -141,9 +152,16 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
         self._proxy_settings = settings
         family = socket_family(sock)  # the socket's own, whatever the server's label says
         self._proxy_family: int = server.family if family < 0 else family
-        self._proxy_policy, self._proxy_trusted = settings.trust(addr, sock, self._proxy_family)
         #: Bytes held while the header is undecided; None once decided (served or refused).
         self._proxy_held: bytearray | None = None
+        try:
+            self._proxy_policy, self._proxy_trusted = settings.trust(addr, sock, self._proxy_family)
+        except Exception as exc:  # a user's hook: its failure closes this connection, nothing else
+            self._proxy_policy, self._proxy_trusted = Policy.REQUIRE, False
+            self._proxy_refuse(
+                logging.ERROR, f"closed: policy_for failed: {type(exc).__name__}: {exc}", kind=KIND_POLICY_FOR
+            )
+            return
         if self._proxy_policy is Policy.SKIP:
             return
         self._proxy_held = bytearray()
@@ -243,7 +261,7 @@ def create_server(
     application: Any,
     *,
     policy: Policy | str = Policy.REQUIRE,
-    trusted: Any | None = None,
+    trusted: Any = DEFAULT_TRUSTED,
     untrusted_policy: Policy | str = Policy.SKIP,
     header_timeout: float = 10.0,
     max_header_size: int = 4096,
@@ -251,14 +269,19 @@ def create_server(
     allow_v4_in_tcp6: bool = False,
     max_pending: int = 256,
     log_rate: float | None = DEFAULT_LOG_RATE,
+    policy_for: PolicyHook | None = None,
     **kw: Any,
 ) -> Any:
     """``waitress.create_server`` whose connections start with a PROXY header.
 
     The proxy knobs are those of :func:`proxyproto.aio.start_server` (the
-    mixin's ``proxy_*`` attributes without the prefix); ``trusted`` takes
-    networks, single addresses, ``"10.0.0.0/8,127.0.0.1"`` strings or
-    ``"*"``, and None (the default) trusts every peer.  Every other keyword
+    mixin's ``proxy_*`` attributes without the prefix, with their defaults:
+    ``docs/configuration.rst``); ``trusted`` defaults to ``"127.0.0.1,::1"``
+    (loopback only) and takes networks, single addresses,
+    ``"10.0.0.0/8,127.0.0.1"`` strings, ``"*"`` for every peer or ``""``
+    for none (None is refused); ``policy_for(peer, local) -> Policy``
+    replaces the three trust knobs with a decision per connection (a hook
+    that raises closes that connection, logged).  Every other keyword
     goes to waitress (``listen=``, ``threads=``, ``map=``, ...).  Returns
     waitress's server object (call ``run()``); each of its listeners uses
     :class:`ProxyHTTPChannel`.  Invalid knobs raise ``ValueError`` before
@@ -274,6 +297,7 @@ def create_server(
         allow_v4_in_tcp6=allow_v4_in_tcp6,
         max_pending=max_pending,
         log_rate=log_rate,
+        policy_for=policy_for,
     )
     socket_map = kw.pop("map", None)
     if socket_map is None:

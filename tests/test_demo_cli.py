@@ -174,3 +174,42 @@ def test_demo_subclasses_the_server_class_and_leaves_the_librarys_alone_issue14_
         assert proxyproto.ThreadingProxyTCPServer.allow_reuse_address is False
     finally:
         server.server_close()
+
+
+def test_demo_help_states_its_trust_default() -> None:
+    result = run_demo("--help")
+    assert result.returncode == 0
+    assert "default: 127.0.0.1 and ::1, loopback only" in " ".join(result.stdout.split())
+
+
+def test_demo_trusts_loopback_only_by_default_and_logs_it(tmp_path: Path) -> None:
+    """From 127.0.0.1 the article's header is used; from 127.0.0.2 (not trusted) it is payload."""
+    line = b"PROXY TCP4 192.168.1.12 192.168.1.20 58472 27654\r\n"
+    with demo(tmp_path, "--port", "0") as (_, log, port):
+        assert session(("127.0.0.1", port), line + b"inkel\n") == b"Your remote address is 192.168.1.12:58472\n"
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as client:
+            client.bind(("127.0.0.2", 0))
+            client.settimeout(WAIT)
+            client.connect(("127.0.0.1", port))
+            own_port = client.getsockname()[1]
+            client.sendall(line + b"inkel\n")
+            client.shutdown(socket.SHUT_WR)
+            answer = b""
+            while chunk := client.recv(4096):
+                answer += chunk
+        assert answer == f"Your remote address is 127.0.0.2:{own_port}\n".encode()
+        deadline = time.monotonic() + WAIT
+        while "client sent 56 bytes" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        text = log.read_text()
+    assert "PROXY headers trusted from 127.0.0.1, ::1" in text
+    assert "any client can claim any address" not in text
+
+
+def test_demo_warns_when_told_to_trust_every_peer(tmp_path: Path) -> None:
+    with demo(tmp_path, "--port", "0", "--trusted", "*") as (_, log, _port):
+        deadline = time.monotonic() + WAIT
+        while "any client can claim any address" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)

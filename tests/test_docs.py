@@ -53,20 +53,3 @@ def test_page_python_block_runs(page: str, block: object) -> None:
 
 def test_api_page_has_doctests() -> None:
     assert run_doctests(DOCS / "api.rst").attempted >= 5
-
-
-def test_configuration_page_has_one_settings_table_with_every_setting() -> None:
-    """Every ``proxy_*`` class attribute of the mixin is in the one table, with its real default."""
-    import proxyproto
-
-    text = (DOCS / "configuration.rst").read_text()
-    names = sorted(n for n in vars(proxyproto.ProxyProtocolMixin) if n.startswith("proxy_") and n != "proxy_policy_for")
-    assert names
-    for name in names:
-        default = getattr(proxyproto.ProxyProtocolMixin, name)
-        shown = f"Policy.{default.name}" if isinstance(default, proxyproto.Policy) else repr(default)
-        row = f"``{name}``"
-        assert row in text, name
-        line = next(line for line in text.splitlines() if line.startswith(row))
-        assert f"``{shown}``" in line, (name, shown, line)
-    assert text.count("attribute                   default") == 1

@@ -232,7 +232,7 @@ def test_uvicorn_refused_connection_raises_nothing_in_the_loop(
     async def scenario() -> None:
         running = asyncio.get_running_loop()
         running.set_exception_handler(lambda _, c: errors.append(repr(c.get("exception"))))
-        cls = ppu.wrap(http, policy="REQUIRE", trusted=None)
+        cls = ppu.wrap(http, policy="REQUIRE", trusted="*")
         config = uvicorn.Config(app, http=cls, host="127.0.0.1", port=0, lifespan="off", log_level="warning")
         server = uvicorn.Server(config)
         task = asyncio.ensure_future(server.serve())

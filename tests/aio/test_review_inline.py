@@ -166,7 +166,7 @@ def test_uvicorn_waiting_connection_of_a_custom_class_still_has_its_deadline() -
     uvicorn: Any = require_module("uvicorn")
     from proxyproto.uvicorn import wrap
 
-    http = wrap(_CustomHTTP, trusted=None, header_timeout=0.3)
+    http = wrap(_CustomHTTP, trusted="*", header_timeout=0.3)
     errors: list[Any] = []
     answer: list[Any] = []
 

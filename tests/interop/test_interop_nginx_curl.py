@@ -104,6 +104,7 @@ def curl_server(serve: Callable[[Any], Any], host: str) -> Any:
     class S(proxyproto.ProxyProtocolMixin, http.server.ThreadingHTTPServer):
         daemon_threads = True
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        proxy_trusted = "127.0.0.0/8,::1"  # curl sends the header itself, from 127.0.0.2 or ::1
 
     return serve(S((host, 0), Handler))
 

@@ -535,7 +535,7 @@ def test_trusted_of_an_unreadable_type_set_on_the_class_keeps_the_loop_alive_iss
         type(running.server).proxy_trusted = 5  # the test's own subclass
         report, _ = exchange(running, [HEADER + PAYLOAD])
         assert report is None and running.thread.is_alive()
-        type(running.server).proxy_trusted = None
+        type(running.server).proxy_trusted = "127.0.0.1,::1"  # fixed: the default, loopback
         report, _ = exchange(running, [HEADER + PAYLOAD])
         assert report is not None and as_address(report["client_address"]) == REAL_V4
     errors = [r for r in proxyproto_records(caplog) if r.levelno == logging.ERROR]

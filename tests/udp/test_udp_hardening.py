@@ -147,8 +147,12 @@ def test_udp_proxy_trusted_set_on_instance_while_serving_takes_effect_next_datag
     name: str,
 ) -> None:
     datagram = udp4() + b"x"
-    with running(name) as server, proxy_socket("127.0.0.3") as stranger, proxy_socket("127.0.0.1") as proxy:
-        assert exchange(stranger, server, datagram)["client_address"] == list(REAL_V4)  # everyone trusted
+    with (
+        running(name, proxy_trusted="127.0.0.0/8") as server,
+        proxy_socket("127.0.0.3") as stranger,
+        proxy_socket("127.0.0.1") as proxy,
+    ):
+        assert exchange(stranger, server, datagram)["client_address"] == list(REAL_V4)  # all of 127/8 trusted
         server.proxy_trusted = "127.0.0.1"  # the loop runs in another thread
         own = list(stranger.getsockname())
         for _ in range(20):
@@ -211,15 +215,19 @@ def test_udp_invalid_setting_on_instance_raises_where_it_is_set_issue11_item1(se
 def test_udp_invalid_class_change_logs_once_and_drops_every_datagram_until_fixed_issue11_item1(
     setting: str, value: object, proxy_log: pytest.LogCaptureFixture
 ) -> None:
-    with running("ProxyUDPServer") as server, proxy_socket("127.0.0.3") as stranger:
-        cls = type(server)  # a subclass made for this test alone
+    with running("ProxyUDPServer", proxy_trusted="127.0.0.0/8") as server, proxy_socket("127.0.0.3") as stranger:
+        cls = type(server)  # a subclass made for this test alone, trusting 127.0.0.0/8
+        original = vars(cls).get(setting)
         assert exchange(stranger, server, udp4() + b"ok")["client_address"] == list(REAL_V4)
         setattr(cls, setting, value)  # on the class: no __setattr__ of the instance sees it
         try:
             for _ in range(5):
                 assert no_reply(stranger, server, udp4() + b"while broken")
         finally:
-            delattr(cls, setting)  # back to the mixin's default
+            if original is None:
+                delattr(cls, setting)  # back to the mixin's default
+            else:
+                setattr(cls, setting, original)  # back to the subclass's trust list
         assert exchange(stranger, server, udp4() + b"fixed")["client_address"] == list(REAL_V4)
     errors = messages(proxy_log, "invalid setting")
     assert len(errors) == 1 and errors[0].levelno == logging.ERROR

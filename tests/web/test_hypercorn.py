@@ -396,6 +396,41 @@ async def test_untrusted_peers_header_never_reaches_the_app() -> None:
 
 
 @async_test
+async def test_policy_for_decides_per_connection_from_peer_and_local_address() -> None:
+    """The hook replaces the three trust knobs (here ``trusted=""``, which alone trusts no one)."""
+    calls: list[tuple[Any, Any]] = []
+
+    def policy_for(peer: Any, local: Any) -> str:
+        calls.append((peer, local))
+        return "REQUIRE" if len(calls) == 1 else "SKIP"
+
+    app = App()
+    async with running(app, trusted="", policy_for=policy_for) as address:
+        trusted = report_of(await exchange(address, proxyproto.encode_v1(REAL_V4, DEST_V4) + request()))
+        skipped = await exchange(address, proxyproto.encode_v1(REAL_V4, DEST_V4) + request())
+    assert trusted["client"] == list(REAL_V4)
+    assert re.match(rb"HTTP/1\.[01] 400 ", skipped), skipped[:100]  # SKIP: the header was payload
+    assert [peer[0] for peer, _ in calls] == ["127.0.0.1", "127.0.0.1"]
+    assert [tuple(local[:2]) for _, local in calls] == [address] * 2
+
+
+@async_test
+async def test_policy_for_that_raises_closes_that_connection_with_one_error_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def policy_for(peer: Any, local: Any) -> str:
+        raise RuntimeError("no such proxy")
+
+    app = App()
+    async with running(app, policy_for=policy_for) as address:
+        response = await exchange(address, proxyproto.encode_v1(REAL_V4, DEST_V4) + request())
+    assert response == b"" and app.calls == 0
+    records = proxy_records(caplog)
+    assert [r.levelno for r in records] == [logging.ERROR], caplog.text
+    assert "policy_for failed: RuntimeError: no such proxy" in records[0].getMessage()
+
+
+@async_test
 async def test_invalid_knobs_are_refused_before_binding() -> None:
     config = Config()
     port = free_port()

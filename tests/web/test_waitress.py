@@ -274,6 +274,38 @@ def test_untrusted_reject_closes_a_spoof_attempt(caplog: pytest.LogCaptureFixtur
     assert_no_tracebacks(caplog)
 
 
+def test_policy_for_decides_per_connection_from_peer_and_local_address() -> None:
+    """The hook replaces the three trust knobs (here ``trusted=""``, which alone trusts no one)."""
+    calls: list[tuple[Any, Any]] = []
+
+    def policy_for(peer: Any, local: Any) -> str:
+        calls.append((peer, local))
+        return "REQUIRE" if len(calls) == 1 else "SKIP"
+
+    app = App()
+    with running(app, trusted="", policy_for=policy_for) as server:
+        listening = address(server)
+        trusted = report_of(exchange(server, proxyproto.encode_v1(REAL_V4, DEST_V4) + request()))
+        skipped = exchange(server, proxyproto.encode_v1(REAL_V4, DEST_V4) + request())
+    assert trusted["remote_addr"] == REAL_V4[0] and trusted["header_version"] == 1
+    assert re.match(rb"HTTP/1\.[01] 400 ", skipped), skipped[:100]  # SKIP: the header was payload
+    assert [peer[0] for peer, _ in calls] == ["127.0.0.1", "127.0.0.1"]
+    assert [tuple(local[:2]) for _, local in calls] == [listening] * 2
+
+
+def test_policy_for_that_raises_closes_that_connection_with_one_error_line(caplog: pytest.LogCaptureFixture) -> None:
+    def policy_for(peer: Any, local: Any) -> str:
+        raise RuntimeError("no such proxy")
+
+    app = App()
+    with running(app, policy_for=policy_for) as server:
+        response = exchange(server, proxyproto.encode_v1(REAL_V4, DEST_V4) + request())
+    assert response == b"" and app.calls == 0
+    records = proxy_records(caplog)
+    assert [r.levelno for r in records] == [logging.ERROR], caplog.text
+    assert "policy_for failed: RuntimeError: no such proxy" in records[0].getMessage()
+
+
 def test_untrusted_policy_use_is_refused_before_binding() -> None:
     with pytest.raises(ValueError, match="untrusted"):
         create_server(App(), listen="127.0.0.1:0", trusted="10.0.0.0/8", untrusted_policy="USE")
