@@ -14,32 +14,10 @@ transport whose ``get_extra_info("peername")``, ``("sockname")`` and
 ``("socket")`` tell the header's addresses (uvicorn and hypercorn ask the
 socket object first), plus ``"proxy_header"`` and ``"proxy_peername"``.
 
-How it reads: the wrapper never reads a byte past the header, so what
-follows it (a request, a ClientHello, the end of the stream) reaches the
-inner protocol from the transport itself, in the order and on the loop turns
-it would without the wrapper.  A header that is already in the socket when
-the connection is made (the case of every real proxy: the header leaves with,
-or before, the first segment) is taken in ``connection_made``, before the
-transport reads anything: one ``recv`` with ``MSG_PEEK`` (as HAProxy's
-receiver does) shows it, a second ``recv`` takes exactly its bytes.  A header
-still on its way gets a buffer that grows with it (the wrapper is a
-``BufferedProtocol``: the transport reads into the buffer it gives, sized to
-what the header still needs), a deadline and a parking slot.  Where the
-socket cannot be peeked, the reads are sized by
-:func:`proxyproto.reader.measure` alone (16 bytes, then what the length field
-says; a v1 line byte by byte after its first 16).
-
-Why TLS is the wrapper's job: ``create_server(ssl=...)`` handshakes before
-the protocol sees a byte, so the header would reach the TLS layer and fail
-(aiosmtpd's bug aio-libs/aiosmtpd#559).  Given ``ssl=``, the wrapper reads the
-header from the raw connection and then runs ``loop.start_tls``: the
-handshake happens after the header, as with haproxy's ``send-proxy`` in front
-of TLS passthrough.  uvloop starts reading when ``connection_made`` returns,
-whatever the protocol paused, so it may read (a ClientHello) into the
-wrapper once more before ``start_tls`` takes the transport: the wrapper
-never answers such a read with an empty buffer (a fatal error to uvloop),
-keeps those bytes and gives them to the TLS protocol before its handshake
-starts (:meth:`HeaderProtocol.hand_over_late`).
+How it reads (exactly the header, never a byte more) is
+:mod:`proxyproto.aio_header`'s; the transport the inner protocol sees,
+:mod:`proxyproto.aio_transport`'s; TLS after the header (``ssl=``),
+:mod:`proxyproto.aio_tls`'s.
 
 Every outcome goes through :func:`proxyproto.policy.decide` (DESIGN.md's
 table); each connection has its own header deadline; at most ``max_pending``
@@ -61,37 +39,32 @@ from typing import Any, Callable, TypeVar, Union
 
 from . import reader as core
 from . import v2
+from .aio_header import CAN_PEEK, PEEK_FLAGS, READ_FLAGS, HeaderProtocol, State, WaitingReads
+from .aio_tls import handshake_timeout
 from .aio_transport import (
     ABSENT,
-    NOT_GIVEN,
     ProxyTransport,
     SocketView,
     deliver,
-    hand_rest,
     proxy_extra,
     served_family,
     served_sockname,
 )
-from .errors import InvalidHeader, NoProxyHeader, ProxyProtocolError
-from .header import ProxyHeader
+from .errors import ProxyProtocolError
 from .parking import Parking, descriptor_of
 from .peers import connection_trust
-from .policy import (
-    Outcome,
-    Policy,
-    Trust,
-    decide,
-    describe,
-    hook_trust,
-    peer_text,
-)
-from .refusal_log import DEFAULT_LOG_RATE, KIND_POLICY_FOR, KIND_TLS, RefusalLog, kind_of
+from .policy import Policy, Trust, hook_trust
+from .refusal_log import DEFAULT_LOG_RATE, RefusalLog
 from .settings import DEFAULT_TRUSTED, adapter_settings
 
 __all__ = [
+    "HeaderProtocol",
+    "PolicyHook",
     "ProxyProtocolFactory",
     "ProxyTransport",
     "SocketView",
+    "State",
+    "call_later",
     "deliver",
     "proxy_extra",
     "served_family",
@@ -106,25 +79,15 @@ _P = TypeVar("_P", bound=asyncio.BaseProtocol)
 #: ``policy_for(peer, local) -> Policy``: the mixin's ``proxy_policy_for`` hook, as a function.
 PolicyHook = Callable[[Any, Any], Union[Policy, str]]
 
-_PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
-_READ_FLAGS = getattr(socket, "MSG_DONTWAIT", 0)
-_CAN_PEEK = hasattr(socket, "MSG_DONTWAIT")
-_AF_INET, _AF_INET6, _AF_UNIX, _SOCK_STREAM = socket.AF_INET, socket.AF_INET6, socket.AF_UNIX, socket.SOCK_STREAM
-#: The policies under which a valid header is served (the table's first row), looked up once.
-#: A tuple, not a set: ``in`` finds a member by identity, where a set would call Enum's Python ``__hash__``.
-_SERVES_A_HEADER = tuple(policy for policy in Policy if decide(policy, Outcome.HEADER).serve)
-# Enum members as module constants for the per-connection code: on CPython 3.11 ``Policy.REQUIRE``
-# costs a call of EnumType.__getattr__'s hook (about a thousand instructions), a global a lookup.
-_REQUIRE, _USE, _SKIP = Policy.REQUIRE, Policy.USE, Policy.SKIP
-#: What the first read asks for when the socket cannot be peeked: a v2 header's fixed part.
-_FIRST_READ = 16
+_AF_INET, _SOCK_STREAM = socket.AF_INET, socket.SOCK_STREAM
+# Enum members as module constants for the per-connection code: on CPython 3.11 an enum member's
+# attribute access goes through EnumType's slow attribute hook, a global is one lookup.
+_REQUIRE, _USE = Policy.REQUIRE, Policy.USE
 #: What the inline path peeks at: every header real senders emit fits (a longer one, or a prefix,
 #: goes to a HeaderProtocol, which peeks up to the size cap); small enough for CPython's
 #: small-object allocator.
 _INLINE_PEEK = 400
 _socket_object = _socket.socket
-#: The buffer for bytes read after the decision, before ``start_tls`` takes the transport: a TLS record.
-_LATE_READ = 16384
 
 
 def call_later(delay: float, callback: Callable[[], None]) -> bool:
@@ -139,26 +102,6 @@ def call_later(delay: float, callback: Callable[[], None]) -> bool:
         return False
     loop.call_later(delay, callback)
     return True
-
-
-def _borrow(peer: Any, sock: Any) -> Any:
-    """A socket object on ``sock``'s descriptor, for one ``recv``; detach it after, it never closes it.
-
-    The family is only a label (``recv`` does not look at it): the peer's
-    shape gives it without the enum conversions of ``sock.family``.
-    """
-    family = _AF_UNIX if type(peer) is not tuple else _AF_INET6 if len(peer) == 4 else _AF_INET
-    return _socket.socket(family, _SOCK_STREAM, 0, sock.fileno())
-
-
-
-def _handshake_timeout(given: float | None, header_timeout: float) -> float:
-    """The TLS handshake's bound: ``given`` when the user gave one, else ``header_timeout``."""
-    if given is None:
-        return header_timeout
-    if isinstance(given, bool) or not isinstance(given, (int, float)) or not 0 < given < float("inf"):
-        raise ValueError(f"ssl_handshake_timeout: must be a finite number of seconds above 0, got {given!r}")
-    return float(given)
 
 
 class ProxyProtocolFactory:
@@ -215,7 +158,7 @@ class ProxyProtocolFactory:
         self.ssl = ssl
         #: Seconds for the TLS handshake after the header: ``header_timeout`` unless given (see
         #: :func:`wrap_protocol_factory`); the connection counts toward ``max_pending`` meanwhile.
-        self.ssl_handshake_timeout = _handshake_timeout(ssl_handshake_timeout, self.header_timeout)
+        self.ssl_handshake_timeout = handshake_timeout(ssl_handshake_timeout, self.header_timeout)
         self.refusals = RefusalLog(logger, log_rate, later=call_later)
         #: Connections not handed to their protocol yet, and the one rule that evicts them (max_pending,
         #: the descriptor reserve); :attr:`parked` is its dict (oldest first: dicts keep insertion order).
@@ -228,7 +171,7 @@ class ProxyProtocolFactory:
         self.inline = (
             ssl is None
             and policy_for is None
-            and _CAN_PEEK
+            and CAN_PEEK
             and type(self).policy_for is ProxyProtocolFactory.policy_for  # a subclass may decide otherwise
         )
         self._header_first: dict[type, type] = {}
@@ -319,507 +262,6 @@ class ProxyProtocolFactory:
         self.parked.pop(waiting, None)
 
 
-class _Holding(asyncio.Protocol):
-    """Keeps what the TLS layer decrypts before the inner protocol has been told of the connection."""
-
-    __slots__ = ("data", "eof", "lost", "lost_exc")
-
-    def __init__(self) -> None:
-        self.data: list[bytes] = []
-        self.eof = False
-        self.lost = False
-        self.lost_exc: Exception | None = None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        self.lost_exc = exc
-
-    def data_received(self, data: bytes) -> None:
-        self.data.append(bytes(data))
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        return True
-
-
-class HeaderProtocol(asyncio.BufferedProtocol):
-    """One connection until its header is in: exact reads, then the inner protocol takes the transport.
-
-    The common case costs two system calls of its own and no waiting state:
-    a header that arrived with the connection (a proxy sends it before or
-    with the first segment) is peeked at and taken in :meth:`connection_made`
-    (:meth:`peek_complete_header`), and the inner protocol is served there.
-    Only a connection whose header is not complete yet gets a buffer, a
-    parking slot and a deadline, and reads through :meth:`get_buffer`.  No
-    read ever goes past the header's last byte (where the socket can be
-    peeked): the bytes after it, and the end of the stream, are the inner
-    protocol's, read by the transport.
-    """
-
-    # Class defaults, so that a connection served at once sets only what it uses.
-    transport: asyncio.Transport | None = None
-    peer: Any = None
-    policy = Policy.REQUIRE
-    #: Whether the peer is trusted: only then does its header reach the inner protocol.
-    trusted = False
-    #: True while the header is awaited through :meth:`get_buffer` (parked, with a deadline).
-    waiting = False
-    #: The header bytes read so far while waiting: ``buf[:held]``.  It grows with what the
-    #: header needs (never beyond ``factory.cap``), so a parked connection holds no more
-    #: memory than the bytes its peer sent.
-    buf: bytes | bytearray = b""
-    held = 0
-    need = _FIRST_READ
-    peek: Any = None
-    timer: asyncio.TimerHandle | None = None
-    #: Served with ``ssl=``, until ``start_tls`` takes the transport: the bytes (of the
-    #: ClientHello) the transport read meanwhile, handed to the TLS layer; else None.
-    late: bytearray | None = None
-    late_eof = False
-    spare = bytearray()  # replaced, never mutated
-    #: The inner protocol when it was made before the header (:meth:`ProxyProtocolFactory.header_first`),
-    #: else None: ``factory.factory()`` makes it once the connection is to be served.
-    inner: asyncio.BaseProtocol | None = None
-    #: The function ``connection_made`` of ``inner``'s original class when header_first replaced
-    #: it (called with ``inner`` and the view), else None.
-    connect: Callable[[Any, asyncio.BaseTransport], None] | None = None
-
-    def __init__(
-        self,
-        factory: ProxyProtocolFactory,
-        inner: asyncio.BaseProtocol | None = None,
-        connect: Callable[[Any, asyncio.BaseTransport], None] | None = None,
-    ) -> None:
-        self.factory = factory
-        if inner is not None:
-            self.inner = inner
-            self.connect = connect
-
-    # -- asyncio.BaseProtocol -------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        raw: Any = transport  # uvloop's transports are not asyncio.Transport subclasses, but have its methods
-        factory = self.factory
-        self.transport = raw
-        self.peer = peer = raw.get_extra_info("peername")
-        if factory.closed:
-            self.reclaim()
-            raw.abort()
-            return
-        try:
-            policy, self.trusted = factory.trust(peer, raw)
-            self.policy = policy
-            if factory.ssl is not None and policy is not _REQUIRE and policy is not _SKIP:
-                # Refused when built without a hook; a hook can still answer an opt-in policy,
-                # whose sniffed bytes the TLS layer would never see.
-                raise ValueError(f"policy {policy.name} with ssl=: only REQUIRE or SKIP can negotiate TLS")
-        except Exception as exc:  # a user's hook: its failure closes this connection, never the server
-            factory.refusals.log(
-                logging.ERROR,
-                "%s: closed: policy_for failed: %s: %s",
-                peer_text(peer),
-                type(exc).__name__,
-                exc,
-                kind=KIND_POLICY_FOR,
-            )
-            self.reclaim()
-            raw.abort()
-            return
-        if policy is _SKIP:
-            # With ssl=, the handshake starts on the next iteration.  asyncio honours the pause
-            # serve() asks for here; uvloop starts reading once connection_made returns and may
-            # read (the ClientHello) first: get_buffer keeps those bytes for the TLS layer.
-            self.serve(None, b"")
-            return
-        sock = raw.get_extra_info("socket") if _CAN_PEEK else None
-        if sock is not None and self.peek_complete_header(peer, sock):
-            return
-        self.wait()
-
-    def wait(self) -> None:
-        """The header is not all there yet: wait for it, with a deadline, reading through this protocol."""
-        raw: Any = self.transport
-        factory = self.factory
-        if raw.get_protocol() is not self:
-            raw.set_protocol(self)  # header_first's inner has the transport until now
-        self.waiting = True
-        factory.park(self)
-        self.timer = asyncio.get_running_loop().call_later(factory.header_timeout, self.expire)
-
-    def peek_complete_header(self, peer: Any, sock: Any) -> bool:
-        """Serve at once when the header is complete in the socket; True when decided.
-
-        Called from :meth:`connection_made` before the transport has read
-        anything (asyncio registers its reader after ``connection_made``,
-        uvloop starts reading when it returns, and neither reads before the
-        loop polls again).  One peek, and a ``recv`` of exactly the header's
-        bytes when the peek holds all of them, leave the stream on the first
-        byte after the header, in the kernel, for the transport to read (and
-        with ``ssl=``, for the TLS layer).  A stream that is no header is
-        served with nothing consumed where the policy serves it, and closed
-        where it does not, as a malformed header always is.  Anything else (a
-        prefix, nothing yet, the end of the stream) returns False with
-        nothing consumed, and with the peek socket in :attr:`peek`, for the
-        waiting path.
-        """
-        factory = self.factory
-        self.peek = peek = _borrow(peer, sock)
-        try:
-            ahead = peek.recv(factory.cap, _PEEK_FLAGS)
-            if not ahead:
-                return False  # the end of the stream, which the transport reports (eof_received)
-            header = core.parse(
-                ahead,
-                max_size=factory.max_size,
-                verify_checksum=factory.verify_checksum,
-                allow_v4_in_tcp6=factory.allow_v4_in_tcp6,
-            )
-        except OSError:
-            return False  # nothing yet, or an error the transport will report
-        except NoProxyHeader as exc:
-            if not decide(self.policy, Outcome.NO_HEADER).serve:
-                self.conclude(Outcome.NO_HEADER, exc)
-                return True
-            self.peek = None
-            peek.detach()
-            self.serve(None, b"", sock)  # nothing was read: every byte is the inner protocol's
-            return True
-        except ProxyProtocolError as exc:
-            self.conclude(Outcome.INVALID, exc)  # closed, whatever the policy: nothing to keep
-            return True
-        if header is None:
-            return False  # a valid prefix: the rest has not arrived
-        size = header.length
-        try:
-            got = peek.recv(size, _READ_FLAGS)
-        except OSError:
-            return False
-        if len(got) != size:  # a stream socket gives what it just showed; never lose a byte anyway
-            self.keep(got)
-            return False
-        self.peek = None
-        peek.detach()
-        if self.policy in _SERVES_A_HEADER:
-            self.serve(header, b"", sock)
-        else:
-            self.held = size
-            self.conclude(Outcome.HEADER, header=header)
-        return True
-
-    def keep(self, data: bytes) -> None:
-        """Hold ``data``, the first bytes of a header read before waiting for the rest."""
-        self.buf = bytearray(data)
-        self.held = len(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.release()
-
-    def eof_received(self) -> bool | None:
-        if self.late is not None:
-            # The peer ended its side before the handshake could start: no TLS session can
-            # complete (the client's Finished never comes), so there is nothing to serve.
-            self.late_eof = True
-            return True  # start_tls's task closes the connection
-        held = self.held
-        if held:
-            error = InvalidHeader(f"header truncated by EOF after {held} byte(s)", offset=held)
-            self.conclude(Outcome.INVALID, error)
-            return None
-        inner = self.conclude(Outcome.EOF)
-        if inner is None or self.transport is None or self.transport.is_closing():
-            return None
-        if isinstance(inner, asyncio.Protocol):  # BufferedProtocol is one too
-            return inner.eof_received()
-        return None
-
-    def data_received(self, data: bytes) -> None:
-        """``data`` as a transport would give it through :meth:`get_buffer` and :meth:`buffer_updated`.
-
-        A ``BufferedProtocol`` needs no ``data_received``, and neither loop
-        calls this one; but uvloop looks the attribute up on every protocol
-        it is given (``set_protocol`` and each new connection), and a missing
-        attribute cost it an ``AttributeError`` per connection.  So it
-        exists, and is correct: the bytes after a decision go to the
-        protocol that took the transport.
-        """
-        rest = memoryview(data)
-        while rest:
-            transport = self.transport
-            if transport is not None and transport.get_protocol() is not self:
-                deliver(transport.get_protocol(), bytes(rest))
-                return
-            buf = memoryview(self.get_buffer(len(rest)))
-            size = min(len(buf), len(rest))
-            buf[:size] = rest[:size]
-            self.buffer_updated(size)
-            rest = rest[size:]
-
-    # -- reading exactly the header -------------------------------------------------------
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        # Never an empty buffer: uvloop treats one as a fatal error and resets the connection.
-        if not self.waiting:
-            # The header is decided (or never looked for) and the transport still reads into
-            # this protocol: with ssl=, uvloop in the iteration before start_tls takes over.
-            self.spare = bytearray(_LATE_READ)
-            return memoryview(self.spare)
-        held = self.held
-        end = held + max(self.wanted(held), 1)
-        buf = self.buf
-        if len(buf) < end:
-            # A new buffer, not a resize: the transport may still hold a view of the old one.
-            grown = bytearray(end)
-            grown[:held] = buf[:held]
-            self.buf = buf = grown
-        return memoryview(buf)[held:end]
-
-    def wanted(self, held: int) -> int:
-        """How many more bytes belong to the header, as far as the socket (a peek) or the bytes held show.
-
-        Never more than the header's end: what follows it is the inner
-        protocol's (or the TLS layer's).  With a peek, a valid prefix takes
-        all that is there (every byte of it is the header's), and a stream
-        the peek shows to be wrong takes what is there, to be concluded on.
-        """
-        factory = self.factory
-        peek = self.peek
-        if peek is None:
-            return self.need
-        try:
-            ahead = peek.recv(factory.cap - held, _PEEK_FLAGS)
-        except OSError:
-            ahead = b""  # nothing yet, or an error the transport's own read will report
-        if not ahead:
-            return 1
-        try:
-            size = core.measure(bytes(self.buf[:held]) + ahead, factory.max_size)
-        except ProxyProtocolError:
-            return len(ahead)  # concluded on this read: take what is there
-        return size - held if size > 0 else len(ahead)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        if not self.waiting:
-            spare, self.spare = self.spare, bytearray()
-            if self.late is not None:
-                self.late += spare[:nbytes]
-                if self.transport is not None:
-                    self.transport.pause_reading()  # the rest waits in the kernel for the TLS layer
-            return  # else the connection is closing: nothing more is read for anyone
-        self.held += nbytes
-        data = bytes(self.buf[: self.held])
-        factory = self.factory
-        try:
-            size = core.measure(data, factory.max_size)
-        except NoProxyHeader as exc:
-            self.conclude(Outcome.NO_HEADER, exc)
-            return
-        except InvalidHeader as exc:
-            self.conclude(Outcome.INVALID, exc)
-            return
-        if size < 0:
-            self.need = -size
-            return
-        try:
-            header = core.decode(data, size, factory.verify_checksum, factory.allow_v4_in_tcp6)
-        except ProxyProtocolError as exc:
-            self.conclude(Outcome.INVALID, exc)
-            return
-        self.conclude(Outcome.HEADER, header=header, rest=data[size:])
-
-    def expire(self) -> None:
-        self.timer = None
-        self.conclude(Outcome.PARTIAL if self.held else Outcome.SILENT)
-
-    # -- deciding ---------------------------------------------------------------------------
-
-    def release(self) -> None:
-        """Forget the waiting state: deadline, parking slot, peek socket."""
-        self.waiting = False
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.peek is not None:
-            self.peek.detach()
-            self.peek = None
-        self.factory.unpark(self)
-
-    def shutdown(self) -> None:
-        """Close a connection whose header is not in (server shutdown); nothing was served on it."""
-        self.factory.unpark(self)
-        self.abort()
-
-    def abort(self) -> None:
-        self.release()
-        if self.transport is not None:
-            self.reclaim()
-            self.transport.abort()
-
-    def reclaim(self) -> None:
-        """Make this protocol the transport's again, before a connection that is not served closes.
-
-        A :meth:`ProxyProtocolFactory.header_first` inner holds the transport
-        from the start; it was never told of the connection, so it must not
-        be told of its end either (uvicorn's ``connection_lost`` would fail
-        on a transport it never got).  Only from that inner: a TLS protocol
-        mid-handshake keeps the transport, and learns of the close itself.
-        """
-        transport = self.transport
-        inner = self.inner
-        if inner is not None and transport is not None and transport.get_protocol() is inner:
-            transport.set_protocol(self)
-
-    def conclude(
-        self,
-        outcome: Outcome,
-        error: ProxyProtocolError | None = None,
-        *,
-        header: ProxyHeader | None = None,
-        rest: bytes = b"",
-    ) -> asyncio.BaseProtocol | None:
-        """Close or serve, as the policy table says; the inner protocol when served."""
-        self.release()
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return None
-        factory = self.factory
-        policy = self.policy
-        verdict = decide(policy, outcome)
-        if not verdict.serve:
-            factory.refusals.log(
-                verdict.level,
-                "%s: closed: %s",
-                peer_text(self.peer),
-                describe(policy, outcome, error, self.held, factory.header_timeout),
-                kind=kind_of(outcome),
-            )
-            self.reclaim()
-            transport.close()
-            return None
-        if outcome is not Outcome.HEADER:
-            rest = bytes(self.buf[: self.held])  # no header: every byte read is payload
-        self.buf = bytearray()
-        return self.serve(header, rest)
-
-    def serve(self, header: ProxyHeader | None, rest: bytes, sock: Any = NOT_GIVEN) -> asyncio.BaseProtocol | None:
-        """Hand the connection to the inner protocol; ``header`` only when the peer is trusted."""
-        if not self.trusted:
-            header = None  # an untrusted peer's header (under IGNORE) is read and removed, never handed on
-        transport = self.transport
-        assert transport is not None
-        factory = self.factory
-        inner = self.inner
-        if inner is None:
-            try:
-                inner = factory.factory()
-            except Exception:
-                logger.exception("%s: closed: the protocol factory failed", peer_text(self.peer))
-                transport.abort()
-                return None
-        if self.trusted:
-            for name, value in factory.trusted_overrides:
-                setattr(inner, name, value)
-        if factory.ssl is not None:
-            factory.park(self)  # until the handshake is done: counted, and closed on shutdown
-            self.late = bytearray()
-            transport.pause_reading()
-            task = asyncio.ensure_future(self.start_tls(inner, header))
-            factory.handshakes.add(task)  # a reference, so the task is not collected mid-handshake
-            task.add_done_callback(factory.handshakes.discard)
-            return None
-        if transport.get_protocol() is not inner:  # else header_first's inner had it all along
-            transport.set_protocol(inner)
-        view = ProxyTransport(transport, proxy_extra(transport, self.policy, header, self.peer, sock))
-        connect = self.connect
-        if connect is None:
-            inner.connection_made(view)
-        else:  # header_first: its own connection_made would only pass the view on, one call deeper
-            connect(inner, view)
-        if rest:
-            hand_rest(transport, view, inner, rest)
-        return inner
-
-    def hand_over_late(self) -> None:
-        """Give the TLS protocol the bytes this one read after the decision, before anything else.
-
-        Neither loop's ``start_tls`` can be told of bytes already read, and
-        uvloop may read once more into this protocol before ``start_tls``
-        takes the transport.  Both loops' TLS protocols are buffered ones
-        whose ``buffer_updated`` before ``connection_made`` only queues the
-        bytes in the incoming BIO, which the handshake then reads first, in
-        stream order (what arrives later is read after ``resume_reading``).
-        """
-        late, self.late = self.late, None
-        transport = self.transport
-        if not late or transport is None or transport.is_closing():
-            return
-        tls = transport.get_protocol()
-        if tls is self:  # start_tls failed before taking the transport; its error is reported
-            return
-        rest = memoryview(late)
-        while rest:
-            buf = memoryview(tls.get_buffer(len(rest)))  # type: ignore[attr-defined]
-            size = min(len(buf), len(rest))
-            buf[:size] = rest[:size]
-            tls.buffer_updated(size)  # type: ignore[attr-defined]
-            rest = rest[size:]
-
-    async def start_tls(self, inner: asyncio.BaseProtocol, header: ProxyHeader | None) -> None:
-        transport = self.transport
-        assert transport is not None
-        factory = self.factory
-        assert factory.ssl is not None
-        holding = _Holding()
-        loop = asyncio.get_running_loop()
-        if self.late_eof or transport.is_closing():
-            factory.unpark(self)
-            factory.refusals.log(
-                logging.INFO, "%s: closed before the TLS handshake started", peer_text(self.peer), kind=KIND_TLS
-            )
-            transport.abort()
-            return
-        # Scheduled before start_tls's own connection_made and resume_reading callbacks, so it
-        # runs after start_tls has set its TLS protocol on the paused transport and before that
-        # protocol starts the handshake or reads anything.
-        loop.call_soon(self.hand_over_late)
-        try:
-            tls = await loop.start_tls(
-                transport,
-                holding,
-                factory.ssl,
-                server_side=True,
-                ssl_handshake_timeout=factory.ssl_handshake_timeout,
-            )
-        except (OSError, asyncio.TimeoutError) as exc:  # ssl.SSLError and ConnectionError are OSErrors
-            factory.refusals.log(
-                logging.INFO, "%s: closed: TLS handshake failed: %s", peer_text(self.peer), exc, kind=KIND_TLS
-            )
-            transport.abort()
-            return
-        finally:
-            factory.unpark(self)
-        if tls is None:
-            return
-        if transport.is_closing():
-            # Aborted mid-handshake (a shutdown, max_pending): asyncio's start_tls raises, uvloop's
-            # returns a TLS transport anyway, and would never tell the inner of the end of a
-            # connection it was told of (uvicorn's graceful shutdown would wait for it forever).
-            factory.refusals.log(
-                logging.INFO, "%s: closed during the TLS handshake", peer_text(self.peer), kind=KIND_TLS
-            )
-            tls.abort()
-            return
-        # What arrived with the handshake (data, the peer's close_notify, even the end of the
-        # connection) reaches the inner protocol in order, after connection_made.
-        tls.set_protocol(inner)
-        inner.connection_made(ProxyTransport(tls, proxy_extra(transport, self.policy, header)))
-        for chunk in holding.data:
-            deliver(inner, chunk)
-        if holding.eof and isinstance(inner, asyncio.Protocol) and not inner.eof_received():
-            tls.close()
-        if holding.lost:
-            inner.connection_lost(holding.lost_exc)
-
-
 def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) -> type[_P]:
     """``inner_class`` reading the header first: see :meth:`ProxyProtocolFactory.header_first`."""
     inner_connection_made = inner_class.connection_made
@@ -855,10 +297,10 @@ def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) ->
         if policy is _REQUIRE or policy is _USE:
             sock = transport.get_extra_info("socket")
             if sock is not None:
-                # _borrow(peer, sock), without its call (the family is only a label to recv)
+                # aio_header.borrow(peer, sock), without its call (the family is only a label to recv)
                 peek = _socket_object(_AF_INET, _SOCK_STREAM, 0, sock.fileno())
                 try:
-                    got = peek.recv(_INLINE_PEEK, _PEEK_FLAGS)
+                    got = peek.recv(_INLINE_PEEK, PEEK_FLAGS)
                 except OSError:
                     got = b""  # nothing yet, or an error the transport reports itself
                 header = None
@@ -878,7 +320,7 @@ def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) ->
                 if header is not None:
                     size = header.length
                     try:
-                        taken = peek.recv(size, _READ_FLAGS)  # exactly the header: the rest is the transport's
+                        taken = peek.recv(size, READ_FLAGS)  # exactly the header: the rest is the transport's
                     except OSError:
                         taken = b""
                     if len(taken) == size:
@@ -894,9 +336,9 @@ def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) ->
                         return
                     # A stream socket gives what a peek just showed; should it not, nothing is lost.
                     reading = HeaderProtocol(factory, self, inner_connection_made)
-                    reading.transport, reading.peer, reading.policy, reading.peek = transport, peer, policy, peek
+                    reading.transport, reading.peer, reading.policy = transport, peer, policy
                     reading.trusted = True  # REQUIRE and USE: only a trusted peer's (check_untrusted_policy)
-                    reading.keep(taken)
+                    reading.reads = WaitingReads(factory, peek, taken)
                     reading.wait()
                     return
                 peek.detach()

@@ -1,0 +1,532 @@
+"""One asyncio connection until its PROXY header is decided: :class:`HeaderProtocol`.
+
+How it reads: it never reads a byte past the header, so what follows it (a
+request, a ClientHello, the end of the stream) reaches the inner protocol
+from the transport itself, in the order and on the loop turns it would
+without the wrapper.  A header that is already in the socket when the
+connection is made (the case of every real proxy: the header leaves with, or
+before, the first segment) is taken in ``connection_made``, before the
+transport reads anything: one ``recv`` with ``MSG_PEEK`` (as HAProxy's
+receiver does) shows it, a second ``recv`` takes exactly its bytes
+(:func:`peek_header`).  A header still on its way gets a buffer that grows
+with it (the protocol is a ``BufferedProtocol``: the transport reads into the
+buffer it gives, sized to what the header still needs: :class:`WaitingReads`),
+a deadline and a parking slot.  Where the socket cannot be peeked, the reads
+are sized by :func:`proxyproto.reader.measure` alone (16 bytes, then what the
+length field says; a v1 line byte by byte after its first 16).
+"""
+
+from __future__ import annotations
+
+import _socket
+import asyncio
+import enum
+import logging
+import socket
+from typing import TYPE_CHECKING, Any, Callable
+
+from . import reader as core
+from .aio_tls import TLSHandOver
+from .aio_transport import NOT_GIVEN, ProxyTransport, deliver, hand_rest, proxy_extra
+from .errors import InvalidHeader, NoProxyHeader, ProxyProtocolError
+from .header import ProxyHeader
+from .policy import Outcome, Policy, decide, describe, peer_text
+from .refusal_log import KIND_POLICY_FOR, kind_of
+
+if TYPE_CHECKING:
+    from .aio_protocol import ProxyProtocolFactory
+
+__all__ = ["HeaderProtocol", "State", "WaitingReads", "peek_header"]
+
+logger = logging.getLogger("proxyproto")
+
+PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+READ_FLAGS = getattr(socket, "MSG_DONTWAIT", 0)
+#: Whether a socket can be peeked without blocking (MSG_DONTWAIT exists).
+CAN_PEEK = hasattr(socket, "MSG_DONTWAIT")
+_AF_INET, _AF_INET6, _AF_UNIX, _SOCK_STREAM = socket.AF_INET, socket.AF_INET6, socket.AF_UNIX, socket.SOCK_STREAM
+#: The policies under which a valid header is served (the table's first row), looked up once.
+#: A tuple, not a set: ``in`` finds a member by identity, where a set would call Enum's Python ``__hash__``.
+_SERVES_A_HEADER = tuple(policy for policy in Policy if decide(policy, Outcome.HEADER).serve)
+# Enum members as module constants for the per-connection code: on CPython 3.11 an enum member's
+# attribute access goes through EnumType's slow attribute hook, a global is one lookup.
+_REQUIRE, _SKIP = Policy.REQUIRE, Policy.SKIP
+_HEADER, _NO_HEADER = Outcome.HEADER, Outcome.NO_HEADER
+#: What the first read asks for when the socket cannot be peeked: a v2 header's fixed part.
+_FIRST_READ = 16
+#: The buffer for bytes read after the decision, before ``start_tls`` takes the transport: a TLS record.
+_LATE_READ = 16384
+
+
+class State(enum.Enum):
+    """Where a :class:`HeaderProtocol` is; each transition is made in one method, named here."""
+
+    #: Made; ``connection_made`` serves, closes or waits.
+    NEW = "new"
+    #: Parked with a deadline, reading the header through ``get_buffer`` (:meth:`HeaderProtocol.wait`).
+    WAITING = "waiting"
+    #: Served with ``ssl=``: what the transport reads before ``start_tls`` takes it is kept for the
+    #: TLS layer (:meth:`HeaderProtocol.serve`, until :meth:`HeaderProtocol.handed_to_tls`).
+    HANDSHAKING = "handshaking"
+    #: The transport is another protocol's: the inner's, or the TLS layer's on its way to it
+    #: (:meth:`HeaderProtocol.serve`, :meth:`HeaderProtocol.handed_to_tls`).
+    SERVED = "served"
+    #: Not served: closed, or closing (:meth:`HeaderProtocol.drop`; ``connection_lost``, or a
+    #: decision on a transport already closing).
+    CLOSED = "closed"
+
+
+_NEW, _WAITING, _HANDSHAKING, _SERVED, _CLOSED = State.NEW, State.WAITING, State.HANDSHAKING, State.SERVED, State.CLOSED
+
+
+def borrow(peer: Any, sock: Any) -> Any:
+    """A socket object on ``sock``'s descriptor, for one ``recv``; detach it after, it never closes it.
+
+    The family is only a label (``recv`` does not look at it): the peer's
+    shape gives it without the enum conversions of ``sock.family``.
+    """
+    family = _AF_UNIX if type(peer) is not tuple else _AF_INET6 if len(peer) == 4 else _AF_INET
+    return _socket.socket(family, _SOCK_STREAM, 0, sock.fileno())
+
+
+def peek_header(
+    factory: ProxyProtocolFactory, peek: Any
+) -> tuple[Outcome | None, ProxyHeader | None, ProxyProtocolError | None, bytes]:
+    """What the socket under ``peek`` starts with: ``(outcome, header, error, taken)``.
+
+    One peek, and a ``recv`` of exactly the header's bytes when the peek
+    holds all of them, leave the stream on the first byte after the header.
+    ``outcome`` is HEADER (``header`` taken), NO_HEADER or INVALID (with
+    ``error``; nothing taken), or None when undecided (a prefix, nothing yet,
+    the end of the stream, a socket error): ``taken`` is then what a short
+    ``recv`` took, to be kept.
+    """
+    try:
+        ahead = peek.recv(factory.cap, PEEK_FLAGS)
+        if not ahead:
+            return None, None, None, b""  # the end of the stream, which the transport reports (eof_received)
+        header = core.parse(
+            ahead,
+            max_size=factory.max_size,
+            verify_checksum=factory.verify_checksum,
+            allow_v4_in_tcp6=factory.allow_v4_in_tcp6,
+        )
+    except OSError:
+        return None, None, None, b""  # nothing yet, or an error the transport will report
+    except NoProxyHeader as exc:
+        return _NO_HEADER, None, exc, b""
+    except ProxyProtocolError as exc:
+        return Outcome.INVALID, None, exc, b""
+    if header is None:
+        return None, None, None, b""  # a valid prefix: the rest has not arrived
+    size = header.length
+    try:
+        got = peek.recv(size, READ_FLAGS)
+    except OSError:
+        return None, None, None, b""
+    if len(got) != size:  # a stream socket gives what it just showed; never lose a byte anyway
+        return None, None, None, got
+    return _HEADER, header, None, b""
+
+
+class WaitingReads:
+    """The bytes of a header still on its way, read into buffers that end where the header ends.
+
+    ``buf[:held]`` holds what arrived; it grows with what the header needs
+    (never beyond ``factory.cap``), so a parked connection holds no more
+    memory than the bytes its peer sent.  ``peek``: a borrowed socket
+    (:func:`borrow`) that shows what is in the kernel, or None where the
+    socket cannot be peeked (reads are then sized by ``measure`` alone).
+    """
+
+    __slots__ = ("buf", "factory", "held", "need", "peek")
+
+    def __init__(self, factory: ProxyProtocolFactory, peek: Any, kept: bytes = b"") -> None:
+        self.factory = factory
+        self.peek = peek
+        self.buf = bytearray(kept)
+        self.held = len(kept)
+        self.need = _FIRST_READ
+
+    def window(self) -> memoryview:
+        """The buffer for the transport's next read: never empty, never past the header's end."""
+        held = self.held
+        end = held + max(self.wanted(held), 1)
+        buf = self.buf
+        if len(buf) < end:
+            # A new buffer, not a resize: the transport may still hold a view of the old one.
+            grown = bytearray(end)
+            grown[:held] = buf[:held]
+            self.buf = buf = grown
+        return memoryview(buf)[held:end]
+
+    def wanted(self, held: int) -> int:
+        """How many more bytes belong to the header, as far as the socket (a peek) or the bytes held show.
+
+        With a peek, a valid prefix takes all that is there (every byte of it
+        is the header's), and a stream the peek shows to be wrong takes what
+        is there, to be concluded on.
+        """
+        factory = self.factory
+        peek = self.peek
+        if peek is None:
+            return self.need
+        try:
+            ahead = peek.recv(factory.cap - held, PEEK_FLAGS)
+        except OSError:
+            ahead = b""  # nothing yet, or an error the transport's own read will report
+        if not ahead:
+            return 1
+        try:
+            size = core.measure(bytes(self.buf[:held]) + ahead, factory.max_size)
+        except ProxyProtocolError:
+            return len(ahead)  # concluded on this read: take what is there
+        return size - held if size > 0 else len(ahead)
+
+    def add(self, nbytes: int) -> tuple[Outcome, ProxyHeader | None, ProxyProtocolError | None, bytes] | None:
+        """Count ``nbytes`` read into :meth:`window`; None while undecided, else ``(outcome, header, error, rest)``."""
+        self.held += nbytes
+        data = bytes(self.buf[: self.held])
+        factory = self.factory
+        try:
+            size = core.measure(data, factory.max_size)
+        except NoProxyHeader as exc:
+            return _NO_HEADER, None, exc, data  # no header: every byte read is payload
+        except InvalidHeader as exc:
+            return Outcome.INVALID, None, exc, b""
+        if size < 0:
+            self.need = -size
+            return None
+        try:
+            header = core.decode(data, size, factory.verify_checksum, factory.allow_v4_in_tcp6)
+        except ProxyProtocolError as exc:
+            return Outcome.INVALID, None, exc, b""
+        return _HEADER, header, None, data[size:]
+
+    def stop(self) -> None:
+        """Give the borrowed socket back (detached, never closed)."""
+        if self.peek is not None:
+            self.peek.detach()
+            self.peek = None
+
+
+class HeaderProtocol(asyncio.BufferedProtocol):
+    """One connection until its header is in: exact reads, then the inner protocol takes the transport.
+
+    The common case costs two system calls of its own and no waiting state:
+    a header that arrived with the connection is peeked at and taken in
+    :meth:`connection_made` (:meth:`peek_complete_header`), and the inner
+    protocol is served there.  Only a connection whose header is not
+    complete yet gets :class:`WaitingReads`, a parking slot and a deadline,
+    and reads through :meth:`get_buffer`.  :attr:`state` says where it is
+    (:class:`State`).
+    """
+
+    # Class defaults, so that a connection served at once sets only what it uses.
+    state = _NEW
+    transport: asyncio.Transport | None = None
+    peer: Any = None
+    policy = Policy.REQUIRE
+    #: Whether the peer is trusted: only then does its header reach the inner protocol.
+    trusted = False
+    #: The header's bytes while WAITING (and what they were when it was decided), else None.
+    reads: WaitingReads | None = None
+    timer: asyncio.TimerHandle | None = None
+    #: The TLS hand-over, from HANDSHAKING on; else None.
+    tls: TLSHandOver | None = None
+    spare = bytearray()  # replaced, never mutated
+    #: The inner protocol when it was made before the header (:meth:`ProxyProtocolFactory.header_first`),
+    #: else None: ``factory.factory()`` makes it once the connection is to be served.
+    inner: asyncio.BaseProtocol | None = None
+    #: The function ``connection_made`` of ``inner``'s original class when header_first replaced
+    #: it (called with ``inner`` and the view), else None.
+    connect: Callable[[Any, asyncio.BaseTransport], None] | None = None
+
+    def __init__(
+        self,
+        factory: ProxyProtocolFactory,
+        inner: asyncio.BaseProtocol | None = None,
+        connect: Callable[[Any, asyncio.BaseTransport], None] | None = None,
+    ) -> None:
+        self.factory = factory
+        if inner is not None:
+            self.inner = inner
+            self.connect = connect
+
+    # -- asyncio.BaseProtocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        raw: Any = transport  # uvloop's transports are not asyncio.Transport subclasses, but have its methods
+        factory = self.factory
+        self.transport = raw
+        self.peer = peer = raw.get_extra_info("peername")
+        if factory.closed:
+            self.drop()
+            return
+        try:
+            policy, self.trusted = factory.trust(peer, raw)
+            self.policy = policy
+            if factory.ssl is not None and policy is not _REQUIRE and policy is not _SKIP:
+                # Refused when built without a hook; a hook can still answer an opt-in policy,
+                # whose sniffed bytes the TLS layer would never see.
+                raise ValueError(f"policy {policy.name} with ssl=: only REQUIRE or SKIP can negotiate TLS")
+        except Exception as exc:  # a user's hook: its failure closes this connection, never the server
+            factory.refusals.log(
+                logging.ERROR,
+                "%s: closed: policy_for failed: %s: %s",
+                peer_text(peer),
+                type(exc).__name__,
+                exc,
+                kind=KIND_POLICY_FOR,
+            )
+            self.drop()
+            return
+        if policy is _SKIP:
+            # With ssl=, the handshake starts on the next iteration.  asyncio honours the pause
+            # serve() asks for here; uvloop starts reading once connection_made returns and may
+            # read (the ClientHello) first: get_buffer keeps those bytes for the TLS layer.
+            self.serve(None, b"")
+            return
+        sock = raw.get_extra_info("socket") if CAN_PEEK else None
+        if sock is not None and self.peek_complete_header(peer, sock):
+            return
+        self.wait()
+
+    def peek_complete_header(self, peer: Any, sock: Any) -> bool:
+        """Decide at once from what is in the socket (:func:`peek_header`); True when decided.
+
+        Called from :meth:`connection_made` before the transport has read
+        anything (asyncio registers its reader after ``connection_made``,
+        uvloop starts reading when it returns, and neither reads before the
+        loop polls again), so the bytes after the header stay in the kernel
+        for the transport (and with ``ssl=``, for the TLS layer).  A stream
+        that is no header is served with nothing consumed where the policy
+        serves it, and closed where it does not, as a malformed header always
+        is.  Undecided: False, with :attr:`reads` holding the peek socket and
+        anything taken, for :meth:`wait`.
+        """
+        peek = borrow(peer, sock)
+        outcome, header, error, taken = peek_header(self.factory, peek)
+        if outcome is None:
+            self.reads = WaitingReads(self.factory, peek, taken)
+            return False
+        peek.detach()
+        if outcome is _HEADER:
+            if self.policy in _SERVES_A_HEADER:
+                self.serve(header, b"", sock)
+            else:
+                self.conclude(_HEADER, header=header)
+        elif outcome is _NO_HEADER and decide(self.policy, _NO_HEADER).serve:
+            self.serve(None, b"", sock)  # nothing was read: every byte is the inner protocol's
+        else:
+            self.conclude(outcome, error)  # closed, whatever the policy: nothing to keep
+        return True
+
+    def wait(self) -> None:
+        """NEW -> WAITING: the header is not all there yet; wait for it, with a deadline, reading it here."""
+        raw: Any = self.transport
+        factory = self.factory
+        if raw.get_protocol() is not self:
+            raw.set_protocol(self)  # header_first's inner has the transport until now
+        if self.reads is None:
+            self.reads = WaitingReads(factory, None)  # no peek: reads sized by measure alone
+        self.state = _WAITING
+        factory.park(self)
+        self.timer = asyncio.get_running_loop().call_later(factory.header_timeout, self.expire)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.release()
+        self.state = _CLOSED
+
+    def eof_received(self) -> bool | None:
+        tls = self.tls
+        if self.state is _HANDSHAKING and tls is not None:
+            # The peer ended its side before the handshake could start: no TLS session can
+            # complete (the client's Finished never comes), so there is nothing to serve.
+            tls.eof = True
+            return True  # the hand-over's task closes the connection
+        held = self.held
+        if held:
+            error = InvalidHeader(f"header truncated by EOF after {held} byte(s)", offset=held)
+            self.conclude(Outcome.INVALID, error)
+            return None
+        inner = self.conclude(Outcome.EOF)
+        if inner is None or self.transport is None or self.transport.is_closing():
+            return None
+        if isinstance(inner, asyncio.Protocol):  # BufferedProtocol is one too
+            return inner.eof_received()
+        return None
+
+    def data_received(self, data: bytes) -> None:
+        """``data`` as a transport would give it through :meth:`get_buffer` and :meth:`buffer_updated`.
+
+        Neither loop calls this on a ``BufferedProtocol``, but uvloop looks
+        the attribute up on every protocol it is given, and a missing one
+        costs it an ``AttributeError`` per connection.  So it exists, and is
+        correct: the bytes after a decision go to the protocol that took the
+        transport.
+        """
+        rest = memoryview(data)
+        while rest:
+            transport = self.transport
+            if transport is not None and transport.get_protocol() is not self:
+                deliver(transport.get_protocol(), bytes(rest))
+                return
+            buf = memoryview(self.get_buffer(len(rest)))
+            size = min(len(buf), len(rest))
+            buf[:size] = rest[:size]
+            self.buffer_updated(size)
+            rest = rest[size:]
+
+    # -- reading exactly the header -------------------------------------------------------
+
+    @property
+    def held(self) -> int:
+        """How many header bytes were read while waiting."""
+        return 0 if self.reads is None else self.reads.held
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # Never an empty buffer: uvloop treats one as a fatal error and resets the connection.
+        reads = self.reads
+        if self.state is not _WAITING or reads is None:
+            # The header is decided (or never looked for) and the transport still reads into
+            # this protocol: with ssl=, uvloop in the iteration before start_tls takes over.
+            self.spare = bytearray(_LATE_READ)
+            return memoryview(self.spare)
+        return reads.window()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        reads = self.reads
+        if self.state is not _WAITING or reads is None:
+            spare, self.spare = self.spare, bytearray()
+            tls = self.tls
+            if self.state is _HANDSHAKING and tls is not None:
+                tls.keep(spare[:nbytes])
+                if self.transport is not None:
+                    self.transport.pause_reading()  # the rest waits in the kernel for the TLS layer
+            return  # else the connection is closing: nothing more is read for anyone
+        decided = reads.add(nbytes)
+        if decided is not None:
+            outcome, header, error, rest = decided
+            self.conclude(outcome, error, header=header, rest=rest)
+
+    def expire(self) -> None:
+        self.timer = None
+        self.conclude(Outcome.PARTIAL if self.held else Outcome.SILENT)
+
+    # -- deciding ---------------------------------------------------------------------------
+
+    def release(self) -> None:
+        """Forget the waiting state: deadline, parking slot, peek socket."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.reads is not None:
+            self.reads.stop()
+        self.factory.unpark(self)
+
+    def shutdown(self) -> None:
+        """Close a connection whose header is not in (server shutdown); nothing was served on it."""
+        self.factory.unpark(self)
+        self.abort()
+
+    def abort(self) -> None:
+        self.release()
+        self.drop()
+
+    def drop(self, abort: bool = True) -> None:
+        """-> CLOSED: a connection that is not served closes (``abort``: at once, else after its writes).
+
+        A :meth:`ProxyProtocolFactory.header_first` inner holds the transport
+        from the start; it was never told of the connection, so it must not
+        be told of its end either (uvicorn's ``connection_lost`` would fail
+        on a transport it never got): this protocol takes the transport back
+        first.  Only from that inner: a TLS protocol mid-handshake keeps the
+        transport, and learns of the close itself.
+        """
+        self.state = _CLOSED
+        transport = self.transport
+        if transport is None:
+            return
+        inner = self.inner
+        if inner is not None and transport.get_protocol() is inner:
+            transport.set_protocol(self)
+        if abort:
+            transport.abort()
+        else:
+            transport.close()
+
+    def conclude(
+        self,
+        outcome: Outcome,
+        error: ProxyProtocolError | None = None,
+        *,
+        header: ProxyHeader | None = None,
+        rest: bytes = b"",
+    ) -> asyncio.BaseProtocol | None:
+        """Close or serve, as the policy table says; the inner protocol when served.
+
+        ``rest``: the bytes read after the header (HEADER), or every byte
+        read (NO_HEADER), for the inner protocol.
+        """
+        self.release()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self.state = _CLOSED
+            return None
+        factory = self.factory
+        policy = self.policy
+        verdict = decide(policy, outcome)
+        if not verdict.serve:
+            factory.refusals.log(
+                verdict.level,
+                "%s: closed: %s",
+                peer_text(self.peer),
+                describe(policy, outcome, error, self.held, factory.header_timeout),
+                kind=kind_of(outcome),
+            )
+            self.drop(abort=False)
+            return None
+        self.reads = None
+        return self.serve(header, rest)
+
+    def serve(self, header: ProxyHeader | None, rest: bytes, sock: Any = NOT_GIVEN) -> asyncio.BaseProtocol | None:
+        """-> SERVED (or HANDSHAKING with ``ssl=``): the inner protocol; ``header`` only from a trusted peer."""
+        if not self.trusted:
+            header = None  # an untrusted peer's header (under IGNORE) is read and removed, never handed on
+        transport = self.transport
+        assert transport is not None
+        factory = self.factory
+        inner = self.inner
+        if inner is None:
+            try:
+                inner = factory.factory()
+            except Exception:
+                logger.exception("%s: closed: the protocol factory failed", peer_text(self.peer))
+                self.drop()
+                return None
+        if self.trusted:
+            for name, value in factory.trusted_overrides:
+                setattr(inner, name, value)
+        if factory.ssl is not None:
+            self.state = _HANDSHAKING
+            tls = self.tls = TLSHandOver(self)
+            tls.start(inner, header)
+            return None
+        self.state = _SERVED
+        if transport.get_protocol() is not inner:  # else header_first's inner had it all along
+            transport.set_protocol(inner)
+        view = ProxyTransport(transport, proxy_extra(transport, self.policy, header, self.peer, sock))
+        connect = self.connect
+        if connect is None:
+            inner.connection_made(view)
+        else:  # header_first: its own connection_made would only pass the view on, one call deeper
+            connect(inner, view)
+        if rest:
+            hand_rest(transport, view, inner, rest)
+        return inner
+
+    def handed_to_tls(self) -> None:
+        """HANDSHAKING -> SERVED: the TLS layer has the transport (or ``start_tls`` failed, and closes it)."""
+        if self.state is _HANDSHAKING:
+            self.state = _SERVED
