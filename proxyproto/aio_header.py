@@ -21,24 +21,22 @@ from __future__ import annotations
 import _socket
 import asyncio
 import enum
-import logging
 import socket
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import reader as core
 from .aio_tls import TLSHandOver
-from .aio_transport import NOT_GIVEN, ProxyTransport, deliver, hand_rest, proxy_extra
+from .aio_transport import NOT_GIVEN, ProxyTransport, deliver_in_turn, hand_rest, proxy_extra
 from .errors import InvalidHeader, NoProxyHeader, ProxyProtocolError
 from .header import ProxyHeader
 from .policy import Outcome, Policy, decide, describe, peer_text
-from .refusal_log import KIND_POLICY_FOR, kind_of
+from .refusal_log import kind_of
 
 if TYPE_CHECKING:
     from .aio_protocol import ProxyProtocolFactory
 
 __all__ = ["HeaderProtocol", "State", "WaitingReads", "peek_header"]
 
-logger = logging.getLogger("proxyproto")
 
 PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 READ_FLAGS = getattr(socket, "MSG_DONTWAIT", 0)
@@ -229,7 +227,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
     policy = Policy.REQUIRE
     #: Whether the peer is trusted: only then does its header reach the inner protocol.
     trusted = False
-    #: The header's bytes while WAITING (and what they were when it was decided), else None.
+    #: The reads of a header not complete on arrival (from WAITING until it is decided), else None.
     reads: WaitingReads | None = None
     timer: asyncio.TimerHandle | None = None
     #: The TLS hand-over, from HANDSHAKING on; else None.
@@ -263,24 +261,12 @@ class HeaderProtocol(asyncio.BufferedProtocol):
         if factory.closed:
             self.drop()
             return
-        try:
-            policy, self.trusted = factory.trust(peer, raw)
-            self.policy = policy
-            if factory.ssl is not None and policy is not _REQUIRE and policy is not _SKIP:
-                # Refused when built without a hook; a hook can still answer an opt-in policy,
-                # whose sniffed bytes the TLS layer would never see.
-                raise ValueError(f"policy {policy.name} with ssl=: only REQUIRE or SKIP can negotiate TLS")
-        except Exception as exc:  # a user's hook: its failure closes this connection, never the server
-            factory.refusals.log(
-                logging.ERROR,
-                "%s: closed: policy_for failed: %s: %s",
-                peer_text(peer),
-                type(exc).__name__,
-                exc,
-                kind=KIND_POLICY_FOR,
-            )
+        trust = factory.admit(peer, raw)
+        if trust is None:
             self.drop()
             return
+        policy, self.trusted = trust
+        self.policy = policy
         if policy is _SKIP:
             # With ssl=, the handshake starts on the next iteration.  asyncio honours the pause
             # serve() asks for here; uvloop starts reading once connection_made returns and may
@@ -366,17 +352,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
         correct: the bytes after a decision go to the protocol that took the
         transport.
         """
-        rest = memoryview(data)
-        while rest:
-            transport = self.transport
-            if transport is not None and transport.get_protocol() is not self:
-                deliver(transport.get_protocol(), bytes(rest))
-                return
-            buf = memoryview(self.get_buffer(len(rest)))
-            size = min(len(buf), len(rest))
-            buf[:size] = rest[:size]
-            self.buffer_updated(size)
-            rest = rest[size:]
+        deliver_in_turn(self, self.transport, data)
 
     # -- reading exactly the header -------------------------------------------------------
 
@@ -499,10 +475,8 @@ class HeaderProtocol(asyncio.BufferedProtocol):
         factory = self.factory
         inner = self.inner
         if inner is None:
-            try:
-                inner = factory.factory()
-            except Exception:
-                logger.exception("%s: closed: the protocol factory failed", peer_text(self.peer))
+            inner = factory.make_inner(self.peer)
+            if inner is None:
                 self.drop()
                 return None
         if self.trusted:

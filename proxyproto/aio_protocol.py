@@ -53,8 +53,8 @@ from .aio_transport import (
 from .errors import ProxyProtocolError
 from .parking import Parking, descriptor_of
 from .peers import connection_trust
-from .policy import Policy, Trust, hook_trust
-from .refusal_log import DEFAULT_LOG_RATE, RefusalLog
+from .policy import Policy, Trust, hook_trust, peer_text
+from .refusal_log import DEFAULT_LOG_RATE, KIND_POLICY_FOR, RefusalLog
 from .settings import DEFAULT_TRUSTED, adapter_settings
 
 __all__ = [
@@ -82,7 +82,7 @@ PolicyHook = Callable[[Any, Any], Union[Policy, str]]
 _AF_INET, _SOCK_STREAM = socket.AF_INET, socket.SOCK_STREAM
 # Enum members as module constants for the per-connection code: on CPython 3.11 an enum member's
 # attribute access goes through EnumType's slow attribute hook, a global is one lookup.
-_REQUIRE, _USE = Policy.REQUIRE, Policy.USE
+_REQUIRE, _USE, _SKIP = Policy.REQUIRE, Policy.USE, Policy.SKIP
 #: What the inline path peeks at: every header real senders emit fits (a longer one, or a prefix,
 #: goes to a HeaderProtocol, which peeks up to the size cap); small enough for CPython's
 #: small-object allocator.
@@ -225,6 +225,37 @@ class ProxyProtocolFactory:
         return connection_trust(
             self.policy, self.untrusted_policy, self.trusted, peer, transport.get_extra_info("socket")
         )
+
+    def admit(self, peer: Any, transport: asyncio.BaseTransport) -> Trust | None:
+        """:meth:`trust` for a new connection; None (logged) when it must close unserved.
+
+        A user's ``policy_for`` hook that fails closes that connection, never
+        the server; with ``ssl=``, a hook's opt-in policy (USE, IGNORE,
+        REJECT) is refused too: its sniffed bytes would never reach the TLS layer.
+        """
+        try:
+            trust = self.trust(peer, transport)
+            if self.ssl is not None and trust.policy is not _REQUIRE and trust.policy is not _SKIP:
+                raise ValueError(f"policy {trust.policy.name} with ssl=: only REQUIRE or SKIP can negotiate TLS")
+        except Exception as exc:
+            self.refusals.log(
+                logging.ERROR,
+                "%s: closed: policy_for failed: %s: %s",
+                peer_text(peer),
+                type(exc).__name__,
+                exc,
+                kind=KIND_POLICY_FOR,
+            )
+            return None
+        return trust
+
+    def make_inner(self, peer: Any) -> asyncio.BaseProtocol | None:
+        """``factory()``, the inner protocol of a connection from ``peer`` to serve; None (logged) when it fails."""
+        try:
+            return self.factory()
+        except Exception:
+            logger.exception("%s: closed: the protocol factory failed", peer_text(peer))
+            return None
 
     @property
     def pending(self) -> int:

@@ -26,6 +26,7 @@ __all__ = [
     "ProxyTransport",
     "SocketView",
     "deliver",
+    "deliver_in_turn",
     "hand_rest",
     "proxy_extra",
     "served_family",
@@ -335,6 +336,24 @@ def deliver(protocol: asyncio.BaseProtocol, data: bytes) -> None:
             rest = rest[size:]
     elif isinstance(protocol, asyncio.Protocol):
         protocol.data_received(data)
+
+
+def deliver_in_turn(protocol: asyncio.BufferedProtocol, transport: Any, data: bytes) -> None:
+    """Give ``data`` to ``protocol`` through its ``get_buffer``/``buffer_updated``, as a transport would.
+
+    Whatever is left once ``protocol`` is no longer ``transport``'s (it handed
+    the transport over on the way) goes to the protocol that took it.
+    """
+    rest = memoryview(data)
+    while rest:
+        if transport is not None and transport.get_protocol() is not protocol:
+            deliver(transport.get_protocol(), bytes(rest))
+            return
+        buf = memoryview(protocol.get_buffer(len(rest)))
+        size = min(len(buf), len(rest))
+        buf[:size] = rest[:size]
+        protocol.buffer_updated(size)
+        rest = rest[size:]
 
 
 def hand_rest(transport: Any, view: ProxyTransport, inner: asyncio.BaseProtocol, rest: bytes) -> None:
