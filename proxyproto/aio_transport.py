@@ -226,9 +226,8 @@ class ProxyTransport(asyncio.Transport):
     proxy's own address); every other key, and every method (writes, flow
     control, close, ``set_protocol``), is the real transport's.  The methods
     servers call per request (``write``, ``is_closing``, ``close``) are the
-    real transport's own bound methods, set on the instance, so a call costs
-    no extra Python frame; the others delegate (binding one costs every
-    connection about what a delegated call costs).
+    real transport's own bound methods, set on the instance (no extra Python
+    frame per call); the others delegate.
     """
 
     def __init__(self, transport: asyncio.Transport, extra: dict[str, Any]) -> None:
