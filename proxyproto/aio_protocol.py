@@ -121,6 +121,8 @@ _INLINE_PEEK = 400
 _socket_object = _socket.socket
 #: The buffer for bytes read after the decision, before ``start_tls`` takes the transport: a TLS record.
 _LATE_READ = 16384
+#: The protocols that have ``eof_received`` (``BufferedProtocol`` is not a ``Protocol`` subclass).
+_STREAM_PROTOCOLS = (asyncio.Protocol, asyncio.BufferedProtocol)
 
 
 def call_later(delay: float, callback: Callable[[], None]) -> bool:
@@ -828,7 +830,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
         inner = self.conclude(Outcome.EOF)
         if inner is None or self.transport is None or self.transport.is_closing():
             return None
-        if isinstance(inner, asyncio.Protocol):  # BufferedProtocol is one too
+        if isinstance(inner, _STREAM_PROTOCOLS):  # BufferedProtocol is no Protocol subclass
             return inner.eof_received()
         return None
 
@@ -1114,7 +1116,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
         inner.connection_made(ProxyTransport(tls, proxy_extra(transport, self.policy, header)))
         for chunk in holding.data:
             deliver(inner, chunk)
-        if holding.eof and isinstance(inner, asyncio.Protocol) and not inner.eof_received():
+        if holding.eof and isinstance(inner, _STREAM_PROTOCOLS) and not inner.eof_received():
             tls.close()
         if holding.lost:
             inner.connection_lost(holding.lost_exc)
