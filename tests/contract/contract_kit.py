@@ -849,6 +849,16 @@ class Client:
         finally:
             self.sock.close()
 
+    def closed_by_server(self, within: float) -> bool:
+        """Whether the server closes this connection (EOF or reset) within ``within`` seconds; nothing is sent."""
+        self.sock.settimeout(within)
+        try:
+            return read_all(self.sock) == b""
+        except socket.timeout:
+            return False
+        finally:
+            self.sock.close()
+
     def start_tls(self, cert: Certificate) -> None:
         self.sock = cert.client_context().wrap_socket(self.sock, server_hostname="localhost")
 
