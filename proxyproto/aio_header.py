@@ -339,7 +339,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
         inner = self.conclude(Outcome.EOF)
         if inner is None or self.transport is None or self.transport.is_closing():
             return None
-        if isinstance(inner, asyncio.Protocol):  # BufferedProtocol is one too
+        if isinstance(inner, (asyncio.Protocol, asyncio.BufferedProtocol)):  # no subclass of each other
             return inner.eof_received()
         return None
 

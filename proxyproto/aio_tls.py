@@ -184,7 +184,7 @@ class TLSHandOver:
         inner.connection_made(ProxyTransport(tls, proxy_extra(transport, reading.policy, header)))
         for chunk in holding.data:
             deliver(inner, chunk)
-        if holding.eof and isinstance(inner, asyncio.Protocol) and not inner.eof_received():
+        if holding.eof and isinstance(inner, (asyncio.Protocol, asyncio.BufferedProtocol)) and not inner.eof_received():
             tls.close()
         if holding.lost:
             inner.connection_lost(holding.lost_exc)
