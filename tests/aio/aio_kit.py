@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 
 from support import listening, require_haproxy, require_module
 
+from proxyproto import Policy
+
 CEILING = 30.0
 
 # Addresses carried inside headers are data, never dialled: documentation ranges.
@@ -82,6 +84,23 @@ async def send_slowly(sock: socket.socket, data: bytes, delay: float) -> None:
     for i in range(len(data)):
         sock.send(data[i : i + 1])
         await asyncio.sleep(delay)
+
+
+async def closed_without_answer(address: Any, data: bytes) -> bool:
+    """Send ``data``; True when the server closes (or resets) without writing a byte."""
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        writer.write(data)
+        return await asyncio.wait_for(reader.read(), 5) == b""
+    except ConnectionError:
+        return True
+    finally:
+        writer.close()
+
+
+def failing_hook(peer: Any, local: Any) -> Policy:
+    """A ``policy_for`` hook that raises (TypeError) on every peer."""
+    return Policy.REQUIRE if peer[0][0] == "x" else Policy.SKIP[0]  # type: ignore[index]  # TypeError
 
 
 # -- haproxy ---------------------------------------------------------------------------------
