@@ -1,26 +1,25 @@
 """Helpers for the asyncio tests: a runner with a ceiling, readers on real sockets, haproxy.
 
-No pytest plugin is needed: :func:`async_test` runs the coroutine with ``asyncio.run`` under a
-generous ceiling, so a bug can fail a test but never hang the suite.
+No pytest plugin is needed: :func:`async_test` and :func:`run_on` (from ``support``) run the
+coroutine under a generous ceiling, so a bug can fail a test but never hang the suite.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from support import listening, require_haproxy, require_module
+from support import async_test as async_test  # re-exported: the aio tests import them from here
+from support import listening, require_haproxy
+from support import run_on as run_on
 
 from proxyproto import Policy
-
-CEILING = 30.0
 
 # Addresses carried inside headers are data, never dialled: documentation ranges.
 REAL_V4 = ("192.0.2.10", 51234)
@@ -29,33 +28,6 @@ REAL_V6 = ("2001:db8::7", 4242)
 DEST_V6 = ("2001:db8::1", 8443)
 
 T = TypeVar("T")
-
-
-def async_test(func: Callable[..., Awaitable[Any]]) -> Callable[..., None]:
-    """Run an ``async def`` test in a fresh event loop, bounded by ``CEILING`` seconds."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        async def bounded() -> None:
-            await asyncio.wait_for(func(*args, **kwargs), CEILING)
-
-        asyncio.run(bounded())
-
-    return wrapper
-
-
-def run_on(loop: str, scenario: Callable[[], Awaitable[Any]]) -> None:
-    """Run ``scenario()`` in a fresh asyncio or uvloop event loop, bounded by CEILING seconds."""
-
-    async def bounded() -> None:
-        await asyncio.wait_for(scenario(), CEILING)
-
-    if loop == "uvloop":
-        uvloop: Any = require_module("uvloop")
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(bounded())
-    else:
-        asyncio.run(bounded())
 
 
 @contextlib.asynccontextmanager
