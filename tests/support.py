@@ -1,4 +1,4 @@
-"""Helpers shared by the test directories that run real programs (aio, cli).
+"""Helpers shared by the test directories: real programs, event loops, in-process uvicorn.
 
 ``tests/`` is on ``sys.path`` for every test module (pytest puts the
 directory of ``tests/conftest.py`` there), so ``from support import ...``
@@ -7,9 +7,15 @@ works from any subdirectory.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import os
 import shutil
 import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -93,3 +99,56 @@ def python_script(path: object) -> list[str]:
     import sys
 
     return [sys.executable, "-c", CTRL_C_ABLE, str(path)]
+
+
+# -- event loops and in-process uvicorn -----------------------------------------------------
+
+#: How long a scenario may run before it fails: a bug fails a test but never hangs the suite.
+CEILING = 30.0
+
+
+def async_test(func: Callable[..., Awaitable[Any]]) -> Callable[..., None]:
+    """Run an ``async def`` test in a fresh event loop, bounded by ``CEILING`` seconds."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        async def bounded() -> None:
+            await asyncio.wait_for(func(*args, **kwargs), CEILING)
+
+        asyncio.run(bounded())
+
+    return wrapper
+
+
+def run_on(loop: str, scenario: Callable[[], Awaitable[Any]], ceiling: float = CEILING) -> None:
+    """Run ``scenario()`` in a fresh asyncio or uvloop event loop, bounded by ``ceiling`` seconds."""
+
+    async def bounded() -> None:
+        await asyncio.wait_for(scenario(), ceiling)
+
+    if loop == "uvloop":
+        uvloop: Any = require_module("uvloop")
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(bounded())
+    else:
+        asyncio.run(bounded())
+
+
+@contextlib.asynccontextmanager
+async def uvicorn_server(app: Any, http: Any, **config: Any) -> AsyncIterator[tuple[Any, tuple[str, int]]]:
+    """uvicorn serving the ASGI ``app`` on 127.0.0.1 in this loop, with ``http`` as its ``--http``;
+    ``(server, address)`` once it listens, stopped (``should_exit``) when the block ends."""
+    uvicorn: Any = require_module("uvicorn")
+    settings = {"host": "127.0.0.1", "port": 0, "lifespan": "off", "log_level": "warning", **config}
+    server = uvicorn.Server(uvicorn.Config(app, http=http, **settings))
+    task = asyncio.ensure_future(server.serve())
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert not task.done(), task.exception()
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        await asyncio.sleep(0.01)
+    try:
+        yield server, server.servers[0].sockets[0].getsockname()[:2]
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)

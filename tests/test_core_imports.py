@@ -129,7 +129,7 @@ def _tool(name: str) -> list[str]:
 
 
 def test_mypy_strict_is_clean() -> None:
-    """``mypy --strict proxyproto`` reports nothing (issue 2 acceptance 5)."""
+    """``mypy --strict proxyproto`` reports nothing."""
     cmd = [*_tool("mypy"), "--strict", "--no-error-summary", "proxyproto"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -1,4 +1,4 @@
-"""``demo_echo_server.py`` as a user starts it: IPv6 hosts, and one-line errors (issue 14 item 5).
+"""``demo_echo_server.py`` as a user starts it: IPv6 hosts, and one-line errors.
 
 The real script runs in a subprocess on loopback (port 0, or a port this test holds busy);
 its log goes to a file read while it runs, and it is stopped by PID.
@@ -80,7 +80,7 @@ def session(address: tuple[str, int], data: bytes) -> bytes:
 
 
 @pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback")
-def test_demo_on_ipv6_loopback_answers_with_and_without_header_issue14_item5(tmp_path: Path) -> None:
+def test_demo_on_ipv6_loopback_answers_with_and_without_header(tmp_path: Path) -> None:
     with demo(tmp_path, "--host", "::1", "--port", "0") as (_, log, port):
         assert f"listening on [::1]:{port}" in log.read_text()
         with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as client:
@@ -108,7 +108,7 @@ def test_demo_on_ipv6_loopback_answers_with_and_without_header_issue14_item5(tmp
 
 
 @pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback")
-def test_demo_accepts_a_bracketed_ipv6_host_issue14_item5(tmp_path: Path) -> None:
+def test_demo_accepts_a_bracketed_ipv6_host(tmp_path: Path) -> None:
     with demo(tmp_path, "--host", "[::1]", "--port", "0") as (_, _, port):
         assert session(("::1", port), b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\r\nx") == (
             b"Your remote address is 192.0.2.1:1\n"
@@ -125,7 +125,7 @@ def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
-def test_demo_busy_port_is_one_line_and_exit_2_issue14_item5() -> None:
+def test_demo_busy_port_is_one_line_and_exit_2() -> None:
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
         line = one_line_error(run_demo("--port", str(port)))
@@ -141,12 +141,12 @@ def test_demo_busy_port_is_one_line_and_exit_2_issue14_item5() -> None:
         (["--host", "::1%no-such-interface"], "--host '::1%no-such-interface': cannot resolve it"),
     ],
 )
-def test_demo_bad_option_is_one_line_and_exit_2_issue14_item5(args: list[str], expected: str) -> None:
+def test_demo_bad_option_is_one_line_and_exit_2(args: list[str], expected: str) -> None:
     line = one_line_error(run_demo(*args, "--port", "0"))
     assert expected in line
 
 
-def test_demo_default_still_ipv4_with_the_article_output_issue14_item5(tmp_path: Path) -> None:
+def test_demo_default_still_ipv4_with_the_article_output(tmp_path: Path) -> None:
     """No --host: 127.0.0.1 as before, the article's lines unchanged (SEED-NOTES)."""
     with demo(tmp_path, "--port", "0") as (_, log, port):
         answer = session(("127.0.0.1", port), b"PROXY TCP4 192.168.1.12 192.168.1.20 58472 27654\r\ninkel\n")
@@ -160,7 +160,7 @@ def test_demo_default_still_ipv4_with_the_article_output_issue14_item5(tmp_path:
     assert "handling connection from 192.168.1.12:58472" in text
 
 
-def test_demo_subclasses_the_server_class_and_leaves_the_librarys_alone_issue14_item5() -> None:
+def test_demo_subclasses_the_server_class_and_leaves_the_librarys_alone() -> None:
     spec = importlib.util.spec_from_file_location("demo_echo_server_under_test", DEMO)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

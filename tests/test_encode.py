@@ -243,7 +243,7 @@ def test_parsed_header_to_bytes_is_exact(data: bytes) -> None:
     assert h.to_bytes() == data
 
 
-# --- the fast path of encode_v2 (issue 6) ---------------------------------------------------
+# --- the fast path of encode_v2 -------------------------------------------------------------
 
 _ipv4_text = st.ip_addresses(v=4).map(str)
 _ipv6_text = st.ip_addresses(v=6).map(str)

@@ -1,4 +1,4 @@
-"""Differential tests of the fast paths of issue 6 against oracles written here.
+"""Differential tests of the fast paths against oracles written here.
 
 The speed work put inline field checks in ``v1.match_line``, one ``unpack_from`` and a
 table of decimal octets in ``v2.match``, and the C ``inet_pton``/``inet_ntop`` (with

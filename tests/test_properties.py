@@ -1,4 +1,4 @@
-"""Property tests (hypothesis) for the sans-I/O core, issue 2 acceptance 4.
+"""Property tests (hypothesis) for the sans-I/O core.
 
 - Round trip: ``parse(h.to_bytes()) == h`` for generated headers of every
   version, command, family, protocol and TLV mix, with and without a checksum.

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import pytest
-from support import free_port, listening, require_module
+from support import free_port, listening, require_module, run_on, uvicorn_server
 
 import proxyproto
 from proxyproto import aio, refusal_log, udp
@@ -39,7 +39,6 @@ FLOOD = 300
 SPOOFS = 3
 #: The summary must come this long after the burst at the latest.
 SUMMARY_WITHIN = 2.0
-CEILING = 30.0
 
 MALFORMED_KIND = refusal_log.kind_of(proxyproto.policy.Outcome.INVALID)
 REJECT_KIND = refusal_log.kind_of(proxyproto.policy.Outcome.HEADER)
@@ -189,26 +188,14 @@ async def _asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
 def _uvicorn(http: str) -> Callable[[], contextlib.AbstractAsyncContextManager[Address]]:
     @contextlib.asynccontextmanager
     async def serving() -> AsyncIterator[Address]:
-        uvicorn: Any = require_module("uvicorn")
+        require_module("uvicorn")
         if http == "httptools":
             require_module("httptools")
         import proxyproto.uvicorn as ppu
 
-        config = uvicorn.Config(
-            _asgi, http=ppu.wrap(http, policy="REJECT"), host="127.0.0.1", port=0, lifespan="off", log_config=None
-        )
-        server = uvicorn.Server(config)
-        task = asyncio.ensure_future(server.serve())
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert not task.done(), task.exception()
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            await asyncio.sleep(0.01)
-        try:
-            yield server.servers[0].sockets[0].getsockname()[:2]
-        finally:
-            server.should_exit = True
-            await asyncio.wait_for(task, 10)
+        wrapped = ppu.wrap(http, policy="REJECT")
+        async with uvicorn_server(_asgi, wrapped, log_config=None, log_level=None) as (_, address):
+            yield address
 
     return serving
 
@@ -307,18 +294,6 @@ def udp_burst(address: Address) -> None:
 # -- the test ---------------------------------------------------------------------------------
 
 
-def run(loop: str, scenario: Callable[[], Any]) -> None:
-    async def bounded() -> None:
-        await asyncio.wait_for(scenario(), CEILING)
-
-    if loop == "uvloop":
-        uvloop: Any = require_module("uvloop")
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(bounded())
-    else:
-        asyncio.run(bounded())
-
-
 def accounted(records: list[logging.LogRecord]) -> int:
     """Malformed headers written or counted in a summary so far."""
     written = sum(1 for r in records if getattr(r, "refusal_kind", None) == MALFORMED_KIND)
@@ -365,7 +340,7 @@ def test_a_flood_of_malformed_headers_hides_no_reject_line_and_its_summary_comes
             if not hasattr(r, "refusal_kind") and not hasattr(r, "refusal_suppressed")
         )
 
-    run(loop, scenario)
+    run_on(loop, scenario)
 
 
 # -- the timer behind the unprompted summary --------------------------------------------------

@@ -2,12 +2,13 @@
 
 ``proxy_trusted`` and every adapter's ``trusted=`` go through ``TrustedNetworks``; the
 comma-separated and ``"*"`` forms are gunicorn's ``proxy_allow_ips`` and uvicorn's
-``--forwarded-allow-ips`` conventions (issue 13).
+``--forwarded-allow-ips`` conventions.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
 import pytest
 
@@ -56,3 +57,16 @@ def test_verdicts_are_remembered_per_peer_and_the_memory_is_bounded() -> None:
         assert len(trusted.verdicts) <= 1024
     assert "10.9.8.7" in trusted and trusted.verdicts["10.9.8.7"] is True
     assert "10.9.8.7" in trusted  # answered from memory, same verdict
+
+
+@pytest.mark.parametrize(
+    "trusted",
+    [ipaddress.ip_network("10.0.0.0/16"), ipaddress.ip_address("10.0.0.9"), "10.0.0.0/16"],
+    ids=["ip_network", "ip_address", "str"],
+)
+def test_a_single_network_object_is_one_network_G10(trusted: Any) -> None:
+    networks = TrustedNetworks(trusted)
+    assert len(networks.networks) == 1
+    assert "10.0.0.9" in networks
+    assert "::ffff:10.0.0.9" in networks
+    assert "10.1.0.9" not in networks

@@ -1,4 +1,4 @@
-"""A user's type checker sees proxyproto's types after ``pip install -e .`` (issue 14 item 7).
+"""A user's type checker sees proxyproto's types after ``pip install -e .``.
 
 setuptools' default editable install of a flat layout is an import hook (a meta path finder
 written into site-packages), which mypy and pyright never run: a user's ``import proxyproto``
@@ -67,7 +67,7 @@ def _venv_python(where: Path) -> Path:
 _OFFLINE = re.compile(r"Could not find a version|No matching distribution|connection|Temporary failure|resolve", re.I)
 
 
-def test_editable_install_type_checks_for_users_issue14_item7(tmp_path: Path) -> None:
+def test_editable_install_type_checks_for_users(tmp_path: Path) -> None:
     python = _venv_python(tmp_path / "venv")
     project = _copy_project(tmp_path)
     install = subprocess.run(
@@ -127,7 +127,7 @@ def test_editable_install_type_checks_for_users_issue14_item7(tmp_path: Path) ->
         (b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00", None, None),  # LOCAL
     ],
 )
-def test_source_address_is_the_ip_pair_or_none_issue14_item7(
+def test_source_address_is_the_ip_pair_or_none(
     data: bytes, source: tuple[str, int] | None, destination: tuple[str, int] | None
 ) -> None:
     import proxyproto
@@ -139,7 +139,7 @@ def test_source_address_is_the_ip_pair_or_none_issue14_item7(
         assert header.source_address is header.source  # the same value, typed for the IP case
 
 
-def test_source_address_is_none_for_unix_names_issue14_item7() -> None:
+def test_source_address_is_none_for_unix_names() -> None:
     import proxyproto
 
     header = proxyproto.parse(proxyproto.encode_v2("/run/client.sock", b"\0abstract"))

@@ -1,24 +1,25 @@
 """Helpers for the asyncio tests: a runner with a ceiling, readers on real sockets, haproxy.
 
-No pytest plugin is needed: :func:`async_test` runs the coroutine with ``asyncio.run`` under a
-generous ceiling, so a bug can fail a test but never hang the suite.
+No pytest plugin is needed: :func:`async_test` and :func:`run_on` (from ``support``) run the
+coroutine under a generous ceiling, so a bug can fail a test but never hang the suite.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from support import listening, require_haproxy, require_module
+from support import async_test as async_test  # re-exported: the aio tests import them from here
+from support import listening, require_haproxy
+from support import run_on as run_on
 
-CEILING = 30.0
+from proxyproto import Policy
 
 # Addresses carried inside headers are data, never dialled: documentation ranges.
 REAL_V4 = ("192.0.2.10", 51234)
@@ -27,33 +28,6 @@ REAL_V6 = ("2001:db8::7", 4242)
 DEST_V6 = ("2001:db8::1", 8443)
 
 T = TypeVar("T")
-
-
-def async_test(func: Callable[..., Awaitable[Any]]) -> Callable[..., None]:
-    """Run an ``async def`` test in a fresh event loop, bounded by ``CEILING`` seconds."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        async def bounded() -> None:
-            await asyncio.wait_for(func(*args, **kwargs), CEILING)
-
-        asyncio.run(bounded())
-
-    return wrapper
-
-
-def run_on(loop: str, scenario: Callable[[], Awaitable[Any]]) -> None:
-    """Run ``scenario()`` in a fresh asyncio or uvloop event loop, bounded by CEILING seconds."""
-
-    async def bounded() -> None:
-        await asyncio.wait_for(scenario(), CEILING)
-
-    if loop == "uvloop":
-        uvloop: Any = require_module("uvloop")
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(bounded())
-    else:
-        asyncio.run(bounded())
 
 
 @contextlib.asynccontextmanager
@@ -82,6 +56,23 @@ async def send_slowly(sock: socket.socket, data: bytes, delay: float) -> None:
     for i in range(len(data)):
         sock.send(data[i : i + 1])
         await asyncio.sleep(delay)
+
+
+async def closed_without_answer(address: Any, data: bytes) -> bool:
+    """Send ``data``; True when the server closes (or resets) without writing a byte."""
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        writer.write(data)
+        return await asyncio.wait_for(reader.read(), 5) == b""
+    except ConnectionError:
+        return True
+    finally:
+        writer.close()
+
+
+def failing_hook(peer: Any, local: Any) -> Policy:
+    """A ``policy_for`` hook that raises (TypeError) on every peer."""
+    return Policy.REQUIRE if peer[0][0] == "x" else Policy.SKIP[0]  # type: ignore[index]  # TypeError
 
 
 # -- haproxy ---------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from aio_kit import DEST_V4, DEST_V6, REAL_V4, REAL_V6, async_test, run_on
+from aio_kit import DEST_V4, DEST_V6, REAL_V4, REAL_V6, async_test, closed_without_answer, failing_hook, run_on
 
 import proxyproto
 from proxyproto import Policy
@@ -351,6 +351,36 @@ def test_wrapped_protocol_refuses_opt_in_policies_with_ssl_at_construction(polic
 def test_wrapped_protocol_refuses_invalid_knobs(name: str, value: Any) -> None:
     with pytest.raises(ValueError):
         wrap_protocol_factory(asyncio.Protocol, **{name: value})
+
+
+@async_test
+async def test_wrapped_protocol_failing_policy_for_hook_closes_the_connection_with_one_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="proxyproto")
+    server, address, sinks, factory = await serve("plain", policy_for=failing_hook)
+    async with server:
+        for _ in range(3):
+            assert await closed_without_answer(address, V1 + b"payload")
+        assert factory.pending == 0 and sinks == []
+    errors = [r.getMessage() for r in caplog.records if r.name == "proxyproto" and r.levelno == logging.ERROR]
+    assert len(errors) == 3 and all("TypeError" in e for e in errors)
+
+
+@async_test
+async def test_wrapped_protocol_hook_answering_an_opt_in_policy_with_ssl_is_refused_not_half_served(
+    caplog: pytest.LogCaptureFixture, tmp_path: Any
+) -> None:
+    """Built without a hook, USE/IGNORE/REJECT with ``ssl=`` is a ValueError; a hook can still
+    answer one per connection, whose sniffed bytes TLS would never see: closed, logged."""
+    caplog.set_level(logging.INFO, logger="proxyproto")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server, address, sinks, _ = await serve("plain", policy_for=lambda peer, local: Policy.USE, ssl=context)
+    async with server:
+        assert await closed_without_answer(address, V1 + b"payload")
+        assert sinks == []
+    errors = [r.getMessage() for r in caplog.records if r.name == "proxyproto" and r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "only REQUIRE or SKIP" in errors[0]
 
 
 # -- TLS after the header, many times, on both loops ---------------------------------------

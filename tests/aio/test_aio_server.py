@@ -17,7 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aio_kit import DEST_V4, DEST_V6, REAL_V4, REAL_V6, async_test, haproxy, send_slowly
+from aio_kit import (
+    DEST_V4,
+    DEST_V6,
+    REAL_V4,
+    REAL_V6,
+    async_test,
+    closed_without_answer,
+    failing_hook,
+    haproxy,
+    send_slowly,
+)
 from support import free_port
 
 import proxyproto
@@ -366,3 +376,22 @@ async def test_aio_server_policy_for_hook_decides_per_connection() -> None:
     assert used["peername"] == REAL_V4 and used["data"] == b"a"
     assert skipped["peername"][0] == "127.0.0.4" and skipped["data"] == V2 + b"b"
     assert [local[:2] for _, local in calls] == [address, address]
+
+
+@async_test
+async def test_aio_server_failing_policy_for_hook_closes_the_connection_not_the_server(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="proxyproto")
+    served: list[Any] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served.append(writer.get_extra_info("peername"))
+        writer.close()
+
+    server = await aio.start_server(handler, "127.0.0.1", 0, policy_for=failing_hook)
+    address = server.sockets[0].getsockname()[:2]
+    async with server:
+        assert await closed_without_answer(address, proxyproto.encode_v1(REAL_V4, DEST_V4) + b"payload")
+    assert served == []
+    assert any("TypeError" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)

@@ -188,7 +188,7 @@ def _capture_send(*options: str, stdin: bytes = b"") -> tuple[int, bytes]:
         (["--local"], b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"),  # LOCAL
     ],
 )
-def test_cli_send_without_addresses_sends_unspec_and_help_says_so_issue14_item8(
+def test_cli_send_without_addresses_sends_unspec_and_help_says_so(
     options: list[str], expected: bytes
 ) -> None:
     status, received = _capture_send(*options, stdin=b"x")
@@ -201,7 +201,7 @@ def test_cli_send_without_addresses_sends_unspec_and_help_says_so_issue14_item8(
     assert b"--local sends a v2 LOCAL command" in help_text
 
 
-def test_cli_version_prints_the_package_version_issue14_item8() -> None:
+def test_cli_version_prints_the_package_version() -> None:
     result = cli("--version")
     assert result.returncode == 0
     assert result.stdout == f"proxyproto {proxyproto.__version__}\n".encode()

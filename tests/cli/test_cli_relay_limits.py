@@ -1,4 +1,4 @@
-"""``proxyproto relay`` out of descriptors: it rests instead of spinning, and recovers (issue 11 item 3).
+"""``proxyproto relay`` out of descriptors: it rests instead of spinning, and recovers.
 
 The relay runs as a real process whose descriptor limit is lowered (``prlimit`` on its PID)
 to exactly what it needs for a handful of relayed connections, so the next ``accept()``
@@ -104,7 +104,7 @@ def relayed(port: int) -> tuple[socket.socket, bytes]:
     return sock, line
 
 
-def test_relay_backs_off_on_emfile_and_recovers_issue11_item3(tmp_path: Path) -> None:
+def test_relay_backs_off_on_emfile_and_recovers(tmp_path: Path) -> None:
     with announcing_upstream() as upstream_port, relay(tmp_path, upstream_port) as (proc, port):
         pid = proc.popen.pid
         baseline = steady_fd_count(pid)

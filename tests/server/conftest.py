@@ -1,4 +1,4 @@
-"""Fixtures for the server-layer tests (issue 3): TLS material and log capture.
+"""Fixtures for the server-layer tests: TLS material and log capture.
 
 The server and client helpers themselves live in ``server_kit.py`` beside this file so test
 modules can import them by name.

@@ -215,6 +215,13 @@ class BannerReportHandler(ReportHandler):
     mode = "none"
 
 
+class ReplyHandler(socketserver.BaseRequestHandler):
+    """Answers ``served <client_address>``: a handler written for plain socketserver."""
+
+    def handle(self) -> None:
+        self.request.sendall(b"served " + repr(self.client_address).encode())
+
+
 def as_address(value: Any) -> Any:
     """A JSON-decoded address back in the socket module's shape (tuple, or str for UNIX)."""
     if isinstance(value, list):
@@ -263,6 +270,12 @@ class Running:
         except BaseException as exc:
             self.error = exc  # stop() raises it again in the test's thread
             raise
+
+    def __enter__(self) -> Running:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def stop(self) -> None:
         if self.stopped:

@@ -1,4 +1,4 @@
-"""The six prebuilt servers: what a handler and verify_request see (issue 3, acceptance 1).
+"""The six prebuilt servers: what a handler and verify_request see.
 
 Every test runs on real loopback sockets (TCP on 127.0.0.1 or ::1, UNIX sockets in a temporary
 directory), and the handler reports through the connection so the Forking classes are covered
@@ -250,3 +250,13 @@ def test_queued_connections_do_not_wait_for_poll_interval(name: str) -> None:
             for sock in clients:
                 sock.close()
         assert took < 1.0, f"12 ready connections took {took:.2f} s to be served"
+
+
+# --------------------------------------------------------------------------- a UNIX-family header on a UNIX listener
+
+
+def test_unix_family_header_on_unix_listener_still_gives_the_path() -> None:
+    header = v2_header("/run/client.sock", "/run/server.sock")
+    with serve("ThreadingProxyUnixStreamServer") as running:
+        report, _ = exchange(running, [header + PAYLOAD])
+        assert report is not None and report["client_address"] == "/run/client.sock"

@@ -1,4 +1,4 @@
-"""shutdown(), server_close(), handle_request() and fork with parked connections (issue 3).
+"""shutdown(), server_close(), handle_request() and fork with parked connections.
 
 Parked connections belong to the mixin, not to a handler, so the mixin must close them: when
 the server closes, and in every forked child (a child holding a copy of a parked socket would

@@ -1,4 +1,4 @@
-"""Policies and trust, cell by cell (DESIGN.md "Policies, case by case"; issue 3, acceptance 3).
+"""Policies and trust, cell by cell (DESIGN.md "Policies, case by case").
 
 Each test states one cell of the table: what arrives, under which policy, and whether the
 connection is served (with which address and which bytes) or closed (with which single log
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import socket
+import tempfile
 import threading
 import time
 from typing import Any
@@ -22,7 +24,9 @@ from server_kit import (
     V1_UNKNOWN,
     V2_SIGNATURE,
     BannerReportHandler,
+    ReplyHandler,
     ReportHandler,
+    Running,
     as_address,
     exchange,
     make_class,
@@ -570,7 +574,7 @@ def test_untrusted_policy_that_would_trust_anyone_is_refused_at_start(policy: Po
 
 
 def test_ipv4_mapped_peer_on_dual_stack_server_matches_its_ipv4_network() -> None:
-    """::ffff:127.0.0.2 is in 127.0.0.2/32 (issue 3; haproxy's dual-stack binds)."""
+    """::ffff:127.0.0.2 is in 127.0.0.2/32 (haproxy's dual-stack binds)."""
 
     class DualStack(proxyproto.ThreadingProxyTCPServer):  # type: ignore[misc]
         address_family = socket.AF_INET6
@@ -680,3 +684,62 @@ def test_proxy_max_pending_closes_and_logs_the_oldest_parked_connections(
         finally:
             for sock in socks:
                 sock.close()
+
+
+def test_evicted_connection_is_not_stepped_again_in_the_same_batch(caplog: pytest.LogCaptureFixture) -> None:
+    """proxy_max_pending = 1: accepting B evicts A; A's readiness in the same select batch is skipped
+    (it used to be read after close: a second, EBADF log line for the same peer)."""
+    caplog.set_level(logging.DEBUG, logger="proxyproto")
+
+    class Server(proxyproto.ProxyTCPServer):
+        proxy_max_pending = 1
+        timeout = 0.5
+
+    server = Server(("127.0.0.1", 0), ReplyHandler)
+    try:
+        with socket.create_connection(server.server_address) as first:
+            first.sendall(b"PROXY TCP4 ")
+            time.sleep(0.1)
+            server.handle_request()  # parks the first connection
+            with socket.create_connection(server.server_address):
+                time.sleep(0.05)
+                first.sendall(b"1.2.3.4 ")  # both the listener and the first connection are ready
+                time.sleep(0.1)
+                server.handle_request()
+    finally:
+        server.server_close()
+    lines = [record.getMessage() for record in caplog.records if record.name == "proxyproto"]
+    assert len([line for line in lines if "proxy_max_pending" in line]) == 1
+    assert not [line for line in lines if "Bad file descriptor" in line]
+
+
+# --------------------------------------------------------------------------- a header written one byte at a time
+
+
+@pytest.mark.parametrize("unix", [True, False], ids=["unix", "tcp"])
+@pytest.mark.parametrize("policy", ["USE", "IGNORE", "REQUIRE"])
+def test_header_written_one_byte_at_a_time_is_served_under_every_policy_G5_T2(unix: bool, policy: str) -> None:
+    """A 631-byte header in 1-byte writes: under the opt-in policies the prefix is held in the kernel
+    only while ambiguous; once it commits (``PROXY`` or the v2 signature) it is consumed, so the
+    sender never blocks on a full socket buffer (it did on UNIX sockets, about 70 writes in)."""
+    header = proxyproto.encode_v2(("192.0.2.10", 51234), ("198.51.100.20", 443), tlvs=[(0xE0, b"x" * 600)])
+    base = proxyproto.ThreadingProxyUnixStreamServer if unix else proxyproto.ThreadingProxyTCPServer
+
+    class Server(base):  # type: ignore[valid-type,misc]
+        proxy_policy = policy
+        proxy_header_timeout = 5.0
+
+    address: Any = os.path.join(tempfile.mkdtemp(), "s") if unix else ("127.0.0.1", 0)
+    with Running(Server(address, ReplyHandler)) as running:
+        server = running.server
+        client = socket.socket(socket.AF_UNIX if unix else socket.AF_INET)
+        client.settimeout(5)
+        with client:
+            client.connect(server.server_address)
+            for index in range(len(header)):
+                client.sendall(header[index : index + 1])
+            reply = client.recv(100)
+    expected = "('192.0.2.10', 51234)" if policy != "IGNORE" else ""
+    assert reply.startswith(b"served ")
+    if expected:
+        assert reply == b"served " + expected.encode()

@@ -1,8 +1,11 @@
-"""Retrofitting stdlib servers by adding one base class (issue 3, acceptance 4).
+"""Retrofitting stdlib servers by adding one base class.
 
 Each server is the stdlib class with ``ProxyProtocolMixin`` as first base and nothing else
 changed: stock handlers, stock logging to stderr (captured with capsys, which sees writes from
-the serving thread because sys.stderr is process-wide).
+the serving thread because sys.stderr is process-wide).  A UNIX-family header on an IP
+listener leaves ``client_address`` in the shape those handlers assume.  Combinations of the
+mixin with stdlib classes that cannot work (on a UDP server, after the server class, after
+``ForkingMixIn``) are a TypeError when the class is defined.
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ from __future__ import annotations
 import functools
 import http.server
 import socket
+import socketserver
 import ssl
+import sys
 import wsgiref.simple_server
 import xmlrpc.client
 import xmlrpc.server
@@ -19,8 +24,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from server_kit import DEST_V4, REAL_V4, Running, read_all, v1_header, v2_header
+from server_kit import DEST_V4, REAL_V4, ReportHandler, Running, proxyproto_records, read_all, v1_header, v2_header
 
+import proxyproto
 from proxyproto import ProxyProtocolMixin
 
 
@@ -177,3 +183,100 @@ def test_tls_listener_does_not_let_a_silent_client_stall_https(
         running.stop()
     assert response.startswith(b"HTTP/1.0 200")
     assert took < 2.0  # a handshake and one request: milliseconds; a stall would be the header timeout
+
+
+# --------------------------------------------------------------------------- a UNIX-family header on an IP listener
+
+
+class AddressHandler(http.server.BaseHTTPRequestHandler):
+    """Answers with ``address_string()`` and ``client_address``: what failed with an IndexError."""
+
+    def do_GET(self) -> None:
+        header = getattr(self.request, "proxy_header", None)
+        body = f"{self.address_string()} {self.client_address!r} family={header and int(header.family)}\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class RetrofitHTTPServer(ProxyProtocolMixin, http.server.ThreadingHTTPServer):
+    errors: list
+    verified: list
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        self.verified.append(client_address)
+        return True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        self.errors.append(sys.exc_info()[1])
+
+
+@pytest.mark.parametrize(
+    "source",
+    [b"\0" * 216, b"/run/client.sock".ljust(108, b"\0") + b"/run/server.sock".ljust(108, b"\0"), b"\0x" + b"\0" * 214],
+    ids=["all-zero", "pathname", "abstract"],
+)
+def test_unix_family_header_on_ip_listener_serves_the_socket_peer(source: bytes) -> None:
+    """A v2 PROXY header with family 0x31 on a TCP listener: ``client_address`` keeps the shape
+    the handlers written for TCP assume (the socket's own peer); the header stays on the request."""
+    header = v2_header()[:12] + b"\x21\x31" + len(source).to_bytes(2, "big") + source
+    assert proxyproto.parse(header).family is proxyproto.Family.UNIX
+    server = RetrofitHTTPServer(("127.0.0.1", 0), AddressHandler)
+    server.errors = []
+    running = Running(server)
+    try:
+        with socket.create_connection(server.server_address, timeout=5) as sock:
+            own = sock.getsockname()
+            sock.sendall(header + b"GET / HTTP/1.0\r\n\r\n")
+            response = read_all(sock)
+        assert response.startswith(b"HTTP/1.0 200"), response
+        body = response.split(b"\r\n\r\n", 1)[1].decode()
+        assert body == f"{own[0]} {own!r} family=3\n"
+        assert server.errors == []
+        assert server.verified == [own]
+    finally:
+        running.stop()
+
+
+# --------------------------------------------------------------------------- the mixin among stdlib classes
+
+
+def test_mixin_on_a_udp_server_is_a_type_error(caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(TypeError, match=r"proxyproto\.ProxyUDPServer"):
+
+        class Wrong(ProxyProtocolMixin, socketserver.UDPServer):
+            pass
+
+    assert proxyproto_records(caplog) == []
+
+
+def test_mixin_after_the_server_class_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match=r"before (Threading)?TCPServer"):
+
+        class Wrong(socketserver.ThreadingTCPServer, ProxyProtocolMixin):
+            pass
+
+    class Fine(socketserver.ThreadingMixIn, ProxyProtocolMixin, socketserver.TCPServer):
+        pass
+
+    class Stack(ProxyProtocolMixin):  # not yet a server: checked when combined
+        pass
+
+    class Combined(Stack, socketserver.TCPServer):
+        pass
+
+    for cls in (Fine, Combined):
+        cls(("127.0.0.1", 0), ReportHandler).server_close()
+
+
+def test_forking_mixin_before_the_proxy_class_is_a_type_error() -> None:
+    """``ForkingMixIn``'s service_actions and collect_children do not call super(): placed
+    first, they would switch off header deadlines and the max_children handling."""
+    with pytest.raises(TypeError, match=r"before ForkingMixIn"):
+
+        class Wrong(socketserver.ForkingMixIn, proxyproto.ProxyTCPServer):
+            pass

@@ -1,4 +1,4 @@
-"""No connection can stall another (issue 3, acceptance 2; DESIGN.md "without stalling anyone").
+"""No connection can stall another (DESIGN.md "without stalling anyone").
 
 For each of the six classes: 50 connections that never send a byte and 50 that send one header
 byte per second are parked on the server; meanwhile a well-behaved client must be answered
@@ -13,17 +13,25 @@ makes a handful of short good-client connections; it does not count forked handl
 (RUSAGE_CHILDREN).  The window is the time all 100 bad connections are parked, up to just before
 their deadline, so it holds no fork() of the parent for the silent ones USE serves then.  The
 figure is an upper bound on the serving loop's own cost, which is what "no spinning" is about.
+
+The same holds at the limits: a server out of descriptors (RLIMIT_NOFILE 64, in a process of
+its own) gives the oldest parked connection's place to a new one, and a forking server at
+``max_children`` keeps expiring parked headers while new clients wait in the backlog.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import resource
 import socket
+import socketserver
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from server_kit import (
@@ -33,12 +41,16 @@ from server_kit import (
     ReportHandler,
     as_address,
     parse_report,
+    read_all,
     serve,
     v1_header,
+    wait_for,
 )
 
 from proxyproto import Policy
 
+HEADER = v1_header(REAL_V4, DEST_V4)
+PAYLOAD = b"payload\n"
 HEADER_TIMEOUT = 2.0
 SILENT = TRICKLE = 50
 
@@ -224,3 +236,147 @@ def test_parked_clients_never_stall_a_good_one_and_are_closed_on_time_T1(
     assert summary["max_sent"] >= 2, "the trickling clients did trickle"
 
     assert cpu < 0.10 * wall, f"server used {cpu:.2f} s CPU in {wall:.2f} s: spinning?"
+
+
+# --------------------------------------------------------------------------- out of descriptors
+
+
+_FD_SERVER = """
+import logging, resource, socketserver, sys
+import proxyproto
+resource.setrlimit(resource.RLIMIT_NOFILE, (__LIMIT__, __LIMIT__))
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
+
+class Echo(socketserver.StreamRequestHandler):
+    def handle(self):
+        self.wfile.write(repr(self.client_address).encode() + b"\\n")
+
+class Server(proxyproto.ThreadingProxyTCPServer):
+    proxy_header_timeout = 60.0
+    daemon_threads = True
+
+server = Server(("127.0.0.1", 0), Echo)
+print(server.server_address[1], flush=True)
+server.serve_forever(poll_interval=0.05)
+"""
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_out_of_descriptors_evicts_the_oldest_parked_connection() -> None:
+    """With RLIMIT_NOFILE 64, silent sockets used to deny service for the whole header timeout
+    (EMFILE came before the pending cap).  Now the oldest parked one gives its place: a good
+    client is served at once, the server does not spin, and descriptors return to baseline."""
+    limit = 64
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _FD_SERVER.replace("__LIMIT__", str(limit))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    silent: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as first:
+            first.sendall(HEADER)  # serving has started once this is answered
+            assert read_all(first) == repr(REAL_V4).encode() + b"\n"
+        baseline = _open_fds(proc.pid)
+        for _ in range(limit + 20):  # more than the server can hold
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            silent.append(sock)
+        assert wait_for(lambda: _open_fds(proc.pid) >= limit - 1, timeout=5)
+        cpu_before, wall_before = _cpu_seconds(proc.pid), time.monotonic()
+        time.sleep(1.0)
+        cpu = (_cpu_seconds(proc.pid) - cpu_before) / (time.monotonic() - wall_before)
+        assert cpu < 0.10, f"server used {cpu:.0%} of a core while out of descriptors"
+
+        began = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as good:
+            good.sendall(HEADER + PAYLOAD)
+            answer = read_all(good)
+        assert time.monotonic() - began < 1.0
+        assert answer == repr(REAL_V4).encode() + b"\n"
+
+        for sock in silent:
+            sock.close()
+        silent.clear()
+        assert wait_for(lambda: _open_fds(proc.pid) <= baseline, timeout=5), _open_fds(proc.pid)
+    finally:
+        for sock in silent:
+            sock.close()
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert "Traceback" not in err
+    assert len(re.findall(r"accept\(\) failed", err)) >= 1
+    assert len(re.findall(r"accept\(\) failed", err)) <= 5, err[-2000:]
+
+
+# --------------------------------------------------------------------------- a forking server at max_children
+
+
+class HoldHandler(socketserver.StreamRequestHandler):
+    """Reads to EOF, then reports: a child lives as long as its client keeps the connection."""
+
+    def handle(self) -> None:
+        self.rfile.read()
+        self.wfile.write(repr(self.client_address).encode() + b"\n")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forking_server_at_max_children_keeps_expiring_headers() -> None:
+    """socketserver's blocking waitpid at max_children froze the loop: parked headers were
+    neither expired nor evicted, and a good client timed out.  Now, while two children hold
+    the cap, a silent client parked before is closed at its deadline, new clients wait in the
+    backlog (the listener rests), and a good one is served as soon as a child exits.  The loop
+    does not spin meanwhile (the server runs in this process: its CPU is this process's), and
+    every descriptor is given back."""
+    baseline = len(os.listdir("/proc/self/fd"))
+    with serve(
+        "ForkingProxyTCPServer",
+        HoldHandler,
+        max_children=2,
+        proxy_header_timeout=1.0,
+        poll_interval=0.05,
+    ) as running:
+        holders: list[socket.socket] = []
+        silent = running.connect()
+        try:
+            began = time.monotonic()
+            for _ in range(2):
+                sock = running.connect()
+                sock.sendall(HEADER)
+                holders.append(sock)
+            assert wait_for(lambda: len(running.server.active_children or ()) == 2, timeout=5)
+            cpu, wall = time.process_time(), time.monotonic()
+            assert read_all(silent, limit=5) == b""  # closed by its header deadline, at the cap
+            assert time.monotonic() - began < 3.0
+            time.sleep(0.5)  # still at the cap, nothing parked: the loop must sleep
+            assert (time.process_time() - cpu) / (time.monotonic() - wall) < 0.10
+
+            good = running.connect()
+            good.sendall(HEADER + PAYLOAD)
+            good.shutdown(socket.SHUT_WR)
+            time.sleep(0.3)
+            holders[0].shutdown(socket.SHUT_WR)  # its child answers and exits
+            assert read_all(holders[0]) == repr(REAL_V4).encode() + b"\n"
+            began = time.monotonic()
+            assert read_all(good, limit=5) == repr(REAL_V4).encode() + b"\n"
+            assert time.monotonic() - began < 1.0
+            good.close()
+        finally:
+            # The children share this process's client sockets (the server runs in a thread
+            # here): shutdown, not just close, ends their reads, so server_close's reap returns.
+            for sock in [silent, *holders]:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+    assert wait_for(lambda: len(os.listdir("/proc/self/fd")) <= baseline, timeout=5)

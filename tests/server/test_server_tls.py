@@ -1,4 +1,4 @@
-"""TLS after the header, wrapped by the handler itself (issue 3, acceptance 5).
+"""TLS after the header, wrapped by the handler itself.
 
 The client sends a v2 header, then a TLS handshake.  The handler wraps ``self.request`` with
 its own SSLContext: it must see the real address and the decrypted payload.  The one-write

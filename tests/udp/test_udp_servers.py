@@ -1,7 +1,9 @@
 """The UDP servers: each datagram's v2 header parsed on its own (G8), policies and trust per datagram.
 
 Real datagram sockets on loopback, for the three classes.  The handler reports what it saw in
-its reply, which also proves the reply went to the proxy (the datagram's source).
+its reply, which also proves the reply went to the proxy (the datagram's source).  The v2
+protocol nibble says what a header describes: a STREAM header in a datagram is refused naming
+the protocol, DGRAM is served, UNSPEC (dnsdist's LOCAL health checks) keeps the datagram's source.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import pytest
 from udp_kit import (
     CLASS_NAMES,
     DEST_V4,
+    DEST_V6,
     LOCAL,
     REAL_V4,
     REAL_V6,
+    SIGNATURE,
     Reporter,
     exchange,
     no_reply,
@@ -128,6 +132,94 @@ def test_udp_checksummed_header_is_verified_CRC_R2(proxy_log: pytest.LogCaptureF
         assert no_reply(proxy, server, bytes(bad) + b"ok")
     lines = dropped_lines(proxy_log)
     assert len(lines) == 1 and lines[0].levelno == logging.WARNING
+
+
+# -- the protocol byte says what the header describes (G8) ---------------------------------
+
+def unix_header(command: int, fam: int) -> bytes:
+    """A v2 header with an AF_UNIX address block (108 NUL-padded bytes per path)."""
+    block = b"/run/client.sock".ljust(108, b"\0") + b"/run/server.sock".ljust(108, b"\0")
+    return SIGNATURE + bytes([0x20 | command, fam]) + struct.pack(">H", len(block)) + block
+
+
+
+STREAM_HEADERS = {
+    "0x11 TCP over IPv4": v2_header(1, 0x11, REAL_V4, DEST_V4),
+    "0x21 TCP over IPv6": v2_header(1, 0x21, REAL_V6, DEST_V6),
+    "0x31 UNIX stream": unix_header(1, 0x31),
+}
+
+
+@pytest.mark.parametrize("policy", [Policy.REQUIRE, Policy.USE, Policy.IGNORE])
+@pytest.mark.parametrize("case", sorted(STREAM_HEADERS))
+def test_udp_stream_header_is_refused_naming_the_protocol_G8(
+    case: str, policy: Policy, proxy_log: pytest.LogCaptureFixture
+) -> None:
+    """A datagram cannot belong to a TCP connection: a STREAM header in one is an invalid header."""
+    byte = case.split()[0]
+    with running("ProxyUDPServer", proxy_policy=policy) as server, proxy_socket() as proxy:
+        assert no_reply(proxy, server, STREAM_HEADERS[case] + b"payload")
+        served = exchange(proxy, server, udp4() + b"next")  # a DGRAM header after it is served
+        assert served["header"]["protocol"] == "DGRAM" and bytes.fromhex(served["payload"]) == b"next"
+    lines = dropped_lines(proxy_log)
+    assert len(lines) == 1, [r.getMessage() for r in proxy_log.records]
+    message = lines[0].getMessage()
+    assert lines[0].levelno == logging.WARNING and lines[0].exc_info is None
+    assert "STREAM" in message and f"byte {byte}" in message and "G8" in message
+    assert "127.0.0.1:" in message and "\n" not in message
+
+
+def test_udp_stream_header_parses_as_invalid_header_G8() -> None:
+    """The refusal is an InvalidHeader (the policy table's "malformed header" row), whatever the policy."""
+    server = udp.ProxyUDPServer(("127.0.0.1", 0), udp.ProxyDatagramRequestHandler)
+    try:
+        header, outcome, error = server._ppd_parse(STREAM_HEADERS["0x11 TCP over IPv4"])
+    finally:
+        server.server_close()
+    assert header is None and outcome.name == "INVALID"
+    assert type(error).__name__ == "InvalidHeader" and "STREAM (TCP)" in str(error)
+
+
+@pytest.mark.parametrize("name", CLASS_NAMES)
+def test_udp_dgram_header_is_served_with_its_source_G8(name: str) -> None:
+    with running(name) as server, proxy_socket() as proxy:
+        report = exchange(proxy, server, v2_header(1, 0x12, REAL_V4, DEST_V4) + b"dgram")
+    assert report["client_address"] == list(REAL_V4)
+    assert report["header"]["protocol"] == "DGRAM" and bytes.fromhex(report["payload"]) == b"dgram"
+
+
+def test_udp_unix_dgram_header_on_ip_listener_keeps_the_datagram_source_G8() -> None:
+    """0x32 is a valid datagram header; on an IP listener a UNIX source is served as LOCAL is (DESIGN.md)."""
+    with running("ProxyUDPServer") as server, proxy_socket() as proxy:
+        report = exchange(proxy, server, unix_header(1, 0x32) + b"u")
+        own = list(proxy.getsockname())
+    assert report["client_address"] == own
+    assert report["header"]["family"] == "UNIX" and report["header"]["protocol"] == "DGRAM"
+    assert bytes.fromhex(report["payload"]) == b"u"
+
+
+UNSPEC_HEADERS = {
+    # dnsdist's health check: 16 bytes, LOCAL, family/protocol 0x00, len 0.
+    "LOCAL 0x00 (dnsdist health check)": b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00",
+    "PROXY 0x00": b"\r\n\r\n\x00\r\nQUIT\n\x21\x00\x00\x00",
+    # The family of a LOCAL header is ignored (V2-R1), its STREAM nibble too.
+    "LOCAL 0x11 (family ignored)": v2_header(0, 0x11, REAL_V4, DEST_V4),
+}
+
+
+@pytest.mark.parametrize("name", CLASS_NAMES)
+@pytest.mark.parametrize("case", sorted(UNSPEC_HEADERS))
+def test_udp_unspec_and_local_headers_keep_the_datagram_source_G8(
+    case: str, name: str, proxy_log: pytest.LogCaptureFixture
+) -> None:
+    assert UNSPEC_HEADERS["LOCAL 0x00 (dnsdist health check)"] == LOCAL
+    with running(name) as server, proxy_socket() as proxy:
+        report = exchange(proxy, server, UNSPEC_HEADERS[case] + b"check")
+        own = list(proxy.getsockname())
+    assert report["client_address"] == own
+    assert bytes.fromhex(report["payload"]) == b"check"
+    assert report["header"]["command"] == case.split()[0]
+    assert not dropped_lines(proxy_log)
 
 
 # -- the reply path ------------------------------------------------------------------------

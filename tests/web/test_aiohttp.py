@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -20,12 +19,12 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import free_port, require_module
+from support import async_test, free_port, require_module
 
 import proxyproto
 
@@ -39,7 +38,6 @@ from aiohttp import web
 from proxyproto.aiohttp import ProxyTCPSite
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "web-servers.rst"
-CEILING = 30.0
 
 # Addresses carried inside headers are data, never dialled: documentation ranges.
 REAL_V4 = ("192.0.2.10", 51234)
@@ -49,16 +47,6 @@ DEST_V6 = ("2001:db8::1", 8443)
 
 #: A body with every byte value, CRLFs and something that looks like a header.
 BODY = (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n" + bytes(range(256))) * 64
-
-
-def async_test(func: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    """Run an ``async def`` test in a fresh loop under a ceiling: a bug fails a test, never hangs the suite."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(asyncio.wait_for(func(*args, **kwargs), CEILING))
-
-    return wrapper
 
 
 class App:

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import free_port, require_haproxy, require_module
-from web_kit import DEST_V4, REAL_V4, command, run_on_loop, uvicorn_serving
+from support import free_port, require_haproxy, require_module, run_on
+from web_kit import DEST_V4, REAL_V4, command, uvicorn_serving
 
 import proxyproto
 from proxyproto.aio_protocol import wrap_protocol_factory
@@ -88,7 +88,7 @@ def test_uvicorn_answers_every_client_that_half_closes_after_its_request(http: s
                 got = await answered(proxied, V2 + REQUEST, delay, b"HTTP/1.1 200")
                 assert got == CLIENTS, f"wrapped, FIN +{delay} ms: {got} of {CLIENTS} answered"
 
-    run_on_loop(loop, scenario)
+    run_on(loop, scenario)
 
 
 def test_uvicorn_behind_haproxy_answers_every_client_that_half_closes(http: str, loop: str, tmp_path: Path) -> None:
@@ -114,7 +114,7 @@ def test_uvicorn_behind_haproxy_answers_every_client_that_half_closes(http: str,
                     got = await answered(("127.0.0.1", front_wrapped), REQUEST, delay, b"HTTP/1.1 200")
                     assert got == CLIENTS, f"wrapped behind haproxy, FIN +{delay} ms: {got} of {CLIENTS} answered"
 
-    run_on_loop(loop, scenario)
+    run_on(loop, scenario)
 
 
 class AnswersOneTurnLater(asyncio.Protocol):
@@ -167,4 +167,4 @@ def test_wrapped_protocol_answers_every_client_that_half_closes_as_the_bare_prot
                 server.close()
                 await server.wait_closed()
 
-    run_on_loop(loop, scenario)
+    run_on(loop, scenario)

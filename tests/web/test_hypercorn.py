@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -21,12 +20,12 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import free_port, listening, require_module
+from support import async_test, free_port, listening, require_module, run_on
 
 import proxyproto
 
@@ -40,7 +39,6 @@ from hypercorn.config import Config
 from proxyproto.hypercorn import serve
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "web-servers.rst"
-CEILING = 30.0
 
 # Addresses carried inside headers are data, never dialled: documentation ranges.
 REAL_V4 = ("192.0.2.10", 51234)
@@ -50,16 +48,6 @@ DEST_V6 = ("2001:db8::1", 8443)
 
 #: A body with every byte value, CRLFs and something that looks like a header.
 BODY = (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n" + bytes(range(256))) * 64
-
-
-def async_test(func: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    """Run an ``async def`` test in a fresh loop under a ceiling: a bug fails a test, never hangs the suite."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(asyncio.wait_for(func(*args, **kwargs), CEILING))
-
-    return wrapper
 
 
 class App:
@@ -360,15 +348,13 @@ async def test_overlapping_serve_calls_on_one_loop_each_keep_their_own_settings(
 
 def test_serves_on_uvloop() -> None:
     """No loop attribute is replaced, so uvloop's loop (whose attributes cannot be) works too."""
-    uvloop = require_module("uvloop")
 
     async def scenario() -> None:
         async with running(App()) as address:
             report = report_of(await exchange(address, proxyproto.encode_v2(REAL_V4, DEST_V4) + request()))
         assert report["client"] == list(REAL_V4)
 
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # type: ignore[attr-defined]
-        runner.run(asyncio.wait_for(scenario(), CEILING))
+    run_on("uvloop", scenario)
 
 
 # -- trust ---------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Callable
 
 import pytest
-from support import free_port, listening, require_module
+from support import free_port, listening, require_module, run_on, uvicorn_server
 
 import proxyproto
 import proxyproto.aio
@@ -214,7 +214,7 @@ async def protocol_factory(**knobs: Any) -> AsyncIterator[tuple[Send, Seen, byte
 def _uvicorn(http: str) -> Callable[..., Any]:
     @contextlib.asynccontextmanager
     async def serving(**knobs: Any) -> AsyncIterator[tuple[Send, Seen, bytes]]:
-        uvicorn: Any = require_module("uvicorn")
+        require_module("uvicorn")
         if http == "httptools":
             require_module("httptools")
         import proxyproto.uvicorn as ppu
@@ -231,22 +231,9 @@ def _uvicorn(http: str) -> Callable[..., Any]:
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"ok"})
 
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=0, lifespan="off", log_level="warning", http=ppu.wrap(http, **knobs)
-        )
-        server = holder["server"] = uvicorn.Server(config)
-        task = asyncio.ensure_future(server.serve())
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert not task.done(), task.exception()
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            await asyncio.sleep(0.01)
-        address = server.servers[0].sockets[0].getsockname()[:2]
-        try:
+        async with uvicorn_server(app, ppu.wrap(http, **knobs)) as (server, address):
+            holder["server"] = server
             yield (lambda data: _tcp_exchange(address, data)), seen, HTTP_REQUEST
-        finally:
-            server.should_exit = True
-            await asyncio.wait_for(task, 10)
 
     return serving
 
@@ -359,13 +346,6 @@ ADAPTERS: dict[str, Callable[..., Any]] = {
 }
 
 
-def _run(scenario: Callable[[], Any]) -> None:
-    async def bounded() -> None:
-        await asyncio.wait_for(scenario(), CEILING)
-
-    asyncio.run(bounded())
-
-
 def _leaks(entry: dict[str, Any]) -> list[str]:
     """The forged header's claims found in what the application saw (the payload itself aside)."""
     text = repr(entry["everything"])
@@ -400,7 +380,7 @@ def test_untrusted_peers_forged_header_is_invisible_to_the_app(adapter: str, unt
             if untrusted_policy == "REJECT":
                 assert len(seen.entries) == 1  # the forged connection was closed
 
-    _run(scenario)
+    run_on("asyncio", scenario, CEILING)
 
 
 @pytest.mark.parametrize("adapter", list(ADAPTERS))
@@ -415,7 +395,7 @@ def test_trusted_peer_under_ignore_still_exposes_its_header(adapter: str) -> Non
                 header = entry["header"]
                 assert header is not None and header.ssl is not None and header.ssl.cn == "admin"
 
-    _run(scenario)
+    run_on("asyncio", scenario, CEILING)
 
 
 def test_hook_answering_ignore_exposes_nothing_and_require_exposes_the_header() -> None:
@@ -428,4 +408,4 @@ def test_hook_answering_ignore_exposes_nothing_and_require_exposes_the_header() 
                 assert len(seen.entries) == 1
                 assert (seen.entries[0]["header"] is not None) is exposed
 
-    _run(scenario)
+    run_on("asyncio", scenario, CEILING)

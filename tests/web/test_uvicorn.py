@@ -9,17 +9,14 @@ waiting for their header; behind a real haproxy ``send-proxy-v2``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
-from support import free_port, require_haproxy, require_module
+from support import free_port, require_haproxy, require_module, run_on
 from web_kit import (
-    CEILING,
     DEST_V4,
     DEST_V6,
     REAL_V4,
@@ -30,6 +27,7 @@ from web_kit import (
     get,
     python,
     self_signed,
+    uvicorn_serving,
     websocket,
     ws_receive,
     ws_send,
@@ -49,20 +47,6 @@ LOCAL = proxyproto.encode_v2(command=proxyproto.Command.LOCAL)
 HTTP_CLASSES = {"H11": ppu.H11, "HttpTools": ppu.HttpTools}
 
 
-def run(coro_fn: Callable[[], Awaitable[None]], loop: str) -> None:
-    """Run the scenario in a fresh asyncio or uvloop event loop, bounded by CEILING seconds."""
-
-    async def bounded() -> None:
-        await asyncio.wait_for(coro_fn(), CEILING)
-
-    if loop == "uvloop":
-        uvloop = require_module("uvloop")
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # type: ignore[attr-defined]
-            runner.run(bounded())
-    else:
-        asyncio.run(bounded())
-
-
 @pytest.fixture(params=["H11", "HttpTools"])
 def http(request: pytest.FixtureRequest) -> str:
     if request.param == "HttpTools":
@@ -75,26 +59,9 @@ def loop(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@contextlib.asynccontextmanager
-async def serving(http: Any, **config: Any) -> AsyncIterator[tuple[Any, tuple[str, int]]]:
-    """uvicorn serving ``web_kit.app`` on 127.0.0.1 in this loop; (server, address)."""
-    from web_kit import app
-
-    cls = HTTP_CLASSES.get(http, http) if isinstance(http, str) else http
-    settings = {"host": "127.0.0.1", "port": 0, "lifespan": "off", "log_level": "warning", **config}
-    server = uvicorn.Server(uvicorn.Config(app, http=cls, **settings))
-    task = asyncio.ensure_future(server.serve())
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert not task.done(), task.exception()
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        await asyncio.sleep(0.01)
-    address = server.servers[0].sockets[0].getsockname()[:2]
-    try:
-        yield server, address
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
+def serving(http: Any, **config: Any) -> Any:
+    """uvicorn serving ``web_kit.app`` in this loop; ``http`` a name of HTTP_CLASSES or a class."""
+    return uvicorn_serving(HTTP_CLASSES.get(http, http) if isinstance(http, str) else http, **config)
 
 
 @pytest.mark.parametrize(
@@ -111,27 +78,27 @@ def test_uvicorn_scope_client_is_the_header_source(
     http: str, loop: str, header: bytes, client: Any, server: Any
 ) -> None:
     async def scenario() -> None:
-        async with serving(http) as (_, address):
+        async with serving(http) as address:
             status, seen = await get(address, header)
             assert status == 200
             assert seen["client"] == list(client) and seen["server"] == list(server)
             assert seen["scheme"] == "http"
 
-    run(scenario, loop)
+    run_on(loop, scenario)
 
 
 def test_uvicorn_local_header_keeps_the_socket_address(http: str) -> None:
     async def scenario() -> None:
-        async with serving(http) as (_, address):
+        async with serving(http) as address:
             status, seen = await get(address, LOCAL)
             assert status == 200 and seen["client"][0] == "127.0.0.1"
 
-    run(scenario, "asyncio")
+    run_on("asyncio", scenario)
 
 
 def test_uvicorn_keep_alive_serves_many_requests_on_one_connection(http: str, loop: str) -> None:
     async def scenario() -> None:
-        async with serving(http) as (_, address):
+        async with serving(http) as address:
             conn = await connect(address, V2)
             try:
                 for i in range(20):
@@ -140,7 +107,7 @@ def test_uvicorn_keep_alive_serves_many_requests_on_one_connection(http: str, lo
             finally:
                 await conn.close()
 
-    run(scenario, loop)
+    run_on(loop, scenario)
 
 
 def test_uvicorn_request_body_of_one_mebibyte_arrives_byte_exact(http: str) -> None:
@@ -150,7 +117,7 @@ def test_uvicorn_request_body_of_one_mebibyte_arrives_byte_exact(http: str) -> N
     body = os.urandom(1 << 20)
 
     async def scenario() -> None:
-        async with serving(http) as (_, address):
+        async with serving(http) as address:
             conn = await connect(address, V2)
             try:
                 status, seen = await conn.request(body=body)
@@ -158,14 +125,14 @@ def test_uvicorn_request_body_of_one_mebibyte_arrives_byte_exact(http: str) -> N
                 await conn.close()
             assert status == 200 and seen["body"] == hashlib.sha256(body).hexdigest()
 
-    run(scenario, "asyncio")
+    run_on("asyncio", scenario)
 
 
 def test_uvicorn_websocket_echo_sees_the_real_client(http: str, loop: str) -> None:
     require_module("websockets")
 
     async def scenario() -> None:
-        async with serving(http, ws="auto") as (_, address):
+        async with serving(http, ws="auto") as address:
             conn = await connect(address, V2)
             try:
                 seen = await websocket(conn)
@@ -176,7 +143,7 @@ def test_uvicorn_websocket_echo_sees_the_real_client(http: str, loop: str) -> No
             finally:
                 await conn.close()
 
-    run(scenario, loop)
+    run_on(loop, scenario)
 
 
 def test_uvicorn_https_is_negotiated_after_the_header(http: str, loop: str, tmp_path: Path) -> None:
@@ -184,7 +151,7 @@ def test_uvicorn_https_is_negotiated_after_the_header(http: str, loop: str, tmp_
     assert isinstance(cert, Certificate)
 
     async def scenario() -> None:
-        async with serving(http, ssl_certfile=str(cert.cert), ssl_keyfile=str(cert.key)) as (_, address):
+        async with serving(http, ssl_certfile=str(cert.cert), ssl_keyfile=str(cert.key)) as address:
             tls = cert.client_context()
             status, seen = await get(address, V2, tls=tls)
             assert status == 200 and seen["scheme"] == "https" and seen["client"] == list(REAL_V4)
@@ -196,12 +163,12 @@ def test_uvicorn_https_is_negotiated_after_the_header(http: str, loop: str, tmp_
             finally:
                 await conn.close()
 
-    run(scenario, loop)
+    run_on(loop, scenario)
 
 
 def test_uvicorn_untrusted_peer_header_never_reaches_scope_client(http: str) -> None:
     async def scenario() -> None:
-        async with serving(ppu.wrap(http.lower(), trusted="127.0.0.1")) as (_, address):
+        async with serving(ppu.wrap(http.lower(), trusted="127.0.0.1")) as address:
             # From 127.0.0.3 the header is payload (SKIP): uvicorn answers 400, never the header's source.
             status, seen = await get(address, V2, local="127.0.0.3")
             assert status == 400 and "192.0.2.10" not in str(seen)
@@ -210,13 +177,13 @@ def test_uvicorn_untrusted_peer_header_never_reaches_scope_client(http: str) -> 
             assert status == 200 and seen["client"][0] == "127.0.0.3"
             status, seen = await get(address, V2, local="127.0.0.1")
             assert status == 200 and seen["client"] == list(REAL_V4)
-        async with serving(ppu.wrap(http.lower(), trusted="127.0.0.1", untrusted_policy="REJECT")) as (_, address):
+        async with serving(ppu.wrap(http.lower(), trusted="127.0.0.1", untrusted_policy="REJECT")) as address:
             conn = await connect(address, V2, local="127.0.0.3")
             conn.writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             assert await closed(conn)
             await conn.close()
 
-    run(scenario, "asyncio")
+    run_on("asyncio", scenario)
 
 
 async def closed(conn: Any) -> bool:
@@ -231,13 +198,13 @@ def test_uvicorn_require_closes_connections_without_a_header(http: str, caplog: 
     caplog.set_level(logging.INFO, logger="proxyproto")
 
     async def scenario() -> None:
-        async with serving(http) as (_, address):
+        async with serving(http) as address:
             conn = await connect(address)
             conn.writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             assert await closed(conn)
             await conn.close()
 
-    run(scenario, "asyncio")
+    run_on("asyncio", scenario)
     assert any(
         "closed: " in r.getMessage() and "not a PROXY protocol signature" in r.getMessage() for r in caplog.records
     )
@@ -246,7 +213,7 @@ def test_uvicorn_require_closes_connections_without_a_header(http: str, caplog: 
 def test_uvicorn_shutdown_with_connections_waiting_for_their_header_is_prompt(http: str, loop: str) -> None:
     async def scenario() -> None:
         silent = []
-        async with serving(ppu.wrap(http.lower(), header_timeout=60.0)) as (_, address):
+        async with serving(ppu.wrap(http.lower(), header_timeout=60.0)) as address:
             for _ in range(20):
                 silent.append(await asyncio.open_connection(*address))
             await asyncio.sleep(0.2)  # accepted, waiting for their header
@@ -257,12 +224,12 @@ def test_uvicorn_shutdown_with_connections_waiting_for_their_header_is_prompt(ht
             assert await asyncio.wait_for(reader.read(), 5) == b""
             writer.close()
 
-    run(scenario, loop)
+    run_on(loop, scenario)
 
 
 def test_uvicorn_slow_and_silent_clients_never_delay_a_good_one(http: str) -> None:
     async def scenario() -> None:
-        async with serving(ppu.wrap(http.lower(), header_timeout=5.0)) as (_, address):
+        async with serving(ppu.wrap(http.lower(), header_timeout=5.0)) as address:
             silent = [await asyncio.open_connection(*address) for _ in range(20)]
             slow = await connect(address)
             slow.writer.write(V2[:5])
@@ -274,7 +241,7 @@ def test_uvicorn_slow_and_silent_clients_never_delay_a_good_one(http: str) -> No
             for _, writer in silent:
                 writer.close()
 
-    run(scenario, "asyncio")
+    run_on("asyncio", scenario)
 
 
 # -- settings from the environment ---------------------------------------------------------
@@ -441,7 +408,7 @@ def test_uvicorn_tls_context_that_reaches_create_server_closes_every_connection_
             server.should_exit = True
             await asyncio.wait_for(task, 10)
 
-    run(scenario, "asyncio")
+    run_on("asyncio", scenario)
     # uvicorn's own logging (its handler, not propagated): one line on stderr for three connections.
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "before the PROXY header" in line]
@@ -486,7 +453,7 @@ def test_uvicorn_cli_serves_the_real_client(http_class: str, tmp_path: Path) -> 
             status, seen = await get(("127.0.0.1", port), V1)
             assert status == 200 and seen["client"] == list(REAL_V4)
 
-        run(scenario, "asyncio")
+        run_on("asyncio", scenario)
 
 
 @pytest.mark.parametrize("server_loop", ["asyncio", "uvloop"])
@@ -515,7 +482,7 @@ def test_uvicorn_cli_https_after_the_header_and_allow_ips_from_the_environment(
                 status, seen = await get(("127.0.0.1", port), b"", tls=tls, local="127.0.0.2")
                 assert status == 200 and seen["client"][0] == "127.0.0.2"
 
-        run(scenario, "asyncio")
+        run_on("asyncio", scenario)
 
 
 @pytest.mark.parametrize("server_loop", ["asyncio", "uvloop"])
@@ -549,7 +516,7 @@ def test_uvicorn_cli_stalled_tls_handshakes_are_closed_at_the_header_timeout(ser
                 held.append(time.monotonic() - began)
                 writer.close()
 
-        run(scenario, "asyncio")
+        run_on("asyncio", scenario)
     assert all(0.3 < seconds < 5.0 for seconds in held), held
 
 
@@ -633,4 +600,4 @@ def test_uvicorn_cli_behind_real_haproxy_send_proxy_v2(tmp_path: Path) -> None:
             finally:
                 await conn.close()
 
-        run(scenario, "asyncio")
+        run_on("asyncio", scenario)

@@ -15,8 +15,8 @@ import json
 from typing import Any
 
 import pytest
-from support import require_module
-from web_kit import DEST_V4, REAL_V4, run_on_loop, uvicorn_serving
+from support import require_module, run_on
+from web_kit import DEST_V4, REAL_V4, uvicorn_serving
 
 import proxyproto
 
@@ -62,7 +62,7 @@ def test_trusted_proxys_connection_ignores_x_forwarded_for_by_default(http: Any,
             expected = list(REAL_V4) if kind == "PROXY" else ["127.0.0.1", client[1]]
             assert client == expected
 
-    run_on_loop("asyncio", scenario)
+    run_on("asyncio", scenario)
 
 
 def test_forwarded_allow_ips_chosen_by_the_user_keeps_uvicorns_handling(
@@ -74,7 +74,7 @@ def test_forwarded_allow_ips_chosen_by_the_user_keeps_uvicorns_handling(
         async with uvicorn_serving(http) as address:
             assert (await client_seen(address, HEADERS["LOCAL"]))[0] == FORGED
 
-    run_on_loop("asyncio", scenario)
+    run_on("asyncio", scenario)
 
 
 def test_forwarded_allow_ips_other_than_uvicorns_default_keeps_uvicorns_handling(http: Any) -> None:
@@ -82,7 +82,7 @@ def test_forwarded_allow_ips_other_than_uvicorns_default_keeps_uvicorns_handling
         async with uvicorn_serving(http, forwarded_allow_ips="127.0.0.1,10.0.0.1") as address:
             assert (await client_seen(address, HEADERS["LOCAL"]))[0] == FORGED
 
-    run_on_loop("asyncio", scenario)
+    run_on("asyncio", scenario)
 
 
 def test_connection_waiting_for_its_header_ignores_x_forwarded_for_too(http: Any) -> None:
@@ -100,4 +100,4 @@ def test_connection_waiting_for_its_header_ignores_x_forwarded_for_too(http: Any
             writer.close()
             assert json.loads(answer.partition(b"\r\n\r\n")[2])["client"][0] == "127.0.0.1"
 
-    run_on_loop("asyncio", scenario)
+    run_on("asyncio", scenario)

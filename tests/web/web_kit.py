@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import functools
 import hashlib
 import json
 import os
@@ -21,33 +20,19 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-CEILING = 30.0
 
 # Addresses carried inside headers are data, never dialled: documentation ranges.
 REAL_V4 = ("192.0.2.10", 51234)
 DEST_V4 = ("198.51.100.20", 443)
 REAL_V6 = ("2001:db8::7", 4242)
 DEST_V6 = ("2001:db8::1", 8443)
-
-
-def async_test(func: Callable[..., Awaitable[Any]]) -> Callable[..., None]:
-    """Run an ``async def`` test in a fresh event loop, bounded by ``CEILING`` seconds."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        async def bounded() -> None:
-            await asyncio.wait_for(func(*args, **kwargs), CEILING)
-
-        asyncio.run(bounded())
-
-    return wrapper
 
 
 # -- the application ----------------------------------------------------------------------
@@ -300,41 +285,16 @@ def python(*args: str) -> list[str]:
     return [sys.executable, *args]
 
 
-# -- event loops and in-process uvicorn -----------------------------------------------------
-
-
-def run_on_loop(loop: str, scenario: Callable[[], Awaitable[None]]) -> None:
-    """Run ``scenario()`` in a fresh asyncio or uvloop event loop, bounded by ``CEILING`` seconds."""
-
-    async def bounded() -> None:
-        await asyncio.wait_for(scenario(), CEILING)
-
-    if loop == "uvloop":
-        uvloop: Any = _require("uvloop")
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(bounded())
-    else:
-        asyncio.run(bounded())
+# -- in-process uvicorn ------------------------------------------------------------------
 
 
 @contextlib.asynccontextmanager
 async def uvicorn_serving(http: Any, **config: Any) -> AsyncIterator[tuple[str, int]]:
     """uvicorn serving ``web_kit.app`` on 127.0.0.1 in this loop, with ``http`` as its ``--http``."""
-    import uvicorn
+    from support import uvicorn_server
 
-    settings = {"host": "127.0.0.1", "port": 0, "lifespan": "off", "log_level": "warning", **config}
-    server = uvicorn.Server(uvicorn.Config(app, http=http, **settings))
-    task = asyncio.ensure_future(server.serve())
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert not task.done(), task.exception()
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        await asyncio.sleep(0.01)
-    try:
-        yield server.servers[0].sockets[0].getsockname()[:2]
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
+    async with uvicorn_server(app, http, **config) as (_, address):
+        yield address
 
 
 def _require(name: str) -> Any:

@@ -1,13 +1,10 @@
-"""UDP hardening (issue 11): what a datagram's header may describe, live settings, rate-limited refusals.
+"""The UDP servers' settings: read live per datagram, checked where they are set, and refusal
+lines rate-limited.
 
-* item 8: the v2 protocol nibble says what the header describes (SPEC-NOTES G8, the fam byte
-  table): a STREAM header in a datagram is refused naming the protocol; DGRAM is served;
-  UNSPEC (dnsdist's 16-byte LOCAL health checks, PROXY UNSPEC) keeps the datagram's source.
-* item 1 (UDP part): ``proxy_policy``, ``proxy_trusted`` and ``proxy_untrusted_policy`` changed
-  while ``serve_forever`` runs take effect from the next datagram; an invalid value is refused
-  where it is set on the instance, and set on the class it is logged once and every datagram
-  dropped until it is fixed.
-* item 7 (UDP part): refusal lines are rate-limited (``proxy_log_rate``), with summaries.
+``proxy_policy``, ``proxy_trusted`` and ``proxy_untrusted_policy`` changed while
+``serve_forever`` runs take effect from the next datagram; an invalid value is refused where it
+is set on the instance, and set on the class it is logged once and every datagram dropped until
+it is fixed.  Refusal lines are rate-limited (``proxy_log_rate``), with summaries.
 
 Real datagram sockets on loopback; the handler's reply (to the proxy) says what it saw.
 """
@@ -18,25 +15,18 @@ import logging
 import math
 import re
 import socket
-import struct
 import sys
 import time
 
 import pytest
 from udp_kit import (
     CLASS_NAMES,
-    DEST_V4,
-    DEST_V6,
-    LOCAL,
     REAL_V4,
-    REAL_V6,
-    SIGNATURE,
     exchange,
     no_reply,
     proxy_socket,
     running,
     udp4,
-    v2_header,
 )
 
 from proxyproto import Policy, refusal_log, udp
@@ -52,98 +42,11 @@ def messages(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRec
     return [r for r in caplog.records if r.name == "proxyproto" and text in r.getMessage()]
 
 
-def unix_header(command: int, fam: int) -> bytes:
-    """A v2 header with an AF_UNIX address block (108 NUL-padded bytes per path)."""
-    block = b"/run/client.sock".ljust(108, b"\0") + b"/run/server.sock".ljust(108, b"\0")
-    return SIGNATURE + bytes([0x20 | command, fam]) + struct.pack(">H", len(block)) + block
-
-
-# -- item 8: the protocol byte says what the header describes (G8) -------------------------------
-
-STREAM_HEADERS = {
-    "0x11 TCP over IPv4": v2_header(1, 0x11, REAL_V4, DEST_V4),
-    "0x21 TCP over IPv6": v2_header(1, 0x21, REAL_V6, DEST_V6),
-    "0x31 UNIX stream": unix_header(1, 0x31),
-}
-
-
-@pytest.mark.parametrize("policy", [Policy.REQUIRE, Policy.USE, Policy.IGNORE])
-@pytest.mark.parametrize("case", sorted(STREAM_HEADERS))
-def test_udp_stream_header_is_refused_naming_the_protocol_G8_issue11_item8(
-    case: str, policy: Policy, proxy_log: pytest.LogCaptureFixture
-) -> None:
-    """A datagram cannot belong to a TCP connection: a STREAM header in one is an invalid header."""
-    byte = case.split()[0]
-    with running("ProxyUDPServer", proxy_policy=policy) as server, proxy_socket() as proxy:
-        assert no_reply(proxy, server, STREAM_HEADERS[case] + b"payload")
-        served = exchange(proxy, server, udp4() + b"next")  # a DGRAM header after it is served
-        assert served["header"]["protocol"] == "DGRAM" and bytes.fromhex(served["payload"]) == b"next"
-    lines = messages(proxy_log, "dropped datagram")
-    assert len(lines) == 1, [r.getMessage() for r in proxy_log.records]
-    message = lines[0].getMessage()
-    assert lines[0].levelno == logging.WARNING and lines[0].exc_info is None
-    assert "STREAM" in message and f"byte {byte}" in message and "G8" in message
-    assert "127.0.0.1:" in message and "\n" not in message
-
-
-def test_udp_stream_header_parses_as_invalid_header_G8_issue11_item8() -> None:
-    """The refusal is an InvalidHeader (the policy table's "malformed header" row), whatever the policy."""
-    server = udp.ProxyUDPServer(("127.0.0.1", 0), udp.ProxyDatagramRequestHandler)
-    try:
-        header, outcome, error = server._ppd_parse(STREAM_HEADERS["0x11 TCP over IPv4"])
-    finally:
-        server.server_close()
-    assert header is None and outcome.name == "INVALID"
-    assert type(error).__name__ == "InvalidHeader" and "STREAM (TCP)" in str(error)
+# -- settings changed while serving -------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", CLASS_NAMES)
-def test_udp_dgram_header_is_served_with_its_source_G8_issue11_item8(name: str) -> None:
-    with running(name) as server, proxy_socket() as proxy:
-        report = exchange(proxy, server, v2_header(1, 0x12, REAL_V4, DEST_V4) + b"dgram")
-    assert report["client_address"] == list(REAL_V4)
-    assert report["header"]["protocol"] == "DGRAM" and bytes.fromhex(report["payload"]) == b"dgram"
-
-
-def test_udp_unix_dgram_header_on_ip_listener_keeps_the_datagram_source_G8_issue11_item8() -> None:
-    """0x32 is a valid datagram header; on an IP listener a UNIX source is served as LOCAL is (DESIGN.md)."""
-    with running("ProxyUDPServer") as server, proxy_socket() as proxy:
-        report = exchange(proxy, server, unix_header(1, 0x32) + b"u")
-        own = list(proxy.getsockname())
-    assert report["client_address"] == own
-    assert report["header"]["family"] == "UNIX" and report["header"]["protocol"] == "DGRAM"
-    assert bytes.fromhex(report["payload"]) == b"u"
-
-
-UNSPEC_HEADERS = {
-    # dnsdist's health check: 16 bytes, LOCAL, family/protocol 0x00, len 0.
-    "LOCAL 0x00 (dnsdist health check)": b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00",
-    "PROXY 0x00": b"\r\n\r\n\x00\r\nQUIT\n\x21\x00\x00\x00",
-    # The family of a LOCAL header is ignored (V2-R1), its STREAM nibble too.
-    "LOCAL 0x11 (family ignored)": v2_header(0, 0x11, REAL_V4, DEST_V4),
-}
-
-
-@pytest.mark.parametrize("name", CLASS_NAMES)
-@pytest.mark.parametrize("case", sorted(UNSPEC_HEADERS))
-def test_udp_unspec_and_local_headers_keep_the_datagram_source_G8_issue11_item8(
-    case: str, name: str, proxy_log: pytest.LogCaptureFixture
-) -> None:
-    assert UNSPEC_HEADERS["LOCAL 0x00 (dnsdist health check)"] == LOCAL
-    with running(name) as server, proxy_socket() as proxy:
-        report = exchange(proxy, server, UNSPEC_HEADERS[case] + b"check")
-        own = list(proxy.getsockname())
-    assert report["client_address"] == own
-    assert bytes.fromhex(report["payload"]) == b"check"
-    assert report["header"]["command"] == case.split()[0]
-    assert not messages(proxy_log, "dropped datagram")
-
-
-# -- item 1: settings changed while serving ------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", CLASS_NAMES)
-def test_udp_proxy_trusted_set_on_instance_while_serving_takes_effect_next_datagram_issue11_item1(
+def test_udp_proxy_trusted_set_on_instance_while_serving_takes_effect_next_datagram(
     name: str,
 ) -> None:
     datagram = udp4() + b"x"
@@ -162,7 +65,7 @@ def test_udp_proxy_trusted_set_on_instance_while_serving_takes_effect_next_datag
         assert exchange(proxy, server, datagram)["client_address"] == list(REAL_V4)
 
 
-def test_udp_trusted_list_changed_in_place_is_noticed_issue11_item1() -> None:
+def test_udp_trusted_list_changed_in_place_is_noticed() -> None:
     datagram = udp4() + b"x"
     trusted = ["127.0.0.0/8"]
     with running("ProxyUDPServer", proxy_trusted=trusted) as server, proxy_socket("127.0.0.3") as stranger:
@@ -171,7 +74,7 @@ def test_udp_trusted_list_changed_in_place_is_noticed_issue11_item1() -> None:
         assert exchange(stranger, server, datagram)["client_address"] == list(stranger.getsockname())
 
 
-def test_udp_policy_changes_while_serving_take_effect_next_datagram_issue11_item1(
+def test_udp_policy_changes_while_serving_take_effect_next_datagram(
     proxy_log: pytest.LogCaptureFixture,
 ) -> None:
     attrs = {"proxy_trusted": "127.0.0.1"}
@@ -200,7 +103,7 @@ def test_udp_policy_changes_while_serving_take_effect_next_datagram_issue11_item
         ("proxy_log_rate", -1),
     ],
 )
-def test_udp_invalid_setting_on_instance_raises_where_it_is_set_issue11_item1(setting: str, value: object) -> None:
+def test_udp_invalid_setting_on_instance_raises_where_it_is_set(setting: str, value: object) -> None:
     with running("ProxyUDPServer", proxy_trusted="127.0.0.1") as server, proxy_socket() as proxy:
         before = getattr(server, setting)
         with pytest.raises(ValueError):
@@ -212,7 +115,7 @@ def test_udp_invalid_setting_on_instance_raises_where_it_is_set_issue11_item1(se
 @pytest.mark.parametrize(
     ("setting", "value"), [("proxy_trusted", "bogus/99"), ("proxy_policy", "NOPE"), ("proxy_untrusted_policy", "USE")]
 )
-def test_udp_invalid_class_change_logs_once_and_drops_every_datagram_until_fixed_issue11_item1(
+def test_udp_invalid_class_change_logs_once_and_drops_every_datagram_until_fixed(
     setting: str, value: object, proxy_log: pytest.LogCaptureFixture
 ) -> None:
     with running("ProxyUDPServer", proxy_trusted="127.0.0.0/8") as server, proxy_socket("127.0.0.3") as stranger:
@@ -235,10 +138,10 @@ def test_udp_invalid_class_change_logs_once_and_drops_every_datagram_until_fixed
     assert len(messages(proxy_log, "valid again")) == 1
 
 
-# -- item 7: refusal lines rate-limited ----------------------------------------------------------
+# -- refusal lines rate-limited -----------------------------------------------------------------
 
 
-def test_udp_log_rate_default_is_the_shared_default_issue11_item7() -> None:
+def test_udp_log_rate_default_is_the_shared_default() -> None:
     assert udp.ProxyDatagramMixin.proxy_log_rate == refusal_log.DEFAULT_LOG_RATE
 
 
@@ -249,7 +152,7 @@ SUPPRESSED = re.compile(r"(\d+) refusal line\(s\) suppressed")
 
 
 @pytest.mark.parametrize("rate", [refusal_log.DEFAULT_LOG_RATE, 5])
-def test_udp_malformed_flood_is_rate_limited_with_summaries_issue11_item7(
+def test_udp_malformed_flood_is_rate_limited_with_summaries(
     rate: float, proxy_log: pytest.LogCaptureFixture
 ) -> None:
     with running("ProxyUDPServer", proxy_log_rate=rate) as server, proxy_socket() as proxy:
@@ -283,7 +186,7 @@ def test_udp_malformed_flood_is_rate_limited_with_summaries_issue11_item7(
     assert all(r.levelno == logging.WARNING for r in summaries)
 
 
-def test_udp_log_rate_none_logs_every_refusal_issue11_item7(proxy_log: pytest.LogCaptureFixture) -> None:
+def test_udp_log_rate_none_logs_every_refusal(proxy_log: pytest.LogCaptureFixture) -> None:
     with running("ProxyUDPServer", proxy_log_rate=None) as server, proxy_socket() as proxy:
         proxy.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         for i in range(100):

@@ -1,4 +1,5 @@
-"""Review of the at-once read (``take_complete_header``) and ``ProxyProtocolFactory.header_first``.
+"""What the inner protocol is told, whichever object reads the header: the at-once read
+(``take_complete_header``), ``ProxyProtocolFactory.header_first`` and the general wrapper.
 
 Real loopback sockets, asyncio and uvloop.  What must hold whichever object reads the header:
 a protocol that never got ``connection_made`` never gets ``connection_lost`` (uvicorn's would
