@@ -158,36 +158,9 @@ class ProxyProtocolMixin:
     # -- configuration -----------------------------------------------------------------
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """Refuse, when the class is made, the combinations in which the mixin cannot work.
-
-        On a datagram server ``accept()`` fails for every packet (the loop
-        would spin logging it); placed after the server class in the bases,
-        the mixin is silently inactive and the PROXY line reaches the handler
-        as payload.  Both are mistakes that must not reach production quietly.
-        """
+        """Refuse, when the class is made, the combinations in which the mixin cannot work (:func:`_check_bases`)."""
         super().__init_subclass__(**kwargs)
-        if not issubclass(cls, socketserver.BaseServer):
-            return  # a mixin stack not yet combined with a server class
-        socket_type = getattr(cls, "socket_type", socket.SOCK_STREAM)
-        if socket_type != socket.SOCK_STREAM:
-            raise TypeError(
-                f"{cls.__name__}: ProxyProtocolMixin needs a stream server (TCPServer, UnixStreamServer); "
-                "for UDP use proxyproto.ProxyUDPServer, ThreadingProxyUDPServer or ProxyDatagramMixin"
-            )
-        for klass in cls.__mro__:
-            if klass is ProxyProtocolMixin:
-                break
-            if klass.__module__ != "socketserver":
-                continue
-            shadowed = sorted(_HOOKS.intersection(vars(klass)))
-            if shadowed:
-                raise TypeError(
-                    f"{cls.__name__}: put ProxyProtocolMixin before {klass.__name__} among the bases "
-                    f"(class {cls.__name__}(ProxyProtocolMixin, {klass.__name__}, ...)): socketserver's "
-                    f"{', '.join(shadowed)} would run instead of the mixin's and not call it "
-                    "(after TCPServer, the PROXY header reaches the handler as payload; after "
-                    "ForkingMixIn, header deadlines and max_children stop being enforced)"
-                )
+        _check_bases(cls)
 
     def __setattr__(self, name: str, value: Any) -> None:
         """Refuse an invalid ``proxy_*`` value where it is set (ValueError naming the setting)."""
@@ -232,7 +205,8 @@ class ProxyProtocolMixin:
 
     def fileno(self) -> int:
         """The waiting room's descriptor: readable when a connection or a parked header progresses."""
-        return (self._pp_room or self._pp_start()).fileno()
+        descriptor = (self._pp_room or self._pp_start()).descriptor
+        return self.socket.fileno() if descriptor is None else descriptor
 
     def get_request(self) -> tuple[ProxySocket, Address]:
         """The next connection whose header is complete, with the address it is served with."""
@@ -295,21 +269,9 @@ class ProxyProtocolMixin:
         if ssl is None or not isinstance(listener, ssl.SSLSocket):
             super().finish_request(request, client_address)  # type: ignore[misc]
             return
-        try:
-            tls = listener.context.wrap_socket(
-                request,
-                server_side=True,
-                do_handshake_on_connect=listener.do_handshake_on_connect,
-                suppress_ragged_eofs=listener.suppress_ragged_eofs,
-            )
-        except OSError as exc:
-            message = "%s: closed: TLS handshake failed: %s"
-            if room is None:
-                logger.info(message, peer_text(client_address), exc)
-            else:
-                room.log.log(logging.INFO, message, peer_text(client_address), exc, kind=KIND_TLS)
+        tls = _handshake_later(listener, request, client_address, None if room is None else room.log)
+        if tls is None:
             return
-        tls.proxy_header = getattr(request, "proxy_header", None)
         try:
             super().finish_request(tls, client_address)  # type: ignore[misc]
         finally:
@@ -386,6 +348,63 @@ class ProxyProtocolMixin:
         else:  # proxy_policy_for's default, without the call
             trust = self._pp_default_trust(settings, peer)
         return sock, peer, trust, timeout
+
+
+def _check_bases(cls: type) -> None:
+    """TypeError for a server class in which the mixin cannot work.
+
+    On a datagram server ``accept()`` fails for every packet (the loop
+    would spin logging it); placed after the server class in the bases,
+    the mixin is silently inactive and the PROXY line reaches the handler
+    as payload.  Both are mistakes that must not reach production quietly.
+    """
+    if not issubclass(cls, socketserver.BaseServer):
+        return  # a mixin stack not yet combined with a server class
+    socket_type = getattr(cls, "socket_type", socket.SOCK_STREAM)
+    if socket_type != socket.SOCK_STREAM:
+        raise TypeError(
+            f"{cls.__name__}: ProxyProtocolMixin needs a stream server (TCPServer, UnixStreamServer); "
+            "for UDP use proxyproto.ProxyUDPServer, ThreadingProxyUDPServer or ProxyDatagramMixin"
+        )
+    for klass in cls.__mro__:
+        if klass is ProxyProtocolMixin:
+            break
+        if klass.__module__ != "socketserver":
+            continue
+        shadowed = sorted(_HOOKS.intersection(vars(klass)))
+        if shadowed:
+            raise TypeError(
+                f"{cls.__name__}: put ProxyProtocolMixin before {klass.__name__} among the bases "
+                f"(class {cls.__name__}(ProxyProtocolMixin, {klass.__name__}, ...)): socketserver's "
+                f"{', '.join(shadowed)} would run instead of the mixin's and not call it "
+                "(after TCPServer, the PROXY header reaches the handler as payload; after "
+                "ForkingMixIn, header deadlines and max_children stop being enforced)"
+            )
+
+
+def _handshake_later(listener: Any, request: Any, client_address: Address, log: RefusalLog | None) -> Any:
+    """``request`` wrapped in TLS as the listener ``listener`` would have; None (logged) when that fails.
+
+    The handshake runs where the handler runs (its thread or child, or in the
+    loop for the sync classes, as without the mixin) when the listener says
+    ``do_handshake_on_connect``; the header stays on ``proxy_header``.
+    """
+    try:
+        tls = listener.context.wrap_socket(
+            request,
+            server_side=True,
+            do_handshake_on_connect=listener.do_handshake_on_connect,
+            suppress_ragged_eofs=listener.suppress_ragged_eofs,
+        )
+    except OSError as exc:
+        message = "%s: closed: TLS handshake failed: %s"
+        if log is None:
+            logger.info(message, peer_text(client_address), exc)
+        else:
+            log.log(logging.INFO, message, peer_text(client_address), exc, kind=KIND_TLS)
+        return None
+    tls.proxy_header = getattr(request, "proxy_header", None)
+    return tls
 
 
 _DEFAULT_POLICY_FOR = ProxyProtocolMixin.proxy_policy_for

@@ -368,6 +368,7 @@ class WaitingRoom:
         "accept_failing",
         "accept_resume_at",
         "children_full",
+        "descriptor",
         "generation",
         "log",
         "parked",
@@ -393,13 +394,11 @@ class WaitingRoom:
         self.children_full = False  # a forking server at max_children: accept nothing, hand out nothing
         self.generation = fork_generation
         self.watcher = Watcher.open(listener)
+        #: What the server's ``fileno()`` answers: the watcher's descriptor (None without a watcher:
+        #: the listener's, then).
+        self.descriptor = None if self.watcher is None else self.watcher.descriptor
         self.waiting = ParkedConnections(server, self.watcher, log, self._queue)
         self.parked = self.waiting.by_fd  # (read for every connection: one attribute, not two)
-
-    def fileno(self) -> int:
-        """The descriptor the serving loop polls: the watcher's, else the listener's."""
-        watcher = self.watcher
-        return self.server.socket.fileno() if watcher is None else watcher.descriptor
 
     def next_request(self) -> tuple[ProxySocket, Address]:
         """The next connection whose header is complete, with its address; ``OSError`` when there is none."""
