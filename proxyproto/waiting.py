@@ -1,0 +1,578 @@
+"""The waiting room: a server's connections whose PROXY header is not complete yet.
+
+``get_request()`` runs in the serving loop, so a header read there with a
+blocking socket would let one silent client stall every other.  The
+:class:`WaitingRoom` of a :class:`~proxyproto.server.ProxyProtocolMixin`
+server never blocks:
+
+* It accepts the connection (through the server's ``accept`` function) and
+  tries the header at once (peek, then an exact ``recv``): real proxies send
+  it before or with the first segment, so this is the common path.
+* A connection whose header is incomplete is *parked* in a ``selectors``
+  selector together with the listening socket, with its deadline.  The
+  server's ``fileno()`` is that selector's own descriptor (epoll and kqueue
+  descriptors are pollable), so ``serve_forever()`` wakes when either a new
+  connection or a parked header makes progress.
+* :meth:`WaitingRoom.next_request` returns the next connection whose header
+  is complete, or raises ``OSError``, which ``socketserver`` reads as
+  "nothing to do".  While completed connections are queued, a wake-up pipe
+  keeps the selector readable.  Deadlines are enforced there and in
+  :meth:`WaitingRoom.tidy` (``service_actions()``), or
+  :meth:`WaitingRoom.after_timeout` (``handle_timeout()``).
+* When ``accept()`` fails for lack of descriptors or memory, the listener
+  rests for :data:`ACCEPT_BACKOFF` seconds (out of descriptors with
+  connections parked, the oldest gives its place first).
+* Nothing spins: a parked socket never stays registered with unread bytes
+  (:class:`~proxyproto.sock.HeaderAttempt`; on epoll, a socket holding an
+  ambiguous prefix is switched to edge-triggered, elsewhere re-examined
+  after :data:`~proxyproto.sock.RETRY_DELAY`).
+
+Where the platform's selector has no pollable descriptor, the header is read
+in the loop, bounded by ``proxy_header_timeout``.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+import select
+import selectors
+import socket
+import time
+from typing import TYPE_CHECKING, Any, Callable, cast
+
+from .header import ProxyHeader
+from .peers import socket_family
+from .policy import Policy, Trust, decide, peer_text, served_address
+from .refusal_log import KIND_EVICTED, KIND_READ_ERROR, RefusalLog, kind_of
+from .sock import RETRY_DELAY, HeaderAttempt, take_complete_header, wait_for_outcome
+
+if TYPE_CHECKING:
+    from .server import ProxyProtocolMixin, ProxySocket
+
+    #: What a server's ``accept`` function returns: the accepted connection, its peer, its trust
+    #: decision (None: close it, the configuration is invalid or the hook failed) and the timeout
+    #: the socket had when accepted (restored when it is handed out).
+    Arrival = tuple[ProxySocket, Any, Trust | None, float | None]
+
+__all__ = ["ACCEPT_BACKOFF", "ParkedConnections", "WaitingRoom", "Watcher", "fork_generation"]
+
+logger = logging.getLogger("proxyproto")
+
+Address = Any  # what socket.accept() gives: a tuple for IP families, str or bytes for AF_UNIX
+
+#: Seconds the listener rests after accept() failed for lack of descriptors or memory.
+ACCEPT_BACKOFF = 0.1
+_ACCEPT_RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+_OUT_OF_DESCRIPTORS = frozenset((errno.EMFILE, errno.ENFILE))
+_EPOLLET = getattr(select, "EPOLLET", 0)
+# What the selector's keys carry for the two descriptors that are no parked connection.
+_LISTENER = "listener"
+_WAKEUP = "wakeup"
+
+#: Bumped in every forked child: a room made with another value was inherited from the parent.
+fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global fork_generation
+    fork_generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _Parked:
+    """A connection whose header is not complete yet."""
+
+    __slots__ = ("attempt", "deadline", "edge", "peer", "registered", "retry_at", "saved_timeout", "trusted")
+
+    def __init__(
+        self, attempt: HeaderAttempt, peer: Address, deadline: float, saved_timeout: float | None, trusted: bool
+    ) -> None:
+        self.attempt = attempt
+        self.peer = peer
+        #: Whether the peer is trusted: only then may its header reach the handler.
+        self.trusted = trusted
+        self.deadline = deadline
+        self.saved_timeout = saved_timeout
+        self.registered = False  # watched by the selector
+        self.edge = False  # registered edge-triggered, waiting for bytes past an ambiguous prefix
+        self.retry_at = 0.0  # not watched: step it again at this time (no edge trigger here)
+
+
+class Watcher:
+    """The selector the serving loop polls: the listener, a wake-up pipe and every parked connection.
+
+    Its :attr:`descriptor` is the server's ``fileno()`` (epoll and kqueue
+    descriptors are pollable), so the loop wakes when a connection arrives,
+    when a parked header progresses, and, through :meth:`signal`, while
+    connections are queued.  :meth:`open` answers None where the platform's
+    selector has no descriptor.  It never reads a connection.
+    """
+
+    __slots__ = ("descriptor", "listening", "selector", "signalled", "wakeup")
+
+    def __init__(self, selector: selectors.BaseSelector, wakeup: tuple[int, int], listener: socket.socket) -> None:
+        self.selector = selector
+        #: The selector's own descriptor, the server's ``fileno()``.
+        self.descriptor: int = selector.fileno()  # type: ignore[attr-defined]
+        self.wakeup = wakeup
+        self.signalled = False  # the wake-up pipe holds a byte
+        selector.register(wakeup[0], selectors.EVENT_READ, _WAKEUP)
+        selector.register(listener, selectors.EVENT_READ, _LISTENER)
+        self.listening = True  # the listener is registered
+
+    @classmethod
+    def open(cls, listener: socket.socket) -> Watcher | None:
+        """A watcher of ``listener``; None where the platform's selector has no pollable descriptor."""
+        selector = selectors.DefaultSelector()
+        if not hasattr(selector, "fileno"):  # pragma: no cover
+            selector.close()
+            return None
+        # The wake-up pipe is made now, not when first needed: by then the
+        # process may be out of descriptors (and the queue must still drain).
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        return cls(selector, (read_fd, write_fd), listener)
+
+    def ready(self) -> list[tuple[selectors.SelectorKey, int]]:
+        """What is ready now, without waiting: keys whose ``data`` is the listener's mark or a parked connection."""
+        return self.selector.select(0)
+
+    def listen(self, listener: socket.socket, on: bool) -> None:
+        """Watch the listener, or stop (the accept back-off, a forking server at ``max_children``)."""
+        if on is self.listening:
+            return
+        if on:
+            self.selector.register(listener, selectors.EVENT_READ, _LISTENER)
+        else:
+            self.selector.unregister(listener)
+        self.listening = on
+
+    def watch(self, parked: _Parked, now: float) -> None:
+        """Watch a parked connection until it can make progress, without ever spinning on unread bytes."""
+        sock = parked.attempt.sock
+        selector = self.selector
+        if not parked.registered:
+            selector.register(sock, selectors.EVENT_READ, parked)
+            parked.registered = True
+        if parked.attempt.needs_retry and not parked.edge:
+            # Bytes of an ambiguous prefix wait in the kernel and poll cannot be told to wait
+            # for more (no SO_RCVLOWAT here).  On epoll, switch the socket to edge-triggered:
+            # it is reported again when more bytes (or the peer's close) arrive.  Elsewhere,
+            # stop watching it and look again after a short delay, when the loop next wakes.
+            epoll = getattr(selector, "_selector", None)
+            if _EPOLLET and isinstance(epoll, select.epoll):
+                epoll.modify(sock.fileno(), select.EPOLLIN | _EPOLLET)
+                parked.edge = True
+            else:
+                selector.unregister(sock)
+                parked.registered = False
+                parked.retry_at = now + RETRY_DELAY
+
+    def unwatch(self, parked: _Parked) -> None:
+        """Stop watching a connection that leaves the waiting room."""
+        if parked.registered:
+            self.selector.unregister(parked.attempt.sock)
+            parked.registered = False
+
+    def signal(self, pending: bool) -> None:
+        """Keep the selector readable while ``pending`` (completed connections are queued), or stop."""
+        if pending == self.signalled:
+            return
+        if pending:
+            os.write(self.wakeup[1], b"!")
+        else:
+            try:
+                os.read(self.wakeup[0], 64)
+            except BlockingIOError:  # pragma: no cover
+                pass
+        self.signalled = pending
+
+    def close(self) -> None:
+        """Close the selector and the wake-up pipe, unregistering nothing (safe in a forked child)."""
+        self.selector.close()
+        os.close(self.wakeup[0])
+        os.close(self.wakeup[1])
+
+
+class ParkedConnections:
+    """The connections whose header is incomplete, oldest first, each with its deadline.
+
+    :meth:`park` tries the header and parks the connection when it is not
+    complete yet (at most ``proxy_max_pending`` wait: past it the oldest is
+    closed); :meth:`step` advances one the :class:`Watcher` reports;
+    :meth:`expire` concludes those whose deadline passed.  A concluded
+    connection is closed and logged, or handed to ``hand_out(sock, header,
+    policy, peer, trusted)`` as the policy table says.  The knobs are read
+    from ``server`` when used.
+    """
+
+    __slots__ = ("by_fd", "hand_out", "log", "server", "watcher")
+
+    def __init__(
+        self,
+        server: ProxyProtocolMixin,
+        watcher: Watcher | None,
+        log: RefusalLog,
+        hand_out: Callable[[ProxySocket, ProxyHeader | None, Policy, Address, bool], None],
+    ) -> None:
+        self.server = server
+        self.watcher = watcher
+        self.log = log
+        self.hand_out = hand_out
+        #: The parked connections by descriptor, oldest first (dicts keep insertion order).
+        self.by_fd: dict[int, _Parked] = {}
+
+    def park(
+        self, sock: ProxySocket, peer: Address, policy: Policy, trusted: bool, saved_timeout: float | None, now: float
+    ) -> None:
+        """Start waiting for ``sock``'s header (deadline: ``proxy_header_timeout`` from ``now``)."""
+        attempt = self._attempt(sock, policy)
+        self.step(_Parked(attempt, peer, now + self.server.proxy_header_timeout, saved_timeout, trusted), now)
+
+    def read_blocking(
+        self, sock: ProxySocket, peer: Address, policy: Policy, trusted: bool, saved_timeout: float | None
+    ) -> None:  # pragma: no cover - platforms whose selector has no pollable descriptor
+        """Without a watcher: wait for ``sock``'s header here, bounded by ``proxy_header_timeout``."""
+        sock.settimeout(0.0)
+        deadline = time.monotonic() + self.server.proxy_header_timeout
+        parked = _Parked(self._attempt(sock, policy), peer, deadline, saved_timeout, trusted)
+        try:
+            wait_for_outcome(parked.attempt, parked.deadline)
+        except OSError as exc:
+            self.read_failed(sock, peer, exc)
+            raise
+        self._conclude(parked)
+
+    def step(self, parked: _Parked, now: float) -> None:
+        """Advance one connection; conclude, or (re)park it."""
+        try:
+            done = parked.attempt.step()
+        except OSError as exc:
+            self._unpark(parked)
+            self.read_failed(parked.attempt.sock, parked.peer, exc)
+            return
+        if done:
+            self._unpark(parked)
+            self._conclude(parked)
+            return
+        by_fd = self.by_fd
+        fd = parked.attempt.sock.fileno()
+        if fd not in by_fd:
+            cap = self.server.proxy_max_pending
+            while by_fd and len(by_fd) >= cap:
+                self.evict_oldest(f"{cap} connections already wait for their header (proxy_max_pending)")
+            by_fd[fd] = parked
+        assert self.watcher is not None
+        self.watcher.watch(parked, now)
+
+    def expire(self, now: float) -> None:
+        """Conclude the connections whose deadline has passed; step those waiting for a retry."""
+        for parked in list(self.by_fd.values()):
+            if parked.deadline <= now:
+                self._unpark(parked)
+                parked.attempt.timed_out()
+                self._conclude(parked)
+            elif parked.attempt.needs_retry and not parked.edge and parked.retry_at <= now:
+                self.step(parked, now)
+
+    def evict_oldest(self, reason: str) -> None:
+        """Close the connection that has waited longest for its header."""
+        oldest = next(iter(self.by_fd.values()))
+        self._unpark(oldest)
+        self.log.log(logging.WARNING, "%s: closed: %s", peer_text(oldest.peer), reason, kind=KIND_EVICTED)
+        oldest.attempt.sock.close()
+
+    def read_failed(self, sock: socket.socket, peer: Address, exc: OSError) -> None:
+        """Close a connection whose socket failed while its header was read, and log it."""
+        self.log.log(
+            logging.INFO, "%s: closed: %s while reading the PROXY header", peer_text(peer), exc, kind=KIND_READ_ERROR
+        )
+        sock.close()
+
+    def close(self, keep: Any = None) -> None:
+        """Close every parked connection but ``keep``, reading and unregistering nothing."""
+        for parked in self.by_fd.values():
+            if parked.attempt.sock is not keep:
+                parked.attempt.sock.close()
+
+    def _attempt(self, sock: ProxySocket, policy: Policy) -> HeaderAttempt:
+        server = self.server
+        return HeaderAttempt(
+            sock,
+            policy,
+            max_size=server.proxy_max_header_size,
+            verify_checksum=server.proxy_verify_checksum,
+            allow_v4_in_tcp6=server.proxy_allow_v4_in_tcp6,
+        )
+
+    def _unpark(self, parked: _Parked) -> None:
+        if self.watcher is not None:
+            self.watcher.unwatch(parked)
+        self.by_fd.pop(parked.attempt.sock.fileno(), None)
+
+    def _conclude(self, parked: _Parked) -> None:
+        """Apply the policy table: hand the connection out for service, or close and log it."""
+        attempt = parked.attempt
+        sock = attempt.sock
+        assert attempt.outcome is not None
+        verdict = decide(attempt.policy, attempt.outcome)
+        if not verdict.serve:
+            self.log.log(
+                verdict.level,
+                "%s: closed: %s",
+                peer_text(parked.peer),
+                attempt.describe(self.server.proxy_header_timeout),
+                kind=kind_of(attempt.outcome),
+            )
+            sock.close()
+            return
+        try:
+            attempt.release()
+            if sock.gettimeout() != parked.saved_timeout:
+                sock.settimeout(parked.saved_timeout)
+        except OSError as exc:  # pragma: no cover - the peer vanished meanwhile
+            self.log.log(logging.INFO, "%s: closed: %s", peer_text(parked.peer), exc, kind=KIND_READ_ERROR)
+            sock.close()
+            return
+        self.hand_out(cast("ProxySocket", sock), attempt.header, attempt.policy, parked.peer, parked.trusted)
+
+
+class WaitingRoom:
+    """Where one server's connections wait for their header; made when serving starts, closed with the server.
+
+    The server's hooks call it: :meth:`next_request` (``get_request``) hands
+    out the connections whose header is complete, in order (:attr:`ready`);
+    the others wait in :attr:`waiting` (:class:`ParkedConnections`); the
+    :class:`Watcher` wakes the loop (None where the platform has no pollable
+    selector: the header is then read in the loop, bounded by
+    ``proxy_header_timeout``).  It rests the listener after ``accept()`` ran
+    out of descriptors or memory, and pauses it while a forking server is
+    at ``max_children``.
+
+    ``accept(room)`` is the server's: it accepts one raw connection and
+    decides its trust (``Arrival``); an ``OSError`` from it is
+    ``accept()``'s.  The header knobs and the listener (``server.socket``)
+    are read from ``server`` when used, so a change made while serving takes
+    effect from the next connection.  Refusal lines go to :attr:`log`.
+    """
+
+    __slots__ = (
+        "accept",
+        "accept_failing",
+        "accept_resume_at",
+        "children_full",
+        "descriptor",
+        "generation",
+        "log",
+        "parked",
+        "ready",
+        "server",
+        "socket_args",
+        "waiting",
+        "watcher",
+    )
+
+    def __init__(self, server: ProxyProtocolMixin, accept: Callable[[WaitingRoom], Arrival], log: RefusalLog) -> None:
+        self.server = server
+        self.accept = accept
+        self.log = log
+        listener = server.socket
+        # The family the socket really has (a listener made with socket.fromfd may be mislabeled).
+        family = socket_family(listener)
+        #: The listener's family, type and proto, read once: the accepted sockets are made with them.
+        self.socket_args = (int(listener.family) if family < 0 else family, int(listener.type), listener.proto)
+        self.ready: collections.deque[tuple[ProxySocket, Address]] = collections.deque()
+        self.accept_resume_at = 0.0  # the listener rests until then (0: it does not)
+        self.accept_failing = False  # accept() failed; logged once until it works again
+        self.children_full = False  # a forking server at max_children: accept nothing, hand out nothing
+        self.generation = fork_generation
+        self.watcher = Watcher.open(listener)
+        #: What the server's ``fileno()`` answers: the watcher's descriptor (None without a watcher:
+        #: the listener's, then).
+        self.descriptor = None if self.watcher is None else self.watcher.descriptor
+        self.waiting = ParkedConnections(server, self.watcher, log, self._queue)
+        self.parked = self.waiting.by_fd  # (read for every connection: one attribute, not two)
+
+    def next_request(self) -> tuple[ProxySocket, Address]:
+        """The next connection whose header is complete, with its address; ``OSError`` when there is none."""
+        watcher = self.watcher
+        if watcher is None:
+            return self._read_blocking()
+        ready = self.ready
+        if self.children_full:
+            self.poll()  # headers still progress and expire; nobody is handed out
+            raise OSError("proxyproto: max_children reached; waiting for a child to exit")
+        if not ready:
+            if not self.parked and not self.accept_failing:
+                # Only the listener is registered, and the loop saw the selector readable:
+                # accept at once and save a select() call (the common case).
+                self.accept_next()
+            else:
+                self.poll()
+        if not ready:
+            raise OSError("proxyproto: no connection with a complete header yet")
+        request = ready.popleft()
+        if watcher.signalled is not bool(ready):
+            watcher.signal(bool(ready))
+        return request
+
+    def wait_out_backoff(self) -> None:
+        """Sleep out the rest of the listener's back-off, then resume it (``handle_request()`` loops)."""
+        if self.accept_resume_at and self.watcher is not None:
+            time.sleep(max(0.0, self.accept_resume_at - time.monotonic()))
+            self.expire(time.monotonic())
+
+    def tidy(self, log_rate: float | None) -> None:
+        """While the loop is idle: enforce deadlines, end a due back-off, write a due refusal summary."""
+        if (self.parked or self.accept_resume_at) and self.watcher is not None:
+            self.expire(time.monotonic())
+        log = self.log
+        log.rate = log_rate
+        if log.suppressed:
+            log.flush()
+
+    def after_timeout(self) -> None:
+        """``handle_request()`` timed out: enforce deadlines and write a due summary there too."""
+        if self.watcher is not None:
+            self.expire(time.monotonic())
+        if self.log.suppressed:
+            self.log.flush()
+
+    def pause_for_children(self, full: bool) -> None:
+        """A forking server reached ``max_children`` (or left it): stop (or resume) accepting and handing out."""
+        watcher = self.watcher
+        if watcher is None or full is self.children_full:
+            return
+        self.children_full = full
+        watcher.listen(self.server.socket, not full and not self.accept_resume_at)
+        watcher.signal(bool(self.ready) and not full)
+
+    def close(self, keep: Any = None) -> None:
+        """Close every connection held (but ``keep``) and the watcher; never the listener.
+
+        Nothing is read or unregistered, so a forked child can call it on
+        the room it inherited (``keep``: its own request): closing a
+        descriptor in the child leaves the parent's copy, and the epoll
+        registrations they share, alone.
+        """
+        if self.watcher is not None:
+            self.watcher.close()
+        self.waiting.close(keep)
+        for request, _ in self.ready:
+            if request is not keep:
+                request.close()
+
+    def accept_next(self, now: float | None = None, evicted: bool = False) -> None:
+        """Accept one connection: queue it if its header came with it (or SKIP), else park it."""
+        try:
+            sock, peer, trust, timeout = self.accept(self)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._accept_failed(exc, now, evicted)
+            return
+        if self.accept_failing and not evicted:
+            logger.warning("accept() works again")
+            self.accept_failing = False
+        if trust is None:
+            sock.close()
+            return
+        policy, trusted = trust
+        if policy is Policy.SKIP:
+            self.ready.append((sock, peer))
+            return
+        if timeout:
+            sock.settimeout(0.0)  # a timeout would make CPython wait before recv, whatever the flags
+        elif policy is not Policy.REJECT:
+            # The common case: the header came with the connection, whole and valid.  Serve it
+            # without building the per-connection state machine; anything else takes the long way.
+            server = self.server
+            try:
+                header = take_complete_header(
+                    sock, server.proxy_max_header_size, server.proxy_verify_checksum, server.proxy_allow_v4_in_tcp6
+                )
+            except OSError as exc:
+                self.waiting.read_failed(sock, peer, exc)
+                return
+            if header is not None:
+                self._queue(sock, header, policy, peer, trusted)
+                return
+        self.waiting.park(sock, peer, policy, trusted, timeout, time.monotonic() if now is None else now)
+
+    def _accept_failed(self, exc: OSError, now: float | None, evicted: bool) -> None:
+        """Out of descriptors or memory: make room, or rest the listener; log the failure once."""
+        if exc.errno in _OUT_OF_DESCRIPTORS and self.parked and not evicted:
+            # Out of descriptors while connections wait for their header: give the oldest
+            # one's place to the newcomer (a real proxy sends its header at once, so the
+            # oldest parked connection is the likeliest attacker), and accept again.
+            if not self.accept_failing:
+                logger.error("accept() failed: %s; closing connections still waiting for their header", exc)
+                self.accept_failing = True
+            self.waiting.evict_oldest("the process is out of file descriptors")
+            self.accept_next(now, evicted=True)
+        elif exc.errno in _ACCEPT_RESOURCE_ERRORS and self.watcher is not None:
+            if not self.accept_failing:
+                logger.error("accept() failed: %s; pausing the listener until it works again", exc)
+                self.accept_failing = True
+            self.watcher.listen(self.server.socket, False)
+            self.accept_resume_at = (time.monotonic() if now is None else now) + ACCEPT_BACKOFF
+        else:
+            logger.warning("accept() failed: %s", exc)
+
+    def poll(self) -> None:
+        """Accept and advance whatever the watcher reports ready, then enforce deadlines."""
+        assert self.watcher is not None
+        now = time.monotonic()
+        for key, _ in self.watcher.ready():
+            if key.data is _LISTENER:
+                self.accept_next(now)
+            elif key.data is not _WAKEUP:
+                parked = self.parked.get(key.fd)
+                if parked is key.data:  # (one evicted by an accept earlier in this batch is gone)
+                    self.waiting.step(parked, now)
+        self.expire(now)
+
+    def expire(self, now: float) -> None:
+        """End a due back-off; conclude the connections whose deadline has passed."""
+        watcher = self.watcher
+        assert watcher is not None
+        if self.accept_resume_at and now >= self.accept_resume_at:
+            self.accept_resume_at = 0.0
+            watcher.listen(self.server.socket, not self.children_full)
+        if not self.parked:
+            return
+        self.waiting.expire(now)
+        watcher.signal(bool(self.ready) and not self.children_full)
+
+    def _queue(
+        self, sock: ProxySocket, header: ProxyHeader | None, policy: Policy, peer: Address, trusted: bool
+    ) -> None:
+        """Hand a connection to the serving loop with its header and the address it is served with.
+
+        The header reaches the handler only from a ``trusted`` peer (an
+        untrusted one's is never used for the address either: its policy is
+        SKIP, IGNORE or REJECT).
+        """
+        sock.proxy_header = header if trusted else None
+        self.ready.append((sock, served_address(policy, header, peer, self.socket_args[0])))
+
+    def _read_blocking(self) -> tuple[ProxySocket, Address]:  # pragma: no cover
+        """Without a watcher: accept, and read the header in the loop, bounded by the timeout."""
+        sock, peer, trust, saved = self.accept(self)
+        if trust is None:
+            sock.close()
+            raise OSError("proxyproto: connection closed: invalid settings")
+        policy, trusted = trust
+        if policy is Policy.SKIP:
+            return sock, peer
+        self.waiting.read_blocking(sock, peer, policy, trusted, saved)
+        if not self.ready:
+            raise OSError("proxyproto: connection closed by policy")
+        return self.ready.popleft()
