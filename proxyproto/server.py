@@ -213,7 +213,7 @@ class ProxyProtocolMixin:
         return (self._pp_room or self._pp_start()).next_request()
 
     def service_actions(self) -> None:
-        """Enforce header deadlines while the loop is idle, then the base class's actions."""
+        """The base class's actions (ForkingMixIn reaps children), then the header deadlines and refusal summaries."""
         super().service_actions()  # type: ignore[misc]
         room = self._pp_room
         if room is not None:

@@ -83,7 +83,7 @@ def test_socketserver_is_shut_down_event_is_what_shutdown_waits_for() -> None:
 
 @pytest.mark.skipif(not hasattr(select, "epoll"), reason="epoll is Linux's")
 def test_epoll_selector_keeps_its_epoll_object_as_selector() -> None:
-    """server.py: an ambiguous prefix is watched edge-triggered through the EpollSelector's
+    """waiting.py: an ambiguous prefix is watched edge-triggered through the EpollSelector's
     ``_selector``; without it, the socket is re-examined after a short delay (slower, same result)."""
     with selectors.EpollSelector() as selector:
         assert isinstance(selector._selector, select.epoll)  # type: ignore[attr-defined]
