@@ -221,11 +221,12 @@ class HeaderScanner:
     ) -> None:
         """The options are those of :func:`parse`, plus ``required``.
 
-        ``required``: the stream must start with a header and the caller
-        closes it otherwise (policy REQUIRE), so every byte before the
-        header's end may be consumed even before the bytes commit to a header
-        (:attr:`take`).  Without it, an ambiguous prefix (``PR``) may still be
-        the payload of a stream without a header, and is left where it is.
+        ``required``: every byte before the header's end may be consumed
+        even before the bytes commit to a header (:attr:`take`), because the
+        caller closes a stream without one (policy REQUIRE) or keeps what it
+        consumed to hand it on (:attr:`rest`).  Without it, an ambiguous
+        prefix (``PR``) may still be the payload of a stream without a
+        header, and is left where it is.
         """
         self.max_size = MAX_V2_LENGTH if max_size is None else max_size
         self.verify_checksum = verify_checksum
@@ -255,7 +256,8 @@ class HeaderScanner:
         (consume exactly that; the bytes after it are never the scanner's);
         while undecided, all of ``ahead`` when every byte of it is certainly
         the header's (the bytes are :func:`committed`, or ``required``), else
-        0; 0 after NO_HEADER and INVALID, which leave the stream untouched.
+        0; 0 after NO_HEADER and INVALID, which leave the stream untouched
+        (after NO_HEADER, :attr:`rest` gives back what was fed before).
         Bytes consumed go to :meth:`feed`.  Only the first :attr:`window`
         bytes of the stream are ever looked at (no outcome needs more).
         """
@@ -274,6 +276,8 @@ class HeaderScanner:
             self.take = len(data) - len(held)
         else:
             self.take = 0
+            if outcome is Outcome.NO_HEADER:
+                self.rest = held
         return outcome
 
     def feed(self, data: BytesLike) -> Outcome | None:

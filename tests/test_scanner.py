@@ -145,8 +145,9 @@ def test_peeking_caller_never_consumes_past_the_header(
     same_conclusion(whole, scanner)
     if scanner.outcome is Outcome.HEADER:
         assert scanner.header is not None and consumed == scanner.header.length
-    elif scanner.outcome is Outcome.NO_HEADER and not required:
-        assert consumed == 0
+    elif scanner.outcome is Outcome.NO_HEADER:
+        assert consumed == 0 or required
+        assert scanner.rest == stream[:consumed]  # what was taken out is given back
     elif scanner.outcome is None:
         assert consumed == len(scanner.held) and consumed in (0, scanner.seen)
         assert scanner.seen == min(len(stream), scanner.window) and not whole.outcome
@@ -260,6 +261,15 @@ def test_an_ambiguous_prefix_stays_unless_required_or_committed() -> None:
     v2 = HeaderScanner()
     v2.look(SIG)
     assert v2.take == 12 and v2.need == 4
+
+
+def test_bytes_consumed_before_no_header_is_known_are_given_back() -> None:
+    """A caller that took an ambiguous prefix out of the stream gets it back as the application's bytes."""
+    scanner = HeaderScanner(required=True)
+    scanner.look(b"PR")
+    scanner.feed(b"PR")
+    assert scanner.look(b"GET") is Outcome.NO_HEADER
+    assert scanner.rest == b"PR" and scanner.take == 0
 
 
 def test_need_is_what_the_length_field_says() -> None:
