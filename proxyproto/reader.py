@@ -162,6 +162,15 @@ def decode(data: bytes, size: int, verify_checksum: bool = True, allow_v4_in_tcp
     return v2.decode(data, size, verify_checksum)
 
 
+# The members as module constants: on CPython 3.11 each ``Outcome.X`` goes through EnumType's
+# slow attribute hook (bench/README.md), and the scanner runs once per connection.
+_HEADER = Outcome.HEADER
+_NO_HEADER = Outcome.NO_HEADER
+_INVALID = Outcome.INVALID
+_SILENT = Outcome.SILENT
+_PARTIAL = Outcome.PARTIAL
+_EOF = Outcome.EOF
+
 _DATAGRAM_PROTOCOLS = {Protocol.UNSPEC: "UNSPEC", Protocol.STREAM: "STREAM (TCP)", Protocol.DGRAM: "DGRAM (UDP)"}
 
 
@@ -269,14 +278,14 @@ class HeaderScanner:
         if len(data) > self.window:
             data = data[: self.window]
         outcome = self._scan(data)
-        if outcome is Outcome.HEADER:
+        if outcome is _HEADER:
             assert self.header is not None
             self.take = self.header.length - len(held)
         elif outcome is None and (self.required or committed(data)):
             self.take = len(data) - len(held)
         else:
             self.take = 0
-            if outcome is Outcome.NO_HEADER:
+            if outcome is _NO_HEADER:
                 self.rest = held
         return outcome
 
@@ -295,12 +304,12 @@ class HeaderScanner:
         held = self.held + data if self.held else bytes(data)
         self.held = held
         outcome = self._scan(held if len(held) <= self.window else held[: self.window])
-        if outcome is Outcome.HEADER:
+        if outcome is _HEADER:
             assert self.header is not None
             size = self.header.length
             self.rest = held[size:]
             self.held = held[:size]
-        elif outcome is Outcome.NO_HEADER:
+        elif outcome is _NO_HEADER:
             self.rest = held
         return outcome
 
@@ -315,10 +324,10 @@ class HeaderScanner:
             return self.outcome
         seen = self.seen
         if not seen:
-            self.outcome = Outcome.EOF
-            return Outcome.EOF
+            self.outcome = _EOF
+            return _EOF
         return self._conclude(
-            Outcome.INVALID, InvalidHeader(f"header truncated by EOF after {seen} byte(s)", field="length", offset=seen)
+            _INVALID, InvalidHeader(f"header truncated by EOF after {seen} byte(s)", field="length", offset=seen)
         )
 
     def expire(self) -> Outcome:
@@ -327,7 +336,7 @@ class HeaderScanner:
         Returns the outcome already known, unchanged, when there is one.
         """
         if self.outcome is None:
-            self.outcome = Outcome.PARTIAL if self.seen else Outcome.SILENT
+            self.outcome = _PARTIAL if self.seen else _SILENT
         return self.outcome
 
     def datagram(self, data: BytesLike) -> Outcome:
@@ -341,11 +350,11 @@ class HeaderScanner:
         """
         size = len(data)
         if not size:
-            return self._conclude(Outcome.NO_HEADER, NoProxyHeader("empty datagram", offset=0))
+            return self._conclude(_NO_HEADER, NoProxyHeader("empty datagram", offset=0))
         outcome = self.feed(data)
         if outcome is None:
             return self._conclude(
-                Outcome.INVALID,
+                _INVALID,
                 InvalidHeader(
                     f"PROXY header incomplete in a datagram of {size} byte(s) (G8: never split across datagrams)",
                     offset=size,
@@ -381,16 +390,16 @@ class HeaderScanner:
                 allow_v4_in_tcp6=self.allow_v4_in_tcp6,
             )
         except NoProxyHeader as exc:
-            return self._conclude(Outcome.NO_HEADER, exc)
+            return self._conclude(_NO_HEADER, exc)
         except ProxyProtocolError as exc:  # InvalidHeader, ChecksumError: parse raises nothing else
-            return self._conclude(Outcome.INVALID, exc)
+            return self._conclude(_INVALID, exc)
         if header is None:
             if data:
                 self.need = -measure(data, self.max_size)
             return None
         self.header = header
-        self.outcome = Outcome.HEADER
-        return Outcome.HEADER
+        self.outcome = _HEADER
+        return _HEADER
 
     def _conclude(self, outcome: Outcome, error: ProxyProtocolError) -> Outcome:
         self.outcome = outcome
@@ -402,7 +411,7 @@ class HeaderScanner:
         """A header valid on a stream that a datagram may not carry: INVALID, nothing for the application."""
         self.header = None
         self.rest = b""
-        return self._conclude(Outcome.INVALID, error)
+        return self._conclude(_INVALID, error)
 
 
 class HeaderReader:
@@ -456,7 +465,7 @@ class HeaderReader:
         if self.header is not None:
             return
         scanner = self._scanner
-        if scanner.eof() is Outcome.EOF:
+        if scanner.eof() is _EOF:
             raise NoProxyHeader("stream ended before any byte", offset=0)
         assert scanner.error is not None
         raise scanner.error
