@@ -55,11 +55,7 @@ from typing import Any, Callable, Union
 
 from . import reader as core
 from .aio_protocol import ProxyProtocolFactory, call_later, proxy_extra, wrap_protocol_factory
-from .errors import (
-    InvalidHeader,
-    NoProxyHeader,
-    ProxyProtocolError,
-)
+from .errors import ProxyProtocolError
 from .header import ProxyHeader
 from .parking import Parking, descriptor_of
 from .peers import connection_trust
@@ -88,9 +84,9 @@ _LIMIT = 2**16
 
 
 class _Attempt:
-    """One stream's header: peek at the reader's buffer, decide, consume exactly."""
+    """One stream's header: peek at the reader's buffer, let the scanner decide, consume exactly."""
 
-    __slots__ = ("allow_v4_in_tcp6", "error", "header", "max_size", "outcome", "policy", "reader", "seen", "verify")
+    __slots__ = ("policy", "reader", "scanner")
 
     def __init__(
         self,
@@ -103,64 +99,52 @@ class _Attempt:
     ) -> None:
         self.reader = reader
         self.policy = policy
-        self.max_size = core.MAX_V2_LENGTH if max_size is None else max_size
-        self.verify = verify_checksum
-        self.allow_v4_in_tcp6 = allow_v4_in_tcp6
-        self.seen = 0
-        self.outcome: Outcome | None = None
-        self.header: ProxyHeader | None = None
-        self.error: ProxyProtocolError | None = None
+        self.scanner = core.HeaderScanner(
+            max_size=max_size, verify_checksum=verify_checksum, allow_v4_in_tcp6=allow_v4_in_tcp6
+        )
 
-    def _fail(self, outcome: Outcome, error: ProxyProtocolError) -> None:
-        self.outcome = outcome
-        self.error = error
+    @property
+    def outcome(self) -> Outcome | None:
+        return self.scanner.outcome
+
+    @property
+    def header(self) -> ProxyHeader | None:
+        return self.scanner.header
 
     async def run(self) -> None:
         """Wait until the outcome is known; ``OSError`` from the transport propagates."""
         reader = self.reader
-        cap = max(self.max_size, core.MAX_V1_LENGTH)
+        scanner = self.scanner
+        window = scanner.window
         while True:
             failure = reader.exception()
             if failure is not None:
                 raise failure
-            data = bytes(reader._buffer[:cap])  # type: ignore[attr-defined]
-            if len(data) > self.seen:
-                try:
-                    size = core.measure(data, self.max_size)
-                except NoProxyHeader as exc:
-                    return self._fail(Outcome.NO_HEADER, exc)
-                except InvalidHeader as exc:
-                    return self._fail(Outcome.INVALID, exc)
-                if size > 0:
-                    try:
-                        self.header = core.decode(data, size, self.verify, self.allow_v4_in_tcp6)
-                    except ProxyProtocolError as exc:
-                        return self._fail(Outcome.INVALID, exc)
-                    await reader.readexactly(size)  # already buffered: returns at once
-                    self.outcome = Outcome.HEADER
-                    return None
-                self.seen = len(data)
+            data = bytes(reader._buffer[:window])  # type: ignore[attr-defined]
+            if len(data) > scanner.seen:
+                outcome = scanner.look(data)  # nothing is consumed: the buffer keeps every byte
+                if outcome is Outcome.HEADER:
+                    await reader.readexactly(scanner.take)  # already buffered: returns at once
+                if outcome is not None:
+                    return
             if reader._eof:  # type: ignore[attr-defined]
-                if self.seen:
-                    return self._fail(
-                        Outcome.INVALID,
-                        InvalidHeader(f"header truncated by EOF after {self.seen} byte(s)", offset=self.seen),
-                    )
-                self.outcome = Outcome.EOF
-                return None
+                scanner.eof()
+                return
             await reader._wait_for_data("read_header")  # type: ignore[attr-defined]
 
     def timed_out(self) -> None:
-        self.outcome = Outcome.PARTIAL if self.seen else Outcome.SILENT
+        self.scanner.expire()
 
     def describe(self, timeout: float) -> str:
         """One line saying what happened (the mixin's wording)."""
-        assert self.outcome is not None
-        return describe(self.policy, self.outcome, self.error, self.seen, timeout)
+        scanner = self.scanner
+        assert scanner.outcome is not None
+        return describe(self.policy, scanner.outcome, scanner.error, scanner.seen, timeout)
 
     def exception(self, timeout: float) -> ProxyProtocolError:
-        assert self.outcome is not None
-        return refusal(self.policy, self.outcome, self.error, self.seen, timeout)
+        scanner = self.scanner
+        assert scanner.outcome is not None
+        return refusal(self.policy, scanner.outcome, scanner.error, scanner.seen, timeout)
 
 
 async def _attempt(

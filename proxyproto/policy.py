@@ -3,7 +3,8 @@
 The spec (G9, section 5) asks a receiver never to guess: REQUIRE and SKIP are
 its two modes.  USE, IGNORE and REJECT (named as in pires/go-proxyproto) are
 opt-ins that look at the first bytes.  Every I/O adapter reduces what
-happened on a connection to an :class:`Outcome` and asks :func:`decide`, so
+happened on a connection to an :class:`Outcome` (the core's
+:class:`~proxyproto.reader.HeaderScanner` does) and asks :func:`decide`, so
 the socketserver mixin, ``read_header`` and any other adapter agree cell for
 cell.  Trust (which peers may send a header at all) lives here too.
 """
@@ -19,6 +20,7 @@ from typing import Any, NamedTuple, Union
 from .addresses import AF_INET, AF_INET6
 from .errors import HeaderRejected, HeaderTimeout, NoProxyHeader, ProxyProtocolError
 from .header import Family, ProxyHeader
+from .reader import Outcome  # the core's; named here too, where it has always been importable
 
 __all__ = [
     "UNIX_ANY",
@@ -61,17 +63,6 @@ class Policy(enum.Enum):
     REJECT = "REJECT"
     #: Never look: every byte is payload (the spec's mode for untrusted peers).
     SKIP = "SKIP"
-
-
-class Outcome(enum.Enum):
-    """What the first bytes of a connection turned out to be."""
-
-    HEADER = "a valid header"
-    NO_HEADER = "no PROXY header"
-    INVALID = "malformed header"
-    SILENT = "nothing before the deadline"
-    PARTIAL = "part of a header before the deadline"
-    EOF = "closed before its first byte"
 
 
 class Verdict(NamedTuple):

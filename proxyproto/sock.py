@@ -1,9 +1,10 @@
 """Reading a header from a plain socket, and sending one.
 
 :class:`HeaderAttempt` is the per-connection state machine every socket
-adapter shares: it peeks at what has arrived, asks :func:`reader.measure`
-what it is, and consumes exactly the header bytes, never one byte more (T3:
-the payload stays in the kernel for the handler).  It never blocks: the
+adapter shares: it peeks at what has arrived, asks the core's
+:class:`~proxyproto.reader.HeaderScanner` what it is, and consumes exactly
+the header bytes, never one byte more (T3: the payload stays in the kernel
+for the handler).  It never blocks: the
 socketserver mixin calls :meth:`HeaderAttempt.step` when a parked socket is
 readable, :func:`read_header` when ``poll`` says so.
 
@@ -25,13 +26,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import reader
-from .errors import (
-    InvalidHeader,
-    NoProxyHeader,
-    ProxyProtocolError,
-)
+from .errors import ProxyProtocolError
 from .header import AddressInput, ProxyHeader
-from .policy import Outcome, Policy, decide, describe, refusal
+from .policy import Policy, decide, describe, refusal
+from .reader import HeaderScanner, Outcome
 from .v1 import encode as encode_v1
 from .v2 import encode as encode_v2
 
@@ -63,8 +61,11 @@ def take_complete_header(
 
     Otherwise (nothing yet, incomplete, not a header, malformed) consume
     nothing and return None: the caller then runs a :class:`HeaderAttempt`,
-    which decides what the policy makes of it.  This is the path of every
-    connection whose proxy sent the header at once, as real proxies do.
+    whose scanner says what arrived, and the policy what to make of it.
+    This is the path of every connection whose proxy sent the header at
+    once, as real proxies do, so it asks :func:`reader.parse` alone and
+    builds no :class:`~proxyproto.reader.HeaderScanner` (bench/README.md):
+    any answer but a complete header is the scanner's, on the long way.
     """
     try:
         data = sock.recv(FIRST_PEEK, _PEEK)
@@ -86,27 +87,16 @@ def take_complete_header(
 class HeaderAttempt:
     """One connection's header, read without blocking: peek, decide, consume exactly.
 
-    After :meth:`step` returns True, :attr:`outcome` says what arrived and
+    The socket half of a :class:`~proxyproto.reader.HeaderScanner`: this
+    class peeks and reads, the scanner says what the bytes are.  After
+    :meth:`step` returns True, :attr:`outcome` says what arrived and
     :attr:`header` / :attr:`error` hold the details.  ``waiting`` is set
     while an opt-in policy holds an ambiguous prefix in the kernel; then
     ``needs_retry`` says the socket cannot be polled for more (no
     ``SO_RCVLOWAT``) and the caller must call :meth:`step` again later.
     """
 
-    __slots__ = (
-        "allow_v4_in_tcp6",
-        "buffer",
-        "error",
-        "header",
-        "lowat",
-        "max_size",
-        "needs_retry",
-        "outcome",
-        "policy",
-        "seen",
-        "sock",
-        "verify_checksum",
-    )
+    __slots__ = ("lowat", "needs_retry", "policy", "scanner", "sock", "waiting")
 
     def __init__(
         self,
@@ -119,21 +109,38 @@ class HeaderAttempt:
     ) -> None:
         self.sock = sock
         self.policy = policy
-        self.max_size = reader.MAX_V2_LENGTH if max_size is None else max_size
-        self.verify_checksum = verify_checksum
-        self.allow_v4_in_tcp6 = allow_v4_in_tcp6
-        self.buffer = b""  # consumed bytes of an incomplete header (REQUIRE)
-        self.seen = 0  # bytes of an ambiguous prefix left in the kernel (opt-in)
+        # Under REQUIRE every byte before the header's end is header (or garbage to refuse):
+        # the scanner lets it be taken out of the kernel, so a sender writing in small pieces
+        # never stalls.  Under the opt-in policies an ambiguous prefix stays where it is.
+        self.scanner = HeaderScanner(
+            max_size=max_size,
+            verify_checksum=verify_checksum,
+            allow_v4_in_tcp6=allow_v4_in_tcp6,
+            required=policy is Policy.REQUIRE,
+        )
+        self.waiting = 0  # bytes of an ambiguous prefix left in the kernel (opt-in)
         self.lowat = False
         self.needs_retry = False
-        self.outcome: Outcome | None = None
-        self.header: ProxyHeader | None = None
-        self.error: ProxyProtocolError | None = None
+
+    @property
+    def outcome(self) -> Outcome | None:
+        """What arrived, once :meth:`step` returned True (or :meth:`timed_out` was called)."""
+        return self.scanner.outcome
+
+    @property
+    def header(self) -> ProxyHeader | None:
+        """The header, for the outcome HEADER."""
+        return self.scanner.header
+
+    @property
+    def error(self) -> ProxyProtocolError | None:
+        """What was wrong, for the outcomes NO_HEADER and INVALID."""
+        return self.scanner.error
 
     @property
     def started(self) -> bool:
         """Some bytes of a header have arrived."""
-        return bool(self.buffer) or self.seen > 0
+        return self.scanner.seen > 0
 
     def step(self) -> bool:
         """Make whatever progress the socket allows now; True once the outcome is known.
@@ -141,77 +148,46 @@ class HeaderAttempt:
         ``OSError`` from the socket (a reset, say) propagates unchanged.
         """
         sock = self.sock
-        buffered = len(self.buffer)
-        limit = max(self.max_size, reader.MAX_V1_LENGTH) - buffered
-        request = limit if self.seen else min(limit, FIRST_PEEK)
+        scanner = self.scanner
+        window = scanner.window - len(scanner.held)
+        request = window if self.waiting else min(window, FIRST_PEEK)
         while True:
             try:
                 data = sock.recv(request, _PEEK)
             except (BlockingIOError, InterruptedError):
                 return False
             if not data:
-                if self.started:
-                    return self._fail(
-                        Outcome.INVALID,
-                        InvalidHeader(
-                            f"header truncated by EOF after {buffered + self.seen} byte(s)",
-                            offset=buffered + self.seen,
-                        ),
-                    )
-                self.outcome = Outcome.EOF
+                scanner.eof()
                 return True
-            if self.seen and len(data) <= self.seen:
+            if self.waiting and len(data) <= self.waiting:
                 if self.lowat or peer_closed(sock):  # readable, yet nothing new: the peer closed
-                    return self._fail(
-                        Outcome.INVALID,
-                        InvalidHeader(f"header truncated by EOF after {self.seen} byte(s)", offset=self.seen),
-                    )
+                    scanner.eof()
+                    return True
                 return False
-            whole = self.buffer + data if buffered else data
-            try:
-                header = reader.parse(
-                    whole,
-                    max_size=self.max_size,
-                    verify_checksum=self.verify_checksum,
-                    allow_v4_in_tcp6=self.allow_v4_in_tcp6,
-                )
-            except NoProxyHeader as exc:
-                return self._fail(Outcome.NO_HEADER, exc)
-            except InvalidHeader as exc:
-                return self._fail(Outcome.INVALID, exc)
-            if header is not None:
-                break
-            if len(data) == request < limit:  # more may be waiting already: look at all of it
-                request = limit
+            outcome = scanner.look(data)
+            if outcome is None and len(data) == request < window:  # more may be waiting already: look at all
+                request = window
                 continue
-            if self.policy is Policy.REQUIRE or reader.committed(whole):
-                # Every byte before the header's end is header (or garbage to refuse):
-                # take it out of the kernel, so a sender writing in small pieces never stalls.
-                self.buffer = whole[: buffered + self._consume(len(data))]
-                if self.seen:
-                    self.seen = 0
-                    self.needs_retry = False
-                    self.release()
-            else:
-                self._wait_for_more(len(data))
-            return False
-        wanted = header.length - buffered
-        if self._consume(wanted) != wanted:  # pragma: no cover - the kernel gave back less than it showed
-            return self._fail(Outcome.INVALID, InvalidHeader("header bytes vanished between peek and read"))
-        self.header = header
-        self.outcome = Outcome.HEADER
-        return True
-
-    def _consume(self, count: int) -> int:
-        return len(self.sock.recv(count, _DONTWAIT))
-
-    def _fail(self, outcome: Outcome, error: ProxyProtocolError) -> bool:
-        self.outcome = outcome
-        self.error = error
-        return True
+            break
+        if outcome is Outcome.HEADER:
+            take = scanner.take
+            if len(sock.recv(take, _DONTWAIT)) != take:  # pragma: no cover - the kernel gave back less
+                raise OSError("PROXY header bytes vanished between peek and read")
+            return True
+        if outcome is not None:
+            return True  # NO_HEADER or INVALID: nothing is consumed
+        if scanner.take:  # every byte peeked is the header's: take it out of the kernel
+            scanner.feed(sock.recv(scanner.take, _DONTWAIT))
+            if self.waiting:
+                self.waiting = 0
+                self.needs_retry = False
+                self.release()
+        else:
+            self._wait_for_more(len(data))
+        return False
 
     def _wait_for_more(self, have: int) -> None:
-        self.seen = have
+        self.waiting = have
         if _SO_RCVLOWAT is not None and self.sock.family in _LOWAT_FAMILIES:
             self.sock.setsockopt(socket.SOL_SOCKET, _SO_RCVLOWAT, have + 1)
             self.lowat = True
@@ -220,7 +196,7 @@ class HeaderAttempt:
 
     def timed_out(self) -> None:
         """The deadline passed before the outcome was known."""
-        self.outcome = Outcome.PARTIAL if self.started else Outcome.SILENT
+        self.scanner.expire()
 
     def release(self) -> None:
         """Undo what waiting changed on the socket (SO_RCVLOWAT) before handing it on."""
@@ -230,13 +206,15 @@ class HeaderAttempt:
 
     def describe(self, timeout: float) -> str:
         """One line saying what happened, for logs and exceptions."""
-        assert self.outcome is not None
-        return describe(self.policy, self.outcome, self.error, len(self.buffer) + self.seen, timeout)
+        scanner = self.scanner
+        assert scanner.outcome is not None
+        return describe(self.policy, scanner.outcome, scanner.error, scanner.seen, timeout)
 
     def exception(self, timeout: float) -> ProxyProtocolError:
         """The exception :func:`read_header` raises for a closing verdict."""
-        assert self.outcome is not None
-        return refusal(self.policy, self.outcome, self.error, len(self.buffer) + self.seen, timeout)
+        scanner = self.scanner
+        assert scanner.outcome is not None
+        return refusal(self.policy, scanner.outcome, scanner.error, scanner.seen, timeout)
 
 
 _POLLRDHUP = getattr(select, "POLLRDHUP", 0)

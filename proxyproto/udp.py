@@ -79,8 +79,8 @@ import socketserver
 from typing import Any
 
 from . import reader
-from .errors import InvalidHeader, NoProxyHeader, ProxyProtocolError
-from .header import Command, Family, Protocol, ProxyHeader
+from .errors import ProxyProtocolError
+from .header import Family, ProxyHeader
 from .peers import socket_family, unix_access
 from .policy import Outcome, Policy, Trust, decide, describe, hook_trust, peer_text, served_address
 from .refusal_log import DEFAULT_LOG_RATE, KIND_POLICY_FOR, RefusalLog, kind_of
@@ -106,8 +106,6 @@ MAX_DATAGRAM = 65535
 
 #: The settings checked when the server is activated and when serving starts.
 SETTINGS = ("proxy_policy", "proxy_trusted", "proxy_untrusted_policy", "proxy_max_header_size", "proxy_log_rate")
-
-_PROTOCOL_NAMES = {Protocol.STREAM: "STREAM (TCP)", Protocol.DGRAM: "DGRAM (UDP)", Protocol.UNSPEC: "UNSPEC"}
 
 
 def _endpoint(address: Address) -> Any:
@@ -377,39 +375,10 @@ class ProxyDatagramMixin:
         return ProxyDatagram(data[header.length :], reply, header if trust.trusted else None, peer), address
 
     def _ppd_parse(self, data: bytes) -> tuple[ProxyHeader | None, Outcome, ProxyProtocolError | None]:
-        """What one datagram starts with (G8: on its own, never joined with another)."""
-        if not data:
-            return None, Outcome.NO_HEADER, NoProxyHeader("empty datagram", offset=0)
-        try:
-            header = reader.parse(data, max_size=self.proxy_max_header_size, verify_checksum=self.proxy_verify_checksum)
-        except NoProxyHeader as exc:
-            return None, Outcome.NO_HEADER, exc
-        except InvalidHeader as exc:
-            return None, Outcome.INVALID, exc
-        if header is None:
-            return (
-                None,
-                Outcome.INVALID,
-                InvalidHeader(
-                    f"PROXY header incomplete in a datagram of {len(data)} byte(s) (G8: never split across datagrams)",
-                    offset=len(data),
-                ),
-            )
-        if header.version != 2:
-            return None, Outcome.INVALID, InvalidHeader("v1 header in a datagram: only v2 applies to UDP (G8)")
-        if header.protocol is Protocol.STREAM and header.command is Command.PROXY:
-            byte = header.family << 4 | header.protocol
-            return (
-                None,
-                Outcome.INVALID,
-                InvalidHeader(
-                    f"PROXY header for a {_PROTOCOL_NAMES[header.protocol]} connection "
-                    f"(family/protocol byte 0x{byte:02x}) in a datagram: a datagram server takes "
-                    "DGRAM (UDP) or UNSPEC headers only (G8)",
-                    offset=13,
-                ),
-            )
-        return header, Outcome.HEADER, None
+        """What one datagram starts with (G8: on its own, never joined with another): the core's scanner says."""
+        scanner = reader.HeaderScanner(max_size=self.proxy_max_header_size, verify_checksum=self.proxy_verify_checksum)
+        outcome = scanner.datagram(data)
+        return scanner.header, outcome, scanner.error
 
 
 class ProxyDatagramRequestHandler(socketserver.DatagramRequestHandler):

@@ -4,12 +4,13 @@ waitress is asyncore-based: one loop thread accepts connections and feeds
 each ``HTTPChannel`` the bytes it reads through ``received(data)``; worker
 threads run the WSGI application with ``REMOTE_ADDR`` and ``REMOTE_PORT``
 taken from ``channel.addr``.  So the header belongs in ``received()``:
-:class:`ProxyHTTPChannel` holds the first bytes until :func:`proxyproto.reader.measure`
-says what they are, decides with the same policy table as every other
-adapter (:func:`proxyproto.policy.decide`), sets ``self.addr`` from the
-header, and hands the bytes after the header, in the same call, to
-waitress's own ``received()``: header and request line often arrive in one
-segment.
+:class:`ProxyHTTPChannel` feeds the first bytes to a
+:class:`proxyproto.reader.HeaderScanner` until it says what they are
+(a header, no header, a malformed one, the end of the stream, the
+deadline), decides with the same policy table as every other adapter
+(:func:`proxyproto.policy.decide`), sets ``self.addr`` from the header, and
+hands the bytes after the header, in the same call, to waitress's own
+``received()``: header and request line often arrive in one segment.
 
 The header deadline is enforced in ``readable()``, which the asyncore loop
 asks of every channel on each pass; the loop wakes at least every
@@ -36,7 +37,6 @@ from waitress.server import BaseWSGIServer  # type: ignore[import-untyped,import
 from waitress.server import create_server as _waitress_create_server  # type: ignore[import-untyped,import-not-found,unused-ignore]
 from waitress.task import WSGITask  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
-from .errors import InvalidHeader, NoProxyHeader, ProxyProtocolError
 from .header import ProxyHeader
 from .peers import socket_family, unix_access
 from .policy import (
@@ -50,7 +50,7 @@ from .policy import (
     served_address,
     trust_for,
 )
-from .reader import MAX_V1_LENGTH, decode, measure
+from .reader import HeaderScanner
 from .refusal_log import DEFAULT_LOG_RATE, KIND_EVICTED, KIND_POLICY_FOR, RefusalLog, kind_of
 from .settings import DEFAULT_TRUSTED, adapter_settings
 
@@ -152,8 +152,8 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
         self._proxy_settings = settings
         family = socket_family(sock)  # the socket's own, whatever the server's label says
         self._proxy_family: int = server.family if family < 0 else family
-        #: Bytes held while the header is undecided; None once decided (served or refused).
-        self._proxy_held: bytearray | None = None
+        #: The scanner of the bytes held while the header is undecided; None once decided (served or refused).
+        self._proxy_scanner: HeaderScanner | None = None
         try:
             self._proxy_policy, self._proxy_trusted = settings.trust(addr, sock, self._proxy_family)
         except Exception as exc:  # a user's hook: its failure closes this connection, nothing else
@@ -164,7 +164,11 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
             return
         if self._proxy_policy is Policy.SKIP:
             return
-        self._proxy_held = bytearray()
+        self._proxy_scanner = HeaderScanner(
+            max_size=settings.max_header_size,
+            verify_checksum=settings.verify_checksum,
+            allow_v4_in_tcp6=settings.allow_v4_in_tcp6,
+        )
         self._proxy_deadline = time.monotonic() + settings.header_timeout
         pending = settings.pending
         pending[self] = None
@@ -180,50 +184,34 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
     # -- asyncore hooks --------------------------------------------------------------
 
     def received(self, data: bytes) -> bool:
-        held = self._proxy_held
-        if held is None:
+        scanner = self._proxy_scanner
+        if scanner is None:
             return bool(super().received(data))
-        held += data
-        settings = self._proxy_settings
-        # Nothing past the v2 cap or a v1 line is needed to decide (measure never reads further).
-        window = bytes(held[: max(settings.max_header_size, MAX_V1_LENGTH)])
-        try:
-            size = measure(window, settings.max_header_size)
-            if size < 0:
-                return True
-            header = decode(window, size, settings.verify_checksum, settings.allow_v4_in_tcp6)
-        except NoProxyHeader as exc:
-            return self._proxy_decided(Outcome.NO_HEADER, exc, bytes(held))
-        except ProxyProtocolError as exc:
-            return self._proxy_decided(Outcome.INVALID, exc, b"")
+        outcome = scanner.feed(data)
+        if outcome is None:
+            return True
         if self._proxy_trusted:
-            self.proxy_header = header
-        return self._proxy_decided(Outcome.HEADER, None, bytes(held[size:]))
+            self.proxy_header = scanner.header
+        return self._proxy_decided(outcome, scanner.rest)
 
     def readable(self) -> bool:
-        if self._proxy_held is not None and time.monotonic() >= self._proxy_deadline:
-            outcome = Outcome.PARTIAL if self._proxy_held else Outcome.SILENT
+        scanner = self._proxy_scanner
+        if scanner is not None and time.monotonic() >= self._proxy_deadline:
             # Served means "served, no header" (the opt-in policies after a silent deadline).
-            self._proxy_decided(outcome, None, b"", immediate=False)
+            self._proxy_decided(scanner.expire(), b"", immediate=False)
         return bool(super().readable())
 
     def handle_close(self) -> None:
-        held = self._proxy_held
-        if held is not None:  # the peer closed (or the socket failed) before the header was decided
-            if held:
-                error = InvalidHeader(f"header truncated by EOF after {len(held)} byte(s)", offset=len(held))
-                self._proxy_decided(Outcome.INVALID, error, b"", immediate=False)
-            else:
-                self._proxy_decided(Outcome.EOF, None, b"", immediate=False)
+        scanner = self._proxy_scanner
+        if scanner is not None:  # the peer closed (or the socket failed) before the header was decided
+            self._proxy_decided(scanner.eof(), b"", immediate=False)
         self._proxy_settings.pending.pop(self, None)
         super().handle_close()
 
     # -- the decision ----------------------------------------------------------------
 
-    def _proxy_decided(
-        self, outcome: Outcome, error: ProxyProtocolError | None, rest: bytes, *, immediate: bool = True
-    ) -> bool:
-        """Apply the policy table's cell; serve ``rest`` to waitress, or close with one log line.
+    def _proxy_decided(self, outcome: Outcome, rest: bytes, *, immediate: bool = True) -> bool:
+        """Apply the policy table's cell to the scanner's ``outcome``; serve ``rest`` to waitress, or close.
 
         ``immediate`` closes the socket now (inside ``handle_read``); otherwise
         the channel is marked to close on the loop's next pass, as waitress's
@@ -231,13 +219,14 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
         """
         settings = self._proxy_settings
         policy = self._proxy_policy
-        held = len(self._proxy_held or b"")
+        scanner = self._proxy_scanner
+        assert scanner is not None
         verdict = decide(policy, outcome)
         if not verdict.serve:
-            reason = describe(policy, outcome, error, held, settings.header_timeout)
+            reason = describe(policy, outcome, scanner.error, scanner.seen, settings.header_timeout)
             self._proxy_refuse(verdict.level, f"closed: {reason}", immediate=immediate, kind=kind_of(outcome))
             return False
-        self._proxy_held = None
+        self._proxy_scanner = None
         settings.pending.pop(self, None)
         address = served_address(policy, self.proxy_header, self.proxy_peername, self._proxy_family)
         if isinstance(address, tuple):  # a UNIX source on a UNIX listener keeps waitress's ("localhost", None)
@@ -248,7 +237,7 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
 
     def _proxy_refuse(self, level: int, message: str, *, kind: str, immediate: bool = False) -> None:
         """Close without a response, after one log line naming the peer."""
-        self._proxy_held = None
+        self._proxy_scanner = None
         self._proxy_settings.pending.pop(self, None)
         self._proxy_settings.log.log(level, "%s: %s", peer_text(self.proxy_peername), message, kind=kind)
         if immediate:
