@@ -12,8 +12,10 @@ receiver does) shows it, a second ``recv`` takes exactly its bytes
 with it (the protocol is a ``BufferedProtocol``: the transport reads into the
 buffer it gives, sized to what the header still needs: :class:`WaitingReads`),
 a deadline and a parking slot.  Where the socket cannot be peeked, the reads
-are sized by :func:`proxyproto.reader.measure` alone (16 bytes, then what the
-length field says; a v1 line byte by byte after its first 16).
+are sized by what the bytes read so far show (the scanner's ``need``: a v2
+header's fixed part, then what its length field says; a v1 line byte by
+byte).  Every decision is a :class:`proxyproto.reader.HeaderScanner`'s: this
+module only peeks, reads, and acts on the outcome.
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ import enum
 import socket
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import reader as core
 from .aio_tls import TLSHandOver
 from .aio_transport import NOT_GIVEN, ProxyTransport, deliver_in_turn, hand_rest, proxy_extra
-from .errors import InvalidHeader, NoProxyHeader, ProxyProtocolError
+from .errors import ProxyProtocolError
 from .header import ProxyHeader
 from .policy import Outcome, Policy, decide, describe, peer_text
+from .reader import HeaderScanner
 from .refusal_log import kind_of
 
 if TYPE_CHECKING:
@@ -49,9 +51,7 @@ _SERVES_A_HEADER = tuple(policy for policy in Policy if decide(policy, Outcome.H
 # Enum members as module constants for the per-connection code: on CPython 3.11 an enum member's
 # attribute access goes through EnumType's slow attribute hook, a global is one lookup.
 _REQUIRE, _SKIP = Policy.REQUIRE, Policy.SKIP
-_HEADER, _NO_HEADER = Outcome.HEADER, Outcome.NO_HEADER
-#: What the first read asks for when the socket cannot be peeked: a v2 header's fixed part.
-_FIRST_READ = 16
+_HEADER, _NO_HEADER, _EOF, _SILENT = Outcome.HEADER, Outcome.NO_HEADER, Outcome.EOF, Outcome.SILENT
 #: The buffer for bytes read after the decision, before ``start_tls`` takes the transport: a TLS record.
 _LATE_READ = 16384
 
@@ -87,64 +87,57 @@ def borrow(peer: Any, sock: Any) -> Any:
     return _socket.socket(family, _SOCK_STREAM, 0, sock.fileno())
 
 
-def peek_header(
-    factory: ProxyProtocolFactory, peek: Any
-) -> tuple[Outcome | None, ProxyHeader | None, ProxyProtocolError | None, bytes]:
-    """What the socket under ``peek`` starts with: ``(outcome, header, error, taken)``.
+def peek_header(factory: ProxyProtocolFactory, peek: Any) -> HeaderScanner:
+    """The scanner of the stream under ``peek``, after one peek at what it starts with.
 
     One peek, and a ``recv`` of exactly the header's bytes when the peek
     holds all of them, leave the stream on the first byte after the header.
-    ``outcome`` is HEADER (``header`` taken), NO_HEADER or INVALID (with
-    ``error``; nothing taken), or None when undecided (a prefix, nothing yet,
-    the end of the stream, a socket error): ``taken`` is then what a short
-    ``recv`` took, to be kept.
+    The scanner's outcome is HEADER (the header taken), NO_HEADER or INVALID
+    (nothing taken), or None when undecided (a prefix, nothing yet, the end
+    of the stream, a socket error): its :attr:`~HeaderScanner.held` is then
+    what a short ``recv`` took, to be kept.
     """
+    scanner = factory.scanner()
     try:
-        ahead = peek.recv(factory.cap, PEEK_FLAGS)
-        if not ahead:
-            return None, None, None, b""  # the end of the stream, which the transport reports (eof_received)
-        header = core.parse(
-            ahead,
-            max_size=factory.max_size,
-            verify_checksum=factory.verify_checksum,
-            allow_v4_in_tcp6=factory.allow_v4_in_tcp6,
-        )
+        ahead = peek.recv(scanner.window, PEEK_FLAGS)
     except OSError:
-        return None, None, None, b""  # nothing yet, or an error the transport will report
-    except NoProxyHeader as exc:
-        return _NO_HEADER, None, exc, b""
-    except ProxyProtocolError as exc:
-        return Outcome.INVALID, None, exc, b""
-    if header is None:
-        return None, None, None, b""  # a valid prefix: the rest has not arrived
-    size = header.length
+        return scanner  # nothing yet, or an error the transport will report
+    if not ahead:
+        return scanner  # the end of the stream, which the transport reports (eof_received)
+    if scanner.look(ahead) is not _HEADER:
+        return scanner
+    size = scanner.take
     try:
         got = peek.recv(size, READ_FLAGS)
     except OSError:
-        return None, None, None, b""
-    if len(got) != size:  # a stream socket gives what it just showed; never lose a byte anyway
-        return None, None, None, got
-    return _HEADER, header, None, b""
+        got = b""
+    if len(got) == size:
+        return scanner
+    # A stream socket gives what it just showed; should it not, start over with what it gave.
+    scanner = factory.scanner()
+    scanner.feed(got)
+    return scanner
 
 
 class WaitingReads:
     """The bytes of a header still on its way, read into buffers that end where the header ends.
 
-    ``buf[:held]`` holds what arrived; it grows with what the header needs
-    (never beyond ``factory.cap``), so a parked connection holds no more
-    memory than the bytes its peer sent.  ``peek``: a borrowed socket
-    (:func:`borrow`) that shows what is in the kernel, or None where the
-    socket cannot be peeked (reads are then sized by ``measure`` alone).
+    ``buf[:held]`` holds what was read; it grows with what the header needs
+    (never beyond the scanner's window), so a parked connection holds no
+    more memory than the bytes its peer sent.  ``scanner``: the stream's
+    :class:`HeaderScanner`, which has been fed every byte read so far (they
+    start ``buf``) and decides.  ``peek``: a borrowed socket (:func:`borrow`)
+    that shows what is in the kernel, or None where the socket cannot be
+    peeked (reads are then sized by the scanner's ``need`` alone).
     """
 
-    __slots__ = ("buf", "factory", "held", "need", "peek")
+    __slots__ = ("buf", "held", "peek", "scanner")
 
-    def __init__(self, factory: ProxyProtocolFactory, peek: Any, kept: bytes = b"") -> None:
-        self.factory = factory
+    def __init__(self, scanner: HeaderScanner, peek: Any) -> None:
+        self.scanner = scanner
         self.peek = peek
-        self.buf = bytearray(kept)
-        self.held = len(kept)
-        self.need = _FIRST_READ
+        self.buf = bytearray(scanner.held)
+        self.held = len(scanner.held)
 
     def window(self) -> memoryview:
         """The buffer for the transport's next read: never empty, never past the header's end."""
@@ -162,44 +155,31 @@ class WaitingReads:
         """How many more bytes belong to the header, as far as the socket (a peek) or the bytes held show.
 
         With a peek, a valid prefix takes all that is there (every byte of it
-        is the header's), and a stream the peek shows to be wrong takes what
-        is there, to be concluded on.
+        is the header's: the scanner is ``required``), a complete header
+        exactly its rest, and a stream the peek shows to be wrong nothing
+        (the one byte :meth:`window` still gives concludes it).
         """
-        factory = self.factory
+        scanner = self.scanner
+        header = scanner.header
+        if header is not None:  # a peek found it: its bytes not read yet
+            return header.length - held
         peek = self.peek
         if peek is None:
-            return self.need
+            return scanner.need
         try:
-            ahead = peek.recv(factory.cap - held, PEEK_FLAGS)
+            ahead = peek.recv(scanner.window - held, PEEK_FLAGS)
         except OSError:
             ahead = b""  # nothing yet, or an error the transport's own read will report
         if not ahead:
             return 1
-        try:
-            size = core.measure(bytes(self.buf[:held]) + ahead, factory.max_size)
-        except ProxyProtocolError:
-            return len(ahead)  # concluded on this read: take what is there
-        return size - held if size > 0 else len(ahead)
+        scanner.look(ahead)
+        return scanner.take
 
-    def add(self, nbytes: int) -> tuple[Outcome, ProxyHeader | None, ProxyProtocolError | None, bytes] | None:
-        """Count ``nbytes`` read into :meth:`window`; None while undecided, else ``(outcome, header, error, rest)``."""
-        self.held += nbytes
-        data = bytes(self.buf[: self.held])
-        factory = self.factory
-        try:
-            size = core.measure(data, factory.max_size)
-        except NoProxyHeader as exc:
-            return _NO_HEADER, None, exc, data  # no header: every byte read is payload
-        except InvalidHeader as exc:
-            return Outcome.INVALID, None, exc, b""
-        if size < 0:
-            self.need = -size
-            return None
-        try:
-            header = core.decode(data, size, factory.verify_checksum, factory.allow_v4_in_tcp6)
-        except ProxyProtocolError as exc:
-            return Outcome.INVALID, None, exc, b""
-        return _HEADER, header, None, data[size:]
+    def add(self, nbytes: int) -> bytes:
+        """Count ``nbytes`` read into :meth:`window`; return them."""
+        held = self.held
+        self.held = held + nbytes
+        return bytes(self.buf[held : held + nbytes])
 
     def stop(self) -> None:
         """Give the borrowed socket back (detached, never closed)."""
@@ -292,20 +272,21 @@ class HeaderProtocol(asyncio.BufferedProtocol):
         anything taken, for :meth:`wait`.
         """
         peek = borrow(peer, sock)
-        outcome, header, error, taken = peek_header(self.factory, peek)
+        scanner = peek_header(self.factory, peek)
+        outcome = scanner.outcome
         if outcome is None:
-            self.reads = WaitingReads(self.factory, peek, taken)
+            self.reads = WaitingReads(scanner, peek)
             return False
         peek.detach()
         if outcome is _HEADER:
             if self.policy in _SERVES_A_HEADER:
-                self.serve(header, b"", sock)
+                self.serve(scanner.header, b"", sock)
             else:
-                self.conclude(_HEADER, header=header)
+                self.conclude(_HEADER, header=scanner.header)
         elif outcome is _NO_HEADER and decide(self.policy, _NO_HEADER).serve:
             self.serve(None, b"", sock)  # nothing was read: every byte is the inner protocol's
         else:
-            self.conclude(outcome, error)  # closed, whatever the policy: nothing to keep
+            self.conclude(outcome, scanner.error)  # closed, whatever the policy: nothing to keep
         return True
 
     def wait(self) -> None:
@@ -315,7 +296,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
         if raw.get_protocol() is not self:
             raw.set_protocol(self)  # header_first's inner has the transport until now
         if self.reads is None:
-            self.reads = WaitingReads(factory, None)  # no peek: reads sized by measure alone
+            self.reads = WaitingReads(factory.scanner(), None)  # no peek: reads sized by the scanner alone
         self.state = _WAITING
         factory.park(self)
         self.timer = asyncio.get_running_loop().call_later(factory.header_timeout, self.expire)
@@ -331,12 +312,14 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             # complete (the client's Finished never comes), so there is nothing to serve.
             tls.eof = True
             return True  # the hand-over's task closes the connection
-        held = self.held
-        if held:
-            error = InvalidHeader(f"header truncated by EOF after {held} byte(s)", offset=held)
-            self.conclude(Outcome.INVALID, error)
-            return None
-        inner = self.conclude(Outcome.EOF)
+        reads = self.reads
+        if reads is not None:
+            scanner = reads.scanner
+            outcome = scanner.eof()
+            if outcome is not _EOF:  # bytes of a header, then the end: INVALID, truncated
+                self.conclude(outcome, scanner.error, header=scanner.header)
+                return None
+        inner = self.conclude(_EOF)
         if inner is None or self.transport is None or self.transport.is_closing():
             return None
         if isinstance(inner, (asyncio.Protocol, asyncio.BufferedProtocol)):  # no subclass of each other
@@ -355,11 +338,6 @@ class HeaderProtocol(asyncio.BufferedProtocol):
         deliver_in_turn(self, self.transport, data)
 
     # -- reading exactly the header -------------------------------------------------------
-
-    @property
-    def held(self) -> int:
-        """How many header bytes were read while waiting."""
-        return 0 if self.reads is None else self.reads.held
 
     def get_buffer(self, sizehint: int) -> memoryview:
         # Never an empty buffer: uvloop treats one as a fatal error and resets the connection.
@@ -381,14 +359,28 @@ class HeaderProtocol(asyncio.BufferedProtocol):
                 if self.transport is not None:
                     self.transport.pause_reading()  # the rest waits in the kernel for the TLS layer
             return  # else the connection is closing: nothing more is read for anyone
-        decided = reads.add(nbytes)
-        if decided is not None:
-            outcome, header, error, rest = decided
-            self.conclude(outcome, error, header=header, rest=rest)
+        new = reads.add(nbytes)
+        scanner = reads.scanner
+        outcome = scanner.outcome
+        if outcome is None:  # undecided until these bytes
+            outcome = scanner.feed(new)
+            if outcome is None:
+                return
+            rest = scanner.rest
+        elif outcome is _HEADER:  # a peek found the header: these bytes are (the end of) it
+            header = scanner.header
+            assert header is not None
+            if reads.held < header.length:
+                return  # a short read; the next window asks for the rest
+            rest = b""
+        else:  # a peek showed a wrong stream: concluded on this read, every byte read the application's
+            rest = scanner.rest + new if outcome is _NO_HEADER else b""
+        self.conclude(outcome, scanner.error, header=scanner.header, rest=rest)
 
     def expire(self) -> None:
         self.timer = None
-        self.conclude(Outcome.PARTIAL if self.held else Outcome.SILENT)
+        reads = self.reads
+        self.conclude(_SILENT if reads is None else reads.scanner.expire())
 
     # -- deciding ---------------------------------------------------------------------------
 
@@ -446,6 +438,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
         read (NO_HEADER), for the inner protocol.
         """
         self.release()
+        seen = 0 if self.reads is None else self.reads.scanner.seen
         transport = self.transport
         if transport is None or transport.is_closing():
             self.state = _CLOSED
@@ -458,7 +451,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
                 verdict.level,
                 "%s: closed: %s",
                 peer_text(self.peer),
-                describe(policy, outcome, error, self.held, factory.header_timeout),
+                describe(policy, outcome, error, seen, factory.header_timeout),
                 kind=kind_of(outcome),
             )
             self.drop(abort=False)

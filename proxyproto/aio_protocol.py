@@ -54,6 +54,7 @@ from .errors import ProxyProtocolError
 from .parking import Parking, descriptor_of
 from .peers import connection_trust
 from .policy import Policy, Trust, hook_trust, peer_text
+from .reader import HeaderScanner
 from .refusal_log import DEFAULT_LOG_RATE, KIND_POLICY_FOR, RefusalLog
 from .settings import DEFAULT_TRUSTED, adapter_settings
 
@@ -151,7 +152,6 @@ class ProxyProtocolFactory:
                     )
         self.header_timeout = float(header_timeout)
         self.max_size = max_header_size
-        self.cap = max(max_header_size, core.MAX_V1_LENGTH)
         self.verify_checksum = verify_checksum
         self.allow_v4_in_tcp6 = allow_v4_in_tcp6
         self.max_pending = max_pending
@@ -183,6 +183,19 @@ class ProxyProtocolFactory:
 
     def __call__(self) -> HeaderProtocol:
         return HeaderProtocol(self)
+
+    def scanner(self) -> HeaderScanner:
+        """A :class:`~proxyproto.reader.HeaderScanner` for one connection's header, with this factory's options.
+
+        ``required``: every byte before the header's end may be read, since
+        a stream without a header is closed or handed on with those bytes.
+        """
+        return HeaderScanner(
+            max_size=self.max_size,
+            verify_checksum=self.verify_checksum,
+            allow_v4_in_tcp6=self.allow_v4_in_tcp6,
+            required=True,
+        )
 
     def header_first(self, inner_class: type[_P]) -> type[_P]:
         """A subclass of ``inner_class`` whose ``connection_made`` reads the header first.
@@ -369,7 +382,9 @@ def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) ->
                     reading = HeaderProtocol(factory, self, inner_connection_made)
                     reading.transport, reading.peer, reading.policy = transport, peer, policy
                     reading.trusted = True  # REQUIRE and USE: only a trusted peer's (check_untrusted_policy)
-                    reading.reads = WaitingReads(factory, peek, taken)
+                    scanner = factory.scanner()
+                    scanner.feed(taken)
+                    reading.reads = WaitingReads(scanner, peek)
                     reading.wait()
                     return
                 peek.detach()
