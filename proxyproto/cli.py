@@ -33,7 +33,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__, reader
-from .errors import InvalidHeader, NoProxyHeader, ProxyProtocolError
 from .header import ProxyHeader
 from .tlv import TLVType
 from .v1 import encode as encode_v1
@@ -347,16 +346,14 @@ def command_decode(args: argparse.Namespace) -> int:
     data = _read_input(args.file)
     if args.hex:
         data = _from_hex(data)
-    try:
-        header = reader.parse(data, verify_checksum=not args.no_verify_checksum, allow_v4_in_tcp6=args.allow_v4_in_tcp6)
-    except NoProxyHeader as exc:
-        raise Failure(f"not a PROXY protocol header: {exc}") from None
-    except InvalidHeader as exc:
-        raise Failure(f"invalid PROXY header: {exc}") from None
-    except ProxyProtocolError as exc:  # pragma: no cover - parse raises only the two above
-        raise Failure(str(exc)) from None
-    if header is None:
+    scanner = reader.HeaderScanner(verify_checksum=not args.no_verify_checksum, allow_v4_in_tcp6=args.allow_v4_in_tcp6)
+    outcome = scanner.feed(data)
+    header = scanner.header
+    if outcome is None:
         raise Failure(f"incomplete PROXY header: the {len(data)} byte(s) given are only the start of one")
+    if header is None:
+        kind = "not a PROXY protocol header" if outcome is reader.Outcome.NO_HEADER else "invalid PROXY header"
+        raise Failure(f"{kind}: {scanner.error}")
     info = describe(header, len(data) - header.length)
     if args.json:
         print(json.dumps(info, indent=2))
