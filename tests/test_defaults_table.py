@@ -92,18 +92,24 @@ TLS_KNOBS = {"ssl", "ssl_handshake_timeout", "ssl_before_header"}
 def optional_adapters() -> Iterator[tuple[str, Callable[..., Any], set[str]]]:
     """The web adapters, when their servers are installed."""
     try:
+        import aiohttp  # noqa: F401  (the host server, not only the adapter module, must be installed)
+
         from proxyproto.aiohttp import ProxyTCPSite
 
         yield "aiohttp.ProxyTCPSite", ProxyTCPSite, {"runner", "host", "port", "backlog", "reuse_address", "reuse_port"}
     except ImportError:
         pass
     try:
+        import hypercorn as host  # noqa: F401  (proxyproto.hypercorn imports without it)
+
         from proxyproto import hypercorn
 
         yield "hypercorn.serve", hypercorn.serve, {"app", "config", "shutdown_trigger", "mode"}
     except ImportError:
         pass
     try:
+        import waitress as host_waitress  # noqa: F401
+
         from proxyproto import waitress
 
         yield "waitress.create_server", waitress.create_server, {"application", "kw"}
