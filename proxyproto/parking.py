@@ -113,14 +113,17 @@ class Parking(Generic[K]):
     """The connections waiting for their header, oldest first; :meth:`add` makes room, then parks.
 
     One per listener (or per factory).  ``close(key)`` closes an evicted connection; it is called after the key
-    has left :attr:`waiting`.  Refusal lines go through ``refusals``.
+    has left :attr:`waiting`.  Refusal lines go through ``refusals``, one sentence for every eviction
+    (:meth:`evict_oldest`); ``knob`` is the name the adapter gives ``max_pending`` (the socketserver mixin's
+    ``proxy_max_pending``), named in the lines that limit writes.
     """
 
-    __slots__ = ("cap", "close", "refusals", "waiting")
+    __slots__ = ("cap", "close", "knob", "refusals", "waiting")
 
-    def __init__(self, refusals: RefusalLog, close: Callable[[K], object]) -> None:
+    def __init__(self, refusals: RefusalLog, close: Callable[[K], object], knob: str = "max_pending") -> None:
         self.refusals = refusals
         self.close = close
+        self.knob = knob
         #: key -> the peer address it came from, oldest first (dicts keep insertion order).
         self.waiting: dict[K, Any] = {}
         #: The cap the descriptor reserve set (None: only max_pending), until no connection waits.
@@ -142,7 +145,7 @@ class Parking(Generic[K]):
             return
         if not waiting:
             self.cap = None  # nobody waits: the descriptor pressure is over
-        cap, why = max_pending, "max_pending"
+        cap, why = max_pending, self.knob
         if fd is not None and fd >= 0:
             limit = _soft_limit()
             if limit is not None:
@@ -154,18 +157,29 @@ class Parking(Generic[K]):
         elif self.cap is not None and self.cap < cap:
             cap, why = self.cap, "the process is near its RLIMIT_NOFILE"
         while waiting and len(waiting) >= cap:
-            oldest = next(iter(waiting))
-            oldest_peer = waiting.pop(oldest)
-            self.refusals.log(
-                logging.WARNING,
-                "%s: closed: %d connections already wait for their header (%s)",
-                peer_text(oldest_peer),
-                cap,
-                why,
-                kind=EVICTED,
-            )
-            self.close(oldest)
+            self.evict_oldest(cap, why)
         waiting[key] = peer
+
+    def evict_oldest(self, count: int, why: str) -> None:
+        """Close the connection that has waited longest (one must wait), and log it: ``count`` wait, ``why``.
+
+        The line, the only eviction wording of the library, reads "<peer>: closed: <count> connections already
+        wait for their header (<why>)"; ``why`` names the limit (:attr:`knob`, the descriptor reserve) or the
+        fault (the socketserver mixin's "the process is out of file descriptors").  The key leaves
+        :attr:`waiting` before ``close`` is called.
+        """
+        waiting = self.waiting
+        oldest = next(iter(waiting))
+        oldest_peer = waiting.pop(oldest)
+        self.refusals.log(
+            logging.WARNING,
+            "%s: closed: %d connections already wait for their header (%s)",
+            peer_text(oldest_peer),
+            count,
+            why,
+            kind=EVICTED,
+        )
+        self.close(oldest)
 
     def discard(self, key: K) -> bool:
         """Stop counting ``key``; False when it was not parked (evicted, or never parked)."""
