@@ -2,16 +2,19 @@
 
 Both asyncio adapters (:mod:`proxyproto.aio`'s streams acceptor and
 :class:`proxyproto.aio_protocol.ProxyProtocolFactory`, and so uvicorn,
-aiohttp and hypercorn) park a connection whose header is not in yet in a
-:class:`Parking`, and only there is a parked connection closed to make room
-for another: one eviction loop, one log line, one ``kind``.
+aiohttp and hypercorn) and the socketserver mixin
+(:class:`proxyproto.waiting.ParkedConnections`) park a connection whose
+header is not in yet in a :class:`Parking`, and only there is a parked
+connection closed to make room for another: one eviction loop, one log line
+(:meth:`Parking.evict_oldest`), one ``kind``.
 
 Two limits make room:
 
 ``max_pending``
     at most that many connections wait at once; past it the oldest is
     closed (a real proxy sends its header at once, so the oldest parked
-    connection is the likeliest attacker).
+    connection is the likeliest attacker).  The line names the knob as the
+    adapter spells it (the mixin's ``proxy_max_pending``).
 
 the descriptor reserve
     the asyncio adapters do not own ``accept()``: the loop accepts, and
@@ -38,6 +41,9 @@ the descriptor reserve
     waiting connections few anyway and a shortage comes from served
     connections.  Only waiting connections are ever closed for it; a
     connection whose header came with it never waits and costs no check.
+    The socketserver mixin passes no descriptor, so the reserve never applies
+    to it: it owns ``accept()`` and, on EMFILE, closes the oldest parked
+    connection itself (:meth:`Parking.evict_oldest`) and accepts again.
 
 When the fault comes all the same, ``accept()`` fails in the loop and the
 loop's own back-off applies: ENFILE (the whole system is out of
