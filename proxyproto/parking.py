@@ -2,16 +2,19 @@
 
 Both asyncio adapters (:mod:`proxyproto.aio`'s streams acceptor and
 :class:`proxyproto.aio_protocol.ProxyProtocolFactory`, and so uvicorn,
-aiohttp and hypercorn) park a connection whose header is not in yet in a
-:class:`Parking`, and only there is a parked connection closed to make room
-for another: one eviction loop, one log line, one ``kind``.
+aiohttp and hypercorn) and the socketserver mixin
+(:class:`proxyproto.waiting.ParkedConnections`) park a connection whose
+header is not in yet in a :class:`Parking`, and only there is a parked
+connection closed to make room for another: one eviction loop, one log line
+(:meth:`Parking.evict_oldest`), one ``kind``.
 
 Two limits make room:
 
 ``max_pending``
     at most that many connections wait at once; past it the oldest is
     closed (a real proxy sends its header at once, so the oldest parked
-    connection is the likeliest attacker).
+    connection is the likeliest attacker).  The line names the knob as the
+    adapter spells it (the mixin's ``proxy_max_pending``).
 
 the descriptor reserve
     the asyncio adapters do not own ``accept()``: the loop accepts, and
@@ -38,6 +41,9 @@ the descriptor reserve
     waiting connections few anyway and a shortage comes from served
     connections.  Only waiting connections are ever closed for it; a
     connection whose header came with it never waits and costs no check.
+    The socketserver mixin passes no descriptor, so the reserve never applies
+    to it: it owns ``accept()`` and, on EMFILE, closes the oldest parked
+    connection itself (:meth:`Parking.evict_oldest`) and accepts again.
 
 When the fault comes all the same, ``accept()`` fails in the loop and the
 loop's own back-off applies: ENFILE (the whole system is out of
@@ -113,14 +119,17 @@ class Parking(Generic[K]):
     """The connections waiting for their header, oldest first; :meth:`add` makes room, then parks.
 
     One per listener (or per factory).  ``close(key)`` closes an evicted connection; it is called after the key
-    has left :attr:`waiting`.  Refusal lines go through ``refusals``.
+    has left :attr:`waiting`.  Refusal lines go through ``refusals``, one sentence for every eviction
+    (:meth:`evict_oldest`); ``knob`` is the name the adapter gives ``max_pending`` (the socketserver mixin's
+    ``proxy_max_pending``), named in the lines that limit writes.
     """
 
-    __slots__ = ("cap", "close", "refusals", "waiting")
+    __slots__ = ("cap", "close", "knob", "refusals", "waiting")
 
-    def __init__(self, refusals: RefusalLog, close: Callable[[K], object]) -> None:
+    def __init__(self, refusals: RefusalLog, close: Callable[[K], object], knob: str = "max_pending") -> None:
         self.refusals = refusals
         self.close = close
+        self.knob = knob
         #: key -> the peer address it came from, oldest first (dicts keep insertion order).
         self.waiting: dict[K, Any] = {}
         #: The cap the descriptor reserve set (None: only max_pending), until no connection waits.
@@ -142,7 +151,7 @@ class Parking(Generic[K]):
             return
         if not waiting:
             self.cap = None  # nobody waits: the descriptor pressure is over
-        cap, why = max_pending, "max_pending"
+        cap, why = max_pending, self.knob
         if fd is not None and fd >= 0:
             limit = _soft_limit()
             if limit is not None:
@@ -154,18 +163,29 @@ class Parking(Generic[K]):
         elif self.cap is not None and self.cap < cap:
             cap, why = self.cap, "the process is near its RLIMIT_NOFILE"
         while waiting and len(waiting) >= cap:
-            oldest = next(iter(waiting))
-            oldest_peer = waiting.pop(oldest)
-            self.refusals.log(
-                logging.WARNING,
-                "%s: closed: %d connections already wait for their header (%s)",
-                peer_text(oldest_peer),
-                cap,
-                why,
-                kind=EVICTED,
-            )
-            self.close(oldest)
+            self.evict_oldest(cap, why)
         waiting[key] = peer
+
+    def evict_oldest(self, count: int, why: str) -> None:
+        """Close the connection that has waited longest (one must wait), and log it: ``count`` wait, ``why``.
+
+        The line, the only eviction wording of the library, reads "<peer>: closed: <count> connections already
+        wait for their header (<why>)"; ``why`` names the limit (:attr:`knob`, the descriptor reserve) or the
+        fault (the socketserver mixin's "the process is out of file descriptors").  The key leaves
+        :attr:`waiting` before ``close`` is called.
+        """
+        waiting = self.waiting
+        oldest = next(iter(waiting))
+        oldest_peer = waiting.pop(oldest)
+        self.refusals.log(
+            logging.WARNING,
+            "%s: closed: %d connections already wait for their header (%s)",
+            peer_text(oldest_peer),
+            count,
+            why,
+            kind=EVICTED,
+        )
+        self.close(oldest)
 
     def discard(self, key: K) -> bool:
         """Stop counting ``key``; False when it was not parked (evicted, or never parked)."""

@@ -44,9 +44,10 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, cast
 
 from .header import ProxyHeader
+from .parking import Parking
 from .peers import socket_family
 from .policy import Policy, Trust, decide, peer_text, served_address
-from .refusal_log import KIND_EVICTED, KIND_READ_ERROR, RefusalLog, kind_of
+from .refusal_log import KIND_READ_ERROR, RefusalLog, kind_of
 from .sock import RETRY_DELAY, HeaderAttempt, take_complete_header, wait_for_outcome
 
 if TYPE_CHECKING:
@@ -205,15 +206,33 @@ class ParkedConnections:
     """The connections whose header is incomplete, oldest first, each with its deadline.
 
     :meth:`park` tries the header and parks the connection when it is not
-    complete yet (at most ``proxy_max_pending`` wait: past it the oldest is
-    closed); :meth:`step` advances one the :class:`Watcher` reports;
+    complete yet; :meth:`step` advances one the :class:`Watcher` reports;
     :meth:`expire` concludes those whose deadline passed.  A concluded
     connection is closed and logged, or handed to ``hand_out(sock, header,
     policy, peer, trusted)`` as the policy table says.  The knobs are read
     from ``server`` when used.
+
+    The parked connections are the keys of :attr:`parking`, the
+    :class:`~proxyproto.parking.Parking` the asyncio adapters use too: at
+    most ``proxy_max_pending`` wait, past it the oldest is closed, with the
+    one eviction line of the library naming ``proxy_max_pending``; the
+    watcher stops watching an evicted connection before it is closed
+    (Parking's close callback).  The key is the :class:`_Parked` record
+    itself, which the selector also carries as its key's ``data``: a
+    descriptor the watcher reports leads to its record without another table,
+    and a record evicted earlier in the same batch is no key any more (its
+    descriptor may already be a newer connection's).
+
+    Parking's descriptor reserve does not apply here (no descriptor is passed
+    to it): the mixin owns ``accept()``, so it sees EMFILE when it comes and
+    then closes the oldest parked connection and accepts again
+    (:meth:`evict_oldest`, the same eviction).  The reserve exists for the
+    asyncio adapters, which never see the loop's EMFILE; here it would only
+    close waiting connections while descriptors are still free, and cost a
+    ``getrlimit`` call per park.
     """
 
-    __slots__ = ("by_fd", "hand_out", "log", "server", "watcher")
+    __slots__ = ("hand_out", "log", "parking", "server", "watcher")
 
     def __init__(
         self,
@@ -226,8 +245,8 @@ class ParkedConnections:
         self.watcher = watcher
         self.log = log
         self.hand_out = hand_out
-        #: The parked connections by descriptor, oldest first (dicts keep insertion order).
-        self.by_fd: dict[int, _Parked] = {}
+        #: The parked connections, oldest first, and the one rule that evicts them.
+        self.parking: Parking[_Parked] = Parking(log, self._evicted, "proxy_max_pending")
 
     def park(
         self, sock: ProxySocket, peer: Address, policy: Policy, trusted: bool, saved_timeout: float | None, now: float
@@ -262,19 +281,14 @@ class ParkedConnections:
             self._unpark(parked)
             self._conclude(parked)
             return
-        by_fd = self.by_fd
-        fd = parked.attempt.sock.fileno()
-        if fd not in by_fd:
-            cap = self.server.proxy_max_pending
-            while by_fd and len(by_fd) >= cap:
-                self.evict_oldest(f"{cap} connections already wait for their header (proxy_max_pending)")
-            by_fd[fd] = parked
+        # (Nothing happens when it is parked already; no descriptor: no reserve, see the class.)
+        self.parking.add(parked, parked.peer, None, self.server.proxy_max_pending)
         assert self.watcher is not None
         self.watcher.watch(parked, now)
 
     def expire(self, now: float) -> None:
         """Conclude the connections whose deadline has passed; step those waiting for a retry."""
-        for parked in list(self.by_fd.values()):
+        for parked in list(self.parking.waiting):
             if parked.deadline <= now:
                 self._unpark(parked)
                 parked.attempt.timed_out()
@@ -282,12 +296,19 @@ class ParkedConnections:
             elif parked.attempt.needs_retry and not parked.edge and parked.retry_at <= now:
                 self.step(parked, now)
 
-    def evict_oldest(self, reason: str) -> None:
-        """Close the connection that has waited longest for its header."""
-        oldest = next(iter(self.by_fd.values()))
-        self._unpark(oldest)
-        self.log.log(logging.WARNING, "%s: closed: %s", peer_text(oldest.peer), reason, kind=KIND_EVICTED)
-        oldest.attempt.sock.close()
+    def evict_oldest(self) -> None:
+        """``accept()`` failed for lack of descriptors: close the connection that has waited longest (one must).
+
+        Through :meth:`proxyproto.parking.Parking.evict_oldest`, the one eviction line.
+        """
+        parking = self.parking
+        parking.evict_oldest(len(parking), "the process is out of file descriptors")
+
+    def _evicted(self, parked: _Parked) -> None:
+        """Parking's close callback: stop watching an evicted connection (it has left :attr:`parking`), close it."""
+        if self.watcher is not None:
+            self.watcher.unwatch(parked)
+        parked.attempt.sock.close()
 
     def read_failed(self, sock: socket.socket, peer: Address, exc: OSError) -> None:
         """Close a connection whose socket failed while its header was read, and log it."""
@@ -298,7 +319,7 @@ class ParkedConnections:
 
     def close(self, keep: Any = None) -> None:
         """Close every parked connection but ``keep``, reading and unregistering nothing."""
-        for parked in self.by_fd.values():
+        for parked in self.parking.waiting:
             if parked.attempt.sock is not keep:
                 parked.attempt.sock.close()
 
@@ -315,7 +336,7 @@ class ParkedConnections:
     def _unpark(self, parked: _Parked) -> None:
         if self.watcher is not None:
             self.watcher.unwatch(parked)
-        self.by_fd.pop(parked.attempt.sock.fileno(), None)
+        self.parking.discard(parked)
 
     def _conclude(self, parked: _Parked) -> None:
         """Apply the policy table: hand the connection out for service, or close and log it."""
@@ -398,7 +419,7 @@ class WaitingRoom:
         #: the listener's, then).
         self.descriptor = None if self.watcher is None else self.watcher.descriptor
         self.waiting = ParkedConnections(server, self.watcher, log, self._queue)
-        self.parked = self.waiting.by_fd  # (read for every connection: one attribute, not two)
+        self.parked = self.waiting.parking.waiting  # (read for every connection: one attribute, not three)
 
     def next_request(self) -> tuple[ProxySocket, Address]:
         """The next connection whose header is complete, with its address; ``OSError`` when there is none."""
@@ -515,7 +536,7 @@ class WaitingRoom:
             if not self.accept_failing:
                 logger.error("accept() failed: %s; closing connections still waiting for their header", exc)
                 self.accept_failing = True
-            self.waiting.evict_oldest("the process is out of file descriptors")
+            self.waiting.evict_oldest()
             self.accept_next(now, evicted=True)
         elif exc.errno in _ACCEPT_RESOURCE_ERRORS and self.watcher is not None:
             if not self.accept_failing:
@@ -534,8 +555,8 @@ class WaitingRoom:
             if key.data is _LISTENER:
                 self.accept_next(now)
             elif key.data is not _WAKEUP:
-                parked = self.parked.get(key.fd)
-                if parked is key.data:  # (one evicted by an accept earlier in this batch is gone)
+                parked = key.data
+                if parked in self.parked:  # (one evicted by an accept earlier in this batch is gone)
                     self.waiting.step(parked, now)
         self.expire(now)
 

@@ -86,3 +86,31 @@ def test_adding_a_connection_twice_changes_nothing(closed: list[str]) -> None:
     waiting.add("a", None, 10, max_pending=1)
     waiting.add("a", None, 10, max_pending=1)
     assert closed == [] and list(waiting.waiting) == ["a"]
+
+
+def test_the_knob_is_named_as_the_adapter_spells_it(closed: list[str], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="proxyproto")
+    waiting: Parking[str] = Parking(
+        RefusalLog(logging.getLogger("proxyproto"), None), closed.append, "proxy_max_pending"
+    )
+    for n in range(3):
+        waiting.add(f"c{n}", ("127.0.0.1", 1000 + n), None, max_pending=2)
+    assert closed == ["c0"]
+    assert caplog.records[-1].getMessage() == (
+        "127.0.0.1:1000: closed: 2 connections already wait for their header (proxy_max_pending)"
+    )
+
+
+def test_evict_oldest_closes_the_oldest_with_the_same_sentence(
+    closed: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="proxyproto")
+    waiting = make(closed)
+    for n in range(3):
+        waiting.add(f"c{n}", ("127.0.0.1", 1000 + n), None, max_pending=256)
+    waiting.evict_oldest(len(waiting), "the process is out of file descriptors")
+    assert closed == ["c0"] and list(waiting.waiting) == ["c1", "c2"]
+    assert caplog.records[-1].getMessage() == (
+        "127.0.0.1:1000: closed: 3 connections already wait for their header (the process is out of file descriptors)"
+    )
+    assert caplog.records[-1].refusal_kind == parking.EVICTED

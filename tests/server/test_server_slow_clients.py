@@ -318,6 +318,10 @@ def test_out_of_descriptors_evicts_the_oldest_parked_connection() -> None:
     assert "Traceback" not in err
     assert len(re.findall(r"accept\(\) failed", err)) >= 1
     assert len(re.findall(r"accept\(\) failed", err)) <= 5, err[-2000:]
+    # The eviction is Parking's, in its one sentence (the count is how many waited).
+    assert re.search(
+        r"closed: \d+ connections already wait for their header \(the process is out of file descriptors\)", err
+    )
 
 
 # --------------------------------------------------------------------------- a forking server at max_children
