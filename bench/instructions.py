@@ -75,17 +75,19 @@ import socketserver, sys
 sys.path.insert(0, {root!r})
 from proxyproto import ProxyTCPServer
 
+served = 0
+
 class Handler(socketserver.BaseRequestHandler):
     def handle(self):
+        global served
         self.request.recv(64)
         self.request.sendall(b"ok\\n")
+        served += 1
 
 server = (ProxyTCPServer if {proxied!r} else socketserver.TCPServer)(("127.0.0.1", 0), Handler)
 print(server.server_address[1], flush=True)
-served = 0
-while served < {n}:
+while served < {n}:  # connections served, not handle_request() calls: one may park and be served later
     server.handle_request()
-    served += 1
 server.server_close()
 """
 
