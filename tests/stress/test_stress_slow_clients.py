@@ -234,7 +234,10 @@ def test_max_pending_evicts_the_oldest_parked_connection(name: str) -> None:
         srv.settle(baseline)
         srv.stop()
         log = srv.stderr()
-        assert log.count("(proxy_max_pending)") == 20, log[-2000:]
+        # 20 evictions for the 30 silent clients; one more when the good client's connection was
+        # accepted before its header arrived (a loaded machine): it parked as the 11th, and the
+        # oldest of the 10 waiting made room, as max_pending says.
+        assert log.count("(proxy_max_pending)") in (20, 21), log[-2000:]
         assert "Traceback" not in log
 
 
