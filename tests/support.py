@@ -13,8 +13,10 @@ import functools
 import os
 import shutil
 import socket
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -152,3 +154,26 @@ async def uvicorn_server(app: Any, http: Any, **config: Any) -> AsyncIterator[tu
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 10)
+
+
+def self_signed_files(directory: Path) -> tuple[str, str]:
+    """(certificate, key) paths for a self-signed localhost/127.0.0.1 certificate made in ``directory``.
+
+    Made with the openssl command line tool (the ssl module cannot make
+    one), with an EC key so that generation is instant; the test is skipped
+    when the tool is missing.
+    """
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command line tool is needed to make a test certificate")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
+            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )  # fmt: skip
+    return str(cert), str(key)

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
 import ssl
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aio_kit import async_test
+from support import self_signed_files
 
 import proxyproto
 from proxyproto import aio
@@ -30,23 +29,10 @@ WAIT = 10.0
 @pytest.fixture(scope="module")
 def contexts(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """(server context, client context) for a self-signed localhost certificate (an EC key: instant)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command line tool is needed to make a test certificate")
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
-            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )  # fmt: skip
+    cert, key = self_signed_files(tmp_path_factory.mktemp("tls"))
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.load_cert_chain(cert, key)
-    return server, ssl.create_default_context(cafile=str(cert))
+    return server, ssl.create_default_context(cafile=cert)
 
 
 def report_handler(seen: list[dict[str, Any]]) -> Any:

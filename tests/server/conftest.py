@@ -7,35 +7,20 @@ modules can import them by name.
 from __future__ import annotations
 
 import logging
-import shutil
 import socket
 import ssl
-import subprocess
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from support import self_signed_files
 
 
 @pytest.fixture(scope="session")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """A self-signed certificate and key for localhost/127.0.0.1, made with the openssl CLI
     (the ssl module cannot make one); an EC key keeps generation instant."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command line tool is needed to make a test certificate")
-    d = tmp_path_factory.mktemp("tls")
-    cert, key = d / "cert.pem", d / "key.pem"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
-            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    return str(cert), str(key)
+    return self_signed_files(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture

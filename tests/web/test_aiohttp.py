@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import re
-import shutil
 import socket
 import ssl
 import subprocess
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import async_test, free_port, require_module
+from support import async_test, free_port, require_module, self_signed_files
 
 import proxyproto
 
@@ -150,21 +149,7 @@ def assert_no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """A self-signed certificate for localhost, made with the openssl CLI (an EC key: instant)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command line tool is needed to make a test certificate")
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
-            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )  # fmt: skip
-    return str(cert), str(key)
+    return self_signed_files(tmp_path_factory.mktemp("tls"))
 
 
 # -- the real client ----------------------------------------------------------------------------
