@@ -13,13 +13,13 @@ import logging
 import os
 import socket
 import ssl
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 from aio_kit import DEST_V4, DEST_V6, REAL_V4, REAL_V6, async_test, closed_without_answer, failing_hook, run_on
+from support import self_signed_files
 
 import proxyproto
 from proxyproto import Policy
@@ -300,17 +300,10 @@ async def test_wrapped_protocol_close_closes_connections_waiting_for_their_heade
 
 
 def make_certificate(directory: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    cert, key = directory / "c.pem", directory / "k.pem"
-    res = subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-        capture_output=True, timeout=60, check=False,
-    )  # fmt: skip
-    if res.returncode != 0:
-        pytest.skip("openssl could not make a certificate")
+    cert, key = self_signed_files(directory)
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.load_cert_chain(cert, key)
-    return server, ssl.create_default_context(cafile=str(cert))
+    return server, ssl.create_default_context(cafile=cert)
 
 
 @pytest.mark.parametrize("kind", sorted(INNER))

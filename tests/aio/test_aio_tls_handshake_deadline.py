@@ -11,15 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from aio_kit import DEST_V4, REAL_V4, run_on
+from support import self_signed_files
 
 import proxyproto
 from proxyproto.aio_protocol import wrap_protocol_factory
@@ -39,19 +36,12 @@ class Echo(asyncio.Protocol):
 
 
 @pytest.fixture(scope="module")
-def contexts() -> Iterator[tuple[ssl.SSLContext, ssl.SSLContext]]:
-    with tempfile.TemporaryDirectory() as directory:
-        cert, key = Path(directory) / "c.pem", Path(directory) / "k.pem"
-        res = subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
-             "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-            capture_output=True, timeout=60, check=False,
-        )  # fmt: skip
-        if res.returncode != 0:
-            pytest.skip("openssl could not make a certificate")
-        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        server.load_cert_chain(cert, key)
-        yield server, ssl.create_default_context(cafile=str(cert))
+def contexts(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server context, client context) for a self-signed localhost certificate."""
+    cert, key = self_signed_files(tmp_path_factory.mktemp("tls"))
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    return server, ssl.create_default_context(cafile=cert)
 
 
 async def closed_after(reader: asyncio.StreamReader, bound: float) -> float:
