@@ -38,6 +38,7 @@ _IO_NAMES = {
     "ProxyUnixStreamServer": "server",
     "ThreadingProxyUnixStreamServer": "server",
     "ForkingProxyUnixStreamServer": "server",
+    "Settings": "settings",
     "ProxyDatagram": "udp",
     "ProxyDatagramMixin": "udp",
     "ProxyDatagramRequestHandler": "udp",
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
         ThreadingProxyTCPServer,
         ThreadingProxyUnixStreamServer,
     )
+    from .settings import Settings
     from .sock import create_connection, read_header
     from .udp import (
         ForkingProxyUDPServer,
@@ -108,6 +110,7 @@ __all__ = [
     "ProxyUnixStreamServer",
     "SSLClient",
     "SSLInfo",
+    "Settings",
     "TLVType",
     "ThreadingProxyTCPServer",
     "ThreadingProxyUDPServer",

@@ -51,34 +51,29 @@ import logging
 import os
 import ssl as _ssl
 from collections.abc import Awaitable
-from typing import Any, Callable, Union
+from typing import Any, Callable
 
 from . import reader as core
 from .aio_protocol import ProxyProtocolFactory, call_later, proxy_extra, wrap_protocol_factory
 from .errors import ProxyProtocolError
 from .header import ProxyHeader
 from .parking import Parking, descriptor_of
-from .peers import connection_trust
 from .policy import (
     Outcome,
     Policy,
-    Trust,
     decide,
     describe,
-    hook_trust,
     peer_text,
     refusal,
 )
-from .refusal_log import DEFAULT_LOG_RATE, KIND_POLICY_FOR, KIND_READ_ERROR, RefusalLog, kind_of
-from .settings import DEFAULT_TRUSTED, adapter_settings
+from .refusal_log import KIND_POLICY_FOR, KIND_READ_ERROR, RefusalLog, kind_of
+from .settings import Settings, settings_for, split_knobs
 
 __all__ = ["ProxyStreamWriter", "read_header", "start_server", "start_unix_server"]
 
 logger = logging.getLogger("proxyproto")
 
 ClientConnected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]
-#: ``policy_for(peer, local) -> Policy``: the mixin's ``proxy_policy_for`` hook, as a function.
-PolicyHook = Callable[[Any, Any], Union[Policy, str]]
 #: asyncio's default StreamReader buffer limit (``asyncio.start_server``'s ``limit``).
 _LIMIT = 2**16
 
@@ -88,20 +83,10 @@ class _Attempt:
 
     __slots__ = ("policy", "reader", "scanner")
 
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        policy: Policy,
-        *,
-        max_size: int | None = None,
-        verify_checksum: bool = True,
-        allow_v4_in_tcp6: bool = False,
-    ) -> None:
+    def __init__(self, reader: asyncio.StreamReader, policy: Policy, scanner: core.HeaderScanner) -> None:
         self.reader = reader
         self.policy = policy
-        self.scanner = core.HeaderScanner(
-            max_size=max_size, verify_checksum=verify_checksum, allow_v4_in_tcp6=allow_v4_in_tcp6
-        )
+        self.scanner = scanner
 
     @property
     def outcome(self) -> Outcome | None:
@@ -148,9 +133,9 @@ class _Attempt:
 
 
 async def _attempt(
-    reader: asyncio.StreamReader, policy: Policy, timeout: float, parse_options: dict[str, Any]
+    reader: asyncio.StreamReader, policy: Policy, timeout: float, scanner: core.HeaderScanner
 ) -> _Attempt:
-    attempt = _Attempt(reader, policy, **parse_options)
+    attempt = _Attempt(reader, policy, scanner)
     try:
         await asyncio.wait_for(attempt.run(), timeout)
     except asyncio.TimeoutError:
@@ -179,7 +164,7 @@ async def read_header(
     policy = Policy(policy)
     if policy is Policy.SKIP:
         return None
-    attempt = await _attempt(reader, policy, timeout, parse_options)
+    attempt = await _attempt(reader, policy, timeout, core.HeaderScanner(**parse_options))
     assert attempt.outcome is not None
     if not decide(policy, attempt.outcome).serve:
         raise attempt.exception(timeout)
@@ -239,57 +224,21 @@ def _require_stream_internals(reader: Any) -> None:
 class _Acceptor:
     """The callback ``asyncio.start_server`` runs per connection: header first, then the user's."""
 
-    def __init__(
-        self,
-        client_connected_cb: ClientConnected,
-        *,
-        policy: Policy | str,
-        trusted: Any,
-        untrusted_policy: Policy | str,
-        header_timeout: float,
-        max_header_size: int,
-        verify_checksum: bool,
-        allow_v4_in_tcp6: bool,
-        policy_for: PolicyHook | None,
-        max_pending: int,
-        log_rate: float | None,
-    ) -> None:
+    def __init__(self, client_connected_cb: ClientConnected, settings: Settings) -> None:
         _require_stream_internals(asyncio.StreamReader())  # at start, not at the first connection
         self.callback = client_connected_cb
-        self.hook = policy_for
-        self.policy, self.untrusted_policy, self.trusted = adapter_settings(
-            policy=policy,
-            trusted=trusted,
-            untrusted_policy=untrusted_policy,
-            header_timeout=header_timeout,
-            max_header_size=max_header_size,
-            max_pending=max_pending,
-            log_rate=log_rate,
-        )
-        self.max_pending = max_pending
-        self.refusals = RefusalLog(logger, log_rate, later=call_later)
+        self.settings = settings
+        self.refusals = RefusalLog(logger, settings.log_rate, later=call_later)
         #: Writers of the connections whose header is not in yet, oldest first, and the one rule
         #: that evicts them (:class:`proxyproto.parking.Parking`, shared with aio_protocol).
         self.parking: Parking[asyncio.StreamWriter] = Parking(self.refusals, self.evict)
         self.pending = self.parking.waiting
         #: Writers closed by max_pending or the descriptor reserve: their reading task ends without a second line.
         self.evicted: set[asyncio.StreamWriter] = set()
-        self.timeout = header_timeout
-        self.options = {
-            "max_size": max_header_size,
-            "verify_checksum": verify_checksum,
-            "allow_v4_in_tcp6": allow_v4_in_tcp6,
-        }
-
-    def trust(self, peer: Any, writer: asyncio.StreamWriter) -> Trust:
-        """The connection's policy and whether its peer is trusted (the hook's answer, or the default rule)."""
-        if self.hook is not None:
-            return hook_trust(self.hook(peer, writer.get_extra_info("sockname")))
-        return connection_trust(self.policy, self.untrusted_policy, self.trusted, peer, writer.get_extra_info("socket"))
 
     def park(self, writer: asyncio.StreamWriter, peer: Any) -> None:
         """Count ``writer`` as waiting for its header; past max_pending or the descriptor reserve, close the oldest."""
-        self.parking.add(writer, peer, descriptor_of(writer.transport), self.max_pending)
+        self.parking.add(writer, peer, descriptor_of(writer.transport), self.settings.max_pending)
 
     def evict(self, writer: asyncio.StreamWriter) -> None:
         self.evicted.add(writer)
@@ -306,7 +255,7 @@ class _Acceptor:
     async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         try:
-            policy, trusted = self.trust(peer, writer)
+            policy, trusted = self.settings.trust(peer, writer.get_extra_info("socket"))
         except Exception as exc:  # a user's hook: its failure closes this connection, nothing else
             self.refusals.log(
                 logging.ERROR,
@@ -322,7 +271,7 @@ class _Acceptor:
         if policy is not Policy.SKIP:
             self.park(writer, peer)
             try:
-                attempt = await _attempt(reader, policy, self.timeout, self.options)
+                attempt = await _attempt(reader, policy, self.settings.header_timeout, self.settings.scanner())
             except OSError as exc:
                 if self.unpark(writer):  # (one closed by max_pending has had its line)
                     self.refusals.log(
@@ -344,7 +293,7 @@ class _Acceptor:
                     verdict.level,
                     "%s: closed: %s",
                     peer_text(peer),
-                    attempt.describe(self.timeout),
+                    attempt.describe(self.settings.header_timeout),
                     kind=kind_of(attempt.outcome),
                 )
                 writer.close()
@@ -358,7 +307,7 @@ class _Acceptor:
 
 def _tls_server_factory(
     client_connected_cb: ClientConnected,
-    knobs: dict[str, Any],
+    settings: Settings,
     ssl: _ssl.SSLContext,
     ssl_handshake_timeout: float | None,
     limit: int,
@@ -380,12 +329,11 @@ def _tls_server_factory(
         reader = asyncio.StreamReader(limit=limit, loop=loop)
         return asyncio.StreamReaderProtocol(reader, connected, loop=loop)
 
-    return wrap_protocol_factory(streams, ssl=ssl, ssl_handshake_timeout=ssl_handshake_timeout, **knobs)
+    return wrap_protocol_factory(streams, settings=settings, ssl=ssl, ssl_handshake_timeout=ssl_handshake_timeout)
 
 
 async def _serve(
     client_connected_cb: ClientConnected,
-    knobs: dict[str, Any],
     tls: dict[str, Any],
     kwargs: dict[str, Any],
     plain: Callable[..., Awaitable[asyncio.Server]],
@@ -393,18 +341,20 @@ async def _serve(
 ) -> asyncio.Server:
     """Listen with ``plain`` (asyncio's start_*server) or, given ``ssl``, ``create`` (the loop's create_*server)."""
     ssl, before, handshake_timeout = tls["ssl"], tls["ssl_before_header"], tls["ssl_handshake_timeout"]
+    knobs, kwargs = split_knobs(kwargs)
+    settings = settings_for(knobs.pop("settings", None), knobs)
     if ssl is not None and before is not None:
         raise ValueError(
             "ssl= (TLS negotiated after the PROXY header) and ssl_before_header= (TLS before it): give one"
         )
     if ssl is None:
-        acceptor = _Acceptor(client_connected_cb, **knobs)
+        acceptor = _Acceptor(client_connected_cb, settings)
         if before is not None:
             kwargs["ssl"] = before
         if handshake_timeout is not None:
             kwargs["ssl_handshake_timeout"] = handshake_timeout  # asyncio's: only with ssl_before_header
         return await plain(acceptor, **kwargs)
-    factory = _tls_server_factory(client_connected_cb, knobs, ssl, handshake_timeout, kwargs.pop("limit", _LIMIT))
+    factory = _tls_server_factory(client_connected_cb, settings, ssl, handshake_timeout, kwargs.pop("limit", _LIMIT))
     server = await create(asyncio.get_running_loop())(factory, **kwargs)
     close = server.close
 
@@ -421,16 +371,7 @@ async def start_server(
     host: Any = None,
     port: int | None = None,
     *,
-    policy: Policy | str = Policy.REQUIRE,
-    trusted: Any = DEFAULT_TRUSTED,
-    untrusted_policy: Policy | str = Policy.SKIP,
-    header_timeout: float = 10.0,
-    max_header_size: int = 4096,
-    verify_checksum: bool = True,
-    allow_v4_in_tcp6: bool = False,
-    policy_for: PolicyHook | None = None,
-    max_pending: int = 256,
-    log_rate: float | None = DEFAULT_LOG_RATE,
+    settings: Settings | None = None,
     ssl: _ssl.SSLContext | None = None,
     ssl_handshake_timeout: float | None = None,
     ssl_before_header: _ssl.SSLContext | None = None,
@@ -438,17 +379,14 @@ async def start_server(
 ) -> asyncio.Server:
     """``asyncio.start_server`` whose connections start with a PROXY header.
 
-    The knobs are the mixin's, without the ``proxy_`` prefix, with the same
-    defaults (``docs/configuration.rst``): ``trusted`` is ``"127.0.0.1,::1"``
-    (loopback only; ``"*"`` for every peer, ``""`` for none; None is
-    refused).  ``client_connected_cb`` gets ``(reader, writer)`` with
-    ``writer`` a :class:`ProxyStreamWriter`.  ``policy_for(peer, local)``,
-    when given, replaces ``policy``, ``trusted`` and ``untrusted_policy``
-    with a decision per connection (the mixin's ``proxy_policy_for`` hook).
-    ``max_pending`` (default 256, the mixin's ``proxy_max_pending``) caps
-    the connections whose header is still incomplete: past it the oldest is
-    closed and logged.  ``log_rate`` caps refusal lines per second (None: no
-    cap).
+    The knobs are docs/configuration.rst's, as keywords
+    (``trusted="10.0.0.0/8"``, ``max_pending=64``) or as one
+    :class:`~proxyproto.settings.Settings` (``settings=``, keywords on top):
+    ``trusted`` is ``"127.0.0.1,::1"`` by default (loopback only; ``"*"``
+    for every peer, ``""`` for none; None is refused); past ``max_pending``
+    connections waiting for their header the oldest is closed and logged.
+    ``client_connected_cb`` gets ``(reader, writer)`` with ``writer`` a
+    :class:`ProxyStreamWriter`.
 
     ``ssl``: an ``SSLContext`` negotiated *after* the header, as everywhere
     in proxyproto (haproxy's ``send-proxy`` in front of TLS passthrough),
@@ -461,27 +399,14 @@ async def start_server(
     (asyncio's own ``ssl=``: a TLS-terminating proxy in front that sends the
     header inside TLS); then ``ssl_handshake_timeout`` is asyncio's.  At most
     one of the two.  Other ``kwargs`` go to ``asyncio.start_server``
-    (``limit=``, ``backlog=``, ...).  Raises ``ValueError`` for an
-    ``untrusted_policy`` of USE or REQUIRE and for invalid knobs.
+    (``limit=``, ``backlog=``, ...).  Raises ``ValueError`` for an invalid
+    knob (an ``untrusted_policy`` of USE or REQUIRE included).
     """
-    knobs = {
-        "policy": policy,
-        "trusted": trusted,
-        "untrusted_policy": untrusted_policy,
-        "header_timeout": header_timeout,
-        "max_header_size": max_header_size,
-        "verify_checksum": verify_checksum,
-        "allow_v4_in_tcp6": allow_v4_in_tcp6,
-        "policy_for": policy_for,
-        "max_pending": max_pending,
-        "log_rate": log_rate,
-    }
     tls = {"ssl": ssl, "ssl_before_header": ssl_before_header, "ssl_handshake_timeout": ssl_handshake_timeout}
     return await _serve(
         client_connected_cb,
-        knobs,
         tls,
-        {"host": host, "port": port, **kwargs},
+        {"host": host, "port": port, "settings": settings, **kwargs},
         asyncio.start_server,
         lambda loop: loop.create_server,
     )
@@ -491,16 +416,7 @@ async def start_unix_server(
     client_connected_cb: ClientConnected,
     path: str | os.PathLike[str] | None = None,
     *,
-    policy: Policy | str = Policy.REQUIRE,
-    trusted: Any = DEFAULT_TRUSTED,
-    untrusted_policy: Policy | str = Policy.SKIP,
-    header_timeout: float = 10.0,
-    max_header_size: int = 4096,
-    verify_checksum: bool = True,
-    allow_v4_in_tcp6: bool = False,
-    policy_for: PolicyHook | None = None,
-    max_pending: int = 256,
-    log_rate: float | None = DEFAULT_LOG_RATE,
+    settings: Settings | None = None,
     ssl: _ssl.SSLContext | None = None,
     ssl_handshake_timeout: float | None = None,
     ssl_before_header: _ssl.SSLContext | None = None,
@@ -514,24 +430,11 @@ async def start_unix_server(
     under the process's umask), or when ``trusted`` says ``unix`` or ``"*"``;
     ``""`` trusts no one.  The mode is read per connection.
     """
-    knobs = {
-        "policy": policy,
-        "trusted": trusted,
-        "untrusted_policy": untrusted_policy,
-        "header_timeout": header_timeout,
-        "max_header_size": max_header_size,
-        "verify_checksum": verify_checksum,
-        "allow_v4_in_tcp6": allow_v4_in_tcp6,
-        "policy_for": policy_for,
-        "max_pending": max_pending,
-        "log_rate": log_rate,
-    }
     tls = {"ssl": ssl, "ssl_before_header": ssl_before_header, "ssl_handshake_timeout": ssl_handshake_timeout}
     return await _serve(
         client_connected_cb,
-        knobs,
         tls,
-        {"path": path, **kwargs},
+        {"path": path, "settings": settings, **kwargs},
         asyncio.start_unix_server,
         lambda loop: loop.create_unix_server,
     )

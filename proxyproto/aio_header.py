@@ -299,7 +299,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             self.reads = WaitingReads(factory.scanner(), None)  # no peek: reads sized by the scanner alone
         self.state = _WAITING
         factory.park(self)
-        self.timer = asyncio.get_running_loop().call_later(factory.header_timeout, self.expire)
+        self.timer = asyncio.get_running_loop().call_later(factory.settings.header_timeout, self.expire)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.release()
@@ -451,7 +451,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
                 verdict.level,
                 "%s: closed: %s",
                 peer_text(self.peer),
-                describe(policy, outcome, error, seen, factory.header_timeout),
+                describe(policy, outcome, error, seen, factory.settings.header_timeout),
                 kind=kind_of(outcome),
             )
             self.drop(abort=False)

@@ -35,7 +35,7 @@ import asyncio
 import logging
 import socket
 import ssl as _ssl
-from typing import Any, Callable, TypeVar, Union
+from typing import Any, Callable, TypeVar
 
 from . import reader as core
 from . import v2
@@ -52,11 +52,10 @@ from .aio_transport import (
 )
 from .errors import ProxyProtocolError
 from .parking import Parking, descriptor_of
-from .peers import connection_trust
-from .policy import Policy, Trust, hook_trust, peer_text
+from .policy import Policy, Trust, peer_text
 from .reader import HeaderScanner
-from .refusal_log import DEFAULT_LOG_RATE, KIND_POLICY_FOR, RefusalLog
-from .settings import DEFAULT_TRUSTED, adapter_settings
+from .refusal_log import KIND_POLICY_FOR, RefusalLog
+from .settings import PolicyHook, Settings, settings_for
 
 __all__ = [
     "HeaderProtocol",
@@ -77,8 +76,6 @@ logger = logging.getLogger("proxyproto")
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 _P = TypeVar("_P", bound=asyncio.BaseProtocol)
-#: ``policy_for(peer, local) -> Policy``: the mixin's ``proxy_policy_for`` hook, as a function.
-PolicyHook = Callable[[Any, Any], Union[Policy, str]]
 
 _AF_INET, _SOCK_STREAM = socket.AF_INET, socket.SOCK_STREAM
 # Enum members as module constants for the per-connection code: on CPython 3.11 an enum member's
@@ -118,48 +115,27 @@ class ProxyProtocolFactory:
         self,
         factory: ProtocolFactory,
         *,
-        policy: Policy | str = Policy.REQUIRE,
-        trusted: Any = DEFAULT_TRUSTED,
-        untrusted_policy: Policy | str = Policy.SKIP,
-        header_timeout: float = 10.0,
-        max_header_size: int = 4096,
-        verify_checksum: bool = True,
-        allow_v4_in_tcp6: bool = False,
-        max_pending: int = 256,
+        settings: Settings | None = None,
         ssl: _ssl.SSLContext | None = None,
         ssl_handshake_timeout: float | None = None,
-        policy_for: PolicyHook | None = None,
-        log_rate: float | None = DEFAULT_LOG_RATE,
+        **knobs: Any,
     ) -> None:
-        self.policy, self.untrusted_policy, self.trusted = adapter_settings(
-            policy=policy,
-            trusted=trusted,
-            untrusted_policy=untrusted_policy,
-            header_timeout=header_timeout,
-            max_header_size=max_header_size,
-            max_pending=max_pending,
-            log_rate=log_rate,
-        )
-        self.factory = factory
-        self.policy_for_hook = policy_for
-        if ssl is not None and policy_for is None:
-            for name, value in (("policy", self.policy), ("untrusted_policy", self.untrusted_policy)):
+        #: The knobs (:class:`~proxyproto.settings.Settings`): ``settings=`` with the keyword knobs on top.
+        self.settings = settings = settings_for(settings, knobs)
+        if ssl is not None and settings.policy_for is None:
+            for name, value in (("policy", settings.policy), ("untrusted_policy", settings.untrusted_policy)):
                 if value in (Policy.USE, Policy.IGNORE, Policy.REJECT):
                     instead = "REQUIRE (or SKIP)" if name == "policy" else "SKIP"
                     raise ValueError(
                         f"{name}={value.name} with ssl=: a stream that turns out to have no header would have "
                         f"lost its first bytes to the TLS layer; use {instead}"
                     )
-        self.header_timeout = float(header_timeout)
-        self.max_size = max_header_size
-        self.verify_checksum = verify_checksum
-        self.allow_v4_in_tcp6 = allow_v4_in_tcp6
-        self.max_pending = max_pending
+        self.factory = factory
         self.ssl = ssl
         #: Seconds for the TLS handshake after the header: ``header_timeout`` unless given (see
         #: :func:`wrap_protocol_factory`); the connection counts toward ``max_pending`` meanwhile.
-        self.ssl_handshake_timeout = handshake_timeout(ssl_handshake_timeout, self.header_timeout)
-        self.refusals = RefusalLog(logger, log_rate, later=call_later)
+        self.ssl_handshake_timeout = handshake_timeout(ssl_handshake_timeout, settings.header_timeout)
+        self.refusals = RefusalLog(logger, settings.log_rate, later=call_later)
         #: Connections not handed to their protocol yet, and the one rule that evicts them (max_pending,
         #: the descriptor reserve); :attr:`parked` is its dict (oldest first: dicts keep insertion order).
         self.parking: Parking[HeaderProtocol] = Parking(self.refusals, HeaderProtocol.abort)
@@ -170,7 +146,7 @@ class ProxyProtocolFactory:
         #: no TLS layer to leave bytes for and no user hook to call (those go through HeaderProtocol).
         self.inline = (
             ssl is None
-            and policy_for is None
+            and settings.policy_for is None
             and CAN_PEEK
             and type(self).policy_for is ProxyProtocolFactory.policy_for  # a subclass may decide otherwise
         )
@@ -190,12 +166,7 @@ class ProxyProtocolFactory:
         ``required``: every byte before the header's end may be read, since
         a stream without a header is closed or handed on with those bytes.
         """
-        return HeaderScanner(
-            max_size=self.max_size,
-            verify_checksum=self.verify_checksum,
-            allow_v4_in_tcp6=self.allow_v4_in_tcp6,
-            required=True,
-        )
+        return self.settings.scanner(required=True)
 
     def header_first(self, inner_class: type[_P]) -> type[_P]:
         """A subclass of ``inner_class`` whose ``connection_made`` reads the header first.
@@ -225,19 +196,17 @@ class ProxyProtocolFactory:
     def trust(self, peer: Any, transport: asyncio.BaseTransport) -> Trust:
         """The connection's policy, and whether its peer is trusted (only then is its header handed on).
 
-        The user's ``policy_for`` hook (or a subclass's :meth:`policy_for`)
-        answers a Policy, and its peer counts as trusted when that is REQUIRE
-        or USE (:func:`~proxyproto.policy.hook_trust`); else the default rule
-        (:func:`~proxyproto.policy.trust_for`), asking the socket itself for a
-        peer that is no IP tuple (a UNIX one: is the socket file world-writable?).
+        :meth:`proxyproto.settings.Settings.trust` decides, with a subclass's
+        :meth:`policy_for` as the hook when it overrides it (and no
+        ``policy_for`` knob was given).
         """
-        if self.policy_for_hook is not None:
-            return hook_trust(self.policy_for_hook(peer, transport.get_extra_info("sockname")))
-        if type(self).policy_for is not ProxyProtocolFactory.policy_for:
-            return hook_trust(self.policy_for(peer, transport))
-        return connection_trust(
-            self.policy, self.untrusted_policy, self.trusted, peer, transport.get_extra_info("socket")
-        )
+        hook = None
+        if self.settings.policy_for is None and type(self).policy_for is not ProxyProtocolFactory.policy_for:
+
+            def hook(peer: Any, local: Any) -> Policy | str:
+                return self.policy_for(peer, transport)
+
+        return self.settings.trust(peer, transport.get_extra_info("socket"), hook)
 
     def admit(self, peer: Any, transport: asyncio.BaseTransport) -> Trust | None:
         """:meth:`trust` for a new connection; None (logged) when it must close unserved.
@@ -300,7 +269,7 @@ class ProxyProtocolFactory:
         the streams adapter's rule too).  Only connections that wait come
         here, never one whose header was complete on arrival.
         """
-        self.parking.add(waiting, waiting.peer, descriptor_of(waiting.transport), self.max_pending)
+        self.parking.add(waiting, waiting.peer, descriptor_of(waiting.transport), self.settings.max_pending)
 
     def unpark(self, waiting: HeaderProtocol) -> None:
         self.parked.pop(waiting, None)
@@ -321,73 +290,64 @@ def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) ->
                 transport.set_protocol(reading)  # every byte is the header's, then the TLS layer's
             reading.connection_made(transport)
             return
-        # What HeaderProtocol.connection_made, factory.policy_for, peek_complete_header and
-        # serve do, written out for the case of every connection from a real proxy: a trusted
-        # peer (REQUIRE or USE) whose whole header is in the socket already.  This runs per
-        # connection, so no call or object is made here that this case does not need (the
-        # figures are in bench/README.md).  Anything else goes to a HeaderProtocol with
-        # nothing consumed; tests/aio/test_header_first_inline.py holds the two paths to the
-        # same answers.
+        # What HeaderProtocol.connection_made, peek_complete_header and serve do, written out
+        # for the case of every connection from a real proxy: a trusted peer (REQUIRE or USE)
+        # whose whole header is in the socket already.  This runs per connection, so no call
+        # or object is made here that this case does not need (bench/README.md).  Anything
+        # else goes to a HeaderProtocol with nothing consumed; the contract suite and
+        # tests/aio/test_header_first_inline.py hold the two paths to the same answers.
         peer = transport.get_extra_info("peername")
-        trusted = factory.trusted
-        if not isinstance(peer, tuple):
-            policy = factory.policy_for(peer, transport)  # a UNIX peer, or one the loop could not tell
-        elif trusted is None:
-            policy = factory.policy
-        else:  # factory.policy_for, inline for an IP peer
-            host = peer[0]
-            verdict = trusted.verdicts.get(host)  # TrustedNetworks' memory of this peer, without a call
-            policy = factory.policy if (host in trusted if verdict is None else verdict) else factory.untrusted_policy
-        if policy is _REQUIRE or policy is _USE:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                # aio_header.borrow(peer, sock), without its call (the family is only a label to recv)
-                peek = _socket_object(_AF_INET, _SOCK_STREAM, 0, sock.fileno())
+        sock = transport.get_extra_info("socket")
+        settings = factory.settings
+        policy = settings.trust(peer, sock).policy
+        if (policy is _REQUIRE or policy is _USE) and sock is not None:
+            # aio_header.borrow(peer, sock), without its call (the family is only a label to recv)
+            peek = _socket_object(_AF_INET, _SOCK_STREAM, 0, sock.fileno())
+            try:
+                got = peek.recv(_INLINE_PEEK, PEEK_FLAGS)
+            except OSError:
+                got = b""  # nothing yet, or an error the transport reports itself
+            header = None
+            if got:
                 try:
-                    got = peek.recv(_INLINE_PEEK, PEEK_FLAGS)
+                    if got[0] == 0x0D:  # v2 (parse() would dispatch there, one call deeper)
+                        header = match_v2(got, settings.max_header_size, settings.verify_checksum)
+                    else:
+                        header = parse(
+                            got,
+                            max_size=settings.max_header_size,
+                            verify_checksum=settings.verify_checksum,
+                            allow_v4_in_tcp6=settings.allow_v4_in_tcp6,
+                        )
+                except ProxyProtocolError:
+                    pass  # the HeaderProtocol says what is wrong, and closes
+            if header is not None:
+                size = header.length
+                try:
+                    taken = peek.recv(size, READ_FLAGS)  # exactly the header: the rest is the transport's
                 except OSError:
-                    got = b""  # nothing yet, or an error the transport reports itself
-                header = None
-                if got:
-                    try:
-                        if got[0] == 0x0D:  # v2 (parse() would dispatch there, one call deeper)
-                            header = match_v2(got, factory.max_size, factory.verify_checksum)
-                        else:
-                            header = parse(
-                                got,
-                                max_size=factory.max_size,
-                                verify_checksum=factory.verify_checksum,
-                                allow_v4_in_tcp6=factory.allow_v4_in_tcp6,
-                            )
-                    except ProxyProtocolError:
-                        pass  # the HeaderProtocol says what is wrong, and closes
-                if header is not None:
-                    size = header.length
-                    try:
-                        taken = peek.recv(size, READ_FLAGS)  # exactly the header: the rest is the transport's
-                    except OSError:
-                        taken = b""
-                    if len(taken) == size:
-                        peek.detach()
-                        extra = proxy_extra(transport, policy, header, peer, sock)
-                        # No TLS on this transport (none follows the header: factory.ssl is None, and
-                        # one under it would have swallowed the header): answered here, not by a
-                        # miss that asks the real transport (uvicorn asks per connection).
-                        extra["sslcontext"] = ABSENT
-                        for name, value in factory.trusted_overrides:  # REQUIRE and USE: a trusted peer
-                            setattr(self, name, value)
-                        inner_connection_made(self, ProxyTransport(transport, extra))
-                        return
-                    # A stream socket gives what a peek just showed; should it not, nothing is lost.
-                    reading = HeaderProtocol(factory, self, inner_connection_made)
-                    reading.transport, reading.peer, reading.policy = transport, peer, policy
-                    reading.trusted = True  # REQUIRE and USE: only a trusted peer's (check_untrusted_policy)
-                    scanner = factory.scanner()
-                    scanner.feed(taken)
-                    reading.reads = WaitingReads(scanner, peek)
-                    reading.wait()
+                    taken = b""
+                if len(taken) == size:
+                    peek.detach()
+                    extra = proxy_extra(transport, policy, header, peer, sock)
+                    # No TLS on this transport (none follows the header: factory.ssl is None, and
+                    # one under it would have swallowed the header): answered here, not by a
+                    # miss that asks the real transport (uvicorn asks per connection).
+                    extra["sslcontext"] = ABSENT
+                    for name, value in factory.trusted_overrides:  # REQUIRE and USE: a trusted peer
+                        setattr(self, name, value)
+                    inner_connection_made(self, ProxyTransport(transport, extra))
                     return
-                peek.detach()
+                # A stream socket gives what a peek just showed; should it not, nothing is lost.
+                reading = HeaderProtocol(factory, self, inner_connection_made)
+                reading.transport, reading.peer, reading.policy = transport, peer, policy
+                reading.trusted = True  # REQUIRE and USE without a hook: only a trusted peer's
+                scanner = factory.scanner()
+                scanner.feed(taken)
+                reading.reads = WaitingReads(scanner, peek)
+                reading.wait()
+                return
+            peek.detach()
         # Anything else, with nothing consumed: a HeaderProtocol decides it from the start.
         HeaderProtocol(factory, self, inner_connection_made).connection_made(transport)
 
@@ -399,36 +359,23 @@ def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) ->
 def wrap_protocol_factory(
     factory: ProtocolFactory,
     *,
-    policy: Policy | str = Policy.REQUIRE,
-    trusted: Any = DEFAULT_TRUSTED,
-    untrusted_policy: Policy | str = Policy.SKIP,
-    header_timeout: float = 10.0,
-    max_header_size: int = 4096,
-    verify_checksum: bool = True,
-    allow_v4_in_tcp6: bool = False,
-    max_pending: int = 256,
+    settings: Settings | None = None,
     ssl: _ssl.SSLContext | None = None,
     ssl_handshake_timeout: float | None = None,
-    policy_for: PolicyHook | None = None,
-    log_rate: float | None = DEFAULT_LOG_RATE,
+    **knobs: Any,
 ) -> ProxyProtocolFactory:
     """A protocol factory for ``loop.create_server`` / ``create_unix_server`` that reads the header first.
 
     ``factory`` makes the inner protocol (any ``asyncio.Protocol`` or
     ``BufferedProtocol``: a plain one, ``StreamReaderProtocol``, a web
     server's); it is called once the header is in, and only for connections
-    that are served.  The knobs are the socketserver mixin's, without the
-    ``proxy_`` prefix (DESIGN.md): ``policy`` for trusted peers,
-    ``trusted`` (default ``"127.0.0.1,::1"``, loopback only; networks, a
-    string like ``"10.0.0.0/8, 127.0.0.1"``, ``"*"`` for every peer, ``""``
-    for none; UNIX-socket peers only behind a socket file that is not
-    world-writable, unless it holds ``unix``; None is refused),
-    ``untrusted_policy`` (SKIP, IGNORE or REJECT),
-    ``header_timeout`` (seconds for the whole header), ``max_header_size``,
-    ``verify_checksum``, ``allow_v4_in_tcp6``, ``max_pending`` (connections
-    waiting for their header; past it the oldest is closed), ``policy_for``
-    (``(peer, local) -> Policy``, replaces the three trust knobs) and
-    ``log_rate`` (refusal lines per second).
+    that are served.  The knobs are docs/configuration.rst's, as keywords
+    (``trusted="10.0.0.0/8"``, ``header_timeout=5``) or as one
+    :class:`~proxyproto.settings.Settings` (``settings=``, the keywords on
+    top): ``trusted`` defaults to ``"127.0.0.1,::1"`` (loopback only; ``"*"``
+    for every peer, ``""`` for none; UNIX-socket peers only behind a socket
+    file that is not world-writable, unless it holds ``unix``; None is
+    refused).
 
     ``ssl``: an ``SSLContext`` to negotiate *after* the header; do not pass
     ``ssl=`` to ``create_server`` as well.  With it, the policies that look at
@@ -446,20 +393,8 @@ def wrap_protocol_factory(
     is used as it is (a finite number above 0).  A connection counts toward
     ``max_pending`` until its handshake is done.
 
-    Raises ``ValueError`` for an invalid knob.
+    Raises ``ValueError`` for an invalid knob, ``TypeError`` for an unknown one.
     """
     return ProxyProtocolFactory(
-        factory,
-        policy=policy,
-        trusted=trusted,
-        untrusted_policy=untrusted_policy,
-        header_timeout=header_timeout,
-        max_header_size=max_header_size,
-        verify_checksum=verify_checksum,
-        allow_v4_in_tcp6=allow_v4_in_tcp6,
-        max_pending=max_pending,
-        ssl=ssl,
-        ssl_handshake_timeout=ssl_handshake_timeout,
-        policy_for=policy_for,
-        log_rate=log_rate,
+        factory, settings=settings, ssl=ssl, ssl_handshake_timeout=ssl_handshake_timeout, **knobs
     )

@@ -27,10 +27,8 @@ from typing import Any
 # Without aiohttp installed (a [test]-only install), mypy sees Any here.
 from aiohttp import web  # type: ignore[import-not-found,unused-ignore]
 
-from .aio_protocol import PolicyHook, ProxyProtocolFactory, wrap_protocol_factory
-from .policy import Policy
-from .refusal_log import DEFAULT_LOG_RATE
-from .settings import DEFAULT_TRUSTED
+from .aio_protocol import ProxyProtocolFactory, wrap_protocol_factory
+from .settings import Settings
 
 __all__ = ["ProxyTCPSite"]
 
@@ -59,16 +57,11 @@ def _require_site_slots() -> None:
 class ProxyTCPSite(web.TCPSite):  # type: ignore[misc,unused-ignore]
     """``web.TCPSite`` for a backend behind a PROXY-protocol proxy.
 
-    Takes ``web.TCPSite``'s arguments and the knobs of
-    :func:`proxyproto.aio.start_server` (the socketserver mixin's ``proxy_*``
-    attributes without the prefix, with their defaults: ``docs/configuration.rst``):
-    ``policy`` (REQUIRE), ``trusted`` (``"127.0.0.1,::1"``: loopback only;
-    networks, ``"10.0.0.0/8,127.0.0.1"``, ``"*"`` for every peer, ``""`` for
-    none; None is refused), ``untrusted_policy`` (SKIP), ``header_timeout``
-    (10 s), ``max_header_size`` (4096), ``verify_checksum``,
-    ``allow_v4_in_tcp6``, ``max_pending`` (256 connections waiting for their
-    header; past it the oldest is closed), ``policy_for`` (``(peer, local)
-    -> Policy``, replaces the three trust knobs) and ``log_rate``.
+    Takes ``web.TCPSite``'s arguments and the knobs of docs/configuration.rst,
+    as keywords or as one :class:`~proxyproto.settings.Settings`
+    (``settings=``, keywords on top): ``trusted`` is ``"127.0.0.1,::1"`` by
+    default (loopback only; networks, ``"10.0.0.0/8,127.0.0.1"``, ``"*"``
+    for every peer, ``""`` for none; None is refused).
     ``ssl_context`` (aiohttp's spelling of ``ssl``) is negotiated after
     the header, within ``ssl_handshake_timeout`` (default: ``header_timeout``).  Invalid knobs raise ``ValueError``
     here, before anything is bound.  :meth:`stop` (and so
@@ -82,21 +75,13 @@ class ProxyTCPSite(web.TCPSite):  # type: ignore[misc,unused-ignore]
         host: str | None = None,
         port: int | None = None,
         *,
-        policy: Policy | str = Policy.REQUIRE,
-        trusted: Any = DEFAULT_TRUSTED,
-        untrusted_policy: Policy | str = Policy.SKIP,
-        header_timeout: float = 10.0,
-        max_header_size: int = 4096,
-        verify_checksum: bool = True,
-        allow_v4_in_tcp6: bool = False,
-        max_pending: int = 256,
-        log_rate: float | None = DEFAULT_LOG_RATE,
-        policy_for: PolicyHook | None = None,
+        settings: Settings | None = None,
         ssl_context: ssl.SSLContext | None = None,
         ssl_handshake_timeout: float | None = None,
         backlog: int = 128,
         reuse_address: bool | None = None,
         reuse_port: bool | None = None,
+        **knobs: Any,
     ) -> None:
         _require_site_slots()
         super().__init__(
@@ -112,19 +97,7 @@ class ProxyTCPSite(web.TCPSite):  # type: ignore[misc,unused-ignore]
         assert server is not None  # BaseSite.__init__ refuses a runner that is not set up
         #: The wrapped protocol factory: ``proxy_factory.pending`` counts connections waiting for a header.
         self.proxy_factory: ProxyProtocolFactory = wrap_protocol_factory(
-            server,
-            policy=policy,
-            trusted=trusted,
-            untrusted_policy=untrusted_policy,
-            header_timeout=header_timeout,
-            max_header_size=max_header_size,
-            verify_checksum=verify_checksum,
-            allow_v4_in_tcp6=allow_v4_in_tcp6,
-            max_pending=max_pending,
-            ssl=ssl_context,
-            ssl_handshake_timeout=ssl_handshake_timeout,
-            policy_for=policy_for,
-            log_rate=log_rate,
+            server, settings=settings, ssl=ssl_context, ssl_handshake_timeout=ssl_handshake_timeout, **knobs
         )
 
     async def start(self) -> None:

@@ -39,10 +39,8 @@ import types
 from collections.abc import Awaitable
 from typing import Any, Callable, Literal
 
-from .aio_protocol import PolicyHook, ProxyProtocolFactory, wrap_protocol_factory
-from .policy import Policy
-from .refusal_log import DEFAULT_LOG_RATE
-from .settings import DEFAULT_TRUSTED
+from .aio_protocol import ProxyProtocolFactory, wrap_protocol_factory
+from .settings import Settings, settings_for
 
 __all__ = ["serve"]
 
@@ -53,28 +51,18 @@ async def serve(
     *,
     shutdown_trigger: Callable[..., Awaitable[Any]] | None = None,
     mode: Literal["asgi", "wsgi"] | None = None,
-    policy: Policy | str = Policy.REQUIRE,
-    trusted: Any = DEFAULT_TRUSTED,
-    untrusted_policy: Policy | str = Policy.SKIP,
-    header_timeout: float = 10.0,
-    max_header_size: int = 4096,
-    verify_checksum: bool = True,
-    allow_v4_in_tcp6: bool = False,
-    max_pending: int = 256,
-    log_rate: float | None = DEFAULT_LOG_RATE,
-    policy_for: PolicyHook | None = None,
+    settings: Settings | None = None,
+    **knobs: Any,
 ) -> None:
     """``hypercorn.asyncio.serve(app, config)`` behind a PROXY-protocol proxy.
 
     ``app``, ``config``, ``shutdown_trigger`` and ``mode`` are hypercorn's.
-    The other knobs are those of :func:`proxyproto.aio.start_server` (the
-    socketserver mixin's ``proxy_*`` attributes without the prefix, with
-    their defaults: ``docs/configuration.rst``); ``trusted`` defaults to
-    ``"127.0.0.1,::1"`` (loopback only) and takes networks,
-    ``"10.0.0.0/8,127.0.0.1"``, ``"*"`` for every peer or ``""`` for none
-    (None is refused); ``policy_for(peer, local) -> Policy`` replaces the
-    three trust knobs with a decision per connection.  Invalid knobs raise
-    ``ValueError`` before anything is bound.  ``config`` is not modified.
+    The other knobs are docs/configuration.rst's, as keywords or as one
+    :class:`~proxyproto.settings.Settings` (``settings=``, keywords on
+    top); ``trusted`` defaults to ``"127.0.0.1,::1"`` (loopback only) and
+    takes networks, ``"10.0.0.0/8,127.0.0.1"``, ``"*"`` for every peer or
+    ``""`` for none (None is refused).  Invalid knobs raise ``ValueError``
+    before anything is bound.  ``config`` is not modified.
     With certificates in ``config``, TLS is negotiated after the header,
     within ``header_timeout`` unless ``config.ssl_handshake_timeout`` was
     set (hypercorn's own default, 60 s, is not used for it).
@@ -82,19 +70,7 @@ async def serve(
     from hypercorn.asyncio import serve as hypercorn_serve  # type: ignore[import-not-found,unused-ignore]
 
     run = _serve_with_own_start_server(hypercorn_serve)  # RuntimeError, before binding, if hypercorn changed
-    knobs: dict[str, Any] = {
-        "policy": policy,
-        "trusted": trusted,
-        "untrusted_policy": untrusted_policy,
-        "header_timeout": header_timeout,
-        "max_header_size": max_header_size,
-        "verify_checksum": verify_checksum,
-        "allow_v4_in_tcp6": allow_v4_in_tcp6,
-        "max_pending": max_pending,
-        "log_rate": log_rate,
-        "policy_for": policy_for,
-    }
-    wrap_protocol_factory(asyncio.Protocol, **knobs)  # checks the knobs now, before binding
+    chosen = settings_for(settings, knobs)  # the knobs checked now, before binding
     handshake_set = "ssl_handshake_timeout" in vars(config)  # set on the instance, not hypercorn's default
     sockets = config.create_sockets()
     listeners = {id(sock) for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]}
@@ -125,7 +101,7 @@ async def serve(
             # hypercorn passes its config's value, 60 s unless set: only a value the user set
             # replaces the wrapper's default (header_timeout).
             ssl_handshake_timeout=handshake_timeout if handshake_set else None,
-            **knobs,
+            settings=chosen,
         )
         factories.append(factory)
         return _Listener(await loop.create_server(factory, host, port, **kwargs), factory)

@@ -1,6 +1,6 @@
 """What the real socket under a connection is: its family, and who may connect to a UNIX one.
 
-The policy layer decides trust (:func:`proxyproto.policy.trust_for`) from
+The settings decide trust (:meth:`proxyproto.settings.Settings.trust`) from
 facts about the socket that only I/O can tell; this module tells them, the
 same way for every adapter:
 
@@ -21,9 +21,9 @@ import socket
 import stat
 from typing import Any
 
-from .policy import UNIX_OPEN, UNIX_RESTRICTED, Address, Policy, Trust, TrustedNetworks, trust_for
+from .policy import UNIX_OPEN, UNIX_RESTRICTED
 
-__all__ = ["connection_trust", "socket_family", "unix_access"]
+__all__ = ["socket_family", "unix_access"]
 
 _AF_UNIX = getattr(socket, "AF_UNIX", None)
 _SO_DOMAIN = getattr(socket, "SO_DOMAIN", None)
@@ -76,17 +76,3 @@ def unix_access(sock: Any, family: int | None = None) -> str | None:
     if not stat.S_ISSOCK(mode) or mode & stat.S_IWOTH:
         return UNIX_OPEN
     return UNIX_RESTRICTED
-
-
-def connection_trust(
-    policy: Policy, untrusted_policy: Policy, trusted: TrustedNetworks | None, peer: Address, sock: Any
-) -> Trust:
-    """:func:`~proxyproto.policy.trust_for` for a connection from ``peer`` on ``sock`` (no user hook).
-
-    An IP tuple only ever comes from an IP socket, so a tuple ``peer`` costs
-    no system call; any other (a UNIX peer, or an IP peer the loop could not
-    tell) asks the socket itself.
-    """
-    if type(peer) is tuple:
-        return trust_for(policy, untrusted_policy, trusted, peer, None)
-    return trust_for(policy, untrusted_policy, trusted, peer, None if sock is None else unix_access(sock))

@@ -33,13 +33,11 @@ __all__ = [
     "Trust",
     "TrustedNetworks",
     "Verdict",
-    "check_untrusted_policy",
     "client_address_of",
     "decide",
     "describe",
     "hook_trust",
     "peer_text",
-    "policy_named",
     "refusal",
     "served_address",
     "trust_for",
@@ -147,26 +145,6 @@ def peer_text(peer: Address) -> str:
     return f"unix:{peer!r}" if peer else "unix:(unnamed)"
 
 
-def policy_named(setting: str, value: Policy | str) -> Policy:
-    """``value`` as a Policy; a ValueError naming ``setting`` and the choices when it is none."""
-    try:
-        return Policy(value)
-    except ValueError:
-        choices = ", ".join(policy.name for policy in Policy)
-        raise ValueError(f"{setting}: {value!r} is not a policy (one of {choices})") from None
-
-
-def check_untrusted_policy(value: Policy | str) -> Policy:
-    """``proxy_untrusted_policy`` as a Policy; ValueError for USE and REQUIRE (and unknown names)."""
-    policy = policy_named("proxy_untrusted_policy", value)
-    if policy is Policy.USE or policy is Policy.REQUIRE:
-        raise ValueError(
-            "proxy_untrusted_policy: USE and REQUIRE would let untrusted peers set their address; "
-            "use SKIP, IGNORE or REJECT"
-        )
-    return policy
-
-
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
@@ -196,8 +174,7 @@ class TrustedNetworks:
     ``--forwarded-allow-ips`` take (``"10.0.0.0/8, 127.0.0.1"``); ``"*"``
     means every peer.  An empty string trusts no one.  An IPv4-mapped peer
     (``::ffff:10.1.2.3``, as a dual-stack socket reports IPv4 clients)
-    matches its IPv4 network.  Anything unreadable raises ``ValueError``
-    naming ``proxy_trusted``.
+    matches its IPv4 network.  Anything unreadable raises ``ValueError``.
 
     UNIX-socket peers (``unix``): :data:`UNIX_ANY` when the list holds the
     token ``unix`` or ``"*"`` (every peer of every UNIX socket);
@@ -236,9 +213,9 @@ class TrustedNetworks:
                 try:
                     parsed.append(ipaddress.ip_network(network.strip(), strict=False))
                 except ValueError as exc:
-                    raise ValueError(f"proxy_trusted: cannot read {network!r} as an IP network: {exc}") from None
+                    raise ValueError(f"cannot read {network!r} as an IP network: {exc}") from None
             else:
-                raise ValueError(f"proxy_trusted: cannot read {network!r} as an IP network")
+                raise ValueError(f"cannot read {network!r} as an IP network")
         self.networks = tuple(parsed)
         if unix == UNIX_NONE and parsed:
             unix = UNIX_RESTRICTED
@@ -272,9 +249,27 @@ class TrustedNetworks:
                 return True
         return any(address in network for network in self.networks)
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TrustedNetworks):
+            return NotImplemented
+        return self.networks == other.networks and self.unix == other.unix
+
+    def __hash__(self) -> int:
+        return hash((self.networks, self.unix))
+
+    def names(self) -> list[str]:
+        """The networks as text, and ``unix`` when every UNIX-socket peer is trusted."""
+        return [str(network) for network in self.networks] + (["unix"] if self.unix == UNIX_ANY else [])
+
+    def describe(self) -> str:
+        """The list for a log line: ``127.0.0.1/32, ::1/128``, ``every peer`` or ``no peer``."""
+        names = self.names()
+        if {"0.0.0.0/0", "::/0", "unix"} <= set(names):
+            return "every peer"
+        return ", ".join(names) or "no peer"
+
     def __repr__(self) -> str:
-        names = [str(network) for network in self.networks] + (["unix"] if self.unix == UNIX_ANY else [])
-        return f"TrustedNetworks({names!r})"
+        return f"TrustedNetworks({self.names()!r})"
 
 
 class Trust(NamedTuple):

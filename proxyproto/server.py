@@ -29,10 +29,9 @@ from typing import Any, Callable
 
 from . import waiting
 from .header import ProxyHeader
-from .peers import unix_access
-from .policy import Policy, Trust, hook_trust, peer_text
+from .policy import Policy, Trust, peer_text
 from .refusal_log import DEFAULT_LOG_RATE, KIND_POLICY_FOR, KIND_TLS, RefusalLog
-from .settings import DEFAULT_TRUSTED, TrustSettings, check_setting, check_settings
+from .settings import DEFAULT_TRUSTED, LiveSettings, check_attributes, check_setting
 from .waiting import WaitingRoom
 
 __all__ = [
@@ -60,18 +59,18 @@ def _public_accept(listener: socket.socket) -> tuple[int, Any]:
 _ACCEPT: Callable[[socket.socket], tuple[int, Any]] = getattr(socket.socket, "_accept", None) or _public_accept
 _getdefaulttimeout = socket.getdefaulttimeout
 
-#: The settings checked when the listener is activated and whenever one is set on an instance.
-SETTINGS = (
-    "proxy_policy",
-    "proxy_trusted",
-    "proxy_untrusted_policy",
-    "proxy_header_timeout",
-    "proxy_max_header_size",
-    "proxy_max_pending",
-    "proxy_log_rate",
+#: The knobs the mixin has as ``proxy_*`` attributes (every one but ``policy_for``, a method here).
+KNOBS = (
+    "policy",
+    "trusted",
+    "untrusted_policy",
+    "header_timeout",
+    "max_header_size",
+    "verify_checksum",
+    "allow_v4_in_tcp6",
+    "max_pending",
+    "log_rate",
 )
-#: Read live where they are used; re-checked whenever one changes (see TrustSettings).
-_LIVE_CHECKED = SETTINGS[3:]
 
 Address = Any  # what socket.accept() gives: a tuple for IP families, str or bytes for AF_UNIX
 
@@ -123,8 +122,8 @@ class ProxyProtocolMixin:
 
     #: While serving: the connections waiting for their header (made when serving starts).
     _pp_room: WaitingRoom | None = None
-    #: While serving: proxy_policy, proxy_trusted and proxy_untrusted_policy, parsed, re-read per connection.
-    _pp_trust: TrustSettings | None = None
+    #: While serving: the proxy_* attributes as a Settings, re-read per connection.
+    _pp_settings: LiveSettings | None = None
 
     # socketserver attributes the mixin relies on (declared for type checkers).
     socket: socket.socket
@@ -145,15 +144,11 @@ class ProxyProtocolMixin:
         override's peer counts as trusted (its header reaches the handler)
         when it answers REQUIRE or USE (:func:`proxyproto.policy.hook_trust`).
         """
-        settings = self._pp_trust or TrustSettings()
-        settings.refresh(self)
-        if settings.error is not None:
-            raise settings.error
-        return self._pp_default_trust(settings, peer).policy
-
-    def _pp_default_trust(self, settings: TrustSettings, peer: Address) -> Trust:
-        """``proxy_trusted``'s decision for ``peer``: a UNIX peer's asks the listening socket's mode."""
-        return settings.trust(peer, None if type(peer) is tuple else unix_access(self.socket))
+        live = self._pp_settings or LiveSettings(KNOBS)
+        live.refresh(self)
+        if live.error is not None:
+            raise live.error
+        return live.current.trust(peer, self.socket).policy
 
     # -- configuration -----------------------------------------------------------------
 
@@ -170,7 +165,7 @@ class ProxyProtocolMixin:
 
     def server_activate(self) -> None:
         """Check the ``proxy_*`` settings before listening, so a mistake surfaces in the constructor."""
-        check_settings(self, SETTINGS)
+        check_attributes(self, KNOBS)
         super().server_activate()  # type: ignore[misc]
 
     # -- socketserver hooks ----------------------------------------------------------
@@ -217,7 +212,7 @@ class ProxyProtocolMixin:
         super().service_actions()  # type: ignore[misc]
         room = self._pp_room
         if room is not None:
-            room.tidy(self.proxy_log_rate)
+            room.tidy(room.live.current.log_rate)
 
     def collect_children(self, *, blocking: bool = False) -> None:
         """Reap children as ``ForkingMixIn`` does, but never block the loop at ``max_children``.
@@ -262,7 +257,7 @@ class ProxyProtocolMixin:
         """Run the handler; in a forked child, first drop the parent's connections; wrap TLS."""
         room = self._pp_room
         if room is not None and room.generation != waiting.fork_generation:
-            self._pp_room = self._pp_trust = None
+            self._pp_room = self._pp_settings = None
             room.close(keep=request)  # the parent's connections, not this child's own
         listener = self.socket
         ssl = None if type(listener) is socket.socket else sys.modules.get("ssl")
@@ -280,7 +275,7 @@ class ProxyProtocolMixin:
     def server_close(self) -> None:
         """Close the listener as socketserver does, and every connection still held."""
         room = self._pp_room
-        self._pp_room = self._pp_trust = None
+        self._pp_room = self._pp_settings = None
         if room is not None:
             room.close()
         super().server_close()  # type: ignore[misc]
@@ -289,18 +284,17 @@ class ProxyProtocolMixin:
 
     def _pp_start(self) -> WaitingRoom:
         """Validate the configuration and open the waiting room, listener registered (when serving starts)."""
-        check_settings(self, SETTINGS)  # ValueError naming the setting
+        check_attributes(self, KNOBS)  # ValueError naming the attribute
         if self.socket.type != socket.SOCK_STREAM:
             raise TypeError(
                 "ProxyProtocolMixin needs a stream socket; for UDP use proxyproto.ProxyUDPServer, "
                 "ThreadingProxyUDPServer or ProxyDatagramMixin"
             )
-        trust = TrustSettings(_LIVE_CHECKED)
-        trust.refresh(self)
-        log = RefusalLog(logger, DEFAULT_LOG_RATE)
-        log.rate = self.proxy_log_rate
-        room = WaitingRoom(self, self._pp_accept, log)
-        self._pp_trust = trust
+        live = LiveSettings(KNOBS)
+        live.refresh(self)
+        log = RefusalLog(logger, live.current.log_rate)
+        room = WaitingRoom(self, self._pp_accept, log, live)
+        self._pp_settings = live
         self._pp_room = room
         return room
 
@@ -323,30 +317,30 @@ class ProxyProtocolMixin:
         if timeout is None and listener.gettimeout():
             sock.setblocking(True)
         sock.proxy_header = None
-        settings = self._pp_trust
-        assert settings is not None
-        if settings.refresh(self) or settings.reported:
-            # Trust changed since the last connection (or was broken): never keep serving
+        live = self._pp_settings
+        assert live is not None
+        if live.refresh(self) or live.reported:
+            # The settings changed since the last connection (or were broken): never keep serving
             # with the old values, never trust an untrusted peer because of a bad new one.
-            if not settings.usable("closing every new connection", "serving connections"):
+            if not live.usable("closing every new connection", "serving connections"):
                 return sock, peer, None, timeout
         # Whether proxy_policy_for is overridden is asked per connection: a hook assigned on
         # the instance or the class while serving must take effect, like every other setting.
+        hook = None
         if type(self).proxy_policy_for is not _DEFAULT_POLICY_FOR or "proxy_policy_for" in self.__dict__:
-            try:
-                trust = hook_trust(self.proxy_policy_for(peer, sock.getsockname()))
-            except Exception as exc:  # a user's hook: its failure closes this connection, never the loop
-                room.log.log(
-                    logging.ERROR,
-                    "%s: closed: proxy_policy_for failed: %s: %s",
-                    peer_text(peer),
-                    type(exc).__name__,
-                    exc,
-                    kind=KIND_POLICY_FOR,
-                )
-                return sock, peer, None, timeout
-        else:  # proxy_policy_for's default, without the call
-            trust = self._pp_default_trust(settings, peer)
+            hook = self.proxy_policy_for
+        try:
+            trust = live.current.trust(peer, sock, hook)
+        except Exception as exc:  # a user's hook: its failure closes this connection, never the loop
+            room.log.log(
+                logging.ERROR,
+                "%s: closed: proxy_policy_for failed: %s: %s",
+                peer_text(peer),
+                type(exc).__name__,
+                exc,
+                kind=KIND_POLICY_FOR,
+            )
+            return sock, peer, None, timeout
         return sock, peer, trust, timeout
 
 

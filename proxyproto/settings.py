@@ -1,21 +1,20 @@
-"""The ``proxy_*`` settings of the server mixins: checked where they are set, noticed when they change.
+"""The knobs of a listener as one frozen, checked value: :class:`Settings`, where trust is decided.
 
-A server's configuration is a set of class attributes, overridable per
-subclass or instance, as ``socketserver`` does it, and DESIGN.md promises
-that a change made at any time (while ``serve_forever`` runs in another
-thread included) takes effect from the next connection.  Trust is where a
-silently ignored change hurts: a ``proxy_trusted`` narrowed while serving
-must never leave an untrusted peer able to set its address.  So:
+Every adapter holds a :class:`Settings`.  It is built, and every knob is
+checked, in one place whatever the source:
 
-* :func:`check_setting` refuses an invalid value where it is set (the mixins
-  call it from ``__setattr__`` and when the listener is activated);
-* :class:`TrustSettings` holds what is derived from the three trust
-  settings (the parsed networks) and rebuilds it whenever one of them is no
-  longer the object, or no longer equal to the copy, it was built from: a
-  list changed in place is noticed too.  A value that became invalid behind
-  its back (set on the class, which ``__setattr__`` cannot see) leaves it in
-  an error state that the mixin logs once and answers by closing every new
-  connection until the value is fixed.
+* keyword arguments (``start_server(..., trusted="10.0.0.0/8")``,
+  :func:`settings_for`), errors naming the knob (``trusted: ...``);
+* the ``proxy_*`` class attributes of the socketserver mixins
+  (:class:`LiveSettings`, re-read per connection as DESIGN.md decides:
+  a change made while serving takes effect from the next connection),
+  errors naming the attribute (``proxy_trusted: ...``);
+* the environment (:func:`settings_from_environment`, what
+  ``proxyproto.uvicorn`` reads), errors naming the variable.
+
+:meth:`Settings.trust` is the library's only trust decision: a user's
+``policy_for`` hook when there is one, else ``policy`` for the peers in
+``trusted`` and ``untrusted_policy`` for the others.
 """
 
 from __future__ import annotations
@@ -26,38 +25,106 @@ import logging
 import math
 import numbers
 import operator
-from typing import Any
+import os
+from collections.abc import Mapping
+from typing import Any, Callable, Union
 
-from .policy import Policy, Trust, TrustedNetworks, check_untrusted_policy, policy_named, trust_for
+from .peers import unix_access
+from .policy import Address, Policy, Trust, TrustedNetworks, hook_trust, trust_for
+from .reader import HeaderScanner
+from .refusal_log import DEFAULT_LOG_RATE
 
 __all__ = [
     "DEFAULT_TRUSTED",
-    "TrustSettings",
-    "adapter_settings",
+    "ENVIRONMENT",
+    "KNOBS",
+    "LiveSettings",
+    "PolicyHook",
+    "Settings",
     "check_setting",
-    "check_settings",
-    "check_trusted_given",
+    "settings_for",
+    "settings_from_environment",
+    "split_knobs",
 ]
 
 logger = logging.getLogger("proxyproto")
 
+#: ``policy_for(peer, local) -> Policy``: a decision per connection in place of the three trust knobs.
+PolicyHook = Callable[[Address, Address], Union[Policy, str]]
 
-#: ``proxy_trusted``'s default (``trusted=`` outside socketserver) in every adapter: the loopback
-#: addresses, and the peers of a UNIX socket whose file is not world-writable (gunicorn's
-#: ``proxy_allow_ips`` and uvicorn's ``forwarded_allow_ips`` convention).  Nothing trusts the
-#: whole Internet unless told ``"*"``.
+#: ``trusted``'s default in every adapter: the loopback addresses, and the peers of a UNIX socket
+#: whose file is not world-writable (gunicorn's ``proxy_allow_ips`` and uvicorn's
+#: ``forwarded_allow_ips`` convention).  Nothing trusts the whole Internet unless told ``"*"``.
 DEFAULT_TRUSTED = "127.0.0.1,::1"
 
-#: Bounds of ``proxy_header_timeout``, in seconds.  Below a millisecond no proxy's header can
-#: arrive; above an hour a parked connection would hold its ``max_pending`` slot for what is
-#: certainly a misconfiguration (a proxy sends its header at once), and the loops' timers
-#: overflow on values far beyond it (``inf`` never expires at all).
+#: Bounds of ``header_timeout``, in seconds: below a millisecond no proxy's header can arrive;
+#: above an hour a waiting connection would hold its ``max_pending`` slot for what is surely a
+#: misconfiguration, and the loops' timers overflow far beyond it (``inf`` never expires).
 MIN_HEADER_TIMEOUT = 0.001
 MAX_HEADER_TIMEOUT = 3600.0
-#: Bounds of ``proxy_max_header_size``: a v2 header's fixed part, and the protocol's maximum
-#: (16 + a 16-bit length).
+#: Bounds of ``max_header_size``: a v2 header's fixed part, and the protocol's maximum (16 + 0xFFFF).
 MIN_HEADER_SIZE = 16
 MAX_HEADER_SIZE = 16 + 0xFFFF
+
+#: The knobs, in the order of docs/configuration.rst's table.
+KNOBS = (
+    "policy",
+    "trusted",
+    "untrusted_policy",
+    "policy_for",
+    "header_timeout",
+    "max_header_size",
+    "verify_checksum",
+    "allow_v4_in_tcp6",
+    "max_pending",
+    "log_rate",
+)
+
+
+class SettingError(ValueError):
+    """A knob's value refused: ``knob`` (its bare name) and ``reason``; :func:`_respelled` renames the knob."""
+
+    def __init__(self, knob: str, reason: str, separator: str = ": ") -> None:
+        super().__init__(f"{knob}{separator}{reason}")
+        self.knob, self.reason, self.separator = knob, reason, separator
+
+
+# -- the checks, one per knob: the value as Settings keeps it, or SettingError ----------------------
+
+
+def _policy(knob: str, value: Any) -> Policy:
+    if type(value) is Policy:
+        return value
+    try:
+        return Policy(value)
+    except ValueError:
+        choices = ", ".join(policy.name for policy in Policy)
+        raise SettingError(knob, f"{value!r} is not a policy (one of {choices})") from None
+
+
+def _untrusted_policy(knob: str, value: Any) -> Policy:
+    policy = _policy(knob, value)
+    if policy is Policy.USE or policy is Policy.REQUIRE:
+        raise SettingError(
+            knob, "USE and REQUIRE would let untrusted peers set their address; use SKIP, IGNORE or REJECT"
+        )
+    return policy
+
+
+def _trusted(knob: str, value: Any) -> TrustedNetworks:
+    if value is None:  # the old default's meaning must not change silently in either direction
+        raise SettingError(
+            knob,
+            "None used to mean every peer; give '*' for every peer or the networks to trust "
+            f"(the default, {DEFAULT_TRUSTED!r}, trusts loopback only)",
+            separator="=",
+        )
+    if isinstance(value, TrustedNetworks):
+        return value
+    try:
+        return TrustedNetworks(value)
+    except (ValueError, TypeError) as exc:
+        raise SettingError(knob, str(exc)) from None
 
 
 def _real(value: Any) -> float | None:
@@ -67,121 +134,203 @@ def _real(value: Any) -> float | None:
     return float(value)
 
 
-def _check_header_timeout(name: str, value: Any) -> None:
+def _header_timeout(knob: str, value: Any) -> float:
     seconds = _real(value)
-    # Written so that nan fails every comparison into the refusal.
-    if seconds is None or not MIN_HEADER_TIMEOUT <= seconds <= MAX_HEADER_TIMEOUT:
-        raise ValueError(
-            f"{name}: must be a number of seconds from {MIN_HEADER_TIMEOUT:g} to {MAX_HEADER_TIMEOUT:g}, got {value!r}"
+    if seconds is None or not MIN_HEADER_TIMEOUT <= seconds <= MAX_HEADER_TIMEOUT:  # nan fails both
+        raise SettingError(
+            knob, f"must be a number of seconds from {MIN_HEADER_TIMEOUT:g} to {MAX_HEADER_TIMEOUT:g}, got {value!r}"
         )
+    return seconds
 
 
-def _int_in(name: str, value: Any, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bounds = f"of at least {low}" if high is None else f"from {low} to {high}"
-        raise ValueError(f"{name}: must be an integer {bounds}, got {value!r}")
+def _integer(low: int, high: int | None) -> Callable[[str, Any], int]:
+    def check(knob: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            bounds = f"of at least {low}" if high is None else f"from {low} to {high}"
+            raise SettingError(knob, f"must be an integer {bounds}, got {value!r}")
+        return int(value)
+
+    return check
 
 
-def check_trusted_given(name: str, value: Any) -> None:
-    """Refuse ``None`` for the trust setting ``name`` (``proxy_trusted``, ``trusted``), with both its meanings.
+def _flag(knob: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise SettingError(knob, f"must be True or False, got {value!r}")
+    return value
 
-    None used to trust every peer, and was the default; the default is now
-    loopback only (:data:`DEFAULT_TRUSTED`).  A configuration written for the
-    old meaning must not silently change to the new one, nor the reverse, so
-    None is refused and the ``ValueError`` says what to write instead.
-    """
+
+def _hook(knob: str, value: Any) -> PolicyHook | None:
+    if value is not None and not callable(value):
+        raise SettingError(knob, f"must be None or a function (peer, local) -> Policy, got {value!r}")
+    return value  # type: ignore[no-any-return]
+
+
+def _log_rate(knob: str, value: Any) -> float | None:
     if value is None:
-        raise ValueError(
-            f"{name}=None used to mean every peer; give '*' for every peer or the networks to trust "
-            f"(the default, {DEFAULT_TRUSTED!r}, trusts loopback only)"
+        return None
+    rate = _real(value)
+    if rate is None or not 0 <= rate < math.inf:  # nan fails both
+        raise SettingError(knob, f"must be None or a finite number of lines per second >= 0, got {value!r}")
+    return rate
+
+
+_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "policy": _policy,
+    "trusted": _trusted,
+    "untrusted_policy": _untrusted_policy,
+    "policy_for": _hook,
+    "header_timeout": _header_timeout,
+    "max_header_size": _integer(MIN_HEADER_SIZE, MAX_HEADER_SIZE),
+    "verify_checksum": _flag,
+    "allow_v4_in_tcp6": _flag,
+    "max_pending": _integer(1, None),
+    "log_rate": _log_rate,
+}
+
+
+class Settings:
+    """The knobs of one listener (or of several sharing them), checked, immutable.
+
+    The meanings and defaults are docs/configuration.rst's table:
+    ``policy`` (for trusted peers), ``trusted`` (loopback by default;
+    networks, ``"*"``, ``""``; None refused), ``untrusted_policy`` (SKIP,
+    IGNORE or REJECT), ``policy_for`` (a hook replacing those three),
+    ``header_timeout``, ``max_header_size``, ``verify_checksum``,
+    ``allow_v4_in_tcp6``, ``max_pending``, ``log_rate``.  Values are kept
+    normalised (a :class:`~proxyproto.policy.Policy`, a
+    :class:`~proxyproto.policy.TrustedNetworks`, a float); an invalid one
+    raises ``ValueError`` naming the knob.  :meth:`replace` makes a changed copy.
+    """
+
+    __slots__ = KNOBS
+
+    policy: Policy
+    trusted: TrustedNetworks
+    untrusted_policy: Policy
+    policy_for: PolicyHook | None
+    header_timeout: float
+    max_header_size: int
+    verify_checksum: bool
+    allow_v4_in_tcp6: bool
+    max_pending: int
+    log_rate: float | None
+
+    def __init__(
+        self,
+        *,
+        policy: Policy | str = Policy.REQUIRE,
+        trusted: Any = DEFAULT_TRUSTED,
+        untrusted_policy: Policy | str = Policy.SKIP,
+        policy_for: PolicyHook | None = None,
+        header_timeout: float = 10.0,
+        max_header_size: int = 4096,
+        verify_checksum: bool = True,
+        allow_v4_in_tcp6: bool = False,
+        max_pending: int = 256,
+        log_rate: float | None = DEFAULT_LOG_RATE,
+    ) -> None:
+        given = locals()
+        for knob in KNOBS:
+            object.__setattr__(self, knob, _CHECKS[knob](knob, given[knob]))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"Settings are immutable: use settings.replace({name}=...)")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("Settings are immutable")
+
+    def values(self) -> dict[str, Any]:
+        """Every knob and its value, in :data:`KNOBS` order."""
+        return {knob: getattr(self, knob) for knob in KNOBS}
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` (checked as the constructor checks them)."""
+        return Settings(**{**self.values(), **changes})
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Settings):
+            return NotImplemented
+        return all(getattr(self, knob) == getattr(other, knob) for knob in KNOBS)
+
+    def __hash__(self) -> int:
+        return hash(tuple(getattr(self, knob) for knob in KNOBS))
+
+    def __repr__(self) -> str:
+        changed = [f"{knob}={value!r}" for knob, value in self.values().items() if value != getattr(_DEFAULTS, knob)]
+        return f"Settings({', '.join(changed)})"
+
+    def trust(self, peer: Address, sock: Any, hook: PolicyHook | None = None, family: int | None = None) -> Trust:
+        """The decision for a connection (or datagram) from ``peer`` on ``sock``: its policy, and whether it is trusted.
+
+        ``hook`` (an adapter's own, such as a mixin's overridden
+        ``proxy_policy_for``), else ``policy_for``, answers with a Policy for
+        ``(peer, sock.getsockname())``, and the peer counts as trusted when
+        that is REQUIRE or USE (:func:`~proxyproto.policy.hook_trust`);
+        whatever the hook raises propagates (the adapter closes that
+        connection).  Without a hook: :func:`~proxyproto.policy.trust_for`,
+        an IP peer by its address, a UNIX one by the socket file's
+        permissions (:func:`~proxyproto.peers.unix_access`).  Which one the
+        peer is: ``family``, the socket's real family, when the adapter
+        knows it (waitress names UNIX peers with a tuple); otherwise an IP
+        tuple is an IP peer and anything else asks ``sock``.
+        """
+        if hook is None:
+            hook = self.policy_for
+        if hook is not None:
+            return hook_trust(hook(peer, None if sock is None else sock.getsockname()))
+        if family is not None:
+            unix = unix_access(sock, family)
+        else:
+            unix = None if type(peer) is tuple or sock is None else unix_access(sock)
+        return trust_for(self.policy, self.untrusted_policy, self.trusted, peer, unix)
+
+    def scanner(self, *, required: bool = False) -> HeaderScanner:
+        """A :class:`~proxyproto.reader.HeaderScanner` for one header, with these settings' options."""
+        return HeaderScanner(
+            max_size=self.max_header_size,
+            verify_checksum=self.verify_checksum,
+            allow_v4_in_tcp6=self.allow_v4_in_tcp6,
+            required=required,
         )
 
 
-def check_setting(name: str, value: Any) -> None:
-    """Raise ``ValueError`` naming the setting when ``value`` is not valid for ``name``.
+_DEFAULTS = Settings()
 
-    ``proxy_header_timeout``: a number of seconds in
-    ``MIN_HEADER_TIMEOUT..MAX_HEADER_TIMEOUT`` (0.001..3600; not nan, not
-    inf); ``proxy_max_header_size``: an integer in 16..65551;
-    ``proxy_max_pending``: an integer of at least 1; ``proxy_log_rate``:
-    None or a finite number >= 0; ``proxy_trusted``: a trust list
-    (:class:`~proxyproto.policy.TrustedNetworks`), never None
-    (:func:`check_trusted_given`).
 
-    Names this module does not know (every attribute that is not a
-    ``proxy_*`` setting) pass unchecked.
+def _respelled(error: SettingError, name: str) -> ValueError:
+    """``error`` with its knob spelled ``name`` (an attribute, a variable and its text)."""
+    return ValueError(f"{name}{error.separator}{error.reason}")
+
+
+def split_knobs(keywords: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``keywords`` split in two: the knobs (and ``settings``), and everything else (the host's own)."""
+    knobs: dict[str, Any] = {}
+    rest: dict[str, Any] = {}
+    for name, value in keywords.items():
+        (knobs if name in _CHECKS or name == "settings" else rest)[name] = value
+    return knobs, rest
+
+
+def settings_for(settings: Settings | None = None, knobs: Mapping[str, Any] | None = None) -> Settings:
+    """An adapter's settings: ``settings`` (default: :class:`Settings`'s defaults) with ``knobs`` replacing values.
+
+    ``knobs`` are the adapter's keyword arguments; a name that is no knob
+    raises ``TypeError`` as an unknown keyword does, an invalid value
+    ``ValueError`` naming the knob.
     """
-    if name == "proxy_policy":
-        policy_named(name, value)
-    elif name == "proxy_untrusted_policy":
-        check_untrusted_policy(value)
-    elif name == "proxy_trusted":
-        check_trusted_given(name, value)
-        if not isinstance(value, _TRUSTED_FORMS):
-            # Read again at every change check: an iterator would be used up by this very
-            # check, and a view or a custom iterable cannot be copied to notice changes.
-            raise ValueError(
-                f"proxy_trusted: give a string, an ipaddress object, or a list, tuple or set of them, "
-                f"not {type(value).__name__}"
-            )
-        TrustedNetworks(value)
-    elif name == "proxy_header_timeout":
-        _check_header_timeout(name, value)
-    elif name == "proxy_max_header_size":
-        _int_in(name, value, MIN_HEADER_SIZE, MAX_HEADER_SIZE)
-    elif name == "proxy_max_pending":
-        _int_in(name, value, 1)
-    elif name == "proxy_log_rate":
-        rate = _real(value)
-        if value is not None and (rate is None or not 0 <= rate < math.inf):  # nan fails both
-            raise ValueError(f"proxy_log_rate: must be None or a finite number of lines per second >= 0, got {value!r}")
+    base = _DEFAULTS if settings is None else settings
+    if not isinstance(base, Settings):
+        raise TypeError(f"settings= must be a proxyproto.Settings, not {type(base).__name__}")
+    if not knobs:
+        return base
+    unknown = sorted(set(knobs) - set(KNOBS))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r} (the knobs are: {', '.join(KNOBS)})")
+    return base.replace(**knobs)
 
 
-def check_settings(owner: object, names: tuple[str, ...]) -> None:
-    """:func:`check_setting` for each of ``names`` as ``owner`` has it now."""
-    for name in names:
-        if hasattr(owner, name):
-            check_setting(name, getattr(owner, name))
+# -- the socketserver mixins' class attributes ----------------------------------------------------
 
-
-def adapter_settings(
-    *,
-    policy: Policy | str,
-    trusted: Any,
-    untrusted_policy: Policy | str,
-    header_timeout: float,
-    max_header_size: int,
-    max_pending: int,
-    log_rate: float | None,
-) -> tuple[Policy, Policy, TrustedNetworks]:
-    """Check the knobs every adapter takes (the mixin's settings without ``proxy_``).
-
-    The asyncio, uvicorn, aiohttp, hypercorn and waitress adapters take
-    their settings once, when they are built: this is the one place that
-    checks them, with the mixin's rules, and the ``ValueError`` names the
-    knob as the adapter spells it.  Returns the policy for trusted peers,
-    the policy for the others, and the trusted networks.  ``trusted=None``
-    is refused (:func:`check_trusted_given`): it used to mean every peer.
-    """
-    try:
-        check_trusted_given("proxy_trusted", trusted)
-        for name, value in (
-            ("proxy_header_timeout", header_timeout),
-            ("proxy_max_header_size", max_header_size),
-            ("proxy_max_pending", max_pending),
-            ("proxy_log_rate", log_rate),
-        ):
-            check_setting(name, value)
-        return (
-            policy_named("proxy_policy", policy),
-            check_untrusted_policy(untrusted_policy),
-            TrustedNetworks(trusted),
-        )
-    except ValueError as exc:
-        raise ValueError(str(exc).replace("proxy_", "", 1)) from None
-
-
-_IMMUTABLE = (str, bytes, tuple, frozenset, type(None))
 _TRUSTED_FORMS = (
     str,
     bytes,
@@ -194,79 +343,76 @@ _TRUSTED_FORMS = (
     ipaddress.IPv4Address,
     ipaddress.IPv6Address,
 )
+_IMMUTABLE = (str, bytes, tuple, frozenset, type(None))
 
 
-class TrustSettings:
-    """``proxy_policy``, ``proxy_trusted`` and ``proxy_untrusted_policy``, parsed, and kept current.
+def check_setting(name: str, value: Any) -> None:
+    """``ValueError`` naming the attribute when ``value`` is no valid ``name`` (a ``proxy_*`` attribute).
 
-    :meth:`refresh` is called once per connection (or datagram); when
-    nothing changed it costs three attribute reads and three identity
-    checks (plus an equality check for a mutable ``proxy_trusted``).
-    ``checked`` names further settings that the owner reads live where it
-    uses them (``proxy_max_pending``, say): they are compared as a tuple,
-    and a value that became invalid (set on the class, behind
-    ``__setattr__``'s back) puts the settings in the error state too.
+    The mixins call it where an attribute is set.  Names that are no knob
+    (every other attribute, and ``proxy_policy_for``, a method) pass.
+    ``proxy_trusted`` must be a string, an ``ipaddress`` object or a list,
+    tuple or set of them: it is read again at every change check, which an
+    iterator would not survive.
+    """
+    knob = name[6:] if name.startswith("proxy_") else ""
+    if knob not in _CHECKS or knob == "policy_for":
+        return
+    if knob == "trusted" and value is not None and not isinstance(value, _TRUSTED_FORMS):
+        raise ValueError(
+            f"{name}: give a string, an ipaddress object, or a list, tuple or set of them, not {type(value).__name__}"
+        )
+    try:
+        _CHECKS[knob](knob, value)
+    except SettingError as exc:
+        raise _respelled(exc, name) from None
+
+
+class LiveSettings:
+    """A mixin's ``proxy_*`` attributes as a :class:`Settings`, rebuilt whenever one changes.
+
+    :meth:`refresh` runs once per connection (or datagram): when nothing
+    changed, one read of the attributes and one comparison (plus a copy's
+    comparison for a ``proxy_trusted`` list that may change in place).
+    ``names`` are the knobs the owner has as attributes; the others keep
+    their defaults.  A value that became invalid (set on the class, which
+    the mixin's ``__setattr__`` cannot see) puts it in the error state:
+    :attr:`error` is the ``ValueError`` naming the attribute, :attr:`current`
+    keeps the last valid settings for what already waits, and the owner
+    closes every new connection until it is fixed (:meth:`usable`).
     """
 
-    __slots__ = ("checked", "checked_values", "parsed", "read_checked", "reported", "sources", "trusted_copy")
+    __slots__ = ("current", "error", "names", "read", "reported", "sources", "trusted_copy")
 
-    def __init__(self, checked: tuple[str, ...] = ()) -> None:
-        self.checked = checked
-        self.checked_values: Any = None
-        # One C call reads them all (a per-connection cost: ~0.1 us instead of ~0.4 us).
-        self.read_checked = operator.attrgetter(*checked) if checked else None
-        #: (policy, untrusted policy, trusted networks or None, the ValueError of an invalid
-        #: configuration or None): one tuple, replaced whole, so that a thread calling
-        #: ``proxy_policy_for`` while the loop refreshes never sees half of a change.
-        self.parsed: tuple[Policy, Policy, TrustedNetworks | None, ValueError | None] = (
-            Policy.REQUIRE,
-            Policy.SKIP,
-            None,
-            None,
-        )
-        self.sources: tuple[Any, Any, Any] = (object(), object(), object())
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.read = operator.attrgetter(*(f"proxy_{knob}" for knob in names))
+        self.current = _DEFAULTS
+        self.error: ValueError | None = None
+        self.sources: Any = None
         self.trusted_copy: Any = None
         #: The current error has been logged (and its end will be).
         self.reported = False
 
-    @property
-    def error(self) -> ValueError | None:
-        """The ValueError of the current, invalid configuration; None when valid."""
-        return self.parsed[3]
-
     def refresh(self, owner: Any) -> bool:
-        """Re-read ``owner``'s three settings if any changed; True when they changed."""
-        policy, trusted, untrusted = owner.proxy_policy, owner.proxy_trusted, owner.proxy_untrusted_policy
-        sources = self.sources
-        read_checked = self.read_checked
-        checked = None if read_checked is None else read_checked(owner)
-        if (
-            policy is sources[0]
-            and trusted is sources[1]
-            and untrusted is sources[2]
-            and checked == self.checked_values
-            and (isinstance(trusted, _IMMUTABLE) or trusted == self.trusted_copy)
-        ):
-            return False
-        parsed: tuple[Policy, Policy, TrustedNetworks | None, ValueError | None]
+        """Re-read ``owner``'s attributes; True when they changed (and :attr:`current` or :attr:`error` with them)."""
+        sources = self.read(owner)
+        if sources == self.sources:
+            trusted = owner.proxy_trusted
+            if isinstance(trusted, _IMMUTABLE) or trusted == self.trusted_copy:
+                return False
+        values = dict(zip(self.names, sources))
         try:
-            check_setting("proxy_trusted", trusted)
-            parsed = (
-                policy_named("proxy_policy", policy),
-                check_untrusted_policy(untrusted),
-                None if trusted is None else TrustedNetworks(trusted),
-                None,
-            )
-            check_settings(owner, self.checked)
+            for knob, value in values.items():
+                check_setting(f"proxy_{knob}", value)
+            settings = Settings(**values)
         except (ValueError, TypeError) as exc:
-            error = exc if isinstance(exc, ValueError) else ValueError(f"invalid proxy_* setting: {exc}")
-            parsed = (Policy.REQUIRE, Policy.SKIP, None, error)
-        # The parsed state first, the sources it came from last: a concurrent refresh that
-        # sees the new sources also sees their parsed state.
-        self.parsed = parsed
-        self.checked_values = checked
+            self.error = exc if isinstance(exc, ValueError) else ValueError(f"invalid proxy_* setting: {exc}")
+        else:
+            self.current, self.error = settings, None
+        trusted = values.get("trusted")
         self.trusted_copy = trusted if isinstance(trusted, _IMMUTABLE) else copy.copy(trusted)
-        self.sources = (policy, trusted, untrusted)
+        self.sources = sources
         return True
 
     def usable(self, refusing: str, resuming: str) -> bool:
@@ -275,22 +421,87 @@ class TrustSettings:
         ``refusing`` and ``resuming`` say what the server does meanwhile and
         afterwards ("closing every new connection", "serving connections").
         """
-        error = self.error
-        if error is None:
+        if self.error is None:
             if self.reported:
                 logger.warning("the proxy_* settings are valid again; %s", resuming)
                 self.reported = False
             return True
         if not self.reported:
-            logger.error("invalid setting: %s; %s until it is fixed", error, refusing)
+            logger.error("invalid setting: %s; %s until it is fixed", self.error, refusing)
             self.reported = True
         return False
 
-    def trust(self, peer: Any, unix: str | None) -> Trust:
-        """The default ``proxy_policy_for``'s decision for ``peer`` (:func:`~proxyproto.policy.trust_for`).
 
-        ``unix``: None on an IP socket, else what the UNIX socket's
-        permissions say (:func:`proxyproto.peers.unix_access`).
-        """
-        policy, untrusted, trusted, _ = self.parsed
-        return trust_for(policy, untrusted, trusted, peer, unix)
+def check_attributes(owner: object, names: tuple[str, ...]) -> Settings:
+    """The :class:`Settings` of ``owner``'s ``proxy_*`` attributes now; ``ValueError`` naming the first invalid one."""
+    live = LiveSettings(names)
+    live.refresh(owner)
+    if live.error is not None:
+        raise live.error
+    return live.current
+
+
+# -- the environment ------------------------------------------------------------------------------
+
+#: The environment variables :func:`settings_from_environment` reads, and their defaults.
+ENVIRONMENT: dict[str, str] = {
+    "PROXYPROTO_POLICY": "REQUIRE",
+    "PROXYPROTO_ALLOW_IPS": DEFAULT_TRUSTED,
+    "PROXYPROTO_UNTRUSTED_POLICY": "SKIP",
+    "PROXYPROTO_HEADER_TIMEOUT": "10",
+    "PROXYPROTO_MAX_HEADER_SIZE": "4096",
+    "PROXYPROTO_VERIFY_CHECKSUM": "true",
+    "PROXYPROTO_ALLOW_V4_IN_TCP6": "false",
+    "PROXYPROTO_MAX_PENDING": "256",
+    "PROXYPROTO_LOG_RATE": str(DEFAULT_LOG_RATE),
+}
+#: Each knob's variable (``trusted`` is ``PROXYPROTO_ALLOW_IPS``, after gunicorn's ``proxy_allow_ips``).
+VARIABLES = {
+    "policy": "PROXYPROTO_POLICY",
+    "trusted": "PROXYPROTO_ALLOW_IPS",
+    "untrusted_policy": "PROXYPROTO_UNTRUSTED_POLICY",
+    "header_timeout": "PROXYPROTO_HEADER_TIMEOUT",
+    "max_header_size": "PROXYPROTO_MAX_HEADER_SIZE",
+    "verify_checksum": "PROXYPROTO_VERIFY_CHECKSUM",
+    "allow_v4_in_tcp6": "PROXYPROTO_ALLOW_V4_IN_TCP6",
+    "max_pending": "PROXYPROTO_MAX_PENDING",
+    "log_rate": "PROXYPROTO_LOG_RATE",
+}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _from_text(knob: str, text: str) -> Any:
+    """A variable's text as the knob's value (SettingError when it is none)."""
+    if knob in ("policy", "untrusted_policy"):
+        return text.upper()
+    if knob == "trusted":
+        return text
+    if knob in ("verify_checksum", "allow_v4_in_tcp6"):
+        if text.lower() in _TRUE or text.lower() in _FALSE:
+            return text.lower() in _TRUE
+        raise SettingError(knob, "not a boolean (true or false, 1 or 0, yes or no, on or off)")
+    if knob == "log_rate" and text.lower() == "none":
+        return None
+    kind = int if knob in ("max_header_size", "max_pending") else float
+    try:
+        return kind(text)
+    except ValueError:
+        raise SettingError(knob, "not an integer" if kind is int else "not a number") from None
+
+
+def settings_from_environment(environ: Mapping[str, str] | None = None) -> Settings:
+    """The :class:`Settings` the ``PROXYPROTO_*`` variables ask for (:data:`ENVIRONMENT`; default ``os.environ``).
+
+    Values are read in any case and stripped.  ``ValueError`` names the
+    variable and its text (``PROXYPROTO_MAX_PENDING='0': must be ...``).
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for knob, variable in VARIABLES.items():
+        text = env.get(variable, ENVIRONMENT[variable]).strip()
+        try:
+            values[knob] = _CHECKS[knob](knob, _from_text(knob, text))
+        except SettingError as exc:
+            raise ValueError(f"{variable}={text!r}: {exc.reason}") from None
+    return Settings(**values)

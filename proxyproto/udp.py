@@ -58,7 +58,7 @@ Configuration is by class attribute, with the names and meanings of
 :class:`proxyproto.ProxyProtocolMixin`; policies and trust apply per
 datagram, by the datagram's source.  A ``proxy_*`` attribute may change at
 any time, also while ``serve_forever`` runs in another thread: the trust
-settings are re-read for every datagram (:class:`proxyproto.settings.TrustSettings`),
+settings are re-read for every datagram (:class:`proxyproto.settings.LiveSettings`),
 an invalid value set on the instance raises ``ValueError`` where it is set,
 and an invalid value set on the class is logged once at ERROR and every
 datagram dropped until it is fixed.  A datagram the policy refuses is
@@ -78,13 +78,11 @@ import socket
 import socketserver
 from typing import Any
 
-from . import reader
-from .errors import ProxyProtocolError
 from .header import Family, ProxyHeader
-from .peers import socket_family, unix_access
-from .policy import Outcome, Policy, Trust, decide, describe, hook_trust, peer_text, served_address
+from .peers import socket_family
+from .policy import Policy, decide, describe, peer_text, served_address
 from .refusal_log import DEFAULT_LOG_RATE, KIND_POLICY_FOR, RefusalLog, kind_of
-from .settings import DEFAULT_TRUSTED, TrustSettings, check_setting, check_settings
+from .settings import DEFAULT_TRUSTED, LiveSettings, check_attributes, check_setting
 
 __all__ = [
     "ForkingProxyUDPServer",
@@ -104,8 +102,8 @@ Address = Any
 #: receive buffers of this size never truncate a datagram.
 MAX_DATAGRAM = 65535
 
-#: The settings checked when the server is activated and when serving starts.
-SETTINGS = ("proxy_policy", "proxy_trusted", "proxy_untrusted_policy", "proxy_max_header_size", "proxy_log_rate")
+#: The knobs the datagram mixin has as ``proxy_*`` attributes (the others keep their defaults).
+KNOBS = ("policy", "trusted", "untrusted_policy", "max_header_size", "verify_checksum", "log_rate")
 
 
 def _endpoint(address: Address) -> Any:
@@ -240,7 +238,7 @@ class ProxyDatagramMixin:
     #: Receive buffer per datagram: large enough never to truncate one.
     max_packet_size = MAX_DATAGRAM
 
-    _ppd_settings: TrustSettings | None = None
+    _ppd_settings: LiveSettings | None = None
     _ppd_log: RefusalLog | None = None
 
     socket: socket.socket
@@ -258,15 +256,11 @@ class ProxyDatagramMixin:
         overridden.  An override's source counts as trusted (its header
         reaches the handler) when it answers REQUIRE or USE.
         """
-        settings = self._ppd_settings or TrustSettings()
-        settings.refresh(self)
-        if settings.error is not None:
-            raise settings.error
-        return self._ppd_default_trust(settings, peer).policy
-
-    def _ppd_default_trust(self, settings: TrustSettings, peer: Address) -> Trust:
-        """``proxy_trusted``'s decision for ``peer``: on a UNIX socket it asks the socket file's mode."""
-        return settings.trust(peer, None if type(peer) is tuple else unix_access(self.socket))
+        live = self._ppd_settings or LiveSettings(KNOBS)
+        live.refresh(self)
+        if live.error is not None:
+            raise live.error
+        return live.current.trust(peer, self.socket).policy
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -278,7 +272,7 @@ class ProxyDatagramMixin:
 
     def server_activate(self) -> None:
         """Check the ``proxy_*`` settings in the constructor, so a mistake surfaces there."""
-        check_settings(self, SETTINGS)
+        check_attributes(self, KNOBS)
         super().server_activate()  # type: ignore[misc]
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
@@ -299,9 +293,9 @@ class ProxyDatagramMixin:
     def service_actions(self) -> None:
         """Write the summary of suppressed refusal lines once their second is over, then the base's actions."""
         super().service_actions()  # type: ignore[misc]
-        log = self._ppd_log
-        if log is not None and log.suppressed:
-            log.rate = self.proxy_log_rate
+        log, live = self._ppd_log, self._ppd_settings
+        if log is not None and live is not None and log.suppressed:
+            log.rate = live.current.log_rate
             log.flush()
 
     def handle_timeout(self) -> None:
@@ -311,25 +305,25 @@ class ProxyDatagramMixin:
             log.flush()
         super().handle_timeout()  # type: ignore[misc]
 
-    def _ppd_start(self) -> TrustSettings:
-        """Validate the settings when serving starts (ValueError naming the setting); set up trust and the log."""
-        settings = self._ppd_settings
-        if settings is not None:
-            return settings
-        check_settings(self, SETTINGS)
-        settings = TrustSettings()
-        settings.refresh(self)
-        self._ppd_log = RefusalLog(logger, self.proxy_log_rate)
-        self._ppd_settings = settings
-        return settings
+    def _ppd_start(self) -> LiveSettings:
+        """Validate the settings when serving starts (ValueError naming the attribute); set up the log."""
+        live = self._ppd_settings
+        if live is not None:
+            return live
+        check_attributes(self, KNOBS)
+        live = LiveSettings(KNOBS)
+        live.refresh(self)
+        self._ppd_log = RefusalLog(logger, live.current.log_rate)
+        self._ppd_settings = live
+        return live
 
     def _ppd_refuse(self, level: int, peer: Address, reason: str, kind: str) -> OSError:
         """Log one rate-limited refusal line; the OSError tells ``socketserver`` there is nothing to serve."""
-        log = self._ppd_log
-        if log is None:
+        log, live = self._ppd_log, self._ppd_settings
+        if log is None or live is None:
             logger.log(level, "%s: dropped datagram: %s", peer_text(peer), reason)
         else:
-            log.rate = self.proxy_log_rate
+            log.rate = live.current.log_rate
             log.log(level, "%s: dropped datagram: %s", peer_text(peer), reason, kind=kind)
         return OSError("proxyproto: datagram dropped")
 
@@ -341,26 +335,27 @@ class ProxyDatagramMixin:
         A refused datagram is logged and dropped: ``OSError`` tells
         ``socketserver`` there is nothing to serve this time.
         """
-        settings = self._ppd_settings or self._ppd_start()
+        live = self._ppd_settings or self._ppd_start()
         sock = self.socket
         data, peer = sock.recvfrom(self.max_packet_size)
-        if (settings.refresh(self) or settings.reported) and not settings.usable(
-            "dropping every datagram", "serving datagrams"
-        ):
+        if (live.refresh(self) or live.reported) and not live.usable("dropping every datagram", "serving datagrams"):
             raise OSError("proxyproto: datagram dropped (invalid proxy_* setting)")
+        settings = live.current
+        hook = None
         cls = type(self)
         if cls.proxy_policy_for is not ProxyDatagramMixin.proxy_policy_for or "proxy_policy_for" in vars(self):
-            try:
-                trust = hook_trust(self.proxy_policy_for(peer, sock.getsockname()))
-            except Exception as exc:  # a user's hook: its failure drops this datagram, never the loop
-                reason = f"proxy_policy_for failed: {type(exc).__name__}: {exc}"
-                raise self._ppd_refuse(logging.ERROR, peer, reason, KIND_POLICY_FOR) from None
-        else:
-            trust = self._ppd_default_trust(settings, peer)
+            hook = self.proxy_policy_for
+        try:
+            trust = settings.trust(peer, sock, hook)
+        except Exception as exc:  # a user's hook: its failure drops this datagram, never the loop
+            reason = f"proxy_policy_for failed: {type(exc).__name__}: {exc}"
+            raise self._ppd_refuse(logging.ERROR, peer, reason, KIND_POLICY_FOR) from None
         policy = trust.policy
         if policy is Policy.SKIP:
             return ProxyDatagram(data, ReplySocket(sock, peer, peer), None, peer), peer
-        header, outcome, error = self._ppd_parse(data)
+        scanner = settings.scanner()
+        outcome = scanner.datagram(data)  # G8: each datagram on its own, never joined with another
+        header, error = scanner.header, scanner.error
         verdict = decide(policy, outcome)
         if not verdict.serve:
             reason = describe(policy, outcome, error, len(data), 0.0)
@@ -373,12 +368,6 @@ class ProxyDatagramMixin:
         reply = ReplySocket(sock, peer, address)
         # An untrusted source's header is stripped, never handed on (its TLVs are anyone's claims).
         return ProxyDatagram(data[header.length :], reply, header if trust.trusted else None, peer), address
-
-    def _ppd_parse(self, data: bytes) -> tuple[ProxyHeader | None, Outcome, ProxyProtocolError | None]:
-        """What one datagram starts with (G8: on its own, never joined with another): the core's scanner says."""
-        scanner = reader.HeaderScanner(max_size=self.proxy_max_header_size, verify_checksum=self.proxy_verify_checksum)
-        outcome = scanner.datagram(data)
-        return scanner.header, outcome, scanner.error
 
 
 class ProxyDatagramRequestHandler(socketserver.DatagramRequestHandler):

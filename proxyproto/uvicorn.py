@@ -14,7 +14,7 @@ transport that reports the header's addresses: ``scope["client"]`` and
     PROXYPROTO_ALLOW_IPS=10.0.0.0/8 uvicorn app:app --http proxyproto.uvicorn:H11
 
 Configuration comes from environment variables with gunicorn's and
-uvicorn's conventions (see :data:`ENVIRONMENT`), read when uvicorn loads its
+uvicorn's conventions (:func:`proxyproto.settings.settings_from_environment`), read when uvicorn loads its
 config (so a typo stops the server at start, naming the variable) and
 when the server handles its first connection:
 
@@ -29,6 +29,8 @@ when the server handles its first connection:
 ``PROXYPROTO_HEADER_TIMEOUT``    seconds for the whole header, default 10 (0.001 to 3600)
 ``PROXYPROTO_MAX_PENDING``       connections waiting for their header, default 256 (at least 1)
 ``PROXYPROTO_MAX_HEADER_SIZE``   cap on a v2 header, default 4096 (16 to 65551)
+``PROXYPROTO_VERIFY_CHECKSUM``   verify a CRC-32C TLV, default true (true/false, 1/0, yes/no, on/off)
+``PROXYPROTO_ALLOW_V4_IN_TCP6``  accept nginx's mixed ``TCP6`` lines, default false
 ``PROXYPROTO_LOG_RATE``          refusal lines per second and kind, default 20; ``none``: no cap
 
 :func:`wrap` makes a class with settings in code instead, for
@@ -79,28 +81,15 @@ import logging
 import os
 import ssl
 import weakref
-from collections.abc import Mapping
 from types import FrameType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .aio_protocol import HeaderProtocol, ProxyProtocolFactory
-from .policy import Policy
-from .refusal_log import DEFAULT_LOG_RATE
+from .settings import VARIABLES, Settings, settings_for, settings_from_environment
 
-__all__ = ["ENVIRONMENT", "H11", "HttpTools", "ProxyHTTPProtocol", "settings_from_env", "wrap"]
+__all__ = ["H11", "HttpTools", "ProxyHTTPProtocol", "wrap"]
 
 logger = logging.getLogger("proxyproto")
-
-#: The environment variables and their defaults.
-ENVIRONMENT: dict[str, str] = {
-    "PROXYPROTO_POLICY": "REQUIRE",
-    "PROXYPROTO_ALLOW_IPS": "127.0.0.1,::1",
-    "PROXYPROTO_UNTRUSTED_POLICY": "SKIP",
-    "PROXYPROTO_HEADER_TIMEOUT": "10",
-    "PROXYPROTO_MAX_PENDING": "256",
-    "PROXYPROTO_MAX_HEADER_SIZE": "4096",
-    "PROXYPROTO_LOG_RATE": str(DEFAULT_LOG_RATE),
-}
 
 _INNER = {
     "h11": "uvicorn.protocols.http.h11_impl:H11Protocol",
@@ -140,47 +129,6 @@ class _StartupError(ValueError, _Reported):
     def show(self, file: Any = None) -> None:
         """What click calls before exiting: the line goes where uvicorn's own errors go."""
         logging.getLogger("uvicorn.error").error("%s", self.message)
-
-
-def _number(name: str, text: str, kind: type) -> Any:
-    try:
-        return kind(text)
-    except ValueError:
-        raise ValueError(f"{name}={text!r}: not a{'n integer' if kind is int else ' number'}") from None
-
-
-def settings_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The keyword arguments of :func:`proxyproto.aio_protocol.wrap_protocol_factory` the environment asks for.
-
-    Raises ``ValueError`` naming the variable for a value it cannot use.
-    """
-    env = os.environ if environ is None else environ
-
-    def get(name: str) -> str:
-        return env.get(name, ENVIRONMENT[name]).strip()
-
-    settings: dict[str, Any] = {}
-    for key, name in (("policy", "PROXYPROTO_POLICY"), ("untrusted_policy", "PROXYPROTO_UNTRUSTED_POLICY")):
-        text = get(name)
-        try:
-            settings[key] = Policy(text.upper())
-        except ValueError:
-            choices = ", ".join(p.name for p in Policy)
-            raise ValueError(f"{name}={text!r}: not a policy ({choices})") from None
-    settings["trusted"] = get("PROXYPROTO_ALLOW_IPS")
-    settings["header_timeout"] = _number("PROXYPROTO_HEADER_TIMEOUT", get("PROXYPROTO_HEADER_TIMEOUT"), float)
-    settings["max_pending"] = _number("PROXYPROTO_MAX_PENDING", get("PROXYPROTO_MAX_PENDING"), int)
-    settings["max_header_size"] = _number("PROXYPROTO_MAX_HEADER_SIZE", get("PROXYPROTO_MAX_HEADER_SIZE"), int)
-    rate = get("PROXYPROTO_LOG_RATE")
-    settings["log_rate"] = None if rate.lower() == "none" else _number("PROXYPROTO_LOG_RATE", rate, float)
-    try:  # every value checked the way the factory will check it
-        ProxyProtocolFactory(lambda: asyncio.Protocol(), **settings)
-    except ValueError as exc:
-        message = str(exc)
-        setting = message.partition(":")[0].replace("proxy_", "")
-        name = "PROXYPROTO_ALLOW_IPS" if setting == "trusted" else f"PROXYPROTO_{setting.upper()}"
-        raise ValueError(f"{name if name in ENVIRONMENT else 'PROXYPROTO_*'}: {message}") from None
-    return settings
 
 
 def _import(path: str) -> type[asyncio.Protocol]:
@@ -263,7 +211,7 @@ class ProxyHTTPProtocol(metaclass=_HTTPClass):
     """
 
     inner: ClassVar[str | type[asyncio.Protocol]] = _INNER["h11"]
-    settings: ClassVar[dict[str, Any] | None] = None
+    settings: ClassVar[Settings | None] = None
     #: What the class answers uvicorn's ``alpn_protocols`` question with (the inner class's).
     inner_alpn_protocols: ClassVar[list[str] | None] = None
     #: The protocol class made for each config (weakly).
@@ -301,21 +249,23 @@ class ProxyHTTPProtocol(metaclass=_HTTPClass):
         return protocol
 
     @classmethod
-    def _settings(cls) -> dict[str, Any]:
+    def _settings(cls) -> Settings:
         """The wrapper's settings: :func:`wrap`'s, or the environment's (ValueError naming the variable)."""
-        return settings_from_env() if cls.settings is None else dict(cls.settings)
+        return settings_from_environment() if cls.settings is None else cls.settings
 
     @classmethod
-    def _check_tls(cls, settings: dict[str, Any]) -> None:
+    def _check_tls(cls, settings: Settings) -> None:
         """Refuse settings that cannot work with TLS after the header: :class:`_StartupError` naming the setting."""
         try:
-            ProxyProtocolFactory(lambda: asyncio.Protocol(), ssl=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), **settings)
+            ProxyProtocolFactory(
+                lambda: asyncio.Protocol(), ssl=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), settings=settings
+            )
         except ValueError as exc:
             key, _, reason = str(exc).partition(" with ssl=: ")
             if not reason:
                 raise _StartupError(f"proxyproto.uvicorn: {exc}") from None
             name, _, value = key.partition("=")
-            where = f"PROXYPROTO_{name.upper()}={value}" if cls.settings is None else f"wrap({name}={value!r})"
+            where = f"{VARIABLES[name]}={value}" if cls.settings is None else f"wrap({name}={value!r})"
             raise _StartupError(
                 f"proxyproto.uvicorn: {where} cannot be used with uvicorn's --ssl-* settings "
                 f"(TLS is negotiated after the PROXY header): {reason}"
@@ -337,15 +287,15 @@ class ProxyHTTPProtocol(metaclass=_HTTPClass):
         def unused() -> asyncio.BaseProtocol:  # header_first's inner is made by uvicorn, never by the factory
             raise RuntimeError("proxyproto.uvicorn: the protocol is made by uvicorn")
 
-        factory = _UvicornFactory(unused, ssl=context, **settings)
+        factory = _UvicornFactory(unused, ssl=context, settings=settings)
         app = _without_forwarded_headers(config)
         if app is not None:
             factory.trusted_overrides = (("app", app),)
         logger.info(
             "proxyproto: PROXY header policy %s for %s, %s for other peers%s",
-            factory.policy.name,
-            "every peer" if settings.get("trusted") == "*" else (settings.get("trusted") or "no peer"),
-            factory.untrusted_policy.name,
+            settings.policy.name,
+            settings.trusted.describe(),
+            settings.untrusted_policy.name,
             "; TLS is negotiated after the header" if context is not None else "",
         )
         return factory, inner
@@ -400,26 +350,24 @@ class HttpTools(ProxyHTTPProtocol):
     inner = _INNER["httptools"]
 
 
-def wrap(http: str | type[asyncio.Protocol] = "h11", **settings: Any) -> type[ProxyHTTPProtocol]:
+def wrap(
+    http: str | type[asyncio.Protocol] = "h11", *, settings: Settings | None = None, **knobs: Any
+) -> type[ProxyHTTPProtocol]:
     """A ``--http`` class for ``uvicorn.Config(http=...)`` with settings in code.
 
     ``http``: ``"h11"``, ``"httptools"`` or a protocol class taking uvicorn's
-    keyword arguments.  ``settings``: the keyword arguments of
-    :func:`proxyproto.aio_protocol.wrap_protocol_factory` (``policy``,
-    ``trusted``, ``untrusted_policy``, ``header_timeout``, ``max_pending``,
-    ``policy_for``, ...; ``trusted`` defaults to ``"127.0.0.1,::1"`` as
-    the environment does, ``"*"`` trusts every peer, None is refused);
-    without any, the environment is read.
+    keyword arguments.  The knobs are docs/configuration.rst's, as keywords
+    or as one :class:`~proxyproto.settings.Settings` (``settings=``,
+    keywords on top; ``trusted`` defaults to ``"127.0.0.1,::1"`` as the
+    environment does, ``"*"`` trusts every peer, None is refused); without
+    any, the environment is read.
     TLS comes from uvicorn's own ``ssl_*`` settings.  Raises ``ValueError``
     for an invalid setting.
     """
     inner = _INNER.get(http, http) if isinstance(http, str) else http
     if isinstance(inner, str) and ":" not in inner:
         raise ValueError(f"http={http!r}: use 'h11', 'httptools' or a protocol class")
-    fixed: dict[str, Any] | None = None
-    if settings:
-        fixed = {"trusted": ENVIRONMENT["PROXYPROTO_ALLOW_IPS"], **settings}
-        ProxyProtocolFactory(lambda: asyncio.Protocol(), **fixed)  # raises ValueError now, not per connection
+    fixed = settings_for(settings, knobs) if settings is not None or knobs else None
     name = f"Proxy{inner.__name__ if isinstance(inner, type) else inner.rpartition(':')[2]}"
     attributes: dict[str, Any] = {"inner": inner, "settings": fixed, "__module__": __name__}
     if isinstance(inner, type):

@@ -52,6 +52,7 @@ from .sock import RETRY_DELAY, HeaderAttempt, take_complete_header, wait_for_out
 
 if TYPE_CHECKING:
     from .server import ProxyProtocolMixin, ProxySocket
+    from .settings import LiveSettings
 
     #: What a server's ``accept`` function returns: the accepted connection, its peer, its trust
     #: decision (None: close it, the configuration is invalid or the hook failed) and the timeout
@@ -210,7 +211,7 @@ class ParkedConnections:
     :meth:`expire` concludes those whose deadline passed.  A concluded
     connection is closed and logged, or handed to ``hand_out(sock, header,
     policy, peer, trusted)`` as the policy table says.  The knobs are read
-    from ``server`` when used.
+    from ``live`` (the server's current settings) when used.
 
     The parked connections are the keys of :attr:`parking`, the
     :class:`~proxyproto.parking.Parking` the asyncio adapters use too: at
@@ -232,16 +233,16 @@ class ParkedConnections:
     ``getrlimit`` call per park.
     """
 
-    __slots__ = ("hand_out", "log", "parking", "server", "watcher")
+    __slots__ = ("hand_out", "live", "log", "parking", "watcher")
 
     def __init__(
         self,
-        server: ProxyProtocolMixin,
+        live: LiveSettings,
         watcher: Watcher | None,
         log: RefusalLog,
         hand_out: Callable[[ProxySocket, ProxyHeader | None, Policy, Address, bool], None],
     ) -> None:
-        self.server = server
+        self.live = live
         self.watcher = watcher
         self.log = log
         self.hand_out = hand_out
@@ -253,14 +254,14 @@ class ParkedConnections:
     ) -> None:
         """Start waiting for ``sock``'s header (deadline: ``proxy_header_timeout`` from ``now``)."""
         attempt = self._attempt(sock, policy)
-        self.step(_Parked(attempt, peer, now + self.server.proxy_header_timeout, saved_timeout, trusted), now)
+        self.step(_Parked(attempt, peer, now + self.live.current.header_timeout, saved_timeout, trusted), now)
 
     def read_blocking(
         self, sock: ProxySocket, peer: Address, policy: Policy, trusted: bool, saved_timeout: float | None
     ) -> None:  # pragma: no cover - platforms whose selector has no pollable descriptor
         """Without a watcher: wait for ``sock``'s header here, bounded by ``proxy_header_timeout``."""
         sock.settimeout(0.0)
-        deadline = time.monotonic() + self.server.proxy_header_timeout
+        deadline = time.monotonic() + self.live.current.header_timeout
         parked = _Parked(self._attempt(sock, policy), peer, deadline, saved_timeout, trusted)
         try:
             wait_for_outcome(parked.attempt, parked.deadline)
@@ -282,7 +283,7 @@ class ParkedConnections:
             self._conclude(parked)
             return
         # (Nothing happens when it is parked already; no descriptor: no reserve, see the class.)
-        self.parking.add(parked, parked.peer, None, self.server.proxy_max_pending)
+        self.parking.add(parked, parked.peer, None, self.live.current.max_pending)
         assert self.watcher is not None
         self.watcher.watch(parked, now)
 
@@ -324,13 +325,13 @@ class ParkedConnections:
                 parked.attempt.sock.close()
 
     def _attempt(self, sock: ProxySocket, policy: Policy) -> HeaderAttempt:
-        server = self.server
+        settings = self.live.current
         return HeaderAttempt(
             sock,
             policy,
-            max_size=server.proxy_max_header_size,
-            verify_checksum=server.proxy_verify_checksum,
-            allow_v4_in_tcp6=server.proxy_allow_v4_in_tcp6,
+            max_size=settings.max_header_size,
+            verify_checksum=settings.verify_checksum,
+            allow_v4_in_tcp6=settings.allow_v4_in_tcp6,
         )
 
     def _unpark(self, parked: _Parked) -> None:
@@ -349,7 +350,7 @@ class ParkedConnections:
                 verdict.level,
                 "%s: closed: %s",
                 peer_text(parked.peer),
-                attempt.describe(self.server.proxy_header_timeout),
+                attempt.describe(self.live.current.header_timeout),
                 kind=kind_of(attempt.outcome),
             )
             sock.close()
@@ -379,9 +380,11 @@ class WaitingRoom:
 
     ``accept(room)`` is the server's: it accepts one raw connection and
     decides its trust (``Arrival``); an ``OSError`` from it is
-    ``accept()``'s.  The header knobs and the listener (``server.socket``)
-    are read from ``server`` when used, so a change made while serving takes
-    effect from the next connection.  Refusal lines go to :attr:`log`.
+    ``accept()``'s.  The header knobs are read from ``live`` (the server's
+    :class:`~proxyproto.settings.LiveSettings`, refreshed per connection by
+    ``accept``) and the listener from ``server.socket`` when used, so a change
+    made while serving takes effect from the next connection.  Refusal lines
+    go to :attr:`log`.
     """
 
     __slots__ = (
@@ -391,6 +394,7 @@ class WaitingRoom:
         "children_full",
         "descriptor",
         "generation",
+        "live",
         "log",
         "parked",
         "ready",
@@ -400,8 +404,15 @@ class WaitingRoom:
         "watcher",
     )
 
-    def __init__(self, server: ProxyProtocolMixin, accept: Callable[[WaitingRoom], Arrival], log: RefusalLog) -> None:
+    def __init__(
+        self,
+        server: ProxyProtocolMixin,
+        accept: Callable[[WaitingRoom], Arrival],
+        log: RefusalLog,
+        live: LiveSettings,
+    ) -> None:
         self.server = server
+        self.live = live
         self.accept = accept
         self.log = log
         listener = server.socket
@@ -418,7 +429,7 @@ class WaitingRoom:
         #: What the server's ``fileno()`` answers: the watcher's descriptor (None without a watcher:
         #: the listener's, then).
         self.descriptor = None if self.watcher is None else self.watcher.descriptor
-        self.waiting = ParkedConnections(server, self.watcher, log, self._queue)
+        self.waiting = ParkedConnections(live, self.watcher, log, self._queue)
         self.parked = self.waiting.parking.waiting  # (read for every connection: one attribute, not three)
 
     def next_request(self) -> tuple[ProxySocket, Address]:
@@ -514,10 +525,10 @@ class WaitingRoom:
         elif policy is not Policy.REJECT:
             # The common case: the header came with the connection, whole and valid.  Serve it
             # without building the per-connection state machine; anything else takes the long way.
-            server = self.server
+            settings = self.live.current
             try:
                 header = take_complete_header(
-                    sock, server.proxy_max_header_size, server.proxy_verify_checksum, server.proxy_allow_v4_in_tcp6
+                    sock, settings.max_header_size, settings.verify_checksum, settings.allow_v4_in_tcp6
                 )
             except OSError as exc:
                 self.waiting.read_failed(sock, peer, exc)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from typing import Any, Callable, Union
+from typing import Any
 
 # waitress ships no type hints: mypy sees Any (and, on a [test]-only install, no module at all).
 from waitress.channel import HTTPChannel  # type: ignore[import-untyped,import-not-found,unused-ignore]
@@ -38,21 +38,12 @@ from waitress.server import create_server as _waitress_create_server  # type: ig
 from waitress.task import WSGITask  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
 from .header import ProxyHeader
-from .peers import socket_family, unix_access
-from .policy import (
-    Outcome,
-    Policy,
-    Trust,
-    decide,
-    describe,
-    hook_trust,
-    peer_text,
-    served_address,
-    trust_for,
-)
+from .parking import Parking
+from .peers import socket_family
+from .policy import Outcome, Policy, decide, describe, peer_text, served_address
 from .reader import HeaderScanner
-from .refusal_log import DEFAULT_LOG_RATE, KIND_EVICTED, KIND_POLICY_FOR, RefusalLog, kind_of
-from .settings import DEFAULT_TRUSTED, adapter_settings
+from .refusal_log import KIND_POLICY_FOR, RefusalLog, kind_of
+from .settings import Settings, settings_for, split_knobs
 
 __all__ = ["ENVIRON_KEY", "ProxyHTTPChannel", "ProxySettings", "ProxyWSGITask", "create_server", "serve"]
 
@@ -60,67 +51,28 @@ logger = logging.getLogger("proxyproto")
 
 #: The WSGI environ key holding the parsed :class:`~proxyproto.ProxyHeader` (or None).
 ENVIRON_KEY = "proxyproto.header"
-#: ``policy_for(peer, local) -> Policy``: the mixin's ``proxy_policy_for`` hook, as a function.
-PolicyHook = Callable[[Any, Any], Union[Policy, str]]
 
 
 class ProxySettings:
-    """The knobs of one :func:`create_server`, shared by its listeners, and the channels still waiting.
+    """The settings of one :func:`create_server`, shared by its listeners, with its log and waiting channels.
 
-    ``pending`` keeps the channels whose header is incomplete, oldest first,
-    so that past ``max_pending`` the oldest (the likeliest attacker: a real
-    proxy sends its header at once) is the one closed.
+    ``settings``: a :class:`~proxyproto.settings.Settings`, the keyword
+    knobs on top.  ``parking`` holds the channels whose header is
+    incomplete, oldest first, and closes the oldest past ``max_pending``
+    or near the descriptor limit (:class:`proxyproto.parking.Parking`, the
+    rule of every adapter).
     """
 
-    def __init__(
-        self,
-        *,
-        policy: Policy | str = Policy.REQUIRE,
-        trusted: Any = DEFAULT_TRUSTED,
-        untrusted_policy: Policy | str = Policy.SKIP,
-        header_timeout: float = 10.0,
-        max_header_size: int = 4096,
-        verify_checksum: bool = True,
-        allow_v4_in_tcp6: bool = False,
-        max_pending: int = 256,
-        log_rate: float | None = DEFAULT_LOG_RATE,
-        policy_for: PolicyHook | None = None,
-    ) -> None:
-        self.hook = policy_for
-        self.policy, self.untrusted_policy, self.trusted = adapter_settings(
-            policy=policy,
-            trusted=trusted,
-            untrusted_policy=untrusted_policy,
-            header_timeout=header_timeout,
-            max_header_size=max_header_size,
-            max_pending=max_pending,
-            log_rate=log_rate,
-        )
-        self.header_timeout = header_timeout
-        self.max_header_size = max_header_size
-        self.verify_checksum = verify_checksum
-        self.allow_v4_in_tcp6 = allow_v4_in_tcp6
-        self.max_pending = max_pending
-        self.log = RefusalLog(logger, log_rate)
-        self.pending: dict[ProxyHTTPChannel, None] = {}
+    def __init__(self, settings: Settings | None = None, **knobs: Any) -> None:
+        self.settings = settings_for(settings, knobs)
+        self.log = RefusalLog(logger, self.settings.log_rate)
+        self.parking: Parking[ProxyHTTPChannel] = Parking(self.log, _evicted)
 
-    def trust(self, peer: Any, sock: Any, family: int) -> Trust:
-        """``policy`` for trusted peers, ``untrusted_policy`` for the others (:func:`~proxyproto.policy.trust_for`).
 
-        With a ``policy_for`` hook, its answer for ``(peer, sock.getsockname())``
-        instead, the peer trusted when it is REQUIRE or USE
-        (:func:`~proxyproto.policy.hook_trust`); whatever the hook raises
-        propagates (the channel closes the connection and logs it).
-        ``family`` is ``sock``'s real one (:func:`~proxyproto.peers.socket_family`).
-        waitress gives every UNIX peer the address ``("localhost", None)``,
-        so the socket, never the address's shape, says whether the peer is a
-        UNIX one; such a peer is trusted when the socket file is not
-        world-writable (waitress's ``unix_socket_perms`` default, ``600``,
-        is not), or when ``trusted`` says ``unix`` or ``"*"``.
-        """
-        if self.hook is not None:
-            return hook_trust(self.hook(peer, sock.getsockname()))
-        return trust_for(self.policy, self.untrusted_policy, self.trusted, peer, unix_access(sock, family))
+def _evicted(channel: ProxyHTTPChannel) -> None:
+    """Parking's close callback: the channel stops reading its header and closes on the loop's next pass."""
+    channel._proxy_scanner = None
+    channel.will_close = True
 
 
 class ProxyWSGITask(WSGITask):  # type: ignore[misc]  # waitress has no type hints
@@ -148,14 +100,15 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
     def __init__(self, server: Any, sock: socket.socket, addr: Any, adj: Any, map: Any = None) -> None:
         super().__init__(server, sock, addr, adj, map)
         self.proxy_peername = addr
-        settings: ProxySettings = server.proxy_settings
-        self._proxy_settings = settings
+        shared: ProxySettings = server.proxy_settings
+        self._proxy_shared = shared
+        settings = shared.settings
         family = socket_family(sock)  # the socket's own, whatever the server's label says
         self._proxy_family: int = server.family if family < 0 else family
         #: The scanner of the bytes held while the header is undecided; None once decided (served or refused).
         self._proxy_scanner: HeaderScanner | None = None
         try:
-            self._proxy_policy, self._proxy_trusted = settings.trust(addr, sock, self._proxy_family)
+            self._proxy_policy, self._proxy_trusted = settings.trust(addr, sock, family=self._proxy_family)
         except Exception as exc:  # a user's hook: its failure closes this connection, nothing else
             self._proxy_policy, self._proxy_trusted = Policy.REQUIRE, False
             self._proxy_refuse(
@@ -164,22 +117,9 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
             return
         if self._proxy_policy is Policy.SKIP:
             return
-        self._proxy_scanner = HeaderScanner(
-            max_size=settings.max_header_size,
-            verify_checksum=settings.verify_checksum,
-            allow_v4_in_tcp6=settings.allow_v4_in_tcp6,
-        )
+        self._proxy_scanner = settings.scanner()
         self._proxy_deadline = time.monotonic() + settings.header_timeout
-        pending = settings.pending
-        pending[self] = None
-        if len(pending) > settings.max_pending:
-            oldest = next(iter(pending))
-            oldest._proxy_refuse(
-                logging.WARNING,
-                f"closed: more than {settings.max_pending} connections waiting for a PROXY header "
-                "(max_pending); closing the oldest",
-                kind=KIND_EVICTED,
-            )
+        shared.parking.add(self, addr, sock.fileno(), settings.max_pending)
 
     # -- asyncore hooks --------------------------------------------------------------
 
@@ -205,7 +145,7 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
         scanner = self._proxy_scanner
         if scanner is not None:  # the peer closed (or the socket failed) before the header was decided
             self._proxy_decided(scanner.eof(), b"", immediate=False)
-        self._proxy_settings.pending.pop(self, None)
+        self._proxy_shared.parking.discard(self)
         super().handle_close()
 
     # -- the decision ----------------------------------------------------------------
@@ -217,7 +157,7 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
         the channel is marked to close on the loop's next pass, as waitress's
         own maintenance does (``readable()`` runs while the loop walks its map).
         """
-        settings = self._proxy_settings
+        settings = self._proxy_shared.settings
         policy = self._proxy_policy
         scanner = self._proxy_scanner
         assert scanner is not None
@@ -227,7 +167,7 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
             self._proxy_refuse(verdict.level, f"closed: {reason}", immediate=immediate, kind=kind_of(outcome))
             return False
         self._proxy_scanner = None
-        settings.pending.pop(self, None)
+        self._proxy_shared.parking.discard(self)
         address = served_address(policy, self.proxy_header, self.proxy_peername, self._proxy_family)
         if isinstance(address, tuple):  # a UNIX source on a UNIX listener keeps waitress's ("localhost", None)
             self.addr = address
@@ -238,56 +178,30 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
     def _proxy_refuse(self, level: int, message: str, *, kind: str, immediate: bool = False) -> None:
         """Close without a response, after one log line naming the peer."""
         self._proxy_scanner = None
-        self._proxy_settings.pending.pop(self, None)
-        self._proxy_settings.log.log(level, "%s: %s", peer_text(self.proxy_peername), message, kind=kind)
+        self._proxy_shared.parking.discard(self)
+        self._proxy_shared.log.log(level, "%s: %s", peer_text(self.proxy_peername), message, kind=kind)
         if immediate:
             self.handle_close()
         else:
             self.will_close = True
 
 
-def create_server(
-    application: Any,
-    *,
-    policy: Policy | str = Policy.REQUIRE,
-    trusted: Any = DEFAULT_TRUSTED,
-    untrusted_policy: Policy | str = Policy.SKIP,
-    header_timeout: float = 10.0,
-    max_header_size: int = 4096,
-    verify_checksum: bool = True,
-    allow_v4_in_tcp6: bool = False,
-    max_pending: int = 256,
-    log_rate: float | None = DEFAULT_LOG_RATE,
-    policy_for: PolicyHook | None = None,
-    **kw: Any,
-) -> Any:
+def create_server(application: Any, *, settings: Settings | None = None, **kw: Any) -> Any:
     """``waitress.create_server`` whose connections start with a PROXY header.
 
-    The proxy knobs are those of :func:`proxyproto.aio.start_server` (the
-    mixin's ``proxy_*`` attributes without the prefix, with their defaults:
-    ``docs/configuration.rst``); ``trusted`` defaults to ``"127.0.0.1,::1"``
-    (loopback only) and takes networks, single addresses,
-    ``"10.0.0.0/8,127.0.0.1"`` strings, ``"*"`` for every peer or ``""``
-    for none (None is refused); ``policy_for(peer, local) -> Policy``
-    replaces the three trust knobs with a decision per connection (a hook
-    that raises closes that connection, logged).  Every other keyword
-    goes to waitress (``listen=``, ``threads=``, ``map=``, ...).  Returns
-    waitress's server object (call ``run()``); each of its listeners uses
-    :class:`ProxyHTTPChannel`.  Invalid knobs raise ``ValueError`` before
-    anything is bound.
+    The proxy knobs are docs/configuration.rst's, as keywords or as one
+    :class:`~proxyproto.settings.Settings` (``settings=``, keywords on
+    top); ``trusted`` defaults to ``"127.0.0.1,::1"`` (loopback only) and
+    takes networks, single addresses, ``"10.0.0.0/8,127.0.0.1"`` strings,
+    ``"*"`` for every peer or ``""`` for none (None is refused); a
+    ``policy_for`` hook that raises closes that connection, logged.  Every
+    other keyword goes to waitress (``listen=``, ``threads=``, ``map=``,
+    ...).  Returns waitress's server object (call ``run()``); each of its
+    listeners uses :class:`ProxyHTTPChannel`.  Invalid knobs raise
+    ``ValueError`` before anything is bound.
     """
-    settings = ProxySettings(
-        policy=policy,
-        trusted=trusted,
-        untrusted_policy=untrusted_policy,
-        header_timeout=header_timeout,
-        max_header_size=max_header_size,
-        verify_checksum=verify_checksum,
-        allow_v4_in_tcp6=allow_v4_in_tcp6,
-        max_pending=max_pending,
-        log_rate=log_rate,
-        policy_for=policy_for,
-    )
+    knobs, kw = split_knobs({"settings": settings, **kw})
+    shared = ProxySettings(**knobs)
     socket_map = kw.pop("map", None)
     if socket_map is None:
         socket_map = {}
@@ -297,15 +211,15 @@ def create_server(
     # would lock everyone out for the whole header timeout.  Keep half the slots for
     # connections past their header.
     limit = getattr(getattr(server, "adj", None), "connection_limit", None)
-    if isinstance(limit, int) and limit > 1:
-        settings.max_pending = min(settings.max_pending, limit // 2)
+    if isinstance(limit, int) and limit > 1 and shared.settings.max_pending > limit // 2:
+        shared.settings = shared.settings.replace(max_pending=limit // 2)
     # The listeners are already listening, but nothing is accepted before the
     # loop runs, so no connection can get waitress's own channel class.
     for dispatcher in list(socket_map.values()):
         if isinstance(dispatcher, BaseWSGIServer):
-            dispatcher.proxy_settings = settings
+            dispatcher.proxy_settings = shared
             dispatcher.channel_class = ProxyHTTPChannel
-            dispatcher.readable = _flushing(settings.log, dispatcher.readable)
+            dispatcher.readable = _flushing(shared.log, dispatcher.readable)
     return server
 
 

@@ -1,10 +1,10 @@
 """docs/configuration.rst's settings table is every adapter's truth: same knobs, same defaults.
 
 The table is parsed with docutils (as a reader's renderer sees it) and compared with what each
-adapter really does by default: the mixins' class attributes, the keyword defaults of every
-function and class that takes the knobs (``inspect.signature``), and uvicorn's environment
-defaults (``proxyproto.uvicorn.ENVIRONMENT``, through ``settings_from_env``).  ``trusted`` is
-loopback only everywhere, and ``None`` (which used to mean every peer) is refused everywhere.
+adapter really does by default: the one settings value (``proxyproto.settings.Settings``) every
+keyword adapter holds and hands its keywords to, the mixins' class attributes, and the
+environment's defaults (``settings_from_environment``).  ``trusted`` is loopback only
+everywhere, and ``None`` (which used to mean every peer) is refused everywhere.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from support import require_module
 
 import proxyproto
 from proxyproto import aio, aio_protocol
-from proxyproto.policy import UNIX_RESTRICTED, TrustedNetworks
+from proxyproto.policy import UNIX_RESTRICTED, Policy, TrustedNetworks
+from proxyproto.settings import ENVIRONMENT, KNOBS, VARIABLES, Settings, settings_from_environment
 from proxyproto.udp import ProxyDatagramMixin
 
 LOOPBACK = {ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128")}
@@ -72,10 +73,11 @@ def settings_table() -> dict[str, Row]:
 TABLE = settings_table()
 
 #: Every callable that takes the knobs as keywords, and the parameters that are its host's own
-#: (not knobs of this library).  A parameter that is in neither is a knob missing from the table.
+#: (not knobs of this library).  Besides those, an adapter has ``settings=`` (one Settings value),
+#: ``**`` for the knobs as keywords, and the table's TLS knobs it supports.
 KEYWORD_ADAPTERS: dict[str, tuple[Callable[..., Any], set[str]]] = {
-    "aio.start_server": (aio.start_server, {"client_connected_cb", "host", "port", "kwargs"}),
-    "aio.start_unix_server": (aio.start_unix_server, {"client_connected_cb", "path", "kwargs"}),
+    "aio.start_server": (aio.start_server, {"client_connected_cb", "host", "port"}),
+    "aio.start_unix_server": (aio.start_unix_server, {"client_connected_cb", "path"}),
     "aio_protocol.wrap_protocol_factory": (aio_protocol.wrap_protocol_factory, {"factory"}),
     "aio_protocol.ProxyProtocolFactory": (aio_protocol.ProxyProtocolFactory, {"factory"}),
 }
@@ -112,8 +114,16 @@ def optional_adapters() -> Iterator[tuple[str, Callable[..., Any], set[str]]]:
 
         from proxyproto import waitress
 
-        yield "waitress.create_server", waitress.create_server, {"application", "kw"}
+        yield "waitress.create_server", waitress.create_server, {"application"}
         yield "waitress.ProxySettings", waitress.ProxySettings, set()
+    except ImportError:
+        pass
+    try:
+        import uvicorn  # noqa: F401
+
+        from proxyproto import uvicorn as ppu
+
+        yield "uvicorn.wrap", ppu.wrap, {"http"}
     except ImportError:
         pass
 
@@ -122,28 +132,84 @@ def keyword_adapters() -> list[tuple[str, Callable[..., Any], set[str]]]:
     return [(name, fn, own) for name, (fn, own) in KEYWORD_ADAPTERS.items()] + list(optional_adapters())
 
 
-def expected_knobs(adapter: str) -> set[str]:
-    knobs = set(TABLE)
+def expected_tls_knobs(adapter: str) -> set[str]:
+    knobs = set(TLS_KNOBS)
     if adapter not in ("aio.start_server", "aio.start_unix_server"):
         knobs.discard("ssl_before_header")  # asyncio's own ssl=, which only proxyproto.aio mirrors
-    for lacking in LACKS.values():
-        if adapter in lacking:
-            knobs -= TLS_KNOBS
+    if adapter == "uvicorn.wrap" or any(adapter in lacking for lacking in LACKS.values()):
+        knobs.clear()  # uvicorn takes its own --ssl-* settings
     return knobs
 
 
+def test_the_tables_knobs_are_the_settings_value_with_its_defaults() -> None:
+    assert set(TABLE) - TLS_KNOBS == set(KNOBS)
+    defaults = Settings()
+    for knob in KNOBS:
+        expected = TABLE[knob].default
+        if knob == "trusted":
+            expected = TrustedNetworks(expected)
+        assert getattr(defaults, knob) == expected, knob
+    parameters = inspect.signature(Settings).parameters
+    assert list(parameters) == list(KNOBS)  # one signature of the knobs, in the table's order
+
+
 @pytest.mark.parametrize(("name", "adapter", "own"), keyword_adapters(), ids=lambda v: v if isinstance(v, str) else "")
-def test_every_keyword_adapter_has_the_tables_knobs_with_the_tables_defaults(
+def test_every_keyword_adapter_takes_the_settings_value_and_the_knobs_and_nothing_else(
     name: str, adapter: Callable[..., Any], own: set[str]
 ) -> None:
     parameters = inspect.signature(adapter).parameters
-    spelled = {SPELLING.get((name, knob), knob): knob for knob in expected_knobs(name)}
-    missing = set(spelled) - set(parameters)
-    assert not missing, f"{name} lacks {sorted(missing)}"
-    unknown = set(parameters) - set(spelled) - own
+    keywords = [p for p in parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    assert len(keywords) == 1, f"{name} takes the knobs as keywords"
+    assert parameters["settings"].default is None
+    tls = {SPELLING.get((name, knob), knob) for knob in expected_tls_knobs(name)}
+    assert tls <= set(parameters), f"{name} lacks {sorted(tls - set(parameters))}"
+    for knob in tls:
+        assert parameters[knob].default is None, (name, knob)
+    unknown = set(parameters) - tls - own - {"settings", keywords[0].name}
     assert not unknown, f"{name} takes {sorted(unknown)}, which docs/configuration.rst's table does not list"
-    for spelling, knob in spelled.items():
-        assert parameters[spelling].default == TABLE[knob].default, (name, spelling, parameters[spelling].default)
+
+
+#: Every knob away from its default (what a keyword adapter must hand to its Settings unchanged).
+CHANGED = {
+    "policy": Policy.USE,
+    "trusted": "10.0.0.0/8",
+    "untrusted_policy": Policy.REJECT,
+    "policy_for": None,
+    "header_timeout": 2.5,
+    "max_header_size": 8192,
+    "verify_checksum": False,
+    "allow_v4_in_tcp6": True,
+    "max_pending": 17,
+    "log_rate": 3.0,
+}
+
+
+def built_settings() -> list[tuple[str, Callable[..., Settings]]]:
+    builders: list[tuple[str, Callable[..., Settings]]] = [
+        (
+            "aio_protocol.wrap_protocol_factory",
+            lambda **k: aio_protocol.wrap_protocol_factory(asyncio.Protocol, **k).settings,
+        ),
+        (
+            "aio_protocol.ProxyProtocolFactory",
+            lambda **k: aio_protocol.ProxyProtocolFactory(asyncio.Protocol, **k).settings,
+        ),
+    ]
+    for name, fn, _ in optional_adapters():
+        if name == "waitress.ProxySettings":
+            builders.append((name, lambda fn=fn, **k: fn(**k).settings))
+        elif name == "uvicorn.wrap":
+            builders.append((name, lambda fn=fn, **k: fn("h11", **k).settings))
+    return builders
+
+
+@pytest.mark.parametrize(("name", "build"), built_settings(), ids=[name for name, _ in built_settings()])
+def test_an_adapter_holds_exactly_the_knobs_it_was_given(name: str, build: Callable[..., Settings]) -> None:
+    assert build(**CHANGED) == Settings(**CHANGED)
+    base = Settings(trusted="*", max_pending=5)
+    assert build(settings=base, header_timeout=1.0) == base.replace(header_timeout=1.0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_pendin'"):
+        build(max_pendin=5)
 
 
 def test_the_socketserver_mixin_has_every_attribute_of_the_table_with_its_default() -> None:
@@ -167,37 +233,30 @@ def test_the_datagram_mixin_has_exactly_the_attributes_marked_udp_too_with_their
             assert getattr(ProxyDatagramMixin, row.attribute) == row.default, row.attribute  # type: ignore[arg-type]
 
 
-def test_uvicorns_environment_defaults_are_the_tables() -> None:
-    require_module("uvicorn")
-    from proxyproto import uvicorn as ppu
-
+def test_the_environments_variables_and_defaults_are_the_tables() -> None:
     variables = {row.variable: row for row in TABLE.values() if row.variable}
-    assert set(ppu.ENVIRONMENT) == set(variables)
-    settings = ppu.settings_from_env({})
-    for row in variables.values():
-        assert settings[row.knob] == row.default, (row.variable, settings[row.knob])
-    assert ppu.wrap("h11", header_timeout=5.0).settings["trusted"] == TABLE["trusted"].default
+    assert set(ENVIRONMENT) == set(variables)
+    assert settings_from_environment({}) == Settings()
+    for variable, row in variables.items():
+        assert VARIABLES[row.knob] == variable
 
 
 # -- trust: loopback only, None refused ------------------------------------------------------------
 
 
 def trusted_defaults() -> list[tuple[str, Any]]:
-    found = [(name, inspect.signature(fn).parameters["trusted"].default) for name, fn, _ in keyword_adapters()]
+    # (One knob given: uvicorn.wrap() without any reads the environment, checked below.)
+    found: list[tuple[str, Any]] = [(name, build(header_timeout=5.0).trusted) for name, build in built_settings()]
+    found.append(("Settings", Settings().trusted))
     found.append(("ProxyProtocolMixin", proxyproto.ProxyProtocolMixin.proxy_trusted))
     found.append(("ProxyDatagramMixin", ProxyDatagramMixin.proxy_trusted))
-    try:
-        from proxyproto import uvicorn as ppu
-
-        found.append(("uvicorn environment", ppu.settings_from_env({})["trusted"]))
-    except ImportError:
-        pass
+    found.append(("environment", settings_from_environment({}).trusted))
     return found
 
 
 @pytest.mark.parametrize(("name", "default"), trusted_defaults(), ids=[name for name, _ in trusted_defaults()])
 def test_trusted_is_loopback_only_by_default(name: str, default: Any) -> None:
-    networks = TrustedNetworks(default)
+    networks = default if isinstance(default, TrustedNetworks) else TrustedNetworks(default)
     assert set(networks.networks) == LOOPBACK, name
     assert networks.unix == UNIX_RESTRICTED  # UNIX peers only behind a socket file that is not world-writable
     assert "127.0.0.2" not in networks and "10.0.0.1" not in networks and "::ffff:127.0.0.1" in networks

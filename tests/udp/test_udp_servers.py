@@ -35,6 +35,7 @@ from udp_kit import (
 
 import proxyproto
 from proxyproto import Policy, udp
+from proxyproto.settings import Settings
 
 
 @pytest.fixture
@@ -169,15 +170,12 @@ def test_udp_stream_header_is_refused_naming_the_protocol_G8(
     assert "127.0.0.1:" in message and "\n" not in message
 
 
-def test_udp_stream_header_parses_as_invalid_header_G8() -> None:
+def test_udp_stream_header_scans_as_invalid_header_G8() -> None:
     """The refusal is an InvalidHeader (the policy table's "malformed header" row), whatever the policy."""
-    server = udp.ProxyUDPServer(("127.0.0.1", 0), udp.ProxyDatagramRequestHandler)
-    try:
-        header, outcome, error = server._ppd_parse(STREAM_HEADERS["0x11 TCP over IPv4"])
-    finally:
-        server.server_close()
-    assert header is None and outcome.name == "INVALID"
-    assert type(error).__name__ == "InvalidHeader" and "STREAM (TCP)" in str(error)
+    scanner = Settings().scanner()
+    outcome = scanner.datagram(STREAM_HEADERS["0x11 TCP over IPv4"])
+    assert scanner.header is None and outcome.name == "INVALID"
+    assert type(scanner.error).__name__ == "InvalidHeader" and "STREAM (TCP)" in str(scanner.error)
 
 
 @pytest.mark.parametrize("name", CLASS_NAMES)

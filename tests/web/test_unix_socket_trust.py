@@ -34,8 +34,9 @@ from web_kit import HERE, ROOT
 import proxyproto
 import proxyproto.aio
 import proxyproto.aio_protocol
-from proxyproto.peers import connection_trust, socket_family, unix_access
+from proxyproto.peers import socket_family, unix_access
 from proxyproto.policy import UNIX_ANY, UNIX_NONE, UNIX_OPEN, UNIX_RESTRICTED, Policy, TrustedNetworks
+from proxyproto.settings import Settings
 
 SPOOFED = ("203.0.113.7", 4242)
 DEST = ("198.51.100.20", 443)
@@ -82,23 +83,20 @@ def test_trusted_list_says_which_unix_peers_are_trusted(spec: Any, unix: str) ->
     ("mode", "spec", "expected"),
     [
         (0o600, "127.0.0.1", Policy.REQUIRE),
-        (0o660, None, Policy.REQUIRE),
+        (0o660, "127.0.0.1,::1", Policy.REQUIRE),
         (0o666, "127.0.0.1", Policy.SKIP),
-        (0o666, None, Policy.SKIP),  # None trusts every IP peer; a world-writable socket's still need saying
+        (0o666, "0.0.0.0/0", Policy.SKIP),  # every IP peer; a world-writable socket's still need saying
         (0o666, "127.0.0.1,unix", Policy.REQUIRE),
         (0o666, "*", Policy.REQUIRE),
         (0o600, "", Policy.SKIP),
     ],
 )
-def test_unix_peer_is_trusted_only_where_the_socket_file_restricts_it(
-    mode: int, spec: str | None, expected: Policy
-) -> None:
+def test_unix_peer_is_trusted_only_where_the_socket_file_restricts_it(mode: int, spec: str, expected: Policy) -> None:
     with shared_dir() as directory, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         path = str(directory / "s")
         listener.bind(path)
         os.chmod(path, mode)
-        trusted = None if spec is None else TrustedNetworks(spec)
-        trust = connection_trust(Policy.REQUIRE, Policy.SKIP, trusted, "", listener)
+        trust = Settings(trusted=spec).trust("", listener)
         assert trust.policy is expected and trust.trusted is (expected is Policy.REQUIRE)
 
 
@@ -106,10 +104,8 @@ def test_abstract_and_unnamed_unix_sockets_trust_no_peer_by_default() -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as abstract:
         abstract.bind(b"\0proxyproto-test-%d" % os.getpid())
         assert unix_access(abstract) == UNIX_OPEN
-        assert connection_trust(Policy.REQUIRE, Policy.SKIP, TrustedNetworks("127.0.0.1"), "", abstract).policy is (
-            Policy.SKIP
-        )
-        assert connection_trust(Policy.REQUIRE, Policy.SKIP, TrustedNetworks("unix"), "", abstract).trusted
+        assert Settings(trusted="127.0.0.1").trust("", abstract).policy is Policy.SKIP
+        assert Settings(trusted="unix").trust("", abstract).trusted
     left, right = socket.socketpair()
     with left, right:
         assert unix_access(left) == UNIX_OPEN
@@ -124,7 +120,7 @@ def test_mislabeled_tcp_socket_is_an_ip_socket_and_its_peers_are_not_trusted_as_
             assert socket_family(labelled) == socket.AF_INET  # the socket
             assert unix_access(labelled) is None
             # An IP peer the loop could not tell (uvloop answers None after a reset): not trusted.
-            trust = connection_trust(Policy.REQUIRE, Policy.SKIP, TrustedNetworks("10.0.0.0/8"), None, labelled)
+            trust = Settings(trusted="10.0.0.0/8").trust(None, labelled)
             assert trust.policy is Policy.SKIP and not trust.trusted
 
 

@@ -34,6 +34,8 @@ from web_kit import (
 )
 
 import proxyproto
+from proxyproto.policy import TrustedNetworks
+from proxyproto.settings import settings_from_environment
 
 uvicorn: Any = require_module("uvicorn")
 
@@ -248,15 +250,15 @@ def test_uvicorn_slow_and_silent_clients_never_delay_a_good_one(http: str) -> No
 
 
 def test_uvicorn_environment_defaults_trust_loopback_only() -> None:
-    settings = ppu.settings_from_env({})
-    assert settings["policy"] is proxyproto.Policy.REQUIRE
-    assert settings["untrusted_policy"] is proxyproto.Policy.SKIP
-    assert settings["trusted"] == "127.0.0.1,::1"
-    assert settings["header_timeout"] == 10.0 and settings["max_pending"] == 256
+    settings = settings_from_environment({})
+    assert settings.policy is proxyproto.Policy.REQUIRE
+    assert settings.untrusted_policy is proxyproto.Policy.SKIP
+    assert settings.trusted == TrustedNetworks("127.0.0.1,::1")
+    assert settings.header_timeout == 10.0 and settings.max_pending == 256
 
 
 def test_uvicorn_environment_values_are_read_in_any_case() -> None:
-    settings = ppu.settings_from_env(
+    settings = settings_from_environment(
         {
             "PROXYPROTO_POLICY": "use",
             "PROXYPROTO_ALLOW_IPS": "10.0.0.0/8, 192.168.1.1",
@@ -264,10 +266,14 @@ def test_uvicorn_environment_values_are_read_in_any_case() -> None:
             "PROXYPROTO_HEADER_TIMEOUT": "2.5",
             "PROXYPROTO_MAX_PENDING": "64",
             "PROXYPROTO_LOG_RATE": "none",
+            "PROXYPROTO_VERIFY_CHECKSUM": "Off",
+            "PROXYPROTO_ALLOW_V4_IN_TCP6": "YES",
         }
     )
-    assert settings["policy"] is proxyproto.Policy.USE and settings["untrusted_policy"] is proxyproto.Policy.REJECT
-    assert settings["header_timeout"] == 2.5 and settings["max_pending"] == 64 and settings["log_rate"] is None
+    assert settings.policy is proxyproto.Policy.USE and settings.untrusted_policy is proxyproto.Policy.REJECT
+    assert settings.header_timeout == 2.5 and settings.max_pending == 64 and settings.log_rate is None
+    assert settings.trusted == TrustedNetworks(["10.0.0.0/8", "192.168.1.1"])
+    assert settings.verify_checksum is False and settings.allow_v4_in_tcp6 is True
 
 
 @pytest.mark.parametrize(
@@ -278,11 +284,12 @@ def test_uvicorn_environment_values_are_read_in_any_case() -> None:
         ("PROXYPROTO_ALLOW_IPS", "10.0.0.0/33"),
         ("PROXYPROTO_HEADER_TIMEOUT", "soon"),
         ("PROXYPROTO_MAX_PENDING", "0"),
+        ("PROXYPROTO_VERIFY_CHECKSUM", "maybe"),
     ],
 )
 def test_uvicorn_environment_refuses_bad_values_naming_the_variable(name: str, value: str) -> None:
-    with pytest.raises(ValueError, match=name.replace("PROXYPROTO_", "")):
-        ppu.settings_from_env({name: value})
+    with pytest.raises(ValueError, match=f"^{name}={value!r}: "):
+        settings_from_environment({name: value})
 
 
 def other_http_classes() -> list[Any]:

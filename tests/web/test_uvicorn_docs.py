@@ -138,16 +138,15 @@ def test_install_lines_name_extras_that_exist() -> None:
 
 
 def test_environment_table_has_every_variable_with_its_default() -> None:
-    """Every entry of ``proxyproto.uvicorn.ENVIRONMENT`` has a row saying its real default."""
-    require_module("uvicorn")
-    import proxyproto.uvicorn as ppu
+    """Every entry of ``proxyproto.settings.ENVIRONMENT`` has a row saying its real default."""
+    from proxyproto.settings import ENVIRONMENT
 
     lines = PAGE.read_text().splitlines()
-    for name, default in ppu.ENVIRONMENT.items():
+    for name, default in ENVIRONMENT.items():
         row = next((line for line in lines if line.startswith(f"``{name}``")), None)
         assert row is not None, name
         shown = row.split()[1].strip("`")
-        assert shown == default or float(shown) == float(default), (name, default, row)
+        assert shown == default or (shown[0].isdigit() and float(shown) == float(default)), (name, default, row)
 
 
 def test_tls_with_a_policy_that_looks_at_the_stream_is_refused() -> None:
