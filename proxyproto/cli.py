@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__, reader
+from .cli_failure import PROG, Failure
 from .header import ProxyHeader
 from .tlv import TLVType
 from .v1 import encode as encode_v1
@@ -40,17 +41,12 @@ from .v2 import encode as encode_v2
 
 __all__ = ["main"]
 
-PROG = "proxyproto"
 CHUNK = 65536
 #: accept() errors that mean "out of descriptors or memory": the listener stays readable,
 #: so retrying at once would spin; the relay rests instead (as the server mixin does).
 ACCEPT_RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 #: Seconds the relay stops polling its listener after such an error.
 ACCEPT_BACKOFF = 0.1
-
-
-class Failure(Exception):
-    """A clear, one-line error for stderr and exit status 1."""
 
 
 # -- addresses -----------------------------------------------------------------------
