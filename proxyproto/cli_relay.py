@@ -42,7 +42,7 @@ ACCEPT_BACKOFF = 0.1
 
 
 def endpoint_text(address: Any) -> str:
-    """``host:port``, ``[v6]:port``, or a UNIX name, for messages and ``decode``."""
+    """``host:port``, ``[v6]:port``, or a UNIX name, for the messages of ``send`` and ``relay``."""
     if isinstance(address, tuple):
         host, port = address[0], address[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
