@@ -1,0 +1,298 @@
+"""``proxyproto send`` and ``proxyproto relay``: a PROXY header on a connection, then its bytes both ways.
+
+* :func:`command_send` connects to a server, sends one header built from the
+  options, then copies stdin to the socket and the socket to stdout, like
+  ``nc``, half-closing the socket at the end of stdin.
+* :class:`Relay` (run by :func:`command_relay`) is a local stand-in for
+  haproxy's ``send-proxy`` / ``send-proxy-v2``: it accepts connections and
+  forwards each to an upstream, prefixed with a header carrying the client's
+  address and the listening address.
+
+Both write the header :func:`build_header` makes and copy bytes with the same
+loop; :func:`endpoint_text` writes addresses in their messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .cli_failure import PROG, Failure
+from .tlv import TLVType
+from .v1 import encode as encode_v1
+from .v2 import encode as encode_v2
+
+__all__ = ["Relay", "build_header", "command_relay", "command_send", "endpoint_text"]
+
+CHUNK = 65536
+#: accept() errors that mean "out of descriptors or memory": the listener stays readable,
+#: so retrying at once would spin; the relay rests instead (as the server mixin does).
+ACCEPT_RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+#: Seconds the relay stops polling its listener after such an error.
+ACCEPT_BACKOFF = 0.1
+
+
+def endpoint_text(address: Any) -> str:
+    """``host:port``, ``[v6]:port``, or a UNIX name, for the messages of ``send`` and ``relay``."""
+    if isinstance(address, tuple):
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    if isinstance(address, bytes):
+        return "unix:@" + address[1:].decode("utf-8", "backslashreplace")
+    return f"unix:{address}"
+
+
+def build_header(
+    version: int,
+    source: tuple[str, int] | None,
+    destination: tuple[str, int] | None,
+    *,
+    local: bool = False,
+    tlvs: Sequence[tuple[int, bytes]] = (),
+    checksum: bool = False,
+) -> bytes:
+    """The header ``send`` and ``relay`` write; ``Failure`` for an impossible combination."""
+    try:
+        if version == 1:
+            if local or tlvs or checksum:
+                raise Failure("--local, --tlv, --authority and --checksum need a v2 header (drop --v1)")
+            return encode_v1(source, destination)
+        if local:
+            if source is not None or destination is not None:
+                raise Failure("--local: a LOCAL header carries no addresses (drop --source/--destination)")
+            return encode_v2(command=0, tlvs=tlvs, checksum=checksum)
+        return encode_v2(source, destination, tlvs=tlvs, checksum=checksum)
+    except ValueError as exc:
+        raise Failure(f"cannot build the header: {exc}") from None
+
+
+def _pump(source: Any, sink: Any) -> None:
+    """Copy one direction until EOF; ``source``/``sink`` are sockets or descriptors."""
+    while True:
+        data = source.recv(CHUNK) if isinstance(source, socket.socket) else os.read(source, CHUNK)
+        if not data:
+            return
+        if isinstance(sink, socket.socket):
+            sink.sendall(data)
+        else:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(sink, view) :]
+
+
+# -- send ----------------------------------------------------------------------------
+
+
+def command_send(args: argparse.Namespace) -> int:
+    tlvs = list(args.tlv or ())
+    if args.authority is not None:
+        tlvs.append((TLVType.AUTHORITY, args.authority.encode("utf-8")))
+    if (args.source is None) != (args.destination is None):
+        raise Failure("give both --source and --destination, or neither (v1 UNKNOWN / v2 UNSPEC)")
+    header = build_header(
+        1 if args.v1 else 2, args.source, args.destination, local=args.local, tlvs=tlvs, checksum=args.checksum
+    )
+    try:
+        sock = socket.create_connection((args.host, args.port), timeout=args.timeout)
+    except OSError as exc:
+        raise Failure(f"cannot connect to {endpoint_text((args.host, args.port))}: {exc}") from None
+    sock.settimeout(None)
+    stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
+    sys.stdout.flush()
+
+    def upload() -> None:
+        try:
+            _pump(stdin, sock)
+            sock.shutdown(socket.SHUT_WR)  # half-close: the server sees EOF, its answer still arrives
+        except OSError:
+            pass  # the connection failed: the download side sees it and reports it
+
+    with sock:
+        try:
+            sock.sendall(header)
+        except OSError as exc:
+            raise Failure(f"cannot send the header: {exc}") from None
+        threading.Thread(target=upload, name="stdin->socket", daemon=True).start()
+        try:
+            _pump(sock, stdout)
+        except BrokenPipeError:
+            return 0  # stdout closed early (``| head``): not a failure of the connection
+        except OSError as exc:
+            raise Failure(f"connection to {endpoint_text((args.host, args.port))} failed: {exc}") from None
+    return 0
+
+
+# -- relay ---------------------------------------------------------------------------
+
+
+class Relay:
+    """Accept connections, forward each to the upstream with a PROXY header first.
+
+    One thread per connection and direction; the main thread accepts and
+    watches for the stop signal.  ``max_connections`` bounds the number of
+    connections accepted (then the relay waits for them to finish and exits).
+    """
+
+    def __init__(
+        self,
+        listen: tuple[str, int],
+        upstream: tuple[str, int],
+        *,
+        version: int = 2,
+        checksum: bool = False,
+        max_connections: int | None = None,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.upstream = upstream
+        self.version = version
+        self.checksum = checksum
+        self.max_connections = max_connections
+        self.connect_timeout = connect_timeout
+        self.stopping = threading.Event()
+        self.active: set[socket.socket] = set()
+        self.lock = threading.Lock()
+        self.threads: list[threading.Thread] = []
+        try:
+            infos = socket.getaddrinfo(listen[0], listen[1], type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            family, kind, proto, _, address = infos[0]
+            listener = socket.socket(family, kind, proto)
+        except OSError as exc:
+            raise Failure(f"cannot listen on {endpoint_text(listen)}: {exc}") from None
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(address)
+            listener.listen(128)
+        except OSError as exc:
+            listener.close()
+            raise Failure(f"cannot listen on {endpoint_text(listen)}: {exc}") from None
+        self.listener = listener
+
+    @property
+    def address(self) -> tuple[Any, ...]:
+        return self.listener.getsockname()  # type: ignore[no-any-return]
+
+    def stop(self, *_: object) -> None:
+        """Stop accepting; close every connection still open (signal handler)."""
+        self.stopping.set()
+
+    def serve(self) -> None:
+        """Accept until stopped (or ``max_connections``), then wait for the connections to end.
+
+        When ``accept()`` runs out of descriptors or memory (EMFILE, ENFILE,
+        ENOBUFS, ENOMEM) the pending connection stays in the backlog and the
+        listener stays readable: retrying at once would burn a whole core
+        until a descriptor is free.  The relay stops polling the listener for
+        :data:`ACCEPT_BACKOFF` seconds instead, says so once per episode on
+        stderr, and says so again when ``accept()`` works again.
+        """
+        accepted = 0
+        failing = False
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.listener, selectors.EVENT_READ)
+            while not self.stopping.is_set():
+                if self.max_connections is not None and accepted >= self.max_connections:
+                    break
+                if not selector.select(0.1):
+                    continue
+                try:
+                    client, peer = self.listener.accept()
+                except OSError as exc:
+                    if exc.errno in ACCEPT_RESOURCE_ERRORS:
+                        if not failing:
+                            failing = True
+                            self._say(f"accept() failed: {exc}; pausing the listener until it works again")
+                        time.sleep(ACCEPT_BACKOFF)  # not stopping.wait(): stop() runs as a signal handler
+                    continue  # ECONNABORTED and the like: that one connection is gone, the next may be fine
+                if failing:
+                    failing = False
+                    self._say("accept() works again")
+                accepted += 1
+                self.threads = [t for t in self.threads if t.is_alive()]
+                thread = threading.Thread(target=self.handle, args=(client, peer), daemon=True)
+                self.threads.append(thread)
+                thread.start()
+        self.listener.close()
+        while not self.stopping.is_set() and any(t.is_alive() for t in self.threads):
+            time.sleep(0.05)  # not stopping.wait(): an Event's lock taken in a signal handler can deadlock
+        with self.lock:
+            for sock in list(self.active):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        for thread in self.threads:
+            thread.join(2.0)
+
+    @staticmethod
+    def _say(message: str) -> None:
+        """One line on stderr, as every relay message."""
+        print(f"{PROG} relay: {message}", file=sys.stderr, flush=True)
+
+    def handle(self, client: socket.socket, peer: Any) -> None:
+        try:
+            local = client.getsockname()
+            header = build_header(self.version, peer[:2], local[:2], checksum=self.checksum)
+            upstream = socket.create_connection(self.upstream, timeout=self.connect_timeout)
+        except (OSError, Failure) as exc:
+            self._say(f"{endpoint_text(peer)}: cannot reach {endpoint_text(self.upstream)}: {exc}")
+            client.close()
+            return
+        upstream.settimeout(None)
+        with self.lock:
+            self.active.update((client, upstream))
+        try:
+            upstream.sendall(header)
+            back = threading.Thread(target=self._direction, args=(upstream, client), daemon=True)
+            back.start()
+            self._direction(client, upstream)
+            back.join()
+        except OSError:
+            pass
+        finally:
+            with self.lock:
+                self.active.difference_update((client, upstream))
+            client.close()
+            upstream.close()
+
+    @staticmethod
+    def _direction(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            _pump(source, sink)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            try:
+                sink.shutdown(socket.SHUT_RDWR)
+                source.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def command_relay(args: argparse.Namespace) -> int:
+    if args.v1 and args.checksum:
+        raise Failure("--checksum needs a v2 header (drop --v1)")
+    limit = 1 if args.once else args.max_connections
+    relay = Relay(
+        args.listen, args.upstream, version=1 if args.v1 else 2, checksum=args.checksum, max_connections=limit
+    )
+    previous = {sig: signal.signal(sig, relay.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        print(
+            f"{PROG} relay: listening on {endpoint_text(relay.address)}, forwarding to "
+            f"{endpoint_text(args.upstream)} with PROXY v{1 if args.v1 else 2} headers",
+            file=sys.stderr,
+            flush=True,
+        )
+        relay.serve()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
