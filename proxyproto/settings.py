@@ -30,14 +30,7 @@ from typing import Any
 
 from .policy import Policy, Trust, TrustedNetworks, check_untrusted_policy, policy_named, trust_for
 
-__all__ = [
-    "DEFAULT_TRUSTED",
-    "TrustSettings",
-    "adapter_settings",
-    "check_setting",
-    "check_settings",
-    "check_trusted_given",
-]
+__all__: list[str] = []  # private module: the public names are listed in docs/api.rst
 
 logger = logging.getLogger("proxyproto")
 

@@ -87,7 +87,7 @@ from .aio_protocol import HeaderProtocol, ProxyProtocolFactory
 from .policy import Policy
 from .refusal_log import DEFAULT_LOG_RATE
 
-__all__ = ["ENVIRONMENT", "H11", "HttpTools", "ProxyHTTPProtocol", "settings_from_env", "wrap"]
+__all__ = ["H11", "HttpTools", "ProxyHTTPProtocol", "wrap"]
 
 logger = logging.getLogger("proxyproto")
 

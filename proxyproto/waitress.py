@@ -54,7 +54,7 @@ from .reader import HeaderScanner
 from .refusal_log import DEFAULT_LOG_RATE, KIND_EVICTED, KIND_POLICY_FOR, RefusalLog, kind_of
 from .settings import DEFAULT_TRUSTED, adapter_settings
 
-__all__ = ["ENVIRON_KEY", "ProxyHTTPChannel", "ProxySettings", "ProxyWSGITask", "create_server", "serve"]
+__all__ = ["ProxyHTTPChannel", "create_server", "serve"]
 
 logger = logging.getLogger("proxyproto")
 
