@@ -39,12 +39,11 @@ import sys
 from typing import Any
 
 import proxyproto
-from proxyproto.settings import DEFAULT_TRUSTED, check_setting
 
 log = logging.getLogger("demo")
 PROG = "demo_echo_server.py"
-#: ``--trusted``'s default: the library's (loopback only).
-DEFAULT_TRUSTED_NETWORKS = [network for network in DEFAULT_TRUSTED.split(",") if network]
+#: ``--trusted``'s default: the library's (loopback only), as the mixin's class attribute says it.
+DEFAULT_TRUSTED_NETWORKS = [network for network in proxyproto.ProxyProtocolMixin.proxy_trusted.split(",") if network]
 
 SERVER_CLASSES: dict[str, Any] = {
     "sync": proxyproto.ProxyTCPServer,
@@ -126,14 +125,14 @@ def listen_address(host: str, port: int) -> tuple[socket.AddressFamily, tuple[An
 
 def build_server(args: argparse.Namespace) -> socketserver.TCPServer:
     """The server ``args`` describe; UsageError for a bad option or a port that cannot be bound."""
-    for option, setting, value in (
-        ("--trusted", "proxy_trusted", args.trusted),
-        ("--header-timeout", "proxy_header_timeout", args.header_timeout),
+    for option, knob, value in (
+        ("--trusted", "trusted", args.trusted),
+        ("--header-timeout", "header_timeout", args.header_timeout),
     ):
         try:
-            check_setting(setting, value)
-        except ValueError as exc:  # "proxy_trusted: cannot read 'x' as an IP network: ..."
-            raise UsageError(f"{option}: {str(exc).removeprefix(setting + ': ')}") from None
+            proxyproto.Settings(**{knob: value})  # the library's own checks
+        except ValueError as exc:  # "trusted: cannot read 'x' as an IP network: ..."
+            raise UsageError(f"{option}: {str(exc).removeprefix(knob + ': ')}") from None
     family, address = listen_address(args.host, args.port)
     # A subclass, not the library's class changed in place: other users of it keep their defaults.
     server_class = type(

@@ -3,6 +3,11 @@
 The core (``parse``, ``ProxyHeader``, the encoders) is a pure function of
 bytes and does no I/O; the I/O layer (``read_header``, ``create_connection``,
 the mixin and the prebuilt servers) drives that same core.
+
+``__all__`` below is the package's public surface, each name once.  The other
+public names live in their own modules (``proxyproto.udp``, ``proxyproto.aio``,
+``proxyproto.uvicorn``...); docs/api.rst lists every public name, and every
+name it does not list is private and may change.
 """
 
 import importlib
@@ -18,7 +23,7 @@ from .errors import (
 )
 from .header import Command, Family, Protocol, ProxyHeader
 from .policy import Policy
-from .reader import HeaderReader, parse
+from .reader import parse
 from .tlv import TLV, SSLClient, SSLInfo, TLVType
 from .v1 import encode as encode_v1
 from .v2 import encode as encode_v2
@@ -39,12 +44,6 @@ _IO_NAMES = {
     "ThreadingProxyUnixStreamServer": "server",
     "ForkingProxyUnixStreamServer": "server",
     "Settings": "settings",
-    "ProxyDatagram": "udp",
-    "ProxyDatagramMixin": "udp",
-    "ProxyDatagramRequestHandler": "udp",
-    "ProxyUDPServer": "udp",
-    "ThreadingProxyUDPServer": "udp",
-    "ForkingProxyUDPServer": "udp",
 }
 
 if TYPE_CHECKING:
@@ -60,14 +59,6 @@ if TYPE_CHECKING:
     )
     from .settings import Settings
     from .sock import create_connection, read_header
-    from .udp import (
-        ForkingProxyUDPServer,
-        ProxyDatagram,
-        ProxyDatagramMixin,
-        ProxyDatagramRequestHandler,
-        ProxyUDPServer,
-        ThreadingProxyUDPServer,
-    )
 
 
 def __getattr__(name: str) -> Any:
@@ -89,31 +80,24 @@ __all__ = [
     "Command",
     "Family",
     "ForkingProxyTCPServer",
-    "ForkingProxyUDPServer",
     "ForkingProxyUnixStreamServer",
-    "HeaderReader",
     "HeaderRejected",
     "HeaderTimeout",
     "InvalidHeader",
     "NoProxyHeader",
     "Policy",
     "Protocol",
-    "ProxyDatagram",
-    "ProxyDatagramMixin",
-    "ProxyDatagramRequestHandler",
     "ProxyHeader",
     "ProxyProtocolError",
     "ProxyProtocolMixin",
     "ProxySocket",
     "ProxyTCPServer",
-    "ProxyUDPServer",
     "ProxyUnixStreamServer",
     "SSLClient",
     "SSLInfo",
     "Settings",
     "TLVType",
     "ThreadingProxyTCPServer",
-    "ThreadingProxyUDPServer",
     "ThreadingProxyUnixStreamServer",
     "create_connection",
     "encode_v1",

@@ -37,7 +37,7 @@ from .refusal_log import kind_of
 if TYPE_CHECKING:
     from .aio_protocol import ProxyProtocolFactory
 
-__all__ = ["HeaderProtocol", "State", "WaitingReads", "peek_header"]
+__all__: list[str] = []  # private module: the public names are listed in docs/api.rst
 
 
 PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)

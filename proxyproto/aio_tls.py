@@ -27,7 +27,7 @@ from .refusal_log import KIND_TLS
 if TYPE_CHECKING:
     from .aio_header import HeaderProtocol
 
-__all__ = ["TLSHandOver", "handshake_timeout"]
+__all__: list[str] = []  # private module: the public names are listed in docs/api.rst
 
 
 def handshake_timeout(given: float | None, header_timeout: float) -> float:

@@ -20,18 +20,7 @@ from .header import Family, ProxyHeader
 from .peers import socket_family
 from .policy import Policy, uses_addresses
 
-__all__ = [
-    "ABSENT",
-    "NOT_GIVEN",
-    "ProxyTransport",
-    "SocketView",
-    "deliver",
-    "deliver_in_turn",
-    "hand_rest",
-    "proxy_extra",
-    "served_family",
-    "served_sockname",
-]
+__all__: list[str] = []  # private module: the public names are listed in docs/api.rst
 
 _AF_INET, _AF_INET6, _AF_UNIX = socket.AF_INET, socket.AF_INET6, socket.AF_UNIX
 #: An argument not given: the callee asks the transport itself.

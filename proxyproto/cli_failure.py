@@ -9,7 +9,7 @@ messages.
 
 from __future__ import annotations
 
-__all__ = ["PROG", "Failure"]
+__all__: list[str] = []  # private module: the public names are listed in docs/api.rst
 
 PROG = "proxyproto"
 

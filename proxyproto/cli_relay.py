@@ -31,7 +31,7 @@ from .tlv import TLVType
 from .v1 import encode as encode_v1
 from .v2 import encode as encode_v2
 
-__all__ = ["Relay", "build_header", "command_relay", "command_send", "endpoint_text"]
+__all__: list[str] = []  # private module: the public names are listed in docs/api.rst
 
 CHUNK = 65536
 #: accept() errors that mean "out of descriptors or memory": the listener stays readable,

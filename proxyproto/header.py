@@ -16,7 +16,7 @@ from typing import Any, Union
 from . import addresses
 from .tlv import TLV, SSLInfo, TLVType, aws_vpce_id, azure_linkid, check_tlv, gcp_psc_id
 
-__all__ = ["KINDS", "Address", "AddressInput", "Command", "Family", "Protocol", "ProxyHeader", "from_wire"]
+__all__ = ["Command", "Family", "Protocol", "ProxyHeader"]
 
 #: ``(host, port)`` for INET and INET6; a path (str) or abstract name (bytes) for UNIX.
 Address = Union[tuple[str, int], str, bytes]

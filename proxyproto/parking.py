@@ -75,7 +75,7 @@ try:
 except ImportError:  # pragma: no cover - Windows
     _resource = None  # type: ignore[assignment]
 
-__all__ = ["EVICTED", "Parking", "descriptor_of", "descriptor_reserve"]
+__all__: list[str] = []  # private module: the public names are listed in docs/api.rst
 
 #: The ``kind`` of every eviction line (the socketserver mixin's too).
 EVICTED = KIND_EVICTED

@@ -23,7 +23,7 @@ from typing import Any
 
 from .policy import UNIX_OPEN, UNIX_RESTRICTED
 
-__all__ = ["socket_family", "unix_access"]
+__all__: list[str] = []  # private module: the public names are listed in docs/api.rst
 
 _AF_UNIX = getattr(socket, "AF_UNIX", None)
 _SO_DOMAIN = getattr(socket, "SO_DOMAIN", None)

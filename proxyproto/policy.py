@@ -22,27 +22,7 @@ from .errors import HeaderRejected, HeaderTimeout, NoProxyHeader, ProxyProtocolE
 from .header import Family, ProxyHeader
 from .reader import Outcome  # the core's; named here too, where it has always been importable
 
-__all__ = [
-    "UNIX_ANY",
-    "UNIX_NONE",
-    "UNIX_OPEN",
-    "UNIX_RESTRICTED",
-    "Address",
-    "Outcome",
-    "Policy",
-    "Trust",
-    "TrustedNetworks",
-    "Verdict",
-    "client_address_of",
-    "decide",
-    "describe",
-    "hook_trust",
-    "peer_text",
-    "refusal",
-    "served_address",
-    "trust_for",
-    "uses_addresses",
-]
+__all__ = ["Outcome", "Policy"]
 
 #: What ``socket.accept()`` or ``recvfrom()`` gives: a tuple for IP families, str or bytes for AF_UNIX.
 Address = Any

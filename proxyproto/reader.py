@@ -29,18 +29,7 @@ from . import v1, v2
 from .errors import InvalidHeader, NoProxyHeader, ProxyProtocolError
 from .header import Command, Protocol, ProxyHeader
 
-__all__ = [
-    "MAX_V1_LENGTH",
-    "MAX_V2_LENGTH",
-    "V2_SIGNATURE",
-    "HeaderReader",
-    "HeaderScanner",
-    "Outcome",
-    "committed",
-    "decode",
-    "measure",
-    "parse",
-]
+__all__ = ["HeaderReader", "HeaderScanner", "Outcome", "measure"]
 
 MAX_V1_LENGTH = v1.MAX_LENGTH
 MAX_V2_LENGTH = v2.MAX_LENGTH

@@ -32,16 +32,7 @@ from typing import Callable
 
 from .policy import Outcome
 
-__all__ = [
-    "DEFAULT_LOG_RATE",
-    "KIND_EVICTED",
-    "KIND_POLICY_FOR",
-    "KIND_READ_ERROR",
-    "KIND_TLS",
-    "Later",
-    "RefusalLog",
-    "kind_of",
-]
+__all__: list[str] = []  # private module: the public names are listed in docs/api.rst
 
 #: Refusal lines per second, listener and kind that reach the log before suppression starts.
 DEFAULT_LOG_RATE = 20.0

@@ -287,7 +287,7 @@ class ProxyProtocolMixin:
         check_attributes(self, KNOBS)  # ValueError naming the attribute
         if self.socket.type != socket.SOCK_STREAM:
             raise TypeError(
-                "ProxyProtocolMixin needs a stream socket; for UDP use proxyproto.ProxyUDPServer, "
+                "ProxyProtocolMixin needs a stream socket; for UDP use proxyproto.udp.ProxyUDPServer, "
                 "ThreadingProxyUDPServer or ProxyDatagramMixin"
             )
         live = LiveSettings(KNOBS)
@@ -358,7 +358,7 @@ def _check_bases(cls: type) -> None:
     if socket_type != socket.SOCK_STREAM:
         raise TypeError(
             f"{cls.__name__}: ProxyProtocolMixin needs a stream server (TCPServer, UnixStreamServer); "
-            "for UDP use proxyproto.ProxyUDPServer, ThreadingProxyUDPServer or ProxyDatagramMixin"
+            "for UDP use proxyproto.udp.ProxyUDPServer, ThreadingProxyUDPServer or ProxyDatagramMixin"
         )
     for klass in cls.__mro__:
         if klass is ProxyProtocolMixin:

@@ -34,18 +34,7 @@ from .policy import Address, Policy, Trust, TrustedNetworks, hook_trust, trust_f
 from .reader import HeaderScanner
 from .refusal_log import DEFAULT_LOG_RATE
 
-__all__ = [
-    "DEFAULT_TRUSTED",
-    "ENVIRONMENT",
-    "KNOBS",
-    "LiveSettings",
-    "PolicyHook",
-    "Settings",
-    "check_setting",
-    "settings_for",
-    "settings_from_environment",
-    "split_knobs",
-]
+__all__ = ["settings_from_environment"]  # Settings is public as proxyproto.Settings (docs/api.rst)
 
 logger = logging.getLogger("proxyproto")
 

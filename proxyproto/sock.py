@@ -33,15 +33,7 @@ from .reader import HeaderScanner, Outcome
 from .v1 import encode as encode_v1
 from .v2 import encode as encode_v2
 
-__all__ = [
-    "FIRST_PEEK",
-    "RETRY_DELAY",
-    "HeaderAttempt",
-    "create_connection",
-    "peer_closed",
-    "read_header",
-    "take_complete_header",
-]
+__all__ = ["create_connection", "read_header"]
 
 _PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)

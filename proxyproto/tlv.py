@@ -16,17 +16,7 @@ from typing import NamedTuple
 
 from .errors import InvalidHeader
 
-__all__ = [
-    "TLV",
-    "SSLClient",
-    "SSLInfo",
-    "TLVType",
-    "aws_vpce_id",
-    "azure_linkid",
-    "check_tlv",
-    "gcp_psc_id",
-    "iter_tlvs",
-]
+__all__ = ["TLV", "SSLClient", "SSLInfo", "TLVType"]
 
 
 class TLVType(enum.IntEnum):

@@ -17,7 +17,7 @@ from .addresses import AF_INET, AF_INET6, inet_ntop, inet_pton
 from .errors import InvalidHeader, NoProxyHeader
 from .header import KINDS, AddressInput, Command, Family, Protocol, ProxyHeader, from_wire
 
-__all__ = ["MAX_LENGTH", "check_prefix", "decode", "encode", "encode_header", "match_line"]
+__all__: list[str] = []  # private module: the public names are listed in docs/api.rst
 
 #: The longest valid line, CRLF included (UNKNOWN followed by full IPv6 fields).
 MAX_LENGTH = 107

@@ -23,7 +23,7 @@ from .errors import ChecksumError, InvalidHeader, NoProxyHeader
 from .header import KINDS, Address, AddressInput, Command, Family, Protocol, ProxyHeader
 from .tlv import TLV, TLVType, check_tlv
 
-__all__ = ["MAX_LENGTH", "SIGNATURE", "decode", "encode", "encode_header", "match", "measure"]
+__all__: list[str] = []  # private module: the public names are listed in docs/api.rst
 
 SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 #: 16 + the largest ``len``.

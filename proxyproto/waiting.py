@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     #: the socket had when accepted (restored when it is handed out).
     Arrival = tuple[ProxySocket, Any, Trust | None, float | None]
 
-__all__ = ["ACCEPT_BACKOFF", "ParkedConnections", "WaitingRoom", "Watcher", "fork_generation"]
+__all__: list[str] = []  # private module: the public names are listed in docs/api.rst
 
 logger = logging.getLogger("proxyproto")
 

@@ -45,7 +45,7 @@ from .reader import HeaderScanner
 from .refusal_log import KIND_POLICY_FOR, RefusalLog, kind_of
 from .settings import Settings, settings_for, split_knobs
 
-__all__ = ["ENVIRON_KEY", "ProxyHTTPChannel", "ProxySettings", "ProxyWSGITask", "create_server", "serve"]
+__all__ = ["ProxyHTTPChannel", "create_server", "serve"]
 
 logger = logging.getLogger("proxyproto")
 

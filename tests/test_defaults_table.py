@@ -28,7 +28,7 @@ import proxyproto
 from proxyproto import aio, aio_protocol
 from proxyproto.policy import UNIX_RESTRICTED, Policy, TrustedNetworks
 from proxyproto.settings import ENVIRONMENT, KNOBS, VARIABLES, Settings, settings_from_environment
-from proxyproto.udp import ProxyDatagramMixin
+from proxyproto.udp import ProxyDatagramMixin, ProxyUDPServer
 
 LOOPBACK = {ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128")}
 #: What ValueError says for ``None``, in every adapter (the knob named as the adapter spells it).
@@ -311,7 +311,7 @@ def test_trusted_none_is_refused_naming_both_meanings(name: str, build: Callable
         build()
 
 
-@pytest.mark.parametrize("server_class", [proxyproto.ThreadingProxyTCPServer, proxyproto.ProxyUDPServer])
+@pytest.mark.parametrize("server_class", [proxyproto.ThreadingProxyTCPServer, ProxyUDPServer])
 def test_mixins_refuse_proxy_trusted_none_set_on_the_instance(server_class: Any) -> None:
     server = server_class(("127.0.0.1", 0), socketserver.BaseRequestHandler)
     try:
@@ -322,7 +322,7 @@ def test_mixins_refuse_proxy_trusted_none_set_on_the_instance(server_class: Any)
         server.server_close()
 
 
-@pytest.mark.parametrize("server_class", [proxyproto.ThreadingProxyTCPServer, proxyproto.ProxyUDPServer])
+@pytest.mark.parametrize("server_class", [proxyproto.ThreadingProxyTCPServer, ProxyUDPServer])
 def test_mixins_refuse_proxy_trusted_none_on_the_class_at_construction(server_class: Any) -> None:
     subclass = type("Server", (server_class,), {"proxy_trusted": None})
     with pytest.raises(ValueError, match=rf"^proxy_{NONE_REFUSAL}"):

@@ -246,7 +246,7 @@ def test_unix_family_header_on_ip_listener_serves_the_socket_peer(source: bytes)
 
 
 def test_mixin_on_a_udp_server_is_a_type_error(caplog: pytest.LogCaptureFixture) -> None:
-    with pytest.raises(TypeError, match=r"proxyproto\.ProxyUDPServer"):
+    with pytest.raises(TypeError, match=r"proxyproto\.udp\.ProxyUDPServer"):
 
         class Wrong(ProxyProtocolMixin, socketserver.UDPServer):
             pass
