@@ -130,13 +130,13 @@ Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 #: ``TrustedNetworks.unix``: every UNIX-socket peer is trusted (the ``unix`` token, or ``"*"``).
 UNIX_ANY = "any"
-#: ``TrustedNetworks.unix``, and :func:`trust_for`'s ``unix``: the peers of a UNIX socket whose
-#: permissions restrict who can connect (a socket file that is not world-writable).
+#: ``TrustedNetworks.unix``, and :func:`proxyproto.peers.unix_access`'s answer: the peers of a UNIX
+#: socket whose permissions restrict who can connect (a socket file that is not world-writable).
 UNIX_RESTRICTED = "restricted"
 #: ``TrustedNetworks.unix``: no UNIX-socket peer is trusted (``""``).
 UNIX_NONE = "none"
-#: :func:`trust_for`'s ``unix``: a UNIX socket anyone on the host may connect to (world-writable,
-#: abstract, unnamed).
+#: :func:`proxyproto.peers.unix_access`'s answer for a UNIX socket anyone on the host may connect to
+#: (world-writable, abstract, unnamed).
 UNIX_OPEN = "open"
 
 #: Peers whose trust verdict is remembered before the memory starts over.
@@ -161,7 +161,7 @@ class TrustedNetworks:
     :data:`UNIX_NONE` when the list is empty (``""``: no one, UNIX peers
     included); else :data:`UNIX_RESTRICTED`, the default: the peers of a
     UNIX socket whose permissions restrict who can connect
-    (:func:`trust_for`).
+    (:meth:`proxyproto.settings.Settings.trust`).
     """
 
     __slots__ = ("networks", "unix", "verdicts")
@@ -263,42 +263,6 @@ class Trust(NamedTuple):
 
     policy: Policy
     trusted: bool
-
-
-def trust_for(
-    policy: Policy, untrusted_policy: Policy, trusted: TrustedNetworks | None, peer: Address, unix: str | None
-) -> Trust:
-    """The default decision (no user hook): ``policy`` for a trusted peer, ``untrusted_policy`` for the others.
-
-    ``unix`` is None when the connection's socket is an IP socket (whatever
-    label its server gave it), else what the UNIX socket's permissions say:
-    :data:`UNIX_RESTRICTED` (a socket file that is not world-writable) or
-    :data:`UNIX_OPEN` (world-writable, abstract or unnamed: anyone on the
-    host may connect).  An IP peer is trusted when it is in ``trusted``
-    (every IP peer when ``trusted`` is None; one whose address the loop
-    could not tell only then).  A UNIX peer is trusted when ``trusted.unix``
-    is UNIX_ANY (the ``unix`` token, ``"*"``), or when it is UNIX_RESTRICTED
-    (any other non-empty list, and None) and the socket restricts its peers;
-    ``""`` trusts no UNIX peer.
-    """
-    if unix is None:
-        ok = trusted is None or (isinstance(peer, tuple) and peer[0] in trusted)
-    else:
-        mode = UNIX_RESTRICTED if trusted is None else trusted.unix
-        ok = mode == UNIX_ANY or (mode == UNIX_RESTRICTED and unix == UNIX_RESTRICTED)
-    return Trust(policy, True) if ok else Trust(untrusted_policy, False)
-
-
-def hook_trust(answer: Policy | str) -> Trust:
-    """The decision of a user's ``policy_for`` / ``proxy_policy_for`` hook, which answers only a Policy.
-
-    The peer counts as trusted when the hook answers REQUIRE or USE (the
-    policies that take a header's addresses); under an IGNORE, REJECT or
-    SKIP from a hook no header reaches the application.  ValueError for an
-    answer that is no policy.
-    """
-    policy = answer if type(answer) is Policy else Policy(answer)
-    return Trust(policy, policy is Policy.REQUIRE or policy is Policy.USE)
 
 
 def describe(policy: Policy, outcome: Outcome, error: ProxyProtocolError | None, held: int, timeout: float) -> str:

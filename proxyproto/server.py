@@ -139,10 +139,10 @@ class ProxyProtocolMixin:
         ``proxy_untrusted_policy``; a UNIX-socket peer is trusted when the
         listening socket's file is not world-writable, or when
         ``proxy_trusted`` says ``unix`` or ``"*"``
-        (:func:`proxyproto.policy.trust_for`).  Override it for anything
+        (:meth:`proxyproto.Settings.trust`).  Override it for anything
         else; ``local`` is None unless the method is overridden.  An
         override's peer counts as trusted (its header reaches the handler)
-        when it answers REQUIRE or USE (:func:`proxyproto.policy.hook_trust`).
+        when it answers REQUIRE or USE (:meth:`proxyproto.Settings.trust`).
         """
         live = self._pp_settings or LiveSettings(KNOBS)
         live.refresh(self)

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from typing import Any, Callable, Union
 
 from .peers import unix_access
-from .policy import Address, Policy, Trust, TrustedNetworks, hook_trust, trust_for
+from .policy import UNIX_ANY, UNIX_RESTRICTED, Address, Policy, Trust, TrustedNetworks
 from .reader import HeaderScanner
 from .refusal_log import DEFAULT_LOG_RATE
 
@@ -191,7 +191,7 @@ class Settings:
     raises ``ValueError`` naming the knob.  :meth:`replace` makes a changed copy.
     """
 
-    __slots__ = KNOBS
+    __slots__ = (*KNOBS, "_trusted_verdict", "_untrusted_verdict")
 
     policy: Policy
     trusted: TrustedNetworks
@@ -203,6 +203,8 @@ class Settings:
     allow_v4_in_tcp6: bool
     max_pending: int
     log_rate: float | None
+    _trusted_verdict: Trust
+    _untrusted_verdict: Trust
 
     def __init__(
         self,
@@ -221,6 +223,9 @@ class Settings:
         given = locals()
         for knob in KNOBS:
             object.__setattr__(self, knob, _CHECKS[knob](knob, given[knob]))
+        # The two answers of the default rule, made once (a Trust per connection costs a call).
+        object.__setattr__(self, "_trusted_verdict", Trust(self.policy, True))
+        object.__setattr__(self, "_untrusted_verdict", Trust(self.untrusted_policy, False))
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"Settings are immutable: use settings.replace({name}=...)")
@@ -251,27 +256,48 @@ class Settings:
     def trust(self, peer: Address, sock: Any, hook: PolicyHook | None = None, family: int | None = None) -> Trust:
         """The decision for a connection (or datagram) from ``peer`` on ``sock``: its policy, and whether it is trusted.
 
-        ``hook`` (an adapter's own, such as a mixin's overridden
-        ``proxy_policy_for``), else ``policy_for``, answers with a Policy for
-        ``(peer, sock.getsockname())``, and the peer counts as trusted when
-        that is REQUIRE or USE (:func:`~proxyproto.policy.hook_trust`);
-        whatever the hook raises propagates (the adapter closes that
-        connection).  Without a hook: :func:`~proxyproto.policy.trust_for`,
-        an IP peer by its address, a UNIX one by the socket file's
-        permissions (:func:`~proxyproto.peers.unix_access`).  Which one the
-        peer is: ``family``, the socket's real family, when the adapter
-        knows it (waitress names UNIX peers with a tuple); otherwise an IP
-        tuple is an IP peer and anything else asks ``sock``.
+        This is the library's only trust decision.  ``trusted`` says whether
+        a header the connection sends may reach the application: a header
+        from an untrusted peer never does, under any policy.
+
+        With a hook (``hook``, an adapter's own such as a mixin's overridden
+        ``proxy_policy_for``; else the ``policy_for`` knob): its answer for
+        ``(peer, sock.getsockname())``, the peer trusted when that is REQUIRE
+        or USE (the policies that take a header's addresses); whatever the
+        hook raises propagates (the adapter closes that connection), and an
+        answer that is no policy raises ``ValueError``.
+
+        Without one: ``policy`` for a trusted peer, ``untrusted_policy`` for
+        the others.  An IP peer is trusted when its address is in
+        ``trusted`` (one whose address the loop could not tell never is).  A
+        UNIX-socket peer is trusted when ``trusted`` holds the ``unix`` token
+        or ``"*"``, or when ``trusted`` is any other non-empty list and the
+        socket file is not world-writable (:func:`~proxyproto.peers.unix_access`:
+        an abstract or unnamed socket is anyone's); ``""`` trusts no one.
+        Which kind the peer is: ``family``, the socket's real family, when
+        the adapter knows it (waitress names UNIX peers with a tuple);
+        otherwise an IP tuple is an IP peer and anything else asks ``sock``.
         """
         if hook is None:
             hook = self.policy_for
         if hook is not None:
-            return hook_trust(hook(peer, None if sock is None else sock.getsockname()))
-        if family is not None:
-            unix = unix_access(sock, family)
+            answer = hook(peer, None if sock is None else sock.getsockname())
+            policy = answer if type(answer) is Policy else Policy(answer)
+            return Trust(policy, policy is Policy.REQUIRE or policy is Policy.USE)
+        if family is None and type(peer) is tuple:
+            unix = None
         else:
-            unix = None if type(peer) is tuple or sock is None else unix_access(sock)
-        return trust_for(self.policy, self.untrusted_policy, self.trusted, peer, unix)
+            unix = unix_access(sock, family) if sock is not None else None
+        trusted = self.trusted
+        if unix is None:
+            if type(peer) is not tuple:
+                return self._untrusted_verdict  # an IP peer the loop could not tell
+            host = peer[0]
+            verdict = trusted.verdicts.get(host)  # the list's memory of this peer, without a call
+            ok = (host in trusted) if verdict is None else verdict
+        else:
+            ok = trusted.unix == UNIX_ANY or (trusted.unix == UNIX_RESTRICTED and unix == UNIX_RESTRICTED)
+        return self._trusted_verdict if ok else self._untrusted_verdict
 
     def scanner(self, *, required: bool = False) -> HeaderScanner:
         """A :class:`~proxyproto.reader.HeaderScanner` for one header, with these settings' options."""

@@ -251,7 +251,7 @@ class ProxyDatagramMixin:
         ``proxy_untrusted_policy``; on a UNIX datagram socket a source is
         trusted when the socket's file is not world-writable, or when
         ``proxy_trusted`` says ``unix`` or ``"*"``
-        (:func:`proxyproto.policy.trust_for`).  ``local`` is the socket's own
+        (:meth:`proxyproto.Settings.trust`).  ``local`` is the socket's own
         address (``getsockname()``), passed only when the method is
         overridden.  An override's source counts as trusted (its header
         reaches the handler) when it answers REQUIRE or USE.
