@@ -66,7 +66,7 @@ from .policy import (
     peer_text,
     refusal,
 )
-from .refusal_log import KIND_POLICY_FOR, KIND_READ_ERROR, RefusalLog, kind_of
+from .refusal_log import KIND_READ_ERROR, RefusalLog, kind_of
 from .settings import Settings, settings_for, split_knobs
 
 __all__ = ["ProxyStreamWriter", "read_header", "start_server", "start_unix_server"]
@@ -257,14 +257,7 @@ class _Acceptor:
         try:
             policy, trusted = self.settings.trust(peer, writer.get_extra_info("socket"))
         except Exception as exc:  # a user's hook: its failure closes this connection, nothing else
-            self.refusals.log(
-                logging.ERROR,
-                "%s: closed: policy_for failed: %s: %s",
-                peer_text(peer),
-                type(exc).__name__,
-                exc,
-                kind=KIND_POLICY_FOR,
-            )
+            self.refusals.hook_failed(peer, exc)
             writer.close()
             return
         header: ProxyHeader | None = None

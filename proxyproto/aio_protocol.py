@@ -54,7 +54,7 @@ from .errors import ProxyProtocolError
 from .parking import Parking, descriptor_of
 from .policy import Policy, Trust, peer_text
 from .reader import HeaderScanner
-from .refusal_log import KIND_POLICY_FOR, RefusalLog
+from .refusal_log import RefusalLog
 from .settings import Settings, settings_for
 
 # Public: ProxyProtocolFactory and wrap_protocol_factory (docs/api.rst).  The other seven are
@@ -221,15 +221,8 @@ class ProxyProtocolFactory:
             trust = self.trust(peer, transport)
             if self.ssl is not None and trust.policy is not _REQUIRE and trust.policy is not _SKIP:
                 raise ValueError(f"policy {trust.policy.name} with ssl=: only REQUIRE or SKIP can negotiate TLS")
-        except Exception as exc:
-            self.refusals.log(
-                logging.ERROR,
-                "%s: closed: policy_for failed: %s: %s",
-                peer_text(peer),
-                type(exc).__name__,
-                exc,
-                kind=KIND_POLICY_FOR,
-            )
+        except Exception as exc:  # a user's hook: its failure closes this connection, nothing else
+            self.refusals.hook_failed(peer, exc)
             return None
         return trust
 

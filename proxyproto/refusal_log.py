@@ -30,7 +30,7 @@ import logging
 import time
 from typing import Callable
 
-from .policy import Outcome
+from .policy import Outcome, peer_text
 
 __all__: list[str] = []  # private module: the public names are listed in docs/api.rst
 
@@ -129,6 +129,24 @@ class RefusalLog:
         # A timer already armed is trusted until a window past its time (its loop may have closed).
         if self.later is not None and (not self.due or now > self.due + _WINDOW):
             self.arm(now)
+
+    def hook_failed(self, peer: object, exc: Exception, hook: str = "policy_for", refused: str = "closed") -> None:
+        """The ERROR line for a user's trust hook that raised: ``<peer>: closed: <hook> failed: <type>: <exc>``.
+
+        ``hook`` is the hook's name as the adapter spells it (the mixins'
+        ``proxy_policy_for``), ``refused`` what happened to the connection
+        ("closed", or "dropped datagram").
+        """
+        self.log(
+            logging.ERROR,
+            "%s: %s: %s failed: %s: %s",
+            peer_text(peer),
+            refused,
+            hook,
+            type(exc).__name__,
+            exc,
+            kind=KIND_POLICY_FOR,
+        )
 
     def arm(self, now: float) -> None:
         """Have ``later`` call :meth:`timed_flush` just after the current window ends."""

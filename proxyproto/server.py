@@ -28,10 +28,12 @@ import sys
 from typing import Any, Callable
 
 from . import waiting
+from .attributes import LiveSettings, SettingsAttributes, check_attributes
 from .header import ProxyHeader
 from .policy import Policy, Trust, peer_text
-from .refusal_log import DEFAULT_LOG_RATE, KIND_POLICY_FOR, KIND_TLS, RefusalLog
-from .settings import DEFAULT_TRUSTED, LiveSettings, check_attributes, check_setting
+from .refusal_log import DEFAULT_LOG_RATE, KIND_TLS, RefusalLog
+from .settings import DEFAULT_TRUSTED
+from .settings import KNOBS as ALL_KNOBS
 from .waiting import WaitingRoom
 
 __all__ = [
@@ -60,17 +62,7 @@ _ACCEPT: Callable[[socket.socket], tuple[int, Any]] = getattr(socket.socket, "_a
 _getdefaulttimeout = socket.getdefaulttimeout
 
 #: The knobs the mixin has as ``proxy_*`` attributes (every one but ``policy_for``, a method here).
-KNOBS = (
-    "policy",
-    "trusted",
-    "untrusted_policy",
-    "header_timeout",
-    "max_header_size",
-    "verify_checksum",
-    "allow_v4_in_tcp6",
-    "max_pending",
-    "log_rate",
-)
+KNOBS = tuple(knob for knob in ALL_KNOBS if knob != "policy_for")
 
 Address = Any  # what socket.accept() gives: a tuple for IP families, str or bytes for AF_UNIX
 
@@ -89,7 +81,7 @@ class ProxySocket(socket.socket):
     proxy_header: ProxyHeader | None
 
 
-class ProxyProtocolMixin:
+class ProxyProtocolMixin(SettingsAttributes):
     """Make ``self.client_address`` in request handlers the real client behind a proxy.
 
     Put it first among the bases of any ``socketserver.TCPServer`` or
@@ -122,33 +114,11 @@ class ProxyProtocolMixin:
 
     #: While serving: the connections waiting for their header (made when serving starts).
     _pp_room: WaitingRoom | None = None
-    #: While serving: the proxy_* attributes as a Settings, re-read per connection.
-    _pp_settings: LiveSettings | None = None
+    _proxy_knobs = KNOBS
 
     # socketserver attributes the mixin relies on (declared for type checkers).
     socket: socket.socket
     timeout: float | None
-
-    # -- policy ------------------------------------------------------------------
-
-    def proxy_policy_for(self, peer: Address, local: Address | None) -> Policy:
-        """The policy for a connection from ``peer`` accepted on ``local``.
-
-        The default applies ``proxy_trusted``: trusted peers (loopback,
-        unless it says otherwise) get ``proxy_policy``, the others
-        ``proxy_untrusted_policy``; a UNIX-socket peer is trusted when the
-        listening socket's file is not world-writable, or when
-        ``proxy_trusted`` says ``unix`` or ``"*"``
-        (:meth:`proxyproto.Settings.trust`).  Override it for anything
-        else; ``local`` is None unless the method is overridden.  An
-        override's peer counts as trusted (its header reaches the handler)
-        when it answers REQUIRE or USE (:meth:`proxyproto.Settings.trust`).
-        """
-        live = self._pp_settings or LiveSettings(KNOBS)
-        live.refresh(self)
-        if live.error is not None:
-            raise live.error
-        return live.current.trust(peer, self.socket).policy
 
     # -- configuration -----------------------------------------------------------------
 
@@ -157,34 +127,12 @@ class ProxyProtocolMixin:
         super().__init_subclass__(**kwargs)
         _check_bases(cls)
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        """Refuse an invalid ``proxy_*`` value where it is set (ValueError naming the setting)."""
-        if name.startswith("proxy_"):
-            check_setting(name, value)
-        super().__setattr__(name, value)
-
-    def server_activate(self) -> None:
-        """Check the ``proxy_*`` settings before listening, so a mistake surfaces in the constructor."""
-        check_attributes(self, KNOBS)
-        super().server_activate()  # type: ignore[misc]
 
     # -- socketserver hooks ----------------------------------------------------------
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
-        """As socketserver's, after checking the configuration (so a refusal keeps its message).
-
-        When the check fails, ``shutdown()`` must still return: socketserver's
-        waits for an event that only a loop which ran sets, so it is set here.
-        """
-        if self._pp_room is None:
-            try:
-                self._pp_start()
-            except BaseException:
-                shut_down = getattr(self, "_BaseServer__is_shut_down", None)
-                if shut_down is not None:
-                    shut_down.set()
-                raise
-        super().serve_forever(poll_interval)  # type: ignore[misc]
+        """As socketserver's, after checking the configuration (so a refusal keeps its message)."""
+        self._proxy_serve_forever(lambda: self._pp_room or self._pp_start(), poll_interval)
 
     def handle_request(self) -> None:
         """As socketserver's, after checking the configuration (so a refusal keeps its message).
@@ -257,7 +205,7 @@ class ProxyProtocolMixin:
         """Run the handler; in a forked child, first drop the parent's connections; wrap TLS."""
         room = self._pp_room
         if room is not None and room.generation != waiting.fork_generation:
-            self._pp_room = self._pp_settings = None
+            self._pp_room = self._proxy_live = None
             room.close(keep=request)  # the parent's connections, not this child's own
         listener = self.socket
         ssl = None if type(listener) is socket.socket else sys.modules.get("ssl")
@@ -275,7 +223,7 @@ class ProxyProtocolMixin:
     def server_close(self) -> None:
         """Close the listener as socketserver does, and every connection still held."""
         room = self._pp_room
-        self._pp_room = self._pp_settings = None
+        self._pp_room = self._proxy_live = None
         if room is not None:
             room.close()
         super().server_close()  # type: ignore[misc]
@@ -294,7 +242,7 @@ class ProxyProtocolMixin:
         live.refresh(self)
         log = RefusalLog(logger, live.current.log_rate)
         room = WaitingRoom(self, self._pp_accept, log, live)
-        self._pp_settings = live
+        self._proxy_live = live
         self._pp_room = room
         return room
 
@@ -317,29 +265,17 @@ class ProxyProtocolMixin:
         if timeout is None and listener.gettimeout():
             sock.setblocking(True)
         sock.proxy_header = None
-        live = self._pp_settings
+        live = self._proxy_live
         assert live is not None
         if live.refresh(self) or live.reported:
             # The settings changed since the last connection (or were broken): never keep serving
             # with the old values, never trust an untrusted peer because of a bad new one.
             if not live.usable("closing every new connection", "serving connections"):
                 return sock, peer, None, timeout
-        # Whether proxy_policy_for is overridden is asked per connection: a hook assigned on
-        # the instance or the class while serving must take effect, like every other setting.
-        hook = None
-        if type(self).proxy_policy_for is not _DEFAULT_POLICY_FOR or "proxy_policy_for" in self.__dict__:
-            hook = self.proxy_policy_for
         try:
-            trust = live.current.trust(peer, sock, hook)
+            trust = live.current.trust(peer, sock, self._proxy_hook())
         except Exception as exc:  # a user's hook: its failure closes this connection, never the loop
-            room.log.log(
-                logging.ERROR,
-                "%s: closed: proxy_policy_for failed: %s: %s",
-                peer_text(peer),
-                type(exc).__name__,
-                exc,
-                kind=KIND_POLICY_FOR,
-            )
+            room.log.hook_failed(peer, exc, "proxy_policy_for")
             return sock, peer, None, timeout
         return sock, peer, trust, timeout
 
@@ -401,7 +337,6 @@ def _handshake_later(listener: Any, request: Any, client_address: Address, log: 
     return tls
 
 
-_DEFAULT_POLICY_FOR = ProxyProtocolMixin.proxy_policy_for
 #: The hooks the mixin overrides whose socketserver versions do not call super(): a
 #: socketserver class defining one must come after the mixin in the class order.
 _HOOKS = frozenset(

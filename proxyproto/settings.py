@@ -6,9 +6,9 @@ checked, in one place whatever the source:
 * keyword arguments (``start_server(..., trusted="10.0.0.0/8")``,
   :func:`settings_for`), errors naming the knob (``trusted: ...``);
 * the ``proxy_*`` class attributes of the socketserver mixins
-  (:class:`LiveSettings`, re-read per connection as DESIGN.md decides:
-  a change made while serving takes effect from the next connection),
-  errors naming the attribute (``proxy_trusted: ...``);
+  (:class:`proxyproto.attributes.LiveSettings`, re-read per connection as
+  DESIGN.md decides: a change made while serving takes effect from the next
+  connection), errors naming the attribute (``proxy_trusted: ...``);
 * the environment (:func:`settings_from_environment`, what
   ``proxyproto.uvicorn`` reads), errors naming the variable.
 
@@ -19,12 +19,9 @@ checked, in one place whatever the source:
 
 from __future__ import annotations
 
-import copy
-import ipaddress
 import logging
 import math
 import numbers
-import operator
 import os
 from collections.abc import Mapping
 from typing import Any, Callable, Union
@@ -342,118 +339,6 @@ def settings_for(settings: Settings | None = None, knobs: Mapping[str, Any] | No
     if unknown:
         raise TypeError(f"unexpected keyword argument {unknown[0]!r} (the knobs are: {', '.join(KNOBS)})")
     return base.replace(**knobs)
-
-
-# -- the socketserver mixins' class attributes ----------------------------------------------------
-
-_TRUSTED_FORMS = (
-    str,
-    bytes,
-    list,
-    tuple,
-    set,
-    frozenset,
-    ipaddress.IPv4Network,
-    ipaddress.IPv6Network,
-    ipaddress.IPv4Address,
-    ipaddress.IPv6Address,
-)
-_IMMUTABLE = (str, bytes, tuple, frozenset, type(None))
-
-
-def check_setting(name: str, value: Any) -> None:
-    """``ValueError`` naming the attribute when ``value`` is no valid ``name`` (a ``proxy_*`` attribute).
-
-    The mixins call it where an attribute is set.  Names that are no knob
-    (every other attribute, and ``proxy_policy_for``, a method) pass.
-    ``proxy_trusted`` must be a string, an ``ipaddress`` object or a list,
-    tuple or set of them: it is read again at every change check, which an
-    iterator would not survive.
-    """
-    knob = name[6:] if name.startswith("proxy_") else ""
-    if knob not in _CHECKS or knob == "policy_for":
-        return
-    if knob == "trusted" and value is not None and not isinstance(value, _TRUSTED_FORMS):
-        raise ValueError(
-            f"{name}: give a string, an ipaddress object, or a list, tuple or set of them, not {type(value).__name__}"
-        )
-    try:
-        _CHECKS[knob](knob, value)
-    except SettingError as exc:
-        raise _respelled(exc, name) from None
-
-
-class LiveSettings:
-    """A mixin's ``proxy_*`` attributes as a :class:`Settings`, rebuilt whenever one changes.
-
-    :meth:`refresh` runs once per connection (or datagram): when nothing
-    changed, one read of the attributes and one comparison (plus a copy's
-    comparison for a ``proxy_trusted`` list that may change in place).
-    ``names`` are the knobs the owner has as attributes; the others keep
-    their defaults.  A value that became invalid (set on the class, which
-    the mixin's ``__setattr__`` cannot see) puts it in the error state:
-    :attr:`error` is the ``ValueError`` naming the attribute, :attr:`current`
-    keeps the last valid settings for what already waits, and the owner
-    closes every new connection until it is fixed (:meth:`usable`).
-    """
-
-    __slots__ = ("current", "error", "names", "read", "reported", "sources", "trusted_copy")
-
-    def __init__(self, names: tuple[str, ...]) -> None:
-        self.names = names
-        self.read = operator.attrgetter(*(f"proxy_{knob}" for knob in names))
-        self.current = _DEFAULTS
-        self.error: ValueError | None = None
-        self.sources: Any = None
-        self.trusted_copy: Any = None
-        #: The current error has been logged (and its end will be).
-        self.reported = False
-
-    def refresh(self, owner: Any) -> bool:
-        """Re-read ``owner``'s attributes; True when they changed (and :attr:`current` or :attr:`error` with them)."""
-        sources = self.read(owner)
-        if sources == self.sources:
-            trusted = owner.proxy_trusted
-            if isinstance(trusted, _IMMUTABLE) or trusted == self.trusted_copy:
-                return False
-        values = dict(zip(self.names, sources))
-        try:
-            for knob, value in values.items():
-                check_setting(f"proxy_{knob}", value)
-            settings = Settings(**values)
-        except (ValueError, TypeError) as exc:
-            self.error = exc if isinstance(exc, ValueError) else ValueError(f"invalid proxy_* setting: {exc}")
-        else:
-            self.current, self.error = settings, None
-        trusted = values.get("trusted")
-        self.trusted_copy = trusted if isinstance(trusted, _IMMUTABLE) else copy.copy(trusted)
-        self.sources = sources
-        return True
-
-    def usable(self, refusing: str, resuming: str) -> bool:
-        """After :meth:`refresh`: False while the settings are invalid, each change of state logged once.
-
-        ``refusing`` and ``resuming`` say what the server does meanwhile and
-        afterwards ("closing every new connection", "serving connections").
-        """
-        if self.error is None:
-            if self.reported:
-                logger.warning("the proxy_* settings are valid again; %s", resuming)
-                self.reported = False
-            return True
-        if not self.reported:
-            logger.error("invalid setting: %s; %s until it is fixed", self.error, refusing)
-            self.reported = True
-        return False
-
-
-def check_attributes(owner: object, names: tuple[str, ...]) -> Settings:
-    """The :class:`Settings` of ``owner``'s ``proxy_*`` attributes now; ``ValueError`` naming the first invalid one."""
-    live = LiveSettings(names)
-    live.refresh(owner)
-    if live.error is not None:
-        raise live.error
-    return live.current
 
 
 # -- the environment ------------------------------------------------------------------------------

@@ -78,11 +78,12 @@ import socket
 import socketserver
 from typing import Any
 
+from .attributes import LiveSettings, SettingsAttributes, check_attributes
 from .header import Family, ProxyHeader
 from .peers import socket_family
 from .policy import Policy, decide, describe, peer_text, served_address
 from .refusal_log import DEFAULT_LOG_RATE, KIND_POLICY_FOR, RefusalLog, kind_of
-from .settings import DEFAULT_TRUSTED, LiveSettings, check_attributes, check_setting
+from .settings import DEFAULT_TRUSTED
 
 __all__ = [
     "ForkingProxyUDPServer",
@@ -212,7 +213,7 @@ class ProxyDatagram(tuple[Any, ...]):
         return (self[0], self[1], self.proxy_header, self.proxy_address)
 
 
-class ProxyDatagramMixin:
+class ProxyDatagramMixin(SettingsAttributes):
     """Strip the PROXY v2 header from each datagram of a ``socketserver.UDPServer``.
 
     Put it first among the bases.  Overrides ``get_request`` (and
@@ -238,62 +239,19 @@ class ProxyDatagramMixin:
     #: Receive buffer per datagram: large enough never to truncate one.
     max_packet_size = MAX_DATAGRAM
 
-    _ppd_settings: LiveSettings | None = None
     _ppd_log: RefusalLog | None = None
+    _proxy_knobs = KNOBS
 
     socket: socket.socket
 
-    def proxy_policy_for(self, peer: Address, local: Address | None) -> Policy:
-        """The policy for a datagram from ``peer`` received on ``local``.
-
-        The default applies ``proxy_trusted``: trusted sources (loopback,
-        unless it says otherwise) get ``proxy_policy``, the others
-        ``proxy_untrusted_policy``; on a UNIX datagram socket a source is
-        trusted when the socket's file is not world-writable, or when
-        ``proxy_trusted`` says ``unix`` or ``"*"``
-        (:meth:`proxyproto.Settings.trust`).  ``local`` is the socket's own
-        address (``getsockname()``), passed only when the method is
-        overridden.  An override's source counts as trusted (its header
-        reaches the handler) when it answers REQUIRE or USE.
-        """
-        live = self._ppd_settings or LiveSettings(KNOBS)
-        live.refresh(self)
-        if live.error is not None:
-            raise live.error
-        return live.current.trust(peer, self.socket).policy
-
-    # -- configuration ---------------------------------------------------------------------
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        """Refuse an invalid ``proxy_*`` value where it is set (ValueError naming the setting)."""
-        if name.startswith("proxy_"):
-            check_setting(name, value)
-        super().__setattr__(name, value)
-
-    def server_activate(self) -> None:
-        """Check the ``proxy_*`` settings in the constructor, so a mistake surfaces there."""
-        check_attributes(self, KNOBS)
-        super().server_activate()  # type: ignore[misc]
-
     def serve_forever(self, poll_interval: float = 0.5) -> None:
-        """Check the configuration, then serve as ``socketserver`` does.
-
-        When the check fails, ``shutdown()`` must still return: socketserver's
-        waits for an event that only a loop which ran sets, so it is set here.
-        """
-        try:
-            self._ppd_start()
-        except BaseException:
-            shut_down = getattr(self, "_BaseServer__is_shut_down", None)
-            if shut_down is not None:
-                shut_down.set()
-            raise
-        super().serve_forever(poll_interval)  # type: ignore[misc]
+        """Check the configuration, then serve as ``socketserver`` does."""
+        self._proxy_serve_forever(self._ppd_start, poll_interval)
 
     def service_actions(self) -> None:
         """Write the summary of suppressed refusal lines once their second is over, then the base's actions."""
         super().service_actions()  # type: ignore[misc]
-        log, live = self._ppd_log, self._ppd_settings
+        log, live = self._ppd_log, self._proxy_live
         if log is not None and live is not None and log.suppressed:
             log.rate = live.current.log_rate
             log.flush()
@@ -307,19 +265,19 @@ class ProxyDatagramMixin:
 
     def _ppd_start(self) -> LiveSettings:
         """Validate the settings when serving starts (ValueError naming the attribute); set up the log."""
-        live = self._ppd_settings
+        live = self._proxy_live
         if live is not None:
             return live
         check_attributes(self, KNOBS)
         live = LiveSettings(KNOBS)
         live.refresh(self)
         self._ppd_log = RefusalLog(logger, live.current.log_rate)
-        self._ppd_settings = live
+        self._proxy_live = live
         return live
 
     def _ppd_refuse(self, level: int, peer: Address, reason: str, kind: str) -> OSError:
         """Log one rate-limited refusal line; the OSError tells ``socketserver`` there is nothing to serve."""
-        log, live = self._ppd_log, self._ppd_settings
+        log, live = self._ppd_log, self._proxy_live
         if log is None or live is None:
             logger.log(level, "%s: dropped datagram: %s", peer_text(peer), reason)
         else:
@@ -335,18 +293,14 @@ class ProxyDatagramMixin:
         A refused datagram is logged and dropped: ``OSError`` tells
         ``socketserver`` there is nothing to serve this time.
         """
-        live = self._ppd_settings or self._ppd_start()
+        live = self._proxy_live or self._ppd_start()
         sock = self.socket
         data, peer = sock.recvfrom(self.max_packet_size)
         if (live.refresh(self) or live.reported) and not live.usable("dropping every datagram", "serving datagrams"):
             raise OSError("proxyproto: datagram dropped (invalid proxy_* setting)")
         settings = live.current
-        hook = None
-        cls = type(self)
-        if cls.proxy_policy_for is not ProxyDatagramMixin.proxy_policy_for or "proxy_policy_for" in vars(self):
-            hook = self.proxy_policy_for
         try:
-            trust = settings.trust(peer, sock, hook)
+            trust = settings.trust(peer, sock, self._proxy_hook())
         except Exception as exc:  # a user's hook: its failure drops this datagram, never the loop
             reason = f"proxy_policy_for failed: {type(exc).__name__}: {exc}"
             raise self._ppd_refuse(logging.ERROR, peer, reason, KIND_POLICY_FOR) from None

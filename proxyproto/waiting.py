@@ -51,8 +51,8 @@ from .refusal_log import KIND_READ_ERROR, RefusalLog, kind_of
 from .sock import RETRY_DELAY, HeaderAttempt, take_complete_header, wait_for_outcome
 
 if TYPE_CHECKING:
+    from .attributes import LiveSettings
     from .server import ProxyProtocolMixin, ProxySocket
-    from .settings import LiveSettings
 
     #: What a server's ``accept`` function returns: the accepted connection, its peer, its trust
     #: decision (None: close it, the configuration is invalid or the hook failed) and the timeout

@@ -221,12 +221,12 @@ def test_the_socketserver_mixin_has_every_attribute_of_the_table_with_its_defaul
             assert callable(value)  # a method to override; its default applies the three trust knobs
         else:
             assert value == row.default, (row.attribute, value)
-    attributes = {name for name in vars(proxyproto.ProxyProtocolMixin) if name.startswith("proxy_")}
+    attributes = {name for name in dir(proxyproto.ProxyProtocolMixin) if name.startswith("proxy_")}
     assert attributes == {row.attribute for row in TABLE.values() if row.attribute}
 
 
 def test_the_datagram_mixin_has_exactly_the_attributes_marked_udp_too_with_their_defaults() -> None:
-    attributes = {name for name in vars(ProxyDatagramMixin) if name.startswith("proxy_")}
+    attributes = {name for name in dir(ProxyDatagramMixin) if name.startswith("proxy_")}
     assert attributes == {row.attribute for row in TABLE.values() if row.udp}
     for row in TABLE.values():
         if row.udp and row.knob != "policy_for":
