@@ -210,7 +210,7 @@ class TrustedNetworks:
         verdict = verdicts.get(host)
         if verdict is None:
             # A backend sees few distinct peers (its proxies): remember each answer, so the
-            # ipaddress parse and network walk (~15 us) run once per peer, not per connection.
+            # ipaddress parse and network walk run once per peer, not per connection.
             # Bounded, so a scan from many addresses cannot grow it without limit.
             verdict = self._match(host)
             if len(verdicts) >= _VERDICT_CACHE_SIZE:

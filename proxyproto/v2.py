@@ -132,7 +132,7 @@ def match(data: bytes, max_size: int | None, verify_checksum: bool = True) -> Pr
     if ver_cmd == 0x21:
         if (fam == 0x11 or fam == 0x12) and length >= 12:
             # total <= size, so size >= 28: the block was read with the fixed fields.  Dotted
-            # quads from a table cost half what inet_ntop does (glibc goes through sprintf).
+            # quads from a table cost less than inet_ntop (glibc goes through sprintf; bench/README.md).
             source: Address | None = (f"{_DECIMAL[s1]}.{_DECIMAL[s2]}.{_DECIMAL[s3]}.{_DECIMAL[s4]}", sport)
             host = _DESTINATIONS.get(dst)
             if host is None:
