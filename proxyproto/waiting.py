@@ -23,9 +23,7 @@ server never blocks:
   rests for :data:`ACCEPT_BACKOFF` seconds (out of descriptors with
   connections parked, the oldest gives its place first).
 * Nothing spins: a parked socket never stays registered with unread bytes
-  (:class:`~proxyproto.sock.HeaderAttempt`; on epoll, a socket holding an
-  ambiguous prefix is switched to edge-triggered, elsewhere re-examined
-  after :data:`~proxyproto.sock.RETRY_DELAY`).
+  (:class:`~proxyproto.watcher.Watcher`).
 
 Where the platform's selector has no pollable descriptor, the header is read
 in the loop, bounded by ``proxy_header_timeout``.
@@ -37,8 +35,6 @@ import collections
 import errno
 import logging
 import os
-import select
-import selectors
 import socket
 import time
 from typing import TYPE_CHECKING, Any, Callable, cast
@@ -48,7 +44,8 @@ from .parking import Parking
 from .peers import socket_family
 from .policy import Policy, Trust, decide, peer_text, served_address
 from .refusal_log import KIND_READ_ERROR, RefusalLog, kind_of
-from .sock import RETRY_DELAY, HeaderAttempt, take_complete_header, wait_for_outcome
+from .sock import HeaderAttempt, take_complete_header, wait_for_outcome
+from .watcher import LISTENER, WAKEUP, Parked, Watcher
 
 if TYPE_CHECKING:
     from .attributes import LiveSettings
@@ -69,10 +66,6 @@ Address = Any  # what socket.accept() gives: a tuple for IP families, str or byt
 ACCEPT_BACKOFF = 0.1
 _ACCEPT_RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 _OUT_OF_DESCRIPTORS = frozenset((errno.EMFILE, errno.ENFILE))
-_EPOLLET = getattr(select, "EPOLLET", 0)
-# What the selector's keys carry for the two descriptors that are no parked connection.
-_LISTENER = "listener"
-_WAKEUP = "wakeup"
 
 #: Bumped in every forked child: a room made with another value was inherited from the parent.
 fork_generation = 0
@@ -85,122 +78,6 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-class _Parked:
-    """A connection whose header is not complete yet."""
-
-    __slots__ = ("attempt", "deadline", "edge", "peer", "registered", "retry_at", "saved_timeout", "trusted")
-
-    def __init__(
-        self, attempt: HeaderAttempt, peer: Address, deadline: float, saved_timeout: float | None, trusted: bool
-    ) -> None:
-        self.attempt = attempt
-        self.peer = peer
-        #: Whether the peer is trusted: only then may its header reach the handler.
-        self.trusted = trusted
-        self.deadline = deadline
-        self.saved_timeout = saved_timeout
-        self.registered = False  # watched by the selector
-        self.edge = False  # registered edge-triggered, waiting for bytes past an ambiguous prefix
-        self.retry_at = 0.0  # not watched: step it again at this time (no edge trigger here)
-
-
-class Watcher:
-    """The selector the serving loop polls: the listener, a wake-up pipe and every parked connection.
-
-    Its :attr:`descriptor` is the server's ``fileno()`` (epoll and kqueue
-    descriptors are pollable), so the loop wakes when a connection arrives,
-    when a parked header progresses, and, through :meth:`signal`, while
-    connections are queued.  :meth:`open` answers None where the platform's
-    selector has no descriptor.  It never reads a connection.
-    """
-
-    __slots__ = ("descriptor", "listening", "selector", "signalled", "wakeup")
-
-    def __init__(self, selector: selectors.BaseSelector, wakeup: tuple[int, int], listener: socket.socket) -> None:
-        self.selector = selector
-        #: The selector's own descriptor, the server's ``fileno()``.
-        self.descriptor: int = selector.fileno()  # type: ignore[attr-defined]
-        self.wakeup = wakeup
-        self.signalled = False  # the wake-up pipe holds a byte
-        selector.register(wakeup[0], selectors.EVENT_READ, _WAKEUP)
-        selector.register(listener, selectors.EVENT_READ, _LISTENER)
-        self.listening = True  # the listener is registered
-
-    @classmethod
-    def open(cls, listener: socket.socket) -> Watcher | None:
-        """A watcher of ``listener``; None where the platform's selector has no pollable descriptor."""
-        selector = selectors.DefaultSelector()
-        if not hasattr(selector, "fileno"):  # pragma: no cover
-            selector.close()
-            return None
-        # The wake-up pipe is made now, not when first needed: by then the
-        # process may be out of descriptors (and the queue must still drain).
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(read_fd, False)
-        os.set_blocking(write_fd, False)
-        return cls(selector, (read_fd, write_fd), listener)
-
-    def ready(self) -> list[tuple[selectors.SelectorKey, int]]:
-        """What is ready now, without waiting: keys whose ``data`` is the listener's mark or a parked connection."""
-        return self.selector.select(0)
-
-    def listen(self, listener: socket.socket, on: bool) -> None:
-        """Watch the listener, or stop (the accept back-off, a forking server at ``max_children``)."""
-        if on is self.listening:
-            return
-        if on:
-            self.selector.register(listener, selectors.EVENT_READ, _LISTENER)
-        else:
-            self.selector.unregister(listener)
-        self.listening = on
-
-    def watch(self, parked: _Parked, now: float) -> None:
-        """Watch a parked connection until it can make progress, without ever spinning on unread bytes."""
-        sock = parked.attempt.sock
-        selector = self.selector
-        if not parked.registered:
-            selector.register(sock, selectors.EVENT_READ, parked)
-            parked.registered = True
-        if parked.attempt.needs_retry and not parked.edge:
-            # Bytes of an ambiguous prefix wait in the kernel and poll cannot be told to wait
-            # for more (no SO_RCVLOWAT here).  On epoll, switch the socket to edge-triggered:
-            # it is reported again when more bytes (or the peer's close) arrive.  Elsewhere,
-            # stop watching it and look again after a short delay, when the loop next wakes.
-            epoll = getattr(selector, "_selector", None)
-            if _EPOLLET and isinstance(epoll, select.epoll):
-                epoll.modify(sock.fileno(), select.EPOLLIN | _EPOLLET)
-                parked.edge = True
-            else:
-                selector.unregister(sock)
-                parked.registered = False
-                parked.retry_at = now + RETRY_DELAY
-
-    def unwatch(self, parked: _Parked) -> None:
-        """Stop watching a connection that leaves the waiting room."""
-        if parked.registered:
-            self.selector.unregister(parked.attempt.sock)
-            parked.registered = False
-
-    def signal(self, pending: bool) -> None:
-        """Keep the selector readable while ``pending`` (completed connections are queued), or stop."""
-        if pending == self.signalled:
-            return
-        if pending:
-            os.write(self.wakeup[1], b"!")
-        else:
-            try:
-                os.read(self.wakeup[0], 64)
-            except BlockingIOError:  # pragma: no cover
-                pass
-        self.signalled = pending
-
-    def close(self) -> None:
-        """Close the selector and the wake-up pipe, unregistering nothing (safe in a forked child)."""
-        self.selector.close()
-        os.close(self.wakeup[0])
-        os.close(self.wakeup[1])
 
 
 class ParkedConnections:
@@ -218,7 +95,7 @@ class ParkedConnections:
     most ``proxy_max_pending`` wait, past it the oldest is closed, with the
     one eviction line of the library naming ``proxy_max_pending``; the
     watcher stops watching an evicted connection before it is closed
-    (Parking's close callback).  The key is the :class:`_Parked` record
+    (Parking's close callback).  The key is the :class:`Parked` record
     itself, which the selector also carries as its key's ``data``: a
     descriptor the watcher reports leads to its record without another table,
     and a record evicted earlier in the same batch is no key any more (its
@@ -247,14 +124,14 @@ class ParkedConnections:
         self.log = log
         self.hand_out = hand_out
         #: The parked connections, oldest first, and the one rule that evicts them.
-        self.parking: Parking[_Parked] = Parking(log, self._evicted, "proxy_max_pending")
+        self.parking: Parking[Parked] = Parking(log, self._evicted, "proxy_max_pending")
 
     def park(
         self, sock: ProxySocket, peer: Address, policy: Policy, trusted: bool, saved_timeout: float | None, now: float
     ) -> None:
         """Start waiting for ``sock``'s header (deadline: ``proxy_header_timeout`` from ``now``)."""
         attempt = self._attempt(sock, policy)
-        self.step(_Parked(attempt, peer, now + self.live.current.header_timeout, saved_timeout, trusted), now)
+        self.step(Parked(attempt, peer, now + self.live.current.header_timeout, saved_timeout, trusted), now)
 
     def read_blocking(
         self, sock: ProxySocket, peer: Address, policy: Policy, trusted: bool, saved_timeout: float | None
@@ -262,7 +139,7 @@ class ParkedConnections:
         """Without a watcher: wait for ``sock``'s header here, bounded by ``proxy_header_timeout``."""
         sock.settimeout(0.0)
         deadline = time.monotonic() + self.live.current.header_timeout
-        parked = _Parked(self._attempt(sock, policy), peer, deadline, saved_timeout, trusted)
+        parked = Parked(self._attempt(sock, policy), peer, deadline, saved_timeout, trusted)
         try:
             wait_for_outcome(parked.attempt, parked.deadline)
         except OSError as exc:
@@ -270,7 +147,7 @@ class ParkedConnections:
             raise
         self._conclude(parked)
 
-    def step(self, parked: _Parked, now: float) -> None:
+    def step(self, parked: Parked, now: float) -> None:
         """Advance one connection; conclude, or (re)park it."""
         try:
             done = parked.attempt.step()
@@ -305,7 +182,7 @@ class ParkedConnections:
         parking = self.parking
         parking.evict_oldest(len(parking), "the process is out of file descriptors")
 
-    def _evicted(self, parked: _Parked) -> None:
+    def _evicted(self, parked: Parked) -> None:
         """Parking's close callback: stop watching an evicted connection (it has left :attr:`parking`), close it."""
         if self.watcher is not None:
             self.watcher.unwatch(parked)
@@ -334,12 +211,12 @@ class ParkedConnections:
             allow_v4_in_tcp6=settings.allow_v4_in_tcp6,
         )
 
-    def _unpark(self, parked: _Parked) -> None:
+    def _unpark(self, parked: Parked) -> None:
         if self.watcher is not None:
             self.watcher.unwatch(parked)
         self.parking.discard(parked)
 
-    def _conclude(self, parked: _Parked) -> None:
+    def _conclude(self, parked: Parked) -> None:
         """Apply the policy table: hand the connection out for service, or close and log it."""
         attempt = parked.attempt
         sock = attempt.sock
@@ -563,9 +440,9 @@ class WaitingRoom:
         assert self.watcher is not None
         now = time.monotonic()
         for key, _ in self.watcher.ready():
-            if key.data is _LISTENER:
+            if key.data is LISTENER:
                 self.accept_next(now)
-            elif key.data is not _WAKEUP:
+            elif key.data is not WAKEUP:
                 parked = key.data
                 if parked in self.parked:  # (one evicted by an accept earlier in this batch is gone)
                     self.waiting.step(parked, now)
