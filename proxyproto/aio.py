@@ -55,16 +55,14 @@ from typing import Any, Callable
 
 from . import reader as core
 from .aio_protocol import ProxyProtocolFactory, call_later, proxy_extra, wrap_protocol_factory
-from .errors import ProxyProtocolError
 from .header import ProxyHeader
 from .parking import Parking, descriptor_of
 from .policy import (
+    Attempt,
     Outcome,
     Policy,
     decide,
-    describe,
     peer_text,
-    refusal,
 )
 from .refusal_log import KIND_READ_ERROR, RefusalLog, kind_of
 from .settings import Settings, settings_for, split_knobs
@@ -78,23 +76,14 @@ ClientConnected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]
 _LIMIT = 2**16
 
 
-class _Attempt:
+class _Attempt(Attempt):
     """One stream's header: peek at the reader's buffer, let the scanner decide, consume exactly."""
 
-    __slots__ = ("policy", "reader", "scanner")
+    __slots__ = ("reader",)
 
     def __init__(self, reader: asyncio.StreamReader, policy: Policy, scanner: core.HeaderScanner) -> None:
+        super().__init__(policy, scanner)
         self.reader = reader
-        self.policy = policy
-        self.scanner = scanner
-
-    @property
-    def outcome(self) -> Outcome | None:
-        return self.scanner.outcome
-
-    @property
-    def header(self) -> ProxyHeader | None:
-        return self.scanner.header
 
     async def run(self) -> None:
         """Wait until the outcome is known; ``OSError`` from the transport propagates."""
@@ -117,19 +106,6 @@ class _Attempt:
                 return
             await reader._wait_for_data("read_header")  # type: ignore[attr-defined]
 
-    def timed_out(self) -> None:
-        self.scanner.expire()
-
-    def describe(self, timeout: float) -> str:
-        """One line saying what happened (the mixin's wording)."""
-        scanner = self.scanner
-        assert scanner.outcome is not None
-        return describe(self.policy, scanner.outcome, scanner.error, scanner.seen, timeout)
-
-    def exception(self, timeout: float) -> ProxyProtocolError:
-        scanner = self.scanner
-        assert scanner.outcome is not None
-        return refusal(self.policy, scanner.outcome, scanner.error, scanner.seen, timeout)
 
 
 async def _attempt(

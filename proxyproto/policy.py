@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, Union
 from .addresses import AF_INET, AF_INET6
 from .errors import HeaderRejected, HeaderTimeout, NoProxyHeader, ProxyProtocolError
 from .header import Family, ProxyHeader
-from .reader import Outcome  # the core's; named here too, where it has always been importable
+from .reader import HeaderScanner, Outcome  # Outcome is the core's, named here too
 
 __all__ = ["Outcome", "Policy"]
 
@@ -293,3 +293,50 @@ def refusal(
     if outcome is Outcome.EOF:
         return NoProxyHeader(message, offset=0)
     return HeaderTimeout(message, offset=held)
+
+
+class Attempt:
+    """One header read under a policy: the policy, and the core's scanner that says what arrived.
+
+    The I/O adapters' attempts (:class:`proxyproto.sock.HeaderAttempt`,
+    the streams adapter's) are this plus the reading.  Once the scanner has
+    an outcome, :meth:`describe` gives the refusal line and :meth:`exception`
+    what a ``read_header`` raises.
+    """
+
+    __slots__ = ("policy", "scanner")
+
+    def __init__(self, policy: Policy, scanner: HeaderScanner) -> None:
+        self.policy = policy
+        self.scanner = scanner
+
+    @property
+    def outcome(self) -> Outcome | None:
+        """What arrived, once known (None before)."""
+        return self.scanner.outcome
+
+    @property
+    def header(self) -> ProxyHeader | None:
+        """The header, for the outcome HEADER."""
+        return self.scanner.header
+
+    @property
+    def error(self) -> ProxyProtocolError | None:
+        """What was wrong, for the outcomes NO_HEADER and INVALID."""
+        return self.scanner.error
+
+    def timed_out(self) -> None:
+        """The deadline passed before the outcome was known."""
+        self.scanner.expire()
+
+    def describe(self, timeout: float) -> str:
+        """One line saying what happened, for logs and exceptions (``timeout``: the header deadline)."""
+        scanner = self.scanner
+        assert scanner.outcome is not None
+        return describe(self.policy, scanner.outcome, scanner.error, scanner.seen, timeout)
+
+    def exception(self, timeout: float) -> ProxyProtocolError:
+        """The exception a ``read_header`` raises for a closing verdict."""
+        scanner = self.scanner
+        assert scanner.outcome is not None
+        return refusal(self.policy, scanner.outcome, scanner.error, scanner.seen, timeout)

@@ -28,7 +28,7 @@ from typing import Any
 from . import reader
 from .errors import ProxyProtocolError
 from .header import AddressInput, ProxyHeader
-from .policy import Policy, decide, describe, refusal
+from .policy import Attempt, Policy, decide
 from .reader import HeaderScanner, Outcome
 from .v1 import encode as encode_v1
 from .v2 import encode as encode_v2
@@ -76,7 +76,7 @@ def take_complete_header(
     return header
 
 
-class HeaderAttempt:
+class HeaderAttempt(Attempt):
     """One connection's header, read without blocking: peek, decide, consume exactly.
 
     The socket half of a :class:`~proxyproto.reader.HeaderScanner`: this
@@ -88,7 +88,7 @@ class HeaderAttempt:
     ``SO_RCVLOWAT``) and the caller must call :meth:`step` again later.
     """
 
-    __slots__ = ("lowat", "needs_retry", "policy", "scanner", "sock", "waiting")
+    __slots__ = ("lowat", "needs_retry", "sock", "waiting")
 
     def __init__(
         self,
@@ -99,35 +99,20 @@ class HeaderAttempt:
         verify_checksum: bool = True,
         allow_v4_in_tcp6: bool = False,
     ) -> None:
-        self.sock = sock
-        self.policy = policy
         # Under REQUIRE every byte before the header's end is header (or garbage to refuse):
         # the scanner lets it be taken out of the kernel, so a sender writing in small pieces
         # never stalls.  Under the opt-in policies an ambiguous prefix stays where it is.
-        self.scanner = HeaderScanner(
+        scanner = HeaderScanner(
             max_size=max_size,
             verify_checksum=verify_checksum,
             allow_v4_in_tcp6=allow_v4_in_tcp6,
             required=policy is Policy.REQUIRE,
         )
+        super().__init__(policy, scanner)
+        self.sock = sock
         self.waiting = 0  # bytes of an ambiguous prefix left in the kernel (opt-in)
         self.lowat = False
         self.needs_retry = False
-
-    @property
-    def outcome(self) -> Outcome | None:
-        """What arrived, once :meth:`step` returned True (or :meth:`timed_out` was called)."""
-        return self.scanner.outcome
-
-    @property
-    def header(self) -> ProxyHeader | None:
-        """The header, for the outcome HEADER."""
-        return self.scanner.header
-
-    @property
-    def error(self) -> ProxyProtocolError | None:
-        """What was wrong, for the outcomes NO_HEADER and INVALID."""
-        return self.scanner.error
 
     @property
     def started(self) -> bool:
@@ -186,27 +171,11 @@ class HeaderAttempt:
         else:
             self.needs_retry = True
 
-    def timed_out(self) -> None:
-        """The deadline passed before the outcome was known."""
-        self.scanner.expire()
-
     def release(self) -> None:
         """Undo what waiting changed on the socket (SO_RCVLOWAT) before handing it on."""
         if self.lowat:
             self.lowat = False
             self.sock.setsockopt(socket.SOL_SOCKET, _SO_RCVLOWAT, 1)  # type: ignore[arg-type]
-
-    def describe(self, timeout: float) -> str:
-        """One line saying what happened, for logs and exceptions."""
-        scanner = self.scanner
-        assert scanner.outcome is not None
-        return describe(self.policy, scanner.outcome, scanner.error, scanner.seen, timeout)
-
-    def exception(self, timeout: float) -> ProxyProtocolError:
-        """The exception :func:`read_header` raises for a closing verdict."""
-        scanner = self.scanner
-        assert scanner.outcome is not None
-        return refusal(self.policy, scanner.outcome, scanner.error, scanner.seen, timeout)
 
 
 _POLLRDHUP = getattr(select, "POLLRDHUP", 0)

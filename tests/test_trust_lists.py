@@ -8,10 +8,12 @@ comma-separated and ``"*"`` forms are gunicorn's ``proxy_allow_ips`` and uvicorn
 from __future__ import annotations
 
 import ipaddress
+import socketserver
 from typing import Any
 
 import pytest
 
+from proxyproto import Settings, ThreadingProxyTCPServer
 from proxyproto.policy import TrustedNetworks
 
 
@@ -44,9 +46,17 @@ def test_ipv4_mapped_peer_matches_its_ipv4_network_G10() -> None:
 
 
 @pytest.mark.parametrize("spec", ["10.0.0.0/33", "10.0.0.0/8,nonsense", [object()]])
-def test_unreadable_entry_is_a_value_error_naming_the_setting_G10(spec: object) -> None:
-    with pytest.raises(ValueError, match="proxy_trusted"):
+def test_unreadable_entry_is_a_value_error_naming_the_entry_and_the_knob_as_spelled_G10(spec: object) -> None:
+    with pytest.raises(ValueError, match=r"cannot read .* as an IP network"):
         TrustedNetworks(spec)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^trusted: cannot read"):
+        Settings(trusted=spec)
+    server = ThreadingProxyTCPServer(("127.0.0.1", 0), socketserver.BaseRequestHandler)
+    try:
+        with pytest.raises(ValueError, match=r"^proxy_trusted: cannot read"):
+            server.proxy_trusted = spec
+    finally:
+        server.server_close()
 
 
 def test_verdicts_are_remembered_per_peer_and_the_memory_is_bounded() -> None:
