@@ -126,18 +126,21 @@ class WaitingReads:
     (never beyond the scanner's window), so a parked connection holds no
     more memory than the bytes its peer sent.  ``scanner``: the stream's
     :class:`HeaderScanner`, which has been fed every byte read so far (they
-    start ``buf``) and decides.  ``peek``: a borrowed socket (:func:`borrow`)
-    that shows what is in the kernel, or None where the socket cannot be
-    peeked (reads are then sized by the scanner's ``need`` alone).
+    start ``buf``) and decides (:meth:`read` tells when).  ``peek``: a
+    borrowed socket (:func:`borrow`) that shows what is in the kernel, or
+    None where the socket cannot be peeked (reads are then sized by the
+    scanner's ``need`` alone).
     """
 
-    __slots__ = ("buf", "held", "peek", "scanner")
+    __slots__ = ("buf", "held", "peek", "rest", "scanner")
 
     def __init__(self, scanner: HeaderScanner, peek: Any) -> None:
         self.scanner = scanner
         self.peek = peek
         self.buf = bytearray(scanner.held)
         self.held = len(scanner.held)
+        #: Once :meth:`read` returns an outcome: the bytes read that are the inner protocol's.
+        self.rest = b""
 
     def window(self) -> memoryview:
         """The buffer for the transport's next read: never empty, never past the header's end."""
@@ -175,11 +178,30 @@ class WaitingReads:
         scanner.look(ahead)
         return scanner.take
 
-    def add(self, nbytes: int) -> bytes:
-        """Count ``nbytes`` read into :meth:`window`; return them."""
+    def read(self, nbytes: int) -> Outcome | None:
+        """Count ``nbytes`` read into :meth:`window`; the outcome once the bytes read decide it, else None.
+
+        Decided, :attr:`rest` holds the bytes read after the header (HEADER),
+        or every byte read (NO_HEADER), for the inner protocol; nothing for
+        the outcomes that close.
+        """
         held = self.held
         self.held = held + nbytes
-        return bytes(self.buf[held : held + nbytes])
+        new = bytes(self.buf[held : held + nbytes])
+        scanner = self.scanner
+        outcome = scanner.outcome
+        if outcome is None:  # undecided until these bytes
+            outcome = scanner.feed(new)
+            if outcome is not None:
+                self.rest = scanner.rest
+        elif outcome is _HEADER:  # a peek found the header: these bytes are (the end of) it
+            header = scanner.header
+            assert header is not None
+            if self.held < header.length:
+                return None  # a short read; the next window asks for the rest
+        elif outcome is _NO_HEADER:  # a peek showed a wrong stream: concluded on this read
+            self.rest = scanner.rest + new  # every byte read is the application's
+        return outcome
 
     def stop(self) -> None:
         """Give the borrowed socket back (detached, never closed)."""
@@ -359,23 +381,10 @@ class HeaderProtocol(asyncio.BufferedProtocol):
                 if self.transport is not None:
                     self.transport.pause_reading()  # the rest waits in the kernel for the TLS layer
             return  # else the connection is closing: nothing more is read for anyone
-        new = reads.add(nbytes)
-        scanner = reads.scanner
-        outcome = scanner.outcome
-        if outcome is None:  # undecided until these bytes
-            outcome = scanner.feed(new)
-            if outcome is None:
-                return
-            rest = scanner.rest
-        elif outcome is _HEADER:  # a peek found the header: these bytes are (the end of) it
-            header = scanner.header
-            assert header is not None
-            if reads.held < header.length:
-                return  # a short read; the next window asks for the rest
-            rest = b""
-        else:  # a peek showed a wrong stream: concluded on this read, every byte read the application's
-            rest = scanner.rest + new if outcome is _NO_HEADER else b""
-        self.conclude(outcome, scanner.error, header=scanner.header, rest=rest)
+        outcome = reads.read(nbytes)
+        if outcome is not None:
+            scanner = reads.scanner
+            self.conclude(outcome, scanner.error, header=scanner.header, rest=reads.rest)
 
     def expire(self) -> None:
         self.timer = None
