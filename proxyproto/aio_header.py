@@ -27,7 +27,7 @@ import socket
 from typing import TYPE_CHECKING, Any, Callable
 
 from .aio_tls import TLSHandOver
-from .aio_transport import NOT_GIVEN, ProxyTransport, deliver_in_turn, hand_rest, proxy_extra
+from .aio_transport import NOT_GIVEN, deliver_in_turn, hand_over, proxy_extra
 from .errors import ProxyProtocolError
 from .header import ProxyHeader
 from .policy import Outcome, Policy, decide, describe, peer_text
@@ -490,16 +490,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             tls.start(inner, header)
             return None
         self.state = _SERVED
-        if transport.get_protocol() is not inner:  # else header_first's inner had it all along
-            transport.set_protocol(inner)
-        view = ProxyTransport(transport, proxy_extra(transport, self.policy, header, self.peer, sock))
-        connect = self.connect
-        if connect is None:
-            inner.connection_made(view)
-        else:  # header_first: its own connection_made would only pass the view on, one call deeper
-            connect(inner, view)
-        if rest:
-            hand_rest(transport, view, inner, rest)
+        hand_over(transport, inner, self.connect, proxy_extra(transport, self.policy, header, self.peer, sock), rest)
         return inner
 
     def handed_to_tls(self) -> None:
