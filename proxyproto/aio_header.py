@@ -119,6 +119,39 @@ def peek_header(factory: ProxyProtocolFactory, peek: Any) -> HeaderScanner:
     return scanner
 
 
+def peek_complete_header(reading: HeaderProtocol, peer: Any, sock: Any) -> bool:
+    """Decide ``reading``'s connection at once from what is in the socket (:func:`peek_header`); True when decided.
+
+    Called from :meth:`HeaderProtocol.connection_made` before the transport
+    has read anything (asyncio registers its reader after
+    ``connection_made``, uvloop starts reading when it returns, and neither
+    reads before the loop polls again), so the bytes after the header stay
+    in the kernel for the transport (and with ``ssl=``, for the TLS layer).
+    Decided, the connection goes through ``reading``'s own transitions: a
+    stream that is no header is served with nothing consumed where the
+    policy serves it, and closed where it does not, as a malformed header
+    always is.  Undecided: False, with ``reading.reads`` holding the peek
+    socket and anything taken, for :meth:`HeaderProtocol.wait`.
+    """
+    peek = borrow(peer, sock)
+    scanner = peek_header(reading.factory, peek)
+    outcome = scanner.outcome
+    if outcome is None:
+        reading.reads = WaitingReads(scanner, peek)
+        return False
+    peek.detach()
+    if outcome is _HEADER:
+        if reading.policy in _SERVES_A_HEADER:
+            reading.serve(scanner.header, b"", sock)
+        else:
+            reading.conclude(_HEADER, header=scanner.header)
+    elif outcome is _NO_HEADER and decide(reading.policy, _NO_HEADER).serve:
+        reading.serve(None, b"", sock)  # nothing was read: every byte is the inner protocol's
+    else:
+        reading.conclude(outcome, scanner.error)  # closed, whatever the policy: nothing to keep
+    return True
+
+
 class WaitingReads:
     """The bytes of a header still on its way, read into buffers that end where the header ends.
 
@@ -215,7 +248,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
 
     The common case costs two system calls of its own and no waiting state:
     a header that arrived with the connection is peeked at and taken in
-    :meth:`connection_made` (:meth:`peek_complete_header`), and the inner
+    :meth:`connection_made` (:func:`peek_complete_header`), and the inner
     protocol is served there.  Only a connection whose header is not
     complete yet gets :class:`WaitingReads`, a parking slot and a deadline,
     and reads through :meth:`get_buffer`.  :attr:`state` says where it is
@@ -276,40 +309,9 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             self.serve(None, b"")
             return
         sock = raw.get_extra_info("socket") if CAN_PEEK else None
-        if sock is not None and self.peek_complete_header(peer, sock):
+        if sock is not None and peek_complete_header(self, peer, sock):
             return
         self.wait()
-
-    def peek_complete_header(self, peer: Any, sock: Any) -> bool:
-        """Decide at once from what is in the socket (:func:`peek_header`); True when decided.
-
-        Called from :meth:`connection_made` before the transport has read
-        anything (asyncio registers its reader after ``connection_made``,
-        uvloop starts reading when it returns, and neither reads before the
-        loop polls again), so the bytes after the header stay in the kernel
-        for the transport (and with ``ssl=``, for the TLS layer).  A stream
-        that is no header is served with nothing consumed where the policy
-        serves it, and closed where it does not, as a malformed header always
-        is.  Undecided: False, with :attr:`reads` holding the peek socket and
-        anything taken, for :meth:`wait`.
-        """
-        peek = borrow(peer, sock)
-        scanner = peek_header(self.factory, peek)
-        outcome = scanner.outcome
-        if outcome is None:
-            self.reads = WaitingReads(scanner, peek)
-            return False
-        peek.detach()
-        if outcome is _HEADER:
-            if self.policy in _SERVES_A_HEADER:
-                self.serve(scanner.header, b"", sock)
-            else:
-                self.conclude(_HEADER, header=scanner.header)
-        elif outcome is _NO_HEADER and decide(self.policy, _NO_HEADER).serve:
-            self.serve(None, b"", sock)  # nothing was read: every byte is the inner protocol's
-        else:
-            self.conclude(outcome, scanner.error)  # closed, whatever the policy: nothing to keep
-        return True
 
     def wait(self) -> None:
         """NEW -> WAITING: the header is not all there yet; wait for it, with a deadline, reading it here."""
