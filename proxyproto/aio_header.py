@@ -332,10 +332,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
     def eof_received(self) -> bool | None:
         tls = self.tls
         if self.state is _HANDSHAKING and tls is not None:
-            # The peer ended its side before the handshake could start: no TLS session can
-            # complete (the client's Finished never comes), so there is nothing to serve.
-            tls.eof = True
-            return True  # the hand-over's task closes the connection
+            return tls.eof_received()
         reads = self.reads
         if reads is not None:
             scanner = reads.scanner
@@ -380,8 +377,6 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             tls = self.tls
             if self.state is _HANDSHAKING and tls is not None:
                 tls.keep(spare[:nbytes])
-                if self.transport is not None:
-                    self.transport.pause_reading()  # the rest waits in the kernel for the TLS layer
             return  # else the connection is closing: nothing more is read for anyone
         outcome = reads.read(nbytes)
         if outcome is not None:
