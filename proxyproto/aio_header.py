@@ -27,7 +27,7 @@ import socket
 from typing import TYPE_CHECKING, Any, Callable
 
 from .aio_tls import TLSHandOver
-from .aio_transport import NOT_GIVEN, ProxyTransport, deliver_in_turn, hand_rest, proxy_extra
+from .aio_transport import NOT_GIVEN, deliver_in_turn, hand_over, proxy_extra
 from .errors import ProxyProtocolError
 from .header import ProxyHeader
 from .policy import Outcome, Policy, decide, describe, peer_text
@@ -119,6 +119,39 @@ def peek_header(factory: ProxyProtocolFactory, peek: Any) -> HeaderScanner:
     return scanner
 
 
+def peek_complete_header(reading: HeaderProtocol, peer: Any, sock: Any) -> bool:
+    """Decide ``reading``'s connection at once from what is in the socket (:func:`peek_header`); True when decided.
+
+    Called from :meth:`HeaderProtocol.connection_made` before the transport
+    has read anything (asyncio registers its reader after
+    ``connection_made``, uvloop starts reading when it returns, and neither
+    reads before the loop polls again), so the bytes after the header stay
+    in the kernel for the transport (and with ``ssl=``, for the TLS layer).
+    Decided, the connection goes through ``reading``'s own transitions: a
+    stream that is no header is served with nothing consumed where the
+    policy serves it, and closed where it does not, as a malformed header
+    always is.  Undecided: False, with ``reading.reads`` holding the peek
+    socket and anything taken, for :meth:`HeaderProtocol.wait`.
+    """
+    peek = borrow(peer, sock)
+    scanner = peek_header(reading.factory, peek)
+    outcome = scanner.outcome
+    if outcome is None:
+        reading.reads = WaitingReads(scanner, peek)
+        return False
+    peek.detach()
+    if outcome is _HEADER:
+        if reading.policy in _SERVES_A_HEADER:
+            reading.serve(scanner.header, b"", sock)
+        else:
+            reading.conclude(_HEADER, header=scanner.header)
+    elif outcome is _NO_HEADER and decide(reading.policy, _NO_HEADER).serve:
+        reading.serve(None, b"", sock)  # nothing was read: every byte is the inner protocol's
+    else:
+        reading.conclude(outcome, scanner.error)  # closed, whatever the policy: nothing to keep
+    return True
+
+
 class WaitingReads:
     """The bytes of a header still on its way, read into buffers that end where the header ends.
 
@@ -126,18 +159,21 @@ class WaitingReads:
     (never beyond the scanner's window), so a parked connection holds no
     more memory than the bytes its peer sent.  ``scanner``: the stream's
     :class:`HeaderScanner`, which has been fed every byte read so far (they
-    start ``buf``) and decides.  ``peek``: a borrowed socket (:func:`borrow`)
-    that shows what is in the kernel, or None where the socket cannot be
-    peeked (reads are then sized by the scanner's ``need`` alone).
+    start ``buf``) and decides (:meth:`read` tells when).  ``peek``: a
+    borrowed socket (:func:`borrow`) that shows what is in the kernel, or
+    None where the socket cannot be peeked (reads are then sized by the
+    scanner's ``need`` alone).
     """
 
-    __slots__ = ("buf", "held", "peek", "scanner")
+    __slots__ = ("buf", "held", "peek", "rest", "scanner")
 
     def __init__(self, scanner: HeaderScanner, peek: Any) -> None:
         self.scanner = scanner
         self.peek = peek
         self.buf = bytearray(scanner.held)
         self.held = len(scanner.held)
+        #: Once :meth:`read` returns an outcome: the bytes read that are the inner protocol's.
+        self.rest = b""
 
     def window(self) -> memoryview:
         """The buffer for the transport's next read: never empty, never past the header's end."""
@@ -175,11 +211,30 @@ class WaitingReads:
         scanner.look(ahead)
         return scanner.take
 
-    def add(self, nbytes: int) -> bytes:
-        """Count ``nbytes`` read into :meth:`window`; return them."""
+    def read(self, nbytes: int) -> Outcome | None:
+        """Count ``nbytes`` read into :meth:`window`; the outcome once the bytes read decide it, else None.
+
+        Decided, :attr:`rest` holds the bytes read after the header (HEADER),
+        or every byte read (NO_HEADER), for the inner protocol; nothing for
+        the outcomes that close.
+        """
         held = self.held
         self.held = held + nbytes
-        return bytes(self.buf[held : held + nbytes])
+        new = bytes(self.buf[held : held + nbytes])
+        scanner = self.scanner
+        outcome = scanner.outcome
+        if outcome is None:  # undecided until these bytes
+            outcome = scanner.feed(new)
+            if outcome is not None:
+                self.rest = scanner.rest
+        elif outcome is _HEADER:  # a peek found the header: these bytes are (the end of) it
+            header = scanner.header
+            assert header is not None
+            if self.held < header.length:
+                return None  # a short read; the next window asks for the rest
+        elif outcome is _NO_HEADER:  # a peek showed a wrong stream: concluded on this read
+            self.rest = scanner.rest + new  # every byte read is the application's
+        return outcome
 
     def stop(self) -> None:
         """Give the borrowed socket back (detached, never closed)."""
@@ -193,7 +248,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
 
     The common case costs two system calls of its own and no waiting state:
     a header that arrived with the connection is peeked at and taken in
-    :meth:`connection_made` (:meth:`peek_complete_header`), and the inner
+    :meth:`connection_made` (:func:`peek_complete_header`), and the inner
     protocol is served there.  Only a connection whose header is not
     complete yet gets :class:`WaitingReads`, a parking slot and a deadline,
     and reads through :meth:`get_buffer`.  :attr:`state` says where it is
@@ -254,40 +309,9 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             self.serve(None, b"")
             return
         sock = raw.get_extra_info("socket") if CAN_PEEK else None
-        if sock is not None and self.peek_complete_header(peer, sock):
+        if sock is not None and peek_complete_header(self, peer, sock):
             return
         self.wait()
-
-    def peek_complete_header(self, peer: Any, sock: Any) -> bool:
-        """Decide at once from what is in the socket (:func:`peek_header`); True when decided.
-
-        Called from :meth:`connection_made` before the transport has read
-        anything (asyncio registers its reader after ``connection_made``,
-        uvloop starts reading when it returns, and neither reads before the
-        loop polls again), so the bytes after the header stay in the kernel
-        for the transport (and with ``ssl=``, for the TLS layer).  A stream
-        that is no header is served with nothing consumed where the policy
-        serves it, and closed where it does not, as a malformed header always
-        is.  Undecided: False, with :attr:`reads` holding the peek socket and
-        anything taken, for :meth:`wait`.
-        """
-        peek = borrow(peer, sock)
-        scanner = peek_header(self.factory, peek)
-        outcome = scanner.outcome
-        if outcome is None:
-            self.reads = WaitingReads(scanner, peek)
-            return False
-        peek.detach()
-        if outcome is _HEADER:
-            if self.policy in _SERVES_A_HEADER:
-                self.serve(scanner.header, b"", sock)
-            else:
-                self.conclude(_HEADER, header=scanner.header)
-        elif outcome is _NO_HEADER and decide(self.policy, _NO_HEADER).serve:
-            self.serve(None, b"", sock)  # nothing was read: every byte is the inner protocol's
-        else:
-            self.conclude(outcome, scanner.error)  # closed, whatever the policy: nothing to keep
-        return True
 
     def wait(self) -> None:
         """NEW -> WAITING: the header is not all there yet; wait for it, with a deadline, reading it here."""
@@ -308,10 +332,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
     def eof_received(self) -> bool | None:
         tls = self.tls
         if self.state is _HANDSHAKING and tls is not None:
-            # The peer ended its side before the handshake could start: no TLS session can
-            # complete (the client's Finished never comes), so there is nothing to serve.
-            tls.eof = True
-            return True  # the hand-over's task closes the connection
+            return tls.eof_received()
         reads = self.reads
         if reads is not None:
             scanner = reads.scanner
@@ -356,26 +377,11 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             tls = self.tls
             if self.state is _HANDSHAKING and tls is not None:
                 tls.keep(spare[:nbytes])
-                if self.transport is not None:
-                    self.transport.pause_reading()  # the rest waits in the kernel for the TLS layer
             return  # else the connection is closing: nothing more is read for anyone
-        new = reads.add(nbytes)
-        scanner = reads.scanner
-        outcome = scanner.outcome
-        if outcome is None:  # undecided until these bytes
-            outcome = scanner.feed(new)
-            if outcome is None:
-                return
-            rest = scanner.rest
-        elif outcome is _HEADER:  # a peek found the header: these bytes are (the end of) it
-            header = scanner.header
-            assert header is not None
-            if reads.held < header.length:
-                return  # a short read; the next window asks for the rest
-            rest = b""
-        else:  # a peek showed a wrong stream: concluded on this read, every byte read the application's
-            rest = scanner.rest + new if outcome is _NO_HEADER else b""
-        self.conclude(outcome, scanner.error, header=scanner.header, rest=rest)
+        outcome = reads.read(nbytes)
+        if outcome is not None:
+            scanner = reads.scanner
+            self.conclude(outcome, scanner.error, header=scanner.header, rest=reads.rest)
 
     def expire(self) -> None:
         self.timer = None
@@ -481,16 +487,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             tls.start(inner, header)
             return None
         self.state = _SERVED
-        if transport.get_protocol() is not inner:  # else header_first's inner had it all along
-            transport.set_protocol(inner)
-        view = ProxyTransport(transport, proxy_extra(transport, self.policy, header, self.peer, sock))
-        connect = self.connect
-        if connect is None:
-            inner.connection_made(view)
-        else:  # header_first: its own connection_made would only pass the view on, one call deeper
-            connect(inner, view)
-        if rest:
-            hand_rest(transport, view, inner, rest)
+        hand_over(transport, inner, self.connect, proxy_extra(transport, self.policy, header, self.peer, sock), rest)
         return inner
 
     def handed_to_tls(self) -> None:

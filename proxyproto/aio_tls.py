@@ -74,7 +74,7 @@ class TLSHandOver:
     toward ``max_pending``, closed on shutdown) until the handshake is done.
     Until ``start_tls`` takes the transport, ``reading`` gives what the
     transport still reads to :meth:`keep`, and the peer's end of its side to
-    :attr:`eof`.
+    :meth:`eof_received`.
     """
 
     __slots__ = ("eof", "late", "reading")
@@ -99,9 +99,25 @@ class TLSHandOver:
         task.add_done_callback(factory.handshakes.discard)
 
     def keep(self, data: bytes | bytearray) -> None:
-        """Keep ``data``, read before ``start_tls`` took the transport, for the TLS layer."""
+        """Keep ``data``, read before ``start_tls`` took the transport, for the TLS layer; pause the transport.
+
+        The rest waits in the kernel for the TLS layer.
+        """
         if self.late is not None:
             self.late += data
+        transport = self.reading.transport
+        if transport is not None:
+            transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        """The peer ended its side before the handshake could start: remember it (:attr:`eof`); True.
+
+        No TLS session can complete (the client's Finished never comes), so
+        there is nothing to serve: :meth:`run` closes the connection, and
+        the transport, told True, leaves it open until then.
+        """
+        self.eof = True
+        return True
 
     def hand_over_late(self) -> None:
         """Give the TLS protocol the bytes read after the decision, before anything else.

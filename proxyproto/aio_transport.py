@@ -4,8 +4,10 @@
 answers ``get_extra_info`` from the header; :class:`SocketView` is its
 ``"socket"``, whose ``getpeername()``/``getsockname()``/``family`` describe
 the header's addresses; :func:`proxy_extra` builds the keys the header
-changes; :func:`deliver` and :func:`hand_rest` give a protocol bytes already
-read, the way a transport would.  Used by :mod:`proxyproto.aio_protocol` and
+changes; :func:`hand_over` gives the inner protocol the transport through
+that view; :func:`deliver` and :func:`hand_rest` give a protocol bytes
+already read, the way a transport would.  Used by
+:mod:`proxyproto.aio_protocol`, :mod:`proxyproto.aio_header` and
 :mod:`proxyproto.aio`; nothing here reads a socket.
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Callable
 
 from .header import Family, ProxyHeader
 from .peers import socket_family
@@ -342,6 +344,31 @@ def deliver_in_turn(protocol: asyncio.BufferedProtocol, transport: Any, data: by
         buf[:size] = rest[:size]
         protocol.buffer_updated(size)
         rest = rest[size:]
+
+
+def hand_over(
+    transport: Any,
+    inner: asyncio.BaseProtocol,
+    connect: Callable[[Any, asyncio.BaseTransport], None] | None,
+    extra: dict[str, Any],
+    rest: bytes,
+) -> None:
+    """``inner`` takes ``transport``: told of the connection through a :class:`ProxyTransport` over ``extra``.
+
+    ``connect``: the function that tells it, called with ``inner`` and the
+    view, in place of its own ``connection_made`` (``header_first``'s
+    original one), or None.  ``rest``: the bytes read with the header, given
+    right after (:func:`hand_rest`).
+    """
+    if transport.get_protocol() is not inner:  # else header_first's inner had it all along
+        transport.set_protocol(inner)
+    view = ProxyTransport(transport, extra)
+    if connect is None:
+        inner.connection_made(view)
+    else:  # header_first: its own connection_made would only pass the view on, one call deeper
+        connect(inner, view)
+    if rest:
+        hand_rest(transport, view, inner, rest)
 
 
 def hand_rest(transport: Any, view: ProxyTransport, inner: asyncio.BaseProtocol, rest: bytes) -> None:

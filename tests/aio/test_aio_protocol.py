@@ -22,7 +22,7 @@ from aio_kit import DEST_V4, DEST_V6, REAL_V4, REAL_V6, async_test, closed_witho
 from support import self_signed_files
 
 import proxyproto
-from proxyproto import Policy
+from proxyproto import Policy, aio_header
 from proxyproto.aio_protocol import HeaderProtocol, deliver, wrap_protocol_factory
 
 V2 = proxyproto.encode_v2(REAL_V4, DEST_V4)
@@ -591,25 +591,22 @@ async def test_wrapped_protocol_socket_family_is_that_of_the_address_it_reports(
 # The client below is a blocking socket that connects and writes before the test's coroutine
 # yields, so the kernel holds the bytes before the loop accepts: the wrapper finds the whole
 # header with its first peek, then reads exactly it, in connection_made
-# and serves there.  A spy on the two at-once methods says which path each connection took.
+# and serves there.  A spy on the at-once path (peek_complete_header) says which path each
+# connection took.
 
 
 @pytest.fixture
 def at_once(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """What the at-once path (peek_complete_header) answered, per connection (True: decided at once)."""
     answers: list[bool] = []
+    original = aio_header.peek_complete_header
 
-    def spying_on(name: str) -> Callable[..., bool]:
-        original = getattr(HeaderProtocol, name)
+    def spy(reading: HeaderProtocol, peer: Any, sock: Any) -> bool:
+        answer = original(reading, peer, sock)
+        answers.append(answer)
+        return answer
 
-        def spy(self: HeaderProtocol, peer: Any, sock: Any) -> bool:
-            answer: bool = original(self, peer, sock)
-            answers.append(answer)
-            return answer
-
-        return spy
-
-    monkeypatch.setattr(HeaderProtocol, "peek_complete_header", spying_on("peek_complete_header"))
+    monkeypatch.setattr(aio_header, "peek_complete_header", spy)
     return answers
 
 
