@@ -54,7 +54,8 @@ from collections.abc import Awaitable
 from typing import Any, Callable
 
 from . import reader as core
-from .aio_protocol import ProxyProtocolFactory, call_later, proxy_extra, wrap_protocol_factory
+from .aio_protocol import ProxyProtocolFactory, call_later, wrap_protocol_factory
+from .aio_transport import proxy_extra
 from .header import ProxyHeader
 from .parking import Parking, descriptor_of
 from .policy import (
@@ -153,7 +154,7 @@ class ProxyStreamWriter(asyncio.StreamWriter):
     ``"peername"``: the real client when the header's addresses are used,
     else the socket's peer; ``"sockname"``: the header's destination, under
     the same rule; ``"socket"``: the real socket, or when the header's
-    addresses are used a :class:`~proxyproto.aio_protocol.SocketView` whose
+    addresses are used a :class:`~proxyproto.aio_transport.SocketView` whose
     ``getpeername()`` and ``getsockname()`` give the two above (hypercorn
     and uvicorn read the socket object first); ``"proxy_header"``: the
     header or None; ``"proxy_peername"``: the socket's own peer (the proxy).

@@ -39,16 +39,12 @@ from typing import Any, Callable, TypeVar
 
 from . import reader as core
 from . import v2
-from .aio_header import CAN_PEEK, PEEK_FLAGS, READ_FLAGS, HeaderProtocol, State, WaitingReads
+from .aio_header import CAN_PEEK, PEEK_FLAGS, READ_FLAGS, HeaderProtocol, WaitingReads
 from .aio_tls import handshake_timeout
 from .aio_transport import (
     ABSENT,
     ProxyTransport,
-    SocketView,
-    deliver,
     proxy_extra,
-    served_family,
-    served_sockname,
 )
 from .errors import ProxyProtocolError
 from .parking import Parking, descriptor_of
@@ -57,22 +53,7 @@ from .reader import HeaderScanner
 from .refusal_log import RefusalLog
 from .settings import Settings, settings_for
 
-# Public: ProxyProtocolFactory and wrap_protocol_factory (docs/api.rst).  The other seven are
-# private names of aio_header and aio_transport, listed only because the package's own code
-# needs them here: uvicorn imports HeaderProtocol and aio proxy_extra from this module, which
-# mypy --strict accepts only for names in __all__, and the other five are imported only to be
-# re-exported (ruff F401 otherwise).  tests/test_public_api.py allows exactly these.
-__all__ = [
-    "HeaderProtocol",
-    "ProxyProtocolFactory",
-    "SocketView",
-    "State",
-    "deliver",
-    "proxy_extra",
-    "served_family",
-    "served_sockname",
-    "wrap_protocol_factory",
-]
+__all__ = ["ProxyProtocolFactory", "wrap_protocol_factory"]
 
 logger = logging.getLogger("proxyproto")
 

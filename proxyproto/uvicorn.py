@@ -84,7 +84,8 @@ import weakref
 from types import FrameType
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .aio_protocol import HeaderProtocol, ProxyProtocolFactory
+from .aio_header import HeaderProtocol
+from .aio_protocol import ProxyProtocolFactory
 from .settings import VARIABLES, Settings, settings_for, settings_from_environment
 
 __all__ = ["H11", "HttpTools", "ProxyHTTPProtocol", "wrap"]

@@ -75,13 +75,6 @@ DESIGN_NAMES = (
 REEXPORTED_FOR_THE_PACKAGE = {
     "proxyproto.addresses.inet_ntop": "v1 and v2 import it from addresses (mypy --strict)",
     "proxyproto.addresses.inet_pton": "v1 and v2 import it from addresses (mypy --strict)",
-    "proxyproto.aio_protocol.HeaderProtocol": "uvicorn imports it from aio_protocol (mypy --strict)",
-    "proxyproto.aio_protocol.proxy_extra": "aio imports it from aio_protocol (mypy --strict)",
-    "proxyproto.aio_protocol.State": "imported from aio_header only to be re-exported (ruff F401)",
-    "proxyproto.aio_protocol.SocketView": "imported from aio_transport only to be re-exported (ruff F401)",
-    "proxyproto.aio_protocol.deliver": "imported from aio_transport only to be re-exported (ruff F401)",
-    "proxyproto.aio_protocol.served_family": "imported from aio_transport only to be re-exported (ruff F401)",
-    "proxyproto.aio_protocol.served_sockname": "imported from aio_transport only to be re-exported (ruff F401)",
 }
 
 #: One object public under two names, with the reason.  DESIGN.md requires none, so none.

@@ -23,7 +23,9 @@ from support import self_signed_files
 
 import proxyproto
 from proxyproto import Policy, aio_header
-from proxyproto.aio_protocol import HeaderProtocol, deliver, wrap_protocol_factory
+from proxyproto.aio_header import HeaderProtocol
+from proxyproto.aio_protocol import wrap_protocol_factory
+from proxyproto.aio_transport import deliver
 
 V2 = proxyproto.encode_v2(REAL_V4, DEST_V4)
 V1 = proxyproto.encode_v1(REAL_V4, DEST_V4)

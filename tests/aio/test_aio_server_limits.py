@@ -20,7 +20,7 @@ from aio_kit import DEST_V4, DEST_V6, REAL_V4, REAL_V6, async_test
 
 import proxyproto
 from proxyproto import aio
-from proxyproto.aio_protocol import SocketView
+from proxyproto.aio_transport import SocketView
 
 V2 = proxyproto.encode_v2(REAL_V4, DEST_V4)
 

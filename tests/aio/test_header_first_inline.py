@@ -28,7 +28,8 @@ from aio_kit import DEST_V4, DEST_V6, REAL_V4, REAL_V6, run_on
 from support import require_module
 
 import proxyproto
-from proxyproto.aio_protocol import HeaderProtocol, ProxyProtocolFactory, wrap_protocol_factory
+from proxyproto.aio_header import HeaderProtocol
+from proxyproto.aio_protocol import ProxyProtocolFactory, wrap_protocol_factory
 
 LOOPS = ["asyncio", "uvloop"]
 PAYLOAD = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(range(256)) * 64
@@ -247,7 +248,7 @@ def test_socket_view_offers_every_name_of_asyncios_transport_socket() -> None:
     every public name of ``asyncio.trsock.TransportSocket`` is there, and answers as the socket."""
     import asyncio.trsock
 
-    from proxyproto.aio_protocol import SocketView
+    from proxyproto.aio_transport import SocketView
 
     names = {name for name in vars(asyncio.trsock.TransportSocket) if not name.startswith("_")}
     names.discard("getsockbyname")  # asyncio forwards it to a method sockets do not have: it cannot work

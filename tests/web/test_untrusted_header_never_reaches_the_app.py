@@ -32,7 +32,7 @@ import proxyproto.aio
 import proxyproto.aio_protocol
 import proxyproto.udp
 from proxyproto import TLV, ProxyHeader
-from proxyproto.aio_protocol import ProxyTransport
+from proxyproto.aio_transport import ProxyTransport
 
 SPOOFED = ("203.0.113.7", 4242)
 DEST = ("198.51.100.20", 443)
