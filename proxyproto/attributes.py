@@ -110,7 +110,7 @@ class LiveSettings:
         try:
             for knob, value in values.items():
                 check_setting(f"proxy_{knob}", value)
-            settings = Settings(**values)
+            settings = Settings(**values)._spelled("attribute")
         except (ValueError, TypeError) as exc:
             self.error = exc if isinstance(exc, ValueError) else ValueError(f"invalid proxy_* setting: {exc}")
         else:

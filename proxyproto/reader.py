@@ -204,6 +204,7 @@ class HeaderScanner:
         "required",
         "rest",
         "seen",
+        "start",
         "take",
         "verify_checksum",
         "window",
@@ -245,6 +246,8 @@ class HeaderScanner:
         self.outcome: Outcome | None = None
         self.header: ProxyHeader | None = None
         self.error: ProxyProtocolError | None = None
+        #: After NO_HEADER: the first bytes the stream starts with instead (for the operator's line).
+        self.start = b""
 
     def look(self, ahead: BytesLike) -> Outcome | None:
         """Scan :attr:`held` followed by ``ahead``: bytes that have arrived but are not consumed.
@@ -379,6 +382,7 @@ class HeaderScanner:
                 allow_v4_in_tcp6=self.allow_v4_in_tcp6,
             )
         except NoProxyHeader as exc:
+            self.start = data[:8]
             return self._conclude(_NO_HEADER, exc)
         except ProxyProtocolError as exc:  # InvalidHeader, ChecksumError: parse raises nothing else
             return self._conclude(_INVALID, exc)

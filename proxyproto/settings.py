@@ -188,7 +188,7 @@ class Settings:
     raises ``ValueError`` naming the knob.  :meth:`replace` makes a changed copy.
     """
 
-    __slots__ = (*KNOBS, "_trusted_verdict", "_untrusted_verdict")
+    __slots__ = (*KNOBS, "_spelling", "_trusted_verdict", "_untrusted_verdict")
 
     policy: Policy
     trusted: TrustedNetworks
@@ -200,6 +200,7 @@ class Settings:
     allow_v4_in_tcp6: bool
     max_pending: int
     log_rate: float | None
+    _spelling: str
     _trusted_verdict: Trust
     _untrusted_verdict: Trust
 
@@ -223,6 +224,7 @@ class Settings:
         # The two answers of the default rule, made once (a Trust per connection costs a call).
         object.__setattr__(self, "_trusted_verdict", Trust(self.policy, True))
         object.__setattr__(self, "_untrusted_verdict", Trust(self.untrusted_policy, False))
+        object.__setattr__(self, "_spelling", "keyword")
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"Settings are immutable: use settings.replace({name}=...)")
@@ -236,7 +238,29 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes`` (checked as the constructor checks them)."""
-        return Settings(**{**self.values(), **changes})
+        return Settings(**{**self.values(), **changes})._spelled(self._spelling)
+
+    def _spelled(self, spelling: str) -> Settings:
+        """These settings, their knobs named in log lines as ``spelling`` says (see :meth:`name_of`); made here."""
+        object.__setattr__(self, "_spelling", spelling)
+        return self
+
+    def name_of(self, knob: str) -> str:
+        """``knob`` as the user spelled it where these settings came from, for a log line that says what to change.
+
+        ``trusted`` for keywords, ``proxy_trusted`` for a mixin's attributes,
+        ``PROXYPROTO_ALLOW_IPS`` for the environment.
+        """
+        if self._spelling == "attribute":
+            return f"proxy_{knob}"
+        if self._spelling == "environment":
+            return VARIABLES.get(knob, knob)
+        return knob
+
+    def describe_trusted(self) -> str:
+        """``trusted`` for a log line: its name as spelled, its value, and whether that is the default."""
+        default = " (the default)" if self.trusted == _DEFAULTS.trusted else ""
+        return f"{self.name_of('trusted')} is {self.trusted.describe()}{default}"
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Settings):
@@ -404,4 +428,4 @@ def settings_from_environment(environ: Mapping[str, str] | None = None) -> Setti
             values[knob] = _CHECKS[knob](knob, _from_text(knob, text))
         except SettingError as exc:
             raise ValueError(f"{variable}={text!r}: {exc.reason}") from None
-    return Settings(**values)
+    return Settings(**values)._spelled("environment")

@@ -1,0 +1,99 @@
+"""What a refusal line tells the operator to change, in the words of their own configuration.
+
+The common mistakes behind a PROXY deployment are few, and each has a
+signature in what arrives:
+
+* the proxy does not send the header (haproxy without ``send-proxy``, nginx
+  without ``proxy_protocol on``): a *trusted* peer's stream starts with
+  something else (``GET /``, a TLS ClientHello), or with nothing at all;
+* the proxy's address is missing from the trust list (an NLB in a VPC,
+  haproxy on another host): an *untrusted* peer's stream starts with a
+  PROXY signature;
+* TLS negotiated before the header (``ssl=`` given to ``create_server``
+  instead of to proxyproto): the header reaches the TLS layer, or a TLS
+  record reaches the header reader.
+
+The functions here turn those into a clause for the adapter's line, naming
+the knob as the user spelled it (:meth:`proxyproto.settings.Settings.name_of`:
+``trusted``, ``proxy_trusted``, ``PROXYPROTO_ALLOW_IPS``).  They read bytes
+the adapter already holds or peeked; nothing here does I/O or acts on them.
+"""
+
+from __future__ import annotations
+
+from .policy import Policy, describe
+from .reader import HeaderScanner, Outcome
+from .settings import Settings
+
+__all__: list[str] = []  # private module: the public names are listed in docs/api.rst
+
+_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+#: How many first bytes :func:`starts_with_header` needs to tell.
+SIGNATURE_PEEK = 12
+
+
+def starts_with_header(data: bytes) -> bool:
+    """Whether ``data`` (the first bytes of a stream or datagram) starts with a PROXY v1 or v2 signature."""
+    return data.startswith(b"PROXY ") or data.startswith(_V2_SIGNATURE)
+
+
+def starts_with_tls(data: bytes) -> bool:
+    """Whether ``data`` starts like a TLS handshake record (content type 22, version 3.x)."""
+    return len(data) >= 2 and data[0] == 0x16 and data[1] == 0x03
+
+
+def missing_header(settings: Settings, outcome: Outcome, start: bytes) -> str:
+    """For a trusted peer closed under REQUIRE without a header: what to check (a clause starting "; "), or ""."""
+    if settings.policy is not Policy.REQUIRE or outcome not in (Outcome.NO_HEADER, Outcome.SILENT):
+        return ""
+    if starts_with_tls(start):
+        return (
+            f"; the peer is trusted ({settings.describe_trusted()}) and sent a TLS handshake first: proxyproto "
+            "negotiates TLS after the header, so the proxy must send its header before TLS (haproxy: send-proxy "
+            "or send-proxy-v2 in front of TLS passthrough), and an SSLContext goes to proxyproto (ssl=), not to "
+            "create_server"
+        )
+    return (
+        f"; the peer is trusted ({settings.describe_trusted()}), so its stream must start with a PROXY header: "
+        "turn on the proxy's PROXY protocol (haproxy: send-proxy or send-proxy-v2; nginx: proxy_protocol on), "
+        f"or take this peer out of {settings.name_of('trusted')}"
+    )
+
+
+def rejected(settings: Settings, trusted: bool) -> str:
+    """For a header refused by REJECT: whether the peer was trusted, and what to change if it is a proxy."""
+    if trusted:
+        return f" ({settings.name_of('policy')} is REJECT)"
+    return (
+        f" (the peer is untrusted: {settings.describe_trusted()}, and {settings.name_of('untrusted_policy')} is "
+        f"REJECT); if it is your proxy, add its address to {settings.name_of('trusted')}"
+    )
+
+
+def untrusted_header(settings: Settings, policy: Policy) -> str:
+    """The line for an untrusted peer that sent a PROXY header anyway (the header is not believed)."""
+    what = "stays in the stream as payload" if policy is Policy.SKIP else "is removed and not believed"
+    return (
+        f"sent a PROXY header but is not trusted ({settings.describe_trusted()}): the header {what}; "
+        f"if this peer is your proxy, add its address to {settings.name_of('trusted')}"
+    )
+
+
+def refusal_line(settings: Settings, policy: Policy, scanner: HeaderScanner, trusted: bool, hooked: bool) -> str:
+    """What follows ``<peer>: closed: `` for a connection refused with ``scanner``'s outcome under ``policy``.
+
+    What happened (:func:`proxyproto.policy.describe`), then, unless a
+    ``policy_for`` hook made the trust decision (``hooked``: the lists
+    were not asked), what to change: :func:`rejected` for a header refused
+    by REJECT, :func:`missing_header` for a trusted peer without one.
+    """
+    outcome = scanner.outcome
+    assert outcome is not None
+    text = describe(policy, outcome, scanner.error, scanner.seen, settings.header_timeout)
+    if hooked:
+        return text
+    if outcome is Outcome.HEADER:
+        return text + rejected(settings, trusted)
+    if trusted:
+        return text + missing_header(settings, outcome, scanner.start)
+    return text
