@@ -35,7 +35,7 @@ from typing import Any
 from aiohttp import web  # type: ignore[import-not-found,unused-ignore]
 
 from .aio_protocol import ProxyProtocolFactory, wrap_protocol_factory
-from .settings import Settings, split_knobs
+from .settings import KNOBS, Settings, split_knobs
 
 __all__ = ["ProxyTCPSite", "run_app"]
 
@@ -143,6 +143,29 @@ def _require_runner_shutdown_timeout() -> None:
         )
 
 
+def _check_server_keywords(names: Sequence[str]) -> None:
+    """Raise ``TypeError`` for a keyword that neither aiohttp's request handler nor its server takes.
+
+    ``web.AppRunner`` hands its keywords on, through ``web.Server``, to
+    each connection's ``web.RequestHandler``: a misspelt knob would
+    otherwise fail there, at every connection, instead of here.
+    """
+    accepted = {"access_log_class"}  # AppRunner's own
+    for function in (web.Server.__init__, web.RequestHandler.__init__):
+        for parameter in inspect.signature(function).parameters.values():
+            if parameter.kind is parameter.VAR_KEYWORD and function is web.RequestHandler.__init__:
+                return  # a handler that takes any keyword: nothing to check against
+            if parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+                accepted.add(parameter.name)
+    accepted -= {"self", "handler", "manager", "request_factory", "loop"}  # run_app's to give, not the caller's
+    unknown = sorted(set(names) - accepted)
+    if unknown:
+        raise TypeError(
+            f"run_app() got an unexpected keyword argument {unknown[0]!r}: neither a knob "
+            f"({', '.join(KNOBS)}) nor a keyword of aiohttp's web.run_app"
+        )
+
+
 def _refuse_unused_factory() -> asyncio.Protocol:
     raise RuntimeError("proxyproto.aiohttp.run_app: the factory that checks the knobs serves nothing")
 
@@ -195,8 +218,9 @@ def run_app(
 
     Raises, before the application starts and before anything is bound:
     ``ValueError`` for an invalid knob or an empty ``host`` sequence,
-    ``TypeError`` for ``path`` or ``sock`` (TCP listeners only),
-    ``RuntimeError`` on aiohttp before 3.9.
+    ``TypeError`` for a keyword that is neither a knob nor aiohttp's, and
+    for ``path`` or ``sock`` (TCP listeners only), ``RuntimeError`` on
+    aiohttp before 3.9.
     """
     for name in ("path", "sock"):
         if name in kwargs:
@@ -207,6 +231,7 @@ def run_app(
     _require_runner_shutdown_timeout()
     _require_site_slots()
     knobs, runner_kwargs = split_knobs(kwargs)
+    _check_server_keywords(list(runner_kwargs))
     # The sites need a runner that has run on_startup; check their knobs before that, here.
     checked = ProxyProtocolFactory(
         _refuse_unused_factory,
