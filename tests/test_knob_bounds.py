@@ -123,6 +123,24 @@ def aiohttp_site(knob: str, value: Any) -> None:
     run(build())
 
 
+def aiohttp_run_app(knob: str, value: Any) -> None:
+    """``run_app`` with the knob; a value it accepts runs the application, which stops itself at startup."""
+    require_module("aiohttp")
+    from aiohttp import web
+
+    from proxyproto.aiohttp import run_app
+
+    def graceful_exit() -> None:
+        raise web.GracefulExit()  # what aiohttp's SIGTERM handler raises
+
+    async def exit_once_started(app: web.Application) -> None:
+        asyncio.get_running_loop().call_soon(graceful_exit)
+
+    app = web.Application()
+    app.on_startup.append(exit_once_started)
+    run_app(app, host="127.0.0.1", port=0, print=None, handle_signals=False, **{knob: value})
+
+
 def hypercorn_serve(knob: str, value: Any) -> None:
     require_module("hypercorn")
     from hypercorn.config import Config
@@ -156,6 +174,7 @@ ADAPTERS: dict[str, tuple[Callable[[str, Any], None], str]] = {
     "wrap_protocol_factory": (protocol_factory, "{knob}"),
     "uvicorn.wrap": (uvicorn_wrap, "{knob}"),
     "aiohttp.ProxyTCPSite": (aiohttp_site, "{knob}"),
+    "aiohttp.run_app": (aiohttp_run_app, "{knob}"),
     "hypercorn.serve": (hypercorn_serve, "{knob}"),
     "waitress.create_server": (waitress_server, "{knob}"),
 }
