@@ -170,6 +170,38 @@ def _refuse_unused_factory() -> asyncio.Protocol:
     raise RuntimeError("proxyproto.aiohttp.run_app: the factory that checks the knobs serves nothing")
 
 
+def _checked_arguments(
+    settings: Settings | None,
+    ssl_context: ssl.SSLContext | None,
+    ssl_handshake_timeout: float | None,
+    host: str | Sequence[str] | None,
+    kwargs: dict[str, Any],
+) -> tuple[ProxyProtocolFactory, dict[str, Any], list[str | None]]:
+    """:func:`run_app`'s checks, before anything starts: the checked knobs, the runner's keywords, the hosts."""
+    for name in ("path", "sock"):
+        if name in kwargs:
+            raise TypeError(
+                f"proxyproto.aiohttp.run_app serves TCP only: no {name}= (give host= and port=, "
+                "or wrap your listener with proxyproto.aio_protocol.wrap_protocol_factory)"
+            )
+    _require_runner_shutdown_timeout()
+    _require_site_slots()
+    knobs, runner_kwargs = split_knobs(kwargs)
+    _check_server_keywords(list(runner_kwargs))
+    # The sites need a runner that has run on_startup; check their knobs before that, here.
+    checked = ProxyProtocolFactory(
+        _refuse_unused_factory,
+        settings=settings,
+        ssl=ssl_context,
+        ssl_handshake_timeout=ssl_handshake_timeout,
+        **knobs,
+    )
+    hosts: list[str | None] = [host] if host is None or isinstance(host, str) else list(host)
+    if not hosts:
+        raise ValueError("host: an empty sequence of hosts (give None for every interface)")
+    return checked, runner_kwargs, hosts
+
+
 def run_app(
     app: web.Application | Awaitable[web.Application],
     *,
@@ -222,27 +254,12 @@ def run_app(
     for ``path`` or ``sock`` (TCP listeners only), ``RuntimeError`` on
     aiohttp before 3.9.
     """
-    for name in ("path", "sock"):
-        if name in kwargs:
-            raise TypeError(
-                f"proxyproto.aiohttp.run_app serves TCP only: no {name}= (give host= and port=, "
-                "or wrap your listener with proxyproto.aio_protocol.wrap_protocol_factory)"
-            )
-    _require_runner_shutdown_timeout()
-    _require_site_slots()
-    knobs, runner_kwargs = split_knobs(kwargs)
-    _check_server_keywords(list(runner_kwargs))
-    # The sites need a runner that has run on_startup; check their knobs before that, here.
-    checked = ProxyProtocolFactory(
-        _refuse_unused_factory,
-        settings=settings,
-        ssl=ssl_context,
-        ssl_handshake_timeout=ssl_handshake_timeout,
-        **knobs,
-    )
-    hosts: list[str | None] = [host] if host is None or isinstance(host, str) else list(host)
-    if not hosts:
-        raise ValueError("host: an empty sequence of hosts (give None for every interface)")
+    try:
+        checked, runner_kwargs, hosts = _checked_arguments(settings, ssl_context, ssl_handshake_timeout, host, kwargs)
+    except BaseException:
+        if asyncio.iscoroutine(app):
+            app.close()  # never to be awaited: no "never awaited" warning beside the error
+        raise
 
     def make_site(runner: web.AppRunner, site_host: str | None) -> ProxyTCPSite:
         return ProxyTCPSite(
