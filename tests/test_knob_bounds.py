@@ -124,7 +124,7 @@ def aiohttp_site(knob: str, value: Any) -> None:
 
 
 def aiohttp_run_app(knob: str, value: Any) -> None:
-    """``run_app`` with the knob; a value it accepts runs the application, which stops itself at startup."""
+    """``run_app`` with the knob; with a value it accepts, the application stops once it listens."""
     require_module("aiohttp")
     from aiohttp import web
 
@@ -133,12 +133,10 @@ def aiohttp_run_app(knob: str, value: Any) -> None:
     def graceful_exit() -> None:
         raise web.GracefulExit()  # what aiohttp's SIGTERM handler raises
 
-    async def exit_once_started(app: web.Application) -> None:
+    def started(line: str) -> None:
         asyncio.get_running_loop().call_soon(graceful_exit)
 
-    app = web.Application()
-    app.on_startup.append(exit_once_started)
-    run_app(app, host="127.0.0.1", port=0, print=None, handle_signals=False, **{knob: value})
+    run_app(web.Application(), host="127.0.0.1", port=0, print=started, handle_signals=False, **{knob: value})
 
 
 def hypercorn_serve(knob: str, value: Any) -> None:

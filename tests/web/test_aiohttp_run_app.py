@@ -10,6 +10,7 @@ script appends what its hooks see to a file: ``startup``, ``shutdown``,
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import re
@@ -19,7 +20,8 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -385,27 +387,13 @@ def test_aiohttp_keywords_reach_the_runner_and_graceful_exit_returns() -> None:
     """access_log, handler_cancellation and the request handler's own keywords are taken as
     web.run_app takes them; GracefulExit (what aiohttp's signal handlers raise) stops the
     application, runs its cleanup, and run_app returns."""
-    lines: list[str] = []
     seen: list[str] = []
-
-    def graceful_exit() -> None:
-        raise web.GracefulExit()
-
-    async def exit_once_started(app: web.Application) -> None:
-        seen.append("startup")
-        asyncio.get_running_loop().call_later(0.2, graceful_exit)
-
-    async def on_cleanup(app: web.Application) -> None:
-        seen.append("cleanup")
-
-    app = web.Application()
-    app.on_startup.append(exit_once_started)
-    app.on_cleanup.append(on_cleanup)
+    lines: list[str] = []
     run_app(
-        app,
+        recording_app(seen),
         host=["127.0.0.1"],
         port=0,
-        print=lines.append,
+        print=stop_once_started(lines),
         handle_signals=False,
         access_log=None,
         handler_cancellation=True,
@@ -420,3 +408,109 @@ def test_aiohttp_keywords_reach_the_runner_and_graceful_exit_returns() -> None:
         r"SKIP for other peers\) ========\n\(Press CTRL\+C to quit\)$",
         lines[0],
     ), lines
+
+
+def recording_app(seen: list[str]) -> web.Application:
+    """An application that records its startup and cleanup hooks in ``seen``."""
+
+    async def on_startup(app: web.Application) -> None:
+        seen.append("startup")
+
+    async def on_cleanup(app: web.Application) -> None:
+        seen.append("cleanup")
+
+    app = web.Application()
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+def stop_once_started(lines: list[str]) -> Callable[[str], None]:
+    """A ``print=`` for run_app that keeps the start line, then raises GracefulExit as a signal would."""
+
+    def graceful_exit() -> None:
+        raise web.GracefulExit()
+
+    def started(text: str) -> None:
+        lines.append(text)
+        asyncio.get_running_loop().call_soon(graceful_exit)
+
+    return started
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "uvloop"])
+def test_run_app_runs_on_the_given_loop_and_closes_it(kind: str) -> None:
+    if kind == "uvloop":
+        uvloop: Any = require_module("uvloop")
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    seen: list[str] = []
+    lines: list[str] = []
+    run_app(
+        recording_app(seen), host="127.0.0.1", port=0, print=stop_once_started(lines), handle_signals=False, loop=loop
+    )
+    assert seen == ["startup", "cleanup"] and len(lines) == 1
+    assert loop.is_closed()
+
+
+def test_an_awaitable_that_returns_the_application_is_awaited_first() -> None:
+    seen: list[str] = []
+
+    async def make_app() -> web.Application:
+        seen.append("made")
+        return recording_app(seen)
+
+    run_app(make_app(), host="127.0.0.1", port=0, print=stop_once_started([]), handle_signals=False)
+    assert seen == ["made", "startup", "cleanup"]
+
+
+def test_a_refused_coroutine_application_is_closed_without_a_never_awaited_warning() -> None:
+    async def make_app() -> web.Application:
+        raise AssertionError("not to be awaited")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a "coroutine ... was never awaited" RuntimeWarning fails here
+        coroutine = make_app()
+        with pytest.raises(ValueError, match=r"^trusted: "):
+            run_app(coroutine, host="127.0.0.1", port=0, print=None, trusted="not a network")
+        assert inspect.getcoroutinestate(coroutine) == inspect.CORO_CLOSED
+
+
+def test_an_exception_from_on_startup_propagates_and_nothing_listens() -> None:
+    async def on_startup(app: web.Application) -> None:
+        raise RuntimeError("no database")
+
+    app = web.Application()
+    app.on_startup.append(on_startup)
+    port = free_port()
+    with pytest.raises(RuntimeError, match="no database"):
+        run_app(app, host="127.0.0.1", port=port, print=None, handle_signals=False)
+    assert not listening(port)
+
+
+def test_a_port_in_use_raises_oserror_after_the_application_is_cleaned_up() -> None:
+    seen: list[str] = []
+    lines: list[str] = []
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError):
+            run_app(
+                recording_app(seen), host="127.0.0.1", port=port, print=stop_once_started(lines), handle_signals=False
+            )
+    assert seen == ["startup", "cleanup"] and lines == []
+
+
+def test_several_hosts_each_get_a_listener_named_in_the_start_line() -> None:
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no ::1 on this machine")
+    seen: list[str] = []
+    lines: list[str] = []
+    port = free_port()
+    run_app(
+        recording_app(seen), host=["127.0.0.1", "::1"], port=port, print=stop_once_started(lines), handle_signals=False
+    )
+    assert seen == ["startup", "cleanup"]
+    assert lines[0].startswith(f"======== Running on http://127.0.0.1:{port}, http://[::1]:{port} (PROXY protocol: ")
