@@ -87,7 +87,7 @@ LACKS = {
     "waitress has no TLS": ("waitress.create_server", "waitress.ProxySettings"),
 }
 #: Where the host's spelling is kept (DESIGN.md: aiohttp's web.TCPSite says ssl_context).
-SPELLING = {("aiohttp.ProxyTCPSite", "ssl"): "ssl_context"}
+SPELLING = {("aiohttp.ProxyTCPSite", "ssl"): "ssl_context", ("aiohttp.run_app", "ssl"): "ssl_context"}
 TLS_KNOBS = {"ssl", "ssl_handshake_timeout", "ssl_before_header"}
 
 
@@ -99,6 +99,12 @@ def optional_adapters() -> Iterator[tuple[str, Callable[..., Any], set[str]]]:
         from proxyproto.aiohttp import ProxyTCPSite
 
         yield "aiohttp.ProxyTCPSite", ProxyTCPSite, {"runner", "host", "port", "backlog", "reuse_address", "reuse_port"}
+        from proxyproto.aiohttp import run_app
+
+        yield "aiohttp.run_app", run_app, {
+            "app", "host", "port", "shutdown_timeout", "keepalive_timeout", "print", "backlog",
+            "handle_signals", "reuse_address", "reuse_port", "loop",
+        }  # fmt: skip
     except ImportError:
         pass
     try:
@@ -285,6 +291,8 @@ def refusals() -> list[tuple[str, Callable[[], Any]]]:
             cases.append((name, lambda fn=fn: asyncio.run(fn(None, Config(), trusted=None))))
         elif name == "aiohttp.ProxyTCPSite":
             cases.append((name, lambda fn=fn: asyncio.run(aiohttp_site(fn))))
+        elif name == "aiohttp.run_app":
+            cases.append((name, lambda fn=fn: fn(None, host="127.0.0.1", port=0, print=None, trusted=None)))
     try:
         from proxyproto import uvicorn as ppu
 

@@ -123,6 +123,22 @@ def aiohttp_site(knob: str, value: Any) -> None:
     run(build())
 
 
+def aiohttp_run_app(knob: str, value: Any) -> None:
+    """``run_app`` with the knob; with a value it accepts, the application stops once it listens."""
+    require_module("aiohttp")
+    from aiohttp import web
+
+    from proxyproto.aiohttp import run_app
+
+    def graceful_exit() -> None:
+        raise web.GracefulExit()  # what aiohttp's SIGTERM handler raises
+
+    def started(line: str) -> None:
+        asyncio.get_running_loop().call_soon(graceful_exit)
+
+    run_app(web.Application(), host="127.0.0.1", port=0, print=started, handle_signals=False, **{knob: value})
+
+
 def hypercorn_serve(knob: str, value: Any) -> None:
     require_module("hypercorn")
     from hypercorn.config import Config
@@ -156,6 +172,7 @@ ADAPTERS: dict[str, tuple[Callable[[str, Any], None], str]] = {
     "wrap_protocol_factory": (protocol_factory, "{knob}"),
     "uvicorn.wrap": (uvicorn_wrap, "{knob}"),
     "aiohttp.ProxyTCPSite": (aiohttp_site, "{knob}"),
+    "aiohttp.run_app": (aiohttp_run_app, "{knob}"),
     "hypercorn.serve": (hypercorn_serve, "{knob}"),
     "waitress.create_server": (waitress_server, "{knob}"),
 }

@@ -12,7 +12,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import async_test, free_port, require_module, self_signed_files
+from support import async_test, free_port, listening, require_module, self_signed_files
 
 import proxyproto
 
@@ -36,7 +38,8 @@ from aiohttp import web
 
 from proxyproto.aiohttp import ProxyTCPSite
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "web-servers.rst"
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs" / "web-servers.rst"
 
 # Addresses carried inside headers are data, never dialled: documentation ranges.
 REAL_V4 = ("192.0.2.10", 51234)
@@ -416,12 +419,49 @@ def docs_block(name: str) -> str:
     return "\n".join(line[4:] for line in match.group(1).splitlines()).strip() + "\n"
 
 
+def example_environment() -> dict[str, str]:
+    """This process's environment, with this checkout first on a documented script's import path."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": str(ROOT) if not path else f"{ROOT}{os.pathsep}{path}"}
+
+
+def test_docs_aiohttp_run_app_example_serves_the_real_client_and_exits_on_sigterm(tmp_path: Path) -> None:
+    """The documented run_app script, unchanged but for its port: the real client's address, the
+    start line with the trust rule, and exit status 0 soon after SIGTERM."""
+    port = free_port()
+    script = tmp_path / "example.py"
+    script.write_text(docs_block("aiohttp-run-app-example").replace("8080", str(port)))
+    process = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=example_environment()
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not listening(port):
+            assert time.monotonic() < deadline and process.poll() is None, "the example did not start"
+            time.sleep(0.05)
+        get = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        response = exchange_blocking(("127.0.0.1", port), get, head=proxyproto.encode_v1(REAL_V6, DEST_V6))
+        os.kill(process.pid, signal.SIGTERM)
+        output = process.communicate(timeout=10)[0].decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    assert response.startswith(b"HTTP/1.1 200"), response
+    assert response.endswith(b"Hello, 2001:db8::7\n")
+    assert process.returncode == 0, output
+    rule = "PROXY protocol: REQUIRE for 10.0.0.0/8, 127.0.0.1/32, SKIP for other peers"
+    assert f"======== Running on http://127.0.0.1:{port} ({rule}) ========" in output, output
+
+
 def test_docs_aiohttp_example_runs(tmp_path: Path) -> None:
     """The documented script, unchanged but for its port, serves the real client's address."""
     port = free_port()
     script = tmp_path / "example.py"
     script.write_text(docs_block("aiohttp-example").replace("8080", str(port)))
-    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=example_environment()
+    )
     try:
         deadline = time.monotonic() + 20
         while True:
