@@ -79,21 +79,23 @@ def untrusted_header(settings: Settings, policy: Policy) -> str:
     )
 
 
-def refusal_line(settings: Settings, policy: Policy, scanner: HeaderScanner, trusted: bool, hooked: bool) -> str:
-    """What follows ``<peer>: closed: `` for a connection refused with ``scanner``'s outcome under ``policy``.
+def refusal_line(
+    settings: Settings, policy: Policy, outcome: Outcome, scanner: HeaderScanner | None, trusted: bool, hooked: bool
+) -> str:
+    """What follows ``<peer>: closed: `` for a connection refused with ``outcome`` under ``policy``.
 
-    What happened (:func:`proxyproto.policy.describe`), then, unless a
-    ``policy_for`` hook made the trust decision (``hooked``: the lists
-    were not asked), what to change: :func:`rejected` for a header refused
-    by REJECT, :func:`missing_header` for a trusted peer without one.
+    What happened (:func:`proxyproto.policy.describe`, from ``scanner``'s
+    error and bytes when there was one), then, unless a ``policy_for`` hook
+    made the trust decision (``hooked``: the lists were not asked), what to
+    change: :func:`rejected` for a header refused by REJECT,
+    :func:`missing_header` for a trusted peer without one.
     """
-    outcome = scanner.outcome
-    assert outcome is not None
-    text = describe(policy, outcome, scanner.error, scanner.seen, settings.header_timeout)
+    error, seen, start = (None, 0, b"") if scanner is None else (scanner.error, scanner.seen, scanner.start)
+    text = describe(policy, outcome, error, seen, settings.header_timeout)
     if hooked:
         return text
     if outcome is Outcome.HEADER:
         return text + rejected(settings, trusted)
     if trusted:
-        return text + missing_header(settings, outcome, scanner.start)
+        return text + missing_header(settings, outcome, start)
     return text

@@ -54,6 +54,7 @@ from collections.abc import Awaitable
 from typing import Any, Callable
 
 from . import reader as core
+from .advice import refusal_line
 from .aio_protocol import ProxyProtocolFactory, call_later, wrap_protocol_factory
 from .aio_transport import proxy_extra
 from .header import ProxyHeader
@@ -259,11 +260,12 @@ class _Acceptor:
             assert attempt.outcome is not None
             verdict = decide(policy, attempt.outcome)
             if not verdict.serve:
+                hooked = self.settings.policy_for is not None
                 self.refusals.log(
                     verdict.level,
                     "%s: closed: %s",
                     peer_text(peer),
-                    attempt.describe(self.settings.header_timeout),
+                    refusal_line(self.settings, policy, attempt.outcome, attempt.scanner, trusted, hooked),
                     kind=kind_of(attempt.outcome),
                 )
                 writer.close()

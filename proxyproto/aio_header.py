@@ -26,11 +26,11 @@ import enum
 import socket
 from typing import TYPE_CHECKING, Any, Callable
 
+from .advice import refusal_line
 from .aio_tls import TLSHandOver
 from .aio_transport import NOT_GIVEN, deliver_in_turn, hand_over, proxy_extra
-from .errors import ProxyProtocolError
 from .header import ProxyHeader
-from .policy import Outcome, Policy, decide, describe, peer_text
+from .policy import Outcome, Policy, decide, peer_text
 from .reader import HeaderScanner
 from .refusal_log import kind_of
 
@@ -144,11 +144,11 @@ def peek_complete_header(reading: HeaderProtocol, peer: Any, sock: Any) -> bool:
         if reading.policy in _SERVES_A_HEADER:
             reading.serve(scanner.header, b"", sock)
         else:
-            reading.conclude(_HEADER, header=scanner.header)
+            reading.conclude(_HEADER, scanner, header=scanner.header)
     elif outcome is _NO_HEADER and decide(reading.policy, _NO_HEADER).serve:
         reading.serve(None, b"", sock)  # nothing was read: every byte is the inner protocol's
     else:
-        reading.conclude(outcome, scanner.error)  # closed, whatever the policy: nothing to keep
+        reading.conclude(outcome, scanner)  # closed, whatever the policy: nothing to keep
     return True
 
 
@@ -338,7 +338,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             scanner = reads.scanner
             outcome = scanner.eof()
             if outcome is not _EOF:  # bytes of a header, then the end: INVALID, truncated
-                self.conclude(outcome, scanner.error, header=scanner.header)
+                self.conclude(outcome, scanner, header=scanner.header)
                 return None
         inner = self.conclude(_EOF)
         if inner is None or self.transport is None or self.transport.is_closing():
@@ -381,12 +381,15 @@ class HeaderProtocol(asyncio.BufferedProtocol):
         outcome = reads.read(nbytes)
         if outcome is not None:
             scanner = reads.scanner
-            self.conclude(outcome, scanner.error, header=scanner.header, rest=reads.rest)
+            self.conclude(outcome, scanner, header=scanner.header, rest=reads.rest)
 
     def expire(self) -> None:
         self.timer = None
         reads = self.reads
-        self.conclude(_SILENT if reads is None else reads.scanner.expire())
+        if reads is None:
+            self.conclude(_SILENT)
+        else:
+            self.conclude(reads.scanner.expire(), reads.scanner)
 
     # -- deciding ---------------------------------------------------------------------------
 
@@ -433,18 +436,18 @@ class HeaderProtocol(asyncio.BufferedProtocol):
     def conclude(
         self,
         outcome: Outcome,
-        error: ProxyProtocolError | None = None,
+        scanner: HeaderScanner | None = None,
         *,
         header: ProxyHeader | None = None,
         rest: bytes = b"",
     ) -> asyncio.BaseProtocol | None:
         """Close or serve, as the policy table says; the inner protocol when served.
 
-        ``rest``: the bytes read after the header (HEADER), or every byte
-        read (NO_HEADER), for the inner protocol.
+        ``scanner``: what decided (its error and bytes word the refusal
+        line); ``rest``: the bytes read after the header (HEADER), or every
+        byte read (NO_HEADER), for the inner protocol.
         """
         self.release()
-        seen = 0 if self.reads is None else self.reads.scanner.seen
         transport = self.transport
         if transport is None or transport.is_closing():
             self.state = _CLOSED
@@ -457,7 +460,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
                 verdict.level,
                 "%s: closed: %s",
                 peer_text(self.peer),
-                describe(policy, outcome, error, seen, factory.settings.header_timeout),
+                refusal_line(factory.settings, policy, outcome, scanner, self.trusted, factory.hooked),
                 kind=kind_of(outcome),
             )
             self.drop(abort=False)

@@ -172,6 +172,11 @@ class ProxyProtocolFactory:
             made = self._header_first[inner_class] = _header_first_class(self, inner_class)
         return made
 
+    @property
+    def hooked(self) -> bool:
+        """Whether a hook decides trust (the ``policy_for`` knob, or a subclass's :meth:`policy_for`)."""
+        return self.settings.policy_for is not None or type(self).policy_for is not ProxyProtocolFactory.policy_for
+
     def policy_for(self, peer: Any, transport: asyncio.BaseTransport) -> Policy:
         """The policy for a connection from ``peer`` (:meth:`trust`'s; a subclass may override this)."""
         return self.trust(peer, transport).policy

@@ -87,7 +87,7 @@ class LiveSettings:
     closes every new connection until it is fixed (:meth:`usable`).
     """
 
-    __slots__ = ("current", "error", "names", "read", "reported", "sources", "trusted_copy")
+    __slots__ = ("current", "error", "hooked", "names", "read", "reported", "sources", "trusted_copy")
 
     def __init__(self, names: tuple[str, ...]) -> None:
         self.names = names
@@ -98,6 +98,8 @@ class LiveSettings:
         self.trusted_copy: Any = None
         #: The current error has been logged (and its end will be).
         self.reported = False
+        #: A ``proxy_policy_for`` override decided the last connection's trust (set by the owner).
+        self.hooked = False
 
     def refresh(self, owner: Any) -> bool:
         """Re-read ``owner``'s attributes; True when they changed (and :attr:`current` or :attr:`error` with them)."""

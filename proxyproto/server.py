@@ -272,8 +272,10 @@ class ProxyProtocolMixin(SettingsAttributes):
             # with the old values, never trust an untrusted peer because of a bad new one.
             if not live.usable("closing every new connection", "serving connections"):
                 return sock, peer, None, timeout
+        hook = self._proxy_hook()
+        live.hooked = hook is not None
         try:
-            trust = live.current.trust(peer, sock, self._proxy_hook())
+            trust = live.current.trust(peer, sock, hook)
         except Exception as exc:  # a user's hook: its failure closes this connection, never the loop
             room.log.hook_failed(peer, exc, "proxy_policy_for")
             return sock, peer, None, timeout

@@ -78,10 +78,11 @@ import socket
 import socketserver
 from typing import Any
 
+from .advice import refusal_line
 from .attributes import LiveSettings, SettingsAttributes, check_attributes
 from .header import Family, ProxyHeader
 from .peers import socket_family
-from .policy import Policy, decide, describe, peer_text, served_address
+from .policy import Policy, decide, peer_text, served_address
 from .refusal_log import DEFAULT_LOG_RATE, KIND_POLICY_FOR, RefusalLog, kind_of
 from .settings import DEFAULT_TRUSTED
 
@@ -299,8 +300,9 @@ class ProxyDatagramMixin(SettingsAttributes):
         if (live.refresh(self) or live.reported) and not live.usable("dropping every datagram", "serving datagrams"):
             raise OSError("proxyproto: datagram dropped (invalid proxy_* setting)")
         settings = live.current
+        hook = self._proxy_hook()
         try:
-            trust = settings.trust(peer, sock, self._proxy_hook())
+            trust = settings.trust(peer, sock, hook)
         except Exception as exc:  # a user's hook: its failure drops this datagram, never the loop
             reason = f"proxy_policy_for failed: {type(exc).__name__}: {exc}"
             raise self._ppd_refuse(logging.ERROR, peer, reason, KIND_POLICY_FOR) from None
@@ -309,10 +311,10 @@ class ProxyDatagramMixin(SettingsAttributes):
             return ProxyDatagram(data, ReplySocket(sock, peer, peer), None, peer), peer
         scanner = settings.scanner()
         outcome = scanner.datagram(data)  # G8: each datagram on its own, never joined with another
-        header, error = scanner.header, scanner.error
+        header = scanner.header
         verdict = decide(policy, outcome)
         if not verdict.serve:
-            reason = describe(policy, outcome, error, len(data), 0.0)
+            reason = refusal_line(settings, policy, outcome, scanner, trust.trusted, hook is not None)
             raise self._ppd_refuse(verdict.level, peer, reason, kind_of(outcome))
         if header is None:
             return ProxyDatagram(data, ReplySocket(sock, peer, peer), None, peer), peer

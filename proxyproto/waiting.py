@@ -39,6 +39,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any, Callable, cast
 
+from .advice import refusal_line
 from .header import ProxyHeader
 from .parking import Parking
 from .peers import socket_family
@@ -223,11 +224,14 @@ class ParkedConnections:
         assert attempt.outcome is not None
         verdict = decide(attempt.policy, attempt.outcome)
         if not verdict.serve:
+            live = self.live
+            outcome = attempt.outcome
+            reason = refusal_line(live.current, attempt.policy, outcome, attempt.scanner, parked.trusted, live.hooked)
             self.log.log(
                 verdict.level,
                 "%s: closed: %s",
                 peer_text(parked.peer),
-                attempt.describe(self.live.current.header_timeout),
+                reason,
                 kind=kind_of(attempt.outcome),
             )
             sock.close()

@@ -37,10 +37,11 @@ from waitress.server import BaseWSGIServer  # type: ignore[import-untyped,import
 from waitress.server import create_server as _waitress_create_server  # type: ignore[import-untyped,import-not-found,unused-ignore]
 from waitress.task import WSGITask  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
+from .advice import refusal_line
 from .header import ProxyHeader
 from .parking import Parking
 from .peers import socket_family
-from .policy import Outcome, Policy, decide, describe, peer_text, served_address
+from .policy import Outcome, Policy, decide, peer_text, served_address
 from .reader import HeaderScanner
 from .refusal_log import KIND_POLICY_FOR, RefusalLog, kind_of
 from .settings import Settings, settings_for, split_knobs
@@ -163,7 +164,8 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
         assert scanner is not None
         verdict = decide(policy, outcome)
         if not verdict.serve:
-            reason = describe(policy, outcome, scanner.error, scanner.seen, settings.header_timeout)
+            hooked = settings.policy_for is not None
+            reason = refusal_line(settings, policy, outcome, scanner, self._proxy_trusted, hooked)
             self._proxy_refuse(verdict.level, f"closed: {reason}", immediate=immediate, kind=kind_of(outcome))
             return False
         self._proxy_scanner = None
