@@ -21,8 +21,12 @@ the adapter already holds or peeked; nothing here does I/O or acts on them.
 
 from __future__ import annotations
 
-from .policy import Policy, describe
+import logging
+from typing import Any
+
+from .policy import Policy, describe, peer_text
 from .reader import HeaderScanner, Outcome
+from .refusal_log import KIND_UNTRUSTED_HEADER, RefusalLog
 from .settings import Settings
 
 __all__: list[str] = []  # private module: the public names are listed in docs/api.rst
@@ -99,3 +103,8 @@ def refusal_line(
     if trusted:
         return text + missing_header(settings, outcome, start)
     return text
+
+
+def note_untrusted_header(log: RefusalLog, settings: Settings, peer: Any, policy: Policy) -> None:
+    """The WARNING for an untrusted peer whose stream or datagram started with a PROXY header (rate-limited)."""
+    log.log(logging.WARNING, "%s: %s", peer_text(peer), untrusted_header(settings, policy), kind=KIND_UNTRUSTED_HEADER)

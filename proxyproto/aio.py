@@ -54,9 +54,9 @@ from collections.abc import Awaitable
 from typing import Any, Callable
 
 from . import reader as core
-from .advice import refusal_line
+from .advice import SIGNATURE_PEEK, note_untrusted_header, refusal_line, starts_with_header
 from .aio_protocol import ProxyProtocolFactory, call_later, wrap_protocol_factory
-from .aio_transport import proxy_extra
+from .aio_transport import FirstBytes, proxy_extra
 from .header import ProxyHeader
 from .parking import Parking, descriptor_of
 from .policy import (
@@ -230,6 +230,19 @@ class _Acceptor:
         self.parking.discard(writer)
         return True
 
+    def look_for_untrusted_header(self, peer: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Under SKIP: a WARNING when the untrusted peer's first bytes, already here, are a PROXY header."""
+        def look(start: bytes) -> None:
+            if starts_with_header(start):
+                note_untrusted_header(self.refusals, self.settings, peer, Policy.SKIP)
+
+        held = bytes(reader._buffer[:SIGNATURE_PEEK])  # type: ignore[attr-defined]
+        transport: Any = writer.transport
+        if held:
+            look(held)
+        elif not transport.is_closing():
+            transport.set_protocol(FirstBytes(transport, transport.get_protocol(), look))
+
     async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         try:
@@ -239,7 +252,10 @@ class _Acceptor:
             writer.close()
             return
         header: ProxyHeader | None = None
-        if policy is not Policy.SKIP:
+        if policy is Policy.SKIP:
+            if not trusted and self.settings.policy_for is None:
+                self.look_for_untrusted_header(peer, reader, writer)
+        else:
             self.park(writer, peer)
             try:
                 attempt = await _attempt(reader, policy, self.settings.header_timeout, self.settings.scanner())
@@ -272,6 +288,8 @@ class _Acceptor:
                 return
             # An untrusted peer's header is read and removed, never handed on (its TLVs are anyone's).
             header = attempt.header if trusted else None
+            if attempt.header is not None and not trusted and self.settings.policy_for is None:
+                note_untrusted_header(self.refusals, self.settings, peer, policy)
         result = self.callback(reader, ProxyStreamWriter(writer, reader, header, policy))
         if inspect.isawaitable(result):
             await result

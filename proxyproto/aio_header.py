@@ -26,7 +26,7 @@ import enum
 import socket
 from typing import TYPE_CHECKING, Any, Callable
 
-from .advice import refusal_line
+from .advice import note_untrusted_header, refusal_line
 from .aio_tls import TLSHandOver
 from .aio_transport import NOT_GIVEN, deliver_in_turn, hand_over, proxy_extra
 from .header import ProxyHeader
@@ -306,7 +306,9 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             # With ssl=, the handshake starts on the next iteration.  asyncio honours the pause
             # serve() asks for here; uvloop starts reading once connection_made returns and may
             # read (the ClientHello) first: get_buffer keeps those bytes for the TLS layer.
-            self.serve(None, b"")
+            inner = self.serve(None, b"")
+            if inner is not None and not self.trusted and factory.ssl is None:
+                factory.look_for_untrusted_header(peer, raw, inner)
             return
         sock = raw.get_extra_info("socket") if CAN_PEEK else None
         if sock is not None and peek_complete_header(self, peer, sock):
@@ -470,11 +472,13 @@ class HeaderProtocol(asyncio.BufferedProtocol):
 
     def serve(self, header: ProxyHeader | None, rest: bytes, sock: Any = NOT_GIVEN) -> asyncio.BaseProtocol | None:
         """-> SERVED (or HANDSHAKING with ``ssl=``): the inner protocol; ``header`` only from a trusted peer."""
+        factory = self.factory
         if not self.trusted:
+            if header is not None and not factory.hooked:
+                note_untrusted_header(factory.refusals, factory.settings, self.peer, self.policy)
             header = None  # an untrusted peer's header (under IGNORE) is read and removed, never handed on
         transport = self.transport
         assert transport is not None
-        factory = self.factory
         inner = self.inner
         if inner is None:
             inner = factory.make_inner(self.peer)

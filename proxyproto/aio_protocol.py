@@ -39,10 +39,12 @@ from typing import Any, Callable, TypeVar
 
 from . import reader as core
 from . import v2
+from .advice import note_untrusted_header, starts_with_header
 from .aio_header import CAN_PEEK, PEEK_FLAGS, READ_FLAGS, HeaderProtocol, WaitingReads
 from .aio_tls import handshake_timeout
 from .aio_transport import (
     ABSENT,
+    FirstBytes,
     ProxyTransport,
     proxy_extra,
 )
@@ -171,6 +173,21 @@ class ProxyProtocolFactory:
         if made is None:
             made = self._header_first[inner_class] = _header_first_class(self, inner_class)
         return made
+
+    def look_for_untrusted_header(self, peer: Any, transport: Any, inner: asyncio.BaseProtocol) -> None:
+        """Served under SKIP, an untrusted peer: a WARNING if its first bytes, when they come, are a PROXY header.
+
+        ``inner`` has the transport already; :class:`~proxyproto.aio_transport.FirstBytes`
+        shows the first bytes on their way to it, and changes nothing it gets.
+        """
+        if self.hooked or transport.is_closing() or transport.get_protocol() is not inner:
+            return
+
+        def look(start: bytes) -> None:
+            if starts_with_header(start):
+                note_untrusted_header(self.refusals, self.settings, peer, Policy.SKIP)
+
+        transport.set_protocol(FirstBytes(transport, inner, look))
 
     @property
     def hooked(self) -> bool:

@@ -386,3 +386,41 @@ def hand_rest(transport: Any, view: ProxyTransport, inner: asyncio.BaseProtocol,
     else:  # deliver() would do just this, one call deeper
         inner.data_received(rest)  # type: ignore[attr-defined]
 
+
+
+class FirstBytes(asyncio.Protocol):
+    """Stands between ``transport`` and its protocol ``inner`` until the first bytes: shows them to ``look``.
+
+    For a diagnosis that must not change what is served (an untrusted
+    peer's stream under SKIP: does it start with a PROXY header?): the
+    first bytes go to ``look`` and then, unchanged and in order, to
+    ``inner``, which takes the transport back at that moment; until then
+    every other callback is passed on.  ``inner`` has been told of the
+    connection already.
+    """
+
+    def __init__(self, transport: Any, inner: asyncio.BaseProtocol, look: Callable[[bytes], None]) -> None:
+        self.transport = transport
+        self.inner = inner
+        self.look = look
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.set_protocol(self.inner)
+        try:
+            self.look(bytes(data[:16]))
+        finally:
+            deliver(self.inner, data)
+
+    def eof_received(self) -> bool | None:
+        self.transport.set_protocol(self.inner)
+        eof_received = getattr(self.inner, "eof_received", None)
+        return None if eof_received is None else bool(eof_received())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()

@@ -49,6 +49,8 @@ KIND_POLICY_FOR = "policy_for failed"
 KIND_READ_ERROR = "read error"
 #: The TLS handshake after the header did not complete (failed, timed out, or the peer left).
 KIND_TLS = "TLS handshake failed"
+#: A peer outside the trust list sent a PROXY header (not believed: the proxy may be missing from the list).
+KIND_UNTRUSTED_HEADER = "header from an untrusted peer"
 
 _OUTCOME_KINDS = {
     # The only policy that closes a connection for sending a valid header is REJECT.
@@ -129,6 +131,20 @@ class RefusalLog:
         # A timer already armed is trusted until a window past its time (its loop may have closed).
         if self.later is not None and (not self.due or now > self.due + _WINDOW):
             self.arm(now)
+
+    def wants(self, kind: str, level: int = logging.WARNING) -> bool:
+        """Whether a line of ``kind`` at ``level`` would be written now (enabled, and this second's budget not spent).
+
+        For a line whose making costs something (a system call to look at
+        the bytes): under a flood, once the budget is spent, the look is
+        skipped too, and those connections are neither looked at nor counted.
+        """
+        if not self.logger.isEnabledFor(level):
+            return False
+        rate = self.rate
+        if rate is None or time.monotonic() - self.window_start >= _WINDOW:
+            return True
+        return self.sent.get(kind, 0) < rate
 
     def hook_failed(self, peer: object, exc: Exception, hook: str = "policy_for", refused: str = "closed") -> None:
         """The ERROR line for a user's trust hook that raised: ``<peer>: closed: <hook> failed: <type>: <exc>``.

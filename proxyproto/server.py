@@ -25,14 +25,16 @@ import os
 import socket
 import socketserver
 import sys
+import weakref
 from typing import Any, Callable
 
 from . import waiting
+from .advice import note_untrusted_header, starts_with_header
 from .attributes import LiveSettings, SettingsAttributes, check_attributes
 from .header import ProxyHeader
 from .policy import Policy, Trust, peer_text
 from .refusal_log import DEFAULT_LOG_RATE, KIND_TLS, RefusalLog
-from .settings import DEFAULT_TRUSTED
+from .settings import DEFAULT_TRUSTED, Settings
 from .settings import KNOBS as ALL_KNOBS
 from .waiting import WaitingRoom
 
@@ -79,6 +81,39 @@ class ProxySocket(socket.socket):
     __slots__ = ("proxy_header",)
 
     proxy_header: ProxyHeader | None
+
+
+#: The look of each connection that is a :class:`_FirstRecv` (until its first read).
+_LOOKS: weakref.WeakKeyDictionary[socket.socket, Callable[[bytes], None]] = weakref.WeakKeyDictionary()
+
+
+class _FirstRecv(ProxySocket):
+    """A :class:`ProxySocket` whose first read also shows its first bytes to a look, then becomes one again.
+
+    For the diagnosis of an untrusted peer served under SKIP (does its
+    stream start with a PROXY header?) without reading a byte the handler
+    would not: the handler's own first ``recv`` or ``recv_into`` (a
+    ``makefile`` reads through it) is the look's.  Only such connections
+    get this class; the others never pay for it.
+    """
+
+    __slots__ = ()
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data = super().recv(bufsize, flags)
+        self._first(data[:16])
+        return data
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        size = super().recv_into(buffer, nbytes, flags)
+        self._first(bytes(memoryview(buffer)[: min(size, 16)]))
+        return size
+
+    def _first(self, start: bytes) -> None:
+        self.__class__ = ProxySocket  # type: ignore[assignment]  # back to the plain class
+        look = _LOOKS.pop(self, None)
+        if look is not None:
+            look(start)
 
 
 class ProxyProtocolMixin(SettingsAttributes):
@@ -279,7 +314,20 @@ class ProxyProtocolMixin(SettingsAttributes):
         except Exception as exc:  # a user's hook: its failure closes this connection, never the loop
             room.log.hook_failed(peer, exc, "proxy_policy_for")
             return sock, peer, None, timeout
+        if trust.policy is Policy.SKIP and not trust.trusted and hook is None:
+            self._pp_look_at_first_bytes(sock, peer, room.log, live.current)
         return sock, peer, trust, timeout
+
+    @staticmethod
+    def _pp_look_at_first_bytes(sock: ProxySocket, peer: Address, log: RefusalLog, settings: Settings) -> None:
+        """An untrusted peer under SKIP: a WARNING if the first bytes its handler reads are a PROXY header."""
+
+        def look(start: bytes) -> None:
+            if starts_with_header(start):
+                note_untrusted_header(log, settings, peer, Policy.SKIP)
+
+        _LOOKS[sock] = look
+        sock.__class__ = _FirstRecv
 
 
 def _check_bases(cls: type) -> None:

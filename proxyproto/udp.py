@@ -78,7 +78,7 @@ import socket
 import socketserver
 from typing import Any
 
-from .advice import refusal_line
+from .advice import note_untrusted_header, refusal_line, starts_with_header
 from .attributes import LiveSettings, SettingsAttributes, check_attributes
 from .header import Family, ProxyHeader
 from .peers import socket_family
@@ -308,6 +308,8 @@ class ProxyDatagramMixin(SettingsAttributes):
             raise self._ppd_refuse(logging.ERROR, peer, reason, KIND_POLICY_FOR) from None
         policy = trust.policy
         if policy is Policy.SKIP:
+            if not trust.trusted and hook is None and starts_with_header(data) and self._ppd_log is not None:
+                note_untrusted_header(self._ppd_log, settings, peer, policy)
             return ProxyDatagram(data, ReplySocket(sock, peer, peer), None, peer), peer
         scanner = settings.scanner()
         outcome = scanner.datagram(data)  # G8: each datagram on its own, never joined with another
@@ -323,6 +325,8 @@ class ProxyDatagramMixin(SettingsAttributes):
         address = served_address(policy, header, peer, family)
         reply = ReplySocket(sock, peer, address)
         # An untrusted source's header is stripped, never handed on (its TLVs are anyone's claims).
+        if not trust.trusted and hook is None and self._ppd_log is not None:
+            note_untrusted_header(self._ppd_log, settings, peer, policy)
         return ProxyDatagram(data[header.length :], reply, header if trust.trusted else None, peer), address
 
 

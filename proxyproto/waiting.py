@@ -39,7 +39,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any, Callable, cast
 
-from .advice import refusal_line
+from .advice import note_untrusted_header, refusal_line
 from .header import ProxyHeader
 from .parking import Parking
 from .peers import socket_family
@@ -473,7 +473,12 @@ class WaitingRoom:
         untrusted one's is never used for the address either: its policy is
         SKIP, IGNORE or REJECT).
         """
-        sock.proxy_header = header if trusted else None
+        if trusted:
+            sock.proxy_header = header
+        else:
+            sock.proxy_header = None
+            if header is not None and not self.live.hooked:
+                note_untrusted_header(self.log, self.live.current, peer, policy)
         self.ready.append((sock, served_address(policy, header, peer, self.socket_args[0])))
 
     def _read_blocking(self) -> tuple[ProxySocket, Address]:  # pragma: no cover

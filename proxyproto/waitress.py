@@ -37,7 +37,7 @@ from waitress.server import BaseWSGIServer  # type: ignore[import-untyped,import
 from waitress.server import create_server as _waitress_create_server  # type: ignore[import-untyped,import-not-found,unused-ignore]
 from waitress.task import WSGITask  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
-from .advice import refusal_line
+from .advice import note_untrusted_header, refusal_line, starts_with_header
 from .header import ProxyHeader
 from .parking import Parking
 from .peers import socket_family
@@ -97,6 +97,7 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
 
     task_class = ProxyWSGITask
     proxy_header: ProxyHeader | None = None
+    _proxy_sniff = False
 
     def __init__(self, server: Any, sock: socket.socket, addr: Any, adj: Any, map: Any = None) -> None:
         super().__init__(server, sock, addr, adj, map)
@@ -117,6 +118,8 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
             )
             return
         if self._proxy_policy is Policy.SKIP:
+            #: Look at the first bytes of an untrusted peer for a PROXY header (only to say so).
+            self._proxy_sniff = not self._proxy_trusted and settings.policy_for is None
             return
         self._proxy_scanner = settings.scanner()
         self._proxy_deadline = time.monotonic() + settings.header_timeout
@@ -127,12 +130,21 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
     def received(self, data: bytes) -> bool:
         scanner = self._proxy_scanner
         if scanner is None:
+            if self._proxy_sniff:
+                self._proxy_sniff = False
+                if starts_with_header(data):
+                    shared = self._proxy_shared
+                    note_untrusted_header(shared.log, shared.settings, self.proxy_peername, Policy.SKIP)
             return bool(super().received(data))
         outcome = scanner.feed(data)
         if outcome is None:
             return True
         if self._proxy_trusted:
             self.proxy_header = scanner.header
+        elif outcome is Outcome.HEADER and self._proxy_policy is Policy.IGNORE:
+            shared = self._proxy_shared
+            if shared.settings.policy_for is None:  # served without its header: say why
+                note_untrusted_header(shared.log, shared.settings, self.proxy_peername, Policy.IGNORE)
         return self._proxy_decided(outcome, scanner.rest)
 
     def readable(self) -> bool:
