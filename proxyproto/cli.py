@@ -3,12 +3,14 @@
 * ``proxyproto send HOST PORT --source IP:PORT --destination IP:PORT``:
   connect, send a v1 or v2 header, then relay stdin to the socket and the
   socket to stdout, like ``nc`` (half-closing the socket at the end of stdin).
+  With ``--udp``: one datagram, a v2 header and stdin, and print the reply.
 * ``proxyproto decode [FILE|-] [--hex] [--json]``: print the header at the
   start of a capture, and the length of the payload after it.
 * ``proxyproto relay --listen HOST:PORT --upstream HOST:PORT``: a local
   stand-in for haproxy's ``send-proxy`` / ``send-proxy-v2``: forward each
   connection to the upstream, prefixed with a header carrying the client's
-  address and the listening address.
+  address and the listening address.  With ``--udp``, a stand-in for
+  dnsdist's ``useProxyProtocol``: a header in front of every datagram.
 * ``proxyproto --version``: the package's version.
 
 Exit codes: 0 success; 1 bad input or a network failure; 2 bad usage.
@@ -20,8 +22,9 @@ This module holds the command line's syntax: the parser, its argument types,
 and the checks of options that cannot go together (run before any socket is
 opened); and :func:`main`, which runs a command and turns its outcome into
 the exit code.  The commands themselves are in :mod:`proxyproto.cli_relay`
-(send, relay) and :mod:`proxyproto.cli_decode`; :mod:`proxyproto.cli_failure`
-holds the errors they raise.
+(send, relay over TCP), :mod:`proxyproto.cli_udp` (their ``--udp`` forms)
+and :mod:`proxyproto.cli_decode`; :mod:`proxyproto.cli_failure` holds the
+errors they raise.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from . import __version__
 from .cli_decode import command_decode
 from .cli_failure import PROG, Failure, UsageError
 from .cli_relay import command_relay, command_send
+from .cli_udp import command_relay_udp, command_send_udp
 from .tlv import TLVType
 
 __all__ = ["main"]
@@ -45,7 +49,8 @@ __all__ = ["main"]
 #: "CODE meaning" items separated by "; ": tests/cli reads them back and runs a case of each.
 EXIT_STATUS = {
     "": "0 success; 1 bad input or a network failure; 2 bad usage",
-    "send": "0 the exchange ended; 1 a network failure (cannot connect, the connection broke); 2 bad usage",
+    "send": "0 the exchange ended; 1 a network failure (cannot connect, the connection broke, "
+    "with --udp no reply within --timeout); 2 bad usage",
     "decode": "0 a header was decoded; 1 bad input (not one complete, valid header, or a FILE that cannot be "
     "read); 2 bad usage",
     "relay": "0 stopped by SIGINT or SIGTERM, or after --max-connections; 1 a network failure "
@@ -159,6 +164,8 @@ def _endpoint_text(endpoint: tuple[str, int]) -> str:
 
 def check_send(args: argparse.Namespace) -> None:
     """Refuse option combinations ``send`` cannot carry out (:class:`UsageError`, naming the options)."""
+    if args.udp and args.v1:
+        raise UsageError("--udp: the PROXY protocol has no v1 for datagrams (drop --v1)")
     if args.v1:
         v2_only = [
             name
@@ -196,12 +203,38 @@ def check_families(source: tuple[str, int], destination: tuple[str, int]) -> Non
 
 def check_relay(args: argparse.Namespace) -> None:
     """Refuse option combinations ``relay`` cannot carry out (:class:`UsageError`, naming the options)."""
+    if args.udp and args.v1:
+        raise UsageError("--udp: the PROXY protocol has no v1 for datagrams (drop --v1)")
     if args.v1 and args.checksum:
         raise UsageError("--checksum: only a v2 header carries it (drop --v1)")
+    if args.udp:
+        counted = [
+            name for name, value in (("--once", args.once), ("--max-connections", args.max_connections)) if value
+        ]
+        if counted:
+            raise UsageError(
+                f"{', '.join(counted)}: a UDP relay has no connections to count (stop it with SIGINT or SIGTERM)"
+            )
+    else:
+        udp_only = [
+            name
+            for name, value in (("--idle-timeout", args.idle_timeout), ("--max-clients", args.max_clients))
+            if value is not None
+        ]
+        if udp_only:
+            raise UsageError(f"{', '.join(udp_only)}: only a UDP relay has clients to map (add --udp)")
 
 
 def check_nothing(args: argparse.Namespace) -> None:
     """``decode``: its options all go together."""
+
+
+def run_send(args: argparse.Namespace) -> int:
+    return command_send_udp(args) if args.udp else command_send(args)
+
+
+def run_relay(args: argparse.Namespace) -> int:
+    return command_relay_udp(args) if args.udp else command_relay(args)
 
 
 # -- entry point -----------------------------------------------------------------------
@@ -229,7 +262,7 @@ def _epilog(command: str, before: str = "") -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
-        description="Send, decode and relay HAProxy PROXY protocol (v1/v2) headers.",
+        description="Send, decode and relay HAProxy PROXY protocol (v1/v2) headers, over TCP or UDP.",
         epilog=_epilog(""),
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -237,9 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     send = commands.add_parser(
         "send",
-        help="connect, send a header, then relay stdin/stdout like nc",
+        help="connect, send a header, then relay stdin/stdout like nc (--udp: one datagram and its reply)",
         description="Connect to HOST PORT, send a PROXY header, then copy stdin to the connection and the "
-        "connection to stdout; at the end of stdin, half-close (the answer still arrives).",
+        "connection to stdout; at the end of stdin, half-close (the answer still arrives). With --udp: send one "
+        "datagram, a v2 header (protocol DGRAM) followed by stdin read to its end, and print the first datagram "
+        "that comes back.",
         epilog=_epilog(
             "send",
             "Without --source and --destination the header carries no addresses: v2 sends a PROXY command "
@@ -265,8 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the address the client connected to (with --source, of the same family)",
     )
     version = send.add_mutually_exclusive_group()
-    version.add_argument("--v1", action="store_true", help="send a v1 text header")
+    version.add_argument("--v1", action="store_true", help="send a v1 text header (not with --udp)")
     version.add_argument("--v2", action="store_true", help="send a v2 binary header (the default)")
+    send.add_argument("--udp", action="store_true", help="send one UDP datagram (v2, protocol DGRAM), print the reply")
     send.add_argument("--local", action="store_true", help="v2 LOCAL command (no addresses), as health checks send")
     send.add_argument(
         "--tlv", action="append", type=parse_tlv, metavar="TYPE=HEX", help="add a v2 TLV (repeatable), e.g. 0xE0=0102"
@@ -278,9 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_seconds,
         default=10.0,
         metavar="SECONDS",
-        help="seconds to connect (default: 10)",
+        help="seconds to connect, or with --udp to wait for the reply (default: 10)",
     )
-    send.set_defaults(run=command_send, check=check_send)
+    send.set_defaults(run=run_send, check=check_send)
 
     decode = commands.add_parser(
         "decode",
@@ -297,26 +333,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     relay = commands.add_parser(
         "relay",
-        help="forward connections to an upstream with a header (a stand-in for haproxy send-proxy)",
+        help="forward connections (--udp: datagrams) to an upstream with a header (haproxy send-proxy, dnsdist)",
         description="Listen on --listen and forward every connection to --upstream, prefixed with a PROXY header "
-        "naming the client's address and the listening address. Stops on SIGINT or SIGTERM.",
+        "naming the client's address and the listening address. With --udp, forward every datagram instead, each "
+        "prefixed with its own v2 header (protocol DGRAM), from one socket per client so that the upstream's replies "
+        "are relayed back to that client, as dnsdist's useProxyProtocol does. Stops on SIGINT or SIGTERM.",
         epilog=_epilog(
             "relay",
             "The header's addresses are the client's and the one it reached, as the listening socket sees them: on "
-            "a dual-stack [::] listener an IPv4 client is ::ffff:a.b.c.d on both sides (TCP6), as haproxy "
+            "a dual-stack [::] listener an IPv4 client is ::ffff:a.b.c.d on both sides (TCP6/UDP6), as haproxy "
             "sends it.",
         ),
     )
     relay.add_argument("--listen", type=parse_endpoint, required=True, metavar="HOST:PORT", help="port 0 picks one")
     relay.add_argument("--upstream", type=parse_remote_endpoint, required=True, metavar="HOST:PORT")
     version = relay.add_mutually_exclusive_group()
-    version.add_argument("--v1", action="store_true", help="send v1 headers (haproxy send-proxy)")
+    version.add_argument("--v1", action="store_true", help="send v1 headers (haproxy send-proxy; not with --udp)")
     version.add_argument("--v2", action="store_true", help="send v2 headers (send-proxy-v2; the default)")
+    relay.add_argument("--udp", action="store_true", help="relay UDP datagrams, one v2 header (DGRAM) in front of each")
     relay.add_argument("--checksum", action="store_true", help="add a CRC32C TLV to v2 headers")
     count = relay.add_mutually_exclusive_group()
-    count.add_argument("--max-connections", type=parse_count, metavar="N", help="exit after N connections")
+    count.add_argument("--max-connections", type=parse_count, metavar="N", help="exit after N connections (TCP)")
     count.add_argument("--once", action="store_true", help="same as --max-connections 1")
-    relay.set_defaults(run=command_relay, check=check_relay)
+    relay.add_argument(
+        "--idle-timeout",
+        type=parse_seconds,
+        metavar="SECONDS",
+        help="with --udp: forget a client after this long without a datagram either way (default: 30)",
+    )
+    relay.add_argument(
+        "--max-clients",
+        type=parse_count,
+        metavar="N",
+        help="with --udp: clients mapped at once, one socket each; beyond it the least recently active one is "
+        "forgotten (default: 256)",
+    )
+    relay.set_defaults(run=run_relay, check=check_relay)
     return parser
 
 

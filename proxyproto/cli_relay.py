@@ -8,7 +8,9 @@
   forwards each to an upstream, prefixed with a header carrying the client's
   address and the listening address.
 
-Both write the header :func:`build_header` makes and copy bytes with the same loop;
+With ``--udp`` both hand over to :mod:`proxyproto.cli_udp`, after the same
+header is built and the same addresses checked.  Both write the header
+:func:`build_header` makes and copy bytes with the same loop;
 :func:`endpoint_text` writes addresses in their messages, and
 :func:`listening_socket` opens the relays' listeners.
 
@@ -68,7 +70,7 @@ def build_header(
     checksum: bool = False,
     protocol: Protocol = Protocol.STREAM,
 ) -> bytes:
-    """The header ``send`` and ``relay`` write (v2 ``protocol`` STREAM unless told otherwise).
+    """The header ``send`` and ``relay`` write (v2 ``protocol`` STREAM, or DGRAM for UDP).
 
     The combination is one :mod:`proxyproto.cli` accepted (v1 only without
     TLVs, checksum, LOCAL); ``ValueError`` from the encoders (a header
@@ -139,7 +141,7 @@ def _pump(source: Any, sink: Any) -> None:
 
 
 def send_header(args: argparse.Namespace) -> bytes:
-    """The header the options of ``send`` describe; too large is a usage error."""
+    """The header the options of ``send`` describe (STREAM, or DGRAM with ``--udp``); too large is a usage error."""
     tlvs = list(args.tlv or ())
     if args.authority is not None:
         tlvs.append((TLVType.AUTHORITY, args.authority.encode("utf-8")))
@@ -151,13 +153,14 @@ def send_header(args: argparse.Namespace) -> bytes:
             local=args.local,
             tlvs=tlvs,
             checksum=args.checksum,
+            protocol=Protocol.DGRAM if args.udp else Protocol.STREAM,
         )
     except ValueError as exc:
         raise UsageError(f"--tlv, --authority: cannot build the header: {exc}") from None
 
 
 def connect_failure(host: str, port: int, exc: OSError) -> Failure:
-    """The error for a failed connect to ``HOST PORT``: a name that does not exist is usage."""
+    """The error for a failed connect (or, for UDP, send) to ``HOST PORT``: a name that does not exist is usage."""
     kind = address_failure(exc)
     where = endpoint_text((host, port))
     if isinstance(exc, socket.gaierror):

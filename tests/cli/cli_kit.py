@@ -1,4 +1,4 @@
-"""Helpers for the command-line tests: run ``python -m proxyproto``, the demo server, haproxy, header servers.
+"""Helpers for the command-line tests: run ``python -m proxyproto``, the demo server, haproxy, UDP servers.
 
 Every process is started here on loopback with ports picked at run time, and stopped by PID.
 Output goes to files, read while the process runs (no pipe can fill up and stall it).
@@ -24,6 +24,7 @@ import pytest
 from support import listening, require_haproxy
 
 import proxyproto
+from proxyproto import udp
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "demo_echo_server.py"
@@ -173,6 +174,48 @@ def ipv6_loopback() -> bool:
 def require_ipv6() -> None:
     if not ipv6_loopback():
         pytest.skip("no IPv6 loopback (::1) here")
+
+
+class Reporter(udp.ProxyDatagramRequestHandler):
+    """Answers each datagram (to the proxy, as the library does) with what its handler saw, as JSON + newline."""
+
+    def handle(self) -> None:
+        header = self.request.proxy_header
+        report = {
+            "client_address": list(self.client_address[:2]),
+            "proxy_address": list(self.request.proxy_address[:2]),
+            "payload": self.rfile.read().decode("latin-1"),
+            "header": None
+            if header is None
+            else {
+                "command": header.command.name,
+                "family": header.family.name,
+                "protocol": header.protocol.name,
+                "destination": list(header.destination[:2]) if isinstance(header.destination, tuple) else None,
+            },
+        }
+        self.server.reports.append(report)  # type: ignore[attr-defined]
+        self.wfile.write(json.dumps(report).encode() + b"\n")
+
+
+@contextlib.contextmanager
+def udp_server(host: str = "127.0.0.1") -> Iterator[Any]:
+    """``proxyproto.udp.ThreadingProxyUDPServer`` with :class:`Reporter` on ``host``, port 0 (loopback trusted).
+
+    ``server.reports`` lists what each handler saw, in arrival order.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    cls = type("CLIUDPServer", (udp.ThreadingProxyUDPServer,), {"address_family": family, "daemon_threads": True})
+    server = cls((host, 0), Reporter)
+    server.reports = []
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 @contextlib.contextmanager

@@ -12,14 +12,15 @@ replaced, so no test sends a DNS query), while a temporary resolver failure stay
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import re
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from cli_kit import VECTORS, capture_send, cli, cli_background
+from cli_kit import VECTORS, cli, cli_background, udp_server
 from support import free_port
 
 from proxyproto import cli as cli_module
@@ -61,6 +62,7 @@ USAGE_ERRORS: list[tuple[list[str], str]] = [
     ([*SEND, "--v1", "--authority", "example.com"], "--authority"),
     ([*SEND, "--v1", "--checksum"], "--checksum"),
     ([*SEND, "--local", *ADDRESSES], "--local"),
+    ([*SEND, "--udp", "--v1"], "--udp"),
     # send: durations
     ([*SEND, "--timeout", "0"], "--timeout"),
     ([*SEND, "--timeout", "-1"], "--timeout"),
@@ -78,13 +80,19 @@ USAGE_ERRORS: list[tuple[list[str], str]] = [
     (["relay", "--listen", "::1:0", "--upstream", "127.0.0.1:9"], "--listen"),
     (["relay", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:0"], "--upstream"),
     (["relay", "--listen", "192.0.2.1:0", "--upstream", "127.0.0.1:9"], "--listen"),  # not an address of this host
+    (["relay", "--udp", "--listen", "192.0.2.1:0", "--upstream", "127.0.0.1:9"], "--listen"),
     # relay: options that do not go together
     ([*RELAY, "--once", "--max-connections", "2"], "--once"),
     ([*RELAY, "--max-connections", "0"], "--max-connections"),
     ([*RELAY, "--v1", "--checksum"], "--checksum"),
     ([*RELAY, "--v1", "--v2"], "--v1"),
+    ([*RELAY, "--udp", "--v1"], "--udp"),
+    ([*RELAY, "--udp", "--once"], "--once"),
+    ([*RELAY, "--udp", "--max-connections", "3"], "--max-connections"),
     ([*RELAY, "--idle-timeout", "5"], "--idle-timeout"),
     ([*RELAY, "--max-clients", "5"], "--max-clients"),
+    ([*RELAY, "--udp", "--idle-timeout", "0"], "--idle-timeout"),
+    ([*RELAY, "--udp", "--max-clients", "0"], "--max-clients"),
 ]
 
 
@@ -119,8 +127,10 @@ def test_mixed_families_are_refused_with_what_to_write_instead() -> None:
     "args",
     [
         ["send", "no-such-host.test", "9"],
+        ["send", "--udp", "no-such-host.test", "9"],
         ["relay", "--listen", "no-such-host.test:0", "--upstream", "127.0.0.1:9"],
         ["relay", "--listen", "127.0.0.1:0", "--upstream", "no-such-host.test:9"],
+        ["relay", "--udp", "--listen", "127.0.0.1:0", "--upstream", "no-such-host.test:9"],
     ],
 )
 @pytest.mark.parametrize(("code", "status"), [(socket.EAI_NONAME, 2), (socket.EAI_AGAIN, 1)])
@@ -176,10 +186,22 @@ def run(*args: str, stdin: bytes = b"") -> Case:
     return lambda _tmp: cli(*args, stdin=stdin).returncode
 
 
-def send_answered(_tmp: Path) -> int:
-    status, received = capture_send(*ADDRESSES, stdin=b"x")
-    assert received.endswith(b"x")
-    return status
+@contextlib.contextmanager
+def _silent_udp_port() -> Iterator[int]:
+    """A bound UDP socket that never answers (no ICMP either)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+def send_udp_answered(_tmp: Path) -> int:
+    with udp_server() as server:
+        return cli("send", "--udp", "127.0.0.1", str(server.server_address[1]), *ADDRESSES, stdin=b"x").returncode
+
+
+def send_udp_unanswered(_tmp: Path) -> int:
+    with _silent_udp_port() as port:
+        return cli("send", "--udp", "127.0.0.1", str(port), "--timeout", "0.3", stdin=b"x").returncode
 
 
 def relay_once(tmp: Path) -> int:
@@ -205,8 +227,8 @@ CASES: dict[str, dict[int, list[Case]]] = {
         2: [run(), run("--nope")],  # the commands' usage errors are all above
     },
     "send": {
-        0: [send_answered],
-        1: [run("send", "127.0.0.1", str(free_port()))],
+        0: [send_udp_answered],
+        1: [run("send", "127.0.0.1", str(free_port())), send_udp_unanswered],
         2: [run(*args) for args, _ in USAGE_ERRORS if args[:1] == ["send"]][:3],
     },
     "decode": {
