@@ -8,8 +8,16 @@
   forwards each to an upstream, prefixed with a header carrying the client's
   address and the listening address.
 
-Both write the header :func:`build_header` makes and copy bytes with the same
-loop; :func:`endpoint_text` writes addresses in their messages.
+With ``--udp`` both hand over to :mod:`proxyproto.cli_udp`, after the same
+header is built and the same addresses checked.  Both write the header
+:func:`build_header` makes and copy bytes with the same loop;
+:func:`endpoint_text` writes addresses in their messages, and
+:func:`listening_socket` opens the relays' listeners.
+
+The options are valid here (:mod:`proxyproto.cli` checked them): what can
+still go wrong is a name that does not resolve, an address that cannot be
+bound, a header the options make too large (usage errors, exit 2), or the
+network (exit 1).
 """
 
 from __future__ import annotations
@@ -26,7 +34,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .cli_failure import PROG, Failure
+from .cli_failure import PROG, Failure, UsageError, address_failure
+from .header import Protocol
 from .tlv import TLVType
 from .v1 import encode as encode_v1
 from .v2 import encode as encode_v2
@@ -59,20 +68,59 @@ def build_header(
     local: bool = False,
     tlvs: Sequence[tuple[int, bytes]] = (),
     checksum: bool = False,
+    protocol: Protocol = Protocol.STREAM,
 ) -> bytes:
-    """The header ``send`` and ``relay`` write; ``Failure`` for an impossible combination."""
+    """The header ``send`` and ``relay`` write (v2 ``protocol`` STREAM, or DGRAM for UDP).
+
+    The combination is one :mod:`proxyproto.cli` accepted (v1 only without
+    TLVs, checksum, LOCAL); ``ValueError`` from the encoders (a header
+    too large, an address they refuse) passes through for the caller to
+    report.
+    """
+    if version == 1:
+        return encode_v1(source, destination)
+    if local:
+        return encode_v2(command=0, tlvs=tlvs, checksum=checksum)
+    return encode_v2(source, destination, protocol=protocol, tlvs=tlvs, checksum=checksum)
+
+
+def listening_socket(listen: tuple[str, int], kind: int) -> socket.socket:
+    """A socket of ``kind`` (STREAM or DGRAM) bound to ``--listen``; usage error or Failure, as it fails.
+
+    ``[::]`` (and ``::``) is dual-stack whatever the host's default, so IPv4
+    clients reach it too, as ``::ffff:a.b.c.d``.
+    """
+    where = f"--listen {endpoint_text(listen)}"
     try:
-        if version == 1:
-            if local or tlvs or checksum:
-                raise Failure("--local, --tlv, --authority and --checksum need a v2 header (drop --v1)")
-            return encode_v1(source, destination)
-        if local:
-            if source is not None or destination is not None:
-                raise Failure("--local: a LOCAL header carries no addresses (drop --source/--destination)")
-            return encode_v2(command=0, tlvs=tlvs, checksum=checksum)
-        return encode_v2(source, destination, tlvs=tlvs, checksum=checksum)
-    except ValueError as exc:
-        raise Failure(f"cannot build the header: {exc}") from None
+        family, kind, proto, _, address = socket.getaddrinfo(listen[0], listen[1], type=kind, flags=socket.AI_PASSIVE)[
+            0
+        ]
+    except OSError as exc:
+        raise address_failure(exc)(f"{where}: cannot resolve it: {exc.strerror or exc}") from None
+    try:
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise address_failure(exc, binding=True)(f"{where}: cannot listen there: {exc.strerror or exc}") from None
+    try:
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and address[0] == "::" and hasattr(socket, "IPV6_V6ONLY"):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise address_failure(exc, binding=True)(f"{where}: cannot listen there: {exc.strerror or exc}") from None
+    return sock
+
+
+def resolve(option: str, endpoint: tuple[str, int], kind: int) -> tuple[int, Any]:
+    """``(family, sockaddr)`` of the first address ``endpoint`` resolves to; a name that does not exist is usage."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(endpoint[0], endpoint[1], type=kind)[0]
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise address_failure(exc)(f"{option} {endpoint_text(endpoint)}: cannot resolve it: {reason}") from None
+    return family, address
 
 
 def _pump(source: Any, sink: Any) -> None:
@@ -92,19 +140,41 @@ def _pump(source: Any, sink: Any) -> None:
 # -- send ----------------------------------------------------------------------------
 
 
-def command_send(args: argparse.Namespace) -> int:
+def send_header(args: argparse.Namespace) -> bytes:
+    """The header the options of ``send`` describe (STREAM, or DGRAM with ``--udp``); too large is a usage error."""
     tlvs = list(args.tlv or ())
     if args.authority is not None:
         tlvs.append((TLVType.AUTHORITY, args.authority.encode("utf-8")))
-    if (args.source is None) != (args.destination is None):
-        raise Failure("give both --source and --destination, or neither (v1 UNKNOWN / v2 UNSPEC)")
-    header = build_header(
-        1 if args.v1 else 2, args.source, args.destination, local=args.local, tlvs=tlvs, checksum=args.checksum
-    )
+    try:
+        return build_header(
+            1 if args.v1 else 2,
+            args.source,
+            args.destination,
+            local=args.local,
+            tlvs=tlvs,
+            checksum=args.checksum,
+            protocol=Protocol.DGRAM if args.udp else Protocol.STREAM,
+        )
+    except ValueError as exc:
+        raise UsageError(f"--tlv, --authority: cannot build the header: {exc}") from None
+
+
+def connect_failure(host: str, port: int, exc: OSError) -> Failure:
+    """The error for a failed connect (or, for UDP, send) to ``HOST PORT``: a name that does not exist is usage."""
+    kind = address_failure(exc)
+    where = endpoint_text((host, port))
+    if isinstance(exc, socket.gaierror):
+        return kind(f"HOST {host!r}: cannot resolve it: {exc.strerror or exc}")
+    return kind(f"cannot connect to {where}: {exc.strerror or exc}")
+
+
+def command_send(args: argparse.Namespace) -> int:
+    """``send`` over TCP: the header, then stdin to the connection and the connection to stdout."""
+    header = send_header(args)
     try:
         sock = socket.create_connection((args.host, args.port), timeout=args.timeout)
     except OSError as exc:
-        raise Failure(f"cannot connect to {endpoint_text((args.host, args.port))}: {exc}") from None
+        raise connect_failure(args.host, args.port, exc) from None
     sock.settimeout(None)
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
     sys.stdout.flush()
@@ -161,19 +231,12 @@ class Relay:
         self.active: set[socket.socket] = set()
         self.lock = threading.Lock()
         self.threads: list[threading.Thread] = []
+        listener = listening_socket(listen, socket.SOCK_STREAM)
         try:
-            infos = socket.getaddrinfo(listen[0], listen[1], type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-            family, kind, proto, _, address = infos[0]
-            listener = socket.socket(family, kind, proto)
-        except OSError as exc:
-            raise Failure(f"cannot listen on {endpoint_text(listen)}: {exc}") from None
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind(address)
             listener.listen(128)
         except OSError as exc:
             listener.close()
-            raise Failure(f"cannot listen on {endpoint_text(listen)}: {exc}") from None
+            raise Failure(f"--listen {endpoint_text(listen)}: cannot listen there: {exc.strerror or exc}") from None
         self.listener = listener
 
     @property
@@ -242,7 +305,7 @@ class Relay:
             local = client.getsockname()
             header = build_header(self.version, peer[:2], local[:2], checksum=self.checksum)
             upstream = socket.create_connection(self.upstream, timeout=self.connect_timeout)
-        except (OSError, Failure) as exc:
+        except (OSError, ValueError) as exc:
             self._say(f"{endpoint_text(peer)}: cannot reach {endpoint_text(self.upstream)}: {exc}")
             client.close()
             return
@@ -277,22 +340,29 @@ class Relay:
 
 
 def command_relay(args: argparse.Namespace) -> int:
-    if args.v1 and args.checksum:
-        raise Failure("--checksum needs a v2 header (drop --v1)")
+    """``relay`` over TCP: until SIGINT, SIGTERM or ``--max-connections``; exit status 0."""
+    resolve("--upstream", args.upstream, socket.SOCK_STREAM)  # a name that does not exist: say so now, not per client
     limit = 1 if args.once else args.max_connections
     relay = Relay(
         args.listen, args.upstream, version=1 if args.v1 else 2, checksum=args.checksum, max_connections=limit
     )
+    banner = (
+        f"listening on {endpoint_text(relay.address)}, forwarding to {endpoint_text(args.upstream)} "
+        f"with PROXY v{1 if args.v1 else 2} headers"
+    )
+    serve_until_signal(relay, banner)
+    return 0
+
+
+def serve_until_signal(relay: Any, banner: str) -> None:
+    """Say ``banner`` on stderr, then ``relay.serve()`` with SIGINT and SIGTERM calling ``relay.stop``.
+
+    The previous handlers are back when it returns.
+    """
     previous = {sig: signal.signal(sig, relay.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        print(
-            f"{PROG} relay: listening on {endpoint_text(relay.address)}, forwarding to "
-            f"{endpoint_text(args.upstream)} with PROXY v{1 if args.v1 else 2} headers",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"{PROG} relay: {banner}", file=sys.stderr, flush=True)
         relay.serve()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 0

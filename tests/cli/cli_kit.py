@@ -1,4 +1,4 @@
-"""Helpers for the command-line tests: run ``python -m proxyproto``, the demo server, haproxy.
+"""Helpers for the command-line tests: run ``python -m proxyproto``, the demo server, haproxy, UDP servers.
 
 Every process is started here on loopback with ports picked at run time, and stopped by PID.
 Output goes to files, read while the process runs (no pipe can fill up and stall it).
@@ -7,16 +7,24 @@ Output goes to files, read while the process runs (no pipe can fill up and stall
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import signal
+import socket
+import socketserver
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import listening, require_haproxy
+
+import proxyproto
+from proxyproto import udp
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "demo_echo_server.py"
@@ -35,6 +43,59 @@ def cli(*args: str, stdin: bytes = b"", timeout: float = RUN_TIMEOUT) -> subproc
         cwd=ROOT,
         check=False,
     )
+
+
+def capture_send(*options: str, stdin: bytes = b"") -> tuple[int, bytes]:
+    """Run ``proxyproto send`` against a listener that records every byte; (exit status, bytes)."""
+    received = bytearray()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(10)
+        port = listener.getsockname()[1]
+
+        def accept() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(10)
+                while chunk := conn.recv(65536):
+                    received.extend(chunk)
+
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
+        result = cli("send", "127.0.0.1", str(port), *options, stdin=stdin)
+        thread.join(10)
+    return result.returncode, bytes(received)
+
+
+class HeaderReporter(socketserver.BaseRequestHandler):
+    """A TCP handler behind the mixin: answers one JSON line, the header's family, source and destination."""
+
+    def handle(self) -> None:
+        header = self.request.proxy_header
+        report = {
+            "client_address": list(self.client_address[:2]),
+            "family": None if header is None else header.family.name,
+            "source": None if header is None else list(header.source[:2]),
+            "destination": None if header is None else list(header.destination[:2]),
+        }
+        self.request.sendall(json.dumps(report).encode() + b"\n")
+
+
+@contextlib.contextmanager
+def tcp_header_server(host: str = "127.0.0.1") -> Iterator[Any]:
+    """``proxyproto.ThreadingProxyTCPServer`` (policy REQUIRE, loopback trusted) with :class:`HeaderReporter`."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    attrs = {"address_family": family, "daemon_threads": True, "proxy_policy": proxyproto.Policy.REQUIRE}
+    server = type("CLITCPServer", (proxyproto.ThreadingProxyTCPServer,), attrs)((host, 0), HeaderReporter)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = WAIT, interval: float = 0.02) -> bool:
@@ -100,6 +161,63 @@ def demo_server(workdir: Path, *extra: str) -> Iterator[tuple[Process, int]]:
         proc.stop()
 
 
+def ipv6_loopback() -> bool:
+    """Whether ::1 can be bound here (some containers have no IPv6)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def require_ipv6() -> None:
+    if not ipv6_loopback():
+        pytest.skip("no IPv6 loopback (::1) here")
+
+
+class Reporter(udp.ProxyDatagramRequestHandler):
+    """Answers each datagram (to the proxy, as the library does) with what its handler saw, as JSON + newline."""
+
+    def handle(self) -> None:
+        header = self.request.proxy_header
+        report = {
+            "client_address": list(self.client_address[:2]),
+            "proxy_address": list(self.request.proxy_address[:2]),
+            "payload": self.rfile.read().decode("latin-1"),
+            "header": None
+            if header is None
+            else {
+                "command": header.command.name,
+                "family": header.family.name,
+                "protocol": header.protocol.name,
+                "destination": list(header.destination[:2]) if isinstance(header.destination, tuple) else None,
+            },
+        }
+        self.server.reports.append(report)  # type: ignore[attr-defined]
+        self.wfile.write(json.dumps(report).encode() + b"\n")
+
+
+@contextlib.contextmanager
+def udp_server(host: str = "127.0.0.1") -> Iterator[Any]:
+    """``proxyproto.udp.ThreadingProxyUDPServer`` with :class:`Reporter` on ``host``, port 0 (loopback trusted).
+
+    ``server.reports`` lists what each handler saw, in arrival order.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    cls = type("CLIUDPServer", (udp.ThreadingProxyUDPServer,), {"address_family": family, "daemon_threads": True})
+    server = cls((host, 0), Reporter)
+    server.reports = []
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
 @contextlib.contextmanager
 def relay(workdir: Path, upstream_port: int, *extra: str) -> Iterator[tuple[Process, int]]:
     """``python -m proxyproto relay --listen 127.0.0.1:0``; yields it and the port it listens on."""
@@ -120,6 +238,17 @@ def relay(workdir: Path, upstream_port: int, *extra: str) -> Iterator[tuple[Proc
     )
     try:
         port = int(proc.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        yield proc, port
+    finally:
+        proc.stop()
+
+
+@contextlib.contextmanager
+def cli_background(workdir: Path, *args: str, name: str = "cli") -> Iterator[tuple[Process, int]]:
+    """``python -m proxyproto ARGS`` in the background (a relay); yields it and the port of its "listening on" line."""
+    proc = Process([sys.executable, "-m", "proxyproto", *args], workdir, name)
+    try:
+        port = int(proc.wait_for(r"listening on (?:\[[^\]]*\]|[\d.]+):(\d+)").group(1))
         yield proc, port
     finally:
         proc.stop()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_kit import VECTORS, cli, demo_server, haproxy, relay, wait_until
+from cli_kit import VECTORS, capture_send, cli, demo_server, haproxy, relay, wait_until
 from support import free_port
 
 import proxyproto
@@ -36,27 +36,7 @@ def test_cli_help_exits_0_and_describes_the_command(args: list[str]) -> None:
     assert b"usage: proxyproto" in result.stdout
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        [],
-        ["frobnicate"],
-        ["send", "127.0.0.1"],
-        ["send", "127.0.0.1", "1", "--source", "not-an-ip:1", "--destination", "127.0.0.1:2"],
-        ["send", "127.0.0.1", "1", "--source", "1.2.3.4:70000", "--destination", "127.0.0.1:2"],
-        ["send", "127.0.0.1", "1", "--source", "::1:5", "--destination", "[::1]:2"],
-        ["send", "127.0.0.1", "1", "--v1", "--v2"],
-        ["send", "127.0.0.1", "1", "--tlv", "0xE0"],
-        ["send", "127.0.0.1", "1", "--tlv", "0x1FF=00"],
-        ["send", "127.0.0.1", "1", "--tlv", "0xE0=zz"],
-        ["relay", "--listen", "127.0.0.1:0"],
-        ["decode", "--nope"],
-    ],
-)
-def test_cli_bad_usage_exits_2_with_a_message(args: list[str]) -> None:
-    result = cli(*args)
-    assert result.returncode == 2
-    assert b"error:" in result.stderr and b"Traceback" not in result.stderr
+# Every usage error (exit 2, one line naming the option): test_cli_exit_status.py.
 
 
 # -- send -----------------------------------------------------------------------------------
@@ -114,21 +94,6 @@ def test_cli_send_connection_refused_exits_1(tmp_path: Path) -> None:
     assert b"Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize(
-    "options",
-    [
-        ["--source", "192.0.2.10:1"],
-        ["--v1", "--source", "192.0.2.10:1", "--destination", "192.0.2.20:2", "--tlv", "0xE0=00"],
-        ["--v1", "--local"],
-        ["--local", "--source", "192.0.2.10:1", "--destination", "192.0.2.20:2"],
-    ],
-)
-def test_cli_send_impossible_header_exits_1_before_connecting(options: list[str]) -> None:
-    result = cli("send", "127.0.0.1", str(free_port()), *options)
-    assert result.returncode == 1
-    assert b"error:" in result.stderr and b"cannot connect" not in result.stderr
-
-
 def test_cli_send_writes_exactly_the_encoded_header_then_stdin() -> None:
     """What goes on the wire is ``encode_v2(...)`` followed by stdin, byte for byte."""
     received = bytearray()
@@ -157,29 +122,6 @@ def test_cli_send_writes_exactly_the_encoded_header_then_stdin() -> None:
     assert bytes(received) == header + b"payload"
 
 
-def _capture_send(*options: str, stdin: bytes = b"") -> tuple[int, bytes]:
-    """Run ``proxyproto send`` against a listener that records every byte; (exit status, bytes)."""
-    received = bytearray()
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        listener.settimeout(10)
-        port = listener.getsockname()[1]
-
-        def accept() -> None:
-            conn, _ = listener.accept()
-            with conn:
-                conn.settimeout(10)
-                while chunk := conn.recv(65536):
-                    received.extend(chunk)
-
-        thread = threading.Thread(target=accept, daemon=True)
-        thread.start()
-        result = cli("send", "127.0.0.1", str(port), *options, stdin=stdin)
-        thread.join(10)
-    return result.returncode, bytes(received)
-
-
 @pytest.mark.parametrize(
     ("options", "expected"),
     [
@@ -188,10 +130,8 @@ def _capture_send(*options: str, stdin: bytes = b"") -> tuple[int, bytes]:
         (["--local"], b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"),  # LOCAL
     ],
 )
-def test_cli_send_without_addresses_sends_unspec_and_help_says_so(
-    options: list[str], expected: bytes
-) -> None:
-    status, received = _capture_send(*options, stdin=b"x")
+def test_cli_send_without_addresses_sends_unspec_and_help_says_so(options: list[str], expected: bytes) -> None:
+    status, received = capture_send(*options, stdin=b"x")
     assert status == 0
     assert received == expected + b"x"
     assert proxyproto.parse(received) == proxyproto.parse(expected + b"x")
