@@ -419,6 +419,15 @@ def _prepare(cls: type[ProxyHTTPProtocol], config: Any) -> None:
         settings = cls._settings()
     except ValueError as exc:
         raise _StartupError(f"proxyproto.uvicorn: {exc}") from None
+    if not isinstance(cls.inner, type):
+        try:
+            _import(cls.inner)
+        except ImportError as exc:  # httptools not installed, say: every connection would be reset
+            missing = exc.name or str(exc)
+            raise _StartupError(
+                f"proxyproto.uvicorn: --http {cls.__module__}:{cls.__qualname__} needs {missing}, which cannot be "
+                f"imported ({exc}): pip install {missing}, or use --http proxyproto.uvicorn:H11"
+            ) from None
     if not getattr(config, "is_ssl", False):
         return
     cls._check_tls(settings)

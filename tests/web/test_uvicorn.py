@@ -583,6 +583,38 @@ def test_uvicorn_cli_refuses_a_bad_environment_value_at_start(tmp_path: Path) ->
     assert lines[0].startswith("ERROR:") and "PROXYPROTO_POLICY='sometimes'" in lines[0]
 
 
+def test_uvicorn_cli_with_httptools_missing_stops_at_start_naming_it(tmp_path: Path) -> None:
+    """``--http proxyproto.uvicorn:HttpTools`` where httptools cannot be imported: one ERROR line, exit 3."""
+    import subprocess
+    import sys
+
+    from web_kit import HERE, ROOT
+
+    no_httptools = "import sys; sys.modules['httptools'] = None; from uvicorn.main import main; main()"
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            no_httptools,
+            "web_kit:app",
+            "--port",
+            str(free_port()),
+            "--http",
+            "proxyproto.uvicorn:HttpTools",
+        ],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{HERE}"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=tmp_path,
+    )
+    lines = [line for line in (res.stdout + res.stderr).splitlines() if line.strip()]
+    assert res.returncode == 3, res.stderr
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("ERROR:") and "needs httptools" in lines[0] and "proxyproto.uvicorn:H11" in lines[0]
+
+
 def test_uvicorn_cli_behind_real_haproxy_send_proxy_v2(tmp_path: Path) -> None:
     exe = require_haproxy()
     backend, front = free_port(), free_port()
