@@ -86,6 +86,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from .aio_header import HeaderProtocol
 from .aio_protocol import ProxyProtocolFactory
+from .logs import show_through
 from .settings import VARIABLES, Settings, settings_for, settings_from_environment
 
 __all__ = ["H11", "HttpTools", "ProxyHTTPProtocol", "wrap"]
@@ -292,13 +293,6 @@ class ProxyHTTPProtocol(metaclass=_HTTPClass):
         app = _without_forwarded_headers(config)
         if app is not None:
             factory.trusted_overrides = (("app", app),)
-        logger.info(
-            "proxyproto: PROXY header policy %s for %s, %s for other peers%s",
-            settings.policy.name,
-            settings.trusted.describe(),
-            settings.untrusted_policy.name,
-            "; TLS is negotiated after the header" if context is not None else "",
-        )
         return factory, inner
 
 
@@ -333,7 +327,7 @@ def _without_forwarded_headers(config: Any) -> Any:
     if os.environ.get("FORWARDED_ALLOW_IPS") is not None or not default:
         return None
     logger.info(
-        "proxyproto: uvicorn's X-Forwarded-For handling is off for peers trusted to send the PROXY header "
+        "uvicorn's X-Forwarded-For handling is off for peers trusted to send the PROXY header "
         "(set FORWARDED_ALLOW_IPS to keep it)"
     )
     return app.app
@@ -428,12 +422,31 @@ def _prepare(cls: type[ProxyHTTPProtocol], config: Any) -> None:
                 f"proxyproto.uvicorn: --http {cls.__module__}:{cls.__qualname__} needs {missing}, which cannot be "
                 f"imported ({exc}): pip install {missing}, or use --http proxyproto.uvicorn:H11"
             ) from None
-    if not getattr(config, "is_ssl", False):
+    is_ssl = bool(getattr(config, "is_ssl", False))
+    if is_ssl:
+        cls._check_tls(settings)
+    show_through("uvicorn.error")  # under uvicorn's own logging setup, proxyproto's lines show with a level
+    _log_policy(settings, is_ssl)
+    if not is_ssl:
         return
-    cls._check_tls(settings)
     base = type(config)
     if not isinstance(base.__dict__.get("ssl"), _ContextAfterHeader):
         config.__class__ = _tls_after_header(base)
+
+
+def _log_policy(settings: Settings, tls: bool) -> None:
+    """The INFO line saying which policy applies to which peers (once per config, at start)."""
+    after = "; TLS is negotiated after the header" if tls else ""
+    if settings.policy_for is not None:
+        logger.info("PROXY header policy decided per connection by policy_for%s", after)
+        return
+    logger.info(
+        "PROXY header policy %s for %s, %s for other peers%s",
+        settings.policy.name,
+        settings.trusted.describe(),
+        settings.untrusted_policy.name,
+        after,
+    )
 
 
 class _ContextAfterHeader:

@@ -615,6 +615,37 @@ def test_uvicorn_cli_with_httptools_missing_stops_at_start_naming_it(tmp_path: P
     assert lines[0].startswith("ERROR:") and "needs httptools" in lines[0] and "proxyproto.uvicorn:H11" in lines[0]
 
 
+def test_uvicorn_cli_default_logging_shows_proxyproto_lines_with_a_level_and_the_policy_at_start(
+    tmp_path: Path,
+) -> None:
+    """Under uvicorn's own logging setup: the INFO policy line at start, a refusal as a WARNING, "proxyproto" once."""
+    import contextlib
+    import signal
+    import socket
+
+    port = free_port()
+    args = python("-m", "uvicorn", "web_kit:app", "--port", str(port), "--http", "proxyproto.uvicorn:H11")
+    with command(args, port, workdir=tmp_path) as proc:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")  # a trusted peer (loopback) without a header
+            sock.settimeout(10)
+            with contextlib.suppress(ConnectionResetError):  # closed with the request unread: a reset
+                while sock.recv(4096):
+                    pass
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
+    lines = (tmp_path / f"server-{port}.out").read_text().splitlines()
+    ours = [line for line in lines if "proxyproto" in line]
+    assert any(
+        line.startswith("INFO:") and "proxyproto: PROXY header policy REQUIRE for 127.0.0.1/32, ::1/128" in line
+        for line in ours
+    ), lines
+    refusals = [line for line in ours if "send-proxy" in line]
+    assert len(refusals) == 1 and refusals[0].startswith("WARNING:"), lines
+    assert refusals[0].count("proxyproto") == 1, refusals[0]
+    assert "proxyproto: 127.0.0.1:" in refusals[0] and "PROXYPROTO_ALLOW_IPS is 127.0.0.1/32, ::1/128" in refusals[0]
+
+
 def test_uvicorn_cli_behind_real_haproxy_send_proxy_v2(tmp_path: Path) -> None:
     exe = require_haproxy()
     backend, front = free_port(), free_port()
