@@ -81,10 +81,10 @@ def quick_start() -> tuple[str, Session]:
     return blocks[script].source, Session.parse(blocks[script + 1].source)
 
 
-def test_quick_start_is_short_and_comes_first() -> None:
+def test_install_comes_first_then_a_short_quick_start_then_the_integrations() -> None:
     text = README.read_text()
     script, session = quick_start()
-    assert text.index("Quick start") < text.index("Install\n")
+    assert text.index("\nInstall\n===") < text.index("\nQuick start\n===") < text.index("\nIntegrations\n===")
     assert len([line for line in script.splitlines() if line.strip()]) <= 12
     assert "ThreadingProxyTCPServer" in script and "proxy_trusted" in script and "serve_forever()" in script
     assert session.steps[0][0] == "python3 hello.py &"
