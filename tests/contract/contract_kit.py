@@ -35,6 +35,7 @@ from support import free_port, listening, require_module
 import proxyproto
 import proxyproto.aio
 import proxyproto.aio_protocol
+import proxyproto.asgi
 import proxyproto.udp
 
 CEILING = 20.0  # seconds any single wait may take before the test fails (never reached when healthy)
@@ -303,7 +304,10 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         body += message.get("body", b"")
         if not message.get("more_body"):
             break
-    answer = report(scope.get("client"), header_in(scope), body)
+    # Where proxyproto documents it; failing that, anywhere in the scope, so that a header put
+    # where it must not be (an untrusted peer's) is still reported.
+    header = proxyproto.asgi.header(scope)
+    answer = report(scope.get("client"), header_in(scope) if header is None else header, body)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode())]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": answer})
