@@ -86,6 +86,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from .aio_header import HeaderProtocol
 from .aio_protocol import ProxyProtocolFactory
+from .asgi import EXTENSION, with_header
 from .logs import show_through
 from .settings import VARIABLES, Settings, settings_for, settings_from_environment
 
@@ -172,6 +173,80 @@ def _state_of(waiting: HeaderProtocol) -> Any:
     return getattr(waiting.inner, "server_state", None)
 
 
+def _header_in_scope(config: Any, factory: ProxyProtocolFactory) -> None:
+    """Make a trusted peer's header reach the ASGI scopes of its connection (:mod:`proxyproto.asgi`).
+
+    HTTP: the application that connections from trusted peers get (the
+    factory's ``trusted_overrides``, or uvicorn's own) becomes
+    :func:`_app_with_header` of it.  WebSocket: uvicorn makes the WebSocket
+    protocol from ``config.ws_protocol_class`` when a request upgrades;
+    that becomes :func:`_websocket_with_header`'s subclass.  Untrusted
+    peers are served as before: their transport has no header to find.
+    """
+    overrides = dict(factory.trusted_overrides)
+    app = overrides.get("app", getattr(config, "loaded_app", None))
+    if app is not None:
+        overrides["app"] = _app_with_header(app)
+        factory.trusted_overrides = tuple(overrides.items())
+    ws_class = getattr(config, "ws_protocol_class", None)
+    if ws_class is not None and ws_class not in _WEBSOCKET_CLASSES.values():
+        config.ws_protocol_class = _websocket_with_header(ws_class)
+
+
+def _app_with_header(app: Any) -> Any:
+    """``app`` putting the connection's header, if any, at ``scope["extensions"]["proxyproto"]`` first.
+
+    One function per config, given to the connections of trusted peers.
+    The header is the connection's transport's (a trusted peer's only),
+    found through the ``receive`` uvicorn passes: a bound method of its
+    request cycle, which keeps the transport (``docs/platforms.rst``), so
+    nothing is made per connection.  Should that not hold, the scope is
+    left as uvicorn made it.
+    """
+
+    def app_with_header(scope: Any, receive: Any, send: Any) -> Any:
+        try:
+            header = receive.__self__.transport._proxy_extra["proxy_header"]
+        except (AttributeError, KeyError):  # not uvicorn's cycle, or not our ProxyTransport
+            header = None
+        if header is not None:
+            if "extensions" in scope:
+                scope["extensions"][EXTENSION] = {"header": header}
+            else:  # uvicorn's HTTP scopes have none
+                scope["extensions"] = {EXTENSION: {"header": header}}
+        return app(scope, receive, send)
+
+    return app_with_header
+
+
+#: The WebSocket protocol classes made by :func:`_websocket_with_header`, by the class they extend.
+_WEBSOCKET_CLASSES: weakref.WeakKeyDictionary[type, type[asyncio.BaseProtocol]] = weakref.WeakKeyDictionary()
+
+
+def _websocket_with_header(cls: type[asyncio.BaseProtocol]) -> type[asyncio.BaseProtocol]:
+    """A subclass of uvicorn's WebSocket protocol ``cls`` whose scope has the connection's header, if any.
+
+    uvicorn gives the WebSocket protocol the transport of the HTTP
+    connection it upgrades, which reports the header of a trusted peer
+    (``get_extra_info("proxy_header")``); the subclass's ``connection_made``
+    wraps its ``app`` with :func:`proxyproto.asgi.with_header` when there is
+    one.  One class per ``cls``, made once.
+    """
+    made = _WEBSOCKET_CLASSES.get(cls)
+    if made is None:
+        inner_connection_made = cls.connection_made
+
+        def connection_made(self: Any, transport: Any) -> None:
+            header = transport.get_extra_info("proxy_header")
+            if header is not None:
+                self.app = with_header(self.app, header)
+            inner_connection_made(self, transport)
+
+        attributes = {"connection_made": connection_made, "__module__": __name__, "__qualname__": cls.__qualname__}
+        made = _WEBSOCKET_CLASSES[cls] = type(cls.__name__, (cls,), attributes)
+    return made
+
+
 class _HTTPClass(type):
     """The metaclass of :class:`ProxyHTTPProtocol`: where ``uvicorn.Config.load()`` meets the ``--http`` class."""
 
@@ -233,6 +308,7 @@ class ProxyHTTPProtocol(metaclass=_HTTPClass):
                     _TLS_FIRST.add(config)
                     logging.getLogger("uvicorn.error").error("%s", exc)
                 raise
+            _header_in_scope(config, factory)
             protocol_class = cls._classes[config] = factory.header_first(inner)
         protocol = protocol_class(config=config, server_state=server_state, **kwargs)  # type: ignore[call-arg]
         if getattr(protocol, "server_state", None) is not server_state:

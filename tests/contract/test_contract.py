@@ -56,9 +56,6 @@ DISAGREEMENTS: dict[tuple[str, str, str], str] = {
     **{
         (name, "test_trusted_peers_header_reaches_the_app", ".*"): _ASGI_HAS_NO_HEADER.format(module)
         for name, module in (
-            ("uvicorn-h11", "proxyproto.uvicorn"),
-            ("uvicorn-httptools", "proxyproto.uvicorn"),
-            ("uvicorn-httptools-uvloop", "proxyproto.uvicorn"),
             ("hypercorn", "proxyproto.hypercorn"),
         )
     },
