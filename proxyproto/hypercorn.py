@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import inspect
 import socket
 import types
 from collections.abc import Awaitable
 from typing import Any, Callable, Literal
 
 from .aio_protocol import ProxyProtocolFactory, wrap_protocol_factory
+from .asgi import with_header
 from .settings import Settings, settings_for
 
 __all__ = ["serve"]
@@ -169,20 +171,68 @@ def _serve_with_own_start_server(hypercorn_serve: Any) -> Callable[..., Awaitabl
 
     What it relies on (``docs/platforms.rst``): hypercorn's ``serve`` calls
     the module global ``worker_serve``, which calls ``asyncio.start_server``
-    through its module global ``asyncio`` for each TCP listener.  Raises
-    ``RuntimeError`` naming what changed when the code says otherwise.
+    through its module global ``asyncio`` for each TCP listener, and makes
+    each connection's ``TCPServer(app, ..., writer)`` through its module
+    global ``TCPServer`` (replaced by :func:`_tcp_server_with_header`).
+    Raises ``RuntimeError`` naming what changed when the code says otherwise.
     """
     worker_serve = hypercorn_serve.__globals__.get("worker_serve")
-    names = getattr(getattr(worker_serve, "__code__", None), "co_names", ())
+    code = getattr(worker_serve, "__code__", None)
+    names = getattr(code, "co_names", ())
     if "worker_serve" not in hypercorn_serve.__code__.co_names or not {"asyncio", "start_server"} <= set(names):
         raise RuntimeError(
             "proxyproto.hypercorn: this hypercorn's serve() no longer makes its listeners with "
             "asyncio.start_server in worker_serve(), so their connections cannot read a PROXY header "
             "(see docs/platforms.rst)"
         )
+    tcp_server = worker_serve.__globals__.get("TCPServer")
+    parameters = _parameters(tcp_server)
+    if "TCPServer" not in _names_in(code) or not parameters or parameters[-1] != "writer":
+        raise RuntimeError(
+            "proxyproto.hypercorn: this hypercorn's worker_serve() no longer makes each connection's "
+            "TCPServer(app, ..., writer), so a trusted peer's header cannot reach the application's "
+            "scope (see docs/platforms.rst)"
+        )
+    made_with_header = _tcp_server_with_header(tcp_server)
 
     async def run(start_server: Callable[..., Any], app: Any, config: Any, **kwargs: Any) -> None:
-        worker = _copy_with_globals(worker_serve, asyncio=_AsyncioView(start_server))
+        worker = _copy_with_globals(worker_serve, asyncio=_AsyncioView(start_server), TCPServer=made_with_header)
         await _copy_with_globals(hypercorn_serve, worker_serve=worker)(app, config, **kwargs)
 
     return run
+
+
+def _names_in(code: Any) -> set[str]:
+    """The global names ``code`` and the functions defined in it use."""
+    found = set(getattr(code, "co_names", ()))
+    for const in getattr(code, "co_consts", ()):
+        if isinstance(const, types.CodeType):
+            found |= _names_in(const)
+    return found
+
+
+def _parameters(function: Any) -> list[str]:
+    """The names of ``function``'s parameters (a class: its constructor's), or [] when it has none to tell."""
+    try:
+        return list(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+def _tcp_server_with_header(tcp_server: Callable[..., Any]) -> Callable[..., Any]:
+    """hypercorn's ``TCPServer`` as one ``serve`` call's copy of it makes it: the header in each scope.
+
+    hypercorn makes one ``TCPServer(app, ..., reader, writer)`` per
+    connection, ``app`` being the application as hypercorn calls it (its
+    ``ASGIWrapper``).  When the connection's transport reports a header
+    (``writer.get_extra_info("proxy_header")``: a trusted peer's only), that
+    connection gets :func:`proxyproto.asgi.with_header` of ``app``, so every
+    request and WebSocket scope of it (HTTP/1.1 or HTTP/2) has
+    ``scope["extensions"]["proxyproto"]``.
+    """
+
+    def made(app: Any, *args: Any) -> Any:
+        header = args[-1].get_extra_info("proxy_header")
+        return tcp_server(app if header is None else with_header(app, header), *args)
+
+    return made

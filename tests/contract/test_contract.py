@@ -47,19 +47,8 @@ from contract_kit import (
 )
 from support import require_module
 
-_ASGI_HAS_NO_HEADER = (
-    "an ASGI application is given its scope only, and {} puts no header in it (the header is on the "
-    "transport, which the application cannot reach): DESIGN.md wants a trusted peer's header reachable"
-)
 #: Cells where an adapter disagrees with DESIGN.md today: (adapter, test, case id regex) -> reason.
-DISAGREEMENTS: dict[tuple[str, str, str], str] = {
-    **{
-        (name, "test_trusted_peers_header_reaches_the_app", ".*"): _ASGI_HAS_NO_HEADER.format(module)
-        for name, module in (
-            ("hypercorn", "proxyproto.hypercorn"),
-        )
-    },
-}
+DISAGREEMENTS: dict[tuple[str, str, str], str] = {}
 
 
 def _marks(adapter: Adapter, test: str, case_id: str) -> list[Any]:

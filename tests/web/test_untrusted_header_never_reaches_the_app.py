@@ -9,7 +9,8 @@ reach about its connection (the mixin's and UDP's ``proxy_header``,
 transport, every value of the transport's extra dict, uvicorn's scope and
 transport, hypercorn's scope, waitress's environ).  None of it may hold the
 header or any of its claims.  The same probe with 127.0.0.1 trusted under
-``policy=IGNORE`` must see the header: it is a trusted peer's.
+``policy=IGNORE`` must see the header (for uvicorn and hypercorn, at the
+scope's ``extensions["proxyproto"]``): it is a trusted peer's.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from support import free_port, listening, require_module, run_on, uvicorn_server
 import proxyproto
 import proxyproto.aio
 import proxyproto.aio_protocol
+import proxyproto.asgi
 import proxyproto.udp
 from proxyproto import TLV, ProxyHeader
 from proxyproto.aio_transport import ProxyTransport
@@ -226,8 +228,7 @@ def _uvicorn(http: str) -> Callable[..., Any]:
             # Everything the application can reach: its scope, and (in this process) the
             # transport of every open connection, as uvicorn's own protocol holds it.
             transports = [extra_of(conn.transport) for conn in holder["server"].server_state.connections]
-            headers = [info["proxy_header"] for info in transports]
-            seen.add(next((h for h in headers if h is not None), None), scope.get("client"), (scope, transports))
+            seen.add(proxyproto.asgi.header(scope), scope.get("client"), (scope, transports))
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"ok"})
 
@@ -283,7 +284,7 @@ async def hypercorn(**knobs: Any) -> AsyncIterator[tuple[Send, Seen, bytes]]:
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         # hypercorn gives an application its scope only: no transport to ask.
-        seen.add(None, scope.get("client"), scope)
+        seen.add(proxyproto.asgi.header(scope), scope.get("client"), scope)
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
@@ -391,9 +392,8 @@ def test_trusted_peer_under_ignore_still_exposes_its_header(adapter: str) -> Non
             assert len(seen.entries) == 1
             entry = seen.entries[0]
             assert "203.0.113.7" not in repr(entry["client"])  # IGNORE: the socket's own address
-            if adapter != "hypercorn":  # hypercorn's application has no way to the transport
-                header = entry["header"]
-                assert header is not None and header.ssl is not None and header.ssl.cn == "admin"
+            header = entry["header"]
+            assert header is not None and header.ssl is not None and header.ssl.cn == "admin"
 
     run_on("asyncio", scenario, CEILING)
 
