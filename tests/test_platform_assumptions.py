@@ -209,6 +209,70 @@ def test_uvicorn_protocols_keep_config_server_state_and_app() -> None:
     assert "config.http_protocol_class(" in startup and "ssl=config.ssl" in startup
 
 
+class _Transport(asyncio.Transport):
+    """The least of a transport uvicorn's HTTP protocols use to serve one request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closing = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
+
+    def write(self, data: Any) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("impl", ["h11", "httptools"])
+def test_uvicorn_receive_is_a_bound_method_of_a_cycle_that_keeps_the_transport(impl: str) -> None:
+    """proxyproto.uvicorn: the application given to trusted peers finds the connection's header
+    through ``receive.__self__.transport`` (the request cycle's); its HTTP protocols take their
+    WebSocket class from ``config.ws_protocol_class``, and the WebSocket protocols keep ``app``."""
+    uvicorn = require_module("uvicorn")
+    require_module(impl)
+    from uvicorn.config import HTTP_PROTOCOLS, WS_PROTOCOLS
+    from uvicorn.importer import import_from_string
+    from uvicorn.server import ServerState
+
+    seen: dict[str, Any] = {}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen["transport"] = receive.__self__.transport
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def scenario() -> None:
+        config = uvicorn.Config(app, lifespan="off", ws="wsproto" if "wsproto" in WS_PROTOCOLS else "auto")
+        config.load()
+        protocol = import_from_string(HTTP_PROTOCOLS[impl])(config=config, server_state=ServerState(), app_state={})
+        assert protocol.ws_protocol_class is config.ws_protocol_class
+        transport = _Transport()
+        protocol.connection_made(transport)
+        protocol.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        for _ in range(100):
+            if "transport" in seen:
+                break
+            await asyncio.sleep(0.01)
+        assert seen["transport"] is transport
+        if config.ws_protocol_class is not None:
+            ws = config.ws_protocol_class(config=config, server_state=ServerState(), app_state={})
+            assert ws.app is config.loaded_app
+
+    asyncio.run(scenario())
+
+
 def test_uvicorn_command_line_reports_a_click_exception_from_config_load_in_one_line() -> None:
     """proxyproto.uvicorn: its start-up refusal is click's ``ClickException``; uvicorn's ``main``
     is a click command that lets exceptions of ``Config.load`` reach click (tested end to end
@@ -242,6 +306,39 @@ def test_hypercorn_serve_calls_worker_serve_which_calls_asyncio_start_server() -
     source = inspect.getsource(worker_serve)
     assert "asyncio.start_server(" in source and "sock=sock" in source and "ssl=ssl_context" in source
     _serve_with_own_start_server(serve)  # does not raise
+
+
+def test_hypercorn_worker_serve_makes_each_connections_tcp_server_from_its_global() -> None:
+    """proxyproto.hypercorn: ``worker_serve`` makes ``TCPServer(app, ..., writer)`` per connection
+    through its module global ``TCPServer``; its copy gives trusted peers' connections an ``app``
+    that puts the header in the scope.  Without it, ``serve`` raises RuntimeError before binding."""
+    require_module("hypercorn")
+    from hypercorn.asyncio.run import worker_serve
+    from hypercorn.asyncio.tcp_server import TCPServer
+
+    from proxyproto.hypercorn import _names_in
+
+    assert worker_serve.__globals__["TCPServer"] is TCPServer
+    assert "TCPServer" in _names_in(worker_serve.__code__)
+    parameters = list(inspect.signature(TCPServer).parameters)
+    assert parameters[0] == "app" and parameters[-1] == "writer"
+
+
+def test_hypercorn_adapter_refuses_a_worker_serve_without_its_tcp_server() -> None:
+    from proxyproto.hypercorn import _serve_with_own_start_server
+
+    # A serve and worker_serve as hypercorn's, module globals included, whose connections are
+    # served by something else than a TCPServer.
+    module: dict[str, Any] = {"asyncio": asyncio}
+    exec(
+        "async def worker_serve(app, config):\n"
+        "    await asyncio.start_server(lambda reader, writer: app(reader, writer), sock=None)\n"
+        "async def serve(app, config):\n"
+        "    await worker_serve(app, config)\n",
+        module,
+    )
+    with pytest.raises(RuntimeError, match="TCPServer"):
+        _serve_with_own_start_server(module["serve"])
 
 
 def test_hypercorn_adapter_refuses_a_serve_that_does_not_use_asyncio_start_server() -> None:
@@ -296,6 +393,9 @@ def test_every_assumption_is_on_the_platforms_page() -> None:
         "_wait_for_data",
         "alpn_protocols",
         "worker_serve",
+        "TCPServer",
+        "receive.__self__.transport",
+        "ws_protocol_class",
         "_bound_port",
         "inspect.currentframe",
     ):
