@@ -71,6 +71,10 @@ a config with TLS is refused at its first connection with one ERROR line
 Shutdown: a connection whose header is not in yet is listed in uvicorn's
 ``server_state.connections`` and closed by uvicorn's graceful shutdown
 (nothing was served on it), so shutdown is prompt.
+
+The header itself: a trusted peer's is in every HTTP and WebSocket scope of
+its connection, at ``scope["extensions"]["proxyproto"]["header"]``
+(:mod:`proxyproto.asgi`); an untrusted peer's never is.
 """
 
 from __future__ import annotations
@@ -284,7 +288,9 @@ class ProxyHTTPProtocol(metaclass=_HTTPClass):
     protocol object per connection, as without the header.  The first call
     for a config also puts that subclass in the config's
     ``http_protocol_class``, which uvicorn reads for every connection, so it
-    builds the later ones directly.
+    builds the later ones directly, and in its ``ws_protocol_class`` a
+    subclass that puts a trusted peer's header in WebSocket scopes
+    (:func:`_header_in_scope`).
     """
 
     inner: ClassVar[str | type[asyncio.Protocol]] = _INNER["h11"]

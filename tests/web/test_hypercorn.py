@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 import socket
 import ssl
@@ -500,3 +501,35 @@ def test_docs_hypercorn_example_runs(tmp_path: Path) -> None:
         process.wait(10)
     assert response.startswith(b"HTTP/1.1 200"), response
     assert b"Hello, 2001:db8::7\n" in response
+
+
+def test_docs_hypercorn_scope_header_example_trusts_only_a_trusted_proxys_ssl_tlv(tmp_path: Path) -> None:
+    """The documented script, unchanged but for its port: a verified client certificate's CN in a
+    trusted proxy's header is the user.  The same header from a peer it does not trust (127.0.0.1
+    left out of ``trusted``, served under IGNORE) is not: the user is anonymous."""
+    source = docs_block("hypercorn-scope-header")
+    cn = b"alice"
+    ssl_tlv = bytes([0x07]) + b"\0\0\0\0" + bytes([0x22]) + len(cn).to_bytes(2, "big") + cn  # verified, CN
+    header = proxyproto.encode_v2(REAL_V4, DEST_V4, tlvs=[proxyproto.TLV(proxyproto.TLVType.SSL, ssl_tlv)])
+    get = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    untrusting = source.replace('trusted="10.0.0.0/8,127.0.0.1"', 'trusted="10.0.0.0/8", untrusted_policy="IGNORE"')
+    assert untrusting != source
+    for text, expected in ((source, b"Hello, alice\n"), (untrusting, b"Hello, anonymous\n")):
+        port = free_port()
+        script = tmp_path / "example.py"
+        script.write_text(text.replace("8080", str(port)))
+        env = {**os.environ, "PYTHONPATH": str(DOCS.parents[1])}  # this checkout's proxyproto
+        process = subprocess.Popen(
+            [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while not listening(port):
+                assert time.monotonic() < deadline and process.poll() is None, "the example did not start"
+                time.sleep(0.05)
+            response = exchange_blocking(("127.0.0.1", port), header + get)
+        finally:
+            process.terminate()
+            process.wait(10)
+        assert response.startswith(b"HTTP/1.1 200"), response
+        assert expected in response, response

@@ -249,3 +249,20 @@ def test_uvicorn_https_line_negotiates_tls_after_the_header(tmp_path: Path) -> N
     argv, env = command_line(block("uvicorn-https").strip(), {8443: port})
     with running(argv, port, tmp_path, env):
         assert_hello(http_get(port, tls=cert.client_context()))
+
+
+def test_uvicorn_scope_header_example_reads_the_trusted_proxys_tlvs(tmp_path: Path) -> None:
+    require_module("uvicorn")
+    port = free_port()
+    script = tmp_path / "tlvs.py"
+    script.write_text(block("uvicorn-scope-header").replace("8000", str(port)))
+    tlvs = [
+        proxyproto.TLV(proxyproto.TLVType.AUTHORITY, b"shop.example"),
+        proxyproto.TLV(proxyproto.TLVType.UNIQUE_ID, b"7f3a-0001"),
+    ]
+    with running(python_script(script), port, tmp_path):
+        response = http_get(port, proxyproto.encode_v2(REAL_V4, DEST_V4, tlvs=tlvs))
+        assert response.startswith(b"HTTP/1.1 200"), response
+        assert b"request 7f3a-0001 for shop.example\n" in response.partition(b"\r\n\r\n")[2], response
+        response = http_get(port)  # a header without TLVs
+        assert b"no request id\n" in response.partition(b"\r\n\r\n")[2], response
