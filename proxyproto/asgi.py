@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 from .header import ProxyHeader
 
-__all__ = ["EXTENSION", "header", "with_header"]
+__all__ = ["EXTENSION", "header"]
 
 #: The key in ``scope["extensions"]``; its value is ``{"header": ProxyHeader}``.
 EXTENSION = "proxyproto"
