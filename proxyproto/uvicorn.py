@@ -155,6 +155,9 @@ class _UvicornFactory(ProxyProtocolFactory):
     one's shutdown must see its own waiting connections.
     """
 
+    #: The overrides that take uvicorn's X-Forwarded-For middleware off, when it is (for WebSockets).
+    trusted_overrides_without_headers: tuple[tuple[str, Any], ...] | None = None
+
     def park(self, waiting: HeaderProtocol) -> None:
         super().park(waiting)
         state = _state_of(waiting)
@@ -177,7 +180,7 @@ def _state_of(waiting: HeaderProtocol) -> Any:
     return getattr(waiting.inner, "server_state", None)
 
 
-def _header_in_scope(config: Any, factory: ProxyProtocolFactory) -> None:
+def _header_in_scope(config: Any, factory: _UvicornFactory) -> None:
     """Make a trusted peer's header reach the ASGI scopes of its connection (:mod:`proxyproto.asgi`).
 
     HTTP: the application that connections from trusted peers get (the
@@ -192,6 +195,9 @@ def _header_in_scope(config: Any, factory: ProxyProtocolFactory) -> None:
     if app is not None:
         overrides["app"] = _app_with_header(app)
         factory.trusted_overrides = tuple(overrides.items())
+    without_forwarded = dict(factory.trusted_overrides_without_headers or ()).get("app")
+    if without_forwarded is not None:
+        _TRUSTED_WEBSOCKET_APPS[config] = (factory, without_forwarded)
     ws_class = getattr(config, "ws_protocol_class", None)
     if ws_class is not None and ws_class not in _WEBSOCKET_CLASSES.values():
         config.ws_protocol_class = _websocket_with_header(ws_class)
@@ -223,6 +229,10 @@ def _app_with_header(app: Any) -> Any:
     return app_with_header
 
 
+#: For a config whose trusted peers are served without uvicorn's X-Forwarded-For middleware: its
+#: factory (to ask whether a WebSocket's peer is trusted) and the application without it.
+_TRUSTED_WEBSOCKET_APPS: weakref.WeakKeyDictionary[Any, tuple[_UvicornFactory, Any]] = weakref.WeakKeyDictionary()
+
 #: The WebSocket protocol classes made by :func:`_websocket_with_header`, by the class they extend.
 _WEBSOCKET_CLASSES: weakref.WeakKeyDictionary[type, type[asyncio.BaseProtocol]] = weakref.WeakKeyDictionary()
 
@@ -234,13 +244,26 @@ def _websocket_with_header(cls: type[asyncio.BaseProtocol]) -> type[asyncio.Base
     connection it upgrades, which reports the header of a trusted peer
     (``get_extra_info("proxy_header")``); the subclass's ``connection_made``
     wraps its ``app`` with :func:`proxyproto.asgi.with_header` when there is
-    one.  One class per ``cls``, made once.
+    one.  A trusted peer's WebSocket, like its HTTP requests, is served
+    without uvicorn's X-Forwarded-For middleware where
+    :func:`_without_forwarded_headers` takes it off (its client must not come
+    from bytes the proxy relayed).  One class per ``cls``, made once.
     """
     made = _WEBSOCKET_CLASSES.get(cls)
     if made is None:
         inner_connection_made = cls.connection_made
 
         def connection_made(self: Any, transport: Any) -> None:
+            trusted_app = _TRUSTED_WEBSOCKET_APPS.get(getattr(self, "config", None))
+            if trusted_app is not None:
+                factory, app = trusted_app
+                raw = getattr(transport, "_transport", transport)  # the ProxyTransport's own transport
+                try:
+                    trusted = factory.trust(transport.get_extra_info("proxy_peername"), raw).trusted
+                except Exception:  # a user's hook that fails: served as an untrusted peer would be
+                    trusted = False
+                if trusted:
+                    self.app = app
             header = transport.get_extra_info("proxy_header")
             if header is not None:
                 self.app = with_header(self.app, header)
@@ -356,7 +379,7 @@ class ProxyHTTPProtocol(metaclass=_HTTPClass):
             ) from None
 
     @classmethod
-    def _make_factory(cls, config: Any) -> tuple[ProxyProtocolFactory, type[asyncio.Protocol]]:
+    def _make_factory(cls, config: Any) -> tuple[_UvicornFactory, type[asyncio.Protocol]]:
         """The factory serving ``config``'s connections, and uvicorn's protocol class."""
         inner = cls.inner if isinstance(cls.inner, type) else _import(cls.inner)
         settings = cls._settings()
@@ -374,7 +397,7 @@ class ProxyHTTPProtocol(metaclass=_HTTPClass):
         factory = _UvicornFactory(unused, ssl=context, settings=settings)
         app = _without_forwarded_headers(config)
         if app is not None:
-            factory.trusted_overrides = (("app", app),)
+            factory.trusted_overrides = factory.trusted_overrides_without_headers = (("app", app),)
         return factory, inner
 
 

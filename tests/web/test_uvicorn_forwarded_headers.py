@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from support import require_module, run_on
-from web_kit import DEST_V4, REAL_V4, uvicorn_serving
+from web_kit import DEST_V4, REAL_V4, connect, uvicorn_serving, websocket
 
 import proxyproto
 
@@ -61,6 +61,24 @@ def test_trusted_proxys_connection_ignores_x_forwarded_for_by_default(http: Any,
             assert client[0] != FORGED
             expected = list(REAL_V4) if kind == "PROXY" else ["127.0.0.1", client[1]]
             assert client == expected
+
+    run_on("asyncio", scenario)
+
+
+@pytest.mark.parametrize("ws", ["websockets", "wsproto"])
+@pytest.mark.parametrize("kind", ["LOCAL", "UNKNOWN"])
+def test_trusted_proxys_websocket_ignores_x_forwarded_for_by_default(http: Any, kind: str, ws: str) -> None:
+    """A WebSocket of a trusted proxy's connection is served like its HTTP requests: XFF is not believed."""
+    require_module(ws)
+
+    async def scenario() -> None:
+        async with uvicorn_serving(http, ws=ws) as address:
+            conn = await connect(address, HEADERS[kind])
+            try:
+                report = await websocket(conn, headers=f"X-Forwarded-For: {FORGED}\r\n")
+            finally:
+                await conn.close()
+            assert report["client"][0] == "127.0.0.1", report
 
     run_on("asyncio", scenario)
 

@@ -140,13 +140,16 @@ async def get(address: tuple[str, int], header: bytes = b"", **kwargs: Any) -> t
         await conn.close()
 
 
-async def websocket(conn: Connection, path: str = "/ws") -> dict[str, Any]:
-    """Upgrade ``conn`` to a WebSocket (RFC 6455, by hand); the app's first message (its report)."""
+async def websocket(conn: Connection, path: str = "/ws", headers: str = "") -> dict[str, Any]:
+    """Upgrade ``conn`` to a WebSocket (RFC 6455, by hand); the app's first message (its report).
+
+    ``headers``: more header lines for the upgrade request, each ending in CRLF.
+    """
     key = base64.b64encode(os.urandom(16)).decode()
     conn.writer.write(
         (
             f"GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n"
         ).encode()
     )
     status = await asyncio.wait_for(conn.reader.readline(), 10)
