@@ -632,6 +632,13 @@ def test_uvicorn_cli_default_logging_shows_proxyproto_lines_with_a_level_and_the
             with contextlib.suppress(ConnectionResetError):  # closed with the request unread: a reset
                 while sock.recv(4096):
                     pass
+        # An untrusted peer (127.0.0.2 is outside the default list) that sends a header anyway.
+        with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=("127.0.0.2", 0)) as sock:
+            sock.sendall(proxyproto.encode_v1(REAL_V4, DEST_V4) + b"GET / HTTP/1.0\r\n\r\n")
+            sock.settimeout(10)
+            with contextlib.suppress(ConnectionResetError):
+                while sock.recv(4096):
+                    pass
         proc.send_signal(signal.SIGINT)
         proc.wait(10)
     lines = (tmp_path / f"server-{port}.out").read_text().splitlines()
@@ -644,6 +651,9 @@ def test_uvicorn_cli_default_logging_shows_proxyproto_lines_with_a_level_and_the
     assert len(refusals) == 1 and refusals[0].startswith("WARNING:"), lines
     assert refusals[0].count("proxyproto") == 1, refusals[0]
     assert "proxyproto: 127.0.0.1:" in refusals[0] and "PROXYPROTO_ALLOW_IPS is 127.0.0.1/32, ::1/128" in refusals[0]
+    untrusted = [line for line in ours if "sent a PROXY header but is not trusted" in line]
+    assert len(untrusted) == 1 and untrusted[0].startswith("WARNING:"), lines
+    assert "proxyproto: 127.0.0.2:" in untrusted[0] and "add its address to PROXYPROTO_ALLOW_IPS" in untrusted[0]
 
 
 def test_uvicorn_cli_behind_real_haproxy_send_proxy_v2(tmp_path: Path) -> None:
