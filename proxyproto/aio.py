@@ -66,7 +66,7 @@ from .policy import (
     decide,
     peer_text,
 )
-from .refusal_log import KIND_READ_ERROR, RefusalLog, kind_of
+from .refusal_log import KIND_READ_ERROR, RefusalLog, kind_of, listener_text
 from .settings import Settings, settings_for, split_knobs
 
 __all__ = ["ProxyStreamWriter", "read_header", "start_server", "start_unix_server"]
@@ -343,9 +343,12 @@ async def _serve(
             kwargs["ssl"] = before
         if handshake_timeout is not None:
             kwargs["ssl_handshake_timeout"] = handshake_timeout  # asyncio's: only with ssl_before_header
-        return await plain(acceptor, **kwargs)
+        server = await plain(acceptor, **kwargs)
+        acceptor.refusals.listener = listener_text(*[sock.getsockname() for sock in server.sockets])
+        return server
     factory = _tls_server_factory(client_connected_cb, settings, ssl, handshake_timeout, kwargs.pop("limit", _LIMIT))
     server = await create(asyncio.get_running_loop())(factory, **kwargs)
+    factory.refusals.listener = listener_text(*[sock.getsockname() for sock in server.sockets])
     close = server.close
 
     def close_with_waiting() -> None:

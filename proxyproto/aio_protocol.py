@@ -52,7 +52,7 @@ from .errors import ProxyProtocolError
 from .parking import Parking, descriptor_of
 from .policy import Policy, Trust, peer_text
 from .reader import HeaderScanner
-from .refusal_log import RefusalLog
+from .refusal_log import RefusalLog, listener_text
 from .settings import Settings, settings_for
 
 __all__ = ["ProxyProtocolFactory", "wrap_protocol_factory"]
@@ -220,6 +220,8 @@ class ProxyProtocolFactory:
         the server; with ``ssl=``, a hook's opt-in policy (USE, IGNORE,
         REJECT) is refused too: its sniffed bytes would never reach the TLS layer.
         """
+        if self.refusals.listener is None:  # the first connection's: a factory serves one listener, usually
+            self.refusals.listener = listener_text(transport.get_extra_info("sockname"))
         try:
             trust = self.trust(peer, transport)
             if self.ssl is not None and trust.policy is not _REQUIRE and trust.policy is not _SKIP:

@@ -63,6 +63,11 @@ _OUTCOME_KINDS = {
 }
 
 
+def listener_text(*addresses: object) -> str:
+    """The listening address(es) for a line: ``127.0.0.1:8000``, ``[::]:8000``, ``unix:'/run/app.sock'``."""
+    return ", ".join(peer_text(address) for address in addresses)
+
+
 def kind_of(outcome: Outcome) -> str:
     """The kind of the refusal line for a connection or datagram closed because of ``outcome``."""
     return _OUTCOME_KINDS[outcome]
@@ -88,7 +93,7 @@ class RefusalLog:
     exception.
     """
 
-    __slots__ = ("due", "later", "logger", "rate", "sent", "suppressed", "window_start")
+    __slots__ = ("due", "later", "listener", "logger", "rate", "sent", "suppressed", "window_start")
 
     def __init__(
         self, logger: logging.Logger, rate: float | None = DEFAULT_LOG_RATE, *, later: Later | None = None
@@ -102,11 +107,19 @@ class RefusalLog:
         self.suppressed: dict[str, list[int]] = {}
         #: When the armed timer fires (monotonic time), 0.0 when none is armed.
         self.due = 0.0
+        #: The listening address(es) the lines are about, named at the end of each line (None: not known).
+        self.listener: str | None = None
 
     def log(self, level: int, message: str, *args: object, kind: str) -> None:
-        """Log one refusal line of ``kind``, unless this second's share for it is spent (then count it)."""
+        """Log one refusal line of ``kind``, unless this second's share for it is spent (then count it).
+
+        With :attr:`listener` known, the line ends with ``(listener <address>)``.
+        """
         if not self.logger.isEnabledFor(level):
             return  # a line nobody would see neither counts nor earns a summary
+        if self.listener is not None:
+            message += " (listener %s)"
+            args = (*args, self.listener)
         rate = self.rate
         if rate is None:
             self.logger.log(level, message, *args, stacklevel=2, extra={"refusal_kind": kind})
@@ -193,12 +206,14 @@ class RefusalLog:
         total = sum(count for count, _ in suppressed.values())
         level = max(max(level for _, level in suppressed.values()), logging.WARNING)
         details = ", ".join(f"{count} x {kind}" for kind, (count, _) in suppressed.items())
+        listener = "" if self.listener is None else f" (listener {self.listener})"
         self.logger.log(
             level,
-            "%d refusal line(s) suppressed in %.1f s (at most %g per second and kind: proxy_log_rate): %s",
+            "%d refusal line(s) suppressed in %.1f s (at most %g per second and kind: proxy_log_rate): %s%s",
             total,
             now - self.window_start,
             self.rate,
             details,
+            listener,
             extra={"refusal_suppressed": {kind: count for kind, (count, _) in suppressed.items()}},
         )

@@ -33,7 +33,7 @@ from .advice import note_untrusted_header, starts_with_header
 from .attributes import LiveSettings, SettingsAttributes, check_attributes
 from .header import ProxyHeader
 from .policy import Policy, Trust, peer_text
-from .refusal_log import DEFAULT_LOG_RATE, KIND_TLS, RefusalLog
+from .refusal_log import DEFAULT_LOG_RATE, KIND_TLS, RefusalLog, listener_text
 from .settings import DEFAULT_TRUSTED, Settings
 from .settings import KNOBS as ALL_KNOBS
 from .waiting import WaitingRoom
@@ -153,6 +153,7 @@ class ProxyProtocolMixin(SettingsAttributes):
 
     # socketserver attributes the mixin relies on (declared for type checkers).
     socket: socket.socket
+    server_address: Any
     timeout: float | None
 
     # -- configuration -----------------------------------------------------------------
@@ -276,6 +277,7 @@ class ProxyProtocolMixin(SettingsAttributes):
         live = LiveSettings(KNOBS)
         live.refresh(self)
         log = RefusalLog(logger, live.current.log_rate)
+        log.listener = listener_text(self.server_address)
         room = WaitingRoom(self, self._pp_accept, log, live)
         self._proxy_live = live
         self._pp_room = room

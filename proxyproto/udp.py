@@ -83,7 +83,7 @@ from .attributes import LiveSettings, SettingsAttributes, check_attributes
 from .header import Family, ProxyHeader
 from .peers import socket_family
 from .policy import Policy, decide, peer_text, served_address
-from .refusal_log import DEFAULT_LOG_RATE, KIND_POLICY_FOR, RefusalLog, kind_of
+from .refusal_log import DEFAULT_LOG_RATE, KIND_POLICY_FOR, RefusalLog, kind_of, listener_text
 from .settings import DEFAULT_TRUSTED
 
 __all__ = [
@@ -244,6 +244,7 @@ class ProxyDatagramMixin(SettingsAttributes):
     _proxy_knobs = KNOBS
 
     socket: socket.socket
+    server_address: Any
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """Check the configuration, then serve as ``socketserver`` does."""
@@ -273,6 +274,7 @@ class ProxyDatagramMixin(SettingsAttributes):
         live = LiveSettings(KNOBS)
         live.refresh(self)
         self._ppd_log = RefusalLog(logger, live.current.log_rate)
+        self._ppd_log.listener = listener_text(self.server_address)
         self._proxy_live = live
         return live
 

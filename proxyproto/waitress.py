@@ -43,7 +43,7 @@ from .parking import Parking
 from .peers import socket_family
 from .policy import Outcome, Policy, decide, peer_text, served_address
 from .reader import HeaderScanner
-from .refusal_log import KIND_POLICY_FOR, RefusalLog, kind_of
+from .refusal_log import KIND_POLICY_FOR, RefusalLog, kind_of, listener_text
 from .settings import Settings, settings_for, split_knobs
 
 __all__ = ["ProxyHTTPChannel", "create_server", "serve"]
@@ -229,7 +229,9 @@ def create_server(application: Any, *, settings: Settings | None = None, **kw: A
         shared.settings = shared.settings.replace(max_pending=limit // 2)
     # The listeners are already listening, but nothing is accepted before the
     # loop runs, so no connection can get waitress's own channel class.
-    for dispatcher in list(socket_map.values()):
+    listeners = [d for d in socket_map.values() if isinstance(d, BaseWSGIServer)]
+    shared.log.listener = listener_text(*[d.socket.getsockname() for d in listeners])
+    for dispatcher in listeners:
         if isinstance(dispatcher, BaseWSGIServer):
             dispatcher.proxy_settings = shared
             dispatcher.channel_class = ProxyHTTPChannel

@@ -9,7 +9,8 @@ Through every adapter, on real loopback sockets:
 * an untrusted peer (``127.0.0.2`` with ``trusted="127.0.0.1"``) that sends a v1 or a v2 header
   gets one WARNING naming it and the setting to change, whether SKIP serves its bytes as they
   are or IGNORE removes the header, and REJECT's line says the peer was untrusted;
-* under a flood of such connections those WARNINGs stay within the per-kind budget.
+* under a flood of such connections those WARNINGs stay within the per-kind budget;
+* every such line ends by naming the listener it is about.
 """
 
 from __future__ import annotations
@@ -78,26 +79,31 @@ def lines_of(records: Records, wait_for: str, within: float = 5.0) -> list[str]:
         time.sleep(0.02)
 
 
-def run(adapter: str, knobs: dict[str, object], client: object) -> None:
-    """Serve ``adapter`` with ``knobs`` and run ``client(address)`` in a worker thread."""
+def run(adapter: str, knobs: dict[str, object], client: object) -> str:
+    """Serve ``adapter`` with ``knobs`` and run ``client(address)`` in a worker thread; the listener's text."""
     serving, loop, _ = ADAPTERS[adapter]
+    listening: list[Address] = []
 
     async def scenario() -> None:
         async with serving(**knobs) as address:
+            listening.append(address)
             await asyncio.to_thread(client, address)  # type: ignore[arg-type]
             await asyncio.sleep(0.05)  # a line written by the loop after the client saw the close
 
     run_on(loop, scenario)
+    host, port = listening[0][:2]
+    return f"(listener {host}:{port})"
 
 
 @pytest.mark.parametrize("adapter", STREAM_ADAPTERS)
 def test_trusted_peer_without_a_header_is_told_to_turn_on_send_proxy_naming_the_trust_setting(
     adapter: str, records: Records
 ) -> None:
-    run(adapter, {}, lambda address: exchange(address, HTTP))
+    listener = run(adapter, {}, lambda address: exchange(address, HTTP))
     lines = lines_of(records, "send-proxy")
     refusal = [m for m in lines if "send-proxy" in m]
     assert len(refusal) == 1, lines
+    assert refusal[0].endswith(listener), refusal[0]
     name = TRUSTED_NAME.get(adapter, "trusted")
     assert f"trusted ({name} is 127.0.0.1/32, ::1/128 (the default))" in refusal[0]
     assert "not a PROXY protocol signature" in refusal[0] and "proxy_protocol on" in refusal[0]
@@ -133,7 +139,7 @@ def test_untrusted_peer_sending_a_header_gets_one_warning_naming_it_and_the_sett
         def client(address: Address) -> None:
             exchange(address, header + HTTP, UNTRUSTED_SOURCE)
 
-    run(adapter, knobs, client)
+    listener = run(adapter, knobs, client)
     warnings = [r for r in records.snapshot() if getattr(r, "refusal_kind", None) == UNTRUSTED_KIND]
     assert all(r.levelno == logging.WARNING for r in warnings)
     assert len(warnings) == 1, [r.getMessage() for r in records.snapshot()]
@@ -142,6 +148,7 @@ def test_untrusted_peer_sending_a_header_gets_one_warning_naming_it_and_the_sett
     assert message.startswith(f"{UNTRUSTED_SOURCE}:"), message
     assert f"is not trusted ({name} is 127.0.0.1/32)" in message and f"add its address to {name}" in message
     assert ("stays in the stream as payload" if policy == "SKIP" else "is removed and not believed") in message
+    assert message.endswith(listener), message
 
 
 @pytest.mark.parametrize("adapter", ["socketserver-mixin", "aio-start_server", "wrap_protocol_factory"])
