@@ -286,6 +286,10 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             self.inner = inner
             self.connect = connect
 
+    def __del__(self) -> None:
+        if self.transport is None:  # made for a connection that never reached it (see the factory)
+            self.factory.lost_before_connection()
+
     # -- asyncio.BaseProtocol -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

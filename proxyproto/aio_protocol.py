@@ -127,6 +127,8 @@ class ProxyProtocolFactory:
         self.parked: dict[HeaderProtocol, Any] = self.parking.waiting
         self.handshakes: set[asyncio.Future[None]] = set()
         self.closed = False
+        #: :meth:`lost_before_connection` has written its line.
+        self.said_tls_first = False
         #: Whether :meth:`header_first` classes may take a header already in the socket inline:
         #: no TLS layer to leave bytes for and no user hook to call (those go through HeaderProtocol).
         self.inline = (
@@ -188,6 +190,25 @@ class ProxyProtocolFactory:
                 note_untrusted_header(self.refusals, self.settings, peer, Policy.SKIP)
 
         transport.set_protocol(FirstBytes(transport, inner, look))
+
+    def lost_before_connection(self) -> None:
+        """A protocol this factory made was dropped before its connection was made: say why, once.
+
+        asyncio makes the protocol when it accepts, then its own TLS layer
+        handshakes before telling the protocol: a failed handshake drops it
+        unseen.  With proxyproto that means TLS under the wrapper (``ssl=``
+        given to ``loop.create_server``), which the PROXY header, sent
+        before any TLS, breaks on every connection.
+        """
+        if self.ssl is None and not self.closed and not self.said_tls_first:
+            self.said_tls_first = True
+            logger.error(
+                "connections are dropped before proxyproto sees them: a TLS layer under the wrapper fails its "
+                "handshake on the PROXY header (ssl= given to loop.create_server, or to the server?); give the "
+                "SSLContext to proxyproto instead (wrap_protocol_factory(ssl=...)): TLS is negotiated after the "
+                "header%s",
+                "" if self.refusals.listener is None else f" (listener {self.refusals.listener})",
+            )
 
     @property
     def hooked(self) -> bool:

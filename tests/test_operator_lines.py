@@ -10,24 +10,30 @@ Through every adapter, on real loopback sockets:
   gets one WARNING naming it and the setting to change, whether SKIP serves its bytes as they
   are or IGNORE removes the header, and REJECT's line says the peer was untrusted;
 * under a flood of such connections those WARNINGs stay within the per-kind budget;
-* every such line ends by naming the listener it is about.
+* every such line ends by naming the listener it is about;
+* TLS given to ``create_server`` under the wrapper (every handshake fails on the header before
+  the wrapper sees the connection) is said once, at ERROR.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import socket
+import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from serving_kit import ADAPTERS, Address, Records
-from support import run_on
+from support import run_on, self_signed_files
 
 import proxyproto
 from proxyproto import aio, refusal_log
+from proxyproto.aio_protocol import wrap_protocol_factory
 
 REAL_V4 = ("192.0.2.10", 51234)
 DEST_V4 = ("198.51.100.20", 443)
@@ -205,3 +211,27 @@ def test_a_flood_of_untrusted_headers_stays_within_the_budget_of_its_kind(record
         assert len(warnings) < count // 10
 
     run_on("asyncio", scenario, ceiling=120)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_tls_given_to_create_server_instead_of_the_wrapper_is_said_once(
+    loop: str, records: Records, tmp_path: Path
+) -> None:
+    """asyncio's own TLS under the wrapper fails on every header, before the wrapper sees a byte: one ERROR."""
+    cert, key = self_signed_files(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def scenario() -> None:
+        factory = wrap_protocol_factory(asyncio.Protocol)
+        server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0, ssl=context)
+        address = server.sockets[0].getsockname()[:2]
+        for _ in range(3):
+            await asyncio.to_thread(exchange, address, V1 + HTTP)
+        server.close()
+        await server.wait_closed()
+        gc.collect()
+
+    run_on(loop, scenario)
+    errors = [r.getMessage() for r in records.snapshot() if "TLS is negotiated after the header" in r.getMessage()]
+    assert len(errors) == 1 and "wrap_protocol_factory(ssl=...)" in errors[0], errors
