@@ -288,7 +288,10 @@ class HeaderProtocol(asyncio.BufferedProtocol):
 
     def __del__(self) -> None:
         if self.transport is None:  # made for a connection that never reached it (see the factory)
-            self.factory.lost_before_connection()
+            try:
+                self.factory.lost_before_connection()
+            except Exception:  # a finalizer never raises (the interpreter may be shutting down)
+                pass
 
     # -- asyncio.BaseProtocol -------------------------------------------------------------
 
