@@ -22,23 +22,23 @@ the adapter already holds or peeked; nothing here does I/O or acts on them.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from .policy import Policy, describe, peer_text
 from .reader import HeaderScanner, Outcome
 from .refusal_log import KIND_UNTRUSTED_HEADER, RefusalLog
 from .settings import Settings
+from .v2 import SIGNATURE as V2_SIGNATURE
 
 __all__: list[str] = []  # private module: the public names are listed in docs/api.rst
 
-_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
-#: How many first bytes :func:`starts_with_header` needs to tell.
-SIGNATURE_PEEK = 12
+#: How many first bytes :func:`starts_with_header` needs to tell (a v2 signature's length).
+SIGNATURE_PEEK = len(V2_SIGNATURE)
 
 
 def starts_with_header(data: bytes) -> bool:
     """Whether ``data`` (the first bytes of a stream or datagram) starts with a PROXY v1 or v2 signature."""
-    return data.startswith(b"PROXY ") or data.startswith(_V2_SIGNATURE)
+    return data.startswith(b"PROXY ") or data.startswith(V2_SIGNATURE)
 
 
 def starts_with_tls(data: bytes) -> bool:
@@ -103,6 +103,16 @@ def refusal_line(
     if trusted:
         return text + missing_header(settings, outcome, start)
     return text
+
+
+def untrusted_look(log: RefusalLog, settings: Settings, peer: Any) -> Callable[[bytes], None]:
+    """For an untrusted peer served under SKIP: a look at its first bytes that says so if they are a header."""
+
+    def look(start: bytes) -> None:
+        if starts_with_header(start):
+            note_untrusted_header(log, settings, peer, Policy.SKIP)
+
+    return look
 
 
 def note_untrusted_header(log: RefusalLog, settings: Settings, peer: Any, policy: Policy) -> None:

@@ -54,7 +54,7 @@ from collections.abc import Awaitable
 from typing import Any, Callable
 
 from . import reader as core
-from .advice import SIGNATURE_PEEK, note_untrusted_header, refusal_line, starts_with_header
+from .advice import SIGNATURE_PEEK, note_untrusted_header, refusal_line, untrusted_look
 from .aio_protocol import ProxyProtocolFactory, call_later, wrap_protocol_factory
 from .aio_transport import FirstBytes, proxy_extra
 from .header import ProxyHeader
@@ -232,10 +232,7 @@ class _Acceptor:
 
     def look_for_untrusted_header(self, peer: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Under SKIP: a WARNING when the untrusted peer's first bytes, already here, are a PROXY header."""
-        def look(start: bytes) -> None:
-            if starts_with_header(start):
-                note_untrusted_header(self.refusals, self.settings, peer, Policy.SKIP)
-
+        look = untrusted_look(self.refusals, self.settings, peer)
         held = bytes(reader._buffer[:SIGNATURE_PEEK])  # type: ignore[attr-defined]
         transport: Any = writer.transport
         if held:

@@ -39,7 +39,7 @@ from typing import Any, Callable, TypeVar
 
 from . import reader as core
 from . import v2
-from .advice import note_untrusted_header, starts_with_header
+from .advice import untrusted_look
 from .aio_header import CAN_PEEK, PEEK_FLAGS, READ_FLAGS, HeaderProtocol, WaitingReads
 from .aio_tls import handshake_timeout
 from .aio_transport import (
@@ -184,12 +184,7 @@ class ProxyProtocolFactory:
         """
         if self.hooked or transport.is_closing() or transport.get_protocol() is not inner:
             return
-
-        def look(start: bytes) -> None:
-            if starts_with_header(start):
-                note_untrusted_header(self.refusals, self.settings, peer, Policy.SKIP)
-
-        transport.set_protocol(FirstBytes(transport, inner, look))
+        transport.set_protocol(FirstBytes(transport, inner, untrusted_look(self.refusals, self.settings, peer)))
 
     def lost_before_connection(self) -> None:
         """A protocol this factory made was dropped before its connection was made: say why, once.

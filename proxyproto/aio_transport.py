@@ -18,6 +18,7 @@ import socket
 from collections.abc import Iterable
 from typing import Any, Callable
 
+from .advice import SIGNATURE_PEEK
 from .header import Family, ProxyHeader
 from .peers import socket_family
 from .policy import Policy, uses_addresses
@@ -407,7 +408,7 @@ class FirstBytes(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.transport.set_protocol(self.inner)
         try:
-            self.look(bytes(data[:16]))
+            self.look(bytes(data[:SIGNATURE_PEEK]))
         finally:
             deliver(self.inner, data)
 

@@ -29,7 +29,7 @@ import weakref
 from typing import Any, Callable
 
 from . import waiting
-from .advice import note_untrusted_header, starts_with_header
+from .advice import SIGNATURE_PEEK, untrusted_look
 from .attributes import LiveSettings, SettingsAttributes, check_attributes
 from .header import ProxyHeader
 from .policy import Policy, Trust, peer_text
@@ -101,12 +101,12 @@ class _FirstRecv(ProxySocket):
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         data = super().recv(bufsize, flags)
-        self._first(data[:16])
+        self._first(data[:SIGNATURE_PEEK])
         return data
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         size = super().recv_into(buffer, nbytes, flags)
-        self._first(bytes(memoryview(buffer)[: min(size, 16)]))
+        self._first(bytes(memoryview(buffer)[: min(size, SIGNATURE_PEEK)]))
         return size
 
     def _first(self, start: bytes) -> None:
@@ -323,12 +323,7 @@ class ProxyProtocolMixin(SettingsAttributes):
     @staticmethod
     def _pp_look_at_first_bytes(sock: ProxySocket, peer: Address, log: RefusalLog, settings: Settings) -> None:
         """An untrusted peer under SKIP: a WARNING if the first bytes its handler reads are a PROXY header."""
-
-        def look(start: bytes) -> None:
-            if starts_with_header(start):
-                note_untrusted_header(log, settings, peer, Policy.SKIP)
-
-        _LOOKS[sock] = look
+        _LOOKS[sock] = untrusted_look(log, settings, peer)
         sock.__class__ = _FirstRecv
 
 

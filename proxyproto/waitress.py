@@ -232,10 +232,9 @@ def create_server(application: Any, *, settings: Settings | None = None, **kw: A
     listeners = [d for d in socket_map.values() if isinstance(d, BaseWSGIServer)]
     shared.log.listener = listener_text(*[d.socket.getsockname() for d in listeners])
     for dispatcher in listeners:
-        if isinstance(dispatcher, BaseWSGIServer):
-            dispatcher.proxy_settings = shared
-            dispatcher.channel_class = ProxyHTTPChannel
-            dispatcher.readable = _flushing(shared.log, dispatcher.readable)
+        dispatcher.proxy_settings = shared
+        dispatcher.channel_class = ProxyHTTPChannel
+        dispatcher.readable = _flushing(shared.log, dispatcher.readable)
     return server
 
 
