@@ -76,32 +76,27 @@ class Echo(udp.ProxyDatagramRequestHandler):
 
 
 @contextlib.asynccontextmanager
-async def mixin(**knobs: Any) -> AsyncIterator[Address]:
+async def socketserver_serving(server: Any, knobs: dict[str, Any]) -> AsyncIterator[Address]:
+    """A socketserver server with ``knobs`` as its ``proxy_*`` attributes, served in a thread until the block ends."""
+    for knob, value in knobs.items():
+        setattr(server, f"proxy_{knob}", value)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+
+    async with in_thread(server.serve_forever, stop):
+        yield server.server_address[:2]
+
+
+def mixin(**knobs: Any) -> contextlib.AbstractAsyncContextManager[Address]:
     server = proxyproto.ThreadingProxyTCPServer(("127.0.0.1", 0), Closer)
     server.daemon_threads = True
-    for knob, value in knobs.items():
-        setattr(server, f"proxy_{knob}", value)
-
-    def stop() -> None:
-        server.shutdown()
-        server.server_close()
-
-    async with in_thread(server.serve_forever, stop):
-        yield server.server_address[:2]
+    return socketserver_serving(server, knobs)
 
 
-@contextlib.asynccontextmanager
-async def udp_server(**knobs: Any) -> AsyncIterator[Address]:
-    server = udp.ProxyUDPServer(("127.0.0.1", 0), Echo)
-    for knob, value in knobs.items():
-        setattr(server, f"proxy_{knob}", value)
-
-    def stop() -> None:
-        server.shutdown()
-        server.server_close()
-
-    async with in_thread(server.serve_forever, stop):
-        yield server.server_address[:2]
+def udp_server(**knobs: Any) -> contextlib.AbstractAsyncContextManager[Address]:
+    return socketserver_serving(udp.ProxyUDPServer(("127.0.0.1", 0), Echo), knobs)
 
 
 @contextlib.asynccontextmanager
