@@ -696,6 +696,36 @@ class WaitressAdapter(Adapter):
         return Running(server.socket.getsockname()[:2], stop)
 
 
+class TornadoAdapter(Adapter):
+    name, framing, tls, requires = "tornado", "http", True, ("tornado",)
+
+    def start(self, settings: Settings, cert: Certificate | None) -> Running:
+        from tornado.httputil import HTTPHeaders, ResponseStartLine
+        from tornado.netutil import bind_sockets
+
+        from proxyproto.tornado import ProxyHTTPServer, header
+
+        def app(request: Any) -> None:  # a plain request callback: what Tornado gives, reported
+            answer = report((request.remote_ip, request.connection.context.address[1]), header(request), request.body)
+            fields = HTTPHeaders({"Content-Type": "application/json", "Content-Length": str(len(answer))})
+            request.connection.write_headers(ResponseStartLine("HTTP/1.1", 200, "OK"), fields, answer)
+            request.connection.finish()
+
+        async def up() -> Any:
+            server = ProxyHTTPServer(app, ssl_options=cert.server_context() if settings.tls and cert else None,
+                                     **settings.knobs())
+            server.add_sockets(bind_sockets(0, TRUSTED_HOST))
+            return server
+
+        async def down() -> None:
+            server.stop()
+            await server.close_all_connections()
+
+        lt = LoopThread()
+        server = lt.run(up())
+        return Running(next(iter(server._sockets.values())).getsockname()[:2], lambda: lt.stop(down()))
+
+
 ADAPTERS: list[Adapter] = [
     SocketserverAdapter("socketserver-sync", base=proxyproto.ProxyTCPServer, concurrent=False, tls=True),
     SocketserverAdapter("socketserver-threading", base=proxyproto.ThreadingProxyTCPServer, tls=True),
@@ -714,6 +744,7 @@ ADAPTERS: list[Adapter] = [
     AiohttpAdapter(),
     HypercornAdapter(),
     WaitressAdapter(),
+    TornadoAdapter(),
 ]
 BY_NAME = {adapter.name: adapter for adapter in ADAPTERS}
 
