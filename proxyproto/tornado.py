@@ -335,7 +335,7 @@ class ProxyTCPServerMixin:
             if found is not None and settings.policy_for is None:
                 note_untrusted_header(self._proxy_log, settings, peer, policy)
             found = None  # an untrusted peer's header (under IGNORE) is read and removed, never handed on
-        address = served_address(policy, found, peer, connection.family)
+        address = peer if found is None else served_address(policy, found, peer, connection.family)
         carried = _carrying(address, found, peer, address is not peer)
         super()._handle_connection(connection, carried)  # type: ignore[misc]
 
@@ -344,6 +344,7 @@ class ProxyTCPServerMixin:
         if not self._proxy_log.wants(KIND_UNTRUSTED_HEADER):
             return
         try:
+            connection.setblocking(False)  # as Tornado's IOStream will: no wait before the peek
             start = connection.recv(SIGNATURE_PEEK, _PEEK)
         except OSError:
             return
