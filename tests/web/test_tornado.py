@@ -185,6 +185,29 @@ async def test_ipv6_listener_serves_an_ipv4_source() -> None:
 
 
 @async_test
+async def test_unix_listener_serves_the_headers_source(tmp_path: Path) -> None:
+    """haproxy in front of a UNIX-socket backend: remote_ip is the header's, not Tornado's "0.0.0.0"."""
+    from tornado.netutil import bind_unix_socket
+
+    server = ProxyHTTPServer(application())
+    server.add_socket(bind_unix_socket(str(tmp_path / "tornado.sock")))  # mode 0600: its peers are trusted
+
+    def over_unix() -> bytes:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(CEILING)
+            sock.connect(str(tmp_path / "tornado.sock"))
+            sock.sendall(proxyproto.encode_v2(REAL_V6, DEST_V6) + request())
+            return read_all(sock)
+
+    try:
+        report = report_of(await asyncio.to_thread(over_unix))
+    finally:
+        server.stop()
+        await server.close_all_connections()
+    assert (report["remote_ip"], report["port"]) == REAL_V6
+
+
+@async_test
 async def test_header_and_request_in_separate_writes_are_both_read() -> None:
     """A header still on its way waits on the IOLoop; the request after it reaches Tornado intact."""
     data = proxyproto.encode_v2(REAL_V4, DEST_V4) + request()
