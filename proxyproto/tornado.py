@@ -78,7 +78,7 @@ class _Carrier:
     from_header = False
 
 
-class ProxyAddress(_Carrier, tuple):  # type: ignore[type-arg]
+class _ProxyIPAddress(_Carrier, tuple):  # type: ignore[type-arg]
     """An IP address as ``handle_stream`` gets it: equal to the tuple, plus :class:`_Carrier`'s attributes."""
 
 
@@ -90,7 +90,7 @@ class _ProxyAbstractAddress(_Carrier, bytes):
     """An abstract UNIX peer's address (``bytes``) with the same attributes."""
 
 
-_CARRIERS: dict[type, type] = {tuple: ProxyAddress, str: _ProxyUnixAddress, bytes: _ProxyAbstractAddress}
+_CARRIERS: dict[type, type] = {tuple: _ProxyIPAddress, str: _ProxyUnixAddress, bytes: _ProxyAbstractAddress}
 
 
 def _carrying(address: Any, proxy_header: ProxyHeader | None, peer: Any, from_header: bool) -> Any:
