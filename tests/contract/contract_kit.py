@@ -714,16 +714,17 @@ class TornadoAdapter(Adapter):
         async def up() -> Any:
             server = ProxyHTTPServer(app, ssl_options=cert.server_context() if settings.tls and cert else None,
                                      **settings.knobs())
-            server.add_sockets(bind_sockets(0, TRUSTED_HOST))
-            return server
+            sockets = bind_sockets(0, TRUSTED_HOST)
+            server.add_sockets(sockets)
+            return server, sockets[0].getsockname()[:2]
 
         async def down() -> None:
             server.stop()
             await server.close_all_connections()
 
         lt = LoopThread()
-        server = lt.run(up())
-        return Running(next(iter(server._sockets.values())).getsockname()[:2], lambda: lt.stop(down()))
+        server, address = lt.run(up())
+        return Running(address, lambda: lt.stop(down()))
 
 
 ADAPTERS: list[Adapter] = [
