@@ -159,6 +159,7 @@ INTEGRATIONS = {
     "aiohttp": ("aiohttp", "proxyproto.aiohttp.run_app(app"),
     "hypercorn": ("hypercorn", "proxyproto.hypercorn.serve("),
     "waitress": ("waitress", "proxyproto.waitress.serve("),
+    "Tornado": ("Tornado", "proxyproto.tornado.ProxyHTTPServer("),
     "command line": ("command line", "proxyproto decode"),
 }
 
