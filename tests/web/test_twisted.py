@@ -1,0 +1,317 @@
+"""proxyproto.twisted: a plain Twisted protocol behind the ``proxyproto:`` endpoint, on a real reactor.
+
+Twisted's global reactor runs once per process, so each server is a real
+subprocess (``serverFromString(reactor, "proxyproto:...")``, the plugin found
+as Twisted finds plugins), stopped by PID; clients are blocking sockets on
+loopback, and haproxy a real one.  The protocol answers every connection with
+a JSON report of what it saw: ``getPeer()``, ``getHost()``, the header it can
+reach, the bytes it received (at the end of the stream, or over TLS at the
+first newline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import free_port, require_haproxy, require_module
+from web_kit import DEST_V4, DEST_V6, REAL_V4, REAL_V6, ROOT, Certificate, command, self_signed
+
+import proxyproto
+
+require_module("twisted.internet")  # not "twisted": the plugin directory alone is a namespace package
+require_module("OpenSSL")
+
+SERVER = r'''
+import json, logging, sys
+from twisted.internet import interfaces, protocol, reactor
+from twisted.internet.endpoints import serverFromString
+from zope.interface import implementer
+
+logging.basicConfig(level=logging.DEBUG, format="%(levelname)s:%(name)s:%(message)s", stream=sys.stderr)
+
+
+def address(a):
+    return [a.host, a.port] if hasattr(a, "port") else [type(a).__name__, str(a.name)]
+
+
+@implementer(interfaces.IHalfCloseableProtocol)
+class Report(protocol.Protocol):
+    def connectionMade(self):
+        self.data = b""
+        self.secure = interfaces.ISSLTransport.providedBy(self.transport)
+
+    def dataReceived(self, data):
+        self.data += data
+        if self.secure and b"\n" in self.data:
+            self.report()
+
+    def readConnectionLost(self):
+        self.report()
+
+    def writeConnectionLost(self):
+        pass
+
+    def report(self):
+        header = getattr(self.transport, "proxy_header", None)
+        seen = None if header is None else {"command": header.command.name, "source": header.source}
+        self.transport.write(json.dumps({
+            "peer": address(self.transport.getPeer()), "host": address(self.transport.getHost()),
+            "header": seen, "payload": self.data.hex(), "secure": bool(self.secure),
+        }).encode())
+        self.transport.loseConnection()
+
+
+serverFromString(reactor, sys.argv[1]).listen(protocol.Factory.forProtocol(Report))
+reactor.run()
+'''
+
+CEILING = 10.0
+PAYLOAD = b"PRI payload \x00\xff\r\n bytes"  # starts like "PROXY": nothing may take it for a header
+
+
+@contextlib.contextmanager
+def twisted_server(tmp_path: Path, description: str, port: int, env: dict[str, str] | None = None) -> Iterator[Path]:
+    """The report protocol behind ``serverFromString(reactor, description)`` in a subprocess; its log file."""
+    script = tmp_path / "report_server.py"
+    script.write_text(SERVER)
+    with command([sys.executable, str(script), description], port, env=env, workdir=tmp_path):
+        yield tmp_path / f"server-{port}.out"
+
+
+def exchange(
+    address: tuple[str, int],
+    chunks: list[bytes],
+    *,
+    local: str | None = None,
+    tls: ssl.SSLContext | None = None,
+    family: int = socket.AF_INET,
+) -> tuple[dict[str, Any] | None, Any]:
+    """Send ``chunks`` (a pause between them), then the payload; the report (None: closed unserved), own address."""
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(CEILING)
+        if local:
+            sock.bind((local, 0))
+        sock.connect(address)
+        own = sock.getsockname()
+        for i, chunk in enumerate(chunks):
+            if i:
+                time.sleep(0.05)
+            sock.sendall(chunk)
+        conn: Any = sock
+        if tls is not None:
+            conn = tls.wrap_socket(sock, server_hostname="localhost")
+            conn.sendall(b"over TLS\n")
+        else:
+            conn.sendall(PAYLOAD)
+            conn.shutdown(socket.SHUT_WR)
+        data = b""
+        with contextlib.suppress(ConnectionResetError, ssl.SSLError):
+            while chunk := conn.recv(65536):
+                data += chunk
+        return (json.loads(data) if data else None), own
+
+
+def lines(log: Path, needle: str) -> list[str]:
+    return [line for line in log.read_text().splitlines() if needle in line]
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
+    made = self_signed(tmp_path_factory.mktemp("twisted-tls"))
+    if made is None:
+        pytest.skip("openssl is not installed")
+    return made
+
+
+@pytest.mark.parametrize(
+    "name, header, source, destination",
+    [
+        ("v1-tcp4", proxyproto.encode_v1(REAL_V4, DEST_V4), REAL_V4, DEST_V4),
+        ("v1-tcp6", proxyproto.encode_v1(REAL_V6, DEST_V6), REAL_V6, DEST_V6),
+        ("v2-inet", proxyproto.encode_v2(REAL_V4, DEST_V4), REAL_V4, DEST_V4),
+        ("v2-inet6", proxyproto.encode_v2(REAL_V6, DEST_V6), REAL_V6, DEST_V6),
+    ],
+)
+def test_get_peer_and_get_host_are_the_headers_addresses(
+    tmp_path: Path, name: str, header: bytes, source: tuple[str, int], destination: tuple[str, int]
+) -> None:
+    port = free_port()
+    with twisted_server(tmp_path, f"proxyproto:tcp:{port}:interface=127.0.0.1", port):
+        # In one segment with the payload, and cut inside the header (a v2 header's first chunk < 16 bytes).
+        for chunks in ([header], [header[:5], header[5:11], header[11:]]):
+            seen, _ = exchange(("127.0.0.1", port), chunks)
+            assert seen is not None, f"{name}: closed unserved"
+            assert seen["peer"] == list(source) and seen["host"] == list(destination), seen
+            assert seen["header"] == {"command": "PROXY", "source": list(source)}
+            assert bytes.fromhex(seen["payload"]) == PAYLOAD, "payload changed"
+
+
+def test_an_ipv6_listener_serves_the_real_client(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET6) as probe:
+        try:
+            probe.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback")
+    port = free_port()
+    header = proxyproto.encode_v2(REAL_V6, DEST_V6)
+    with twisted_server(tmp_path, rf"proxyproto:tcp6:{port}:interface=\:\:1", port):
+        seen, _ = exchange(("::1", port), [header], family=socket.AF_INET6)
+    assert seen is not None and seen["peer"] == list(REAL_V6) and bytes.fromhex(seen["payload"]) == PAYLOAD
+
+
+def test_behind_real_haproxy_send_proxy_v2_the_client_is_haproxys_client(tmp_path: Path, cert: Certificate) -> None:
+    exe = require_haproxy()
+    backend, tls_backend, front, tls_front = free_port(), free_port(), free_port(), free_port()
+    config = (
+        "global\n    nbthread 1\ndefaults\n    mode tcp\n    timeout connect 2s\n"
+        "    timeout client 5s\n    timeout server 5s\n\n"
+        f"listen plain\n    bind 127.0.0.1:{front}\n    server app 127.0.0.1:{backend} send-proxy-v2\n"
+        f"listen passthrough\n    bind 127.0.0.1:{tls_front}\n    server app 127.0.0.1:{tls_backend} send-proxy-v2\n"
+    )
+    (tmp_path / "haproxy.cfg").write_text(config)
+    tls = f"proxyproto:ssl:{tls_backend}:interface=127.0.0.1:privateKey={cert.key}:certKey={cert.cert}"
+    with (
+        twisted_server(tmp_path, f"proxyproto:tcp:{backend}:interface=127.0.0.1", backend),
+        twisted_server(tmp_path, tls, tls_backend),
+        command([exe, "-f", str(tmp_path / "haproxy.cfg"), "-db"], tls_front, workdir=tmp_path),
+    ):
+        seen, own = exchange(("127.0.0.1", front), [], local="127.0.0.2")
+        assert seen is not None and seen["peer"] == [own[0], own[1]], seen
+        assert bytes.fromhex(seen["payload"]) == PAYLOAD
+        # TLS passthrough: haproxy's header in the clear, then the client's own handshake with Twisted.
+        seen, own = exchange(("127.0.0.1", tls_front), [], local="127.0.0.2", tls=cert.client_context())
+        assert seen is not None and seen["secure"] and seen["peer"] == [own[0], own[1]], seen
+        assert bytes.fromhex(seen["payload"]) == b"over TLS\n"
+
+
+def test_tls_is_negotiated_after_the_header(tmp_path: Path, cert: Certificate) -> None:
+    port = free_port()
+    description = f"proxyproto:ssl:{port}:interface=127.0.0.1:privateKey={cert.key}:certKey={cert.cert}"
+    with twisted_server(tmp_path, description, port) as log:
+        for header in (proxyproto.encode_v2(REAL_V4, DEST_V4), proxyproto.encode_v1(REAL_V6, DEST_V6)):
+            seen, _ = exchange(("127.0.0.1", port), [header], tls=cert.client_context())
+            source = REAL_V4 if b"PROXY" not in header else REAL_V6
+            assert seen is not None and seen["secure"] and seen["peer"] == list(source), seen
+            assert seen["header"] == {"command": "PROXY", "source": list(source)}
+            assert bytes.fromhex(seen["payload"]) == b"over TLS\n"
+        # A handshake without the header first: closed, and the line says what to fix.
+        with socket.create_connection(("127.0.0.1", port), timeout=CEILING) as sock:
+            with contextlib.suppress(ssl.SSLError, OSError):
+                cert.client_context().wrap_socket(sock, server_hostname="localhost")
+        deadline = time.monotonic() + CEILING
+        while not lines(log, "sent a TLS handshake first") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert len(lines(log, "sent a TLS handshake first")) == 1
+
+
+def test_an_untrusted_peers_header_never_becomes_the_client(tmp_path: Path) -> None:
+    port = free_port()
+    header = proxyproto.encode_v2(REAL_V4, DEST_V4)
+    # The default trust list: loopback's 127.0.0.1 and ::1, not 127.0.0.2.
+    with twisted_server(tmp_path, f"proxyproto:tcp:{port}:interface=127.0.0.1", port) as log:
+        seen, own = exchange(("127.0.0.1", port), [header], local="127.0.0.2")
+    assert seen is not None and seen["peer"] == [own[0], own[1]] and seen["header"] is None, seen
+    assert bytes.fromhex(seen["payload"]) == header + PAYLOAD, "SKIP serves the stream untouched"
+    warned = lines(log, "sent a PROXY header but is not trusted")
+    assert len(warned) == 1 and warned[0].startswith("WARNING:proxyproto:127.0.0.2:"), warned
+    # Told to read and remove such headers (IGNORE), the peer is still served with its own address.
+    port = free_port()
+    with twisted_server(tmp_path, f"proxyproto:tcp:{port}:interface=127.0.0.1:untrusted_policy=IGNORE", port):
+        seen, own = exchange(("127.0.0.1", port), [header], local="127.0.0.2")
+    assert seen is not None and seen["peer"] == [own[0], own[1]] and seen["header"] is None, seen
+    assert bytes.fromhex(seen["payload"]) == PAYLOAD
+
+
+def test_a_malformed_header_is_closed_with_one_refusal_line(tmp_path: Path) -> None:
+    port = free_port()
+    with twisted_server(tmp_path, f"proxyproto:tcp:{port}:interface=127.0.0.1", port) as log:
+        seen, _ = exchange(("127.0.0.1", port), [b"PROXY TCP4 192.0.2.10 198.51.100.20 51234\r\n"])
+        assert seen is None
+        deadline = time.monotonic() + CEILING
+        while not lines(log, ": closed: ") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    refused = lines(log, ": closed: ")
+    assert len(refused) == 1 and refused[0].startswith("WARNING:proxyproto:127.0.0.1:"), refused
+    assert "v1:" in refused[0] and f"(listener 127.0.0.1:{port})" in refused[0]
+    assert "Traceback" not in log.read_text()
+
+
+def closed_after(sock: socket.socket) -> float:
+    """Seconds until the server closes ``sock`` (EOF or reset), sending nothing."""
+    start = time.monotonic()
+    with contextlib.suppress(ConnectionResetError):
+        assert sock.recv(1) == b""
+    return time.monotonic() - start
+
+
+def test_a_silent_client_is_closed_at_its_deadline(tmp_path: Path) -> None:
+    port = free_port()
+    description = f"proxyproto:tcp:{port}:interface=127.0.0.1:header_timeout=0.5"
+    with twisted_server(tmp_path, description, port) as log:
+        with socket.create_connection(("127.0.0.1", port), timeout=CEILING) as silent:
+            waited = closed_after(silent)
+        time.sleep(0.2)
+    assert 0.4 <= waited < 5, f"closed after {waited:.2f} s, the deadline being 0.5 s"
+    assert len(lines(log, "closed: no PROXY header within 0.5 s")) == 1
+
+
+def test_past_max_pending_the_oldest_waiting_connection_is_closed(tmp_path: Path) -> None:
+    port = free_port()
+    with twisted_server(tmp_path, f"proxyproto:tcp:{port}:interface=127.0.0.1:max_pending=2", port) as log:
+        first = socket.create_connection(("127.0.0.1", port), timeout=CEILING)
+        time.sleep(0.2)
+        others = [socket.create_connection(("127.0.0.1", port), timeout=CEILING) for _ in range(2)]
+        try:
+            assert closed_after(first) < 5
+            seen, _ = exchange(("127.0.0.1", port), [proxyproto.encode_v1(REAL_V4, DEST_V4)])
+            assert seen is not None and seen["peer"] == list(REAL_V4)  # evicting one more, still serving
+        finally:
+            for sock in [first, *others]:
+                sock.close()
+    assert lines(log, "closed: 2 connections already wait for their header (max_pending)")
+
+
+def test_sigint_with_connections_waiting_for_their_header_returns_promptly(tmp_path: Path) -> None:
+    port = free_port()
+    with twisted_server(tmp_path, f"proxyproto:tcp:{port}:interface=127.0.0.1", port):
+        parked = [socket.create_connection(("127.0.0.1", port), timeout=CEILING) for _ in range(5)]
+        parked[0].sendall(proxyproto.encode_v2(REAL_V4, DEST_V4)[:10])  # and one with half a header
+        time.sleep(0.2)
+        start = time.monotonic()
+    # twisted_server's exit sends SIGINT (the reactor's graceful stop) and waits for the process.
+    took = time.monotonic() - start
+    try:
+        assert took < 5, f"the server took {took:.1f} s to stop with 5 connections waiting (header_timeout 10 s)"
+        for sock in parked:
+            assert closed_after(sock) < 1
+    finally:
+        for sock in parked:
+            sock.close()
+
+
+def test_the_plugin_directory_never_shadows_the_twisted_package() -> None:
+    plugins = ROOT / "twisted" / "plugins"
+    assert (plugins / "proxyproto_endpoints.py").is_file()
+    assert not (ROOT / "twisted" / "__init__.py").exists() and not (plugins / "__init__.py").exists()
+    code = (
+        "import twisted, twisted.plugins, proxyproto, sys; "
+        "print(twisted.__file__); print(list(twisted.plugins.__path__)); "
+        "print('twisted.internet' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    ).stdout.splitlines()
+    assert out[0].endswith(os.path.join("twisted", "__init__.py")) and not out[0].startswith(str(ROOT)), out
+    assert str(plugins) in out[1], "Twisted does not look in the repository's twisted/plugins"
