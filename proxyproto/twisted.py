@@ -140,6 +140,9 @@ class ProxyProtocolWrapper(_ProtocolWrapper):  # type: ignore[misc]  # Twisted's
     _policy = Policy.REQUIRE
     _trusted = False
     _look: Any = None
+    #: With ``ssl``: the TLS protocol while its handshake (after the header) is not done, else None.
+    _tls: Any = None
+    _fd: int | None = None
 
     def __init__(self, factory: ProxyProtocolFactory) -> None:
         super().__init__(factory, None)
@@ -174,14 +177,14 @@ class ProxyProtocolWrapper(_ProtocolWrapper):  # type: ignore[misc]  # Twisted's
             log.hook_failed(address, exc)
             transport.abortConnection()
             return
+        self._fd = handle.fileno() if handle is not None and hasattr(handle, "fileno") else None
         if self._policy is Policy.SKIP:
-            if not self._trusted and settings.policy_for is None:
+            if not self._trusted and settings.policy_for is None and factory.ssl is None:
                 self._look = untrusted_look(log, settings, address)
             self._serve(None, b"")
             return
         self._scanner = settings.scanner()
-        fd = handle.fileno() if handle is not None and hasattr(handle, "fileno") else None
-        factory.parking.add(self, address, fd, settings.max_pending)
+        factory.parking.add(self, address, self._fd, settings.max_pending)
         self._timer = factory.reactor().callLater(settings.header_timeout, self._expired)
 
     def dataReceived(self, data: bytes) -> None:
@@ -193,6 +196,9 @@ class ProxyProtocolWrapper(_ProtocolWrapper):  # type: ignore[misc]  # Twisted's
                     self._look = None
                     look(data)
                 self.wrappedProtocol.dataReceived(data)
+                if self._tls is not None and getattr(self._tls, "_handshakeDone", True):
+                    self._tls = None  # the handshake is done: the connection no longer waits
+                    self._release()
             return
         outcome = scanner.feed(data)
         if outcome is not None:
@@ -224,6 +230,17 @@ class ProxyProtocolWrapper(_ProtocolWrapper):  # type: ignore[misc]  # Twisted's
             verdict = decide(self._policy, outcome)
             if not verdict.serve:
                 self._refuse(verdict.level, outcome, scanner)
+        elif self._tls is not None:  # the TLS layer failed its handshake, or the peer left during it
+            self._tls = None
+            self._release()
+            why = "" if reason is None else f": {reason.getErrorMessage()}"
+            self.factory.refusals.log(
+                logging.INFO,
+                "%s: closed during the TLS handshake%s",
+                peer_text(socket_address(self.proxy_peer)),
+                why,
+                kind=KIND_TLS,
+            )
         self.factory.unregisterProtocol(self)
         inner, self.wrappedProtocol = self.wrappedProtocol, None
         if inner is not None:
@@ -251,6 +268,18 @@ class ProxyProtocolWrapper(_ProtocolWrapper):  # type: ignore[misc]  # Twisted's
         scanner = self._scanner
         if scanner is not None:
             self._decided(scanner.expire(), b"")
+        elif self._tls is not None:
+            self._tls = None
+            self._release()
+            timeout = self.factory.settings.header_timeout
+            self.factory.refusals.log(
+                logging.INFO,
+                "%s: closed: TLS handshake not done within %g s",
+                peer_text(socket_address(self.proxy_peer)),
+                timeout,
+                kind=KIND_TLS,
+            )
+            self.transport.abortConnection()
 
     def _release(self) -> None:
         """Forget the waiting state: the scanner, the deadline, the parking slot."""
@@ -304,10 +333,24 @@ class ProxyProtocolWrapper(_ProtocolWrapper):  # type: ignore[misc]  # Twisted's
             noLongerProvides(self, interfaces.IHalfCloseableProtocol)  # Twisted closes at EOF, as without us
         self.wrappedProtocol = inner
         inner.makeConnection(self)
-        if self.factory.ssl is not None:
-            self.factory.watch_handshake(self, inner)
+        if self.factory.ssl is not None and self.connected:
+            self._await_handshake(inner)
         if rest and self.wrappedProtocol is not None and self.connected:
             self.dataReceived(rest)
+
+    def _await_handshake(self, tls: Any) -> None:
+        """With ``ssl``: the connection waits (a deadline of ``header_timeout``, a parking slot) until ``tls`` is done.
+
+        Twisted's TLS layer says when its handshake is done only to the
+        application (``IHandshakeListener``); its own flag is read after each
+        chunk it is given, until it is set.
+        """
+        if getattr(tls, "_handshakeDone", True):
+            return
+        self._tls = tls
+        factory = self.factory
+        factory.parking.add(self, socket_address(self.proxy_peer), self._fd, factory.settings.max_pending)
+        self._timer = factory.reactor().callLater(factory.settings.header_timeout, self._expired)
 
     def abort(self) -> None:
         """Close a connection still waiting for its header (evicted, or the factory stopped)."""
@@ -391,25 +434,6 @@ class ProxyProtocolFactory(_WrappingFactory):  # type: ignore[misc]  # Twisted's
         self.closed = True
         for waiting in list(self.parking.waiting):
             waiting.abort()
-
-    def watch_handshake(self, wrapper: ProxyProtocolWrapper, tls: Any) -> None:
-        """With ``ssl``: close ``wrapper``'s connection when its TLS handshake is not done by ``header_timeout``."""
-        timeout = self.settings.header_timeout
-
-        def check() -> None:
-            # TLSMemoryBIOProtocol says nothing public when its handshake completes (but to the
-            # application, through IHandshakeListener): its own flag, read once at the deadline.
-            if wrapper.connected and not getattr(tls, "_handshakeDone", True):
-                self.refusals.log(
-                    logging.INFO,
-                    "%s: closed: TLS handshake not done within %g s after the header",
-                    peer_text(socket_address(wrapper.proxy_peer)),
-                    timeout,
-                    kind=KIND_TLS,
-                )
-                wrapper.transport.abortConnection()
-
-        self.reactor().callLater(timeout, check)
 
 
 @implementer(interfaces.IStreamServerEndpoint)

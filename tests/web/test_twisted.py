@@ -215,6 +215,20 @@ def test_tls_is_negotiated_after_the_header(tmp_path: Path, cert: Certificate) -
     assert len(lines(log, "sent a TLS handshake first")) == 1
 
 
+def test_a_client_silent_after_its_header_is_closed_at_the_tls_deadline(tmp_path: Path, cert: Certificate) -> None:
+    port = free_port()
+    description = (
+        f"proxyproto:ssl:{port}:interface=127.0.0.1:privateKey={cert.key}:certKey={cert.cert}:header_timeout=0.5"
+    )
+    with twisted_server(tmp_path, description, port) as log:
+        with socket.create_connection(("127.0.0.1", port), timeout=CEILING) as sock:
+            sock.sendall(proxyproto.encode_v2(REAL_V4, DEST_V4))  # then no ClientHello
+            waited = closed_after(sock)
+        time.sleep(0.2)
+    assert 0.4 <= waited < 5, f"closed after {waited:.2f} s, the deadline being 0.5 s"
+    assert len(lines(log, "closed: TLS handshake not done within 0.5 s")) == 1
+
+
 def test_an_untrusted_peers_header_never_becomes_the_client(tmp_path: Path) -> None:
     port = free_port()
     header = proxyproto.encode_v2(REAL_V4, DEST_V4)
