@@ -14,6 +14,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shlex
+import shutil
 import socket
 import ssl
 import subprocess
@@ -24,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import free_port, require_haproxy, require_module
+from support import free_port, python_script, require_haproxy, require_module
 from web_kit import DEST_V4, DEST_V6, REAL_V4, REAL_V6, ROOT, Certificate, command, self_signed
 
 import proxyproto
@@ -329,3 +332,87 @@ def test_the_plugin_directory_never_shadows_the_twisted_package() -> None:
     ).stdout.splitlines()
     assert out[0].endswith(os.path.join("twisted", "__init__.py")) and not out[0].startswith(str(ROOT)), out
     assert str(plugins) in out[1], "Twisted does not look in the repository's twisted/plugins"
+
+
+# -- docs/twisted.rst: every example runs as written, only the port changed ----------------------------
+
+PAGE = ROOT / "docs" / "twisted.rst"
+
+
+def block(name: str) -> str:
+    """The page's ``.. code-block::`` with ``:name: <name>``, dedented."""
+    match = re.search(
+        r"^\.\. code-block:: \w+\n   :name: " + re.escape(name) + r"\n\n((?:(?:    .*)?\n)+)",
+        PAGE.read_text(),
+        re.MULTILINE,
+    )
+    assert match, f"no block named {name} in {PAGE}"
+    return "\n".join(line[4:] for line in match.group(1).splitlines()).strip() + "\n"
+
+
+def shell_line(name: str, ports: dict[str, int]) -> tuple[list[str], dict[str, str], int]:
+    """A page's ``daphne`` line as argv (this interpreter's ``-m daphne``), its ``VAR=value`` prefixes, its port."""
+    line = block(name).strip()
+    for old, new in ports.items():
+        line = line.replace(f":{old}:", f":{new}:")
+    words = shlex.split(line)
+    env = {}
+    while re.match(r"^[A-Z_]+=", words[0]):
+        variable, _, value = words.pop(0).partition("=")
+        env[variable] = value
+    assert words[0] == "daphne", line
+    port = next(new for old, new in ports.items() if f":{new}:" in line)
+    return [sys.executable, "-m", "daphne", *words[1:]], env, port
+
+
+def test_docs_daphne_examples_serve_the_real_client(
+    tmp_path: Path, cert: Certificate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require_module("daphne")
+    from support import run_on
+    from web_kit import get
+
+    monkeypatch.chdir(tmp_path)  # the reader's directory: app.py, key.pem and cert.pem are there
+    (tmp_path / "app.py").write_text(block("asgi-app"))
+    shutil.copy(cert.key, tmp_path / "key.pem")
+    shutil.copy(cert.cert, tmp_path / "cert.pem")
+    ports = {"8000": free_port(), "8443": free_port()}
+    pythonpath = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    header = proxyproto.encode_v2(REAL_V4, DEST_V4)
+    hello = {"raw": f"Hello, {REAL_V4[0]}\n"}
+
+    def answers(port: int, expected: dict[str, str], **kwargs: Any) -> None:
+        async def scenario() -> None:
+            assert await get(("127.0.0.1", port), header, **kwargs) == (200, expected)
+
+        run_on("asyncio", scenario)
+
+    for name, tls in (("daphne-example", None), ("daphne-tls", cert.client_context())):
+        args, env, port = shell_line(name, ports)
+        with command(args, port, env={**env, **pythonpath}, workdir=tmp_path):
+            answers(port, hello, tls=tls)
+    args, env, port = shell_line("daphne-options", ports)
+    assert env == {"PROXYPROTO_HEADER_TIMEOUT": "5"}
+    with command(args, port, env={**env, **pythonpath}, workdir=tmp_path):
+        answers(port, hello)
+        # 127.0.0.2 is not in trusted=: its header is read and removed (IGNORE), its own address served.
+        answers(port, {"raw": "Hello, 127.0.0.2\n"}, local="127.0.0.2")
+
+
+@pytest.mark.parametrize(
+    "name, answer",
+    [("twisted-endpoint-example", f"Hello, {REAL_V4[0]}\n"), ("twisted-code-example", f"Hello, {REAL_V4[0]} (v2)\n")],
+)
+def test_docs_twisted_examples_greet_the_real_client(tmp_path: Path, name: str, answer: str) -> None:
+    port = free_port()
+    script = tmp_path / f"{name}.py"
+    script.write_text(block(name).replace("8000", str(port)))
+    with command(python_script(script), port, workdir=tmp_path):
+        with socket.create_connection(("127.0.0.1", port), timeout=CEILING) as sock:
+            sock.sendall(proxyproto.encode_v2(REAL_V4, DEST_V4))
+            got = b""
+            while not got.endswith(b"\n"):
+                chunk = sock.recv(1024)
+                assert chunk, got
+                got += chunk
+    assert got.decode() == answer
