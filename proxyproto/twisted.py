@@ -179,7 +179,7 @@ class ProxyProtocolWrapper(_ProtocolWrapper):  # type: ignore[misc]  # Twisted's
             return
         self._fd = handle.fileno() if handle is not None and hasattr(handle, "fileno") else None
         if self._policy is Policy.SKIP:
-            if not self._trusted and settings.policy_for is None and factory.ssl is None:
+            if not self._trusted and settings.policy_for is None:
                 self._look = untrusted_look(log, settings, address)
             self._serve(None, b"")
             return
@@ -373,11 +373,12 @@ class ProxyProtocolFactory(_WrappingFactory):  # type: ignore[misc]  # Twisted's
     ones ``TypeError``.
 
     :attr:`pending` counts the connections whose header is not in yet;
-    :meth:`close` (called by ``doStop``, when the last port using the
+    :meth:`close` (called by ``stopFactory``, when the last port using the
     factory stops listening) closes them.
     """
 
     protocol = ProxyProtocolWrapper
+    noisy = False  # the wrapped factory says it starts and stops; once is enough
 
     def __init__(
         self,
@@ -416,13 +417,12 @@ class ProxyProtocolFactory(_WrappingFactory):  # type: ignore[misc]  # Twisted's
     def buildProtocol(self, addr: Any) -> ProxyProtocolWrapper:
         return ProxyProtocolWrapper(self)
 
-    def doStart(self) -> None:
+    def startFactory(self) -> None:
         self.closed = False
-        super().doStart()
 
-    def doStop(self) -> None:
+    def stopFactory(self) -> None:
+        """The last port using this factory stopped listening: close the connections waiting for their header."""
         self.close()
-        super().doStop()
 
     @property
     def pending(self) -> int:
@@ -521,7 +521,10 @@ class ProxyProtocolEndpointParser:
         if str(args[0]).lower() == "ssl":
             # Twisted's own reading of an ssl: description (the certificate options), listened on as
             # plain TCP: the TLS layer goes above the header.
-            _, (port, _factory, context), listen = _parseServer(description, None)
+            name, parsed, listen = _parseServer(description, None)
+            if name != "SSL" or len(parsed) != 3:  # pragma: no cover - a Twisted that reads ssl: otherwise
+                raise ValueError("proxyproto: cannot read this Twisted's ssl: description; use wrap_endpoint(ssl=)")
+            port, _factory, context = parsed
             return ProxyServerEndpoint(
                 _TCP4ServerEndpoint(reactor, port, **listen), settings=settings, ssl=context, reactor=reactor
             )

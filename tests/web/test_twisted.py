@@ -17,6 +17,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -315,6 +316,98 @@ def test_sigint_with_connections_waiting_for_their_header_returns_promptly(tmp_p
     finally:
         for sock in parked:
             sock.close()
+
+
+def test_a_unix_listener_trusts_its_peers_only_behind_a_socket_file_that_is_not_world_writable(tmp_path: Path) -> None:
+    header = proxyproto.encode_v2(REAL_V4, DEST_V4)
+    script = tmp_path / "report_server.py"
+    script.write_text(SERVER)
+    for mode, trusted in (("600", True), ("666", False)):
+        path = tmp_path / f"srv-{mode}.sock"
+        out = open(tmp_path / f"unix-{mode}.out", "wb")
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        proc = subprocess.Popen([sys.executable, str(script), f"proxyproto:unix:{path}:mode={mode}"], stdout=out,
+                                stderr=out, env=env)
+        try:
+            deadline = time.monotonic() + CEILING
+            while not path.exists():
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / f"unix-{mode}.out").read_text()
+                time.sleep(0.05)
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(CEILING)
+                sock.connect(str(path))
+                sock.sendall(header + PAYLOAD)
+                sock.shutdown(socket.SHUT_WR)
+                seen = json.loads(b"".join(iter(lambda: sock.recv(65536), b"")))
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(CEILING)
+            out.close()
+        if trusted:
+            assert seen["peer"] == list(REAL_V4) and bytes.fromhex(seen["payload"]) == PAYLOAD, seen
+        else:  # anyone on the host may connect: the default trust list does not cover it (SKIP)
+            assert seen["peer"][0] == "UNIXAddress" and bytes.fromhex(seen["payload"]) == header + PAYLOAD, seen
+
+
+ENDPOINT_PROBE = r"""
+import json, sys
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactor
+
+reactor = MemoryReactor()
+try:
+    endpoint = serverFromString(reactor, sys.argv[1])
+except ValueError as exc:
+    print(json.dumps({"error": str(exc)}))
+    raise SystemExit
+endpoint.listen(Factory.forProtocol(Protocol))
+s = endpoint.settings
+print(json.dumps({
+    "trusted": s.trusted.names(), "policy": s.policy.name, "untrusted_policy": s.untrusted_policy.name,
+    "header_timeout": s.header_timeout, "max_pending": s.max_pending, "tls": endpoint.ssl is not None,
+    "tcp": [(port, interface) for port, _, _, interface in reactor.tcpServers], "ssl": len(reactor.sslServers),
+}))
+"""
+
+
+def probe_endpoint(description: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """What ``serverFromString(MemoryReactor(), description)`` gives, in a fresh interpreter (the plugin as usual)."""
+    result = subprocess.run(
+        [sys.executable, "-c", ENDPOINT_PROBE, description], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def test_endpoint_options_set_the_knobs_over_the_environment(cert: Certificate) -> None:
+    seen = probe_endpoint(
+        r"proxyproto:tcp:8000:interface=127.0.0.1:trusted=10.0.0.0/8,127.0.0.1,\:\:1:untrusted_policy=IGNORE"
+        ":header_timeout=2.5",
+        {"PROXYPROTO_MAX_PENDING": "7", "PROXYPROTO_HEADER_TIMEOUT": "9"},
+    )
+    assert seen["trusted"] == ["10.0.0.0/8", "127.0.0.1/32", "::1/128"] and seen["untrusted_policy"] == "IGNORE"
+    assert seen["header_timeout"] == 2.5 and seen["max_pending"] == 7  # the string first, then PROXYPROTO_*
+    assert seen["tcp"] == [[8000, "127.0.0.1"]] and not seen["tls"]
+    # ssl: listens on plain TCP (the TLS layer above the header), with Twisted's own certificate options.
+    seen = probe_endpoint(f"proxyproto:ssl:8443:interface=127.0.0.1:privateKey={cert.key}:certKey={cert.cert}")
+    assert seen["tcp"] == [[8443, "127.0.0.1"]] and seen["ssl"] == 0 and seen["tls"]
+    assert seen["trusted"] == ["127.0.0.1/32", "::1/128"] and seen["policy"] == "REQUIRE"  # the defaults
+
+
+@pytest.mark.parametrize(
+    "description, words",
+    [
+        ("proxyproto:tcp:8000:policy=MAYBE", "proxyproto endpoint option policy: 'MAYBE' is not a policy"),
+        ("proxyproto:tcp:8000:trusted=10.0.0.0/33", "proxyproto endpoint option trusted: cannot read"),
+        ("proxyproto:tcp:8000:untrusted_policy=USE", "proxyproto endpoint option untrusted_policy: USE and REQUIRE"),
+        ("proxyproto:tcp:8000:max_pending=0", "proxyproto endpoint option max_pending: must be an integer"),
+        ("proxyproto:tcp:8000:verify_checksum=maybe", "proxyproto endpoint option verify_checksum: not a boolean"),
+    ],
+)
+def test_an_invalid_endpoint_option_is_refused_before_listening_naming_it(description: str, words: str) -> None:
+    assert words in probe_endpoint(description)["error"]
 
 
 def test_the_plugin_directory_never_shadows_the_twisted_package() -> None:
