@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 from support import free_port, python_script, require_haproxy, require_module
-from web_kit import DEST_V4, DEST_V6, REAL_V4, REAL_V6, ROOT, Certificate, command, self_signed
+from web_kit import DEST_V4, DEST_V6, REAL_V4, REAL_V6, ROOT, Certificate, command, self_signed, tcp_listening
 
 import proxyproto
 
@@ -408,6 +408,40 @@ def test_endpoint_options_set_the_knobs_over_the_environment(cert: Certificate) 
 )
 def test_an_invalid_endpoint_option_is_refused_before_listening_naming_it(description: str, words: str) -> None:
     assert words in probe_endpoint(description)["error"]
+
+
+FACTORY_SERVER = r"""
+import signal, sys
+from twisted.internet import protocol, reactor
+from proxyproto.twisted import ProxyProtocolFactory
+
+factory = ProxyProtocolFactory(protocol.Factory.forProtocol(protocol.Protocol), trusted="127.0.0.1")
+ports = [reactor.listenTCP(int(p), factory, interface="127.0.0.1") for p in sys.argv[1:]]
+signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(lambda: [p.stopListening() for p in ports]))
+reactor.run()
+"""
+
+
+def test_stopping_the_factorys_ports_closes_its_waiting_connections_at_once(tmp_path: Path) -> None:
+    """``reactor.listenTCP`` with a ProxyProtocolFactory on two ports: when both stop, no waiting connection is left."""
+    script = tmp_path / "factory_server.py"
+    script.write_text(FACTORY_SERVER)
+    first, second = free_port(), free_port()
+    with command([sys.executable, str(script), str(first), str(second)], second, workdir=tmp_path) as proc:
+        deadline = time.monotonic() + CEILING
+        while not tcp_listening(first) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        waiting = [socket.create_connection(("127.0.0.1", port), timeout=CEILING) for port in (first, second, first)]
+        try:
+            waiting[0].sendall(proxyproto.encode_v1(REAL_V4, DEST_V4)[:9])
+            time.sleep(0.2)
+            proc.send_signal(signal.SIGUSR1)
+            for sock in waiting:
+                assert closed_after(sock) < 2  # header_timeout is 10 s: only the stop closes them
+            assert proc.poll() is None, "the reactor keeps running"
+        finally:
+            for sock in waiting:
+                sock.close()
 
 
 def test_the_plugin_directory_never_shadows_the_twisted_package() -> None:
