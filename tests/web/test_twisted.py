@@ -108,17 +108,18 @@ def exchange(
             sock.bind((local, 0))
         sock.connect(address)
         own = sock.getsockname()
-        for i, chunk in enumerate(chunks):
-            if i:
-                time.sleep(0.05)
-            sock.sendall(chunk)
         conn: Any = sock
-        if tls is not None:
-            conn = tls.wrap_socket(sock, server_hostname="localhost")
-            conn.sendall(b"over TLS\n")
-        else:
-            conn.sendall(PAYLOAD)
-            conn.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(ConnectionError):  # a server that closed meanwhile is observed below
+            for i, chunk in enumerate(chunks):
+                if i:
+                    time.sleep(0.05)
+                sock.sendall(chunk)
+            if tls is not None:
+                conn = tls.wrap_socket(sock, server_hostname="localhost")
+                conn.sendall(b"over TLS\n")
+            else:
+                conn.sendall(PAYLOAD)
+                conn.shutdown(socket.SHUT_WR)
         data = b""
         with contextlib.suppress(ConnectionResetError, ssl.SSLError):
             while chunk := conn.recv(65536):
