@@ -356,7 +356,8 @@ class ProxyProtocolWrapper(_ProtocolWrapper):  # type: ignore[misc]  # Twisted's
         self._timer = factory.reactor().callLater(factory.settings.header_timeout, self._expired)
 
     def abort(self) -> None:
-        """Close a connection still waiting for its header (evicted, or the factory stopped)."""
+        """Close a connection still waiting for its header or handshake (evicted, or the factory stopped)."""
+        self._tls = None  # the eviction's line (or the stop) says why: no second line for the handshake
         self._release()
         self.transport.abortConnection()
 

@@ -46,7 +46,9 @@ logging.basicConfig(level=logging.DEBUG, format="%(levelname)s:%(name)s:%(messag
 
 
 def address(a):
-    return [a.host, a.port] if hasattr(a, "port") else [type(a).__name__, str(a.name)]
+    if hasattr(a, "port"):
+        return [a.host, a.port]
+    return [type(a).__name__, a.name.decode() if isinstance(a.name, bytes) else a.name]  # Twisted keeps bytes
 
 
 @implementer(interfaces.IHalfCloseableProtocol)
@@ -321,8 +323,18 @@ def test_sigint_with_connections_waiting_for_their_header_returns_promptly(tmp_p
 
 def test_a_unix_listener_trusts_its_peers_only_behind_a_socket_file_that_is_not_world_writable(tmp_path: Path) -> None:
     header = proxyproto.encode_v2(REAL_V4, DEST_V4)
+    unix_header = proxyproto.encode_v2("/run/real-client.sock", "/run/listener.sock")
     script = tmp_path / "report_server.py"
     script.write_text(SERVER)
+
+    def send_unix(path: Path, header: bytes) -> dict[str, Any]:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(CEILING)
+            sock.connect(str(path))
+            sock.sendall(header + PAYLOAD)
+            sock.shutdown(socket.SHUT_WR)
+            return dict(json.loads(b"".join(iter(lambda: sock.recv(65536), b""))))
+
     for mode, trusted in (("600", True), ("666", False)):
         path = tmp_path / f"srv-{mode}.sock"
         out = open(tmp_path / f"unix-{mode}.out", "wb")
@@ -334,18 +346,16 @@ def test_a_unix_listener_trusts_its_peers_only_behind_a_socket_file_that_is_not_
             while not path.exists():
                 assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / f"unix-{mode}.out").read_text()
                 time.sleep(0.05)
-            with socket.socket(socket.AF_UNIX) as sock:
-                sock.settimeout(CEILING)
-                sock.connect(str(path))
-                sock.sendall(header + PAYLOAD)
-                sock.shutdown(socket.SHUT_WR)
-                seen = json.loads(b"".join(iter(lambda: sock.recv(65536), b"")))
+            seen, *unix_seen = (send_unix(path, h) for h in (header, unix_header))
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(CEILING)
             out.close()
         if trusted:
             assert seen["peer"] == list(REAL_V4) and bytes.fromhex(seen["payload"]) == PAYLOAD, seen
+            # A UNIX-family header on a UNIX listener: getPeer() and getHost() are its UNIXAddress pair.
+            assert unix_seen[0]["peer"] == ["UNIXAddress", "/run/real-client.sock"], unix_seen
+            assert unix_seen[0]["host"] == ["UNIXAddress", "/run/listener.sock"], unix_seen
         else:  # anyone on the host may connect: the default trust list does not cover it (SKIP)
             assert seen["peer"][0] == "UNIXAddress" and bytes.fromhex(seen["payload"]) == header + PAYLOAD, seen
 
