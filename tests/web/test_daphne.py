@@ -2,15 +2,16 @@
 
 Daphne builds its listeners with Twisted's ``serverFromString``, so the
 ``proxyproto:`` endpoint plugin reaches it with no change to Daphne: the ASGI
-application's ``scope["client"]`` is the header's source.  The application is
-``web_kit.app``, a minimal ASGI 3 application (what Channels' routers are)
-that answers a JSON report of its scope.  Each server is the real command,
+application's ``scope["client"]`` is the header's source.  The application is a
+Channels ``ProtocolTypeRouter`` in front of ``web_kit.app``, a minimal ASGI
+application that answers a JSON report of its scope.  Each server is the real command,
 stopped by PID.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import sys
@@ -20,19 +21,45 @@ from pathlib import Path
 
 import pytest
 from support import free_port, require_haproxy, require_module, run_on
-from web_kit import DEST_V4, DEST_V6, REAL_V4, REAL_V6, Certificate, command, connect, get, self_signed
+from web_kit import (
+    DEST_V4,
+    DEST_V6,
+    REAL_V4,
+    REAL_V6,
+    ROOT,
+    Certificate,
+    command,
+    connect,
+    get,
+    self_signed,
+    websocket,
+    ws_receive,
+    ws_send,
+)
 
 import proxyproto
 
 require_module("daphne")
+require_module("channels")
 require_module("twisted.internet")
+
+
+#: A Channels application: its protocol router in front of web_kit's ASGI app (no Django project needed).
+CHANNELS_APP = """
+from channels.routing import ProtocolTypeRouter
+from web_kit import app
+
+application = ProtocolTypeRouter({"http": app, "websocket": app})
+"""
 
 
 @contextlib.contextmanager
 def daphne(tmp_path: Path, endpoint: str, port: int, env: dict[str, str] | None = None) -> Iterator[Path]:
-    """``daphne -e <endpoint> web_kit:app`` until the block ends; its output file."""
-    args = [sys.executable, "-m", "daphne", "-e", endpoint, "web_kit:app"]
-    with command(args, port, env=env, workdir=tmp_path):
+    """``daphne -e <endpoint> channels_app:application`` until the block ends; its output file."""
+    (tmp_path / "channels_app.py").write_text(CHANNELS_APP)
+    args = [sys.executable, "-m", "daphne", "-e", endpoint, "channels_app:application"]
+    paths = os.pathsep.join([str(tmp_path), str(ROOT), str(ROOT / "tests" / "web")])
+    with command(args, port, env={"PYTHONPATH": paths, **(env or {})}, workdir=tmp_path):
         yield tmp_path / f"server-{port}.out"
 
 
@@ -56,6 +83,23 @@ def test_scope_client_is_the_headers_source(tmp_path: Path, header: bytes, sourc
                 for _ in range(2):  # keep-alive: every request of the connection
                     status, seen = await conn.request()
                     assert status == 200 and seen["client"] == list(source), seen
+            finally:
+                await conn.close()
+
+        run_on("asyncio", scenario)
+
+
+def test_a_websockets_scope_client_is_the_headers_source(tmp_path: Path) -> None:
+    port = free_port()
+    with daphne(tmp_path, f"proxyproto:tcp:{port}:interface=127.0.0.1", port):
+
+        async def scenario() -> None:
+            conn = await connect(("127.0.0.1", port), proxyproto.encode_v1(REAL_V4, DEST_V4))
+            try:
+                seen = await websocket(conn)
+                assert seen["client"] == list(REAL_V4), seen
+                ws_send(conn, "echo")
+                assert await ws_receive(conn) == "echo"
             finally:
                 await conn.close()
 

@@ -455,6 +455,13 @@ def test_stopping_the_factorys_ports_closes_its_waiting_connections_at_once(tmp_
                 sock.close()
 
 
+def test_importing_the_adapter_installs_no_reactor() -> None:
+    code = "import sys, proxyproto.twisted; print('twisted.internet.reactor' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.strip() == "False"  # Daphne installs its own reactor after importing its modules
+
+
 def test_the_plugin_directory_never_shadows_the_twisted_package() -> None:
     plugins = ROOT / "twisted" / "plugins"
     assert (plugins / "proxyproto_endpoints.py").is_file()
