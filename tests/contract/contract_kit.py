@@ -28,7 +28,7 @@ import time
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Union
+from typing import Any, Callable, ClassVar, Union, cast
 
 from support import free_port, listening, require_module
 
@@ -725,6 +725,35 @@ class TornadoAdapter(Adapter):
         lt = LoopThread()
         server, address = lt.run(up())
         return Running(address, lambda: lt.stop(down()))
+class TwistedAdapter(Adapter):
+    """``proxyproto.twisted.wrap_endpoint`` on Twisted's reactor, run once in a daemon thread for the session."""
+    name, tls, requires, reactor_thread = "twisted", True, ("twisted.internet", "OpenSSL"), cast(Any, None)
+    class App:  # made a twisted Protocol, half-closeable, in start(); reports at EOF (over TLS, at a newline)
+        tls, data, transport = False, b"", cast(Any, None)
+        def dataReceived(self, data: bytes) -> None:
+            self.data += data
+            if self.tls and b"\n" in data:
+                self.readConnectionLost()
+        def readConnectionLost(self) -> None:
+            t, peer = self.transport, self.transport.getPeer()
+            t.write(report((peer.host, peer.port), getattr(t, "proxy_header", None), self.data))
+            t.loseConnection()
+        def writeConnectionLost(self) -> None: ...
+    def start(self, settings: Settings, cert: Certificate | None) -> Running:
+        from twisted.internet import endpoints, interfaces, protocol, reactor, ssl
+        from twisted.internet.threads import blockingCallFromThread as call
+        from zope.interface import implementer
+
+        from proxyproto.twisted import wrap_endpoint
+        if TwistedAdapter.reactor_thread is None:
+            TwistedAdapter.reactor_thread = threading.Thread(target=reactor.run, args=(False,), daemon=True)
+            TwistedAdapter.reactor_thread.start()
+        context = ssl.DefaultOpenSSLContextFactory(str(cert.key), str(cert.cert)) if settings.tls and cert else None
+        app = type("App", (self.App, protocol.Protocol), {"tls": settings.tls})
+        factory = protocol.Factory.forProtocol(implementer(interfaces.IHalfCloseableProtocol)(app))
+        inner = endpoints.TCP4ServerEndpoint(reactor, 0, interface=TRUSTED_HOST)
+        port = call(reactor, wrap_endpoint(inner, ssl=context, **settings.knobs()).listen, factory)
+        return Running((TRUSTED_HOST, port.getHost().port), lambda: call(reactor, port.stopListening))
 
 
 ADAPTERS: list[Adapter] = [
@@ -746,6 +775,7 @@ ADAPTERS: list[Adapter] = [
     HypercornAdapter(),
     WaitressAdapter(),
     TornadoAdapter(),
+    TwistedAdapter(),
 ]
 BY_NAME = {adapter.name: adapter for adapter in ADAPTERS}
 

@@ -1,0 +1,558 @@
+"""Twisted: a protocol wrapper and an endpoint (``proxyproto:``) that read the PROXY header first.
+
+Twisted servers listen through endpoints, most of them built from a string by
+``serverFromString`` (``twistd``, ``daphne -e``, Synapse, your own code), so
+the header belongs in an endpoint that wraps any other::
+
+    serverFromString(reactor, "proxyproto:tcp:8000:interface=127.0.0.1")
+    serverFromString(reactor, "proxyproto:ssl:8443:privateKey=key.pem:certKey=cert.pem")
+
+(the ``proxyproto`` prefix is the plugin ``twisted/plugins/proxyproto_endpoints.py``
+installs; :class:`ProxyProtocolEndpointParser` reads the string).  In the
+``ssl:`` form the TLS handshake runs *after* the header, as a proxy sending
+``send-proxy`` in front of TLS passthrough needs; Twisted's own ``haproxy:``
+endpoint can only put TLS outside the header.
+
+From Python: :class:`ProxyProtocolFactory` wraps a protocol factory,
+:func:`wrap_endpoint` a listening endpoint.
+
+Each connection first gets a :class:`ProxyProtocolWrapper`.  It feeds the
+bytes Twisted delivers to the one scanner (:meth:`proxyproto.settings.Settings.scanner`)
+until it says what they are, asks the one trust decision
+(:meth:`proxyproto.settings.Settings.trust`) and the policy table
+(:func:`proxyproto.policy.decide`) what to do, and only then builds the
+inner protocol (``wrappedFactory.buildProtocol`` with the address it is
+served with), connects it to itself as its transport and hands it the bytes
+after the header, in the same call: nothing lost, nothing invented.  For
+the inner protocol, ``transport.getPeer()`` and ``getHost()`` are the
+header's addresses (Twisted's ``IPv4Address``, ``IPv6Address`` or
+``UNIXAddress``) when the policy uses them, and ``transport.proxy_header``
+is a trusted peer's header (else None), also through the TLS layer.
+
+Deadlines are ``reactor.callLater`` timers; the connections still waiting
+for their header count toward ``max_pending`` (:class:`proxyproto.parking.Parking`:
+past it the oldest is closed) and are closed when the factory stops (the
+listening port stops, or the reactor shuts down), so a shutdown never waits
+for them.  Refusal lines are rate limited (:class:`proxyproto.refusal_log.RefusalLog`).
+
+Twisted is imported when this module is, which only its users do; the
+reactor is never imported here (the endpoint is given one, and the factory
+takes ``reactor=``, else the global one when the first connection arrives).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+# Twisted's own annotations (zope interfaces as types, untyped factories and parsers) would turn
+# every use here into a cast: its classes and functions are used as Any.  Without Twisted (a
+# [test]-only mypy) the modules are missing, which setup.cfg's [mypy-twisted.*] allows.
+from twisted.internet import endpoints as _endpoints
+from twisted.internet import interfaces
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.plugin import IPlugin
+from twisted.protocols import policies as _policies
+from twisted.protocols import tls as _tls
+from zope.interface import classImplements, directlyProvides, implementedBy, implementer, providedBy
+
+from .advice import note_untrusted_header, refusal_line, untrusted_look
+from .header import Family, ProxyHeader
+from .parking import Parking
+from .policy import Outcome, Policy, decide, peer_text, served_address
+from .reader import HeaderScanner
+from .refusal_log import KIND_TLS, RefusalLog, kind_of, listener_text
+from .settings import KNOBS, Settings, _from_text, settings_for, settings_from_environment
+
+_ProtocolWrapper: Any = _policies.ProtocolWrapper
+_WrappingFactory: Any = _policies.WrappingFactory
+_TLSMemoryBIOFactory: Any = _tls.TLSMemoryBIOFactory
+_TCP4ServerEndpoint: Any = _endpoints.TCP4ServerEndpoint
+#: Twisted's own reading of a server description (``ssl:`` options included), private but there
+#: since Twisted 10.2: serverFromString is built on it.
+_parseServer: Any = _endpoints._parseServer
+_quote: Any = _endpoints.quoteStringArgument
+_serverFromString: Any = _endpoints.serverFromString
+
+__all__ = [
+    "ProxyProtocolEndpointParser",
+    "ProxyProtocolFactory",
+    "ProxyProtocolWrapper",
+    "ProxyServerEndpoint",
+    "wrap_endpoint",
+]
+
+logger = logging.getLogger("proxyproto")
+
+#: The knobs a ``proxyproto:`` string may set (``policy_for`` is a function: Python only).
+STRING_KNOBS = tuple(knob for knob in KNOBS if knob != "policy_for")
+_SOCKET_PEER: Any = object()  # served_address's answer when the socket's own peer is kept
+
+
+def socket_address(address: Any) -> Any:
+    """A Twisted address as the socket module gives it: ``(host, port)``, ``(host, port, flow, scope)``, a path."""
+    if isinstance(address, IPv6Address):
+        return (address.host, address.port, address.flowInfo, address.scopeID)
+    if isinstance(address, IPv4Address):
+        return (address.host, address.port)
+    if isinstance(address, UNIXAddress):
+        return address.name
+    return None
+
+
+def _family(address: Any) -> int:
+    if isinstance(address, IPv6Address):
+        return socket.AF_INET6
+    if isinstance(address, IPv4Address):
+        return socket.AF_INET
+    return getattr(socket, "AF_UNIX", -1)
+
+
+def twisted_address(family: Family, address: Any) -> Any:
+    """One address of a header as Twisted gives addresses (``IPv4Address``, ``IPv6Address``, ``UNIXAddress``)."""
+    if family is Family.INET6:
+        return IPv6Address("TCP", address[0], address[1])
+    if family is Family.INET:
+        return IPv4Address("TCP", address[0], address[1])
+    return UNIXAddress(address)
+
+
+@implementer(interfaces.IHalfCloseableProtocol)
+class ProxyProtocolWrapper(_ProtocolWrapper):  # type: ignore[misc]  # Twisted's class, as Any
+    """One connection: reads its PROXY header, then is the inner protocol's transport.
+
+    ``proxy_header``: the header of a trusted peer (a LOCAL one included, and
+    under IGNORE), else None.  ``proxy_peer``: the socket's own peer (the
+    proxy), as Twisted gives it.  :meth:`getPeer` and :meth:`getHost`: the
+    header's addresses where the policy uses them, else the socket's.
+    ``wrappedProtocol`` is None until the connection is served.
+    """
+
+    factory: ProxyProtocolFactory
+    wrappedProtocol: Any
+    proxy_header: ProxyHeader | None = None
+    proxy_peer: Any = None
+    _peer: Any = None
+    _host: Any = None
+    _scanner: HeaderScanner | None = None
+    _timer: Any = None
+    _policy = Policy.REQUIRE
+    _trusted = False
+    _look: Any = None
+    #: With ``ssl``: the TLS protocol while its handshake (after the header) is not done, else None.
+    _tls: Any = None
+    _fd: int | None = None
+
+    def __init__(self, factory: ProxyProtocolFactory) -> None:
+        super().__init__(factory, None)
+
+    # -- IProtocol ----------------------------------------------------------------------
+
+    def makeConnection(self, transport: Any) -> None:
+        # The transport's interfaces (ITCPTransport, ...) for the inner protocol, as ProtocolWrapper
+        # gives them; and half-close, always: an end of stream mid-header is an outcome of its own.
+        declared = _declaring(transport)
+        if declared is None:
+            directlyProvides(self, providedBy(transport))
+        else:
+            self.__class__ = declared
+        self.transport = transport
+        self.connected = 1
+        factory = self.factory
+        factory.registerProtocol(self)
+        self.proxy_peer = peer = transport.getPeer()
+        host = transport.getHost()
+        address = socket_address(peer)
+        log = factory.refusals
+        if log.listener is None:
+            log.listener = listener_text(socket_address(host))
+        if factory.closed:
+            transport.abortConnection()
+            return
+        settings = factory.settings
+        try:
+            handle = transport.getHandle()
+        except Exception:  # a transport without a socket: trust is then the address's alone
+            handle = None
+        try:
+            self._policy, self._trusted = settings.trust(address, handle, family=_family(host))
+        except Exception as exc:  # a user's hook: its failure closes this connection, nothing else
+            log.hook_failed(address, exc)
+            transport.abortConnection()
+            return
+        self._fd = handle.fileno() if handle is not None and hasattr(handle, "fileno") else None
+        if self._policy is Policy.SKIP:
+            if not self._trusted and settings.policy_for is None:
+                self._look = untrusted_look(log, settings, address)
+            self._serve(None, b"")
+            return
+        self._scanner = settings.scanner()
+        factory.parking.add(self, address, self._fd, settings.max_pending)
+        self._timer = factory.reactor().callLater(settings.header_timeout, self._expired)
+
+    def dataReceived(self, data: bytes) -> None:
+        scanner = self._scanner
+        if scanner is None:
+            if self.wrappedProtocol is not None:
+                look = self._look
+                if look is not None:
+                    self._look = None
+                    look(data)
+                self.wrappedProtocol.dataReceived(data)
+                if self._tls is not None and getattr(self._tls, "_handshakeDone", True):
+                    self._tls = None  # the handshake is done: the connection no longer waits
+                    self._release()
+            return
+        outcome = scanner.feed(data)
+        if outcome is not None:
+            self._decided(outcome, scanner.rest)
+
+    def readConnectionLost(self) -> None:
+        scanner = self._scanner
+        if scanner is not None:
+            self._decided(scanner.eof(), b"")
+        inner = self.wrappedProtocol
+        if inner is None or not self.connected:
+            return
+        if interfaces.IHalfCloseableProtocol.providedBy(inner):
+            inner.readConnectionLost()
+        else:  # closed at the end of the stream, as Twisted closes a protocol that is not half-closeable
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        inner = self.wrappedProtocol
+        if inner is not None:
+            inner.writeConnectionLost()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.connected = 0
+        scanner = self._scanner
+        if scanner is not None:  # the connection ended (a reset, a full close) before the header was decided
+            self._release()
+            outcome = scanner.eof()
+            verdict = decide(self._policy, outcome)
+            if not verdict.serve:
+                self._refuse(verdict.level, outcome, scanner)
+        elif self._tls is not None:  # the TLS layer failed its handshake, or the peer left during it
+            self._tls = None
+            self._release()
+            why = "" if reason is None else f": {reason.getErrorMessage()}"
+            self.factory.refusals.log(
+                logging.INFO,
+                "%s: closed during the TLS handshake%s",
+                peer_text(socket_address(self.proxy_peer)),
+                why,
+                kind=KIND_TLS,
+            )
+        self.factory.unregisterProtocol(self)
+        inner, self.wrappedProtocol = self.wrappedProtocol, None
+        if inner is not None:
+            inner.connectionLost(reason)
+
+    # -- the transport the inner protocol sees ------------------------------------------
+
+    def getPeer(self) -> Any:
+        return self.proxy_peer if self._peer is None else self._peer
+
+    def getHost(self) -> Any:
+        return self.transport.getHost() if self._host is None else self._host
+
+    def logPrefix(self) -> str:
+        inner = self.wrappedProtocol
+        if inner is None:
+            return "ProxyProtocol"
+        prefix = inner.logPrefix() if interfaces.ILoggingContext.providedBy(inner) else type(inner).__name__
+        return f"{prefix} (PROXY)"
+
+    # -- deciding -----------------------------------------------------------------------
+
+    def _expired(self) -> None:
+        self._timer = None
+        scanner = self._scanner
+        if scanner is not None:
+            self._decided(scanner.expire(), b"")
+        elif self._tls is not None:
+            self._tls = None
+            self._release()
+            timeout = self.factory.settings.header_timeout
+            self.factory.refusals.log(
+                logging.INFO,
+                "%s: closed: TLS handshake not done within %g s",
+                peer_text(socket_address(self.proxy_peer)),
+                timeout,
+                kind=KIND_TLS,
+            )
+            self.transport.abortConnection()
+
+    def _release(self) -> None:
+        """Forget the waiting state: the scanner, the deadline, the parking slot."""
+        self._scanner = None
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        self.factory.parking.discard(self)
+
+    def _decided(self, outcome: Outcome, rest: bytes) -> None:
+        """Close or serve, as the policy table's cell for ``outcome`` says; ``rest``: the inner protocol's bytes."""
+        scanner = self._scanner
+        assert scanner is not None
+        self._release()
+        verdict = decide(self._policy, outcome)
+        if not verdict.serve:
+            self._refuse(verdict.level, outcome, scanner)
+            self.transport.loseConnection()
+            return
+        header = scanner.header
+        if header is not None and not self._trusted:
+            if self.factory.settings.policy_for is None:  # served without its header (IGNORE): say why
+                log, settings = self.factory.refusals, self.factory.settings
+                note_untrusted_header(log, settings, socket_address(self.proxy_peer), self._policy)
+            header = None  # an untrusted peer's header is read and removed, never handed on
+        self._serve(header, rest)
+
+    def _refuse(self, level: int, outcome: Outcome, scanner: HeaderScanner) -> None:
+        factory = self.factory
+        hooked = factory.settings.policy_for is not None
+        reason = refusal_line(factory.settings, self._policy, outcome, scanner, self._trusted, hooked)
+        factory.refusals.log(
+            level, "%s: closed: %s", peer_text(socket_address(self.proxy_peer)), reason, kind=kind_of(outcome)
+        )
+
+    def _serve(self, header: ProxyHeader | None, rest: bytes) -> None:
+        """Build the inner protocol for the address served, connect it to this wrapper, hand it ``rest``."""
+        self.proxy_header = header
+        host = self.transport.getHost()
+        if header is not None:
+            family = _family(host)
+            if served_address(self._policy, header, _SOCKET_PEER, family) is not _SOCKET_PEER:
+                self._peer = twisted_address(header.family, header.source)
+                self._host = twisted_address(header.family, header.destination)
+        inner = self.factory.inner.buildProtocol(self.getPeer())
+        if inner is None:  # the factory refused the connection, as Twisted lets it
+            self.transport.loseConnection()
+            return
+        self.wrappedProtocol = inner
+        inner.makeConnection(self)
+        if self.factory.ssl is not None and self.connected:
+            self._await_handshake(inner)
+        if rest and self.wrappedProtocol is not None and self.connected:
+            self.dataReceived(rest)
+
+    def _await_handshake(self, tls: Any) -> None:
+        """With ``ssl``: the connection waits (a deadline of ``header_timeout``, a parking slot) until ``tls`` is done.
+
+        Twisted's TLS layer says when its handshake is done only to the
+        application (``IHandshakeListener``); its own flag is read after each
+        chunk it is given, until it is set.
+        """
+        if getattr(tls, "_handshakeDone", True):
+            return
+        self._tls = tls
+        factory = self.factory
+        factory.parking.add(self, socket_address(self.proxy_peer), self._fd, factory.settings.max_pending)
+        self._timer = factory.reactor().callLater(factory.settings.header_timeout, self._expired)
+
+    def abort(self) -> None:
+        """Close a connection still waiting for its header or handshake (evicted, or the factory stopped)."""
+        self._tls = None  # the eviction's line (or the stop) says why: no second line for the handshake
+        self._release()
+        self.transport.abortConnection()
+
+
+#: ProxyProtocolWrapper subclasses declaring a transport class's interfaces, made once per class.
+_DECLARING: dict[type, type[ProxyProtocolWrapper]] = {}
+
+
+def _declaring(transport: Any) -> type[ProxyProtocolWrapper] | None:
+    """The :class:`ProxyProtocolWrapper` subclass that provides what ``transport``'s class does; None when it has
+    interfaces of its own (declared on the instance), which ``directlyProvides`` then copies.
+
+    zope.interface makes a new specification (and its resolution order) for every ``directlyProvides``:
+    hundreds of microseconds per connection, where a class's declaration is made once.
+    """
+    kind = type(transport)
+    made = _DECLARING.get(kind)
+    if made is None:
+        spec = providedBy(transport)
+        if spec is not implementedBy(kind):
+            return None
+        made = type(f"ProxyProtocolWrapperFor{kind.__name__}", (ProxyProtocolWrapper,), {"__module__": __name__})
+        classImplements(made, spec)
+        _DECLARING[kind] = made
+    return made
+
+
+class ProxyProtocolFactory(_WrappingFactory):  # type: ignore[misc]  # Twisted's class, as Any
+    """A protocol factory whose connections read the PROXY header, then get ``wrappedFactory``'s protocol.
+
+    The knobs are docs/configuration.rst's, as keywords (``trusted="10.0.0.0/8"``,
+    ``header_timeout=5``) or as one :class:`~proxyproto.settings.Settings`
+    (``settings=``, the keywords on top); ``trusted`` defaults to
+    ``"127.0.0.1,::1"`` (loopback only).  ``ssl``: a TLS context factory
+    (``twisted.internet.ssl.CertificateOptions``, anything Twisted's
+    ``TLSMemoryBIOFactory`` takes) negotiated *after* the header, the
+    handshake within ``header_timeout`` of its start.  ``reactor``: the
+    reactor for the deadlines (default: the global one, looked up when the
+    first connection arrives).  Invalid knobs raise ``ValueError``, unknown
+    ones ``TypeError``.
+
+    :attr:`pending` counts the connections whose header is not in yet;
+    :meth:`close` (called by ``stopFactory``, when the last port using the
+    factory stops listening) closes them.
+    """
+
+    protocol = ProxyProtocolWrapper
+    noisy = False  # the wrapped factory says it starts and stops; once is enough
+
+    def __init__(
+        self,
+        wrappedFactory: Any,
+        *,
+        settings: Settings | None = None,
+        ssl: Any = None,
+        reactor: Any = None,
+        **knobs: Any,
+    ) -> None:
+        self.settings = settings_for(settings, knobs)
+        self.ssl = ssl
+        #: What builds each served connection's protocol: ``wrappedFactory``, under the TLS layer with ``ssl``.
+        self.inner = wrappedFactory if ssl is None else _TLSMemoryBIOFactory(ssl, False, wrappedFactory)
+        super().__init__(self.inner)
+        self._reactor = reactor
+        self.refusals = RefusalLog(logger, self.settings.log_rate, later=self._later)
+        self.parking: Parking[ProxyProtocolWrapper] = Parking(self.refusals, ProxyProtocolWrapper.abort)
+        self.closed = False
+
+    def reactor(self) -> Any:
+        """The reactor of the deadlines: the one given, else the global one."""
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        return self._reactor
+
+    def _later(self, delay: float, callback: Any) -> bool:
+        reactor = self.reactor()
+        if not getattr(reactor, "running", False):
+            return False
+        reactor.callLater(delay, callback)
+        return True
+
+    def buildProtocol(self, addr: Any) -> ProxyProtocolWrapper:
+        return ProxyProtocolWrapper(self)
+
+    def startFactory(self) -> None:
+        self.closed = False
+
+    def stopFactory(self) -> None:
+        """The last port using this factory stopped listening: close the connections waiting for their header."""
+        self.close()
+
+    @property
+    def pending(self) -> int:
+        """Connections whose header is not in yet."""
+        return len(self.parking)
+
+    def close(self) -> None:
+        """Close every connection still waiting for its header (none was handed to the application)."""
+        self.closed = True
+        for waiting in list(self.parking.waiting):
+            waiting.abort()
+
+
+@implementer(interfaces.IStreamServerEndpoint)
+class ProxyServerEndpoint:
+    """A listening endpoint whose connections read the PROXY header first (see :func:`wrap_endpoint`)."""
+
+    def __init__(
+        self, endpoint: Any, *, settings: Settings | None = None, ssl: Any = None, reactor: Any = None, **knobs: Any
+    ) -> None:
+        self.endpoint = endpoint
+        self.settings = settings_for(settings, knobs)
+        self.ssl = ssl
+        self.reactor = reactor
+        #: The factory of the last :meth:`listen` (its ``pending`` connections, its ``close``).
+        self.factory: ProxyProtocolFactory | None = None
+
+    def listen(self, protocolFactory: Any) -> Any:
+        """Listen on the inner endpoint with ``protocolFactory`` wrapped in a :class:`ProxyProtocolFactory`."""
+        self.factory = ProxyProtocolFactory(protocolFactory, settings=self.settings, ssl=self.ssl, reactor=self.reactor)
+        return self.endpoint.listen(self.factory)
+
+
+def wrap_endpoint(
+    endpoint: Any, *, settings: Settings | None = None, ssl: Any = None, reactor: Any = None, **knobs: Any
+) -> ProxyServerEndpoint:
+    """``endpoint`` (any ``IStreamServerEndpoint``) with the PROXY header read first on every connection.
+
+    The knobs, ``ssl`` and ``reactor`` are :class:`ProxyProtocolFactory`'s.
+    """
+    return ProxyServerEndpoint(endpoint, settings=settings, ssl=ssl, reactor=reactor, **knobs)
+
+
+# -- the endpoint string: proxyproto:<inner description>[:knob=value...] -------------------------
+
+
+def settings_from_options(options: Mapping[str, str], environ: Mapping[str, str] | None = None) -> Settings:
+    """The settings of a ``proxyproto:`` string: ``options`` over ``PROXYPROTO_*`` (:func:`settings_from_environment`).
+
+    ``options``: knob name -> text, read as the environment's values are
+    (``policy=USE``, ``header_timeout=2.5``, ``verify_checksum=false``,
+    ``log_rate=none``).  ``ValueError`` names the option.
+    """
+    base = settings_from_environment(environ)
+    if not options:
+        return base
+    try:
+        given = {knob: _from_text(knob, text.strip()) for knob, text in options.items()}
+        values = {**base.values(), **given}
+        # Built afresh, so that refusal lines name the knobs as the string spells them (trusted=, not
+        # PROXYPROTO_ALLOW_IPS) whenever the string gives one.
+        return Settings(**values)
+    except ValueError as exc:
+        raise ValueError(f"proxyproto endpoint option {exc}") from None
+
+
+def _unparse(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+    """The inner endpoint's description again, every part quoted as ``serverFromString`` reads it."""
+    parts = [_quote(str(arg)) for arg in args]
+    parts += [f"{_quote(str(k))}={_quote(str(v))}" for k, v in kwargs.items()]
+    return ":".join(parts)
+
+
+@implementer(IPlugin, interfaces.IStreamServerEndpointStringParser)
+class ProxyProtocolEndpointParser:
+    """``proxyproto:<any server endpoint>[:<knob>=<value>...]`` for ``serverFromString``.
+
+    The knobs among the keyword options are this library's (named as in
+    docs/configuration.rst, ``policy_for`` excepted); every other part
+    describes the inner endpoint (``tcp:8000:interface=127.0.0.1``,
+    ``tcp6:8000``, ``unix:/run/app.sock:mode=660``, ...).  An inner
+    ``ssl:`` (with Twisted's own options: ``privateKey``, ``certKey``,
+    ``extraCertChain``, ``dhParameters``, ``sslmethod``, ``interface``,
+    ``backlog``) listens on plain TCP and negotiates TLS *after* the header.
+    Knobs the string does not give come from the ``PROXYPROTO_*`` variables.
+    """
+
+    prefix = "proxyproto"
+
+    def parseStreamServer(self, reactor: Any, *args: Any, **kwargs: Any) -> ProxyServerEndpoint:
+        options = {name: kwargs.pop(name) for name in list(kwargs) if name in STRING_KNOBS}
+        settings = settings_from_options(options)
+        if not args:
+            raise ValueError("proxyproto: endpoint needs an inner endpoint (proxyproto:tcp:8000)")
+        description = _unparse(args, kwargs)
+        if str(args[0]).lower() == "ssl":
+            # Twisted's own reading of an ssl: description (the certificate options), listened on as
+            # plain TCP: the TLS layer goes above the header.
+            name, parsed, listen = _parseServer(description, None)
+            if name != "SSL" or len(parsed) != 3:  # pragma: no cover - a Twisted that reads ssl: otherwise
+                raise ValueError("proxyproto: cannot read this Twisted's ssl: description; use wrap_endpoint(ssl=)")
+            port, _factory, context = parsed
+            return ProxyServerEndpoint(
+                _TCP4ServerEndpoint(reactor, port, **listen), settings=settings, ssl=context, reactor=reactor
+            )
+        return ProxyServerEndpoint(_serverFromString(reactor, description), settings=settings, reactor=reactor)
