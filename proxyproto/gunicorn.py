@@ -30,17 +30,36 @@ workers import uvicorn when first used.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import selectors
+import socket
 import ssl
+import threading
+import time
+import weakref
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
+from gunicorn import util as _util  # type: ignore[import-untyped,import-not-found,unused-ignore]
+from gunicorn.workers import gthread as _gthread  # type: ignore[import-untyped,import-not-found,unused-ignore]
+from gunicorn.workers import sync as _sync  # type: ignore[import-untyped,import-not-found,unused-ignore]
+
+from .advice import note_untrusted_header
+from .header import ProxyHeader
 from .logs import show_through
-from .policy import Policy, TrustedNetworks
+from .peers import socket_family
+from .policy import Policy, TrustedNetworks, served_address
+from .refusal_log import RefusalLog, listener_text
 from .settings import VARIABLES, Settings, settings_from_environment
+from .sock import take_complete_header
+from .waiting import ParkedConnections
+from .watcher import Watcher
 
 __all__ = [
+    "SyncWorker",
+    "ThreadWorker",
     "UvicornH11Worker",
     "UvicornWorker",
     "settings_from_gunicorn",
@@ -65,18 +84,30 @@ _FLAGS = {"trusted": "--proxy-allow-from", "policy": "--proxy-protocol"}
 
 
 class GunicornSettings(Settings):
-    """:class:`~proxyproto.settings.Settings` whose log lines name gunicorn's flag for the knobs a flag gave."""
+    """:class:`~proxyproto.settings.Settings` that know which flag or variable gave ``policy`` and ``trusted``.
 
-    __slots__ = ("flags",)
+    Refusal lines name the flag for a knob a flag gave (``--proxy-allow-from``),
+    else its variable; :meth:`source` says where a value came from, for the
+    worker's start line.
+    """
+
+    __slots__ = ("flags", "given")
     flags: frozenset[str]
+    given: frozenset[str]
 
     def name_of(self, knob: str) -> str:
         if knob in self.flags:
             return _FLAGS[knob]
         return VARIABLES.get(knob, knob)
 
+    def source(self, knob: str) -> str:
+        """``--proxy-allow-from``, ``PROXYPROTO_ALLOW_IPS`` or ``the default``: where ``knob``'s value came from."""
+        if knob in self.flags or knob in self.given:
+            return self.name_of(knob)
+        return "the default"
 
-def settings_from_gunicorn(cfg: Any, environ: Mapping[str, str] | None = None) -> Settings:
+
+def settings_from_gunicorn(cfg: Any, environ: Mapping[str, str] | None = None) -> GunicornSettings:
     """The settings of a worker: gunicorn's flags in ``cfg``, the ``PROXYPROTO_*`` variables of ``environ``.
 
     * ``trusted``: ``--proxy-allow-from`` when it is not gunicorn's default
@@ -117,10 +148,11 @@ def settings_from_gunicorn(cfg: Any, environ: Mapping[str, str] | None = None) -
         flags.add("policy")
     made = GunicornSettings(**{**settings.values(), **changes})
     object.__setattr__(made, "flags", frozenset(flags))
+    object.__setattr__(made, "given", frozenset(knob for knob, name in VARIABLES.items() if name in env))
     return made
 
 
-def _startup_check(cfg: Any, *, tls_after_header_async: bool = False) -> Settings:
+def _startup_check(cfg: Any, *, tls_after_header_async: bool = False) -> GunicornSettings:
     """The settings for ``cfg`` in the arbiter's environment (with ``--env``); RuntimeError naming what is wrong.
 
     gunicorn's arbiter calls a worker class's ``check_config`` before it
@@ -142,7 +174,7 @@ def _no_protocol() -> Any:  # pragma: no cover - only checked, never called
     raise RuntimeError("never called")
 
 
-def _log_policy(settings: Settings, tls: bool) -> None:
+def _log_policy(settings: GunicornSettings, tls: bool) -> None:
     """The INFO line a WSGI worker writes at start: its policy, the trusted peers, where they come from, TLS.
 
     (The uvicorn workers write :mod:`proxyproto.uvicorn`'s line, from the settings made here.)
@@ -150,13 +182,13 @@ def _log_policy(settings: Settings, tls: bool) -> None:
     show_through("gunicorn.error")  # under gunicorn's logging, proxyproto's lines show with its format
     after = "; TLS is negotiated after the header" if tls else ""
     logger.info(
-        "PROXY header policy %s for %s, %s for other peers (policy from %s, trusted peers from %s; "
+        "PROXY header policy %s for %s, %s for other peers (policy: %s, trusted peers: %s; "
         "gunicorn's own PROXY parsing is off)%s",
         settings.policy.name,
         settings.trusted.describe(),
         settings.untrusted_policy.name,
-        settings.name_of("policy"),
-        settings.name_of("trusted"),
+        settings.source("policy"),
+        settings.source("trusted"),
         after,
     )
 
@@ -229,3 +261,265 @@ def _make_uvicorn_worker(name: str) -> type:
         f"``gunicorn -k {__name__}.{name}``: uvicorn's worker with uvicorn's {http} protocol after the PROXY header."
     )
     return ProxyUvicornWorker
+
+
+# -- gunicorn's WSGI workers ----------------------------------------------------------------------
+
+#: The header of the connection a worker thread is serving (the sync worker's one thread, or a
+#: gthread pool thread), for the application wrapper to put in the environ.
+_serving = threading.local()
+
+
+def _with_header(app: Any) -> Any:
+    """The WSGI ``app`` with ``environ["proxyproto.header"]`` set: the serving connection's header, or None."""
+
+    def app_with_header(environ: dict[str, Any], start_response: Any) -> Any:
+        environ[ENVIRON_KEY] = getattr(_serving, "header", None)
+        return app(environ, start_response)
+
+    return app_with_header
+
+
+class _Live:
+    """What :class:`~proxyproto.waiting.ParkedConnections` reads: the settings, fixed for the worker's life."""
+
+    __slots__ = ("current", "hooked")
+
+    def __init__(self, settings: Settings) -> None:
+        self.current = settings
+        self.hooked = settings.policy_for is not None
+
+
+#: ``serve(sock, header, address, listener)``: a connection whose header is decided and that is served.
+Serve = Callable[[socket.socket, "ProxyHeader | None", Any, Any], None]
+
+
+class _Reception:
+    """A worker's connections until their header is decided, never blocking the worker's loop.
+
+    A connection whose header came with it (what real proxies do) is
+    served at once; the others wait in a
+    :class:`~proxyproto.waiting.ParkedConnections` (the socketserver mixin's:
+    the policy table, refusal lines, ``max_pending`` eviction), watched by a
+    :class:`~proxyproto.watcher.Watcher` whose descriptor the worker's own
+    loop polls (gunicorn's ``select`` for the sync worker, gthread's
+    poller): :meth:`poll` when it is readable, :meth:`expire` after every
+    wake-up, no wait longer than :meth:`timeout` allows.  ``serve`` gets
+    each connection to serve with its header (a trusted peer's only) and the
+    address it is served with.
+    """
+
+    def __init__(self, settings: Settings, listeners: list[Any], serve: Serve) -> None:
+        self.settings = settings
+        self.serve = serve
+        self.log = RefusalLog(logger, settings.log_rate)
+        self.log.listener = listener_text(*(listener.getsockname() for listener in listeners))
+        watcher = Watcher.open(listeners[0])
+        if watcher is None:  # pragma: no cover - platforms whose selector has no descriptor
+            raise RuntimeError("proxyproto.gunicorn needs a pollable selector (epoll, kqueue, devpoll)")
+        watcher.listen(listeners[0], False)  # gunicorn's loop accepts; the watcher sees parked headers only
+        self.watcher = watcher
+        self.descriptor = watcher.descriptor
+        self.parked = ParkedConnections(_Live(settings), watcher, self.log, self._served)  # type: ignore[arg-type]
+        self.waiting = self.parked.parking.waiting
+        #: The listener of each connection not served yet (gunicorn's workers pass it on).
+        self.listeners: weakref.WeakKeyDictionary[socket.socket, Any] = weakref.WeakKeyDictionary()
+
+    def arrive(self, sock: socket.socket, peer: Any, listener: Any) -> None:
+        """A connection just accepted: serve it now (header in, or SKIP), park it, or close it (logged)."""
+        settings = self.settings
+        try:
+            policy, trusted = settings.trust(peer, sock)
+        except Exception as exc:  # a user's hook: its failure closes this connection, nothing else
+            self.log.hook_failed(peer, exc)
+            sock.close()
+            return
+        if policy is Policy.SKIP:
+            self.serve(sock, None, peer, listener)
+            return
+        self.listeners[sock] = listener
+        saved = sock.gettimeout()
+        if saved:
+            sock.settimeout(0.0)  # a timeout would make CPython wait before recv, whatever the flags
+        elif policy is not Policy.REJECT:  # the common case: the header came with the connection
+            try:
+                header = take_complete_header(
+                    sock, settings.max_header_size, settings.verify_checksum, settings.allow_v4_in_tcp6
+                )
+            except OSError as exc:
+                self.parked.read_failed(sock, peer, exc)
+                return
+            if header is not None:
+                self._served(sock, header, policy, peer, trusted)
+                return
+        self.parked.park(sock, peer, policy, trusted, saved, time.monotonic())  # type: ignore[arg-type]
+
+    def poll(self) -> None:
+        """The watcher's descriptor is readable: advance the parked headers that progressed, then the deadlines."""
+        now = time.monotonic()
+        for key, _ in self.watcher.ready():
+            parked = key.data
+            if parked in self.waiting:  # (one concluded earlier in this batch is gone)
+                self.parked.step(parked, now)
+        self.expire()
+
+    def expire(self) -> None:
+        """Conclude the connections whose deadline passed; write a due summary of refusal lines."""
+        if self.waiting:
+            self.parked.expire(time.monotonic())
+        if self.log.suppressed:
+            self.log.flush()
+
+    def timeout(self, longest: float) -> float:
+        """How long the worker's loop may wait, at most ``longest``: until the next deadline or retry."""
+        if not self.waiting:
+            return longest
+        now = time.monotonic()
+        soonest = next(iter(self.waiting)).deadline  # oldest first, and every one waits as long
+        for parked in self.waiting:
+            if parked.attempt.needs_retry and not parked.edge:
+                soonest = min(soonest, parked.retry_at)
+        return max(0.0, min(longest, soonest - now))
+
+    def close(self) -> None:
+        """Close every connection still waiting for its header (the worker stops: nothing was served on them)."""
+        for parked in list(self.waiting):
+            self.parked.parking.discard(parked)
+            self.watcher.unwatch(parked)
+            parked.attempt.sock.close()
+
+    def shut(self) -> None:
+        """:meth:`close`, then the watcher."""
+        self.close()
+        self.watcher.close()
+
+    def _served(self, sock: Any, header: ProxyHeader | None, policy: Policy, peer: Any, trusted: bool) -> None:
+        """ParkedConnections' hand-out (and the fast path's): the address to serve with, the header if trusted."""
+        if not trusted:
+            if header is not None and not self.parked.live.hooked:
+                note_untrusted_header(self.log, self.settings, peer, policy)
+            header = None
+        address = served_address(policy, header, peer, socket_family(sock))
+        self.serve(sock, header, address, self.listeners.pop(sock, None))
+
+
+class _ProxyWorker:
+    """What both WSGI workers add to gunicorn's: the settings, the reception, the header in the environ."""
+
+    cfg: Any
+    wsgi: Any
+    sockets: list[Any]
+    alive: bool
+    _proxy: _Reception
+
+    @classmethod
+    def check_config(cls, cfg: Any, log: Any) -> None:
+        checked = getattr(super(), "check_config", None)
+        if checked is not None:
+            checked(cfg, log)
+        _startup_check(cfg)
+
+    def _proxy_start(self, serve: Serve) -> _Reception:
+        """In the worker, before its loop: the settings (``--env`` applied), gunicorn's parser off, the line."""
+        settings = settings_from_gunicorn(self.cfg)
+        self.cfg.set("proxy_protocol", "off")  # this worker's copy: the header is never read twice
+        _log_policy(settings, bool(self.cfg.is_ssl))
+        self.wsgi = _with_header(self.wsgi)
+        self._proxy = _Reception(settings, list(self.sockets), serve)
+        return self._proxy
+
+
+class SyncWorker(_ProxyWorker, _sync.SyncWorker):  # type: ignore[misc]
+    """``gunicorn -k proxyproto.gunicorn.SyncWorker``: gunicorn's sync worker, the header read first.
+
+    gunicorn's loop waits on its listeners and, here, the descriptor of the
+    connections still waiting for their header, so a silent client never
+    holds the worker: it serves whoever's header is complete, one
+    connection at a time as gunicorn's sync worker does.  TLS
+    (``--certfile``) and gunicorn's HTTP parser start after the header.
+    """
+
+    wait_fds: list[Any]
+
+    def run(self) -> None:
+        reception = self._proxy_start(self._proxy_serve)
+        self.wait_fds = [*self.wait_fds, reception.descriptor]
+        try:
+            super().run()
+        finally:
+            reception.shut()
+
+    def wait(self, timeout: float) -> Any:
+        """gunicorn's wait, no longer than the next header deadline; then the deadlines are enforced."""
+        reception = self._proxy
+        ready = super().wait(reception.timeout(timeout))
+        reception.expire()
+        return ready
+
+    def accept(self, listener: Any) -> None:
+        reception = self._proxy
+        reception.poll()
+        if listener == reception.descriptor:  # gunicorn's multi-listener loop hands over what select returned
+            return
+        client, addr = listener.accept()
+        _util.close_on_exec(client)
+        reception.arrive(client, addr, listener)
+
+    def _proxy_serve(self, sock: socket.socket, header: ProxyHeader | None, address: Any, listener: Any) -> None:
+        sock.setblocking(True)
+        _serving.header = header
+        try:
+            self.handle(listener, sock, address)
+        finally:
+            _serving.header = None
+
+
+class ThreadWorker(_ProxyWorker, _gthread.ThreadWorker):  # type: ignore[misc]
+    """``gunicorn -k proxyproto.gunicorn.ThreadWorker``: gunicorn's gthread worker, the header read first.
+
+    A connection whose header is not in yet waits in gthread's own poller
+    (through the reception's descriptor), never in a pool thread; once it
+    is in, the connection becomes gunicorn's ``TConn`` (served with the
+    header's address) and goes to the pool: TLS (``--certfile``),
+    gunicorn's parser, keep-alive as gunicorn does them, the header read
+    once per connection.  A stopping worker closes the connections still
+    waiting for their header at once.
+    """
+
+    def run(self) -> None:
+        reception = self._proxy_start(self._proxy_serve)
+        self.poller.register(reception.descriptor, selectors.EVENT_READ, lambda _: reception.poll())
+        try:
+            super().run()
+        finally:
+            reception.shut()
+
+    def accept(self, listener: Any) -> None:
+        try:
+            client, addr = listener.accept()
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        self._proxy.arrive(client, addr, listener)
+
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        reception = self._proxy
+        if not self.alive:
+            reception.close()  # stopping: nothing was served on them, and the grace period is for those that were
+        super().wait_for_and_dispatch_events(reception.timeout(timeout))
+        reception.expire()
+
+    def _proxy_serve(self, sock: socket.socket, header: ProxyHeader | None, address: Any, listener: Any) -> None:
+        self.nr_conns += 1
+        sock.setblocking(True)
+        conn = _gthread.TConn(self.cfg, sock, address, listener.getsockname())
+        conn.proxy_header = header
+        self.enqueue_req(conn)
+
+    def handle(self, conn: Any) -> Any:
+        _serving.header = getattr(conn, "proxy_header", None)
+        try:
+            return super().handle(conn)
+        finally:
+            _serving.header = None

@@ -156,16 +156,31 @@ def gunicorn(
     from support import free_port
 
     port = free_port()
-    full_env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)]), **(env or {})}
     args = gunicorn_args(worker, port, *flags, host=host, workers=workers)
+    with running_command(args, port, tmp_path, env=env, workers=workers, host=host) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running_command(
+    args: list[str],
+    port: int,
+    tmp_path: Path,
+    *,
+    env: dict[str, str] | None = None,
+    workers: int = 1,
+    host: str = "127.0.0.1",
+) -> Iterator[Gunicorn]:
+    """``args`` (a gunicorn command line) running until the block ends, each of its ``workers`` started."""
+    full_env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)]), **(env or {})}
     with command(args, port, env=full_env, workdir=tmp_path) as proc:
-        running = Gunicorn(proc, port, tmp_path / f"server-{port}.out", host)
-        _wait_for_workers(running, workers)
+        server = Gunicorn(proc, port, tmp_path / f"server-{port}.out", host)
+        _wait_for_workers(server, workers)
         try:
-            yield running
+            yield server
         finally:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                running.stop()
+                server.stop()
 
 
 def _wait_for_workers(running: Gunicorn, workers: int) -> None:

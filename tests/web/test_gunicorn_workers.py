@@ -9,8 +9,11 @@ and a graceful shutdown with connections parked mid-header.
 
 from __future__ import annotations
 
+import re
+import shlex
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import pytest
 from gunicorn_kit import (
     CEILING,
     NEEDS,
+    WORKERS,
     closed_unserved,
     connect,
     get,
@@ -25,6 +29,7 @@ from gunicorn_kit import (
     gunicorn_args,
     read_response,
     request,
+    running_command,
 )
 from support import free_port, require_haproxy, require_module
 from web_kit import DEST_V4, DEST_V6, HERE, REAL_V4, REAL_V6, ROOT, command, self_signed
@@ -34,9 +39,9 @@ import proxyproto
 require_module("gunicorn")
 
 #: The worker classes this file runs (each skipped when what it needs is not installed).
-ALL = ["uvicorn", "uvicorn-h11"]
+ALL = ["sync", "gthread", "uvicorn", "uvicorn-h11"]
 #: Those that keep a connection open for more requests (gunicorn's sync worker closes after each).
-KEEP_ALIVE = ["uvicorn"]
+KEEP_ALIVE = ["gthread", "uvicorn"]
 
 
 def _need(worker: str) -> None:
@@ -67,18 +72,24 @@ def test_worker_serves_the_real_client_of_v1_v2_ipv4_and_ipv6_headers(worker: st
 
 
 @pytest.mark.parametrize("worker", ALL)
-def test_worker_listening_on_ipv6_loopback_serves_the_header_source(worker: str, tmp_path: Path) -> None:
+def test_worker_with_an_ipv4_and_an_ipv6_listener_serves_the_header_source_on_both(worker: str, tmp_path: Path) -> None:
+    """Two ``-b`` listeners (gunicorn's sync worker then waits on both with select): IPv6 loopback as well."""
     _need(worker)
-    if not socket.has_ipv6:
-        pytest.skip("no IPv6")
     try:
         with socket.socket(socket.AF_INET6) as probe:
             probe.bind(("::1", 0))
     except OSError:
         pytest.skip("no IPv6 loopback")
-    with gunicorn(worker, tmp_path, host="::1") as server:
-        status, seen = get(server.address, proxyproto.encode_v2(REAL_V4, DEST_V4))
-        assert status == 200 and seen["client"] == list(REAL_V4), seen
+    port6 = free_port()
+    with gunicorn(worker, tmp_path, "-b", f"[::1]:{port6}") as server:
+        for _ in range(2):
+            status, seen = get(("::1", port6), proxyproto.encode_v2(REAL_V4, DEST_V4))
+            assert status == 200 and seen["client"] == list(REAL_V4), seen
+            status, seen = get(server.address, proxyproto.encode_v1(REAL_V6, DEST_V6))
+            assert status == 200 and seen["client"] == list(REAL_V6), seen
+        sock = connect(("::1", port6))  # ::1 is trusted by default: without a header it is closed
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        assert closed_unserved(sock)
 
 
 @pytest.mark.parametrize("worker", KEEP_ALIVE)
@@ -209,3 +220,189 @@ def test_conflicting_trust_lists_stop_gunicorn_at_start_naming_both(worker: str,
     assert done.returncode != 0
     assert "--proxy-allow-from 10.0.0.0/8 and PROXYPROTO_ALLOW_IPS=192.168.0.0/16 disagree" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("worker", ALL)
+def test_silent_and_slow_clients_never_hold_the_only_worker(worker: str, tmp_path: Path) -> None:
+    """One worker (one thread for gthread): connections still sending their header wait aside, others are served."""
+    _need(worker)
+    with gunicorn(worker, tmp_path, "--threads", "1", workers=1) as server:
+        silent = [connect(server.address) for _ in range(3)]
+        slow = connect(server.address)
+        header = proxyproto.encode_v2(REAL_V6, DEST_V6)
+        try:
+            for i in range(len(header)):  # the header byte by byte, other clients served in between
+                slow.sendall(header[i : i + 1])
+                if i % 9 == 0:
+                    start = time.monotonic()
+                    status, seen = get(server.address, proxyproto.encode_v1(REAL_V4, DEST_V4))
+                    assert status == 200 and seen["client"] == list(REAL_V4), seen
+                    assert time.monotonic() - start < 5.0, "a waiting header held the worker"
+            status, seen = request(slow)
+            assert status == 200 and seen["client"] == list(REAL_V6), seen
+        finally:
+            for sock in [*silent, slow]:
+                sock.close()
+
+
+@pytest.mark.parametrize("worker", ALL)
+def test_header_timeout_closes_a_silent_client_with_one_line(worker: str, tmp_path: Path) -> None:
+    _need(worker)
+    with gunicorn(worker, tmp_path, env={"PROXYPROTO_HEADER_TIMEOUT": "0.5"}) as server:
+        sock = connect(server.address)
+        start = time.monotonic()
+        assert closed_unserved(sock)
+        assert time.monotonic() - start < 5.0
+        deadline = time.monotonic() + CEILING
+        while "no PROXY header within 0.5 s" not in server.log():
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
+
+
+@pytest.mark.parametrize("worker", ["sync", "gthread", "uvicorn-h11"])
+def test_proxy_protocol_auto_is_policy_use(worker: str, tmp_path: Path) -> None:
+    """gunicorn's meaning of ``--proxy-protocol`` (auto): a header when one is sent, served without one too."""
+    _need(worker)
+    with gunicorn(worker, tmp_path, "--proxy-protocol", "auto") as server:
+        status, seen = get(server.address, proxyproto.encode_v2(REAL_V4, DEST_V4))
+        assert status == 200 and seen["client"] == list(REAL_V4), seen
+        sock = connect(server.address)
+        own = sock.getsockname()
+        try:
+            status, seen = request(sock)
+        finally:
+            sock.close()
+        assert status == 200 and seen["client"] == [own[0], own[1]] and seen["header"] is None, seen
+    assert "PROXY header policy USE for 127.0.0.1/32, ::1/128" in server.log()
+
+
+@pytest.mark.parametrize("worker", ["sync", "gthread"])
+def test_gunicorns_own_proxy_parser_is_off_so_a_second_header_is_payload(worker: str, tmp_path: Path) -> None:
+    """With ``--proxy-protocol v2`` gunicorn would parse a header itself: here the first is ours, the next is bytes."""
+    _need(worker)
+    with gunicorn(worker, tmp_path, "--proxy-protocol", "v2") as server:
+        second = proxyproto.encode_v2(REAL_V6, DEST_V6)
+        sock = connect(server.address, proxyproto.encode_v2(REAL_V4, DEST_V4) + second)
+        try:
+            status, seen = request(sock)
+        except ConnectionError:
+            status, seen = 0, {}
+        finally:
+            sock.close()
+        assert status != 200 and seen.get("client") != list(REAL_V6), seen
+        status, seen = get(server.address, proxyproto.encode_v2(REAL_V4, DEST_V4))
+        assert status == 200 and seen["client"] == list(REAL_V4) and seen["gunicorn_proxy"] is None, seen
+    assert "PROXY header policy REQUIRE for 127.0.0.1/32, ::1/128, SKIP for other peers (policy: --proxy-protocol" in (
+        server.log()
+    )
+
+
+@pytest.mark.parametrize("worker", ["sync", "uvicorn"])
+def test_gunicorn_env_flag_sets_a_proxyproto_variable(worker: str, tmp_path: Path) -> None:
+    _need(worker)
+    with gunicorn(worker, tmp_path, "--env", "PROXYPROTO_ALLOW_IPS=127.0.0.2") as server:
+        status, seen = get(server.address, proxyproto.encode_v1(REAL_V4, DEST_V4), local="127.0.0.2")
+        assert status == 200 and seen["client"] == list(REAL_V4), seen
+
+
+def test_refusal_line_names_the_flag_that_gave_the_trust_list(tmp_path: Path) -> None:
+    with gunicorn("sync", tmp_path, "--proxy-allow-from", "127.0.0.0/8") as server:
+        sock = connect(server.address)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        assert closed_unserved(sock)
+        deadline = time.monotonic() + CEILING
+        while "send-proxy" not in server.log():
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
+    (line,) = [line for line in server.log().splitlines() if "send-proxy" in line]
+    assert "[WARNING] proxyproto: 127.0.0.1:" in line and "--proxy-allow-from is 127.0.0.0/8" in line, line
+    assert "take this peer out of --proxy-allow-from" in line
+
+
+@pytest.mark.parametrize(
+    ("flags", "variable", "message"),
+    [
+        (
+            ("--proxy-protocol", "v2"),
+            ("PROXYPROTO_POLICY", "USE"),
+            "--proxy-protocol v2 (policy REQUIRE) and PROXYPROTO_POLICY=USE disagree",
+        ),
+        ((), ("PROXYPROTO_HEADER_TIMEOUT", "0"), "PROXYPROTO_HEADER_TIMEOUT='0'"),
+    ],
+)
+def test_misconfiguration_stops_gunicorn_at_start_in_one_line(
+    flags: tuple[str, ...], variable: tuple[str, str], message: str, tmp_path: Path
+) -> None:
+    args = gunicorn_args("sync", free_port(), *flags)
+    env = {"PYTHONPATH": f"{ROOT}:{HERE}", variable[0]: variable[1], "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=CEILING, cwd=tmp_path, check=False)
+    assert done.returncode != 0
+    assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_uvicorn_worker_refuses_use_with_tls_at_start(tmp_path: Path) -> None:
+    """The uvicorn workers negotiate TLS after the header only under REQUIRE or SKIP: USE with TLS is refused."""
+    _need("uvicorn")
+    cert = self_signed(tmp_path)
+    if cert is None:
+        pytest.skip("the openssl command is not installed")
+    args = gunicorn_args(
+        "uvicorn", free_port(), "--proxy-protocol", "auto", "--certfile", str(cert.cert), "--keyfile", str(cert.key)
+    )
+    env = {"PYTHONPATH": f"{ROOT}:{HERE}", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=CEILING, cwd=tmp_path, check=False)
+    assert done.returncode != 0
+    assert "policy=USE with ssl=" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+# -- docs/gunicorn.rst ------------------------------------------------------------------------------
+
+PAGE = ROOT / "docs" / "gunicorn.rst"
+KIT_NAMES = {name: kit for kit, (name, _) in WORKERS.items()}
+
+
+def page_block(name: str) -> list[str]:
+    """The lines of the page's ``.. code-block:: sh`` named ``name``."""
+    match = re.search(
+        r"^\.\. code-block:: sh\n   :name: " + re.escape(name) + r"\n\n((?:(?:    .*)?\n)+)", PAGE.read_text(), re.M
+    )
+    assert match, f"no block named {name} in {PAGE}"
+    return [line[4:] for line in match.group(1).splitlines() if line.strip()]
+
+
+PAGE_LINES = [(name, line) for name in ("workers", "settings", "tls") for line in page_block(name)]
+
+
+@pytest.mark.parametrize(("block", "line"), PAGE_LINES, ids=[f"{b}-{i}" for i, (b, _) in enumerate(PAGE_LINES)])
+def test_page_command_line_serves_the_real_client(block: str, line: str, tmp_path: Path) -> None:
+    """Each command line of docs/gunicorn.rst, run as written (port, certificate files and app:app changed)."""
+    words = shlex.split(line)
+    env = {}
+    while re.match(r"^[A-Z_]+=", words[0]):
+        name, _, value = words.pop(0).partition("=")
+        env[name] = value
+    assert words[0] == "gunicorn" and words[-1] == "app:app", line
+    worker = KIT_NAMES[words[words.index("-k") + 1].rpartition(".")[2]]
+    _need(worker)
+    tls = None
+    if "--certfile" in words:
+        cert = self_signed(tmp_path)
+        if cert is None:
+            pytest.skip("the openssl command is not installed")
+        words = [{"cert.pem": str(cert.cert), "key.pem": str(cert.key)}.get(word, word) for word in words]
+        tls = cert.client_context()
+    workers = int(words[words.index("--workers") + 1]) if "--workers" in words else 1
+    port = free_port()
+    args = [sys.executable, "-m", "gunicorn", "--no-control-socket", "-b", f"127.0.0.1:{port}", *words[1:-1]]
+    with running_command([*args, WORKERS[worker][1]], port, tmp_path, env=env, workers=workers) as server:
+        status, seen = get(server.address, proxyproto.encode_v2(REAL_V4, DEST_V4), tls=tls)
+        assert status == 200 and seen["client"] == list(REAL_V4), seen
+        if "PROXYPROTO_HEADER_TIMEOUT" in env:  # a silent client is closed at that deadline
+            timeout = float(env["PROXYPROTO_HEADER_TIMEOUT"])
+            sock = connect(server.address)
+            start = time.monotonic()
+            assert closed_unserved(sock)
+            assert timeout - 0.5 < time.monotonic() - start < timeout + 5.0
+    if block == "settings" and "--proxy-allow-from" in words:
+        (shown,) = [b for b in re.findall(r"^    (\[INFO\] proxyproto: .*)$", PAGE.read_text(), re.M)]
+        assert shown in server.log(), server.log()
