@@ -1,10 +1,10 @@
-"""gunicorn workers that read the PROXY header first: ``gunicorn -k proxyproto.gunicorn.SyncWorker app:app``.
+"""gunicorn workers that read the PROXY header first: ``gunicorn -k proxyproto.gunicorn.Sync app:app``.
 
 Four worker classes, each gunicorn's own (or uvicorn's) with the header read
 by this library before anything else touches the connection (TLS included)::
 
-    gunicorn -k proxyproto.gunicorn.SyncWorker app:app           # WSGI, one connection at a time
-    gunicorn -k proxyproto.gunicorn.ThreadWorker app:app         # WSGI, gthread (--threads N)
+    gunicorn -k proxyproto.gunicorn.Sync app:app                 # WSGI, gunicorn's sync worker
+    gunicorn -k proxyproto.gunicorn.GThread --threads 8 app:app  # WSGI, gunicorn's gthread worker
     gunicorn -k proxyproto.gunicorn.UvicornWorker app:app        # ASGI, uvicorn's httptools protocol
     gunicorn -k proxyproto.gunicorn.UvicornH11Worker app:app     # ASGI, uvicorn's h11 protocol
 
@@ -58,8 +58,8 @@ from .waiting import ParkedConnections
 from .watcher import Watcher
 
 __all__ = [
-    "SyncWorker",
-    "ThreadWorker",
+    "GThread",
+    "Sync",
     "UvicornH11Worker",
     "UvicornWorker",
     "settings_from_gunicorn",
@@ -429,8 +429,8 @@ class _ProxyWorker:
         return self._proxy
 
 
-class SyncWorker(_ProxyWorker, _sync.SyncWorker):  # type: ignore[misc]
-    """``gunicorn -k proxyproto.gunicorn.SyncWorker``: gunicorn's sync worker, the header read first.
+class Sync(_ProxyWorker, _sync.SyncWorker):  # type: ignore[misc]
+    """``gunicorn -k proxyproto.gunicorn.Sync``: gunicorn's sync worker, the header read first.
 
     gunicorn's loop waits on its listeners and, here, the descriptor of the
     connections still waiting for their header, so a silent client never
@@ -440,6 +440,22 @@ class SyncWorker(_ProxyWorker, _sync.SyncWorker):  # type: ignore[misc]
     """
 
     wait_fds: list[Any]
+
+    @classmethod
+    def check_config(cls, cfg: Any, log: Any) -> None:
+        """As every worker here; and ``--threads`` above 1 is refused, naming :class:`GThread`.
+
+        gunicorn itself turns a worker class whose name ends in ``SyncWorker``
+        into its own gthread worker when ``--threads`` is above 1 (which is
+        why this class is not called ``SyncWorker``: that would silently
+        drop the header reading); this one stays what it says.
+        """
+        if cfg.threads > 1:
+            raise RuntimeError(
+                f"proxyproto.gunicorn: -k {__name__}.Sync serves one connection at a time and does not use "
+                f"--threads {cfg.threads}: use -k {__name__}.GThread"
+            )
+        super().check_config(cfg, log)
 
     def run(self) -> None:
         reception = self._proxy_start(self._proxy_serve)
@@ -474,8 +490,8 @@ class SyncWorker(_ProxyWorker, _sync.SyncWorker):  # type: ignore[misc]
             _serving.header = None
 
 
-class ThreadWorker(_ProxyWorker, _gthread.ThreadWorker):  # type: ignore[misc]
-    """``gunicorn -k proxyproto.gunicorn.ThreadWorker``: gunicorn's gthread worker, the header read first.
+class GThread(_ProxyWorker, _gthread.ThreadWorker):  # type: ignore[misc]
+    """``gunicorn -k proxyproto.gunicorn.GThread``: gunicorn's gthread worker, the header read first.
 
     A connection whose header is not in yet waits in gthread's own poller
     (through the reception's descriptor), never in a pool thread; once it

@@ -701,7 +701,7 @@ class WaitressAdapter(Adapter):
 class GunicornAdapter(Adapter):
     """The real ``gunicorn`` command, one worker, ``-k proxyproto.gunicorn.<worker>``; the knobs as PROXYPROTO_*."""
 
-    framing, tls, worker, app, flags = "http", True, "SyncWorker", "contract_kit:wsgi_app", ()
+    framing, tls, worker, app, flags = "http", True, "Sync", "contract_kit:wsgi_app", ()
 
     def start(self, settings: Settings, cert: Certificate | None) -> Running:
         port, here = free_port(), Path(__file__).resolve().parent
@@ -749,7 +749,7 @@ ADAPTERS: list[Adapter] = [
     HypercornAdapter(),
     WaitressAdapter(),
     GunicornAdapter("gunicorn-sync", concurrent=False, requires=("gunicorn",)),
-    GunicornAdapter("gunicorn-gthread", worker="ThreadWorker", flags=("--threads", "4"), requires=("gunicorn",)),
+    GunicornAdapter("gunicorn-gthread", worker="GThread", flags=("--threads", "4"), requires=("gunicorn",)),
     GunicornAdapter("gunicorn-uvicorn", worker="UvicornWorker", app="contract_kit:asgi_app",
                     requires=("gunicorn", "uvicorn", "httptools")),
 ]

@@ -27,8 +27,8 @@ import proxyproto.asgi
 
 #: Each worker class of proxyproto.gunicorn, and the app it serves.
 WORKERS = {
-    "sync": ("SyncWorker", "gunicorn_kit:wsgi_app"),
-    "gthread": ("ThreadWorker", "gunicorn_kit:wsgi_app"),
+    "sync": ("Sync", "gunicorn_kit:wsgi_app"),
+    "gthread": ("GThread", "gunicorn_kit:wsgi_app"),
     "uvicorn": ("UvicornWorker", "gunicorn_kit:asgi_app"),
     "uvicorn-h11": ("UvicornH11Worker", "gunicorn_kit:asgi_app"),
 }

@@ -406,3 +406,13 @@ def test_page_command_line_serves_the_real_client(block: str, line: str, tmp_pat
     if block == "settings" and "--proxy-allow-from" in words:
         (shown,) = [b for b in re.findall(r"^    (\[INFO\] proxyproto: .*)$", PAGE.read_text(), re.M)]
         assert shown in server.log(), server.log()
+
+
+def test_sync_worker_with_threads_stops_gunicorn_at_start_naming_gthread(tmp_path: Path) -> None:
+    """gunicorn swaps a ``*SyncWorker`` class for its own gthread worker; ``Sync`` refuses ``--threads`` instead."""
+    args = gunicorn_args("sync", free_port(), "--threads", "4")
+    env = {"PYTHONPATH": f"{ROOT}:{HERE}", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=CEILING, cwd=tmp_path, check=False)
+    assert done.returncode != 0
+    assert "does not use --threads 4: use -k proxyproto.gunicorn.GThread" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
