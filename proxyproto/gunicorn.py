@@ -136,7 +136,9 @@ def settings_from_gunicorn(cfg: Any, environ: Mapping[str, str] | None = None) -
         changes["trusted"] = allow
         flags.add("trusted")
     mode = cfg.proxy_protocol
-    policy = PROXY_PROTOCOL_POLICIES.get(mode)
+    if mode not in PROXY_PROTOCOL_POLICIES:  # a value a later gunicorn may add: never guessed
+        raise ValueError(f"--proxy-protocol {mode}: not one of {', '.join(PROXY_PROTOCOL_POLICIES)}")
+    policy = PROXY_PROTOCOL_POLICIES[mode]
     if policy is not None:
         variable = env.get(VARIABLES["policy"])
         if variable is not None and settings.policy is not policy:
@@ -161,16 +163,24 @@ def _startup_check(cfg: Any, *, tls_after_header_async: bool = False) -> Gunicor
     """
     try:
         settings = settings_from_gunicorn(cfg, {**os.environ, **cfg.env})
-        if tls_after_header_async and cfg.is_ssl:
-            from .aio_protocol import ProxyProtocolFactory
-
-            ProxyProtocolFactory(_no_protocol, ssl=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), settings=settings)
     except ValueError as exc:
         raise RuntimeError(f"proxyproto.gunicorn: {exc}") from None
+    if tls_after_header_async and cfg.is_ssl:
+        from .aio_protocol import ProxyProtocolFactory
+
+        try:  # the asyncio adapters' rule for TLS after the header, asked of the factory itself
+            ProxyProtocolFactory(_never_called, ssl=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), settings=settings)
+        except ValueError as exc:
+            setting, _, reason = str(exc).partition(" with ssl=: ")
+            knob, _, value = setting.partition("=")
+            raise RuntimeError(
+                f"proxyproto.gunicorn: {knob} {value} (from {settings.source(knob)}) cannot be used with "
+                f"--certfile/--keyfile by the uvicorn workers: {reason or exc}"
+            ) from None
     return settings
 
 
-def _no_protocol() -> Any:  # pragma: no cover - only checked, never called
+def _never_called() -> Any:  # pragma: no cover - the factory above is only checked
     raise RuntimeError("never called")
 
 

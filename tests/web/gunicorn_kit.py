@@ -207,9 +207,9 @@ def connect(address: tuple[str, int], header: bytes = b"", *, local: str | None 
     return sock
 
 
-def request(sock: Any, *, keep_alive: bool = False, body: bytes = b"") -> tuple[int, dict[str, Any]]:
-    """One HTTP/1.1 request on ``sock``; the status and the app's JSON report (``{}`` for another body)."""
-    head = f"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\n"
+def request(sock: Any, *, keep_alive: bool = False, body: bytes = b"", headers: str = "") -> tuple[int, dict[str, Any]]:
+    """One HTTP/1.1 request on ``sock`` (``headers``: more lines, each ending in CRLF); the status and the report."""
+    head = f"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\n{headers}"
     if not keep_alive:
         head += "Connection: close\r\n"
     sock.sendall(head.encode() + b"\r\n" + body)

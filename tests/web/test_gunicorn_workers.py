@@ -352,7 +352,8 @@ def test_uvicorn_worker_refuses_use_with_tls_at_start(tmp_path: Path) -> None:
     env = {"PYTHONPATH": f"{ROOT}:{HERE}", "PATH": "/usr/bin:/bin"}
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=CEILING, cwd=tmp_path, check=False)
     assert done.returncode != 0
-    assert "policy=USE with ssl=" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert "policy USE (from --proxy-protocol) cannot be used with --certfile/--keyfile" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
 
 
 # -- docs/gunicorn.rst ------------------------------------------------------------------------------
@@ -416,3 +417,31 @@ def test_sync_worker_with_threads_stops_gunicorn_at_start_naming_gthread(tmp_pat
     assert done.returncode != 0
     assert "does not use --threads 4: use -k proxyproto.gunicorn.GThread" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("worker", ALL)
+def test_forwarded_headers_relayed_by_the_proxy_never_set_the_client(worker: str, tmp_path: Path) -> None:
+    """haproxy in ``mode tcp`` relays a client's X-Forwarded-* lines untouched: they are the client's claims.
+
+    With a PROXY header, gunicorn's ``--forwarded-allow-ips`` (loopback by default) is checked against
+    the real client, so ``X-Forwarded-Proto`` is not believed; uvicorn's X-Forwarded-For middleware is
+    off for peers trusted to send the header, so a LOCAL header (the socket's own address) is not
+    replaced by ``X-Forwarded-For`` either.
+    """
+    _need(worker)
+    forged = "X-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: https\r\n"
+    with gunicorn(worker, tmp_path) as server:
+        sock = connect(server.address, proxyproto.encode_v2(REAL_V4, DEST_V4))
+        try:
+            status, seen = request(sock, headers=forged)
+        finally:
+            sock.close()
+        assert status == 200 and seen["client"] == list(REAL_V4) and seen["scheme"] == "http", seen
+        sock = connect(server.address, proxyproto.encode_v2(command=proxyproto.Command.LOCAL))
+        own = sock.getsockname()
+        try:
+            status, seen = request(sock, headers=forged)
+        finally:
+            sock.close()
+        assert status == 200 and seen["client"] == [own[0], own[1]], seen
+        assert seen["header"]["command"] == "LOCAL"
