@@ -347,7 +347,6 @@ class _Reception:
         if policy is Policy.SKIP:
             self.serve(sock, None, peer, listener)
             return
-        self.listeners[sock] = listener
         saved = sock.gettimeout()
         if saved:
             sock.settimeout(0.0)  # a timeout would make CPython wait before recv, whatever the flags
@@ -360,8 +359,9 @@ class _Reception:
                 self.parked.read_failed(sock, peer, exc)
                 return
             if header is not None:
-                self._served(sock, header, policy, peer, trusted)
+                self._served(sock, header, policy, peer, trusted, listener)
                 return
+        self.listeners[sock] = listener
         self.parked.park(sock, peer, policy, trusted, saved, time.monotonic())  # type: ignore[arg-type]
 
     def poll(self) -> None:
@@ -403,14 +403,16 @@ class _Reception:
         self.close()
         self.watcher.close()
 
-    def _served(self, sock: Any, header: ProxyHeader | None, policy: Policy, peer: Any, trusted: bool) -> None:
+    def _served(
+        self, sock: Any, header: ProxyHeader | None, policy: Policy, peer: Any, trusted: bool, listener: Any = None
+    ) -> None:
         """ParkedConnections' hand-out (and the fast path's): the address to serve with, the header if trusted."""
         if not trusted:
             if header is not None and not self.parked.live.hooked:
                 note_untrusted_header(self.log, self.settings, peer, policy)
             header = None
         address = served_address(policy, header, peer, socket_family(sock))
-        self.serve(sock, header, address, self.listeners.pop(sock, None))
+        self.serve(sock, header, address, self.listeners.pop(sock, None) if listener is None else listener)
 
 
 class _ProxyWorker:
@@ -484,7 +486,8 @@ class Sync(_ProxyWorker, _sync.SyncWorker):  # type: ignore[misc]
 
     def accept(self, listener: Any) -> None:
         reception = self._proxy
-        reception.poll()
+        if reception.waiting:
+            reception.poll()
         if listener == reception.descriptor:  # gunicorn's multi-listener loop hands over what select returned
             return
         client, addr = listener.accept()
