@@ -160,6 +160,7 @@ INTEGRATIONS = {
     "hypercorn": ("hypercorn", "proxyproto.hypercorn.serve("),
     "waitress": ("waitress", "proxyproto.waitress.serve("),
     "Tornado": ("Tornado", "proxyproto.tornado.ProxyHTTPServer("),
+    "gunicorn": ("gunicorn", "gunicorn -k proxyproto.gunicorn.UvicornWorker"),
     "Twisted and Daphne": ("Twisted, Daphne (Channels)", "daphne -e proxyproto:tcp:8000"),
     "command line": ("command line", "proxyproto decode"),
 }
