@@ -25,9 +25,9 @@ goes to ``loop.create_server``, which handshakes before anyone reads).
 
 The classes are importable by name, so Sanic's worker processes (spawned,
 and sent the class by pickle) get them; so are :func:`wrap`'s classes,
-whose arguments travel in their name (they must pickle: knobs as values,
-``ssl`` as Sanic's ``{"cert": ..., "key": ...}`` dict or a certificate
-directory).
+whose arguments travel in their name, as JSON (knobs as values, a
+``policy_for`` function and the class by their import paths, ``ssl`` as
+Sanic's ``{"cert": ..., "key": ...}`` dict or a certificate directory).
 
 A connection whose header is not in yet is listed in Sanic's
 ``connections``, so a graceful shutdown closes it at once (nothing was
@@ -39,8 +39,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib
+import json
 import logging
-import pickle
 import ssl as _ssl
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -59,9 +60,55 @@ __all__ = ["HttpProtocol", "WebSocketProtocol", "header", "wrap"]
 
 logger = logging.getLogger("proxyproto")
 
-#: The name :func:`wrap`'s classes have in this module: this prefix, then their arguments, pickled.
+#: The name :func:`wrap`'s classes have in this module: this prefix, then their arguments (:func:`_described`).
 _WRAPPED_PREFIX = "wrapped_"
 _WRAPPED: dict[str, type[Any]] = {}
+
+
+def _import_path(obj: Any) -> str | None:
+    """``module:qualname`` of a class or function importable by that path (None otherwise)."""
+    path = f"{getattr(obj, '__module__', None)}:{getattr(obj, '__qualname__', '')}"
+    try:
+        found = _imported(path)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return path if found is obj else None
+
+
+def _imported(path: str) -> Any:
+    module, _, qualname = path.partition(":")
+    found: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    return found
+
+
+def _described(protocol_class: type, settings: Settings | None, ssl: Any) -> str | None:
+    """:func:`wrap`'s arguments as the JSON text its class is named after; None where they cannot travel."""
+    path = _import_path(protocol_class)
+    if path is None:
+        return None
+    knobs: dict[str, Any] | None = None
+    if settings is not None:
+        knobs = settings.values()
+        knobs.update(policy=settings.policy.value, untrusted_policy=settings.untrusted_policy.value)
+        knobs["trusted"] = ",".join(settings.trusted.names())
+        if settings.policy_for is not None:
+            knobs["policy_for"] = _import_path(settings.policy_for)
+            if knobs["policy_for"] is None:
+                return None
+    try:
+        return json.dumps([path, knobs, ssl], separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError):  # an SSLContext, say
+        return None
+
+
+def _from_description(text: str) -> type[Any]:
+    """The :func:`wrap` class that :func:`_described` described (ValueError or ImportError when it cannot be)."""
+    path, knobs, ssl = json.loads(text)
+    if knobs is not None and knobs.get("policy_for") is not None:
+        knobs["policy_for"] = _imported(knobs["policy_for"])
+    return wrap(_imported(path), settings=None if knobs is None else Settings(**knobs), ssl=ssl)
 
 
 def header(request: Any) -> ProxyHeader | None:
@@ -248,9 +295,11 @@ def wrap(
     give Sanic ``ssl=`` as well.  With it, the policies that may serve a
     stream without a header (USE, IGNORE, REJECT) are refused.
 
-    Sanic's worker processes get the class by pickle: its arguments must
-    pickle (an ``SSLContext`` does not: give the dict, or serve with
-    ``single_process=True`` or ``create_server``).  Raises ``ValueError``
+    Sanic's worker processes get the class by pickle, which finds it by its
+    name: the arguments, in JSON.  So they must be values (an
+    ``SSLContext`` is not: give the dict, or serve with
+    ``single_process=True`` or ``create_server``), and the class and a
+    ``policy_for`` function importable by name.  Raises ``ValueError``
     for an invalid knob or ``ssl``, ``TypeError`` for an unknown knob or a
     class that is not Sanic's.
     """
@@ -261,12 +310,15 @@ def wrap(
     fixed = settings_for(settings, knobs) if settings is not None or knobs else None
     if fixed is not None or ssl is not None:  # refused now rather than at the first connection
         ProxyProtocolFactory(_unused, settings=fixed, ssl=_context(ssl))
-    try:
-        arguments = pickle.dumps((protocol_class, None if fixed is None else fixed.values(), ssl))
-    except (pickle.PicklingError, TypeError, AttributeError):
-        name = f"Proxy{protocol_class.__name__}"  # served in this process only
+    described = _described(protocol_class, fixed, ssl)
+    if described is None:
+        # Served in this process only; the name is what pickle's error shows, at app.run with workers.
+        name = (
+            f"Proxy{protocol_class.__name__} (wrap's arguments cannot reach Sanic's worker processes: "
+            "ssl as a dict or a directory, classes and policy_for importable; or app.run(single_process=True))"
+        )
     else:
-        name = _WRAPPED_PREFIX + base64.urlsafe_b64encode(arguments).decode("ascii")
+        name = _WRAPPED_PREFIX + base64.urlsafe_b64encode(described.encode()).decode("ascii").rstrip("=")
     made = _WRAPPED.get(name)
     if made is None:
         attributes = {"proxy_settings": fixed, "proxy_ssl": ssl, "__module__": __name__, "__qualname__": name}
@@ -282,11 +334,11 @@ if not TYPE_CHECKING:  # for mypy, the module has only the names above
         """A :func:`wrap` class by its name (what a worker process unpickles): made again from its arguments."""
         made = _WRAPPED.get(name)
         if made is None and name.startswith(_WRAPPED_PREFIX):
+            encoded = name[len(_WRAPPED_PREFIX) :]
             try:
-                protocol_class, values, ssl = pickle.loads(base64.urlsafe_b64decode(name[len(_WRAPPED_PREFIX) :]))
+                made = _from_description(base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode())
             except Exception:
                 raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-            made = wrap(protocol_class, settings=None if values is None else Settings(**values), ssl=ssl)
             _WRAPPED[name] = made
         if made is None:
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

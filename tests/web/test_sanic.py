@@ -445,7 +445,26 @@ def test_wrap_classes_reach_worker_processes_by_pickle(cert: Certificate) -> Non
     )
     assert out.stdout.decode().split() == ["WebSocketProtocol", "10.0.0.0/8", "5.0", "True"]
     assert issubclass(made, SanicWebSocketProtocol) and hasattr(made, "websocket_handshake")
+    in_process = proxyproto.sanic.wrap(ssl=cert.server_context())  # an SSLContext does not pickle
+    with pytest.raises(pickle.PicklingError, match="wrap's arguments cannot reach Sanic's worker processes"):
+        pickle.dumps(in_process)
     assert issubclass(proxyproto.sanic.HttpProtocol, SanicHttpProtocol)
+
+
+def trust_the_loopback(peer: Any, local: Any) -> str:
+    return "REQUIRE" if peer[0] == "127.0.0.1" else "SKIP"
+
+
+def test_wrap_class_is_made_again_from_its_name_with_a_policy_for_function() -> None:
+    made = proxyproto.sanic.wrap(policy_for=trust_the_loopback, header_timeout=2)
+    del proxyproto.sanic._WRAPPED[made.__qualname__]  # as in a worker process, which has not made it yet
+    again = getattr(proxyproto.sanic, made.__qualname__)
+    assert again is not made and again.proxy_settings == made.proxy_settings
+    assert again.proxy_settings.policy_for is trust_the_loopback
+    in_process = proxyproto.sanic.wrap(policy_for=lambda peer, local: "REQUIRE")
+    assert "cannot reach Sanic's worker processes" in in_process.__qualname__
+    with pytest.raises(AttributeError):
+        proxyproto.sanic.wrapped_bm90IGpzb24  # noqa: B018  (a name that describes nothing)
 
 
 # -- the page ---------------------------------------------------------------------------------------------
