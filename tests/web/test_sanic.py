@@ -16,13 +16,16 @@ import gc
 import itertools
 import json
 import logging
+import os
 import pickle
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import AsyncIterator
@@ -197,6 +200,38 @@ def test_local_header_serves_the_connection_with_its_own_address() -> None:
         assert report["header"] == ["LOCAL", None]
 
     run_on("asyncio", scenario)
+
+
+def test_unix_socket_listener_trusted_with_the_unix_token() -> None:
+    """``app.create_server(unix=...)`` (a world-writable file): trusted only when told ``unix``."""
+    directory = tempfile.mkdtemp(prefix="ppsanic")  # short: sun_path holds 108 bytes, with Sanic's temporary name
+    path = os.path.join(directory, "s")
+    header = proxyproto.encode_v2(REAL_V4, DEST_V4)
+
+    async def exchange(protocol: Any) -> bytes:
+        app = reporting_app()
+        server = await app.create_server(unix=path, protocol=protocol, return_asyncio_server=True)
+        assert server is not None
+        await server.startup()
+        try:
+            reader, writer = await asyncio.open_unix_connection(path)
+            writer.write(header + request_bytes())
+            try:
+                return await asyncio.wait_for(reader.read(), 10)
+            finally:
+                writer.close()
+        finally:
+            await server.close()
+
+    async def scenario() -> None:
+        served = body_of(await exchange(proxyproto.sanic.wrap(trusted="127.0.0.1,::1,unix")))
+        assert served["client"] == list(REAL_V4) and served["header"] == ["PROXY", list(REAL_V4)]
+        assert (await exchange(proxyproto.sanic.HttpProtocol)).startswith(b"HTTP/1.1 400")  # SKIP: not trusted
+
+    try:
+        run_on("asyncio", scenario)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 # -- peers that are not trusted, forwarded headers -----------------------------------------------------
