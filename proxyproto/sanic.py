@@ -122,18 +122,20 @@ class _Listed:
 
     Sanic calls ``close_if_idle()`` on every connection when it stops, then
     ``abort()`` on those left after its grace period, iterating over the
-    set: the connection is closed on the next loop turn, and leaves the set
+    set, with its loop stopped (``app.run``) or running (``create_server``):
+    the connection is closed on the loop's next turn, and leaves the set
     then (nothing was served on it, so there is nothing to wait for).
     """
 
-    __slots__ = ("reading",)
+    __slots__ = ("loop", "reading")
     websocket = None  # Sanic's shutdown looks for an upgraded connection's
 
-    def __init__(self, reading: HeaderProtocol) -> None:
+    def __init__(self, reading: HeaderProtocol, loop: asyncio.AbstractEventLoop) -> None:
         self.reading = reading
+        self.loop = loop
 
     def close_if_idle(self) -> bool:
-        asyncio.get_running_loop().call_soon(self.reading.shutdown)
+        self.loop.call_soon(self.reading.shutdown)
         return True
 
     def abort(self) -> None:
@@ -151,7 +153,7 @@ class _SanicFactory(ProxyProtocolFactory):
         super().park(waiting)
         connections = getattr(waiting.inner, "connections", None)
         if isinstance(connections, set) and waiting in self.parked:  # not evicted at once
-            entry = self.listed[waiting] = (connections, _Listed(waiting))
+            entry = self.listed[waiting] = (connections, _Listed(waiting, asyncio.get_running_loop()))
             connections.add(entry[1])
 
     def unpark(self, waiting: HeaderProtocol) -> None:

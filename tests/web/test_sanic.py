@@ -533,11 +533,15 @@ def with_port(text: str, port: int) -> str:
 
 @contextlib.contextmanager
 def example(tmp_path: Path, source: str, port: int, env: dict[str, str] | None = None, workers: int = 1) -> Any:
-    """The script ``source`` run by this Python on ``port`` (Sanic's ``app.run``), until its workers are ready."""
+    """The script ``source`` run by this Python on ``port`` (Sanic's ``app.run``), from its workers' start.
+
+    Stopped at the end of the block (SIGINT, by PID) unless stopped in it; its output then holds
+    no traceback and says that every worker completed.
+    """
     path = tmp_path / f"example-{port}.py"
     path.write_text(with_port(source, port))
+    out = tmp_path / f"server-{port}.out"
     with command(python_script(path), port, env=env, workdir=tmp_path) as proc:
-        out = tmp_path / f"server-{port}.out"
         deadline = time.monotonic() + 30
         while out.read_text(errors="replace").count("Worker ready") < workers:
             assert proc.poll() is None, out.read_text()
@@ -547,6 +551,8 @@ def example(tmp_path: Path, source: str, port: int, env: dict[str, str] | None =
         # comes before it has seen them all leaves it waiting for its start-up threshold instead.
         time.sleep(1.0)
         yield proc
+    output = out.read_text(errors="replace")
+    assert "Traceback" not in output and output.count("Worker complete") == workers, output
 
 
 def hello(port: int, header: bytes, tls: Any = None, path: str = "/") -> bytes:
