@@ -720,9 +720,10 @@ class SanicAdapter(Adapter):
         lt.run(server.startup())
 
         async def down() -> None:
-            await server.close()
+            closed = server.close()
             for connection in list(server.connections):
                 connection.close_if_idle()
+            await closed
 
         return Running(listener.getsockname()[:2], lambda: lt.stop(down()))
 

@@ -119,12 +119,13 @@ async def serving(protocol: Any, app: sanic.Sanic | None = None, **kwargs: Any) 
     try:
         yield listener.getsockname()[:2]
     finally:
-        await server.close()
+        closed = server.close()  # stops listening; a task waiting for asyncio's Server.wait_closed
         for connection in list(server.connections):  # what Sanic's own shutdown does
             connection.close_if_idle()
         deadline = time.monotonic() + 10
         while server.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        await closed
 
 
 async def raw_exchange(address: tuple[str, int], data: bytes, local: str | None = None) -> bytes:
