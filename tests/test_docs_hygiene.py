@@ -161,6 +161,7 @@ INTEGRATIONS = {
     "waitress": ("waitress", "proxyproto.waitress.serve("),
     "Tornado": ("Tornado", "proxyproto.tornado.ProxyHTTPServer("),
     "gunicorn": ("gunicorn", "gunicorn -k proxyproto.gunicorn.UvicornWorker"),
+    "Sanic": ("Sanic", "proxyproto.sanic.HttpProtocol"),
     "Twisted and Daphne": ("Twisted, Daphne (Channels)", "daphne -e proxyproto:tcp:8000"),
     "command line": ("command line", "proxyproto decode"),
 }

@@ -786,6 +786,36 @@ class GunicornAdapter(Adapter):
             shutil.rmtree(out.parent, ignore_errors=True)
 
         return Running((TRUSTED_HOST, port), stop)
+class SanicAdapter(Adapter):
+    name, framing, tls, requires = "sanic", "http", True, ("sanic",)
+
+    def start(self, settings: Settings, cert: Certificate | None) -> Running:
+        import sanic
+
+        import proxyproto.sanic
+
+        sanic.Sanic.test_mode = True  # several apps in one process: each touches Sanic's classes up again
+        app = sanic.Sanic(f"contract_{id(settings)}_{time.monotonic_ns()}")
+        app.config.update(MOTD=False, ACCESS_LOG=False)
+
+        @app.post("/contract")
+        async def contract(request: Any) -> Any:
+            answer = report((request.ip, request.port), proxyproto.sanic.header(request), request.body)
+            return sanic.response.raw(answer, content_type="application/json")
+
+        context = cert.server_context() if settings.tls and cert else None
+        listener = socket.create_server((TRUSTED_HOST, 0))  # Sanic reads port=0 as its default, 8000
+        protocol, lt = proxyproto.sanic.wrap(ssl=context, **settings.knobs()), LoopThread()
+        server = lt.run(app.create_server(sock=listener, protocol=protocol))
+        lt.run(server.startup())
+
+        async def down() -> None:
+            closed = server.close()
+            for connection in list(server.connections):
+                connection.close_if_idle()
+            await closed
+
+        return Running(listener.getsockname()[:2], lambda: lt.stop(down()))
 
 
 ADAPTERS: list[Adapter] = [
@@ -812,6 +842,7 @@ ADAPTERS: list[Adapter] = [
     GunicornAdapter("gunicorn-gthread", worker="GThread", flags=("--threads", "4"), requires=("gunicorn",)),
     GunicornAdapter("gunicorn-uvicorn", worker="UvicornWorker", app="contract_kit:asgi_app",
                     requires=("gunicorn", "uvicorn", "httptools")),
+    SanicAdapter(),
 ]
 BY_NAME = {adapter.name: adapter for adapter in ADAPTERS}
 
