@@ -118,3 +118,17 @@ def untrusted_look(log: RefusalLog, settings: Settings, peer: Any) -> Callable[[
 def note_untrusted_header(log: RefusalLog, settings: Settings, peer: Any, policy: Policy) -> None:
     """The WARNING for an untrusted peer whose stream or datagram started with a PROXY header (rate-limited)."""
     log.log(logging.WARNING, "%s: %s", peer_text(peer), untrusted_header(settings, policy), kind=KIND_UNTRUSTED_HEADER)
+
+
+def policy_line(settings: Settings, tls: bool, detail: str = "") -> str:
+    """The INFO line an adapter writes once at start: which policy applies to which peers, and TLS.
+
+    ``detail``: what the adapter adds before the TLS clause (where a setting came from, say).
+    """
+    after = "; TLS is negotiated after the header" if tls else ""
+    if settings.policy_for is not None:
+        return f"PROXY header policy decided per connection by policy_for{detail}{after}"
+    return (
+        f"PROXY header policy {settings.policy.name} for {settings.trusted.describe()}, "
+        f"{settings.untrusted_policy.name} for other peers{detail}{after}"
+    )

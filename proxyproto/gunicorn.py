@@ -46,7 +46,7 @@ from gunicorn import util as _util  # type: ignore[import-untyped,import-not-fou
 from gunicorn.workers import gthread as _gthread  # type: ignore[import-untyped,import-not-found,unused-ignore]
 from gunicorn.workers import sync as _sync  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
-from .advice import note_untrusted_header
+from .advice import note_untrusted_header, policy_line
 from .header import ProxyHeader
 from .logs import show_through
 from .peers import socket_family
@@ -190,17 +190,8 @@ def _log_policy(settings: GunicornSettings, tls: bool) -> None:
     (The uvicorn workers write :mod:`proxyproto.uvicorn`'s line, from the settings made here.)
     """
     show_through("gunicorn.error")  # under gunicorn's logging, proxyproto's lines show with its format
-    after = "; TLS is negotiated after the header" if tls else ""
-    logger.info(
-        "PROXY header policy %s for %s, %s for other peers (policy: %s, trusted peers: %s; "
-        "gunicorn's own PROXY parsing is off)%s",
-        settings.policy.name,
-        settings.trusted.describe(),
-        settings.untrusted_policy.name,
-        settings.source("policy"),
-        settings.source("trusted"),
-        after,
-    )
+    sources = f" (policy: {settings.source('policy')}, trusted peers: {settings.source('trusted')}; "
+    logger.info("%s", policy_line(settings, tls, sources + "gunicorn's own PROXY parsing is off)"))
 
 
 # -- uvicorn's workers --------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from sanic.server.protocols.websocket_protocol import (  # type: ignore[import-n
     WebSocketProtocol as _SanicWebSocketProtocol,
 )
 
+from .advice import policy_line
 from .aio_header import HeaderProtocol
 from .aio_protocol import ProxyProtocolFactory
 from .header import ProxyHeader
@@ -248,17 +249,7 @@ class _HeaderFirst:
 
 def _log_start(cls: type, app: Any, settings: Settings, tls: bool) -> None:
     """The INFO line saying which policy applies to which peers; a WARNING for an app that needs WebSockets."""
-    after = "; TLS is negotiated after the header" if tls else ""
-    if settings.policy_for is not None:
-        logger.info("PROXY header policy decided per connection by policy_for%s", after)
-    else:
-        logger.info(
-            "PROXY header policy %s for %s, %s for other peers%s",
-            settings.policy.name,
-            settings.trusted.describe(),
-            settings.untrusted_policy.name,
-            after,
-        )
+    logger.info("%s", policy_line(settings, tls))
     if getattr(app, "websocket_enabled", False) and not hasattr(cls, "websocket_handshake"):
         logger.warning(
             "the app has WebSocket routes, which %s cannot serve: use protocol=proxyproto.sanic.WebSocketProtocol",

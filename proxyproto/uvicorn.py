@@ -88,6 +88,7 @@ import weakref
 from types import FrameType
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from .advice import policy_line
 from .aio_header import HeaderProtocol
 from .aio_protocol import ProxyProtocolFactory
 from .asgi import EXTENSION, with_header
@@ -531,27 +532,12 @@ def _prepare(cls: type[ProxyHTTPProtocol], config: Any) -> None:
     if is_ssl:
         cls._check_tls(settings)
     show_through("uvicorn.error")  # under uvicorn's own logging setup, proxyproto's lines show with a level
-    _log_policy(settings, is_ssl)
+    logger.info("%s", policy_line(settings, is_ssl))
     if not is_ssl:
         return
     base = type(config)
     if not isinstance(base.__dict__.get("ssl"), _ContextAfterHeader):
         config.__class__ = _tls_after_header(base)
-
-
-def _log_policy(settings: Settings, tls: bool) -> None:
-    """The INFO line saying which policy applies to which peers (once per config, at start)."""
-    after = "; TLS is negotiated after the header" if tls else ""
-    if settings.policy_for is not None:
-        logger.info("PROXY header policy decided per connection by policy_for%s", after)
-        return
-    logger.info(
-        "PROXY header policy %s for %s, %s for other peers%s",
-        settings.policy.name,
-        settings.trusted.describe(),
-        settings.untrusted_policy.name,
-        after,
-    )
 
 
 class _ContextAfterHeader:
