@@ -111,6 +111,21 @@ def test_import_v2_leaves_server_modules_out() -> None:
     assert "selectors" not in loaded
 
 
+#: The servers the adapters plug into: optional extras, imported only by their adapter's module.
+SERVERS = ["uvicorn", "gunicorn", "aiohttp", "hypercorn", "waitress", "tornado", "twisted", "daphne", "sanic"]
+
+
+def test_the_package_and_every_engine_module_import_no_server() -> None:
+    """``import proxyproto`` (and the engine under every adapter) loads none of the servers, installed or not."""
+    engine = ["settings", "policy", "reader", "aio", "aio_protocol", "server", "udp", "sock", "advice"]
+    code = "import proxyproto, " + ", ".join(f"proxyproto.{m}" for m in engine) + "\nimport sys\n"
+    code += f"print(','.join(m for m in {SERVERS!r} if m in sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
+    ).stdout.strip()
+    assert out == "", f"imported: {out}"
+
+
 def test_ipaddress_does_not_import_socket() -> None:
     """The core may use ipaddress: on this interpreter it does not drag socket in."""
     assert "socket" not in _fresh("import ipaddress")
