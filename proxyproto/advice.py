@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
+from .header import ProxyHeader
 from .policy import Policy, describe, peer_text
 from .reader import HeaderScanner, Outcome
 from .refusal_log import KIND_UNTRUSTED_HEADER, RefusalLog
@@ -118,6 +119,32 @@ def untrusted_look(log: RefusalLog, settings: Settings, peer: Any) -> Callable[[
 def note_untrusted_header(log: RefusalLog, settings: Settings, peer: Any, policy: Policy) -> None:
     """The WARNING for an untrusted peer whose stream or datagram started with a PROXY header (rate-limited)."""
     log.log(logging.WARNING, "%s: %s", peer_text(peer), untrusted_header(settings, policy), kind=KIND_UNTRUSTED_HEADER)
+
+
+def handed_on(
+    log: RefusalLog | None,
+    settings: Settings,
+    peer: Any,
+    policy: Policy,
+    header: ProxyHeader | None,
+    trusted: bool,
+    hooked: bool,
+) -> ProxyHeader | None:
+    """The header a served connection hands to the application: a trusted peer's, never anyone else's.
+
+    An untrusted peer's header (read and removed under IGNORE) is dropped,
+    TLVs and all: its addresses and claims are anyone's.  Unless a
+    ``policy_for`` hook chose the policy (the hook has spoken for that peer),
+    the drop is noted with :func:`note_untrusted_header`'s WARNING, so an
+    operator whose proxy is missing from the trust list learns why (``log``
+    None: a server not activated yet, nothing to note with).  Every adapter
+    calls this where it serves; none decides it on its own.
+    """
+    if trusted or header is None:
+        return header
+    if not hooked and log is not None:
+        note_untrusted_header(log, settings, peer, policy)
+    return None
 
 
 def policy_line(settings: Settings, tls: bool, detail: str = "") -> str:

@@ -54,7 +54,7 @@ from collections.abc import Awaitable
 from typing import Any, Callable
 
 from . import reader as core
-from .advice import SIGNATURE_PEEK, note_untrusted_header, refusal_line, untrusted_look
+from .advice import SIGNATURE_PEEK, handed_on, refusal_line, untrusted_look
 from .aio_protocol import ProxyProtocolFactory, call_later, wrap_protocol_factory
 from .aio_transport import FirstBytes, proxy_extra
 from .header import ProxyHeader
@@ -272,8 +272,8 @@ class _Acceptor:
                 return
             assert attempt.outcome is not None
             verdict = decide(policy, attempt.outcome)
+            hooked = self.settings.policy_for is not None
             if not verdict.serve:
-                hooked = self.settings.policy_for is not None
                 self.refusals.log(
                     verdict.level,
                     "%s: closed: %s",
@@ -283,10 +283,7 @@ class _Acceptor:
                 )
                 writer.close()
                 return
-            # An untrusted peer's header is read and removed, never handed on (its TLVs are anyone's).
-            header = attempt.header if trusted else None
-            if attempt.header is not None and not trusted and self.settings.policy_for is None:
-                note_untrusted_header(self.refusals, self.settings, peer, policy)
+            header = handed_on(self.refusals, self.settings, peer, policy, attempt.header, trusted, hooked)
         result = self.callback(reader, ProxyStreamWriter(writer, reader, header, policy))
         if inspect.isawaitable(result):
             await result

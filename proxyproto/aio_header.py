@@ -26,7 +26,7 @@ import enum
 import socket
 from typing import TYPE_CHECKING, Any, Callable
 
-from .advice import note_untrusted_header, refusal_line
+from .advice import handed_on, refusal_line
 from .aio_tls import TLSHandOver
 from .aio_transport import NOT_GIVEN, deliver_in_turn, hand_over, proxy_extra
 from .header import ProxyHeader
@@ -480,10 +480,9 @@ class HeaderProtocol(asyncio.BufferedProtocol):
     def serve(self, header: ProxyHeader | None, rest: bytes, sock: Any = NOT_GIVEN) -> asyncio.BaseProtocol | None:
         """-> SERVED (or HANDSHAKING with ``ssl=``): the inner protocol; ``header`` only from a trusted peer."""
         factory = self.factory
-        if not self.trusted:
-            if header is not None and not factory.hooked:
-                note_untrusted_header(factory.refusals, factory.settings, self.peer, self.policy)
-            header = None  # an untrusted peer's header (under IGNORE) is read and removed, never handed on
+        header = handed_on(
+            factory.refusals, factory.settings, self.peer, self.policy, header, self.trusted, factory.hooked
+        )
         transport = self.transport
         assert transport is not None
         inner = self.inner

@@ -46,11 +46,11 @@ from gunicorn import util as _util  # type: ignore[import-untyped,import-not-fou
 from gunicorn.workers import gthread as _gthread  # type: ignore[import-untyped,import-not-found,unused-ignore]
 from gunicorn.workers import sync as _sync  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
-from .advice import note_untrusted_header, policy_line
+from .advice import handed_on, policy_line
 from .header import ProxyHeader
 from .logs import show_through
 from .peers import socket_family
-from .policy import Policy, TrustedNetworks, served_address
+from .policy import SERVES_A_HEADER, Policy, TrustedNetworks, served_address
 from .refusal_log import RefusalLog, listener_text
 from .settings import VARIABLES, Settings, settings_from_environment
 from .sock import take_complete_header
@@ -341,7 +341,7 @@ class _Reception:
         saved = sock.gettimeout()
         if saved:
             sock.settimeout(0.0)  # a timeout would make CPython wait before recv, whatever the flags
-        elif policy is not Policy.REJECT:  # the common case: the header came with the connection
+        elif policy in SERVES_A_HEADER:  # the common case: the header came with the connection
             try:
                 header = take_complete_header(
                     sock, settings.max_header_size, settings.verify_checksum, settings.allow_v4_in_tcp6
@@ -398,10 +398,7 @@ class _Reception:
         self, sock: Any, header: ProxyHeader | None, policy: Policy, peer: Any, trusted: bool, listener: Any = None
     ) -> None:
         """ParkedConnections' hand-out (and the fast path's): the address to serve with, the header if trusted."""
-        if not trusted:
-            if header is not None and not self.parked.live.hooked:
-                note_untrusted_header(self.log, self.settings, peer, policy)
-            header = None
+        header = handed_on(self.log, self.settings, peer, policy, header, trusted, self.parked.live.hooked)
         address = served_address(policy, header, peer, socket_family(sock))
         self.serve(sock, header, address, self.listeners.pop(sock, None) if listener is None else listener)
 

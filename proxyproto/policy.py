@@ -75,6 +75,12 @@ def decide(policy: Policy, outcome: Outcome) -> Verdict:
     return Verdict(False, logging.DEBUG)  # EOF under REQUIRE
 
 
+#: The policies under which a complete, valid header is served: those an adapter's fast path (a
+#: header taken whole at accept, no per-connection state) may serve at once.  SKIP is among them,
+#: though it reads nothing.
+SERVES_A_HEADER = frozenset(policy for policy in Policy if decide(policy, Outcome.HEADER).serve)
+
+
 def uses_addresses(policy: Policy, header: ProxyHeader | None) -> bool:
     """Whether a served connection takes its address from ``header``.
 

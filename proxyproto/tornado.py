@@ -46,11 +46,11 @@ from tornado.httpserver import HTTPServer, _HTTPRequestContext  # type: ignore[i
 from tornado.ioloop import IOLoop  # type: ignore[import-not-found,unused-ignore]
 from tornado.iostream import IOStream, SSLIOStream  # type: ignore[import-not-found,unused-ignore]
 
-from .advice import SIGNATURE_PEEK, note_untrusted_header, refusal_line, starts_with_header
+from .advice import SIGNATURE_PEEK, handed_on, note_untrusted_header, refusal_line, starts_with_header
 from .aio_protocol import call_later
 from .header import ProxyHeader
 from .parking import Parking
-from .policy import Outcome, Policy, Trust, decide, peer_text, served_address
+from .policy import SERVES_A_HEADER, Policy, Trust, decide, peer_text, served_address
 from .refusal_log import KIND_READ_ERROR, KIND_TLS, KIND_UNTRUSTED_HEADER, RefusalLog, kind_of, listener_text
 from .settings import Settings, settings_for, split_knobs
 from .sock import RETRY_DELAY, HeaderAttempt, take_complete_header
@@ -60,8 +60,6 @@ __all__ = ["ProxyHTTPServer", "ProxyTCPServerMixin", "header"]
 logger = logging.getLogger("proxyproto")
 
 _PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
-#: The policies under which a valid header is served (the table's first row).
-_SERVES_A_HEADER = tuple(policy for policy in Policy if decide(policy, Outcome.HEADER).serve)
 
 
 # -- the address handle_stream is given ------------------------------------------------------------
@@ -271,7 +269,7 @@ class ProxyTCPServerMixin:
         try:
             # A timeout on the socket (socket.setdefaulttimeout) would make CPython wait before each peek.
             connection.setblocking(False)
-            if policy in _SERVES_A_HEADER:  # the common path: the whole header arrived with the connection
+            if policy in SERVES_A_HEADER:  # the common path: the whole header arrived with the connection
                 found = take_complete_header(
                     connection, settings.max_header_size, settings.verify_checksum, settings.allow_v4_in_tcp6
                 )
@@ -331,10 +329,7 @@ class ProxyTCPServerMixin:
     ) -> None:
         """Hand the connection to Tornado (TLS, IOStream, ``handle_stream``) with the address it is served with."""
         settings = self.proxy_settings
-        if not trusted:
-            if found is not None and settings.policy_for is None:
-                note_untrusted_header(self._proxy_log, settings, peer, policy)
-            found = None  # an untrusted peer's header (under IGNORE) is read and removed, never handed on
+        found = handed_on(self._proxy_log, settings, peer, policy, found, trusted, settings.policy_for is not None)
         address = peer if found is None else served_address(policy, found, peer, connection.family)
         carried = _carrying(address, found, peer, address is not peer)
         super()._handle_connection(connection, carried)  # type: ignore[misc]

@@ -58,7 +58,7 @@ from twisted.protocols import policies as _policies
 from twisted.protocols import tls as _tls
 from zope.interface import classImplements, directlyProvides, implementedBy, implementer, providedBy
 
-from .advice import note_untrusted_header, refusal_line, untrusted_look
+from .advice import handed_on, refusal_line, untrusted_look
 from .header import Family, ProxyHeader
 from .parking import Parking
 from .policy import Outcome, Policy, decide, peer_text, served_address
@@ -305,12 +305,12 @@ class ProxyProtocolWrapper(_ProtocolWrapper):  # type: ignore[misc]  # Twisted's
             self._refuse(verdict.level, outcome, scanner)
             self.transport.loseConnection()
             return
-        header = scanner.header
-        if header is not None and not self._trusted:
-            if self.factory.settings.policy_for is None:  # served without its header (IGNORE): say why
-                log, settings = self.factory.refusals, self.factory.settings
-                note_untrusted_header(log, settings, socket_address(self.proxy_peer), self._policy)
-            header = None  # an untrusted peer's header is read and removed, never handed on
+        factory = self.factory
+        hooked = factory.settings.policy_for is not None
+        peer = socket_address(self.proxy_peer)
+        header = handed_on(
+            factory.refusals, factory.settings, peer, self._policy, scanner.header, self._trusted, hooked
+        )
         self._serve(header, rest)
 
     def _refuse(self, level: int, outcome: Outcome, scanner: HeaderScanner) -> None:

@@ -78,7 +78,7 @@ import socket
 import socketserver
 from typing import Any
 
-from .advice import note_untrusted_header, refusal_line, starts_with_header
+from .advice import handed_on, note_untrusted_header, refusal_line, starts_with_header
 from .attributes import LiveSettings, SettingsAttributes, check_attributes
 from .header import Family, ProxyHeader
 from .peers import socket_family
@@ -326,10 +326,8 @@ class ProxyDatagramMixin(SettingsAttributes):
         family = socket_family(sock) if header.family is Family.UNIX else sock.family
         address = served_address(policy, header, peer, family)
         reply = ReplySocket(sock, peer, address)
-        # An untrusted source's header is stripped, never handed on (its TLVs are anyone's claims).
-        if not trust.trusted and hook is None and self._ppd_log is not None:
-            note_untrusted_header(self._ppd_log, settings, peer, policy)
-        return ProxyDatagram(data[header.length :], reply, header if trust.trusted else None, peer), address
+        handed = handed_on(self._ppd_log, settings, peer, policy, header, trust.trusted, hook is not None)
+        return ProxyDatagram(data[header.length :], reply, handed, peer), address
 
 
 class ProxyDatagramRequestHandler(socketserver.DatagramRequestHandler):

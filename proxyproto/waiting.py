@@ -39,11 +39,11 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any, Callable, cast
 
-from .advice import note_untrusted_header, refusal_line
+from .advice import handed_on, refusal_line
 from .header import ProxyHeader
 from .parking import Parking
 from .peers import socket_family
-from .policy import Policy, Trust, decide, peer_text, served_address
+from .policy import SERVES_A_HEADER, Policy, Trust, decide, peer_text, served_address
 from .refusal_log import KIND_READ_ERROR, RefusalLog, kind_of
 from .sock import HeaderAttempt, take_complete_header, wait_for_outcome
 from .watcher import LISTENER, WAKEUP, Parked, Watcher
@@ -403,7 +403,7 @@ class WaitingRoom:
             return
         if timeout:
             sock.settimeout(0.0)  # a timeout would make CPython wait before recv, whatever the flags
-        elif policy is not Policy.REJECT:
+        elif policy in SERVES_A_HEADER:
             # The common case: the header came with the connection, whole and valid.  Serve it
             # without building the per-connection state machine; anything else takes the long way.
             settings = self.live.current
@@ -473,12 +473,7 @@ class WaitingRoom:
         untrusted one's is never used for the address either: its policy is
         SKIP, IGNORE or REJECT).
         """
-        if trusted:
-            sock.proxy_header = header
-        else:
-            sock.proxy_header = None
-            if header is not None and not self.live.hooked:
-                note_untrusted_header(self.log, self.live.current, peer, policy)
+        sock.proxy_header = handed_on(self.log, self.live.current, peer, policy, header, trusted, self.live.hooked)
         self.ready.append((sock, served_address(policy, header, peer, self.socket_args[0])))
 
     def _read_blocking(self) -> tuple[ProxySocket, Address]:  # pragma: no cover

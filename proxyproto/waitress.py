@@ -37,7 +37,7 @@ from waitress.server import BaseWSGIServer  # type: ignore[import-untyped,import
 from waitress.server import create_server as _waitress_create_server  # type: ignore[import-untyped,import-not-found,unused-ignore]
 from waitress.task import WSGITask  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
-from .advice import note_untrusted_header, refusal_line, starts_with_header
+from .advice import handed_on, note_untrusted_header, refusal_line, starts_with_header
 from .header import ProxyHeader
 from .parking import Parking
 from .peers import socket_family
@@ -139,12 +139,17 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
         outcome = scanner.feed(data)
         if outcome is None:
             return True
-        if self._proxy_trusted:
-            self.proxy_header = scanner.header
-        elif outcome is Outcome.HEADER and self._proxy_policy is Policy.IGNORE:
-            shared = self._proxy_shared
-            if shared.settings.policy_for is None:  # served without its header: say why
-                note_untrusted_header(shared.log, shared.settings, self.proxy_peername, Policy.IGNORE)
+        if self._proxy_trusted or self._proxy_policy is Policy.IGNORE:  # an untrusted one under REJECT: refused below
+            shared, hooked = self._proxy_shared, self._proxy_shared.settings.policy_for is not None
+            self.proxy_header = handed_on(
+                shared.log,
+                shared.settings,
+                self.proxy_peername,
+                self._proxy_policy,
+                scanner.header,
+                self._proxy_trusted,
+                hooked,
+            )
         return self._proxy_decided(outcome, scanner.rest)
 
     def readable(self) -> bool:
