@@ -1,6 +1,6 @@
 """A real proxyproto.tornado.ProxyHTTPServer on 127.0.0.1:PORT reporting what the app saw (for repro/attack_tornado.py).
 
-Usage: python repro/tornado_server.py PORT [xheaders] [knob=value ...]
+Usage: python repro/tornado_server.py PORT [xheaders] [tls=CERT,KEY] [knob=value ...]
 """
 
 from __future__ import annotations
@@ -27,9 +27,17 @@ async def main() -> None:
     port = int(sys.argv[1])
     xheaders = "xheaders" in sys.argv[2:]
     knobs = dict(arg.split("=", 1) for arg in sys.argv[2:] if "=" in arg)
+    tls = knobs.pop("tls", None)
+    extra = {}
+    if tls:
+        import ssl
+
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(*tls.split(","))
+        extra["ssl_options"] = context
     if "header_timeout" in knobs:
         knobs["header_timeout"] = float(knobs["header_timeout"])  # type: ignore[assignment]
-    server = ProxyHTTPServer(Application([(r"/.*", Report)]), xheaders=xheaders, **knobs)
+    server = ProxyHTTPServer(Application([(r"/.*", Report)]), xheaders=xheaders, **extra, **knobs)
     server.listen(port, "127.0.0.1")
     await asyncio.Event().wait()
 
