@@ -37,6 +37,8 @@ async def main() -> None:
         extra["ssl_options"] = context
     if "header_timeout" in knobs:
         knobs["header_timeout"] = float(knobs["header_timeout"])  # type: ignore[assignment]
+    if "max_pending" in knobs:
+        knobs["max_pending"] = int(knobs["max_pending"])  # type: ignore[assignment]
     server = ProxyHTTPServer(Application([(r"/.*", Report)]), xheaders=xheaders, **extra, **knobs)
     server.listen(port, "127.0.0.1")
     await asyncio.Event().wait()
