@@ -20,8 +20,15 @@ options = sys.argv[1] if len(sys.argv) > 1 else ""
 flags = sys.argv[2:]
 with tempfile.TemporaryDirectory() as tmp:
     port = free_port()
-    args = [sys.executable, "-m", "daphne", *flags, "-e", f"proxyproto:tcp:{port}:interface=127.0.0.1{options}",
-            "gunicorn_kit:asgi_app"]
+    args = [
+        sys.executable,
+        "-m",
+        "daphne",
+        *flags,
+        "-e",
+        f"proxyproto:tcp:{port}:interface=127.0.0.1{options}",
+        "gunicorn_kit:asgi_app",
+    ]
     with command(args, port, env={"PROXYPROTO_HEADER_TIMEOUT": "2"}, workdir=Path(tmp)):
         address = ("127.0.0.1", port)
         attack_kit.show(attack_kit.battery(address))

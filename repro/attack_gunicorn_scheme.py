@@ -26,9 +26,17 @@ with tempfile.TemporaryDirectory() as tmp:
     args = gunicorn_kit.gunicorn_args(worker, port, "--proxy-protocol", "auto", workers=1)
     with gunicorn_kit.running_command(args, port, Path(tmp), workers=1) as server:
         a = server.address
-        for name, head in [("PROXY TCP4", V1), ("PROXY UNKNOWN", V1_UNKNOWN), ("v2 LOCAL", v2(local=True)),
-                           ("no header (policy USE)", b"")]:
+        for name, head in [
+            ("PROXY TCP4", V1),
+            ("PROXY UNKNOWN", V1_UNKNOWN),
+            ("v2 LOCAL", v2(local=True)),
+            ("no header (policy USE)", b""),
+        ]:
             status, report = one(a, [head + request(extra=SPOOF)])
-            print(f"  {name} + client's X-Forwarded-Proto: https ->", status,
-                  report.get("client") if isinstance(report, dict) else report,
-                  "scheme:", report.get("scheme") if isinstance(report, dict) else None)
+            print(
+                f"  {name} + client's X-Forwarded-Proto: https ->",
+                status,
+                report.get("client") if isinstance(report, dict) else report,
+                "scheme:",
+                report.get("scheme") if isinstance(report, dict) else None,
+            )

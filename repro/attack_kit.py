@@ -18,7 +18,9 @@ V1_UNKNOWN = b"PROXY UNKNOWN\r\n"
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 
 
-def v2(src: str = "203.0.113.7", dst: str = "192.0.2.1", sport: int = 5555, dport: int = 80, local: bool = False) -> bytes:
+def v2(
+    src: str = "203.0.113.7", dst: str = "192.0.2.1", sport: int = 5555, dport: int = 80, local: bool = False
+) -> bytes:
     if local:
         return SIG + bytes([0x20, 0x00]) + struct.pack("!H", 0)
     body = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!HH", sport, dport)
@@ -52,7 +54,7 @@ def read_response(sock: socket.socket) -> tuple[Any, Any]:
         head, _, rest = data.partition(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         status = int(lines[0].split()[1])
-        length = next((int(l.split(":", 1)[1]) for l in lines[1:] if l.lower().startswith("content-length")), 0)
+        length = next((int(x.split(":", 1)[1]) for x in lines[1:] if x.lower().startswith("content-length")), 0)
         while len(rest) < length:
             chunk = sock.recv(65536)
             if not chunk:
@@ -84,7 +86,7 @@ def one(address: tuple[str, int], chunks: list[bytes], local: str | None = None,
 
 
 def client_of(result: tuple[Any, Any]) -> Any:
-    status, report = result
+    report = result[1]
     return report.get("client") if isinstance(report, dict) else None
 
 
@@ -95,9 +97,10 @@ def battery(address: tuple[str, int], *, extra_checks: bool = True) -> dict[str,
     out["B untrusted v1 (127.0.0.2)"] = one(address, [V1 + request()], local="127.0.0.2")
     out["C untrusted v2 (127.0.0.2)"] = one(address, [v2() + request()], local="127.0.0.2")
     out["C2 untrusted v2 + XFF"] = one(
-        address, [v2() + request(extra="X-Forwarded-For: 203.0.113.99\r\nX-Real-Ip: 203.0.113.99\r\n")], local="127.0.0.2"
+        address,
+        [v2() + request(extra="X-Forwarded-For: 203.0.113.99\r\nX-Real-Ip: 203.0.113.99\r\n")],
+        local="127.0.0.2",
     )
-    whole = V1 + request()
     out["D trusted v1 in 1-byte writes"] = one(address, [bytes([b]) for b in V1] + [request()], gap=0.003)
     h2 = v2()
     out["E trusted v2, first chunk 10 bytes"] = one(address, [h2[:10], h2[10:] + request()], gap=0.1)
@@ -135,14 +138,16 @@ def battery(address: tuple[str, int], *, extra_checks: bool = True) -> dict[str,
     return out
 
 
-def slowloris(address: tuple[str, int], count: int, local: str | None = None, probe_local: str | None = None) -> dict[str, Any]:
+def slowloris(
+    address: tuple[str, int], count: int, local: str | None = None, probe_local: str | None = None
+) -> dict[str, Any]:
     """``count`` silent connections; then one good request: how long it took and what it got."""
     silent = []
     try:
         for _ in range(count):
             try:
                 silent.append(connect(address, local))
-            except OSError as exc:
+            except OSError:
                 break
         time.sleep(0.3)
         start = time.monotonic()

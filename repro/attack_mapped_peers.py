@@ -15,7 +15,6 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "web"), str(ROOT / "re
 
 import gunicorn_kit  # noqa: E402
 from attack_kit import V1, one, request, v2  # noqa: E402
-from support import free_port  # noqa: E402
 from web_kit import command  # noqa: E402
 
 

@@ -51,15 +51,26 @@ with tempfile.TemporaryDirectory() as tmp:
             with command(args, port, workdir=Path(tmp)):
                 attack(("127.0.0.1", port))
         elif name == "daphne":
-            args = [sys.executable, "-m", "daphne", "-e", f"proxyproto:tcp:{port}:interface=127.0.0.1:backlog=200",
-                    "gunicorn_kit:asgi_app"]
+            args = [
+                sys.executable,
+                "-m",
+                "daphne",
+                "-e",
+                f"proxyproto:tcp:{port}:interface=127.0.0.1:backlog=200",
+                "gunicorn_kit:asgi_app",
+            ]
             with command(args, port, env=env, workdir=Path(tmp)):
                 attack(("127.0.0.1", port))
         else:
-            with gunicorn_kit.running_command(gunicorn_kit.gunicorn_args(name, port, workers=1), port, Path(tmp),
-                                              env=env, workers=1) as server:
+            with gunicorn_kit.running_command(
+                gunicorn_kit.gunicorn_args(name, port, workers=1), port, Path(tmp), env=env, workers=1
+            ) as server:
                 attack(server.address)
         lines = (Path(tmp) / f"server-{port}.out").read_text(errors="replace").splitlines()
         evicted = [line for line in lines if "max_pending" in line or "evict" in line.lower() or "suppressed" in line]
-        print(f"   {len(evicted)} eviction/summary line(s); first:", evicted[:1], "tracebacks:",
-              sum("Traceback" in line for line in lines))
+        print(
+            f"   {len(evicted)} eviction/summary line(s); first:",
+            evicted[:1],
+            "tracebacks:",
+            sum("Traceback" in line for line in lines),
+        )

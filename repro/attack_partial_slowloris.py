@@ -50,17 +50,27 @@ with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         print(name)
         if name == "tornado":
-            with command(python(str(ROOT / "repro" / "tornado_server.py"), str(port), "header_timeout=2"), port,
-                         workdir=Path(tmp)):
+            with command(
+                python(str(ROOT / "repro" / "tornado_server.py"), str(port), "header_timeout=2"),
+                port,
+                workdir=Path(tmp),
+            ):
                 attack(("127.0.0.1", port))
         elif name == "daphne":
-            args = [sys.executable, "-m", "daphne", "-e", f"proxyproto:tcp:{port}:interface=127.0.0.1:backlog=256",
-                    "gunicorn_kit:asgi_app"]
+            args = [
+                sys.executable,
+                "-m",
+                "daphne",
+                "-e",
+                f"proxyproto:tcp:{port}:interface=127.0.0.1:backlog=256",
+                "gunicorn_kit:asgi_app",
+            ]
             with command(args, port, env=env, workdir=Path(tmp)):
                 attack(("127.0.0.1", port))
         else:
-            with gunicorn_kit.running_command(gunicorn_kit.gunicorn_args(name, port, workers=1), port, Path(tmp),
-                                              env=env, workers=1) as server:
+            with gunicorn_kit.running_command(
+                gunicorn_kit.gunicorn_args(name, port, workers=1), port, Path(tmp), env=env, workers=1
+            ) as server:
                 attack(server.address)
         log = (Path(tmp) / f"server-{port}.out").read_text(errors="replace")
         print("   tracebacks in log:", log.count("Traceback"))

@@ -6,7 +6,6 @@ Each server runs with header_timeout 2 s; a probe (header + TLS + request) runs 
 
 from __future__ import annotations
 
-import socket
 import ssl
 import sys
 import tempfile
@@ -53,8 +52,11 @@ def cases(address) -> None:
     untrusted_stalled = [connect(address, "127.0.0.2") for _ in range(5)]
     time.sleep(0.3)
     start = time.monotonic()
-    print("   T3 probe while 20 header-then-stall + 5 untrusted silent:", tls_request(address, V1),
-          f"{time.monotonic() - start:.2f}s")
+    print(
+        "   T3 probe while 20 header-then-stall + 5 untrusted silent:",
+        tls_request(address, V1),
+        f"{time.monotonic() - start:.2f}s",
+    )
     time.sleep(3.0)  # past header_timeout (2 s): the stalled handshakes must be closed
     closed = 0
     for s in stalled + untrusted_stalled:
@@ -67,7 +69,9 @@ def cases(address) -> None:
         except OSError:
             closed += 1
         s.close()
-    print(f"   T3 after 3.3 s: {closed} of 25 (20 header-then-stalled handshakes + 5 untrusted silent) closed by the server")
+    print(
+        f"   T3 after 3.3 s: {closed} of 25 (20 header-then-stalled handshakes + 5 untrusted silent) closed by the server"
+    )
 
 
 def main() -> None:
@@ -80,8 +84,12 @@ def main() -> None:
             port = free_port()
             print(name)
             if name == "tornado":
-                args = python(str(ROOT / "repro" / "tornado_server.py"), str(port), f"tls={cert.cert},{cert.key}",
-                              "header_timeout=2")
+                args = python(
+                    str(ROOT / "repro" / "tornado_server.py"),
+                    str(port),
+                    f"tls={cert.cert},{cert.key}",
+                    "header_timeout=2",
+                )
                 with command(args, port, workdir=Path(tmp)):
                     cases(("127.0.0.1", port))
                 out = Path(tmp) / f"server-{port}.out"
@@ -92,8 +100,9 @@ def main() -> None:
                     cases(("127.0.0.1", port))
                 out = Path(tmp) / f"server-{port}.out"
             else:
-                args = gunicorn_kit.gunicorn_args(name, port, "--certfile", str(cert.cert), "--keyfile", str(cert.key),
-                                                  "--timeout", "30", workers=1)
+                args = gunicorn_kit.gunicorn_args(
+                    name, port, "--certfile", str(cert.cert), "--keyfile", str(cert.key), "--timeout", "30", workers=1
+                )
                 with gunicorn_kit.running_command(args, port, Path(tmp), env=env, workers=1) as server:
                     cases(server.address)
                 out = Path(tmp) / f"server-{port}.out"

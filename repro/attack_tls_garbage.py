@@ -28,20 +28,30 @@ def main() -> None:
         for name in which:
             port = free_port()
             if name == "tornado":
-                ctx = command(python(str(ROOT / "repro" / "tornado_server.py"), str(port),
-                                     f"tls={cert.cert},{cert.key}"), port, workdir=Path(tmp))
+                ctx = command(
+                    python(str(ROOT / "repro" / "tornado_server.py"), str(port), f"tls={cert.cert},{cert.key}"),
+                    port,
+                    workdir=Path(tmp),
+                )
             elif name == "daphne":
                 endpoint = f"proxyproto:ssl:{port}:interface=127.0.0.1:privateKey={cert.key}:certKey={cert.cert}"
-                ctx = command([sys.executable, "-m", "daphne", "-e", endpoint, "gunicorn_kit:asgi_app"], port,
-                              env=env, workdir=Path(tmp))
+                ctx = command(
+                    [sys.executable, "-m", "daphne", "-e", endpoint, "gunicorn_kit:asgi_app"],
+                    port,
+                    env=env,
+                    workdir=Path(tmp),
+                )
             else:
-                args = gunicorn_kit.gunicorn_args(name, port, "--certfile", str(cert.cert), "--keyfile",
-                                                  str(cert.key), workers=1)
+                args = gunicorn_kit.gunicorn_args(
+                    name, port, "--certfile", str(cert.cert), "--keyfile", str(cert.key), workers=1
+                )
                 ctx = gunicorn_kit.running_command(args, port, Path(tmp), env=env, workers=1)
             out = Path(tmp) / f"server-{port}.out"
             with ctx:
                 before = len(out.read_text(errors="replace").splitlines())
-                print(name, "header + plain HTTP on the TLS port:", str(one(("127.0.0.1", port), [V1 + request()]))[:80])
+                print(
+                    name, "header + plain HTTP on the TLS port:", str(one(("127.0.0.1", port), [V1 + request()]))[:80]
+                )
                 time.sleep(0.5)
                 lines = out.read_text(errors="replace").splitlines()[before:]
             print(f"   {len(lines)} log line(s):")

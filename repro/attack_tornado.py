@@ -19,8 +19,11 @@ from web_kit import command, python  # noqa: E402
 extra = sys.argv[1:]
 with tempfile.TemporaryDirectory() as tmp:
     port = free_port()
-    with command(python(str(ROOT / "repro" / "tornado_server.py"), str(port), "header_timeout=2", *extra), port,
-                 workdir=Path(tmp)):
+    with command(
+        python(str(ROOT / "repro" / "tornado_server.py"), str(port), "header_timeout=2", *extra),
+        port,
+        workdir=Path(tmp),
+    ):
         address = ("127.0.0.1", port)
         attack_kit.show(attack_kit.battery(address))
         print("  N slowloris 200 trusted:", attack_kit.slowloris(address, 200))

@@ -19,8 +19,9 @@ from web_kit import command, python  # noqa: E402
 SPOOF = "X-Forwarded-For: 198.51.100.66\r\nX-Real-Ip: 198.51.100.66\r\nX-Forwarded-Proto: https\r\n"
 with tempfile.TemporaryDirectory() as tmp:
     port = free_port()
-    with command(python(str(ROOT / "repro" / "tornado_server.py"), str(port), "xheaders", *sys.argv[1:]), port,
-                 workdir=Path(tmp)):
+    with command(
+        python(str(ROOT / "repro" / "tornado_server.py"), str(port), "xheaders", *sys.argv[1:]), port, workdir=Path(tmp)
+    ):
         a = ("127.0.0.1", port)
         print("trusted PROXY header + client's X-* lines:", one(a, [V1 + request(extra=SPOOF)]))
         print("trusted UNKNOWN header + client's X-* lines:", one(a, [V1_UNKNOWN + request(extra=SPOOF)]))

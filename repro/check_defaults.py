@@ -27,5 +27,10 @@ found = {
     "gunicorn default cfg": settings_from_gunicorn(Config(), {}),
 }
 for name, settings in found.items():
-    print(f"{name}: {'same as Settings()' if settings == reference else 'DIFFERENT: ' + repr(settings)}",
-          "| trusted:", settings.trusted.describe(), "| untrusted_policy:", settings.untrusted_policy.name)
+    print(
+        f"{name}: {'same as Settings()' if settings == reference else 'DIFFERENT: ' + repr(settings)}",
+        "| trusted:",
+        settings.trusted.describe(),
+        "| untrusted_policy:",
+        settings.untrusted_policy.name,
+    )

@@ -24,8 +24,24 @@ with tempfile.TemporaryDirectory() as tmp:
     cert = self_signed(Path(tmp))
     port = free_port()
     worker = "proxyproto.gunicorn.GThread" if ours else "gthread"
-    args = python("-m", "gunicorn", "--no-control-socket", "-k", worker, "--workers", "1", "-b", f"127.0.0.1:{port}",
-                  "--certfile", str(cert.cert), "--keyfile", str(cert.key), "--timeout", "30", "gunicorn_kit:wsgi_app")
+    args = python(
+        "-m",
+        "gunicorn",
+        "--no-control-socket",
+        "-k",
+        worker,
+        "--workers",
+        "1",
+        "-b",
+        f"127.0.0.1:{port}",
+        "--certfile",
+        str(cert.cert),
+        "--keyfile",
+        str(cert.key),
+        "--timeout",
+        "30",
+        "gunicorn_kit:wsgi_app",
+    )
     with command(args, port, env={"PROXYPROTO_HEADER_TIMEOUT": "2"}, workdir=Path(tmp)):
         time.sleep(1.0)
         head = V1 if ours else b""
@@ -37,7 +53,10 @@ with tempfile.TemporaryDirectory() as tmp:
         for wait in (1, 12):
             time.sleep(wait)
             start = time.monotonic()
-            print(f"{worker}: probe after the stalled clients waited {wait} s more:",
-                  str(tls_request(("127.0.0.1", port), head))[:80], f"{time.monotonic() - start:.1f}s")
+            print(
+                f"{worker}: probe after the stalled clients waited {wait} s more:",
+                str(tls_request(("127.0.0.1", port), head))[:80],
+                f"{time.monotonic() - start:.1f}s",
+            )
         for s in stalled:
             s.close()

@@ -17,9 +17,13 @@ from proxyproto.tornado import ProxyHTTPServer, header
 class Report(RequestHandler):
     def get(self) -> None:
         found = header(self.request)
-        self.finish({"client": [self.request.remote_ip, self.request.connection.context.address[1]],
-                     "header": None if found is None else found.command.name,
-                     "protocol": self.request.protocol})
+        self.finish(
+            {
+                "client": [self.request.remote_ip, self.request.connection.context.address[1]],
+                "header": None if found is None else found.command.name,
+                "protocol": self.request.protocol,
+            }
+        )
 
 
 async def main() -> None:
