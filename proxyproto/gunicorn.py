@@ -291,8 +291,69 @@ class _Live:
         self.hooked = settings.policy_for is not None
 
 
-#: ``serve(sock, header, address, listener)``: a connection whose header is decided and that is served.
-Serve = Callable[[socket.socket, "ProxyHeader | None", Any, Any], None]
+#: ``serve(sock, header, address, listener, trusted)``: a connection whose header is decided and that is
+#: served; ``trusted``: its peer is trusted to send the PROXY header.
+Serve = Callable[[socket.socket, "ProxyHeader | None", Any, Any, bool], None]
+
+#: Seconds the listener rests after ``accept()`` failed for lack of descriptors or memory.
+ACCEPT_BACKOFF = 0.1
+_ACCEPT_RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+_OUT_OF_DESCRIPTORS = frozenset((errno.EMFILE, errno.ENFILE))
+
+#: gunicorn's own defaults for ``--forwarded-allow-ips`` (``FORWARDED_ALLOW_IPS`` unset; older versions).
+_GUNICORN_FORWARDED_DEFAULTS = (frozenset(("127.0.0.1", "::1")), frozenset(("127.0.0.1",)))
+
+
+class _WithoutForwardedHeaders:
+    """gunicorn's ``cfg`` as the connections of peers trusted to send the PROXY header see it.
+
+    Every setting is the worker's but those through which a request's header
+    lines set the scheme (``secure_scheme_headers``: ``X-Forwarded-Proto``...)
+    or the forwarder headers (``forwarder_headers``: ``SCRIPT_NAME``...):
+    none, and no peer is in ``forwarded_allow_ips``.  A trusted proxy relays
+    its client's header lines untouched (haproxy in ``mode tcp``), so on its
+    connections those lines are the client's, never the proxy's.
+    """
+
+    secure_scheme_headers: ClassVar[dict[str, str]] = {}
+    forwarder_headers: ClassVar[list[str]] = []
+    forwarded_allow_ips: ClassVar[list[str]] = []
+
+    def __init__(self, cfg: Any) -> None:
+        self._cfg = cfg
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cfg, name)
+
+    def forwarded_allow_networks(self) -> list[Any]:
+        return []
+
+
+def _cfg_for_trusted_peers(cfg: Any) -> Any:
+    """The ``cfg`` a trusted peer's connection is served with: :class:`_WithoutForwardedHeaders` unless chosen.
+
+    The served address of a connection from a peer trusted to send the
+    header is the proxy's own when the header carries no client (PROXY
+    UNKNOWN, a v2 LOCAL, IGNORE, USE without a header), and the proxy's
+    address is in gunicorn's default ``--forwarded-allow-ips`` (loopback),
+    so gunicorn would let the client's ``X-Forwarded-Proto`` set the scheme.
+    Unless the operator chose the forwarded-header hosts
+    (``FORWARDED_ALLOW_IPS``, or ``--forwarded-allow-ips`` other than
+    gunicorn's default), those connections are served without the
+    forwarded-header settings (the uvicorn workers' rule,
+    :func:`proxyproto.uvicorn._without_forwarded_headers`); with one chosen,
+    ``cfg`` itself.
+    """
+    chosen = frozenset(ip.strip() for ip in cfg.forwarded_allow_ips)
+    if "FORWARDED_ALLOW_IPS" in os.environ or "FORWARDED_ALLOW_IPS" in cfg.env:
+        return cfg
+    if chosen not in _GUNICORN_FORWARDED_DEFAULTS:
+        return cfg
+    logger.info(
+        "gunicorn's secure_scheme_headers and forwarder_headers are off for peers trusted to send the "
+        "PROXY header (set FORWARDED_ALLOW_IPS or --forwarded-allow-ips to keep them)"
+    )
+    return _WithoutForwardedHeaders(cfg)
 
 
 class _Reception:
@@ -323,8 +384,50 @@ class _Reception:
         self.descriptor = watcher.descriptor
         self.parked = ParkedConnections(_Live(settings), watcher, self.log, self._served)  # type: ignore[arg-type]
         self.waiting = self.parked.parking.waiting
+        self.accept_failing = False  # accept() failed for lack of resources; logged once until it works again
+        self.accept_resume_at = 0.0  # the listeners rest until then (0: they do not)
         #: The listener of each connection not served yet (gunicorn's workers pass it on).
         self.listeners: weakref.WeakKeyDictionary[socket.socket, Any] = weakref.WeakKeyDictionary()
+
+    def accept(self, listener: Any, evicted: bool = False) -> None:
+        """Accept one connection from ``listener`` and :meth:`arrive` it; never raises for a full table.
+
+        Out of descriptors with connections parked, the oldest parked one
+        gives its place (the eviction line) and the accept is retried once;
+        out of descriptors or memory otherwise, the listeners rest for
+        :data:`ACCEPT_BACKOFF` seconds (:meth:`resting`).  Either is logged
+        once, until ``accept()`` works again (the socketserver mixin's rule).
+        """
+        try:
+            client, addr = listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as exc:
+            if exc.errno not in _ACCEPT_RESOURCE_ERRORS:
+                raise
+            if exc.errno in _OUT_OF_DESCRIPTORS and self.waiting and not evicted:
+                if not self.accept_failing:
+                    logger.error("accept() failed: %s; closing connections still waiting for their header", exc)
+                    self.accept_failing = True
+                self.parked.evict_oldest()
+                self.accept(listener, evicted=True)
+                return
+            if not self.accept_failing:
+                logger.error("accept() failed: %s; pausing the listener until it works again", exc)
+                self.accept_failing = True
+            self.accept_resume_at = time.monotonic() + ACCEPT_BACKOFF
+            return
+        if self.accept_failing and not evicted:
+            logger.warning("accept() works again")
+            self.accept_failing = False
+        _util.close_on_exec(client)
+        self.arrive(client, addr, listener)
+
+    def resting(self) -> bool:
+        """Whether the listeners rest after ``accept()`` ran out of resources (ends the rest when due)."""
+        if self.accept_resume_at and time.monotonic() >= self.accept_resume_at:
+            self.accept_resume_at = 0.0
+        return bool(self.accept_resume_at)
 
     def arrive(self, sock: socket.socket, peer: Any, listener: Any) -> None:
         """A connection just accepted: serve it now (header in, or SKIP), park it, or close it (logged)."""
@@ -336,7 +439,7 @@ class _Reception:
             sock.close()
             return
         if policy is Policy.SKIP:
-            self.serve(sock, None, peer, listener)
+            self.serve(sock, None, peer, listener, trusted)
             return
         saved = sock.gettimeout()
         if saved:
@@ -372,11 +475,13 @@ class _Reception:
             self.log.flush()
 
     def timeout(self, longest: float) -> float:
-        """How long the worker's loop may wait, at most ``longest``: until the next deadline or retry."""
-        if not self.waiting:
+        """How long the worker's loop may wait, at most ``longest``: until the next deadline, retry or rest's end."""
+        if not self.waiting and not self.accept_resume_at:
             return longest
         now = time.monotonic()
-        soonest = next(iter(self.waiting)).deadline  # oldest first, and every one waits as long
+        soonest = self.accept_resume_at or now + longest
+        if self.waiting:
+            soonest = min(soonest, next(iter(self.waiting)).deadline)  # oldest first, and every one waits as long
         for parked in self.waiting:
             if parked.attempt.needs_retry and not parked.edge:
                 soonest = min(soonest, parked.retry_at)
@@ -400,7 +505,7 @@ class _Reception:
         """ParkedConnections' hand-out (and the fast path's): the address to serve with, the header if trusted."""
         header = handed_on(self.log, self.settings, peer, policy, header, trusted, self.parked.live.hooked)
         address = served_address(policy, header, peer, socket_family(sock))
-        self.serve(sock, header, address, self.listeners.pop(sock, None) if listener is None else listener)
+        self.serve(sock, header, address, self.listeners.pop(sock, None) if listener is None else listener, trusted)
 
 
 class _ProxyWorker:
@@ -411,6 +516,7 @@ class _ProxyWorker:
     sockets: list[Any]
     alive: bool
     _proxy: _Reception
+    _proxy_cfg: Any  # the cfg the connections of trusted peers are served with
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -425,6 +531,7 @@ class _ProxyWorker:
         self.cfg.set("proxy_protocol", "off")  # this worker's copy: the header is never read twice
         _log_policy(settings, bool(self.cfg.is_ssl))
         self.wsgi = _with_header(self.wsgi)
+        self._proxy_cfg = _cfg_for_trusted_peers(self.cfg)
         self._proxy = _Reception(settings, list(self.sockets), serve)
         return self._proxy
 
@@ -468,7 +575,13 @@ class Sync(_ProxyWorker, _sync.SyncWorker):  # type: ignore[misc]
     def wait(self, timeout: float) -> Any:
         """gunicorn's wait, no longer than the next header deadline; then the deadlines are enforced."""
         reception = self._proxy
-        ready = super().wait(reception.timeout(timeout))
+        fds = self.wait_fds
+        if reception.resting():  # the listeners are not waited on while they rest
+            self.wait_fds = [fd for fd in fds if all(fd is not listener for listener in self.sockets)]
+        try:
+            ready = super().wait(reception.timeout(timeout))
+        finally:
+            self.wait_fds = fds
         reception.expire()
         return ready
 
@@ -478,17 +591,23 @@ class Sync(_ProxyWorker, _sync.SyncWorker):  # type: ignore[misc]
             reception.poll()
         if listener == reception.descriptor:  # gunicorn's multi-listener loop hands over what select returned
             return
-        client, addr = listener.accept()
-        _util.close_on_exec(client)
-        reception.arrive(client, addr, listener)
+        if reception.resting():  # out of descriptors a moment ago: gunicorn's loop waits (Sync.wait)
+            raise BlockingIOError(errno.EAGAIN, "proxyproto: the listener rests")
+        reception.accept(listener)
 
-    def _proxy_serve(self, sock: socket.socket, header: ProxyHeader | None, address: Any, listener: Any) -> None:
+    def _proxy_serve(
+        self, sock: socket.socket, header: ProxyHeader | None, address: Any, listener: Any, trusted: bool
+    ) -> None:
         sock.setblocking(True)
         _serving.header = header
+        cfg = self.cfg
+        if trusted:
+            self.cfg = self._proxy_cfg  # (one connection at a time: gunicorn's handle reads self.cfg)
         try:
             self.handle(listener, sock, address)
         finally:
             _serving.header = None
+            self.cfg = cfg
 
 
 class GThread(_ProxyWorker, _gthread.ThreadWorker):  # type: ignore[misc]
@@ -512,13 +631,14 @@ class GThread(_ProxyWorker, _gthread.ThreadWorker):  # type: ignore[misc]
             reception.shut()
 
     def accept(self, listener: Any) -> None:
-        try:
-            client, addr = listener.accept()
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
-                raise
-            return
-        self._proxy.arrive(client, addr, listener)
+        reception = self._proxy
+        reception.accept(listener)
+        if reception.accept_resume_at:
+            self.set_accept_enabled(False)  # until the rest ends (set_accept_enabled)
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        """gunicorn's, but the listeners stay out of the poller while they rest (out of descriptors)."""
+        super().set_accept_enabled(enabled and not self._proxy.resting())
 
     def wait_for_and_dispatch_events(self, timeout: float) -> None:
         reception = self._proxy
@@ -527,10 +647,12 @@ class GThread(_ProxyWorker, _gthread.ThreadWorker):  # type: ignore[misc]
         super().wait_for_and_dispatch_events(reception.timeout(timeout))
         reception.expire()
 
-    def _proxy_serve(self, sock: socket.socket, header: ProxyHeader | None, address: Any, listener: Any) -> None:
+    def _proxy_serve(
+        self, sock: socket.socket, header: ProxyHeader | None, address: Any, listener: Any, trusted: bool
+    ) -> None:
         self.nr_conns += 1
         sock.setblocking(True)
-        conn = _gthread.TConn(self.cfg, sock, address, listener.getsockname())
+        conn = _gthread.TConn(self._proxy_cfg if trusted else self.cfg, sock, address, listener.getsockname())
         conn.proxy_header = header
         self.enqueue_req(conn)
 

@@ -76,7 +76,6 @@ V2_LOCAL = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"
 
 @pytest.mark.parametrize("worker", ["sync", "gthread"])
 @pytest.mark.parametrize("header", [V1_UNKNOWN, V2_LOCAL], ids=["v1-unknown", "v2-local"])
-@pytest.mark.xfail(strict=True, reason="FINDINGS.md 2: the proxy's own address is in --forwarded-allow-ips")
 def test_gunicorn_scheme_is_never_set_by_a_client_behind_the_trusted_proxy(
     worker: str, header: bytes, tmp_path: Path
 ) -> None:
@@ -87,6 +86,35 @@ def test_gunicorn_scheme_is_never_set_by_a_client_behind_the_trusted_proxy(
         status, report = exchange(server.port, header + get(SPOOF))
     assert status == 200
     assert report["scheme"] == "http", "a client-written X-Forwarded-Proto set the scheme"
+
+
+@pytest.mark.parametrize("worker", ["sync", "gthread"])
+def test_gunicorn_scheme_is_never_set_by_a_client_of_the_trusted_proxy_without_a_header(
+    worker: str, tmp_path: Path
+) -> None:
+    require_module("gunicorn")
+    import gunicorn_kit
+
+    with gunicorn_kit.gunicorn(worker, tmp_path, "--proxy-protocol", "auto", workers=1) as server:
+        status, report = exchange(server.port, get(SPOOF))
+        log = server.log()
+    assert status == 200
+    assert report["scheme"] == "http", "a client-written X-Forwarded-Proto set the scheme"
+    assert "secure_scheme_headers and forwarder_headers are off for peers trusted" in log, log
+
+
+@pytest.mark.parametrize("worker", ["sync", "gthread"])
+def test_gunicorn_forwarded_allow_ips_chosen_by_the_operator_keeps_gunicorns_meaning(
+    worker: str, tmp_path: Path
+) -> None:
+    require_module("gunicorn")
+    import gunicorn_kit
+
+    env = {"FORWARDED_ALLOW_IPS": "127.0.0.1"}
+    with gunicorn_kit.gunicorn(worker, tmp_path, env=env, workers=1) as server:
+        status, report = exchange(server.port, V1_UNKNOWN + get(SPOOF))
+    assert status == 200
+    assert report["scheme"] == "https"
 
 
 # -- Tornado ---------------------------------------------------------------------------------------

@@ -405,8 +405,10 @@ def test_page_command_line_serves_the_real_client(block: str, line: str, tmp_pat
             assert closed_unserved(sock)
             assert timeout - 0.5 < time.monotonic() - start < timeout + 5.0
     if block == "settings" and "--proxy-allow-from" in words:
-        (shown,) = [b for b in re.findall(r"^    (\[INFO\] proxyproto: .*)$", PAGE.read_text(), re.M)]
-        assert shown in server.log(), server.log()
+        shown = re.findall(r"^    (\[INFO\] proxyproto: .*)$", PAGE.read_text(), re.M)
+        assert len(shown) == 2, shown  # the policy line, and the forwarded headers' line
+        for line_shown in shown:
+            assert line_shown in server.log(), server.log()
 
 
 def test_sync_worker_with_threads_stops_gunicorn_at_start_naming_gthread(tmp_path: Path) -> None:
