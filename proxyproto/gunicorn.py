@@ -49,13 +49,14 @@ from gunicorn.workers import sync as _sync  # type: ignore[import-untyped,import
 from .advice import handed_on, policy_line
 from .header import ProxyHeader
 from .logs import show_through
+from .parking import Parking
 from .peers import socket_family
 from .policy import SERVES_A_HEADER, Policy, TrustedNetworks, served_address
 from .refusal_log import RefusalLog, listener_text
 from .settings import VARIABLES, Settings, settings_from_environment
 from .sock import take_complete_header
 from .waiting import ParkedConnections
-from .watcher import Watcher
+from .watcher import Parked, Watcher
 
 __all__ = [
     "GThread",
@@ -356,6 +357,29 @@ def _cfg_for_trusted_peers(cfg: Any) -> Any:
     return _WithoutForwardedHeaders(cfg)
 
 
+class _ReservedParking(Parking[Parked]):
+    """:class:`~proxyproto.parking.Parking` with its descriptor reserve: each parked socket's descriptor is passed.
+
+    The socketserver mixin passes none (it needs no descriptor between
+    ``accept()`` and serving, and evicts on EMFILE).  gunicorn does: gthread's
+    pool thread opens a selector for each new connection, so a table filled
+    by parked connections would fail the next served one even after an
+    eviction made room for its ``accept()``.  With the reserve, waiting
+    connections are cut down before the table fills (the eviction line names
+    the ``RLIMIT_NOFILE``), as in the asyncio, Tornado and Twisted adapters.
+    """
+
+    __slots__ = ()
+
+    def add(self, key: Parked, peer: Any, fd: int | None, max_pending: int) -> None:
+        if fd is None:
+            try:
+                fd = key.attempt.sock.fileno()
+            except (AttributeError, OSError, ValueError):
+                fd = None
+        super().add(key, peer, fd, max_pending)
+
+
 class _Reception:
     """A worker's connections until their header is decided, never blocking the worker's loop.
 
@@ -383,6 +407,8 @@ class _Reception:
         self.watcher = watcher
         self.descriptor = watcher.descriptor
         self.parked = ParkedConnections(_Live(settings), watcher, self.log, self._served)  # type: ignore[arg-type]
+        parking = self.parked.parking
+        self.parked.parking = _ReservedParking(parking.refusals, parking.close, parking.knob)
         self.waiting = self.parked.parking.waiting
         self.accept_failing = False  # accept() failed for lack of resources; logged once until it works again
         self.accept_resume_at = 0.0  # the listeners rest until then (0: they do not)

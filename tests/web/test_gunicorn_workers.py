@@ -447,3 +447,80 @@ def test_forwarded_headers_relayed_by_the_proxy_never_set_the_client(worker: str
             sock.close()
         assert status == 200 and seen["client"] == [own[0], own[1]], seen
         assert seen["header"]["command"] == "LOCAL"
+
+
+_OUT_OF_DESCRIPTORS = """
+import logging, os, resource, socket, sys, time
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(message)s")
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+import proxyproto
+from proxyproto.gunicorn import _Reception
+
+listener = socket.create_server(("127.0.0.1", 0))
+listener.setblocking(False)
+served = []
+reception = _Reception(proxyproto.Settings(), [listener], lambda *args: served.append(args))
+header = proxyproto.encode_v1(("192.0.2.10", 51234), ("198.51.100.20", 443))
+
+def client(data):
+    sock = socket.create_connection(listener.getsockname())
+    sock.sendall(data)
+    time.sleep(0.05)  # (in the listener's queue, with its bytes)
+    return sock
+
+def fill():
+    fds = []
+    while True:
+        try:
+            fds.append(os.dup(0))
+        except OSError:
+            return fds
+
+silent = client(b"")
+reception.accept(listener)
+print("parked", len(reception.waiting))
+second = client(header)
+filler = fill()
+reception.accept(listener)  # EMFILE: the silent one gives its place, the second is served
+print("served", [address for _, _, address, _, _ in served], "parked", len(reception.waiting))
+os.close(filler.pop())
+third = client(header)
+filler += fill()
+reception.accept(listener)  # EMFILE, nobody parked: the listener rests, nothing raised
+print("resting", reception.resting(), "served", len(served))
+for fd in filler:
+    os.close(fd)
+time.sleep(0.15)
+print("resting", reception.resting())
+reception.accept(listener)
+print("served", [address for _, _, address, _, _ in served])
+"""
+
+
+def test_wsgi_worker_out_of_descriptors_evicts_the_oldest_waiting_or_rests_the_listener() -> None:
+    """accept() failing with EMFILE (a real one, RLIMIT_NOFILE 64 filled in a child) never raises in a
+    worker's loop: with a connection waiting for its header, that one is closed and the accept
+    retried; with none, the listener rests and accepts again once descriptors are back.  One line
+    for the failure, one when accept() works again."""
+    require_module("gunicorn")
+    done = subprocess.run(
+        [sys.executable, "-c", _OUT_OF_DESCRIPTORS],
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=CEILING,
+        check=False,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    lines = out.splitlines()
+    assert "parked 1" in lines, out
+    assert "served [('192.0.2.10', 51234)] parked 0" in lines, out
+    assert "resting True served 1" in lines and "resting False" in lines, out
+    assert "served [('192.0.2.10', 51234), ('192.0.2.10', 51234)]" in lines, out
+    evicted = "closed: 1 connections already wait for their header (the process is out of file descriptors)"
+    assert sum(evicted in line for line in lines) == 1, out
+    assert out.count("accept() failed: [Errno 24] Too many open files") == 1, out
+    assert out.count("accept() works again") == 1, out

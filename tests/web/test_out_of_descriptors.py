@@ -270,3 +270,71 @@ def test_good_client_is_served_while_silent_connections_exhaust_descriptors(name
     output = out_path.read_text(errors="replace")
     evicted = r"closed: \d+ connections already wait for their header \(the process is near its RLIMIT_NOFILE of 64\)"
     assert re.search(evicted, output), output[-2000:]
+
+
+# -- gunicorn's WSGI workers ---------------------------------------------------------------------------
+#
+# gunicorn's sync and gthread workers keep the descriptor reserve too (gthread's pool thread needs a
+# descriptor for each new connection), and own ``accept()`` (as the socketserver mixin does): on EMFILE
+# the oldest connection still waiting for its header gives its place, one line says so, and the worker
+# goes on serving (it must not die with a traceback and be rebooted by the arbiter).
+
+
+def worker_pid(arbiter: int) -> int:
+    """The one worker process of the gunicorn arbiter ``arbiter`` (from ``/proc``), once it is up."""
+    children: list[str] = []
+
+    def found() -> bool:
+        children[:] = Path(f"/proc/{arbiter}/task/{arbiter}/children").read_text().split()
+        return len(children) == 1
+
+    assert wait_for(found, 20), children
+    return int(children[0])
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the worker's descriptors in /proc")
+@pytest.mark.parametrize("worker", ["sync", "gthread"])
+def test_gunicorn_worker_keeps_serving_while_silent_connections_exhaust_descriptors(
+    worker: str, tmp_path: Path
+) -> None:
+    """RLIMIT_NOFILE 64, 120 silent trusted connections: the oldest waiting connections are closed
+    before the descriptors run out (or, should ``accept()`` still meet EMFILE, to make room, with one
+    line for the failure); a good client is served at once by the same worker, which never dies with
+    a traceback; every descriptor comes back when the flood closes."""
+    require_module("gunicorn")
+    import gunicorn_kit
+
+    port = free_port()
+    out_path = tmp_path / "server.out"
+    silent: list[socket.socket] = []
+    with server(gunicorn_kit.gunicorn_args(worker, port, workers=1), port, out_path) as proc:
+        try:
+            assert REAL_V4[0].encode() in ask(port, True)
+            pid = worker_pid(proc.pid)
+            baseline = open_fds(pid)
+            for _ in range(FLOOD):
+                silent.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            assert settled(pid, out_path, quiet=1.2, timeout=10), "the flood was never absorbed"
+            held = open_fds(pid)
+
+            began = time.monotonic()
+            answer = ask(port, True)
+            elapsed = time.monotonic() - began
+            assert REAL_V4[0].encode() in answer, answer[-500:]
+            assert elapsed < 2.0, f"the good client waited {elapsed:.2f} s"
+            assert worker_pid(proc.pid) == pid, "the worker was replaced"
+            assert held <= LIMIT, held
+
+            for sock in silent:
+                sock.close()
+            silent.clear()
+            assert wait_for(lambda: open_fds(pid) <= baseline, 5), f"{open_fds(pid)} > {baseline}"
+        finally:
+            for sock in silent:
+                sock.close()
+    output = out_path.read_text(errors="replace")
+    assert "Traceback" not in output and "Exception in worker process" not in output, output[-3000:]
+    assert output.count("Booting worker") == 1, output[-3000:]
+    evicted = r"closed: \d+ connections already wait for their header \(the process is near its RLIMIT_NOFILE of 64\)"
+    assert re.search(evicted, output), output[-2000:]
+    assert output.count("accept() failed") <= 1, output[-3000:]  # EMFILE itself, should a burst outrun the reserve
