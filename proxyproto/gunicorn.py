@@ -33,6 +33,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import selectors
 import socket
 import ssl
@@ -46,13 +47,13 @@ from gunicorn import util as _util  # type: ignore[import-untyped,import-not-fou
 from gunicorn.workers import gthread as _gthread  # type: ignore[import-untyped,import-not-found,unused-ignore]
 from gunicorn.workers import sync as _sync  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
-from .advice import handed_on, policy_line
+from .advice import SIGNATURE_PEEK, handed_on, policy_line, untrusted_look
 from .header import ProxyHeader
 from .logs import show_through
 from .parking import Parking
 from .peers import socket_family
-from .policy import SERVES_A_HEADER, Policy, TrustedNetworks, served_address
-from .refusal_log import RefusalLog, listener_text
+from .policy import SERVES_A_HEADER, Policy, TrustedNetworks, peer_text, served_address
+from .refusal_log import KIND_TLS, RefusalLog, listener_text
 from .settings import VARIABLES, Settings, settings_from_environment
 from .sock import take_complete_header
 from .waiting import ParkedConnections
@@ -330,6 +331,95 @@ class _WithoutForwardedHeaders:
         return []
 
 
+class _HandshakeWithDeadline(ssl.SSLSocket):
+    """The TLS sockets of a worker with ``--certfile``: the handshake ends within ``header_timeout`` or fails.
+
+    gunicorn's handshake blocks (the sync worker, or a gthread pool thread)
+    for as long as the client likes; here :meth:`do_handshake` waits for
+    the peer's bytes at most :attr:`handshake_timeout` seconds in all, then
+    writes one refusal line and raises ``SSLEOFError``, which gunicorn's
+    workers take as a closed TLS connection (no traceback).  The subclass of
+    each worker, with its timeout and refusal log, is made by
+    :func:`_handshake_class`; gunicorn's SSL context returns it
+    (``SSLContext.sslsocket_class``, set by :class:`_TLSWithDeadline`).
+    """
+
+    handshake_timeout: ClassVar[float]
+    refusals: ClassVar[RefusalLog]
+
+    def do_handshake(self, block: bool = False) -> None:
+        saved = self.gettimeout()
+        if saved == 0.0:  # a non-blocking caller waits in its own loop
+            super().do_handshake(block)
+            return
+        deadline = time.monotonic() + self.handshake_timeout
+        self.settimeout(0.0)
+        try:
+            while True:
+                try:
+                    super().do_handshake()
+                    return
+                except ssl.SSLWantReadError:
+                    events = select.POLLIN
+                except ssl.SSLWantWriteError:
+                    events = select.POLLOUT
+                left = deadline - time.monotonic()
+                poll = select.poll()
+                poll.register(self.fileno(), events)
+                if left <= 0 or not poll.poll(left * 1000.0):
+                    self._timed_out()
+        finally:
+            self.settimeout(saved)
+
+    def _timed_out(self) -> None:
+        try:
+            peer = self.getpeername()
+        except OSError:
+            peer = None
+        self.refusals.log(
+            logging.INFO,
+            "%s: closed: TLS handshake not done within %g s",
+            peer_text(peer),
+            self.handshake_timeout,
+            kind=KIND_TLS,
+        )
+        raise ssl.SSLEOFError(ssl.SSL_ERROR_EOF, f"TLS handshake not done within {self.handshake_timeout:g} s")
+
+
+def _handshake_class(timeout: float, refusals: RefusalLog) -> type[_HandshakeWithDeadline]:
+    """A worker's :class:`_HandshakeWithDeadline`: its ``header_timeout`` and refusal log."""
+    attributes = {"handshake_timeout": timeout, "refusals": refusals, "__module__": __name__}
+    return type("HandshakeWithDeadline", (_HandshakeWithDeadline,), attributes)
+
+
+class _TLSWithDeadline:
+    """gunicorn's ``cfg`` for a worker with ``--certfile``: its SSL context makes :class:`_HandshakeWithDeadline`.
+
+    ``handshake_on_connect`` (None: gunicorn's setting) makes the handshake
+    happen at wrap time: the sync worker's gunicorn code otherwise leaves it
+    to the first read, which no ``do_handshake`` bounds.
+    """
+
+    def __init__(self, cfg: Any, socket_class: type[ssl.SSLSocket], handshake_on_connect: bool | None) -> None:
+        self._cfg = cfg
+        self._socket_class = socket_class
+        self._handshake_on_connect = handshake_on_connect
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cfg, name)
+
+    @property
+    def do_handshake_on_connect(self) -> bool:
+        chosen = self._handshake_on_connect
+        return bool(self._cfg.do_handshake_on_connect if chosen is None else chosen)
+
+    def ssl_context(self, conf: Any, default_ssl_context_factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+        """gunicorn's hook (the operator's ``ssl_context``, if any), its context returning the bounded sockets."""
+        context: ssl.SSLContext = self._cfg.ssl_context(conf, default_ssl_context_factory)
+        context.sslsocket_class = self._socket_class
+        return context
+
+
 def _cfg_for_trusted_peers(cfg: Any) -> Any:
     """The ``cfg`` a trusted peer's connection is served with: :class:`_WithoutForwardedHeaders` unless chosen.
 
@@ -355,6 +445,39 @@ def _cfg_for_trusted_peers(cfg: Any) -> Any:
         "PROXY header (set FORWARDED_ALLOW_IPS or --forwarded-allow-ips to keep them)"
     )
     return _WithoutForwardedHeaders(cfg)
+
+
+#: The look of each connection that is a :class:`_FirstRecv` (until its first read).
+_LOOKS: weakref.WeakKeyDictionary[socket.socket, Callable[[bytes], None]] = weakref.WeakKeyDictionary()
+
+
+class _FirstRecv(socket.socket):
+    """A connection whose first read also shows its first bytes to a look, then becomes a plain socket again.
+
+    For an untrusted peer served under SKIP without TLS: gunicorn's own first
+    ``recv`` is the look's (:func:`proxyproto.advice.untrusted_look`: a
+    WARNING when the stream starts with a PROXY header), so no byte is read
+    that gunicorn would not read, and a header arriving after the accept is
+    seen too.  Only such connections get this class.
+    """
+
+    __slots__ = ()
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data = super().recv(bufsize, flags)
+        self._first(data[:SIGNATURE_PEEK])
+        return data
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        size = super().recv_into(buffer, nbytes, flags)
+        self._first(bytes(memoryview(buffer)[: min(size, SIGNATURE_PEEK)]))
+        return size
+
+    def _first(self, start: bytes) -> None:
+        self.__class__ = socket.socket  # type: ignore[assignment]  # back to the plain class
+        look = _LOOKS.pop(self, None)
+        if look is not None:
+            look(start)
 
 
 class _ReservedParking(Parking[Parked]):
@@ -395,9 +518,11 @@ class _Reception:
     address it is served with.
     """
 
-    def __init__(self, settings: Settings, listeners: list[Any], serve: Serve) -> None:
+    def __init__(self, settings: Settings, listeners: list[Any], serve: Serve, look: bool = True) -> None:
         self.settings = settings
         self.serve = serve
+        #: Whether an untrusted peer's first bytes are looked at (not with TLS: gunicorn reads them decrypted).
+        self.look = look and settings.policy_for is None
         self.log = RefusalLog(logger, settings.log_rate)
         self.log.listener = listener_text(*(listener.getsockname() for listener in listeners))
         watcher = Watcher.open(listeners[0])
@@ -465,6 +590,9 @@ class _Reception:
             sock.close()
             return
         if policy is Policy.SKIP:
+            if not trusted and self.look and type(sock) is socket.socket:
+                _LOOKS[sock] = untrusted_look(self.log, settings, peer)
+                sock.__class__ = _FirstRecv
             self.serve(sock, None, peer, listener, trusted)
             return
         saved = sock.gettimeout()
@@ -542,7 +670,9 @@ class _ProxyWorker:
     sockets: list[Any]
     alive: bool
     _proxy: _Reception
-    _proxy_cfg: Any  # the cfg the connections of trusted peers are served with
+    _proxy_cfgs: tuple[Any, Any]  # the cfg connections are served with: (other peers, trusted peers)
+    #: For the sync worker's gunicorn code, which leaves the handshake to the first read otherwise.
+    _proxy_handshake_on_connect: bool | None = None
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -557,8 +687,12 @@ class _ProxyWorker:
         self.cfg.set("proxy_protocol", "off")  # this worker's copy: the header is never read twice
         _log_policy(settings, bool(self.cfg.is_ssl))
         self.wsgi = _with_header(self.wsgi)
-        self._proxy_cfg = _cfg_for_trusted_peers(self.cfg)
-        self._proxy = _Reception(settings, list(self.sockets), serve)
+        self._proxy = _Reception(settings, list(self.sockets), serve, look=not self.cfg.is_ssl)
+        cfg = self.cfg
+        if cfg.is_ssl:
+            socket_class = _handshake_class(settings.header_timeout, self._proxy.log)
+            cfg = _TLSWithDeadline(cfg, socket_class, self._proxy_handshake_on_connect)
+        self._proxy_cfgs = (cfg, _cfg_for_trusted_peers(cfg))
         return self._proxy
 
 
@@ -573,6 +707,7 @@ class Sync(_ProxyWorker, _sync.SyncWorker):  # type: ignore[misc]
     """
 
     wait_fds: list[Any]
+    _proxy_handshake_on_connect = True
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -627,8 +762,7 @@ class Sync(_ProxyWorker, _sync.SyncWorker):  # type: ignore[misc]
         sock.setblocking(True)
         _serving.header = header
         cfg = self.cfg
-        if trusted:
-            self.cfg = self._proxy_cfg  # (one connection at a time: gunicorn's handle reads self.cfg)
+        self.cfg = self._proxy_cfgs[trusted]  # (one connection at a time: gunicorn's handle reads self.cfg)
         try:
             self.handle(listener, sock, address)
         finally:
@@ -678,7 +812,7 @@ class GThread(_ProxyWorker, _gthread.ThreadWorker):  # type: ignore[misc]
     ) -> None:
         self.nr_conns += 1
         sock.setblocking(True)
-        conn = _gthread.TConn(self._proxy_cfg if trusted else self.cfg, sock, address, listener.getsockname())
+        conn = _gthread.TConn(self._proxy_cfgs[trusted], sock, address, listener.getsockname())
         conn.proxy_header = header
         self.enqueue_req(conn)
 

@@ -524,3 +524,76 @@ def test_wsgi_worker_out_of_descriptors_evicts_the_oldest_waiting_or_rests_the_l
     assert sum(evicted in line for line in lines) == 1, out
     assert out.count("accept() failed: [Errno 24] Too many open files") == 1, out
     assert out.count("accept() works again") == 1, out
+
+
+#: The first bytes of a TLS record (a handshake record's type and version), then nothing more.
+PARTIAL_RECORD = b"\x16\x03\x01"
+
+
+@pytest.mark.parametrize(
+    ("worker", "after_header"),
+    [("sync", b""), ("sync", PARTIAL_RECORD), ("gthread", PARTIAL_RECORD)],
+    ids=["sync-nothing", "sync-partial-record", "gthread-partial-record"],
+)
+def test_tls_handshake_stalled_after_the_header_is_closed_at_header_timeout(
+    worker: str, after_header: bytes, tmp_path: Path
+) -> None:
+    """With ``--certfile``, a client that sends its header and then stalls the handshake is closed
+    within ``PROXYPROTO_HEADER_TIMEOUT`` (one refusal line, no traceback); meanwhile gthread serves
+    another client, and afterwards both workers do."""
+    _need(worker)
+    cert = self_signed(tmp_path)
+    if cert is None:
+        pytest.skip("the openssl command is not installed")
+    timeout = 2.0
+    flags = ["--certfile", str(cert.cert), "--keyfile", str(cert.key)]
+    if worker == "gthread":
+        flags += ["--threads", "2"]
+    env = {"PROXYPROTO_HEADER_TIMEOUT": str(timeout)}
+    header = proxyproto.encode_v2(REAL_V4, DEST_V4)
+    with gunicorn(worker, tmp_path, *flags, env=env, workers=1) as server:
+        stalled = connect(server.address, header + after_header)
+        start = time.monotonic()
+        if worker == "gthread":
+            time.sleep(0.3)  # (the stalled handshake holds a pool thread by now)
+            status, seen = get(server.address, header, tls=cert.client_context())
+            assert status == 200 and seen["client"] == list(REAL_V4), seen
+        assert closed_unserved(stalled)
+        elapsed = time.monotonic() - start
+        status, seen = get(server.address, header, tls=cert.client_context())
+        assert status == 200 and seen["client"] == list(REAL_V4) and seen["scheme"] == "https", seen
+        log = server.log()
+    assert timeout - 0.5 < elapsed < timeout + 5.0, elapsed
+    assert re.search(rf"127\.0\.0\.1:\d+: closed: TLS handshake not done within {timeout:g} s", log), log
+    assert "Traceback" not in log, log
+
+
+@pytest.mark.parametrize("worker", ["sync", "gthread"])
+def test_untrusted_peer_sending_a_header_gets_one_warning_line(worker: str, tmp_path: Path) -> None:
+    """127.0.0.2 (untrusted, SKIP) sends a header 0.2 s after connecting: gunicorn answers the bytes as
+    payload, and one WARNING says the peer sent a PROXY header but is not trusted; its plain requests
+    add no line."""
+    _need(worker)
+    with gunicorn(worker, tmp_path, workers=1) as server:
+        sock = connect(server.address, local="127.0.0.2")
+        try:
+            time.sleep(0.2)
+            sock.sendall(
+                proxyproto.encode_v1(REAL_V4, DEST_V4) + b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+            )
+            try:
+                status, seen = read_response(sock)
+            except ConnectionError:
+                status, seen = 0, {}
+        finally:
+            sock.close()
+        assert status != 200, seen
+        for _ in range(2):
+            status, seen = get(server.address, local="127.0.0.2")
+            assert status == 200 and seen["client"][0] == "127.0.0.2", seen
+        time.sleep(0.2)
+        log = server.log()
+    warning = "[WARNING] proxyproto: 127.0.0.2:"
+    lines = [line for line in log.splitlines() if warning in line]
+    assert len(lines) == 1, log
+    assert "sent a PROXY header but is not trusted" in lines[0], log
