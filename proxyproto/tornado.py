@@ -63,6 +63,8 @@ __all__ = ["ProxyHTTPServer", "ProxyTCPServerMixin", "header"]
 logger = logging.getLogger("proxyproto")
 
 _PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+#: The policies under which a trusted peer is a proxy that speaks PROXY (SKIP and REJECT: one that does not).
+_SPOKEN_TO = frozenset((Policy.REQUIRE, Policy.USE, Policy.IGNORE))
 
 
 # -- the Tornado this module relies on ---------------------------------------------------------------
@@ -114,7 +116,7 @@ class _Carrier:
     proxy_peer: Any = None
     #: Whether the address is the header's source (a trusted PROXY header with addresses, under REQUIRE or USE).
     from_header = False
-    #: Whether the peer is a trusted proxy that speaks PROXY (trusted, under a policy other than SKIP): the
+    #: Whether the peer is a trusted proxy that speaks PROXY (trusted, under REQUIRE, USE or IGNORE): the
     #: connection's address and scheme are the header's or the socket's, never a request's X-* lines.
     from_proxy = False
 
@@ -328,10 +330,12 @@ class ProxyTCPServerMixin:
     with (the header's source for a trusted proxy's PROXY header), carrying
     ``address.proxy_header`` (:func:`header` reads it) and
     ``address.proxy_peer`` (the socket's own peer).  ``ssl_options``
-    negotiate TLS after the header.  Connections refused by the policy are
+    negotiate TLS after the header; the handshake must end within
+    ``header_timeout`` and counts toward ``max_pending`` until it does
+    (:class:`_Handshake`).  Connections refused by the policy are
     closed with one log line (logger ``proxyproto``) and never reach
     ``handle_stream``.  :meth:`stop` also closes the connections still
-    waiting for their header.
+    waiting for their header or handshake.
     """
 
     proxy_settings: Settings
@@ -466,7 +470,7 @@ class ProxyTCPServerMixin:
         settings = self.proxy_settings
         found = handed_on(self._proxy_log, settings, peer, policy, found, trusted, settings.policy_for is not None)
         address = peer if found is None else served_address(policy, found, peer, connection.family)
-        carried = _carrying(address, found, peer, address is not peer, trusted and policy is not Policy.SKIP)
+        carried = _carrying(address, found, peer, address is not peer, trusted and policy in _SPOKEN_TO)
         self._proxy_look_later = look_later  # for _proxy_handed_over, which Tornado's code calls in between
         try:
             super()._handle_connection(connection, carried)  # type: ignore[misc]
@@ -542,7 +546,7 @@ class ProxyRequestContext(_HTTPRequestContext):  # type: ignore[misc,unused-igno
     ``address`` the whole tuple (its port: ``address[1]``);
     ``proxy_header`` and ``proxy_peer`` as :class:`ProxyTCPServerMixin`
     gives them.  With ``xheaders=True``, on a connection from a trusted
-    proxy that speaks PROXY (trusted, under any policy but SKIP; whatever
+    proxy that speaks PROXY (trusted, under REQUIRE, USE or IGNORE; whatever
     header it sent: addresses, UNKNOWN, LOCAL, or one IGNORE drops), no
     request line changes ``remote_ip`` or ``protocol`` (X-Real-Ip,
     X-Forwarded-For, X-Scheme, X-Forwarded-Proto are a client's words, which

@@ -346,10 +346,17 @@ async def test_xheaders_never_change_the_client_or_the_scheme_on_a_trusted_proxy
     assert (report["remote_ip"], report["protocol"]) == (client, "http")
 
 
+@pytest.mark.parametrize(
+    "knobs, local",
+    [({"trusted": "127.0.0.1"}, "127.0.0.2"), ({"policy": "SKIP"}, None), ({"policy": "REJECT"}, None)],
+    ids=["untrusted", "trusted-skip", "trusted-reject"],
+)
 @async_test
-async def test_xheaders_work_as_in_tornado_for_a_peer_that_is_no_trusted_proxy() -> None:
-    async with serving(xheaders=True, trusted="127.0.0.1") as (_, port):
-        report = report_of(await exchange(port, request(extra=SPOOFED), local="127.0.0.2"))
+async def test_xheaders_work_as_in_tornado_for_a_peer_that_sends_no_trusted_header(
+    knobs: dict[str, str], local: str | None
+) -> None:
+    async with serving(xheaders=True, **knobs) as (_, port):
+        report = report_of(await exchange(port, request(extra=SPOOFED), local=local))
     assert (report["remote_ip"], report["protocol"]) == ("203.0.113.66", "https")
 
 
