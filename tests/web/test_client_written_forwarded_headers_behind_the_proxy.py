@@ -114,7 +114,6 @@ async def tornado_serving(**kw: Any) -> AsyncIterator[int]:
         await asyncio.wait_for(server.close_all_connections(), CEILING)
 
 
-@pytest.mark.xfail(strict=True, reason="FINDINGS.md 3: xheaders pins remote_ip only when the header gave it")
 @async_test
 async def test_tornado_xheaders_never_take_the_client_from_a_client_behind_the_trusted_proxy() -> None:
     async with tornado_serving(xheaders=True) as port:
@@ -123,7 +122,6 @@ async def test_tornado_xheaders_never_take_the_client_from_a_client_behind_the_t
     assert report["client"] == "127.0.0.1"
 
 
-@pytest.mark.xfail(strict=True, reason="FINDINGS.md 3: X-Forwarded-Proto keeps Tornado's meaning behind the proxy")
 @async_test
 async def test_tornado_xheaders_never_take_the_scheme_from_a_client_behind_the_trusted_proxy() -> None:
     async with tornado_serving(xheaders=True) as port:
