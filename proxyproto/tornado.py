@@ -356,8 +356,8 @@ class ProxyTCPServerMixin:
         not this mixin, defines ``handle_stream``.
         """
         knobs = dict(knobs)
-        self.proxy_settings = settings_for(knobs.pop("settings", None), knobs)
-        self._proxy_log = RefusalLog(logger, self.proxy_settings.log_rate, later=call_later)
+        settings = self.proxy_settings = settings_for(knobs.pop("settings", None), knobs)
+        self._proxy_log = RefusalLog(logger, settings.log_rate, later=call_later, name_of=settings.name_of)
         self._proxy_parking = Parking(self._proxy_log, _close)
         handle_stream: Callable[[IOStream, Any], Any] = self.handle_stream  # type: ignore[has-type,attr-defined,unused-ignore]
 
