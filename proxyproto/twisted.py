@@ -496,7 +496,7 @@ class ProxyProtocolFactory(_WrappingFactory):  # type: ignore[misc]  # Twisted's
         self.inner = wrappedFactory if ssl is None else _TLSMemoryBIOFactory(ssl, False, wrappedFactory)
         super().__init__(self.inner)
         self._reactor = reactor
-        self.refusals = RefusalLog(logger, self.settings.log_rate, later=self._later)
+        self.refusals = RefusalLog(logger, self.settings.log_rate, later=self._later, name_of=self.settings.name_of)
         self.parking: Parking[ProxyProtocolWrapper] = Parking(self.refusals, ProxyProtocolWrapper.abort)
         self.closed = False
 
