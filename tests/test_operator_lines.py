@@ -124,7 +124,7 @@ def test_tls_handshake_where_the_header_belongs_says_tls_goes_after_the_header(
     lines = lines_of(records, "TLS handshake")
     refusal = [m for m in lines if "sent a TLS handshake first" in m]
     assert len(refusal) == 1, lines
-    assert "not to create_server" in refusal[0] and "send-proxy" in refusal[0]
+    assert "the certificate goes to proxyproto" in refusal[0] and "send-proxy" in refusal[0]
 
 
 @pytest.mark.parametrize("policy", ["SKIP", "IGNORE"])
