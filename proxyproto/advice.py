@@ -55,8 +55,9 @@ def missing_header(settings: Settings, outcome: Outcome, start: bytes) -> str:
         return (
             f"; the peer is trusted ({settings.describe_trusted()}) and sent a TLS handshake first: proxyproto "
             "negotiates TLS after the header, so the proxy must send its header before TLS (haproxy: send-proxy "
-            "or send-proxy-v2 in front of TLS passthrough), and an SSLContext goes to proxyproto (ssl=), not to "
-            "create_server"
+            "or send-proxy-v2 in front of TLS passthrough), and the certificate goes to proxyproto (ssl=, the "
+            "server's TLS settings through its adapter, proxyproto:ssl:), never to a TLS layer that handshakes "
+            "before it (create_server's ssl=, a Twisted ssl: endpoint)"
         )
     return (
         f"; the peer is trusted ({settings.describe_trusted()}), so its stream must start with a PROXY header: "

@@ -206,7 +206,7 @@ class _Acceptor:
         _require_stream_internals(asyncio.StreamReader())  # at start, not at the first connection
         self.callback = client_connected_cb
         self.settings = settings
-        self.refusals = RefusalLog(logger, settings.log_rate, later=call_later)
+        self.refusals = RefusalLog(logger, settings.log_rate, later=call_later, name_of=settings.name_of)
         #: Writers of the connections whose header is not in yet, oldest first, and the one rule
         #: that evicts them (:class:`proxyproto.parking.Parking`, shared with aio_protocol).
         self.parking: Parking[asyncio.StreamWriter] = Parking(self.refusals, self.evict)

@@ -120,7 +120,7 @@ class ProxyProtocolFactory:
         #: Seconds for the TLS handshake after the header: ``header_timeout`` unless given (see
         #: :func:`wrap_protocol_factory`); the connection counts toward ``max_pending`` meanwhile.
         self.ssl_handshake_timeout = handshake_timeout(ssl_handshake_timeout, settings.header_timeout)
-        self.refusals = RefusalLog(logger, settings.log_rate, later=call_later)
+        self.refusals = RefusalLog(logger, settings.log_rate, later=call_later, name_of=settings.name_of)
         #: Connections not handed to their protocol yet, and the one rule that evicts them (max_pending,
         #: the descriptor reserve); :attr:`parked` is its dict (oldest first: dicts keep insertion order).
         self.parking: Parking[HeaderProtocol] = Parking(self.refusals, HeaderProtocol.abort)

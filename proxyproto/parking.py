@@ -120,16 +120,15 @@ class Parking(Generic[K]):
 
     One per listener (or per factory).  ``close(key)`` closes an evicted connection; it is called after the key
     has left :attr:`waiting`.  Refusal lines go through ``refusals``, one sentence for every eviction
-    (:meth:`evict_oldest`); ``knob`` is the name the adapter gives ``max_pending`` (the socketserver mixin's
-    ``proxy_max_pending``), named in the lines that limit writes.
+    (:meth:`evict_oldest`), which name ``max_pending`` as the operator spells it (``refusals.name_of``:
+    ``max_pending``, the socketserver mixin's ``proxy_max_pending``, ``PROXYPROTO_MAX_PENDING``).
     """
 
-    __slots__ = ("cap", "close", "knob", "refusals", "waiting")
+    __slots__ = ("cap", "close", "refusals", "waiting")
 
-    def __init__(self, refusals: RefusalLog, close: Callable[[K], object], knob: str = "max_pending") -> None:
+    def __init__(self, refusals: RefusalLog, close: Callable[[K], object]) -> None:
         self.refusals = refusals
         self.close = close
-        self.knob = knob
         #: key -> the peer address it came from, oldest first (dicts keep insertion order).
         self.waiting: dict[K, Any] = {}
         #: The cap the descriptor reserve set (None: only max_pending), until no connection waits.
@@ -151,7 +150,7 @@ class Parking(Generic[K]):
             return
         if not waiting:
             self.cap = None  # nobody waits: the descriptor pressure is over
-        cap, why = max_pending, self.knob
+        cap, why = max_pending, self.refusals.name_of("max_pending")
         if fd is not None and fd >= 0:
             limit = _soft_limit()
             if limit is not None:
@@ -170,7 +169,7 @@ class Parking(Generic[K]):
         """Close the connection that has waited longest (one must wait), and log it: ``count`` wait, ``why``.
 
         The line, the only eviction wording of the library, reads "<peer>: closed: <count> connections already
-        wait for their header (<why>)"; ``why`` names the limit (:attr:`knob`, the descriptor reserve) or the
+        wait for their header (<why>)"; ``why`` names the limit (``max_pending``, the descriptor reserve) or the
         fault (the socketserver mixin's "the process is out of file descriptors").  The key leaves
         :attr:`waiting` before ``close`` is called.
         """

@@ -78,6 +78,10 @@ def kind_of(outcome: Outcome) -> str:
 Later = Callable[[float, Callable[[], None]], bool]
 
 
+def _as_is(knob: str) -> str:
+    return knob
+
+
 class RefusalLog:
     """At most ``rate`` lines per second and kind through ``logger``, then one summary line.
 
@@ -93,14 +97,21 @@ class RefusalLog:
     exception.
     """
 
-    __slots__ = ("due", "later", "listener", "logger", "rate", "sent", "suppressed", "window_start")
+    __slots__ = ("due", "later", "listener", "logger", "name_of", "rate", "sent", "suppressed", "window_start")
 
     def __init__(
-        self, logger: logging.Logger, rate: float | None = DEFAULT_LOG_RATE, *, later: Later | None = None
+        self,
+        logger: logging.Logger,
+        rate: float | None = DEFAULT_LOG_RATE,
+        *,
+        later: Later | None = None,
+        name_of: Callable[[str], str] | None = None,
     ) -> None:
         self.logger = logger
         self.rate = rate
         self.later = later
+        #: A knob as the operator spells it (``Settings.name_of``): the lines name what to change.
+        self.name_of: Callable[[str], str] = _as_is if name_of is None else name_of
         self.window_start = 0.0
         self.sent: dict[str, int] = {}
         #: kind -> [suppressed count, highest level among them]
@@ -209,10 +220,11 @@ class RefusalLog:
         listener = "" if self.listener is None else f" (listener {self.listener})"
         self.logger.log(
             level,
-            "%d refusal line(s) suppressed in %.1f s (at most %g per second and kind: proxy_log_rate): %s%s",
+            "%d refusal line(s) suppressed in %.1f s (at most %g per second and kind: %s): %s%s",
             total,
             now - self.window_start,
             self.rate,
+            self.name_of("log_rate"),
             details,
             listener,
             extra={"refusal_suppressed": {kind: count for kind, (count, _) in suppressed.items()}},

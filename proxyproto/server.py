@@ -276,7 +276,7 @@ class ProxyProtocolMixin(SettingsAttributes):
             )
         live = LiveSettings(KNOBS)
         live.refresh(self)
-        log = RefusalLog(logger, live.current.log_rate)
+        log = RefusalLog(logger, live.current.log_rate, name_of=live.current.name_of)
         log.listener = listener_text(self.server_address)
         room = WaitingRoom(self, self._pp_accept, log, live)
         self._proxy_live = live

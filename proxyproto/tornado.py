@@ -36,17 +36,20 @@ module is, which only its users do.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import socket
-from typing import Any
+from typing import Any, Callable
 
 # Tornado ships type hints; on a [test]-only install mypy finds no module (hence the ignores).
+from tornado.concurrent import Future, chain_future  # type: ignore[import-not-found,unused-ignore]
 from tornado.http1connection import HTTP1ServerConnection  # type: ignore[import-not-found,unused-ignore]
 from tornado.httpserver import HTTPServer, _HTTPRequestContext  # type: ignore[import-not-found,unused-ignore]
 from tornado.ioloop import IOLoop  # type: ignore[import-not-found,unused-ignore]
 from tornado.iostream import IOStream, SSLIOStream  # type: ignore[import-not-found,unused-ignore]
+from tornado.tcpserver import TCPServer  # type: ignore[import-not-found,unused-ignore]
 
-from .advice import SIGNATURE_PEEK, handed_on, note_untrusted_header, refusal_line, starts_with_header
+from .advice import SIGNATURE_PEEK, handed_on, refusal_line, untrusted_look
 from .aio_protocol import call_later
 from .header import ProxyHeader
 from .parking import Parking
@@ -60,6 +63,45 @@ __all__ = ["ProxyHTTPServer", "ProxyTCPServerMixin", "header"]
 logger = logging.getLogger("proxyproto")
 
 _PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+#: The policies under which a trusted peer is a proxy that speaks PROXY (SKIP and REJECT: one that does not).
+_SPOKEN_TO = frozenset((Policy.REQUIRE, Policy.USE, Policy.IGNORE))
+
+
+# -- the Tornado this module relies on ---------------------------------------------------------------
+
+
+def _check_tornado(tcp_server: type = TCPServer, context: type = _HTTPRequestContext) -> None:
+    """Raise ``ImportError`` unless Tornado still has the private names this module overrides.
+
+    :class:`ProxyTCPServerMixin` reads the header in
+    ``TCPServer._handle_connection(connection, address)`` (Tornado's accept
+    callback, private), and :class:`ProxyRequestContext` overrides
+    ``_HTTPRequestContext._apply_xheaders(headers)``.  Were either renamed,
+    the mixin would be bypassed silently (every connection served with no
+    header read) or xheaders would no longer be pinned: so the import fails
+    instead, naming what is missing.  Run when this module is imported.
+    """
+    expected = (
+        (tcp_server, "_handle_connection", ["self", "connection", "address"]),
+        (context, "_apply_xheaders", ["self", "headers"]),
+    )
+    for owner, name, parameters in expected:
+        method = getattr(owner, name, None)
+        try:
+            found = None if method is None else list(inspect.signature(method).parameters)
+        except (TypeError, ValueError):  # pragma: no cover - not a Python function
+            found = None
+        if found != parameters:
+            import tornado  # type: ignore[import-not-found,unused-ignore]
+
+            raise ImportError(
+                f"proxyproto.tornado needs {owner.__module__}.{owner.__qualname__}.{name}"
+                f"({', '.join(parameters)}), which Tornado {getattr(tornado, 'version', '?')} does not have "
+                f"(found: {found}): this proxyproto does not support that Tornado"
+            )
+
+
+_check_tornado()
 
 
 # -- the address handle_stream is given ------------------------------------------------------------
@@ -74,6 +116,9 @@ class _Carrier:
     proxy_peer: Any = None
     #: Whether the address is the header's source (a trusted PROXY header with addresses, under REQUIRE or USE).
     from_header = False
+    #: Whether the peer is a trusted proxy that speaks PROXY (trusted, under REQUIRE, USE or IGNORE): the
+    #: connection's address and scheme are the header's or the socket's, never a request's X-* lines.
+    from_proxy = False
 
 
 class _ProxyIPAddress(_Carrier, tuple):  # type: ignore[type-arg]
@@ -91,13 +136,14 @@ class _ProxyAbstractAddress(_Carrier, bytes):
 _CARRIERS: dict[type, type] = {tuple: _ProxyIPAddress, str: _ProxyUnixAddress, bytes: _ProxyAbstractAddress}
 
 
-def _carrying(address: Any, proxy_header: ProxyHeader | None, peer: Any, from_header: bool) -> Any:
+def _carrying(address: Any, proxy_header: ProxyHeader | None, peer: Any, from_header: bool, from_proxy: bool) -> Any:
     """``address`` as a :class:`_Carrier` of the header and the peer (unchanged when its type has none)."""
     kind = _CARRIERS.get(type(address))
     if kind is None:
         return address
     carried = kind(address)
     carried.proxy_header, carried.proxy_peer, carried.from_header = proxy_header, peer, from_header
+    carried.from_proxy = from_proxy
     return carried
 
 
@@ -198,6 +244,74 @@ class _Waiting:
         self.attempt.sock.close()
 
 
+class _Handshake:
+    """A TLS connection whose header is in and whose handshake is not done: parked, with its deadline.
+
+    ``ssl_options`` negotiate TLS after the header, in Tornado's
+    ``SSLIOStream``; this bounds that handshake by ``header_timeout`` (a
+    client that sends the header and stalls is closed with one line) and
+    counts it in the server's :class:`~proxyproto.parking.Parking` until it
+    ends, so ``max_pending`` also bounds header-then-stalled handshakes.
+    The end is the stream's ``wait_for_handshake()`` future; as Tornado
+    allows that call once per stream, the stream's own ``wait_for_handshake``
+    is replaced, for its one call, by one that returns a future chained to
+    this one: ``handle_stream`` may still await it.
+    """
+
+    __slots__ = ("io_loop", "peer", "server", "stream", "timer")
+
+    def __init__(self, server: ProxyTCPServerMixin, stream: SSLIOStream, peer: Any) -> None:
+        self.server = server
+        self.stream = stream
+        self.peer = peer
+        self.io_loop = IOLoop.current()
+        handshake = stream.wait_for_handshake()
+
+        def wait_for_handshake() -> Future[SSLIOStream]:
+            del stream.wait_for_handshake  # once, as Tornado's
+            mine: Future[SSLIOStream] = Future()
+            chain_future(handshake, mine)
+            return mine
+
+        stream.wait_for_handshake = wait_for_handshake  # type: ignore[method-assign,unused-ignore]
+        settings = server.proxy_settings
+        self.timer = self.io_loop.call_later(settings.header_timeout, self.expire)
+        server._proxy_parking.add(self, peer, stream.socket.fileno(), settings.max_pending)
+        handshake.add_done_callback(self.done)
+
+    def done(self, future: Any) -> None:
+        self.stop()
+        if not future.cancelled():
+            future.exception()  # Tornado logs a failed handshake itself
+
+    def expire(self) -> None:
+        self.timer = None
+        self.server._proxy_log.log(
+            logging.INFO,
+            "%s: closed: TLS handshake not done within %g s",
+            peer_text(self.peer),
+            self.server.proxy_settings.header_timeout,
+            kind=KIND_TLS,
+        )
+        self.close()
+
+    def stop(self) -> None:
+        """Forget the deadline and the parking slot; the stream stays open."""
+        if self.timer is not None:
+            self.io_loop.remove_timeout(self.timer)
+            self.timer = None
+        self.server._proxy_parking.discard(self)
+
+    def close(self) -> None:
+        """Close the stream (deadline passed, evicted past ``max_pending``, or the server stopped)."""
+        self.stop()
+        self.stream.close()
+
+
+def _close(held: _Waiting | _Handshake) -> None:
+    held.close()
+
+
 # -- the mixin --------------------------------------------------------------------------------------
 
 
@@ -216,15 +330,17 @@ class ProxyTCPServerMixin:
     with (the header's source for a trusted proxy's PROXY header), carrying
     ``address.proxy_header`` (:func:`header` reads it) and
     ``address.proxy_peer`` (the socket's own peer).  ``ssl_options``
-    negotiate TLS after the header.  Connections refused by the policy are
+    negotiate TLS after the header; the handshake must end within
+    ``header_timeout`` and counts toward ``max_pending`` until it does
+    (:class:`_Handshake`).  Connections refused by the policy are
     closed with one log line (logger ``proxyproto``) and never reach
     ``handle_stream``.  :meth:`stop` also closes the connections still
-    waiting for their header.
+    waiting for their header or handshake.
     """
 
     proxy_settings: Settings
     _proxy_log: RefusalLog
-    _proxy_parking: Parking[_Waiting]
+    _proxy_parking: Parking[_Waiting | _Handshake]
 
     def __init__(self, *args: Any, settings: Settings | None = None, **kwargs: Any) -> None:
         knobs, rest = split_knobs({"settings": settings, **kwargs})
@@ -232,11 +348,24 @@ class ProxyTCPServerMixin:
         super().__init__(*args, **rest)
 
     def _proxy_setup(self, knobs: dict[str, Any]) -> None:
-        """Build the settings from the knobs (``settings`` among them), the refusal log and the parking."""
+        """Build the settings from the knobs (``settings`` among them), the refusal log and the parking.
+
+        Also puts :meth:`_proxy_handed_over` before this server's
+        ``handle_stream`` (an attribute of the instance, wrapping the class's
+        method): Tornado makes the stream between the two, and the subclass,
+        not this mixin, defines ``handle_stream``.
+        """
         knobs = dict(knobs)
-        self.proxy_settings = settings_for(knobs.pop("settings", None), knobs)
-        self._proxy_log = RefusalLog(logger, self.proxy_settings.log_rate, later=call_later)
-        self._proxy_parking = Parking(self._proxy_log, _Waiting.close)
+        settings = self.proxy_settings = settings_for(knobs.pop("settings", None), knobs)
+        self._proxy_log = RefusalLog(logger, settings.log_rate, later=call_later, name_of=settings.name_of)
+        self._proxy_parking = Parking(self._proxy_log, _close)
+        handle_stream: Callable[[IOStream, Any], Any] = self.handle_stream  # type: ignore[has-type,attr-defined,unused-ignore]
+
+        def handed_over(stream: IOStream, address: Any) -> Any:
+            self._proxy_handed_over(stream, address)
+            return handle_stream(stream, address)
+
+        self.handle_stream = handed_over
 
     # -- Tornado's hooks ----------------------------------------------------------------------
 
@@ -262,9 +391,9 @@ class ProxyTCPServerMixin:
             return
         policy, trusted = trust
         if policy is Policy.SKIP:
-            if not trusted and settings.policy_for is None:
-                self._proxy_look_at_first_bytes(connection, address)
-            self._proxy_serve(connection, address, None, policy, trusted)
+            untrusted = not trusted and settings.policy_for is None
+            late = untrusted and not self._proxy_look_at_first_bytes(connection, address)
+            self._proxy_serve(connection, address, None, policy, trusted, look_later=late)
             return
         try:
             # A timeout on the socket (socket.setdefaulttimeout) would make CPython wait before each peek.
@@ -325,32 +454,85 @@ class ProxyTCPServerMixin:
         self._proxy_serve(sock, peer, attempt.header, attempt.policy, trusted)
 
     def _proxy_serve(
-        self, connection: socket.socket, peer: Any, found: ProxyHeader | None, policy: Policy, trusted: bool
+        self,
+        connection: socket.socket,
+        peer: Any,
+        found: ProxyHeader | None,
+        policy: Policy,
+        trusted: bool,
+        look_later: bool = False,
     ) -> None:
-        """Hand the connection to Tornado (TLS, IOStream, ``handle_stream``) with the address it is served with."""
+        """Hand the connection to Tornado (TLS, IOStream, ``handle_stream``) with the address it is served with.
+
+        ``look_later``: an untrusted peer under SKIP whose first bytes were not
+        in at accept; the stream's first read looks at them.
+        """
         settings = self.proxy_settings
         found = handed_on(self._proxy_log, settings, peer, policy, found, trusted, settings.policy_for is not None)
         address = peer if found is None else served_address(policy, found, peer, connection.family)
-        carried = _carrying(address, found, peer, address is not peer)
-        super()._handle_connection(connection, carried)  # type: ignore[misc]
+        carried = _carrying(address, found, peer, address is not peer, trusted and policy in _SPOKEN_TO)
+        self._proxy_look_later = look_later  # for _proxy_handed_over, which Tornado's code calls in between
+        try:
+            super()._handle_connection(connection, carried)  # type: ignore[misc]
+        finally:
+            self._proxy_look_later = False
 
-    def _proxy_look_at_first_bytes(self, connection: socket.socket, peer: Any) -> None:
-        """An untrusted peer under SKIP: a WARNING if a PROXY header has already arrived (it stays payload)."""
+    _proxy_look_later = False
+
+    def _proxy_handed_over(self, stream: IOStream, address: Any) -> None:
+        """Tornado made ``stream`` (in ``_handle_connection``, just before ``handle_stream``): bound its handshake.
+
+        With ``ssl_options``, a :class:`_Handshake` bounds the TLS handshake
+        by ``header_timeout`` and parks it.  For an untrusted peer under SKIP
+        whose first bytes were not in at accept, the stream's first read looks
+        at them (a WARNING if they are a PROXY header), on a plain stream;
+        under TLS such a header fails the handshake, which Tornado logs.
+        """
+        look_later = self._proxy_look_later
+        peer = getattr(address, "proxy_peer", address)
+        if isinstance(stream, SSLIOStream):
+            _Handshake(self, stream, peer)
+        elif look_later:
+            _look_at_first_read(stream, untrusted_look(self._proxy_log, self.proxy_settings, peer))
+
+    def _proxy_look_at_first_bytes(self, connection: socket.socket, peer: Any) -> bool:
+        """An untrusted peer under SKIP: a WARNING if a PROXY header has already arrived (it stays payload).
+
+        True when it looked (bytes were in, or the WARNING is not wanted): no later look is needed.
+        """
         if not self._proxy_log.wants(KIND_UNTRUSTED_HEADER):
-            return
+            return True
         try:
             connection.setblocking(False)  # as Tornado's IOStream will: no wait before the peek
             start = connection.recv(SIGNATURE_PEEK, _PEEK)
+        except BlockingIOError:
+            return False  # nothing in yet
         except OSError:
-            return
-        if starts_with_header(start):
-            note_untrusted_header(self._proxy_log, self.proxy_settings, peer, Policy.SKIP)
+            return True  # the stream's own reads will meet the error
+        if not start:
+            return False
+        untrusted_look(self._proxy_log, self.proxy_settings, peer)(start)
+        return True
 
     def _proxy_close_waiting(self) -> None:
         """Close every connection still waiting for its header (nothing was served on them)."""
         parking = self._proxy_parking
         for waiting in list(parking.waiting):
             waiting.close()
+
+
+def _look_at_first_read(stream: IOStream, look: Callable[[bytes], None]) -> None:
+    """Give ``look`` the first bytes ``stream`` reads (its ``read_from_fd``, wrapped until they come)."""
+    read_from_fd = stream.read_from_fd
+
+    def first_read(buf: Any) -> int | None:
+        count: int | None = read_from_fd(buf)
+        if count:
+            del stream.read_from_fd  # the class's method again
+            look(bytes(buf[: min(count, SIGNATURE_PEEK)]))
+        return count
+
+    stream.read_from_fd = first_read  # type: ignore[method-assign,unused-ignore]
 
 
 # -- the HTTP server --------------------------------------------------------------------------------
@@ -363,10 +545,13 @@ class ProxyRequestContext(_HTTPRequestContext):  # type: ignore[misc,unused-igno
     header's source for a trusted proxy), also on a UNIX listener;
     ``address`` the whole tuple (its port: ``address[1]``);
     ``proxy_header`` and ``proxy_peer`` as :class:`ProxyTCPServerMixin`
-    gives them.  With ``xheaders=True``, X-Real-Ip and X-Forwarded-For do
-    not replace an address a trusted PROXY header gave, unless
-    ``xheaders_over_header``; X-Scheme and X-Forwarded-Proto keep
-    Tornado's meaning.
+    gives them.  With ``xheaders=True``, on a connection from a trusted
+    proxy that speaks PROXY (trusted, under REQUIRE, USE or IGNORE; whatever
+    header it sent: addresses, UNKNOWN, LOCAL, or one IGNORE drops), no
+    request line changes ``remote_ip`` or ``protocol`` (X-Real-Ip,
+    X-Forwarded-For, X-Scheme, X-Forwarded-Proto are a client's words, which
+    a TCP proxy passes on), unless ``xheaders_over_header``.  On any other
+    connection xheaders work as in Tornado.
     """
 
     def __init__(
@@ -378,13 +563,11 @@ class ProxyRequestContext(_HTTPRequestContext):  # type: ignore[misc,unused-igno
         from_header = bool(getattr(address, "from_header", False))
         if from_header and isinstance(address, tuple):  # a UNIX listener's context would say "0.0.0.0"
             self.remote_ip = self._orig_remote_ip = address[0]
-        self._proxy_pinned = from_header and not xheaders_over_header
+        self._proxy_pinned = bool(getattr(address, "from_proxy", False)) and not xheaders_over_header
 
     def _apply_xheaders(self, headers: Any) -> None:
-        remote_ip = self.remote_ip
-        super()._apply_xheaders(headers)
-        if self._proxy_pinned:
-            self.remote_ip = remote_ip
+        if not self._proxy_pinned:
+            super()._apply_xheaders(headers)
 
 
 class ProxyHTTPServer(ProxyTCPServerMixin, HTTPServer):  # type: ignore[misc,unused-ignore]
@@ -426,37 +609,8 @@ class ProxyHTTPServer(ProxyTCPServerMixin, HTTPServer):  # type: ignore[misc,unu
         conn = HTTP1ServerConnection(stream, self.conn_params, context)
         self._connections.add(conn)
         conn.start_serving(self)
-        if isinstance(stream, SSLIOStream):
-            self._proxy_bound_handshake(stream, address)
 
     async def close_all_connections(self) -> None:
         """Close the connections still waiting for their header, then Tornado's (which it waits for)."""
         self._proxy_close_waiting()
         await super().close_all_connections()
-
-    def _proxy_bound_handshake(self, stream: SSLIOStream, address: Any) -> None:
-        """Close a TLS connection whose handshake has not ended ``header_timeout`` seconds after its header."""
-        io_loop = IOLoop.current()
-        handshake = stream.wait_for_handshake()
-        peer = getattr(address, "proxy_peer", address)
-        timeout = self.proxy_settings.header_timeout
-
-        def expire() -> None:
-            if not handshake.done():
-                self._proxy_log.log(
-                    logging.INFO,
-                    "%s: closed: TLS handshake not done within %g s",
-                    peer_text(peer),
-                    timeout,
-                    kind=KIND_TLS,
-                )
-                stream.close()
-
-        timer = io_loop.call_later(timeout, expire)
-
-        def done(future: Any) -> None:
-            io_loop.remove_timeout(timer)
-            if not future.cancelled():
-                future.exception()  # Tornado logs a failed handshake itself
-
-        handshake.add_done_callback(done)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,6 +52,7 @@ from typing import Any
 # every use here into a cast: its classes and functions are used as Any.  Without Twisted (a
 # [test]-only mypy) the modules are missing, which setup.cfg's [mypy-twisted.*] allows.
 from twisted.internet import endpoints as _endpoints
+from twisted.internet import error as _error
 from twisted.internet import interfaces
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.plugin import IPlugin
@@ -63,18 +65,26 @@ from .header import Family, ProxyHeader
 from .parking import Parking
 from .policy import Outcome, Policy, decide, peer_text, served_address
 from .reader import HeaderScanner
-from .refusal_log import KIND_TLS, RefusalLog, kind_of, listener_text
+from .refusal_log import KIND_READ_ERROR, KIND_TLS, RefusalLog, kind_of, listener_text
 from .settings import KNOBS, Settings, _from_text, settings_for, settings_from_environment
 
 _ProtocolWrapper: Any = _policies.ProtocolWrapper
 _WrappingFactory: Any = _policies.WrappingFactory
 _TLSMemoryBIOFactory: Any = _tls.TLSMemoryBIOFactory
+_ConnectionDone: Any = _error.ConnectionDone
+#: What this module reads of Twisted's TLS protocol, private: whether its handshake is done, and why it failed.
+#: Checked when a factory with ``ssl`` is made (:func:`_check_tls_layer`): a renamed flag must never silently
+#: count every handshake as done (no deadline, no parking slot).
+_TLS_STATE = ("_handshakeDone", "_reason")
 _TCP4ServerEndpoint: Any = _endpoints.TCP4ServerEndpoint
 #: Twisted's own reading of a server description (``ssl:`` options included), private but there
 #: since Twisted 10.2: serverFromString is built on it.
 _parseServer: Any = _endpoints._parseServer
 _quote: Any = _endpoints.quoteStringArgument
 _serverFromString: Any = _endpoints.serverFromString
+_tokenize: Any = _endpoints._tokenize  # (and its token kinds): what _parseServer reads a description with
+_OP: Any = _endpoints._OP
+_STRING: Any = _endpoints._STRING
 
 __all__ = [
     "ProxyProtocolEndpointParser",
@@ -108,6 +118,52 @@ def _family(address: Any) -> int:
     if isinstance(address, IPv4Address):
         return socket.AF_INET
     return getattr(socket, "AF_UNIX", -1)
+
+
+def _error_text(reason: Any) -> str:
+    """A Twisted ``Failure``'s message, for a refusal line (no trailing period: the line goes on)."""
+    return str(reason.getErrorMessage()).rstrip(".")
+
+
+def _check_tls_layer() -> None:
+    """Raise ``RuntimeError`` unless Twisted's TLS protocol has the state this module reads (:data:`_TLS_STATE`).
+
+    Read with a default instead, a rename in a new Twisted would count every
+    handshake as done: no deadline for it, no parking slot, silently.
+    """
+    missing = [name for name in _TLS_STATE if not hasattr(_tls.TLSMemoryBIOProtocol, name)]
+    if missing:
+        raise RuntimeError(
+            f"proxyproto.twisted: this Twisted's TLSMemoryBIOProtocol has no {', '.join(missing)}, which ssl= "
+            "(TLS after the header) needs to bound the handshake: upgrade proxyproto, or terminate TLS in front"
+        )
+
+
+#: Daphne's ``Server`` attributes naming the request headers it takes the client from (``--proxy-headers``).
+_DAPHNE_FORWARDED = ("proxy_forwarded_address_header", "proxy_forwarded_port_header", "proxy_forwarded_proto_header")
+
+
+def _forwarded_headers_off(factory: Any) -> None:
+    """Turn off Daphne's ``--proxy-headers`` (``factory.server``'s), logging a WARNING once; anything else: nothing.
+
+    Daphne would take the client's address, port and scheme from
+    ``X-Forwarded-*`` lines of every request: lines the client writes, which a
+    TCP proxy sending the PROXY header passes on untouched.  Behind this
+    endpoint the PROXY header of a trusted peer is the authority, so those
+    lines must not replace it.  Daphne's setting belongs to its whole server
+    (every ``-e`` endpoint of the process): it is turned off for all of them.
+    """
+    server = getattr(factory, "server", None)
+    header = getattr(server, _DAPHNE_FORWARDED[0], None)
+    if not header:
+        return
+    for name in _DAPHNE_FORWARDED:
+        setattr(server, name, None)
+    logger.warning(
+        "proxyproto: Daphne's --proxy-headers (%s) is turned off for this server: behind the proxyproto: endpoint "
+        "a trusted proxy's PROXY header says who the client is, and X-Forwarded-* lines are the client's own",
+        header,
+    )
 
 
 def twisted_address(family: Family, address: Any) -> Any:
@@ -201,7 +257,7 @@ class ProxyProtocolWrapper(_ProtocolWrapper):  # type: ignore[misc]  # Twisted's
                     self._look = None
                     look(data)
                 self.wrappedProtocol.dataReceived(data)
-                if self._tls is not None and getattr(self._tls, "_handshakeDone", True):
+                if self._tls is not None and self._tls._handshakeDone:
                     self._tls = None  # the handshake is done: the connection no longer waits
                     self._release()
             return
@@ -229,23 +285,36 @@ class ProxyProtocolWrapper(_ProtocolWrapper):  # type: ignore[misc]  # Twisted's
     def connectionLost(self, reason: Any = None) -> None:
         self.connected = 0
         scanner = self._scanner
-        if scanner is not None:  # the connection ended (a reset, a full close) before the header was decided
+        peer = peer_text(socket_address(self.proxy_peer))
+        if scanner is not None and reason is not None and not reason.check(_ConnectionDone):
+            # A reset (or another error) before the header was decided: a read error, as the other adapters say it.
+            self._release()
+            self.factory.refusals.log(
+                logging.INFO,
+                "%s: closed: %s while reading the PROXY header",
+                peer,
+                _error_text(reason),
+                kind=KIND_READ_ERROR,
+            )
+        elif scanner is not None:  # a full close before the header was decided
             self._release()
             outcome = scanner.eof()
             verdict = decide(self._policy, outcome)
             if not verdict.serve:
                 self._refuse(verdict.level, outcome, scanner)
         elif self._tls is not None:  # the TLS layer failed its handshake, or the peer left during it
+            failure = self._tls._reason or reason  # the TLS layer's own reason (an OpenSSL error), else the socket's
             self._tls = None
             self._release()
-            why = "" if reason is None else f": {reason.getErrorMessage()}"
-            self.factory.refusals.log(
-                logging.INFO,
-                "%s: closed during the TLS handshake%s",
-                peer_text(socket_address(self.proxy_peer)),
-                why,
-                kind=KIND_TLS,
-            )
+            if failure is not None and not failure.check(_ConnectionDone, _error.ConnectionLost):
+                self.factory.refusals.log(
+                    logging.INFO, "%s: closed: TLS handshake failed: %s", peer, _error_text(failure), kind=KIND_TLS
+                )
+            else:
+                why = "" if failure is None else f": {_error_text(failure)}"
+                self.factory.refusals.log(
+                    logging.INFO, "%s: closed during the TLS handshake%s", peer, why, kind=KIND_TLS
+                )
         self.factory.unregisterProtocol(self)
         inner, self.wrappedProtocol = self.wrappedProtocol, None
         if inner is not None:
@@ -346,9 +415,10 @@ class ProxyProtocolWrapper(_ProtocolWrapper):  # type: ignore[misc]  # Twisted's
 
         Twisted's TLS layer says when its handshake is done only to the
         application (``IHandshakeListener``); its own flag is read after each
-        chunk it is given, until it is set.
+        chunk it is given, until it is set (its presence is checked when the
+        factory is made: :func:`_check_tls_layer`).
         """
-        if getattr(tls, "_handshakeDone", True):
+        if tls._handshakeDone:
             return
         self._tls = tls
         factory = self.factory
@@ -417,12 +487,16 @@ class ProxyProtocolFactory(_WrappingFactory):  # type: ignore[misc]  # Twisted's
         **knobs: Any,
     ) -> None:
         self.settings = settings_for(settings, knobs)
+        if ssl is not None:
+            _check_tls_layer()
         self.ssl = ssl
+        #: The application's factory (Daphne's forwarded headers are turned off on it when listening starts).
+        self.application = wrappedFactory
         #: What builds each served connection's protocol: ``wrappedFactory``, under the TLS layer with ``ssl``.
         self.inner = wrappedFactory if ssl is None else _TLSMemoryBIOFactory(ssl, False, wrappedFactory)
         super().__init__(self.inner)
         self._reactor = reactor
-        self.refusals = RefusalLog(logger, self.settings.log_rate, later=self._later)
+        self.refusals = RefusalLog(logger, self.settings.log_rate, later=self._later, name_of=self.settings.name_of)
         self.parking: Parking[ProxyProtocolWrapper] = Parking(self.refusals, ProxyProtocolWrapper.abort)
         self.closed = False
 
@@ -445,7 +519,9 @@ class ProxyProtocolFactory(_WrappingFactory):  # type: ignore[misc]  # Twisted's
         return ProxyProtocolWrapper(self)
 
     def startFactory(self) -> None:
+        """Listening starts: serve new connections; Daphne's ``--proxy-headers`` is turned off (docs/twisted.rst)."""
         self.closed = False
+        _forwarded_headers_off(self.application)
 
     def stopFactory(self) -> None:
         """The last port using this factory stopped listening: close the connections waiting for their header."""
@@ -523,6 +599,40 @@ def _unparse(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
     return ":".join(parts)
 
 
+def repeated_options(description: str) -> list[str]:
+    """The keyword options ``description`` (a server endpoint string) gives more than once, in order.
+
+    Twisted reads ``name=value`` parts into a dict, the last one winning:
+    ``trusted=10.0.0.0/8:trusted=*`` would silently trust every peer.
+    """
+    seen: set[str] = set()
+    repeated: list[str] = []
+    part: list[Any] = []
+    for kind, value in [*_tokenize(description), (_OP, ":")]:
+        if kind == _STRING:
+            part.append(value)
+        elif value == ":":
+            if len(part) > 1:  # name=value
+                name = str(part[0])
+                if name in seen and name not in repeated:
+                    repeated.append(name)
+                seen.add(name)
+            part = []
+    return repeated
+
+
+def _description_given() -> str | None:
+    """The string ``serverFromString`` is reading, found in its frame (Twisted hands the plugin its parts only)."""
+    code = _serverFromString.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            description = frame.f_locals.get("description")
+            return description if isinstance(description, str) else None
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
 @implementer(IPlugin, interfaces.IStreamServerEndpointStringParser)
 class ProxyProtocolEndpointParser:
     """``proxyproto:<any server endpoint>[:<knob>=<value>...]`` for ``serverFromString``.
@@ -535,11 +645,19 @@ class ProxyProtocolEndpointParser:
     ``extraCertChain``, ``dhParameters``, ``sslmethod``, ``interface``,
     ``backlog``) listens on plain TCP and negotiates TLS *after* the header.
     Knobs the string does not give come from the ``PROXYPROTO_*`` variables.
+    An option given twice (``trusted=10.0.0.0/8:trusted=*``) is refused
+    (``ValueError`` naming it) when the string comes through ``serverFromString``.
     """
 
     prefix = "proxyproto"
 
     def parseStreamServer(self, reactor: Any, *args: Any, **kwargs: Any) -> ProxyServerEndpoint:
+        description = _description_given()
+        repeated = repeated_options(description) if description is not None else []
+        if repeated:
+            raise ValueError(
+                f"proxyproto endpoint option {', '.join(repeated)}: given more than once; give each option once"
+            )
         options = {name: kwargs.pop(name) for name in list(kwargs) if name in STRING_KNOBS}
         settings = settings_from_options(options)
         if not args:

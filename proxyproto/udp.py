@@ -273,7 +273,7 @@ class ProxyDatagramMixin(SettingsAttributes):
         check_attributes(self, KNOBS)
         live = LiveSettings(KNOBS)
         live.refresh(self)
-        self._ppd_log = RefusalLog(logger, live.current.log_rate)
+        self._ppd_log = RefusalLog(logger, live.current.log_rate, name_of=live.current.name_of)
         self._ppd_log.listener = listener_text(self.server_address)
         self._proxy_live = live
         return live

@@ -125,7 +125,7 @@ class ParkedConnections:
         self.log = log
         self.hand_out = hand_out
         #: The parked connections, oldest first, and the one rule that evicts them.
-        self.parking: Parking[Parked] = Parking(log, self._evicted, "proxy_max_pending")
+        self.parking: Parking[Parked] = Parking(log, self._evicted)
 
     def park(
         self, sock: ProxySocket, peer: Address, policy: Policy, trusted: bool, saved_timeout: float | None, now: float

@@ -66,7 +66,7 @@ class ProxySettings:
 
     def __init__(self, settings: Settings | None = None, **knobs: Any) -> None:
         self.settings = settings_for(settings, knobs)
-        self.log = RefusalLog(logger, self.settings.log_rate)
+        self.log = RefusalLog(logger, self.settings.log_rate, name_of=self.settings.name_of)
         self.parking: Parking[ProxyHTTPChannel] = Parking(self.log, _evicted)
 
 

@@ -84,11 +84,17 @@ KEYWORD_ADAPTERS: dict[str, tuple[Callable[..., Any], set[str]]] = {
 #: The knobs an adapter lacks, and why.
 LACKS = {
     "TLS is negotiated by the host's own settings (config.certfile), moved after the header": ("hypercorn.serve",),
+    "TLS is negotiated by Tornado's own ssl_options, moved after the header": (
+        "tornado.ProxyHTTPServer",
+        "tornado.ProxyTCPServerMixin",
+    ),
     "waitress has no TLS": ("waitress.create_server", "waitress.ProxySettings"),
 }
 #: Where the host's spelling is kept (DESIGN.md: aiohttp's web.TCPSite says ssl_context).
 SPELLING = {("aiohttp.ProxyTCPSite", "ssl"): "ssl_context", ("aiohttp.run_app", "ssl"): "ssl_context"}
 TLS_KNOBS = {"ssl", "ssl_handshake_timeout", "ssl_before_header"}
+#: Adapters whose TLS handshake (after the header) is bounded by header_timeout itself: ``ssl`` only.
+SSL_ONLY = ("twisted.ProxyProtocolFactory", "twisted.wrap_endpoint", "sanic.wrap")
 
 
 def optional_adapters() -> Iterator[tuple[str, Callable[..., Any], set[str]]]:
@@ -132,6 +138,33 @@ def optional_adapters() -> Iterator[tuple[str, Callable[..., Any], set[str]]]:
         yield "uvicorn.wrap", ppu.wrap, {"http"}
     except ImportError:
         pass
+    try:
+        import tornado  # noqa: F401
+
+        from proxyproto import tornado as ppt
+
+        own = {"self", "request_callback", "args", "xheaders_over_header"}
+        yield "tornado.ProxyHTTPServer", ppt.ProxyHTTPServer.initialize, own
+        yield "tornado.ProxyTCPServerMixin", ppt.ProxyTCPServerMixin.__init__, {"self", "args"}
+    except ImportError:
+        pass
+    try:
+        import twisted.internet  # noqa: F401  (a bare "twisted" may be this checkout's plugin directory)
+
+        from proxyproto import twisted as pptw
+
+        yield "twisted.ProxyProtocolFactory", pptw.ProxyProtocolFactory.__init__, {"self", "wrappedFactory", "reactor"}
+        yield "twisted.wrap_endpoint", pptw.wrap_endpoint, {"endpoint", "reactor"}
+    except ImportError:
+        pass
+    try:
+        import sanic  # noqa: F401
+
+        from proxyproto import sanic as pps
+
+        yield "sanic.wrap", pps.wrap, {"protocol_class"}
+    except ImportError:
+        pass
 
 
 def keyword_adapters() -> list[tuple[str, Callable[..., Any], set[str]]]:
@@ -144,6 +177,8 @@ def expected_tls_knobs(adapter: str) -> set[str]:
         knobs.discard("ssl_before_header")  # asyncio's own ssl=, which only proxyproto.aio mirrors
     if adapter == "uvicorn.wrap" or any(adapter in lacking for lacking in LACKS.values()):
         knobs.clear()  # uvicorn takes its own --ssl-* settings
+    if adapter in SSL_ONLY:
+        knobs = {"ssl"}
     return knobs
 
 
@@ -206,6 +241,18 @@ def built_settings() -> list[tuple[str, Callable[..., Settings]]]:
             builders.append((name, lambda fn=fn, **k: fn(**k).settings))
         elif name == "uvicorn.wrap":
             builders.append((name, lambda fn=fn, **k: fn("h11", **k).settings))
+        elif name == "tornado.ProxyHTTPServer":
+            from proxyproto.tornado import ProxyHTTPServer
+
+            builders.append((name, lambda **k: ProxyHTTPServer(lambda request: None, **k).proxy_settings))
+        elif name == "twisted.ProxyProtocolFactory":
+            from twisted.internet.protocol import Factory
+
+            from proxyproto.twisted import ProxyProtocolFactory
+
+            builders.append((name, lambda **k: ProxyProtocolFactory(Factory(), **k).settings))
+        elif name == "sanic.wrap":
+            builders.append((name, lambda fn=fn, **k: fn(**k).proxy_settings))
     return builders
 
 
@@ -257,6 +304,14 @@ def trusted_defaults() -> list[tuple[str, Any]]:
     found.append(("ProxyProtocolMixin", proxyproto.ProxyProtocolMixin.proxy_trusted))
     found.append(("ProxyDatagramMixin", ProxyDatagramMixin.proxy_trusted))
     found.append(("environment", settings_from_environment({}).trusted))
+    try:
+        from gunicorn.config import Config
+
+        from proxyproto.gunicorn import settings_from_gunicorn
+
+        found.append(("gunicorn workers", settings_from_gunicorn(Config(), environ={}).trusted))
+    except ImportError:
+        pass
     return found
 
 
@@ -293,6 +348,10 @@ def refusals() -> list[tuple[str, Callable[[], Any]]]:
             cases.append((name, lambda fn=fn: asyncio.run(aiohttp_site(fn))))
         elif name == "aiohttp.run_app":
             cases.append((name, lambda fn=fn: fn(None, host="127.0.0.1", port=0, print=None, trusted=None)))
+    newer = ("tornado.", "twisted.", "sanic.")  # built with the knobs alone, like their settings above
+    for name, build in built_settings():
+        if name.startswith(newer):
+            cases.append((name, lambda build=build: build(trusted=None)))
     try:
         from proxyproto import uvicorn as ppu
 

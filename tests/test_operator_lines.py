@@ -34,6 +34,7 @@ from support import run_on, self_signed_files
 import proxyproto
 from proxyproto import aio, refusal_log
 from proxyproto.aio_protocol import wrap_protocol_factory
+from proxyproto.settings import settings_from_environment
 
 REAL_V4 = ("192.0.2.10", 51234)
 DEST_V4 = ("198.51.100.20", 443)
@@ -123,7 +124,7 @@ def test_tls_handshake_where_the_header_belongs_says_tls_goes_after_the_header(
     lines = lines_of(records, "TLS handshake")
     refusal = [m for m in lines if "sent a TLS handshake first" in m]
     assert len(refusal) == 1, lines
-    assert "not to create_server" in refusal[0] and "send-proxy" in refusal[0]
+    assert "the certificate goes to proxyproto" in refusal[0] and "send-proxy" in refusal[0]
 
 
 @pytest.mark.parametrize("policy", ["SKIP", "IGNORE"])
@@ -235,3 +236,44 @@ def test_tls_given_to_create_server_instead_of_the_wrapper_is_said_once(
     run_on(loop, scenario)
     errors = [r.getMessage() for r in records.snapshot() if "TLS is negotiated after the header" in r.getMessage()]
     assert len(errors) == 1 and "wrap_protocol_factory(ssl=...)" in errors[0], errors
+
+
+#: How each adapter spells ``max_pending`` in its lines (the keyword adapters: as the keyword).
+MAX_PENDING_NAME = {"socketserver-mixin": "proxy_max_pending"}
+
+
+@pytest.mark.parametrize("adapter", STREAM_ADAPTERS)
+def test_eviction_line_names_max_pending_as_the_adapter_spells_it(adapter: str, records: Records) -> None:
+    def three_silent_clients(address: Address) -> None:
+        clients = [socket.create_connection(address, timeout=10) for _ in range(3)]
+        try:
+            lines_of(records, "already wait for their header")
+        finally:
+            for client in clients:
+                client.close()
+
+    run(adapter, {"max_pending": 1}, three_silent_clients)
+    evictions = [m for m in lines_of(records, "already wait") if "already wait for their header" in m]
+    name = MAX_PENDING_NAME.get(adapter, "max_pending")
+    assert evictions and all(f"already wait for their header ({name})" in m for m in evictions), evictions
+
+
+@pytest.mark.parametrize(
+    ("settings", "name"),
+    [
+        (proxyproto.Settings(), "log_rate"),
+        (settings_from_environment({}), "PROXYPROTO_LOG_RATE"),
+        (settings_from_environment({"PROXYPROTO_LOG_RATE": "1"}), "PROXYPROTO_LOG_RATE"),
+    ],
+    ids=["keyword", "environment default", "environment set"],
+)
+def test_rate_limit_summary_names_log_rate_as_the_settings_spell_it(
+    settings: proxyproto.Settings, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = refusal_log.RefusalLog(logging.getLogger("proxyproto"), 1, name_of=settings.name_of)
+    with caplog.at_level(logging.INFO, logger="proxyproto"):
+        log.log(logging.WARNING, "first", kind="malformed header")
+        log.log(logging.WARNING, "second, suppressed", kind="malformed header")
+        log.flush(now=time.monotonic() + 2)
+    summary = [r.getMessage() for r in caplog.records if "suppressed" in r.getMessage()]
+    assert len(summary) == 1 and f"per second and kind: {name})" in summary[0], summary

@@ -48,7 +48,6 @@ def get(extra: str = "") -> bytes:
 # -- Daphne ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="FINDINGS.md 1: daphne --proxy-headers believes the client's X-Forwarded-For")
 def test_daphne_proxy_headers_never_replace_a_trusted_headers_client(tmp_path: Path) -> None:
     require_module("daphne")
     port = free_port()
@@ -62,10 +61,13 @@ def test_daphne_proxy_headers_never_replace_a_trusted_headers_client(tmp_path: P
         "gunicorn_kit:asgi_app",
     ]
     with command(args, port, workdir=tmp_path):
-        status, report = exchange(port, V1 + get(SPOOF))
+        status, report = exchange(port, V1 + get(SPOOF + "X-Forwarded-Port: 1\r\n"))
     assert status == 200
     assert report["client"] == ["203.0.113.7", 5555]
     assert report["scheme"] == "http"
+    # The endpoint turned Daphne's --proxy-headers off, and said so once.
+    said = (tmp_path / f"server-{port}.out").read_text()
+    assert said.count("--proxy-headers") == 1 and "WARNING" in said, said
 
 
 # -- gunicorn's WSGI workers -----------------------------------------------------------------------
@@ -142,7 +144,6 @@ async def tornado_serving(**kw: Any) -> AsyncIterator[int]:
         await asyncio.wait_for(server.close_all_connections(), CEILING)
 
 
-@pytest.mark.xfail(strict=True, reason="FINDINGS.md 3: xheaders pins remote_ip only when the header gave it")
 @async_test
 async def test_tornado_xheaders_never_take_the_client_from_a_client_behind_the_trusted_proxy() -> None:
     async with tornado_serving(xheaders=True) as port:
@@ -151,7 +152,6 @@ async def test_tornado_xheaders_never_take_the_client_from_a_client_behind_the_t
     assert report["client"] == "127.0.0.1"
 
 
-@pytest.mark.xfail(strict=True, reason="FINDINGS.md 3: X-Forwarded-Proto keeps Tornado's meaning behind the proxy")
 @async_test
 async def test_tornado_xheaders_never_take_the_scheme_from_a_client_behind_the_trusted_proxy() -> None:
     async with tornado_serving(xheaders=True) as port:

@@ -54,10 +54,12 @@ application = ProtocolTypeRouter({"http": app, "websocket": app})
 
 
 @contextlib.contextmanager
-def daphne(tmp_path: Path, endpoint: str, port: int, env: dict[str, str] | None = None) -> Iterator[Path]:
-    """``daphne -e <endpoint> channels_app:application`` until the block ends; its output file."""
+def daphne(
+    tmp_path: Path, endpoint: str, port: int, env: dict[str, str] | None = None, flags: tuple[str, ...] = ()
+) -> Iterator[Path]:
+    """``daphne [flags] -e <endpoint> channels_app:application`` until the block ends; its output file."""
     (tmp_path / "channels_app.py").write_text(CHANNELS_APP)
-    args = [sys.executable, "-m", "daphne", "-e", endpoint, "channels_app:application"]
+    args = [sys.executable, "-m", "daphne", *flags, "-e", endpoint, "channels_app:application"]
     paths = os.pathsep.join([str(tmp_path), str(ROOT), str(ROOT / "tests" / "web")])
     with command(args, port, env={"PYTHONPATH": paths, **(env or {})}, workdir=tmp_path):
         yield tmp_path / f"server-{port}.out"
@@ -104,6 +106,24 @@ def test_a_websockets_scope_client_is_the_headers_source(tmp_path: Path) -> None
                 await conn.close()
 
         run_on("asyncio", scenario)
+
+
+def test_proxy_headers_never_replace_a_websockets_client_from_the_header(tmp_path: Path) -> None:
+    """``--proxy-headers`` behind the endpoint: the client's own X-Forwarded-For is not its address."""
+    port = free_port()
+    endpoint = f"proxyproto:tcp:{port}:interface=127.0.0.1"
+    with daphne(tmp_path, endpoint, port, flags=("--proxy-headers",)) as out:
+
+        async def scenario() -> None:
+            conn = await connect(("127.0.0.1", port), proxyproto.encode_v1(REAL_V4, DEST_V4))
+            try:
+                seen = await websocket(conn, headers="X-Forwarded-For: 198.51.100.66\r\nX-Forwarded-Port: 1\r\n")
+                assert seen["client"] == list(REAL_V4), seen
+            finally:
+                await conn.close()
+
+        run_on("asyncio", scenario)
+    assert "--proxy-headers" in out.read_text()
 
 
 def test_an_untrusted_peers_header_is_not_believed(tmp_path: Path) -> None:

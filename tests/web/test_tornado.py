@@ -29,7 +29,7 @@ import proxyproto
 
 require_module("tornado")
 
-from tornado.iostream import StreamClosedError  # noqa: E402
+from tornado.iostream import SSLIOStream, StreamClosedError  # noqa: E402
 from tornado.netutil import bind_sockets  # noqa: E402
 from tornado.tcpserver import TCPServer  # noqa: E402
 from tornado.web import Application, RequestHandler  # noqa: E402
@@ -323,22 +323,81 @@ async def test_untrusted_peers_header_under_ignore_is_removed_and_not_believed()
     assert report["remote_ip"] == "127.0.0.2" and report["header_version"] is None
 
 
+SPOOFED = "X-Forwarded-For: 203.0.113.66\r\nX-Real-Ip: 203.0.113.66\r\nX-Forwarded-Proto: https\r\n"
+
+
+@pytest.mark.parametrize(
+    "policy, start, client",
+    [
+        ("USE", proxyproto.encode_v2(REAL_V4, DEST_V4), REAL_V4[0]),
+        ("USE", b"", "127.0.0.1"),
+        ("REQUIRE", b"PROXY UNKNOWN\r\n", "127.0.0.1"),
+        ("REQUIRE", proxyproto.encode_v2(command=proxyproto.Command.LOCAL), "127.0.0.1"),
+        ("IGNORE", proxyproto.encode_v2(REAL_V4, DEST_V4), "127.0.0.1"),
+    ],
+    ids=["use-header", "use-no-header", "unknown", "local", "ignore"],
+)
 @async_test
-async def test_xheaders_do_not_replace_an_address_a_trusted_header_gave() -> None:
-    spoofed = request(extra="X-Forwarded-For: 203.0.113.66\r\nX-Real-Ip: 203.0.113.66\r\n")
-    async with serving(xheaders=True, policy="USE") as (_, port):
-        with_header = report_of(await exchange(port, proxyproto.encode_v2(REAL_V4, DEST_V4) + spoofed))
-        without_header = report_of(await exchange(port, spoofed))
-    assert with_header["remote_ip"] == REAL_V4[0]
-    assert without_header["remote_ip"] == "203.0.113.66"  # Tornado's xheaders, where no header gave the address
+async def test_xheaders_never_change_the_client_or_the_scheme_on_a_trusted_proxys_connection(
+    policy: str, start: bytes, client: str
+) -> None:
+    async with serving(xheaders=True, policy=policy) as (_, port):
+        report = report_of(await exchange(port, start + request(extra=SPOOFED)))
+    assert (report["remote_ip"], report["protocol"]) == (client, "http")
+
+
+@pytest.mark.parametrize(
+    "knobs, local",
+    [({"trusted": "127.0.0.1"}, "127.0.0.2"), ({"policy": "SKIP"}, None), ({"policy": "REJECT"}, None)],
+    ids=["untrusted", "trusted-skip", "trusted-reject"],
+)
+@async_test
+async def test_xheaders_work_as_in_tornado_for_a_peer_that_sends_no_trusted_header(
+    knobs: dict[str, str], local: str | None
+) -> None:
+    async with serving(xheaders=True, **knobs) as (_, port):
+        report = report_of(await exchange(port, request(extra=SPOOFED), local=local))
+    assert (report["remote_ip"], report["protocol"]) == ("203.0.113.66", "https")
 
 
 @async_test
-async def test_xheaders_over_header_lets_an_http_proxy_in_front_name_the_client() -> None:
-    forwarded = request(extra="X-Forwarded-For: 203.0.113.66\r\n")
+async def test_xheaders_over_header_lets_an_http_proxy_in_front_name_the_client_and_the_scheme() -> None:
     async with serving(xheaders=True, xheaders_over_header=True) as (_, port):
-        report = report_of(await exchange(port, proxyproto.encode_v2(REAL_V4, DEST_V4) + forwarded))
-    assert report["remote_ip"] == "203.0.113.66" and report["header_version"] == 2
+        report = report_of(await exchange(port, proxyproto.encode_v2(REAL_V4, DEST_V4) + request(extra=SPOOFED)))
+    assert (report["remote_ip"], report["protocol"], report["header_version"]) == ("203.0.113.66", "https", 2)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.2], ids=["with-the-connection", "after-it"])
+@async_test
+async def test_untrusted_peers_header_under_skip_is_noted_whenever_it_arrives_and_served_as_payload(
+    delay: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    def late() -> bytes:
+        with connect(port, local="127.0.0.2") as sock:
+            time.sleep(delay)
+            sock.sendall(proxyproto.encode_v1(REAL_V4, DEST_V4) + request())
+            return read_all(sock)
+
+    with caplog.at_level(logging.INFO, logger="proxyproto"):
+        async with serving(trusted="127.0.0.1") as (_, port):
+            answer = await asyncio.to_thread(late)
+    assert re.match(rb"HTTP/1\.1 400 ", answer), answer[:100]  # the header is payload: not HTTP
+    warnings = [r.getMessage() for r in proxy_records(caplog) if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "not trusted" in warnings[0], warnings
+
+
+@async_test
+async def test_untrusted_peer_under_skip_is_served_before_it_sends_anything() -> None:
+    def answer_to_a_silent_start() -> bytes:
+        with connect(port, local="127.0.0.2") as sock:
+            time.sleep(0.2)  # served meanwhile: the request is read as soon as it comes
+            sock.sendall(request())
+            return read_all(sock)
+
+    async with serving(trusted="127.0.0.1") as (server, port):
+        answer = await asyncio.to_thread(answer_to_a_silent_start)
+        assert len(server._proxy_parking) == 0
+    assert report_of(answer)["remote_ip"] == "127.0.0.2"
 
 
 @async_test
@@ -355,6 +414,28 @@ async def test_policy_for_that_raises_closes_that_connection_with_one_error_line
     records = proxy_records(caplog)
     assert len(records) == 1 and records[0].levelno == logging.ERROR
     assert "policy_for failed: RuntimeError: directory unavailable" in records[0].getMessage()
+
+
+def test_tornado_still_has_the_private_names_the_adapter_overrides() -> None:
+    import proxyproto.tornado as adapter
+
+    adapter._check_tornado()  # what the import ran: Tornado's _handle_connection and _apply_xheaders are there
+    assert ProxyTCPServerMixin._handle_connection.__name__ == TCPServer._handle_connection.__name__
+
+
+def test_a_tornado_without_those_names_fails_the_import_loudly() -> None:
+    import proxyproto.tornado as adapter
+
+    class Renamed:
+        def _handle_connection(self, connection: Any, address: Any, extra: Any) -> None: ...
+
+    class Missing:
+        pass
+
+    with pytest.raises(ImportError, match=r"TCPServer\._handle_connection\(self, connection, address\)"):
+        adapter._check_tornado(tcp_server=type("TCPServer", (Renamed,), {}))
+    with pytest.raises(ImportError, match=r"_apply_xheaders\(self, headers\)"):
+        adapter._check_tornado(context=Missing)
 
 
 def test_invalid_knobs_are_refused_before_anything_listens() -> None:
@@ -478,6 +559,8 @@ class EchoServer(ProxyTCPServerMixin, TCPServer):
 
     async def handle_stream(self, stream: Any, address: Any) -> None:
         try:
+            if isinstance(stream, SSLIOStream):
+                await stream.wait_for_handshake()  # Tornado's once-per-stream call, still the application's
             line = await stream.read_until(b"\n")
             found = header(address)
             version = None if found is None else found.version

@@ -1,6 +1,6 @@
 """``ProxyTCPServerMixin`` with ``ssl_options``: a TLS handshake that stalls after the header is closed at
-``header_timeout``, as ``ProxyHTTPServer`` closes it (the review's finding 4, FINDINGS.md: a strict xfail
-until fixed).  A real Tornado TCPServer on loopback in the test's loop; blocking clients in a thread.
+``header_timeout``, as ``ProxyHTTPServer`` closes it, and counts toward ``max_pending`` until it ends.
+A real Tornado TCPServer on loopback in the test's loop; blocking clients in a thread.
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ def closed_by_the_server_within(port: int, seconds: float) -> bool:
         return False
 
 
-@pytest.mark.xfail(strict=True, reason="FINDINGS.md 4: only ProxyHTTPServer bounds the handshake")
 @async_test
 async def test_tcp_server_closes_a_handshake_stalled_after_the_header_at_header_timeout(tmp_path: Path) -> None:
     cert = self_signed(tmp_path)
@@ -67,3 +66,43 @@ async def test_tcp_server_closes_a_handshake_stalled_after_the_header_at_header_
     finally:
         server.stop()
     assert closed, "a TLS handshake stalled after the header was still open 10 x header_timeout later"
+
+
+@async_test
+async def test_tcp_server_counts_stalled_handshakes_in_max_pending_and_still_serves(tmp_path: Path) -> None:
+    cert = self_signed(tmp_path)
+    if cert is None:
+        pytest.skip("openssl is not installed")
+    server = Echo(ssl_options=cert.server_context(), header_timeout=CEILING, max_pending=2)
+    sockets = bind_sockets(0, "127.0.0.1")
+    server.add_sockets(sockets)
+    port = sockets[0].getsockname()[1]
+
+    def closed(sock: socket.socket) -> bool:
+        try:
+            return sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def stall_three_then_talk() -> tuple[list[bool], bytes]:
+        stalled = [socket.create_connection(("127.0.0.1", port), timeout=CEILING) for _ in range(3)]
+        try:
+            for sock in stalled:
+                sock.sendall(HEADER)
+                time.sleep(0.2)  # accepted in this order: the first is the oldest
+            with socket.create_connection(("127.0.0.1", port), timeout=CEILING) as raw:
+                raw.sendall(HEADER)
+                with cert.client_context().wrap_socket(raw, server_hostname="localhost") as tls:
+                    tls.sendall(b"hello\n")
+                    answer = tls.recv(100)
+            return [closed(sock) for sock in stalled[:2]], answer
+        finally:
+            for sock in stalled:
+                sock.close()
+
+    try:
+        oldest_closed, answer = await asyncio.to_thread(stall_three_then_talk)
+    finally:
+        server.stop()
+    assert answer == b"hello\n"
+    assert oldest_closed == [True, True]  # the two oldest made room (max_pending 2); the newest waits on

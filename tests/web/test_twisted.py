@@ -12,6 +12,7 @@ first newline).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import time
@@ -37,7 +39,7 @@ require_module("twisted.internet")  # not "twisted": the plugin directory alone 
 require_module("OpenSSL")
 
 SERVER = r'''
-import json, logging, sys
+import json, logging, os, sys
 from twisted.internet import interfaces, protocol, reactor
 from twisted.internet.endpoints import serverFromString
 from zope.interface import implementer
@@ -78,7 +80,12 @@ class Report(protocol.Protocol):
         self.transport.loseConnection()
 
 
-serverFromString(reactor, sys.argv[1]).listen(protocol.Factory.forProtocol(Report))
+def cannot_listen(failure):  # say it and stop (a port taken meanwhile), rather than run listening on nothing
+    print("cannot listen:", failure.getErrorMessage(), file=sys.stderr, flush=True)
+    os._exit(3)
+
+
+serverFromString(reactor, sys.argv[1]).listen(protocol.Factory.forProtocol(Report)).addErrback(cannot_listen)
 reactor.run()
 '''
 
@@ -121,12 +128,27 @@ def exchange(
                 conn.sendall(b"over TLS\n")
             else:
                 conn.sendall(PAYLOAD)
-                conn.shutdown(socket.SHUT_WR)
+                half_close(conn)
         data = b""
         with contextlib.suppress(ConnectionResetError, ssl.SSLError):
             while chunk := conn.recv(65536):
                 data += chunk
         return (json.loads(data) if data else None), own
+
+
+def half_close(sock: socket.socket) -> None:
+    """End ``sock``'s sending side; nothing when the server already closed it.
+
+    A server that closes with the payload unread resets the connection: the
+    reset may come after ``sendall`` returned and before this call, which then
+    fails with ENOTCONN (an OSError, not a ConnectionError): the test reads the
+    close that follows, not a traceback of the client.
+    """
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise
 
 
 def lines(log: Path, needle: str) -> list[str]:
@@ -266,6 +288,62 @@ def test_a_malformed_header_is_closed_with_one_refusal_line(tmp_path: Path) -> N
     assert len(refused) == 1 and refused[0].startswith("WARNING:proxyproto:127.0.0.1:"), refused
     assert "v1:" in refused[0] and f"(listener 127.0.0.1:{port})" in refused[0]
     assert "Traceback" not in log.read_text()
+
+
+def wait_for_line(log: Path, needle: str) -> list[str]:
+    """The log's lines holding ``needle``, once there is one (at most CEILING seconds)."""
+    deadline = time.monotonic() + CEILING
+    while not lines(log, needle) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return lines(log, needle)
+
+
+def reset(sock: socket.socket) -> None:
+    """Close ``sock`` with a reset (RST), not an orderly end of stream."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def test_a_reset_mid_header_is_logged_as_a_read_error_at_info(tmp_path: Path) -> None:
+    port = free_port()
+    with twisted_server(tmp_path, f"proxyproto:tcp:{port}:interface=127.0.0.1", port) as log:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=CEILING)
+        sock.sendall(proxyproto.encode_v2(REAL_V4, DEST_V4)[:10])
+        time.sleep(0.2)
+        reset(sock)
+        refused = wait_for_line(log, "while reading the PROXY header")
+    assert len(refused) == 1 and refused[0].startswith("INFO:proxyproto:127.0.0.1:"), refused
+    assert not lines(log, "truncated"), log.read_text()
+
+
+def test_plain_http_on_a_tls_port_is_logged_as_a_failed_handshake(tmp_path: Path, cert: Certificate) -> None:
+    port = free_port()
+    description = f"proxyproto:ssl:{port}:interface=127.0.0.1:privateKey={cert.key}:certKey={cert.cert}"
+    with twisted_server(tmp_path, description, port) as log:
+        seen, _ = exchange(("127.0.0.1", port), [proxyproto.encode_v2(REAL_V4, DEST_V4), b"GET / HTTP/1.0\r\n\r\n"])
+        assert seen is None
+        refused = wait_for_line(log, "closed: TLS handshake failed: ")
+    assert len(refused) == 1 and refused[0].startswith("INFO:proxyproto:127.0.0.1:"), refused
+    assert "http request" in refused[0], refused  # OpenSSL's own reason: plain HTTP where TLS was due
+    assert not lines(log, "closed cleanly"), log.read_text()
+
+
+def test_tls_after_the_header_refuses_a_twisted_whose_tls_layer_hides_its_handshake_state(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Read with a default, a renamed flag would count every handshake as done: no TLS deadline, silently."""
+    from twisted.internet import protocol
+    from twisted.internet.ssl import CertificateOptions
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+    from proxyproto.twisted import ProxyProtocolFactory
+
+    app = protocol.Factory.forProtocol(protocol.Protocol)
+    ProxyProtocolFactory(app, ssl=CertificateOptions())  # today's Twisted: accepted
+    monkeypatch.delattr(TLSMemoryBIOProtocol, "_handshakeDone")
+    with pytest.raises(RuntimeError, match="TLSMemoryBIOProtocol has no _handshakeDone"):
+        ProxyProtocolFactory(app, ssl=CertificateOptions())
+    ProxyProtocolFactory(app)  # without ssl= the TLS layer is not used: nothing to check
 
 
 def closed_after(sock: socket.socket) -> float:
@@ -415,6 +493,9 @@ def test_endpoint_options_set_the_knobs_over_the_environment(cert: Certificate) 
         ("proxyproto:tcp:8000:untrusted_policy=USE", "proxyproto endpoint option untrusted_policy: USE and REQUIRE"),
         ("proxyproto:tcp:8000:max_pending=0", "proxyproto endpoint option max_pending: must be an integer"),
         ("proxyproto:tcp:8000:verify_checksum=maybe", "proxyproto endpoint option verify_checksum: not a boolean"),
+        # Twisted keeps the last of a repeated option: appended to a template, this one would trust every peer.
+        ("proxyproto:tcp:8000:trusted=10.0.0.0/8:trusted=*", "endpoint option trusted: given more than once"),
+        (r"proxyproto:tcp:8000:interface=127.0.0.1:interface=\:\:", "option interface: given more than once"),
     ],
 )
 def test_an_invalid_endpoint_option_is_refused_before_listening_naming_it(description: str, words: str) -> None:
