@@ -533,7 +533,7 @@ class _Reception:
         self.descriptor = watcher.descriptor
         self.parked = ParkedConnections(_Live(settings), watcher, self.log, self._served)  # type: ignore[arg-type]
         parking = self.parked.parking
-        self.parked.parking = _ReservedParking(parking.refusals, parking.close, parking.knob)
+        self.parked.parking = _ReservedParking(parking.refusals, parking.close)
         self.waiting = self.parked.parking.waiting
         self.accept_failing = False  # accept() failed for lack of resources; logged once until it works again
         self.accept_resume_at = 0.0  # the listeners rest until then (0: they do not)
