@@ -50,14 +50,13 @@ from gunicorn.workers import sync as _sync  # type: ignore[import-untyped,import
 from .advice import SIGNATURE_PEEK, handed_on, policy_line, untrusted_look
 from .header import ProxyHeader
 from .logs import show_through
-from .parking import Parking
 from .peers import socket_family
 from .policy import SERVES_A_HEADER, Policy, TrustedNetworks, peer_text, served_address
 from .refusal_log import KIND_TLS, RefusalLog, listener_text
 from .settings import VARIABLES, Settings, settings_from_environment
 from .sock import take_complete_header
 from .waiting import ParkedConnections
-from .watcher import Parked, Watcher
+from .watcher import Watcher
 
 __all__ = [
     "GThread",
@@ -480,29 +479,6 @@ class _FirstRecv(socket.socket):
             look(start)
 
 
-class _ReservedParking(Parking[Parked]):
-    """:class:`~proxyproto.parking.Parking` with its descriptor reserve: each parked socket's descriptor is passed.
-
-    The socketserver mixin passes none (it needs no descriptor between
-    ``accept()`` and serving, and evicts on EMFILE).  gunicorn does: gthread's
-    pool thread opens a selector for each new connection, so a table filled
-    by parked connections would fail the next served one even after an
-    eviction made room for its ``accept()``.  With the reserve, waiting
-    connections are cut down before the table fills (the eviction line names
-    the ``RLIMIT_NOFILE``), as in the asyncio, Tornado and Twisted adapters.
-    """
-
-    __slots__ = ()
-
-    def add(self, key: Parked, peer: Any, fd: int | None, max_pending: int) -> None:
-        if fd is None:
-            try:
-                fd = key.attempt.sock.fileno()
-            except (AttributeError, OSError, ValueError):
-                fd = None
-        super().add(key, peer, fd, max_pending)
-
-
 class _Reception:
     """A worker's connections until their header is decided, never blocking the worker's loop.
 
@@ -523,7 +499,7 @@ class _Reception:
         self.serve = serve
         #: Whether an untrusted peer's first bytes are looked at (not with TLS: gunicorn reads them decrypted).
         self.look = look and settings.policy_for is None
-        self.log = RefusalLog(logger, settings.log_rate)
+        self.log = RefusalLog(logger, settings.log_rate, name_of=settings.name_of)
         self.log.listener = listener_text(*(listener.getsockname() for listener in listeners))
         watcher = Watcher.open(listeners[0])
         if watcher is None:  # pragma: no cover - platforms whose selector has no descriptor
@@ -531,9 +507,8 @@ class _Reception:
         watcher.listen(listeners[0], False)  # gunicorn's loop accepts; the watcher sees parked headers only
         self.watcher = watcher
         self.descriptor = watcher.descriptor
-        self.parked = ParkedConnections(_Live(settings), watcher, self.log, self._served)  # type: ignore[arg-type]
-        parking = self.parked.parking
-        self.parked.parking = _ReservedParking(parking.refusals, parking.close)
+        # With the descriptor reserve: gthread's pool thread opens a selector for each served connection.
+        self.parked = ParkedConnections(_Live(settings), watcher, self.log, self._served, reserve=True)  # type: ignore[arg-type]
         self.waiting = self.parked.parking.waiting
         self.accept_failing = False  # accept() failed for lack of resources; logged once until it works again
         self.accept_resume_at = 0.0  # the listeners rest until then (0: they do not)

@@ -102,16 +102,18 @@ class ParkedConnections:
     and a record evicted earlier in the same batch is no key any more (its
     descriptor may already be a newer connection's).
 
-    Parking's descriptor reserve does not apply here (no descriptor is passed
-    to it): the mixin owns ``accept()``, so it sees EMFILE when it comes and
-    then closes the oldest parked connection and accepts again
-    (:meth:`evict_oldest`, the same eviction).  The reserve exists for the
-    asyncio adapters, which never see the loop's EMFILE; here it would only
-    close waiting connections while descriptors are still free, and cost a
-    ``getrlimit`` call per park.
+    Parking's descriptor reserve applies only with ``reserve=True`` (each
+    parked socket's descriptor is then passed to it).  The mixin needs none:
+    it owns ``accept()``, so it sees EMFILE when it comes and then closes the
+    oldest parked connection and accepts again (:meth:`evict_oldest`, the same
+    eviction); the reserve would only close waiting connections while
+    descriptors are still free, and cost a ``getrlimit`` call per park.  A
+    host that opens descriptors of its own for each served connection
+    (gunicorn's gthread pool opens a selector) needs the reserve, or a full
+    table would fail the next served connection after an eviction.
     """
 
-    __slots__ = ("hand_out", "live", "log", "parking", "watcher")
+    __slots__ = ("hand_out", "live", "log", "parking", "reserve", "watcher")
 
     def __init__(
         self,
@@ -119,11 +121,13 @@ class ParkedConnections:
         watcher: Watcher | None,
         log: RefusalLog,
         hand_out: Callable[[ProxySocket, ProxyHeader | None, Policy, Address, bool], None],
+        reserve: bool = False,
     ) -> None:
         self.live = live
         self.watcher = watcher
         self.log = log
         self.hand_out = hand_out
+        self.reserve = reserve
         #: The parked connections, oldest first, and the one rule that evicts them.
         self.parking: Parking[Parked] = Parking(log, self._evicted)
 
@@ -160,8 +164,9 @@ class ParkedConnections:
             self._unpark(parked)
             self._conclude(parked)
             return
-        # (Nothing happens when it is parked already; no descriptor: no reserve, see the class.)
-        self.parking.add(parked, parked.peer, None, self.live.current.max_pending)
+        # (Nothing happens when it is parked already; the descriptor only for the reserve, see the class.)
+        fd = parked.attempt.sock.fileno() if self.reserve else None
+        self.parking.add(parked, parked.peer, fd, self.live.current.max_pending)
         assert self.watcher is not None
         self.watcher.watch(parked, now)
 
