@@ -28,6 +28,7 @@ Run from the repository root (valgrind installed: ``apt-get install valgrind``):
     python bench/instructions.py              # both, about 6 minutes
     python bench/instructions.py parse --cases ac
     python bench/instructions.py conn
+    python bench/instructions.py uvicorn --servers httptools --header 1,2
 
 Nothing here is part of the test suite's pass/fail.
 """
@@ -185,16 +186,19 @@ def count_uvicorn(http: str, header: bytes, n: int) -> int:
     return _instructions(stderr)
 
 
-def run_uvicorn(servers: str) -> None:
-    """Print instructions per connection of uvicorn, plain and wrapped, for each HTTP implementation."""
-    from proxyproto import encode_v2
+def run_uvicorn(servers: str, versions: str = "2") -> None:
+    """Print instructions per connection of uvicorn, plain and wrapped (v1 and/or v2), per HTTP implementation."""
+    from proxyproto import encode_v1, encode_v2
 
-    header = encode_v2(("192.168.1.12", 58472), ("192.168.1.20", 27654))
+    source, destination = ("192.168.1.12", 58472), ("192.168.1.20", 27654)
+    headers = {"1": encode_v1(source, destination), "2": encode_v2(source, destination)}
     print(f"\nUVICORN: instructions per connection in the serving process (valgrind), difference of {CONNECTIONS}")
     for impl in servers.split(","):
         wrapped = {"h11": "proxyproto.uvicorn:H11", "httptools": "proxyproto.uvicorn:HttpTools"}[impl]
         plain: float | None = None
-        for name, http, head in ((f"{impl} plain", impl, b""), (f"{impl} wrapped (v2)", wrapped, header)):
+        rows = [(f"{impl} plain", impl, b"")]
+        rows += [(f"{impl} wrapped (v{v})", wrapped, headers[v]) for v in versions.split(",")]
+        for name, http, head in rows:
             per_conn = (count_uvicorn(http, head, 50 + CONNECTIONS) - count_uvicorn(http, head, 50)) / CONNECTIONS
             plain = plain or per_conn
             extra = "" if per_conn == plain else f"  {per_conn / plain:.3f}x plain, +{per_conn - plain:,.0f}"
@@ -244,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("what", nargs="?", choices=("parse", "conn", "uvicorn", "all"), default="all")
     parser.add_argument("--cases", default="abcdef", help="parse cases, e.g. ac")
     parser.add_argument("--servers", default="httptools,h11", help="uvicorn HTTP implementations, e.g. h11")
+    parser.add_argument("--header", default="2", help="uvicorn: PROXY header versions, e.g. 1,2 (default 2)")
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
@@ -256,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.what in ("conn", "all"):
         run_conn()
     if args.what in ("uvicorn", "all"):
-        run_uvicorn(args.servers)
+        run_uvicorn(args.servers, args.header)
     return 0
 
 
