@@ -22,6 +22,7 @@ import socketserver
 import ssl
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -37,6 +38,7 @@ import proxyproto.aio
 import proxyproto.aio_protocol
 import proxyproto.asgi
 import proxyproto.udp
+from proxyproto.settings import VARIABLES
 
 CEILING = 20.0  # seconds any single wait may take before the test fails (never reached when healthy)
 TRUSTED_HOST, UNTRUSTED_HOST = "127.0.0.1", "127.0.0.2"
@@ -696,6 +698,38 @@ class WaitressAdapter(Adapter):
         return Running(server.socket.getsockname()[:2], stop)
 
 
+class GunicornAdapter(Adapter):
+    """The real ``gunicorn`` command, one worker, ``-k proxyproto.gunicorn.<worker>``; the knobs as PROXYPROTO_*."""
+
+    framing, tls, worker, app, flags = "http", True, "Sync", "contract_kit:wsgi_app", ()
+
+    def start(self, settings: Settings, cert: Certificate | None) -> Running:
+        port, here = free_port(), Path(__file__).resolve().parent
+        env = {**os.environ, **{VARIABLES[knob]: str(value) for knob, value in settings.knobs().items()},
+               "PYTHONPATH": os.pathsep.join(map(str, (here.parents[1], here.parent, here)))}  # fmt: skip
+        out = Path(tempfile.mkdtemp(prefix="ppgc")) / "gunicorn.out"
+        with open(out, "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "--no-control-socket", "-k", f"proxyproto.gunicorn.{self.worker}",
+                 "--workers", "1", "-b", f"{TRUSTED_HOST}:{port}", *self.flags, self.app,
+                 *(["--certfile", str(cert.cert), "--keyfile", str(cert.key)] if settings.tls and cert else [])],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)  # fmt: skip
+        deadline = time.monotonic() + CEILING  # every worker accepts once it has written its policy line
+        while "PROXY header policy" not in out.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, out.read_text(errors="replace")
+            time.sleep(0.02)
+
+        def stop() -> None:  # SIGTERM by PID: gunicorn's graceful shutdown (bounded; SIGKILL past it)
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(CEILING)
+            proc.kill()  # (nothing when it has exited)
+            proc.wait(CEILING)
+            shutil.rmtree(out.parent, ignore_errors=True)
+
+        return Running((TRUSTED_HOST, port), stop)
+
+
 ADAPTERS: list[Adapter] = [
     SocketserverAdapter("socketserver-sync", base=proxyproto.ProxyTCPServer, concurrent=False, tls=True),
     SocketserverAdapter("socketserver-threading", base=proxyproto.ThreadingProxyTCPServer, tls=True),
@@ -714,6 +748,10 @@ ADAPTERS: list[Adapter] = [
     AiohttpAdapter(),
     HypercornAdapter(),
     WaitressAdapter(),
+    GunicornAdapter("gunicorn-sync", concurrent=False, requires=("gunicorn",)),
+    GunicornAdapter("gunicorn-gthread", worker="GThread", flags=("--threads", "4"), requires=("gunicorn",)),
+    GunicornAdapter("gunicorn-uvicorn", worker="UvicornWorker", app="contract_kit:asgi_app",
+                    requires=("gunicorn", "uvicorn", "httptools")),
 ]
 BY_NAME = {adapter.name: adapter for adapter in ADAPTERS}
 
