@@ -29,6 +29,7 @@ Run from the repository root (valgrind installed: ``apt-get install valgrind``):
     python bench/instructions.py parse --cases ac
     python bench/instructions.py conn
     python bench/instructions.py uvicorn --servers httptools --header 1,2
+    python bench/instructions.py gunicorn --header 2
 
 Nothing here is part of the test suite's pass/fail.
 """
@@ -205,6 +206,91 @@ def run_uvicorn(servers: str, versions: str = "2") -> None:
             print(f"  {name:<28} {per_conn:>10,.0f}{extra}", flush=True)
 
 
+GUNICORN_SERVERS = {
+    # name: (worker class, extra arguments, whether the clients send a header)
+    "sync": ("sync", [], False),
+    "sync-gunicorn-proxy": ("sync", ["--proxy-protocol", "{version}"], True),
+    "sync-proxyproto": ("proxyproto.gunicorn.Sync", [], True),
+}
+
+
+def count_gunicorn(worker: str, args: list[str], header: bytes, n: int) -> int:
+    """Instructions of a gunicorn worker process (``--workers 1``, the arbiter not counted) serving ``n`` connections.
+
+    valgrind follows the arbiter's fork of the worker and writes one count
+    per process; the worker's is the one not the arbiter's.
+    """
+    import tempfile
+
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as out:
+        argv = [
+            "valgrind", "--tool=callgrind", "--trace-children=yes", f"--callgrind-out-file={out}/cg.%p",
+            sys.executable, "-m", "gunicorn", "-k", worker, "--workers", "1", "--timeout", "600",
+            "--bind", f"127.0.0.1:{port}", "--log-level", "warning", "--chdir", BENCH, *args, "gunicorn_pair:wsgi_app",
+        ]  # fmt: skip
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, BENCH]), PYTHONHASHSEED="0")
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            request = header + b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            for _ in range(n):
+                for _attempt in range(3000):  # until the worker listens (valgrind starts slowly)
+                    try:
+                        conn = socket.create_connection(("127.0.0.1", port), timeout=120)
+                        break
+                    except ConnectionRefusedError:
+                        time.sleep(0.1)
+                with conn:
+                    conn.sendall(request)
+                    while conn.recv(4096):
+                        pass
+        finally:
+            proc.terminate()  # the arbiter (valgrind runs in its process): it stops its worker
+            try:
+                _, stderr = proc.communicate(timeout=300)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
+        counts = {}
+        for name in os.listdir(out):
+            with open(os.path.join(out, name)) as f:
+                total = re.search(r"^(?:summary|totals): (\d+)", f.read(), re.M)
+            if total is not None:
+                counts[int(name.rsplit(".", 1)[1])] = int(total.group(1))
+    workers = [count for pid, count in counts.items() if pid != proc.pid]
+    if len(workers) != 1:
+        raise RuntimeError(f"expected one worker's count, got {counts} (arbiter {proc.pid}):\n{stderr[-2000:]}")
+    return workers[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def run_gunicorn(names: str, version: str) -> None:
+    """Print instructions per connection of gunicorn's sync worker, plain, with its own PROXY, and ours."""
+    from proxyproto import encode_v1, encode_v2
+
+    source, destination = ("192.168.1.12", 58472), ("192.168.1.20", 27654)
+    header = {"1": encode_v1, "2": encode_v2}[version](source, destination)
+    print(
+        f"\nGUNICORN: instructions per connection in the worker process (valgrind), difference of {CONNECTIONS},"
+        f" v{version} header where sent"
+    )
+    plain: float | None = None
+    for name in names.split(","):
+        worker, args, sends = GUNICORN_SERVERS[name]
+        args = [a.format(version=f"v{version}") for a in args]
+        head = header if sends else b""
+        per_conn = count_gunicorn(worker, args, head, 50 + CONNECTIONS) - count_gunicorn(worker, args, head, 50)
+        per_conn /= CONNECTIONS
+        plain = plain or per_conn
+        extra = "" if per_conn == plain else f"  {per_conn / plain:.3f}x plain, +{per_conn - plain:,.0f}"
+        print(f"  {name:<28} {per_conn:>10,.0f}{extra}", flush=True)
+
+
 def run_parse(cases: str) -> None:
     """Print the per-call table of every case."""
     print(f"PARSE: instructions per call (valgrind), difference of {CALLS} calls; ratio ours/this = this/ours")
@@ -245,10 +331,13 @@ def run_conn() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", nargs="?", choices=("parse", "conn", "uvicorn", "all"), default="all")
+    parser.add_argument("what", nargs="?", choices=("parse", "conn", "uvicorn", "gunicorn", "all"), default="all")
     parser.add_argument("--cases", default="abcdef", help="parse cases, e.g. ac")
     parser.add_argument("--servers", default="httptools,h11", help="uvicorn HTTP implementations, e.g. h11")
     parser.add_argument("--header", default="2", help="uvicorn: PROXY header versions, e.g. 1,2 (default 2)")
+    parser.add_argument(
+        "--gunicorn", default=",".join(GUNICORN_SERVERS), help=f"gunicorn servers, from {','.join(GUNICORN_SERVERS)}"
+    )
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
@@ -265,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         run_conn()
     if args.what in ("uvicorn", "all"):
         run_uvicorn(args.servers, args.header)
+    if args.what == "gunicorn":  # not in "all": it needs proxyproto.gunicorn and takes minutes more
+        run_gunicorn(args.gunicorn, args.header.split(",")[0])
     return 0
 
 
