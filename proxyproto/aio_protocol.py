@@ -69,7 +69,7 @@ _REQUIRE, _USE, _SKIP = Policy.REQUIRE, Policy.USE, Policy.SKIP
 #: goes to a HeaderProtocol, which peeks up to the size cap); small enough for CPython's
 #: small-object allocator.
 _INLINE_PEEK = 400
-_V1_MAX = v1.MAX_LENGTH
+_V1_LAST_CR = v1.MAX_LENGTH - 2  # where the CR of the longest v1 line is
 _socket_object = _socket.socket
 
 
@@ -331,8 +331,8 @@ def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) ->
                     if got[0] == 0x0D:
                         header = match_v2(got, settings.max_header_size, settings.verify_checksum)
                     else:
-                        end = got.find(b"\r\n", 6, _V1_MAX)
-                        if end > 0:
+                        end = got.find(b"\r\n")  # as parse() finds it
+                        if 6 <= end <= _V1_LAST_CR:
                             header = match_v1(got, end + 2, settings.allow_v4_in_tcp6)
                 except ProxyProtocolError:
                     pass  # the HeaderProtocol says what is wrong, and closes
