@@ -48,6 +48,7 @@ import importlib
 import json
 import multiprocessing as mp
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -119,6 +120,9 @@ class Server:
                 time.sleep(0.05)
             else:
                 self.workers = self.children()
+                if pair.PIN is not None:  # forked after the arbiter's affinity was set; made sure of
+                    for pid in self.workers:
+                        os.sched_setaffinity(pid, pair.PIN[0])
                 return
             self.stop()
         raise RuntimeError(f"{self.name}: gunicorn did not start (exit code {self.proc and self.proc.returncode})")
@@ -150,19 +154,20 @@ class Server:
         return total / 1e9
 
     def stop(self) -> None:
-        """SIGTERM to the arbiter by PID (it stops its workers), SIGKILL after 10 s, then any worker left."""
-        if self.proc is None:
+        """SIGTERM to the arbiter by PID (it stops its workers), SIGKILL after 10 s, then its workers left."""
+        if self.proc is None or self.proc.poll() is not None:
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+            return
+        except subprocess.TimeoutExpired:
+            left = self.children()  # still the arbiter's: these PIDs are its workers
+            self.proc.kill()
+            self.proc.wait(5)
+        for pid in left:  # orphaned by the SIGKILL
             try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        for pid in self.workers:  # orphaned only if the arbiter was killed
-            try:
-                os.kill(pid, 9)
+                os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
 
