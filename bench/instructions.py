@@ -229,7 +229,8 @@ def count_gunicorn(worker: str, args: list[str], header: bytes, n: int) -> int:
             sys.executable, "-m", "gunicorn", "-k", worker, "--workers", "1", "--timeout", "600",
             "--bind", f"127.0.0.1:{port}", "--log-level", "warning", "--chdir", BENCH, *args, "gunicorn_pair:wsgi_app",
         ]  # fmt: skip
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, BENCH]), PYTHONHASHSEED="0")
+        path = os.pathsep.join(filter(None, [ROOT, BENCH, os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, PYTHONPATH=path, PYTHONHASHSEED="0")
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             request = header + b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -239,7 +240,11 @@ def count_gunicorn(worker: str, args: list[str], header: bytes, n: int) -> int:
                         conn = socket.create_connection(("127.0.0.1", port), timeout=120)
                         break
                     except ConnectionRefusedError:
+                        if proc.poll() is not None:
+                            raise RuntimeError(f"gunicorn -k {worker} exited with {proc.returncode}") from None
                         time.sleep(0.1)
+                else:
+                    raise RuntimeError(f"gunicorn -k {worker} did not listen within 300 s")
                 with conn:
                     conn.sendall(request)
                     while conn.recv(4096):
