@@ -289,8 +289,8 @@ def run_gunicorn(names: str, version: str) -> None:
         worker, args, sends = GUNICORN_SERVERS[name]
         args = [a.format(version=f"v{version}") for a in args]
         head = header if sends else b""
-        per_conn = count_gunicorn(worker, args, head, 50 + CONNECTIONS) - count_gunicorn(worker, args, head, 50)
-        per_conn /= CONNECTIONS
+        more = count_gunicorn(worker, args, head, 50 + CONNECTIONS)
+        per_conn = (more - count_gunicorn(worker, args, head, 50)) / CONNECTIONS
         plain = plain or per_conn
         extra = "" if per_conn == plain else f"  {per_conn / plain:.3f}x plain, +{per_conn - plain:,.0f}"
         print(f"  {name:<28} {per_conn:>10,.0f}{extra}", flush=True)
