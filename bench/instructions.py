@@ -28,6 +28,8 @@ Run from the repository root (valgrind installed: ``apt-get install valgrind``):
     python bench/instructions.py              # both, about 6 minutes
     python bench/instructions.py parse --cases ac
     python bench/instructions.py conn
+    python bench/instructions.py uvicorn --servers httptools --header 1,2
+    python bench/instructions.py gunicorn --header 2
 
 Nothing here is part of the test suite's pass/fail.
 """
@@ -185,20 +187,113 @@ def count_uvicorn(http: str, header: bytes, n: int) -> int:
     return _instructions(stderr)
 
 
-def run_uvicorn(servers: str) -> None:
-    """Print instructions per connection of uvicorn, plain and wrapped, for each HTTP implementation."""
-    from proxyproto import encode_v2
+def run_uvicorn(servers: str, versions: str = "2") -> None:
+    """Print instructions per connection of uvicorn, plain and wrapped (v1 and/or v2), per HTTP implementation."""
+    from proxyproto import encode_v1, encode_v2
 
-    header = encode_v2(("192.168.1.12", 58472), ("192.168.1.20", 27654))
+    source, destination = ("192.168.1.12", 58472), ("192.168.1.20", 27654)
+    headers = {"1": encode_v1(source, destination), "2": encode_v2(source, destination)}
     print(f"\nUVICORN: instructions per connection in the serving process (valgrind), difference of {CONNECTIONS}")
     for impl in servers.split(","):
         wrapped = {"h11": "proxyproto.uvicorn:H11", "httptools": "proxyproto.uvicorn:HttpTools"}[impl]
         plain: float | None = None
-        for name, http, head in ((f"{impl} plain", impl, b""), (f"{impl} wrapped (v2)", wrapped, header)):
+        rows = [(f"{impl} plain", impl, b"")]
+        rows += [(f"{impl} wrapped (v{v})", wrapped, headers[v]) for v in versions.split(",")]
+        for name, http, head in rows:
             per_conn = (count_uvicorn(http, head, 50 + CONNECTIONS) - count_uvicorn(http, head, 50)) / CONNECTIONS
             plain = plain or per_conn
             extra = "" if per_conn == plain else f"  {per_conn / plain:.3f}x plain, +{per_conn - plain:,.0f}"
             print(f"  {name:<28} {per_conn:>10,.0f}{extra}", flush=True)
+
+
+GUNICORN_SERVERS = {
+    # name: (worker class, extra arguments, whether the clients send a header)
+    "sync": ("sync", [], False),
+    "sync-gunicorn-proxy": ("sync", ["--proxy-protocol", "{version}"], True),
+    "sync-proxyproto": ("proxyproto.gunicorn.Sync", [], True),
+}
+
+
+def count_gunicorn(worker: str, args: list[str], header: bytes, n: int) -> int:
+    """Instructions of a gunicorn worker process (``--workers 1``, the arbiter not counted) serving ``n`` connections.
+
+    valgrind follows the arbiter's fork of the worker and writes one count
+    per process; the worker's is the one not the arbiter's.
+    """
+    import tempfile
+
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as out:
+        argv = [
+            "valgrind", "--tool=callgrind", "--trace-children=yes", f"--callgrind-out-file={out}/cg.%p",
+            sys.executable, "-m", "gunicorn", "-k", worker, "--workers", "1", "--timeout", "600",
+            "--bind", f"127.0.0.1:{port}", "--log-level", "warning", "--chdir", BENCH, *args, "gunicorn_pair:wsgi_app",
+        ]  # fmt: skip
+        path = os.pathsep.join(filter(None, [ROOT, BENCH, os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, PYTHONPATH=path, PYTHONHASHSEED="0")
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            request = header + b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            for _ in range(n):
+                for _attempt in range(3000):  # until the worker listens (valgrind starts slowly)
+                    try:
+                        conn = socket.create_connection(("127.0.0.1", port), timeout=120)
+                        break
+                    except ConnectionRefusedError:
+                        if proc.poll() is not None:
+                            raise RuntimeError(f"gunicorn -k {worker} exited with {proc.returncode}") from None
+                        time.sleep(0.1)
+                else:
+                    raise RuntimeError(f"gunicorn -k {worker} did not listen within 300 s")
+                with conn:
+                    conn.sendall(request)
+                    while conn.recv(4096):
+                        pass
+        finally:
+            proc.terminate()  # the arbiter (valgrind runs in its process): it stops its worker
+            try:
+                _, stderr = proc.communicate(timeout=300)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
+        counts = {}
+        for name in os.listdir(out):
+            with open(os.path.join(out, name)) as f:
+                total = re.search(r"^(?:summary|totals): (\d+)", f.read(), re.M)
+            if total is not None:
+                counts[int(name.rsplit(".", 1)[1])] = int(total.group(1))
+    workers = [count for pid, count in counts.items() if pid != proc.pid]
+    if len(workers) != 1:
+        raise RuntimeError(f"expected one worker's count, got {counts} (arbiter {proc.pid}):\n{stderr[-2000:]}")
+    return workers[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def run_gunicorn(names: str, version: str) -> None:
+    """Print instructions per connection of gunicorn's sync worker, plain, with its own PROXY, and ours."""
+    from proxyproto import encode_v1, encode_v2
+
+    source, destination = ("192.168.1.12", 58472), ("192.168.1.20", 27654)
+    header = {"1": encode_v1, "2": encode_v2}[version](source, destination)
+    print(
+        f"\nGUNICORN: instructions per connection in the worker process (valgrind), difference of {CONNECTIONS},"
+        f" v{version} header where sent"
+    )
+    plain: float | None = None
+    for name in names.split(","):
+        worker, args, sends = GUNICORN_SERVERS[name]
+        args = [a.format(version=f"v{version}") for a in args]
+        head = header if sends else b""
+        more = count_gunicorn(worker, args, head, 50 + CONNECTIONS)
+        per_conn = (more - count_gunicorn(worker, args, head, 50)) / CONNECTIONS
+        plain = plain or per_conn
+        extra = "" if per_conn == plain else f"  {per_conn / plain:.3f}x plain, +{per_conn - plain:,.0f}"
+        print(f"  {name:<28} {per_conn:>10,.0f}{extra}", flush=True)
 
 
 def run_parse(cases: str) -> None:
@@ -241,13 +336,20 @@ def run_conn() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", nargs="?", choices=("parse", "conn", "uvicorn", "all"), default="all")
+    parser.add_argument("what", nargs="?", choices=("parse", "conn", "uvicorn", "gunicorn", "all"), default="all")
     parser.add_argument("--cases", default="abcdef", help="parse cases, e.g. ac")
     parser.add_argument("--servers", default="httptools,h11", help="uvicorn HTTP implementations, e.g. h11")
+    parser.add_argument("--header", default="2", help="uvicorn: PROXY header versions, e.g. 1,2 (default 2)")
+    parser.add_argument(
+        "--gunicorn", default=",".join(GUNICORN_SERVERS), help=f"gunicorn servers, from {','.join(GUNICORN_SERVERS)}"
+    )
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
         return 2
+    # Byte-code compiled before counting: a module compiled during the first of a pair of runs would
+    # count its compilation as served connections or parse calls.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(ROOT, "proxyproto"), BENCH], check=False)
     print(f"machine: {platform.machine()} ({os.cpu_count()} cores), {platform.platform()}")
     print(f"python:  {platform.python_implementation()} {platform.python_version()}")
     print(f"command: python bench/instructions.py {' '.join(argv if argv is not None else sys.argv[1:])}")
@@ -256,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.what in ("conn", "all"):
         run_conn()
     if args.what in ("uvicorn", "all"):
-        run_uvicorn(args.servers)
+        run_uvicorn(args.servers, args.header)
+    if args.what == "gunicorn":  # not in "all": it needs proxyproto.gunicorn and takes minutes more
+        run_gunicorn(args.gunicorn, args.header.split(",")[0])
     return 0
 
 

@@ -37,8 +37,7 @@ import socket
 import ssl as _ssl
 from typing import Any, Callable, TypeVar
 
-from . import reader as core
-from . import v2
+from . import v1, v2
 from .advice import untrusted_look
 from .aio_header import CAN_PEEK, PEEK_FLAGS, READ_FLAGS, HeaderProtocol, WaitingReads
 from .aio_tls import handshake_timeout
@@ -70,6 +69,7 @@ _REQUIRE, _USE, _SKIP = Policy.REQUIRE, Policy.USE, Policy.SKIP
 #: goes to a HeaderProtocol, which peeks up to the size cap); small enough for CPython's
 #: small-object allocator.
 _INLINE_PEEK = 400
+_V1_LAST_CR = v1.MAX_LENGTH - 2  # where the CR of the longest v1 line is
 _socket_object = _socket.socket
 
 
@@ -294,7 +294,7 @@ class ProxyProtocolFactory:
 def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) -> type[_P]:
     """``inner_class`` reading the header first: see :meth:`ProxyProtocolFactory.header_first`."""
     inner_connection_made = inner_class.connection_made
-    parse, match_v2 = core.parse, v2.match
+    match_v1, match_v2 = v1.match_line, v2.match
 
     def connection_made(self: Any, transport: Any) -> None:
         if type(transport) is ProxyTransport:  # the header is decided: what the server wrote runs now
@@ -326,15 +326,14 @@ def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) ->
             header = None
             if got:
                 try:
-                    if got[0] == 0x0D:  # v2 (parse() would dispatch there, one call deeper)
+                    # parse()'s fast paths, without its call: a line up to its first CRLF, or a
+                    # v2 header; anything they refuse goes to the HeaderProtocol, which says why.
+                    if got[0] == 0x0D:
                         header = match_v2(got, settings.max_header_size, settings.verify_checksum)
                     else:
-                        header = parse(
-                            got,
-                            max_size=settings.max_header_size,
-                            verify_checksum=settings.verify_checksum,
-                            allow_v4_in_tcp6=settings.allow_v4_in_tcp6,
-                        )
+                        end = got.find(b"\r\n")  # as parse() finds it
+                        if 6 <= end <= _V1_LAST_CR:
+                            header = match_v1(got, end + 2, settings.allow_v4_in_tcp6)
                 except ProxyProtocolError:
                     pass  # the HeaderProtocol says what is wrong, and closes
             if header is not None:

@@ -32,6 +32,8 @@ from .header import Command, Protocol, ProxyHeader
 __all__ = ["HeaderReader", "HeaderScanner", "Outcome", "measure"]
 
 MAX_V1_LENGTH = v1.MAX_LENGTH
+_LAST_CR = MAX_V1_LENGTH - 2  # where the CR of the longest line is
+_match_line = v1.match_line
 MAX_V2_LENGTH = v2.MAX_LENGTH
 V2_SIGNATURE = v2.SIGNATURE
 
@@ -125,11 +127,12 @@ def parse(
         data = bytes(data[: MAX_V2_LENGTH if max_size is None else max(max_size, MAX_V1_LENGTH)])
     # Fast paths: a complete v1 line or v2 header that is valid; anything
     # else, incomplete or wrong, goes through measure() and the diagnosis.
-    head = data[:1]
-    if head == b"P":
-        end = data.find(b"\r\n", 6, MAX_V1_LENGTH)
-        if end > 0:
-            header = v1.match_line(data, end + 2, allow_v4_in_tcp6)
+    if data[:1] == b"P":
+        # The first CRLF, searched without bounds (cheaper than find's start and end); one beyond
+        # the 107 bytes of the longest line, or before "PROXY ", is measure()'s to explain.
+        end = data.find(b"\r\n")
+        if 6 <= end <= _LAST_CR:
+            header = _match_line(data, end + 2, allow_v4_in_tcp6)
             if header is not None:
                 return header
     else:  # v2.match checks the signature itself

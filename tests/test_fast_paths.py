@@ -509,3 +509,42 @@ def test_v2_destination_cache_is_bounded_and_never_changes_an_answer() -> None:
             assert header is not None and header.destination == (host, index), (rounds, host)
             assert len(v2._DESTINATIONS) <= v2._DESTINATIONS_MAX
     assert v2._DESTINATIONS  # it is used
+
+
+def test_v1_destination_tables_are_bounded_and_never_change_an_answer() -> None:
+    """``v1.match_line`` remembers checked destination fields (address per family, port): every
+    line still reads as ``ipaddress`` writes it through misses, hits and the emptying of a full
+    table, a field remembered for one family or as a port is still refused where it is wrong,
+    and no table holds more than its bound."""
+    for table in (v1._DESTINATIONS4, v1._DESTINATIONS6, v1._PORTS):
+        table.clear()
+    count = 3 * v1._REMEMBERED_MAX
+    hosts4 = [str(ipaddress.IPv4Address(n)) for n in range(0, 2**32, 2**32 // count)]
+    hosts6 = [f"2001:DB8:0:0::{n:X}" for n in range(count)]  # upper case and a zero run: canonical on output
+    for rounds in range(2):  # the second round hits what the first one left, after emptyings
+        for index, (host4, host6) in enumerate(zip(hosts4, hosts6)):
+            port = index * 85 % 65536
+            header = proxyproto.parse(b"PROXY TCP4 192.0.2.1 %s 1 %d\r\nGET" % (host4.encode(), port))
+            assert header is not None and header.destination == (host4, port), (rounds, host4)
+            header = proxyproto.parse(b"PROXY TCP6 ::1 %s 1 %d\r\nGET" % (host6.encode(), port))
+            canonical = str(ipaddress.IPv6Address(host6))
+            assert header is not None and header.destination == (canonical, port), (rounds, host6)
+            for table in (v1._DESTINATIONS4, v1._DESTINATIONS6, v1._PORTS):
+                assert 0 < len(table) <= v1._REMEMBERED_MAX
+    # Remembered as a TCP4 destination: no TCP6 address, unless mixed lines are allowed (nginx).
+    assert proxyproto.parse(b"PROXY TCP4 192.0.2.1 198.51.100.7 1 2\r\n") is not None
+    with pytest.raises(InvalidHeader):
+        proxyproto.parse(b"PROXY TCP6 ::1 198.51.100.7 1 2\r\n")
+    mixed = proxyproto.parse(b"PROXY TCP6 ::1 198.51.100.7 1 2\r\n", allow_v4_in_tcp6=True)
+    assert mixed is not None and mixed.destination == ("::ffff:198.51.100.7", 2)
+    # Remembered as a TCP6 destination: no TCP4 address.
+    assert proxyproto.parse(b"PROXY TCP6 ::1 ::ffff:1.2.3.4 1 2\r\n") is not None
+    with pytest.raises(InvalidHeader):
+        proxyproto.parse(b"PROXY TCP4 1.2.3.4 ::ffff:1.2.3.4 1 2\r\n")
+    # Remembered ports: their near misses are other fields, refused as before.
+    assert proxyproto.parse(b"PROXY TCP4 1.2.3.4 5.6.7.8 80 80\r\n") is not None
+    for near in (b"080", b"+80", b"80_0", b"0x50", b"65536", b"-0", b"\xd9\xa8"):
+        with pytest.raises(InvalidHeader):
+            proxyproto.parse(b"PROXY TCP4 1.2.3.4 5.6.7.8 80 %s\r\n" % near)
+        with pytest.raises(InvalidHeader):
+            proxyproto.parse(b"PROXY TCP4 1.2.3.4 5.6.7.8 %s 80\r\n" % near)
