@@ -514,6 +514,8 @@ class _Reception:
         self.accept_resume_at = 0.0  # the listeners rest until then (0: they do not)
         #: The listener of each connection not served yet (gunicorn's workers pass it on).
         self.listeners: weakref.WeakKeyDictionary[socket.socket, Any] = weakref.WeakKeyDictionary()
+        #: Each listener's family, asked of the kernel once: its connections' (no system call per connection).
+        self.families = {id(listener): socket_family(listener) for listener in listeners}
 
     def accept(self, listener: Any, evicted: bool = False) -> None:
         """Accept one connection from ``listener`` and :meth:`arrive` it; never raises for a full table.
@@ -633,8 +635,11 @@ class _Reception:
     ) -> None:
         """ParkedConnections' hand-out (and the fast path's): the address to serve with, the header if trusted."""
         header = handed_on(self.log, self.settings, peer, policy, header, trusted, self.parked.live.hooked)
-        address = served_address(policy, header, peer, socket_family(sock))
-        self.serve(sock, header, address, self.listeners.pop(sock, None) if listener is None else listener, trusted)
+        if listener is None:
+            listener = self.listeners.pop(sock, None)
+        family = self.families.get(id(listener))
+        address = served_address(policy, header, peer, socket_family(sock) if family is None else family)
+        self.serve(sock, header, address, listener, trusted)
 
 
 class _ProxyWorker:
