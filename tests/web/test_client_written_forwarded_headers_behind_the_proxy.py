@@ -1,8 +1,8 @@
 """A client behind a TCP-mode proxy writes its own X-Forwarded-* lines: they must not override what the
 trusted proxy's PROXY header says (the address) nor the scheme, in any adapter.
 
-These encode the review's findings 1-3 (FINDINGS.md) and are strict xfails until fixed: when a fix lands,
-the xfail turns into a failure that says to remove the marker.  Real servers (daphne, gunicorn, Tornado)
+Daphne with ``--proxy-headers``, gunicorn's WSGI workers (whose default ``--forwarded-allow-ips`` holds
+the proxy's own address) and Tornado with ``xheaders=True`` each once believed such lines.  Real servers
 on loopback, stopped by PID; every wait bounded.
 """
 
