@@ -47,14 +47,14 @@ from gunicorn import util as _util  # type: ignore[import-untyped,import-not-fou
 from gunicorn.workers import gthread as _gthread  # type: ignore[import-untyped,import-not-found,unused-ignore]
 from gunicorn.workers import sync as _sync  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
-from .advice import SIGNATURE_PEEK, handed_on, policy_line, untrusted_look
+from .advice import handed_on, policy_line, untrusted_look
 from .header import ProxyHeader
 from .logs import show_through
 from .peers import socket_family
 from .policy import SERVES_A_HEADER, Policy, TrustedNetworks, peer_text, served_address
 from .refusal_log import KIND_TLS, RefusalLog, listener_text
 from .settings import VARIABLES, Settings, settings_from_environment
-from .sock import take_complete_header
+from .sock import look_at_first_read, take_complete_header
 from .waiting import ParkedConnections
 from .watcher import Watcher
 
@@ -446,39 +446,6 @@ def _cfg_for_trusted_peers(cfg: Any) -> Any:
     return _WithoutForwardedHeaders(cfg)
 
 
-#: The look of each connection that is a :class:`_FirstRecv` (until its first read).
-_LOOKS: weakref.WeakKeyDictionary[socket.socket, Callable[[bytes], None]] = weakref.WeakKeyDictionary()
-
-
-class _FirstRecv(socket.socket):
-    """A connection whose first read also shows its first bytes to a look, then becomes a plain socket again.
-
-    For an untrusted peer served under SKIP without TLS: gunicorn's own first
-    ``recv`` is the look's (:func:`proxyproto.advice.untrusted_look`: a
-    WARNING when the stream starts with a PROXY header), so no byte is read
-    that gunicorn would not read, and a header arriving after the accept is
-    seen too.  Only such connections get this class.
-    """
-
-    __slots__ = ()
-
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        data = super().recv(bufsize, flags)
-        self._first(data[:SIGNATURE_PEEK])
-        return data
-
-    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        size = super().recv_into(buffer, nbytes, flags)
-        self._first(bytes(memoryview(buffer)[: min(size, SIGNATURE_PEEK)]))
-        return size
-
-    def _first(self, start: bytes) -> None:
-        self.__class__ = socket.socket  # type: ignore[assignment]  # back to the plain class
-        look = _LOOKS.pop(self, None)
-        if look is not None:
-            look(start)
-
-
 class _Reception:
     """A worker's connections until their header is decided, never blocking the worker's loop.
 
@@ -520,16 +487,18 @@ class _Reception:
     def accept(self, listener: Any, evicted: bool = False) -> None:
         """Accept one connection from ``listener`` and :meth:`arrive` it; never raises for a full table.
 
-        Out of descriptors with connections parked, the oldest parked one
-        gives its place (the eviction line) and the accept is retried once;
-        out of descriptors or memory otherwise, the listeners rest for
+        Nothing to accept raises as ``listener.accept()`` does
+        (``BlockingIOError``): gunicorn's sync loop accepts until then.  Out
+        of descriptors with connections parked, the oldest parked one gives
+        its place (the eviction line) and the accept is retried once; out of
+        descriptors or memory otherwise, the listeners rest for
         :data:`ACCEPT_BACKOFF` seconds (:meth:`resting`).  Either is logged
         once, until ``accept()`` works again (the socketserver mixin's rule).
         """
         try:
             client, addr = listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-            return
+            raise
         except OSError as exc:
             if exc.errno not in _ACCEPT_RESOURCE_ERRORS:
                 raise
@@ -568,8 +537,7 @@ class _Reception:
             return
         if policy is Policy.SKIP:
             if not trusted and self.look and type(sock) is socket.socket:
-                _LOOKS[sock] = untrusted_look(self.log, settings, peer)
-                sock.__class__ = _FirstRecv
+                look_at_first_read(sock, untrusted_look(self.log, settings, peer))
             self.serve(sock, None, peer, listener, trusted)
             return
         saved = sock.gettimeout()
@@ -772,7 +740,10 @@ class GThread(_ProxyWorker, _gthread.ThreadWorker):  # type: ignore[misc]
 
     def accept(self, listener: Any) -> None:
         reception = self._proxy
-        reception.accept(listener)
+        try:
+            reception.accept(listener)
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return  # another thread's poller, or the client left: gthread's loop waits again
         if reception.accept_resume_at:
             self.set_accept_enabled(False)  # until the rest ends (set_accept_enabled)
 

@@ -25,17 +25,17 @@ import os
 import socket
 import socketserver
 import sys
-import weakref
 from typing import Any, Callable
 
 from . import waiting
-from .advice import SIGNATURE_PEEK, untrusted_look
+from .advice import untrusted_look
 from .attributes import LiveSettings, SettingsAttributes, check_attributes
 from .header import ProxyHeader
 from .policy import Policy, Trust, peer_text
 from .refusal_log import DEFAULT_LOG_RATE, KIND_TLS, RefusalLog, listener_text
 from .settings import DEFAULT_TRUSTED, Settings
 from .settings import KNOBS as ALL_KNOBS
+from .sock import look_at_first_read
 from .waiting import WaitingRoom
 
 __all__ = [
@@ -81,39 +81,6 @@ class ProxySocket(socket.socket):
     __slots__ = ("proxy_header",)
 
     proxy_header: ProxyHeader | None
-
-
-#: The look of each connection that is a :class:`_FirstRecv` (until its first read).
-_LOOKS: weakref.WeakKeyDictionary[socket.socket, Callable[[bytes], None]] = weakref.WeakKeyDictionary()
-
-
-class _FirstRecv(ProxySocket):
-    """A :class:`ProxySocket` whose first read also shows its first bytes to a look, then becomes one again.
-
-    For the diagnosis of an untrusted peer served under SKIP (does its
-    stream start with a PROXY header?) without reading a byte the handler
-    would not: the handler's own first ``recv`` or ``recv_into`` (a
-    ``makefile`` reads through it) is the look's.  Only such connections
-    get this class; the others never pay for it.
-    """
-
-    __slots__ = ()
-
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        data = super().recv(bufsize, flags)
-        self._first(data[:SIGNATURE_PEEK])
-        return data
-
-    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        size = super().recv_into(buffer, nbytes, flags)
-        self._first(bytes(memoryview(buffer)[: min(size, SIGNATURE_PEEK)]))
-        return size
-
-    def _first(self, start: bytes) -> None:
-        self.__class__ = ProxySocket  # type: ignore[assignment]  # back to the plain class
-        look = _LOOKS.pop(self, None)
-        if look is not None:
-            look(start)
 
 
 class ProxyProtocolMixin(SettingsAttributes):
@@ -323,8 +290,7 @@ class ProxyProtocolMixin(SettingsAttributes):
     @staticmethod
     def _pp_look_at_first_bytes(sock: ProxySocket, peer: Address, log: RefusalLog, settings: Settings) -> None:
         """An untrusted peer under SKIP: a WARNING if the first bytes its handler reads are a PROXY header."""
-        _LOOKS[sock] = untrusted_look(log, settings, peer)
-        sock.__class__ = _FirstRecv
+        look_at_first_read(sock, untrusted_look(log, settings, peer))
 
 
 def _check_bases(cls: type) -> None:

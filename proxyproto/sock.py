@@ -22,10 +22,12 @@ import select
 import socket
 import sys
 import time
+import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable
 
 from . import reader
+from .advice import SIGNATURE_PEEK as _SIGNATURE_PEEK
 from .errors import ProxyProtocolError
 from .header import AddressInput, ProxyHeader
 from .policy import Attempt, Policy, decide
@@ -300,3 +302,52 @@ def create_connection(
         sock.close()
         raise
     return sock
+
+
+# -- showing a connection's first read to a look -----------------------------------------------------
+
+#: The look of each connection whose class is a first-read class (until its first read).
+_LOOKS: weakref.WeakKeyDictionary[socket.socket, Callable[[bytes], None]] = weakref.WeakKeyDictionary()
+#: The first-read class made for each socket class.
+_FIRST_READ: dict[type, type] = {}
+
+
+def look_at_first_read(sock: socket.socket, look: Callable[[bytes], None]) -> None:
+    """Show ``sock``'s first read (its first ``SIGNATURE_PEEK`` bytes) to ``look``; then ``sock`` is as before.
+
+    For the diagnosis of an untrusted peer served under SKIP (does its
+    stream start with a PROXY header?) without reading a byte the server
+    would not: the server's own first ``recv`` or ``recv_into`` (a
+    ``makefile`` reads through it) is the look's.  ``sock``'s class is
+    swapped for a subclass that overrides those two methods, and swapped back
+    at the first read, so only such connections pay for it, once.
+    """
+    base = type(sock)
+    swapped = _FIRST_READ.get(base)
+    if swapped is None:
+        swapped = _FIRST_READ[base] = type(f"FirstRead{base.__name__}", (_FirstRead, base), {"__slots__": ()})
+    _LOOKS[sock] = look
+    sock.__class__ = swapped
+
+
+class _FirstRead(socket.socket):
+    """The methods of :func:`look_at_first_read`'s classes (mixed in before the socket's own class)."""
+
+    __slots__ = ()
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data = super().recv(bufsize, flags)
+        self._first(data[:_SIGNATURE_PEEK])
+        return data
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        size = super().recv_into(buffer, nbytes, flags)
+        self._first(bytes(memoryview(buffer)[: min(size, _SIGNATURE_PEEK)]))
+        return size
+
+    def _first(self, start: bytes) -> None:
+        self.__class__ = type(self).__mro__[2]  # the class it had: (swapped, _FirstRead, base, ...)
+        look = _LOOKS.pop(self, None)
+        if look is not None:
+            look(start)
+

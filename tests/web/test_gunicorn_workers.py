@@ -9,6 +9,7 @@ and a graceful shutdown with connections parked mid-header.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import socket
@@ -69,6 +70,27 @@ def test_worker_serves_the_real_client_of_v1_v2_ipv4_and_ipv6_headers(worker: st
             assert seen["gunicorn_proxy"] is None  # gunicorn's own parser never saw it
         _, seen = get(server.address, HEADERS["v2-ipv6"][0])
         assert seen["header"]["tlvs"] == [[int(proxyproto.TLVType.AUTHORITY), b"example.com".hex()]]
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (its /proc stat, in clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("worker", ALL)
+def test_an_idle_worker_sleeps_until_a_connection_comes(worker: str, tmp_path: Path) -> None:
+    """Idle, a worker waits in its loop's poll: a loop that spins (an accept that never says "nothing
+    to accept") shows as a whole CPU second per second, a sleeping worker as a few milliseconds."""
+    _need(worker)
+    with gunicorn(worker, tmp_path, workers=1) as server:
+        assert get(server.address, HEADERS["v2-ipv4"][0])[0] == 200  # the worker is up and serving
+        children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
+        workers = [int(pid) for pid in children]
+        before = sum(_cpu_seconds(pid) for pid in workers)
+        time.sleep(1.5)
+        spent = sum(_cpu_seconds(pid) for pid in workers) - before
+    assert spent < 0.3, f"{spent:.2f} CPU seconds in 1.5 idle seconds"
 
 
 @pytest.mark.parametrize("worker", ALL)
