@@ -43,13 +43,15 @@ wrong: int = proxyproto.encode_v1(None, None)
 
 
 def _copy_project(destination: Path) -> Path:
-    """The files ``pip install -e`` reads: every top-level file (setup.py, setup.cfg, README...) and the package."""
+    """The files ``pip install -e`` reads: every top-level file (setup.py, setup.cfg, README...), the package
+    and the Twisted plugin drop-in (setup.cfg's ``twisted.plugins``)."""
     project = destination / "project"
     project.mkdir()
     for entry in ROOT.iterdir():
         if entry.is_file():
             shutil.copy2(entry, project / entry.name)
-    shutil.copytree(ROOT / "proxyproto", project / "proxyproto", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("proxyproto", "twisted"):
+        shutil.copytree(ROOT / package, project / package, ignore=shutil.ignore_patterns("__pycache__", "*.cache"))
     return project
 
 
