@@ -627,6 +627,13 @@ class _ProxyWorker:
         checked = getattr(super(), "check_config", None)
         if checked is not None:
             checked(cfg, log)
+        if str(getattr(cfg, "http2_cleartext", "off") or "off").lower() != "off":
+            # gunicorn upgrades h2c with the worker's own config, not the connection's: a trusted proxy's
+            # relayed X-Forwarded-* lines would set the scheme there (the rule every other request keeps).
+            raise RuntimeError(
+                f"proxyproto.gunicorn: --http2-cleartext {cfg.http2_cleartext} is not supported by the WSGI "
+                "workers (HTTP/2 cleartext would believe the client's X-Forwarded-* lines); leave it off"
+            )
         _startup_check(cfg)
 
     def _proxy_start(self, serve: Serve) -> _Reception:
@@ -648,10 +655,13 @@ class Sync(_ProxyWorker, _sync.SyncWorker):  # type: ignore[misc]
     """``gunicorn -k proxyproto.gunicorn.Sync``: gunicorn's sync worker, the header read first.
 
     gunicorn's loop waits on its listeners and, here, the descriptor of the
-    connections still waiting for their header, so a silent client never
-    holds the worker: it serves whoever's header is complete, one
-    connection at a time as gunicorn's sync worker does.  TLS
-    (``--certfile``) and gunicorn's HTTP parser start after the header.
+    connections still waiting for their header, so a client silent before
+    its header never holds the worker: it serves whoever's header is
+    complete, one connection at a time as gunicorn's sync worker does.
+    TLS (``--certfile``) and gunicorn's HTTP parser start after the header;
+    a client silent after it holds the worker in gunicorn's own parser, as
+    it would without this library (the reason gunicorn's docs put the sync
+    worker behind a buffering proxy).
     """
 
     wait_fds: list[Any]

@@ -27,6 +27,7 @@ within moments of the window's end even when no further traffic does.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Callable
 
@@ -92,12 +93,12 @@ class RefusalLog:
     stays bounded.  ``later``, when given, arms a timer when a line is
     first suppressed, so the summary is written within ``_MARGIN`` of its
     window's end without waiting for another refusal; without it the owner
-    calls :meth:`flush` from its idle hook.  Meant for one serving loop (one
-    thread); a race between two threads could cost a count, never an
-    exception.
+    calls :meth:`flush` from its idle hook.  Safe to share between threads
+    (gunicorn's gthread pool writes lines beside its loop): the counting and
+    the summary's swap hold a lock.
     """
 
-    __slots__ = ("due", "later", "listener", "logger", "name_of", "rate", "sent", "suppressed", "window_start")
+    __slots__ = ("_lock", "due", "later", "listener", "logger", "name_of", "rate", "sent", "suppressed", "window_start")
 
     def __init__(
         self,
@@ -110,6 +111,7 @@ class RefusalLog:
         self.logger = logger
         self.rate = rate
         self.later = later
+        self._lock = threading.RLock()
         #: A knob as the operator spells it (``Settings.name_of``): the lines name what to change.
         self.name_of: Callable[[str], str] = _as_is if name_of is None else name_of
         self.window_start = 0.0
@@ -136,22 +138,23 @@ class RefusalLog:
             self.logger.log(level, message, *args, stacklevel=2, extra={"refusal_kind": kind})
             return
         now = time.monotonic()
-        if now - self.window_start >= _WINDOW:
-            self.flush(now)
-            self.window_start = now
-            self.sent.clear()
-        sent = self.sent.get(kind, 0)
-        if sent < rate:
-            self.sent[kind] = sent + 1
-            self.logger.log(level, message, *args, stacklevel=2, extra={"refusal_kind": kind})
-            return
-        entry = self.suppressed.get(kind)
-        if entry is None:
-            self.suppressed[kind] = [1, level]
-        else:
-            entry[0] += 1
-            if level > entry[1]:
-                entry[1] = level
+        with self._lock:
+            if now - self.window_start >= _WINDOW:
+                self.flush(now)
+                self.window_start = now
+                self.sent.clear()
+            sent = self.sent.get(kind, 0)
+            if sent < rate:
+                self.sent[kind] = sent + 1
+                self.logger.log(level, message, *args, stacklevel=2, extra={"refusal_kind": kind})
+                return
+            entry = self.suppressed.get(kind)
+            if entry is None:
+                self.suppressed[kind] = [1, level]
+            else:
+                entry[0] += 1
+                if level > entry[1]:
+                    entry[1] = level
         # A timer already armed is trusted until a window past its time (its loop may have closed).
         if self.later is not None and (not self.due or now > self.due + _WINDOW):
             self.arm(now)
@@ -213,7 +216,10 @@ class RefusalLog:
             now = time.monotonic()
         if now - self.window_start < _WINDOW:
             return
-        suppressed, self.suppressed = self.suppressed, {}
+        with self._lock:
+            suppressed, self.suppressed = self.suppressed, {}
+        if not suppressed:  # another thread wrote the summary meanwhile
+            return
         total = sum(count for count, _ in suppressed.values())
         level = max(max(level for _, level in suppressed.values()), logging.WARNING)
         details = ", ".join(f"{count} x {kind}" for kind, (count, _) in suppressed.items())

@@ -18,6 +18,7 @@ after a short delay.
 
 from __future__ import annotations
 
+import logging
 import select
 import socket
 import sys
@@ -320,7 +321,8 @@ def look_at_first_read(sock: socket.socket, look: Callable[[bytes], None]) -> No
     would not: the server's own first ``recv`` or ``recv_into`` (a
     ``makefile`` reads through it) is the look's.  ``sock``'s class is
     swapped for a subclass that overrides those two methods, and swapped back
-    at the first read, so only such connections pay for it, once.
+    at the first read that returns, so only such connections pay for it,
+    once.  A look that raises is logged at DEBUG: the read keeps its bytes.
     """
     base = type(sock)
     swapped = _FIRST_READ.get(base)
@@ -349,5 +351,8 @@ class _FirstRead(socket.socket):
         self.__class__ = type(self).__mro__[2]  # the class it had: (swapped, _FirstRead, base, ...)
         look = _LOOKS.pop(self, None)
         if look is not None:
-            look(start)
+            try:
+                look(start)
+            except Exception:  # a diagnosis must never cost the read its bytes
+                logging.getLogger("proxyproto").debug("the first-read look failed", exc_info=True)
 

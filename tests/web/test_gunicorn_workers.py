@@ -350,6 +350,7 @@ def test_refusal_line_names_the_flag_that_gave_the_trust_list(tmp_path: Path) ->
             "--proxy-protocol v2 (policy REQUIRE) and PROXYPROTO_POLICY=USE disagree",
         ),
         ((), ("PROXYPROTO_HEADER_TIMEOUT", "0"), "PROXYPROTO_HEADER_TIMEOUT='0'"),
+        (("--http2-cleartext", "upgrade"), ("PROXYPROTO_POLICY", "REQUIRE"), "--http2-cleartext upgrade is not"),
     ],
 )
 def test_misconfiguration_stops_gunicorn_at_start_in_one_line(
