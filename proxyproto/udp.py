@@ -322,11 +322,11 @@ class ProxyDatagramMixin(SettingsAttributes):
             raise self._ppd_refuse(verdict.level, peer, reason, kind_of(outcome))
         if header is None:
             return ProxyDatagram(data, ReplySocket(sock, peer, peer), None, peer), peer
+        handed = handed_on(self._ppd_log, settings, peer, policy, header, trust.trusted, hook is not None)
         # The listener's family matters only for a UNIX-family header: then ask the socket itself.
         family = socket_family(sock) if header.family is Family.UNIX else sock.family
-        address = served_address(policy, header, peer, family)
+        address = served_address(policy, handed, peer, family)
         reply = ReplySocket(sock, peer, address)
-        handed = handed_on(self._ppd_log, settings, peer, policy, header, trust.trusted, hook is not None)
         return ProxyDatagram(data[header.length :], reply, handed, peer), address
 
 

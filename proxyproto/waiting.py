@@ -478,8 +478,9 @@ class WaitingRoom:
         untrusted one's is never used for the address either: its policy is
         SKIP, IGNORE or REJECT).
         """
-        sock.proxy_header = handed_on(self.log, self.live.current, peer, policy, header, trusted, self.live.hooked)
-        self.ready.append((sock, served_address(policy, header, peer, self.socket_args[0])))
+        handed = handed_on(self.log, self.live.current, peer, policy, header, trusted, self.live.hooked)
+        sock.proxy_header = handed
+        self.ready.append((sock, served_address(policy, handed, peer, self.socket_args[0])))
 
     def _read_blocking(self) -> tuple[ProxySocket, Address]:  # pragma: no cover
         """Without a watcher: accept, and read the header in the loop, bounded by the timeout."""
