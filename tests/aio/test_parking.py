@@ -90,9 +90,8 @@ def test_adding_a_connection_twice_changes_nothing(closed: list[str]) -> None:
 
 def test_the_knob_is_named_as_the_adapter_spells_it(closed: list[str], caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="proxyproto")
-    waiting: Parking[str] = Parking(
-        RefusalLog(logging.getLogger("proxyproto"), None), closed.append, "proxy_max_pending"
-    )
+    spelled = lambda knob: f"proxy_{knob}"  # noqa: E731  (a Settings.name_of, as the mixins spell knobs)
+    waiting: Parking[str] = Parking(RefusalLog(logging.getLogger("proxyproto"), None, name_of=spelled), closed.append)
     for n in range(3):
         waiting.add(f"c{n}", ("127.0.0.1", 1000 + n), None, max_pending=2)
     assert closed == ["c0"]
