@@ -23,7 +23,6 @@ network (exit 1).
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import selectors
 import signal
@@ -36,6 +35,7 @@ from typing import Any
 
 from .cli_failure import PROG, Failure, UsageError, address_failure
 from .header import Protocol
+from .parking import ACCEPT_BACKOFF, ACCEPT_RESOURCE_ERRORS
 from .tlv import TLVType
 from .v1 import encode as encode_v1
 from .v2 import encode as encode_v2
@@ -43,11 +43,6 @@ from .v2 import encode as encode_v2
 __all__: list[str] = []  # private module: the public names are listed in docs/api.rst
 
 CHUNK = 65536
-#: accept() errors that mean "out of descriptors or memory": the listener stays readable,
-#: so retrying at once would spin; the relay rests instead (as the server mixin does).
-ACCEPT_RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
-#: Seconds the relay stops polling its listener after such an error.
-ACCEPT_BACKOFF = 0.1
 
 
 def endpoint_text(address: Any) -> str:

@@ -50,6 +50,7 @@ from gunicorn.workers import sync as _sync  # type: ignore[import-untyped,import
 from .advice import handed_on, policy_line, untrusted_look
 from .header import ProxyHeader
 from .logs import show_through
+from .parking import ACCEPT_BACKOFF, ACCEPT_RESOURCE_ERRORS, OUT_OF_DESCRIPTORS
 from .peers import socket_family
 from .policy import SERVES_A_HEADER, Policy, TrustedNetworks, peer_text, served_address
 from .refusal_log import KIND_TLS, RefusalLog, listener_text
@@ -296,10 +297,6 @@ class _Live:
 #: served; ``trusted``: its peer is trusted to send the PROXY header.
 Serve = Callable[[socket.socket, "ProxyHeader | None", Any, Any, bool], None]
 
-#: Seconds the listener rests after ``accept()`` failed for lack of descriptors or memory.
-ACCEPT_BACKOFF = 0.1
-_ACCEPT_RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
-_OUT_OF_DESCRIPTORS = frozenset((errno.EMFILE, errno.ENFILE))
 
 #: gunicorn's own defaults for ``--forwarded-allow-ips`` (``FORWARDED_ALLOW_IPS`` unset; older versions).
 _GUNICORN_FORWARDED_DEFAULTS = (frozenset(("127.0.0.1", "::1")), frozenset(("127.0.0.1",)))
@@ -500,9 +497,9 @@ class _Reception:
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             raise
         except OSError as exc:
-            if exc.errno not in _ACCEPT_RESOURCE_ERRORS:
+            if exc.errno not in ACCEPT_RESOURCE_ERRORS:
                 raise
-            if exc.errno in _OUT_OF_DESCRIPTORS and self.waiting and not evicted:
+            if exc.errno in OUT_OF_DESCRIPTORS and self.waiting and not evicted:
                 if not self.accept_failing:
                     logger.error("accept() failed: %s; closing connections still waiting for their header", exc)
                     self.accept_failing = True

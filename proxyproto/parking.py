@@ -63,6 +63,7 @@ Without the ``resource`` module (Windows) only ``max_pending`` applies.
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Hashable
 from typing import Any, Callable, Generic, TypeVar
@@ -83,6 +84,14 @@ _RLIMIT_NOFILE = getattr(_resource, "RLIMIT_NOFILE", None)
 _RLIM_INFINITY = getattr(_resource, "RLIM_INFINITY", -1)
 
 K = TypeVar("K", bound=Hashable)
+
+#: Seconds a listener rests after accept() failed for lack of descriptors or memory.
+ACCEPT_BACKOFF = 0.1
+#: accept() errors that mean "out of descriptors or memory": the listener stays readable, so
+#: retrying at once would spin (the mixin, the gunicorn workers and the relay rest instead).
+ACCEPT_RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+#: Those of them a closed descriptor (an evicted parked connection) can cure.
+OUT_OF_DESCRIPTORS = frozenset((errno.EMFILE, errno.ENFILE))
 
 
 def descriptor_reserve(limit: int) -> int:

@@ -32,7 +32,6 @@ in the loop, bounded by ``proxy_header_timeout``.
 from __future__ import annotations
 
 import collections
-import errno
 import logging
 import os
 import socket
@@ -41,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, cast
 
 from .advice import handed_on, refusal_line
 from .header import ProxyHeader
-from .parking import Parking
+from .parking import ACCEPT_BACKOFF, ACCEPT_RESOURCE_ERRORS, OUT_OF_DESCRIPTORS, Parking
 from .peers import socket_family
 from .policy import SERVES_A_HEADER, Policy, Trust, decide, peer_text, served_address
 from .refusal_log import KIND_READ_ERROR, RefusalLog, kind_of
@@ -63,10 +62,6 @@ logger = logging.getLogger("proxyproto")
 
 Address = Any  # what socket.accept() gives: a tuple for IP families, str or bytes for AF_UNIX
 
-#: Seconds the listener rests after accept() failed for lack of descriptors or memory.
-ACCEPT_BACKOFF = 0.1
-_ACCEPT_RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
-_OUT_OF_DESCRIPTORS = frozenset((errno.EMFILE, errno.ENFILE))
 
 #: Bumped in every forked child: a room made with another value was inherited from the parent.
 fork_generation = 0
@@ -426,7 +421,7 @@ class WaitingRoom:
 
     def _accept_failed(self, exc: OSError, now: float | None, evicted: bool) -> None:
         """Out of descriptors or memory: make room, or rest the listener; log the failure once."""
-        if exc.errno in _OUT_OF_DESCRIPTORS and self.parked and not evicted:
+        if exc.errno in OUT_OF_DESCRIPTORS and self.parked and not evicted:
             # Out of descriptors while connections wait for their header: give the oldest
             # one's place to the newcomer (a real proxy sends its header at once, so the
             # oldest parked connection is the likeliest attacker), and accept again.
@@ -435,7 +430,7 @@ class WaitingRoom:
                 self.accept_failing = True
             self.waiting.evict_oldest()
             self.accept_next(now, evicted=True)
-        elif exc.errno in _ACCEPT_RESOURCE_ERRORS and self.watcher is not None:
+        elif exc.errno in ACCEPT_RESOURCE_ERRORS and self.watcher is not None:
             if not self.accept_failing:
                 logger.error("accept() failed: %s; pausing the listener until it works again", exc)
                 self.accept_failing = True
