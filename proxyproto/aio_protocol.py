@@ -71,6 +71,7 @@ _REQUIRE, _USE, _SKIP = Policy.REQUIRE, Policy.USE, Policy.SKIP
 _INLINE_PEEK = 400
 _V1_LAST_CR = v1.MAX_LENGTH - 2  # where the CR of the longest v1 line is
 _socket_object = _socket.socket
+_new = object.__new__
 
 
 def call_later(delay: float, callback: Callable[[], None]) -> bool:
@@ -351,7 +352,11 @@ def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) ->
                     extra["sslcontext"] = ABSENT
                     for name, value in factory.trusted_overrides:  # REQUIRE and USE: a trusted peer
                         setattr(self, name, value)
-                    inner_connection_made(self, ProxyTransport(transport, extra))
+                    # ProxyTransport(transport, extra), without the type call's __init__ (per connection)
+                    served = _new(ProxyTransport)
+                    served._transport, served._proxy_extra = transport, extra
+                    served.write, served.is_closing, served.close = transport.write, transport.is_closing, transport.close
+                    inner_connection_made(self, served)
                     return
                 # A stream socket gives what a peek just showed; should it not, nothing is lost.
                 reading = HeaderProtocol(factory, self, inner_connection_made)

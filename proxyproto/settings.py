@@ -188,7 +188,7 @@ class Settings:
     raises ``ValueError`` naming the knob.  :meth:`replace` makes a changed copy.
     """
 
-    __slots__ = (*KNOBS, "_spelling", "_trusted_verdict", "_untrusted_verdict")
+    __slots__ = (*KNOBS, "_spelling", "_trusted_verdict", "_untrusted_verdict", "_ip_verdicts")
 
     policy: Policy
     trusted: TrustedNetworks
@@ -203,6 +203,7 @@ class Settings:
     _spelling: str
     _trusted_verdict: Trust
     _untrusted_verdict: Trust
+    _ip_verdicts: dict[str, bool] | None
 
     def __init__(
         self,
@@ -224,6 +225,8 @@ class Settings:
         # The two answers of the default rule, made once (a Trust per connection costs a call).
         object.__setattr__(self, "_trusted_verdict", Trust(self.policy, True))
         object.__setattr__(self, "_untrusted_verdict", Trust(self.untrusted_policy, False))
+        # The trust list's memory of IP peers it has judged, when no hook answers instead.
+        object.__setattr__(self, "_ip_verdicts", self.trusted.verdicts if self.policy_for is None else None)
         object.__setattr__(self, "_spelling", "keyword")
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -300,6 +303,11 @@ class Settings:
         otherwise an IP tuple is an IP peer and anything else asks ``sock``.
         """
         if hook is None:
+            verdicts = self._ip_verdicts
+            if verdicts is not None and family is None and type(peer) is tuple:
+                verdict = verdicts.get(peer[0])  # an IP peer judged before: the same answer, at once
+                if verdict is not None:
+                    return self._trusted_verdict if verdict else self._untrusted_verdict
             hook = self.policy_for
         if hook is not None:
             answer = hook(peer, None if sock is None else sock.getsockname())
