@@ -355,7 +355,8 @@ def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) ->
                     # ProxyTransport(transport, extra), without the type call's __init__ (per connection)
                     served = _new(ProxyTransport)
                     served._transport, served._proxy_extra = transport, extra
-                    served.write, served.is_closing, served.close = transport.write, transport.is_closing, transport.close
+                    served.write, served.is_closing = transport.write, transport.is_closing
+                    served.close = transport.close
                     inner_connection_made(self, served)
                     return
                 # A stream socket gives what a peek just showed; should it not, nothing is lost.
