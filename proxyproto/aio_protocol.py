@@ -355,8 +355,9 @@ def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) ->
                     # ProxyTransport(transport, extra), without the type call's __init__ (per connection)
                     served = _new(ProxyTransport)
                     served._transport, served._proxy_extra = transport, extra
-                    served.write, served.is_closing = transport.write, transport.is_closing
-                    served.close = transport.close
+                    served.write = transport.write  # type: ignore[method-assign]
+                    served.is_closing = transport.is_closing  # type: ignore[method-assign]
+                    served.close = transport.close  # type: ignore[method-assign]
                     inner_connection_made(self, served)
                     return
                 # A stream socket gives what a peek just showed; should it not, nothing is lost.
