@@ -30,7 +30,7 @@ from .advice import handed_on, refusal_line
 from .aio_tls import TLSHandOver
 from .aio_transport import NOT_GIVEN, deliver_in_turn, hand_over, proxy_extra
 from .header import ProxyHeader
-from .policy import Outcome, Policy, decide, peer_text
+from .policy import Outcome, Policy, decide, peer_text, pins_the_client
 from .reader import HeaderScanner
 from .refusal_log import kind_of
 
@@ -491,7 +491,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
             if inner is None:
                 self.drop()
                 return None
-        if self.trusted:
+        if pins_the_client(self.policy, self.trusted):
             for name, value in factory.trusted_overrides:
                 setattr(inner, name, value)
         if factory.ssl is not None:

@@ -139,8 +139,9 @@ class ProxyProtocolFactory:
             and type(self).policy_for is ProxyProtocolFactory.policy_for  # a subclass may decide otherwise
         )
         self._header_first: dict[type, type] = {}
-        #: ``(name, value)`` pairs set on the inner protocol of a connection from a trusted peer,
-        #: before it is told of the connection: an adapter's way to serve such connections
+        #: ``(name, value)`` pairs set on the inner protocol of a connection whose client the PROXY
+        #: protocol pins (:func:`~proxyproto.policy.pins_the_client`: a trusted peer whose header is
+        #: read), before it is told of the connection: an adapter's way to serve such connections
         #: differently (``proxyproto.uvicorn`` gives them the application without uvicorn's
         #: X-Forwarded-For middleware).
         self.trusted_overrides: tuple[tuple[str, Any], ...] = ()
@@ -350,7 +351,7 @@ def _header_first_class(factory: ProxyProtocolFactory, inner_class: type[_P]) ->
                     # one under it would have swallowed the header): answered here, not by a
                     # miss that asks the real transport (uvicorn asks per connection).
                     extra["sslcontext"] = ABSENT
-                    for name, value in factory.trusted_overrides:  # REQUIRE and USE: a trusted peer
+                    for name, value in factory.trusted_overrides:  # REQUIRE or USE, trusted: pins_the_client
                         setattr(self, name, value)
                     # ProxyTransport(transport, extra), without the type call's __init__ (per connection)
                     served = _new(ProxyTransport)

@@ -80,6 +80,27 @@ def decide(policy: Policy, outcome: Outcome) -> Verdict:
 #: though it reads nothing.
 SERVES_A_HEADER = frozenset(policy for policy in Policy if decide(policy, Outcome.HEADER).serve)
 
+#: The policies under which a connection's header is read (SKIP reads nothing, REJECT refuses one).
+READS_A_HEADER = frozenset((Policy.REQUIRE, Policy.USE, Policy.IGNORE))
+
+
+def pins_the_client(policy: Policy, trusted: bool) -> bool:
+    """Whether a connection's client and scheme are the PROXY protocol's alone, never its requests' lines.
+
+    True for a trusted peer under a policy that reads its header (REQUIRE,
+    USE, IGNORE), whatever the header says (addresses, LOCAL, UNKNOWN, or
+    none under USE): that peer is a proxy speaking PROXY, so the
+    ``X-Forwarded-*``, ``X-Real-Ip`` or ``Forwarded`` lines of its requests
+    are what it relayed from its client.  Servers that believe such lines
+    from the proxy's own address (uvicorn's and gunicorn's default
+    ``forwarded_allow_ips``, Tornado's ``xheaders``, Daphne's
+    ``--proxy-headers``) are told to ignore them on these connections, unless
+    the operator chose otherwise.  Under SKIP or REJECT no header is taken,
+    and the server's own forwarded-header rules apply as they would without
+    this library.
+    """
+    return trusted and policy in READS_A_HEADER
+
 
 def uses_addresses(policy: Policy, header: ProxyHeader | None) -> bool:
     """Whether a served connection takes its address from ``header``.

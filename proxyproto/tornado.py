@@ -53,7 +53,7 @@ from .advice import SIGNATURE_PEEK, handed_on, refusal_line, untrusted_look
 from .aio_protocol import call_later
 from .header import ProxyHeader
 from .parking import Parking
-from .policy import SERVES_A_HEADER, Policy, Trust, decide, peer_text, served_address
+from .policy import SERVES_A_HEADER, Policy, Trust, decide, peer_text, pins_the_client, served_address
 from .refusal_log import KIND_READ_ERROR, KIND_TLS, KIND_UNTRUSTED_HEADER, RefusalLog, kind_of, listener_text
 from .settings import Settings, settings_for, split_knobs
 from .sock import RETRY_DELAY, HeaderAttempt, take_complete_header
@@ -63,8 +63,6 @@ __all__ = ["ProxyHTTPServer", "ProxyTCPServerMixin", "header"]
 logger = logging.getLogger("proxyproto")
 
 _PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
-#: The policies under which a trusted peer is a proxy that speaks PROXY (SKIP and REJECT: one that does not).
-_SPOKEN_TO = frozenset((Policy.REQUIRE, Policy.USE, Policy.IGNORE))
 
 
 # -- the Tornado this module relies on ---------------------------------------------------------------
@@ -470,7 +468,7 @@ class ProxyTCPServerMixin:
         settings = self.proxy_settings
         found = handed_on(self._proxy_log, settings, peer, policy, found, trusted, settings.policy_for is not None)
         address = peer if found is None else served_address(policy, found, peer, connection.family)
-        carried = _carrying(address, found, peer, address is not peer, trusted and policy in _SPOKEN_TO)
+        carried = _carrying(address, found, peer, address is not peer, pins_the_client(policy, trusted))
         self._proxy_look_later = look_later  # for _proxy_handed_over, which Tornado's code calls in between
         try:
             super()._handle_connection(connection, carried)  # type: ignore[misc]

@@ -93,6 +93,7 @@ from .aio_header import HeaderProtocol
 from .aio_protocol import ProxyProtocolFactory
 from .asgi import EXTENSION, with_header
 from .logs import show_through
+from .policy import pins_the_client
 from .settings import VARIABLES, Settings, settings_for, settings_from_environment
 
 __all__ = ["H11", "HttpTools", "ProxyHTTPProtocol", "wrap"]
@@ -260,10 +261,11 @@ def _websocket_with_header(cls: type[asyncio.BaseProtocol]) -> type[asyncio.Base
                 factory, app = trusted_app
                 raw = getattr(transport, "_transport", transport)  # the ProxyTransport's own transport
                 try:
-                    trusted = factory.trust(transport.get_extra_info("proxy_peername"), raw).trusted
+                    trust = factory.trust(transport.get_extra_info("proxy_peername"), raw)
+                    pinned = pins_the_client(trust.policy, trust.trusted)
                 except Exception:  # a user's hook that fails: served as an untrusted peer would be
-                    trusted = False
-                if trusted:
+                    pinned = False
+                if pinned:
                     self.app = app
             header = transport.get_extra_info("proxy_header")
             if header is not None:

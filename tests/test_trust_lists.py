@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from proxyproto import Settings, ThreadingProxyTCPServer
-from proxyproto.policy import TrustedNetworks
+from proxyproto.policy import Policy, TrustedNetworks, pins_the_client
 
 
 @pytest.mark.parametrize(
@@ -80,3 +80,11 @@ def test_a_single_network_object_is_one_network_G10(trusted: Any) -> None:
     assert "10.0.0.9" in networks
     assert "::ffff:10.0.0.9" in networks
     assert "10.1.0.9" not in networks
+
+
+@pytest.mark.parametrize("policy", list(Policy))
+@pytest.mark.parametrize("trusted", [True, False])
+def test_the_header_pins_the_client_only_for_a_trusted_peer_whose_header_is_read(policy: Policy, trusted: bool) -> None:
+    """Forwarded-header lines are turned off exactly where a trusted proxy's PROXY header is read."""
+    expected = trusted and policy in (Policy.REQUIRE, Policy.USE, Policy.IGNORE)
+    assert pins_the_client(policy, trusted) is expected

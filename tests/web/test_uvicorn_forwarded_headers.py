@@ -119,3 +119,25 @@ def test_connection_waiting_for_its_header_ignores_x_forwarded_for_too(http: Any
             assert json.loads(answer.partition(b"\r\n\r\n")[2])["client"][0] == "127.0.0.1"
 
     run_on("asyncio", scenario)
+
+
+def test_trusted_peer_under_ignore_still_ignores_x_forwarded_for(http: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """IGNORE reads the proxy's header and drops its addresses: the header stays the authority, not a line."""
+    monkeypatch.setenv("PROXYPROTO_POLICY", "IGNORE")
+
+    async def scenario() -> None:
+        async with uvicorn_serving(http) as address:
+            assert (await client_seen(address, HEADERS["PROXY"]))[0] == "127.0.0.1"
+
+    run_on("asyncio", scenario)
+
+
+def test_trusted_peer_under_skip_keeps_uvicorns_handling(http: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SKIP reads no header from anyone: uvicorn's forwarded-header rules apply as without the library."""
+    monkeypatch.setenv("PROXYPROTO_POLICY", "SKIP")
+
+    async def scenario() -> None:
+        async with uvicorn_serving(http) as address:
+            assert (await client_seen(address, b""))[0] == FORGED
+
+    run_on("asyncio", scenario)
