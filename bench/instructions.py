@@ -28,6 +28,7 @@ Run from the repository root (valgrind installed: ``apt-get install valgrind``):
     python bench/instructions.py              # both, about 6 minutes
     python bench/instructions.py parse --cases ac
     python bench/instructions.py conn
+    python bench/instructions.py matchers     # the header-first path's v1 and v2 matchers
     python bench/instructions.py uvicorn --servers httptools --header 1,2
     python bench/instructions.py gunicorn --header 2
 
@@ -334,9 +335,55 @@ def run_conn() -> None:
         print(f"  {name:<28} {per_conn:>10,.0f}{extra}", flush=True)
 
 
+MATCHER_PROGRAM = """
+import re, sys
+sys.path.insert(0, {root!r})
+from proxyproto import encode_v1, encode_v2
+from proxyproto.v1 import match_line
+from proxyproto.v2 import match
+source, destination = ("192.168.1.12", 58472), ("192.168.1.20", 27654)
+line = encode_v1(source, destination) + b"GET / HTTP/1.1\\r\\n"
+binary = encode_v2(source, destination) + b"GET"
+end = line.find(b"\\r\\n") + 2
+octet = rb"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+ip = octet + rb"(?:\\." + octet + rb"){{3}}"
+port = rb"(0|[1-9][0-9]{{0,4}})"
+regex = re.compile(rb"PROXY TCP4 (" + ip + rb") (" + ip + rb") " + port + rb" " + port + rb"\\r\\n")
+
+def line_by_regex():
+    found = regex.match(line)
+    src, dst, sport, dport = found.groups()
+    return (src.decode(), int(sport)), (dst.decode(), int(dport))
+
+call = {{
+    "v1.match_line (TCP4)": lambda: match_line(line, end, False),
+    "v2.match (TCP over IPv4)": lambda: match(binary, 4096, True),
+    "one regex over the v1 line": line_by_regex,
+}}[{name!r}]
+for _ in range({n}):
+    call()
+"""
+
+MATCHERS = ("v1.match_line (TCP4)", "v2.match (TCP over IPv4)", "one regex over the v1 line")
+
+
+def run_matchers() -> None:
+    """Print instructions per call of the header-first path's matchers, and of the regex alternative to the line's."""
+    print(f"\nMATCHERS: instructions per call (valgrind), difference of {CALLS * 10} calls")
+    for name in MATCHERS:
+        counts = []
+        for n in (1000, 1000 + CALLS * 10):
+            program = MATCHER_PROGRAM.format(root=ROOT, name=name, n=n)
+            env = dict(os.environ, PYTHONHASHSEED="0")
+            done = subprocess.run(_valgrind(program), capture_output=True, text=True, check=False, env=env)
+            counts.append(_instructions(done.stderr))
+        print(f"  {name:<28} {(counts[1] - counts[0]) / (CALLS * 10):>10,.0f}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", nargs="?", choices=("parse", "conn", "uvicorn", "gunicorn", "all"), default="all")
+    what = ("parse", "matchers", "conn", "uvicorn", "gunicorn", "all")
+    parser.add_argument("what", nargs="?", choices=what, default="all")
     parser.add_argument("--cases", default="abcdef", help="parse cases, e.g. ac")
     parser.add_argument("--servers", default="httptools,h11", help="uvicorn HTTP implementations, e.g. h11")
     parser.add_argument("--header", default="2", help="uvicorn: PROXY header versions, e.g. 1,2 (default 2)")
@@ -355,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: python bench/instructions.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     if args.what in ("parse", "all"):
         run_parse(args.cases)
+    if args.what in ("matchers", "all"):
+        run_matchers()
     if args.what in ("conn", "all"):
         run_conn()
     if args.what in ("uvicorn", "all"):
