@@ -27,7 +27,9 @@ after the header, in the same call: nothing lost, nothing invented.  For
 the inner protocol, ``transport.getPeer()`` and ``getHost()`` are the
 header's addresses (Twisted's ``IPv4Address``, ``IPv6Address`` or
 ``UNIXAddress``) when the policy uses them, and ``transport.proxy_header``
-is a trusted peer's header (else None), also through the TLS layer.
+is a trusted peer's header (else None), also through the TLS layer.  A
+Daphne server listening through the endpoint puts that header in the scope
+of every request and WebSocket (:mod:`proxyproto.asgi`).
 
 Deadlines are ``reactor.callLater`` timers; the connections still waiting
 for their header count toward ``max_pending`` (:class:`proxyproto.parking.Parking`:
@@ -42,6 +44,7 @@ takes ``reactor=``, else the global one when the first connection arrives).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import socket
 import sys
@@ -61,6 +64,7 @@ from twisted.protocols import tls as _tls
 from zope.interface import classImplements, directlyProvides, implementedBy, implementer, providedBy
 
 from .advice import handed_on, refusal_line, untrusted_look
+from .asgi import put_header
 from .header import Family, ProxyHeader
 from .parking import Parking
 from .policy import Outcome, Policy, decide, peer_text, served_address
@@ -164,6 +168,78 @@ def _forwarded_headers_off(factory: Any) -> None:
         "a trusted proxy's PROXY header says who the client is, and X-Forwarded-* lines are the client's own",
         header,
     )
+
+
+#: What Daphne's ``Server.create_application`` takes: Daphne makes every HTTP request's and WebSocket's
+#: application with ``server.create_application(protocol, scope)``, ``protocol.transport`` being the
+#: connection's.  Checked when a factory wraps a Daphne server's (:func:`_daphne_server`).
+_DAPHNE_CREATE_APPLICATION = ("self", "protocol", "scope")
+
+
+def _daphne_server(factory: Any) -> Any:
+    """Daphne's ``Server`` when ``factory`` is its (Daphne's ``HTTPFactory`` keeps it as ``server``), else None.
+
+    ``RuntimeError`` when that Daphne no longer makes its applications
+    through ``create_application(protocol, scope)``: served on, its scopes
+    would silently lack the header (:func:`_header_in_scope`).
+    """
+    daphne = sys.modules.get("daphne.server")  # imported by Daphne before it listens; never by this module
+    server = getattr(factory, "server", None)
+    if daphne is None or not isinstance(server, daphne.Server):
+        return None
+    try:
+        taken = tuple(inspect.signature(daphne.Server.create_application).parameters)
+    except (AttributeError, TypeError, ValueError):
+        taken = ()
+    if taken != _DAPHNE_CREATE_APPLICATION:
+        raise RuntimeError(
+            "proxyproto.twisted: this Daphne's Server has no create_application(protocol, scope), through which the "
+            "proxyproto: endpoint puts a trusted peer's header in the ASGI scope: upgrade proxyproto, or pin Daphne"
+        )
+    return server
+
+
+class _ApplicationsWithHeader:
+    """A Daphne server's ``create_application`` that first puts the connection's header in the scope.
+
+    The header is that of the :class:`ProxyProtocolWrapper` the protocol's
+    transport is (or is under, through Twisted's TLS layer): a trusted
+    peer's only (``proxy_header``).  Any other connection (an untrusted
+    peer's, one without a header, one of another endpoint of the same
+    server) keeps the scope Daphne made.
+    """
+
+    def __init__(self, create_application: Any) -> None:
+        self.create_application = create_application
+
+    def __call__(self, protocol: Any, scope: dict[str, Any]) -> Any:
+        transport = getattr(protocol, "transport", None)  # an HTTP/1.1 request's, a WebSocket's
+        if transport is None:  # an HTTP/2 request: its channel is a stream of Twisted's H2Connection
+            transport = getattr(getattr(getattr(protocol, "channel", None), "_conn", None), "transport", None)
+        header = connection_header(transport)
+        if header is not None:
+            put_header(scope, header)
+        return self.create_application(protocol, scope)
+
+
+def _header_in_scope(server: Any) -> None:
+    """Make ``server`` (Daphne's, checked by :func:`_daphne_server`) put trusted peers' headers in its scopes.
+
+    Only this server instance's ``create_application`` is replaced (an
+    attribute of the instance, wrapping the method), once: Daphne's classes
+    and other servers of the process are untouched.
+    """
+    if not isinstance(server.create_application, _ApplicationsWithHeader):
+        server.create_application = _ApplicationsWithHeader(server.create_application)
+
+
+def connection_header(transport: Any) -> ProxyHeader | None:
+    """The ``proxy_header`` of the :class:`ProxyProtocolWrapper` ``transport`` is or wraps (TLS); else None."""
+    while isinstance(transport, _ProtocolWrapper):
+        if isinstance(transport, ProxyProtocolWrapper):
+            return transport.proxy_header
+        transport = transport.transport
+    return None
 
 
 def twisted_address(family: Family, address: Any) -> Any:
@@ -492,6 +568,8 @@ class ProxyProtocolFactory(_WrappingFactory):  # type: ignore[misc]  # Twisted's
         self.ssl = ssl
         #: The application's factory (Daphne's forwarded headers are turned off on it when listening starts).
         self.application = wrappedFactory
+        #: Daphne's server when the application's factory is its: its scopes get the header when listening starts.
+        self.daphne = _daphne_server(wrappedFactory)
         #: What builds each served connection's protocol: ``wrappedFactory``, under the TLS layer with ``ssl``.
         self.inner = wrappedFactory if ssl is None else _TLSMemoryBIOFactory(ssl, False, wrappedFactory)
         super().__init__(self.inner)
@@ -519,9 +597,12 @@ class ProxyProtocolFactory(_WrappingFactory):  # type: ignore[misc]  # Twisted's
         return ProxyProtocolWrapper(self)
 
     def startFactory(self) -> None:
-        """Listening starts: serve new connections; Daphne's ``--proxy-headers`` is turned off (docs/twisted.rst)."""
+        """Listening starts: serve new connections; Daphne's ``--proxy-headers`` is turned off, and its scopes get
+        a trusted peer's header (docs/twisted.rst)."""
         self.closed = False
         _forwarded_headers_off(self.application)
+        if self.daphne is not None:
+            _header_in_scope(self.daphne)
 
     def stopFactory(self) -> None:
         """The last port using this factory stopped listening: close the connections waiting for their header."""
