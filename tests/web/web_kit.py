@@ -68,12 +68,10 @@ def reporting_app(report: Callable[[dict[str, Any]], dict[str, Any]]) -> Callabl
                 if message["type"] == "websocket.disconnect":
                     return
                 await send({"type": "websocket.send", "text": message.get("text"), "bytes": message.get("bytes")})
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        messages = [await receive()]
+        while messages[-1].get("more_body"):
+            messages.append(await receive())
+        body = b"".join(message.get("body", b"") for message in messages)
         answer = json.dumps({**report(scope), "body": hashlib.sha256(body).hexdigest()}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
