@@ -29,6 +29,14 @@ def socket_address(address: Any) -> Any:
     return None
 
 
+def socket_of(transport: Any) -> Any:
+    """The socket under a Twisted transport (``getHandle()``); None for a transport without one."""
+    try:
+        return transport.getHandle()
+    except Exception:  # a transport without a socket: trust is then the address's alone
+        return None
+
+
 def family_of(address: Any) -> int:
     """The socket family of a Twisted address (``AF_UNIX`` for anything not IP)."""
     if isinstance(address, IPv6Address):

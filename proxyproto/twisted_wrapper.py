@@ -33,7 +33,7 @@ from .header import ProxyHeader
 from .policy import Outcome, Policy, decide, peer_text, served_address
 from .reader import HeaderScanner
 from .refusal_log import KIND_READ_ERROR, kind_of, listener_text
-from .twisted_terms import error_text, family_of, socket_address, twisted_address
+from .twisted_terms import error_text, family_of, socket_address, socket_of, twisted_address
 from .twisted_tls import Handshake
 
 if TYPE_CHECKING:
@@ -79,13 +79,7 @@ class ProxyProtocolWrapper(_ProtocolWrapper):  # type: ignore[misc]  # Twisted's
     # -- IProtocol ----------------------------------------------------------------------
 
     def makeConnection(self, transport: Any) -> None:
-        # The transport's interfaces (ITCPTransport, ...) for the inner protocol, as ProtocolWrapper
-        # gives them; and half-close, always: an end of stream mid-header is an outcome of its own.
-        declared = _declaring(transport)
-        if declared is None:
-            directlyProvides(self, providedBy(transport))
-        else:
-            self.__class__ = declared
+        _declare(self, transport)
         self.transport = transport
         self.connected = 1
         factory = self.factory
@@ -100,10 +94,7 @@ class ProxyProtocolWrapper(_ProtocolWrapper):  # type: ignore[misc]  # Twisted's
             transport.abortConnection()
             return
         settings = factory.settings
-        try:
-            handle = transport.getHandle()
-        except Exception:  # a transport without a socket: trust is then the address's alone
-            handle = None
+        handle = socket_of(transport)
         try:
             self._policy, self._trusted = settings.trust(address, handle, family=family_of(host))
         except Exception as exc:  # a user's hook: its failure closes this connection, nothing else
@@ -197,6 +188,7 @@ class ProxyProtocolWrapper(_ProtocolWrapper):  # type: ignore[misc]  # Twisted's
         self.factory.parking.discard(self)
 
     def _expired(self) -> None:
+        """The deadline passed: the header's outcome is decided as such, or the handshake's connection closed."""
         self._timer = None
         scanner, tls = self._scanner, self._tls
         if scanner is not None:
@@ -284,20 +276,23 @@ class ProxyProtocolWrapper(_ProtocolWrapper):  # type: ignore[misc]  # Twisted's
 _DECLARING: dict[type, type[ProxyProtocolWrapper]] = {}
 
 
-def _declaring(transport: Any) -> type[ProxyProtocolWrapper] | None:
-    """The :class:`ProxyProtocolWrapper` subclass that provides what ``transport``'s class does; None when it has
-    interfaces of its own (declared on the instance), which ``directlyProvides`` then copies.
+def _declare(wrapper: ProxyProtocolWrapper, transport: Any) -> None:
+    """Make ``wrapper`` provide what ``transport`` does (``ITCPTransport``, ...) for the inner protocol, as
+    ``ProtocolWrapper`` does; half-close it provides always (an end of stream mid-header is an outcome of its own).
 
     zope.interface makes a new specification (and its resolution order) for every ``directlyProvides``:
-    hundreds of microseconds per connection, where a class's declaration is made once.
+    hundreds of microseconds per connection.  A transport class's declaration is made once instead, as a
+    subclass (:data:`_DECLARING`); only a transport with interfaces of its own (declared on the instance)
+    has them copied with ``directlyProvides``.
     """
     kind = type(transport)
     made = _DECLARING.get(kind)
     if made is None:
         spec = providedBy(transport)
         if spec is not implementedBy(kind):
-            return None
+            directlyProvides(wrapper, spec)
+            return
         made = type(f"ProxyProtocolWrapperFor{kind.__name__}", (ProxyProtocolWrapper,), {"__module__": __name__})
         classImplements(made, spec)
         _DECLARING[kind] = made
-    return made
+    wrapper.__class__ = made
