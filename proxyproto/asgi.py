@@ -4,9 +4,10 @@ An ASGI application is given its scope and nothing else: it cannot reach
 the transport's ``get_extra_info("proxy_header")``.  The ASGI spec's place
 for what a server knows beyond the request is the scope's ``extensions``
 dict (``"tls"``, ``"http.response.trailers"``, ...), one dict per extension
-name.  :mod:`proxyproto.uvicorn` and :mod:`proxyproto.hypercorn` put one
-there for every HTTP request and WebSocket of a connection whose peer is
-trusted and sent a header::
+name.  :mod:`proxyproto.uvicorn`, :mod:`proxyproto.hypercorn` and Daphne
+behind :mod:`proxyproto.twisted`'s endpoint put one there for every HTTP
+request and WebSocket of a connection whose peer is trusted and sent a
+header::
 
     scope["extensions"]["proxyproto"] == {"header": ProxyHeader(...)}
 
@@ -59,11 +60,20 @@ def with_header(app: Callable[..., Any], header: ProxyHeader) -> Callable[..., A
     """
 
     def app_with_header(scope: Any, *args: Any) -> Any:
-        extensions = scope.get("extensions")
-        if extensions is None:
-            scope["extensions"] = {EXTENSION: {"header": header}}
-        else:
-            extensions[EXTENSION] = {"header": header}
+        put_header(scope, header)
         return app(scope, *args)
 
     return app_with_header
+
+
+def put_header(scope: dict[str, Any], header: ProxyHeader) -> None:
+    """Put ``header`` at ``scope["extensions"]["proxyproto"]["header"]``, in dicts of this scope's own.
+
+    The server's ``extensions`` is kept (and made when it gave none); the
+    ``"proxyproto"`` dict is always a new one.
+    """
+    extensions = scope.get("extensions")
+    if extensions is None:
+        scope["extensions"] = {EXTENSION: {"header": header}}
+    else:
+        extensions[EXTENSION] = {"header": header}

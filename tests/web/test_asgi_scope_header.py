@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import pytest
 from support import free_port, listening, require_module, run_on, uvicorn_server
-from web_kit import DEST_V4, REAL_V4, Certificate, connect, self_signed, websocket
+from web_kit import DEST_V4, REAL_V4, Certificate, connect, http2_bodies, reporting_app, self_signed, websocket
 
 import proxyproto
 import proxyproto.asgi
@@ -77,29 +77,8 @@ def report(scope: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """HTTP: a JSON report of the scope; WebSocket: the report as the first message, then until closed."""
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-    if scope["type"] == "websocket":
-        await receive()  # websocket.connect
-        await send({"type": "websocket.accept"})
-        await send({"type": "websocket.send", "text": json.dumps(report(scope))})
-        while (await receive())["type"] != "websocket.disconnect":
-            pass
-        return
-    while (await receive()).get("more_body"):
-        pass
-    answer = json.dumps(report(scope)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode())]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": answer})
+#: HTTP: a JSON report of the scope; WebSocket: the report as the first message, then until closed.
+app = reporting_app(report)
 
 
 # -- the servers: each a context manager yielding the address ---------------------------------------
@@ -242,34 +221,14 @@ def test_trusted_peers_header_is_in_the_websocket_scope_of_each_uvicorn_websocke
 def test_trusted_peers_header_is_in_the_scope_of_every_http2_stream_under_hypercorn() -> None:
     """HTTP/2 (cleartext, prior knowledge): two streams on the connection, each scope with the header."""
     require_module("h2")
-    import h2.config
-    import h2.connection
-    import h2.events
 
     async def scenario(address: tuple[str, int]) -> None:
         conn = await connect(address, HEADER)
-        client = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
-        client.initiate_connection()
-        for stream in (1, 3):
-            request = [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "test")]
-            client.send_headers(stream, request, end_stream=True)
-        conn.writer.write(client.data_to_send())
-        bodies: dict[int, bytes] = {1: b"", 3: b""}
-        ended: set[int] = set()
         try:
-            while ended != {1, 3}:
-                data = await asyncio.wait_for(conn.reader.read(65536), 10)
-                assert data, "hypercorn closed the connection"
-                for event in client.receive_data(data):
-                    if isinstance(event, h2.events.DataReceived):
-                        bodies[event.stream_id] += event.data
-                        client.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                    elif isinstance(event, h2.events.StreamEnded):
-                        ended.add(event.stream_id)
-                conn.writer.write(client.data_to_send())
+            bodies = await http2_bodies(conn)
         finally:
             await conn.close()
-        for body in bodies.values():
+        for body in bodies:
             assert json.loads(body)["header"] == SEEN_HEADER, body
 
     serve_and("hypercorn", {"trusted": TRUSTED}, scenario)

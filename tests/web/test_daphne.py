@@ -2,25 +2,30 @@
 
 Daphne builds its listeners with Twisted's ``serverFromString``, so the
 ``proxyproto:`` endpoint plugin reaches it with no change to Daphne: the ASGI
-application's ``scope["client"]`` is the header's source.  The application is a
-Channels ``ProtocolTypeRouter`` in front of ``web_kit.app``, a minimal ASGI
-application that answers a JSON report of its scope.  Each server is the real command,
+application's ``scope["client"]`` is the header's source, and a trusted peer's
+header is at ``scope["extensions"]["proxyproto"]["header"]``.  The application is
+a Channels ``ProtocolTypeRouter`` in front of ``web_kit.app``, a minimal ASGI
+application that answers a JSON report of its scope, or of ``SCOPE_APP``'s, which
+reports what its scope holds of the header.  Each server is the real command,
 stopped by PID.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from support import free_port, require_haproxy, require_module, run_on
+from support import free_port, listening, require_haproxy, require_module, run_on
 from web_kit import (
     DEST_V4,
     DEST_V6,
@@ -31,6 +36,7 @@ from web_kit import (
     command,
     connect,
     get,
+    http2_bodies,
     self_signed,
     websocket,
     ws_receive,
@@ -38,6 +44,7 @@ from web_kit import (
 )
 
 import proxyproto
+from proxyproto import TLV, TLVType
 
 require_module("daphne")
 require_module("channels")
@@ -53,12 +60,62 @@ application = ProtocolTypeRouter({"http": app, "websocket": app})
 """
 
 
+#: A Channels application answering what its scope holds of the connection's header (HTTP: a JSON
+#: body; WebSocket: its first message).  It marks the dicts it was given: a mark found in a later
+#: scope would be a dict shared between scopes.
+SCOPE_APP = """
+from channels.routing import ProtocolTypeRouter
+from web_kit import reporting_app
+
+import proxyproto.asgi
+
+
+def report(scope):
+    extensions = scope.get("extensions") or {}
+    own = extensions.get(proxyproto.asgi.EXTENSION)
+    header = proxyproto.asgi.header(scope)
+    seen = {
+        "extensions": sorted(extensions),
+        "marked": "marked" in extensions or (own is not None and "marked" in own),
+        "header": None if header is None else {"source": list(header.source), "authority": header.authority},
+    }
+    extensions["marked"] = True
+    if own is not None:
+        own["marked"] = True
+    return seen
+
+
+app = reporting_app(report)
+application = ProtocolTypeRouter({"http": app, "websocket": app})
+"""
+
+AUTHORITY = "app.example"
+#: A v2 header with a TLV, and what SCOPE_APP reports of it.
+HEADER = proxyproto.encode_v2(REAL_V4, DEST_V4, tlvs=[TLV(TLVType.AUTHORITY, AUTHORITY.encode())])
+SEEN_HEADER = {"source": list(REAL_V4), "authority": AUTHORITY}
+#: What SCOPE_APP reports of a scope holding HEADER, in dicts of its own.
+HELD = {"extensions": ["proxyproto"], "marked": False, "header": SEEN_HEADER}
+
+
+def held(seen: dict[str, Any]) -> dict[str, Any]:
+    """What SCOPE_APP's report says of the header (without web_kit's digest of the request's body)."""
+    return {key: seen[key] for key in ("extensions", "marked", "header")}
+
+
 @contextlib.contextmanager
 def daphne(
-    tmp_path: Path, endpoint: str, port: int, env: dict[str, str] | None = None, flags: tuple[str, ...] = ()
+    tmp_path: Path,
+    endpoint: str,
+    port: int,
+    env: dict[str, str] | None = None,
+    flags: tuple[str, ...] = (),
+    app: str = CHANNELS_APP,
 ) -> Iterator[Path]:
-    """``daphne [flags] -e <endpoint> channels_app:application`` until the block ends; its output file."""
-    (tmp_path / "channels_app.py").write_text(CHANNELS_APP)
+    """``daphne [flags] -e <endpoint> channels_app:application`` until the block ends; its output file.
+
+    ``app``: the source of ``channels_app.py``.
+    """
+    (tmp_path / "channels_app.py").write_text(app)
     args = [sys.executable, "-m", "daphne", *flags, "-e", endpoint, "channels_app:application"]
     paths = os.pathsep.join([str(tmp_path), str(ROOT), str(ROOT / "tests" / "web")])
     with command(args, port, env={"PYTHONPATH": paths, **(env or {})}, workdir=tmp_path):
@@ -211,3 +268,134 @@ def test_sigterm_with_connections_waiting_for_their_header_returns_promptly(tmp_
             for sock in parked:
                 sock.close()
     assert took < 5, f"daphne took {took:.1f} s to stop with 5 connections waiting for their header"
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
+    made = self_signed(tmp_path_factory.mktemp("daphne-tls"))
+    if made is None:
+        pytest.skip("openssl is not installed")
+    return made
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls-after-the-header"])
+def test_trusted_peers_header_and_its_tlvs_are_in_the_scope_of_every_request_of_the_connection(
+    tmp_path: Path, request: pytest.FixtureRequest, tls: bool
+) -> None:
+    port = free_port()
+    endpoint = f"proxyproto:tcp:{port}:interface=127.0.0.1:trusted=127.0.0.1"
+    context = None
+    if tls:
+        cert: Certificate = request.getfixturevalue("cert")
+        endpoint = f"proxyproto:ssl:{port}:interface=127.0.0.1:trusted=127.0.0.1:privateKey={cert.key}"
+        endpoint += f":certKey={cert.cert}"
+        context = cert.client_context()
+    with daphne(tmp_path, endpoint, port, app=SCOPE_APP):
+
+        async def scenario() -> None:
+            conn = await connect(("127.0.0.1", port), HEADER, tls=context)
+            try:
+                for _ in range(2):  # keep-alive: each request's scope has the header, in dicts of its own
+                    status, seen = await conn.request()
+                    assert status == 200, seen
+                    assert held(seen) == HELD, seen
+            finally:
+                await conn.close()
+
+        run_on("asyncio", scenario)
+
+
+def test_trusted_peers_header_is_in_the_scope_of_every_http2_stream(tmp_path: Path, cert: Certificate) -> None:
+    """HTTP/2 (TLS after the header, ALPN h2): two streams on the connection, each scope with the header."""
+    require_module("h2")
+    port = free_port()
+    endpoint = f"proxyproto:ssl:{port}:interface=127.0.0.1:trusted=127.0.0.1:privateKey={cert.key}"
+    context = cert.client_context()
+    context.set_alpn_protocols(["h2"])
+    with daphne(tmp_path, f"{endpoint}:certKey={cert.cert}", port, app=SCOPE_APP):
+
+        async def scenario() -> None:
+            conn = await connect(("127.0.0.1", port), HEADER, tls=context)
+            try:
+                assert conn.writer.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
+                bodies = await http2_bodies(conn, scheme="https")
+            finally:
+                await conn.close()
+            for body in bodies:
+                seen = json.loads(body)
+                assert held(seen) == HELD, seen
+
+        run_on("asyncio", scenario)
+
+
+def test_trusted_peers_header_and_its_tlvs_are_in_the_websocket_scope(tmp_path: Path) -> None:
+    port = free_port()
+    with daphne(tmp_path, f"proxyproto:tcp:{port}:interface=127.0.0.1:trusted=127.0.0.1", port, app=SCOPE_APP):
+
+        async def scenario() -> None:
+            conn = await connect(("127.0.0.1", port), HEADER)
+            try:
+                seen = await websocket(conn)
+                assert held(seen) == HELD, seen
+            finally:
+                await conn.close()
+
+        run_on("asyncio", scenario)
+
+
+def test_an_untrusted_peers_header_is_never_in_the_scope(tmp_path: Path) -> None:
+    """127.0.0.2 against a 127.0.0.1 trust list, its header read and removed (IGNORE): no "proxyproto" key.
+
+    A plain ``tcp:`` endpoint of the same Daphne keeps Daphne's scope too.
+    """
+    port, plain = free_port(), free_port()
+    endpoint = f"proxyproto:tcp:{port}:interface=127.0.0.1:trusted=127.0.0.1:untrusted_policy=IGNORE"
+    flags = ("-e", f"tcp:{plain}:interface=127.0.0.1")
+    with daphne(tmp_path, endpoint, port, flags=flags, app=SCOPE_APP):
+        deadline = time.monotonic() + 10
+        while not listening(plain):
+            assert time.monotonic() < deadline, "the plain endpoint did not start listening"
+            time.sleep(0.05)
+        nothing = {"extensions": [], "marked": False, "header": None}  # no "proxyproto" key at all
+
+        async def scenario() -> None:
+            for address, head in ((("127.0.0.1", port), HEADER), (("127.0.0.1", plain), b"")):
+                conn = await connect(address, head, local="127.0.0.2")
+                try:
+                    status, seen = await conn.request()
+                    assert status == 200 and held(seen) == nothing, (address, seen)
+                finally:
+                    await conn.close()
+            conn = await connect(("127.0.0.1", port), HEADER, local="127.0.0.2")
+            try:
+                assert held(await websocket(conn)) == nothing
+            finally:
+                await conn.close()
+
+        run_on("asyncio", scenario)
+
+
+#: ``daphne`` whose Server makes its applications otherwise than ``create_application(protocol, scope)``.
+CHANGED_DAPHNE = """
+import daphne.server
+from daphne.cli import CommandLineInterface
+
+
+def create_application(self, scope, protocol):
+    raise AssertionError("never called: the endpoint refuses this Daphne before listening")
+
+
+daphne.server.Server.create_application = create_application
+CommandLineInterface.entrypoint()
+"""
+
+
+def test_a_daphne_that_makes_its_applications_otherwise_is_refused_before_listening(tmp_path: Path) -> None:
+    """Its scopes would silently lack the header: the endpoint says so and Daphne does not start."""
+    port = free_port()
+    args = [sys.executable, "-c", CHANGED_DAPHNE, "-e", f"proxyproto:tcp:{port}:interface=127.0.0.1", "web_kit:app"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "web")])}
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert done.returncode != 0, done.stderr
+    assert "this Daphne's Server has no create_application(protocol, scope)" in done.stderr, done.stderr
+    assert not listening(port)

@@ -604,8 +604,8 @@ def test_docs_daphne_examples_serve_the_real_client(
     shutil.copy(cert.cert, tmp_path / "cert.pem")
     ports = {"8000": free_port(), "8443": free_port()}
     pythonpath = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
-    header = proxyproto.encode_v2(REAL_V4, DEST_V4)
-    hello = {"raw": f"Hello, {REAL_V4[0]}\n"}
+    header = proxyproto.encode_v2(REAL_V4, DEST_V4, tlvs=[proxyproto.TLV(proxyproto.TLVType.AUTHORITY, b"app.example")])
+    hello = {"raw": f"Hello, {REAL_V4[0]} (app.example)\n"}
 
     def answers(port: int, expected: dict[str, str], **kwargs: Any) -> None:
         async def scenario() -> None:
@@ -621,8 +621,9 @@ def test_docs_daphne_examples_serve_the_real_client(
     assert env == {"PROXYPROTO_HEADER_TIMEOUT": "5"}
     with command(args, port, env={**env, **pythonpath}, workdir=tmp_path):
         answers(port, hello)
-        # 127.0.0.2 is not in trusted=: its header is read and removed (IGNORE), its own address served.
-        answers(port, {"raw": "Hello, 127.0.0.2\n"}, local="127.0.0.2")
+        # 127.0.0.2 is not in trusted=: its header is read and removed (IGNORE), its own address served, and
+        # the application never sees that header.
+        answers(port, {"raw": "Hello, 127.0.0.2 (no authority)\n"}, local="127.0.0.2")
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,40 +38,46 @@ DEST_V6 = ("2001:db8::1", 8443)
 # -- the application ----------------------------------------------------------------------
 
 
-async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """ASGI 3: HTTP answers a JSON report of the scope; a WebSocket echoes every message."""
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-    if scope["type"] == "websocket":
-        await receive()  # websocket.connect
-        await send({"type": "websocket.accept"})
-        await send({"type": "websocket.send", "text": json.dumps(report(scope))})
-        while True:
-            message = await receive()
-            if message["type"] == "websocket.disconnect":
-                return
-            await send({"type": "websocket.send", "text": message.get("text"), "bytes": message.get("bytes")})
-    body = b""
+async def serve_lifespan(receive: Any, send: Any) -> None:
+    """An ASGI lifespan scope: start-up and shutdown complete at once."""
     while True:
         message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
-    answer = json.dumps({**report(scope), "body": hashlib.sha256(body).hexdigest()}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": answer})
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def reporting_app(report: Callable[[dict[str, Any]], dict[str, Any]]) -> Callable[..., Awaitable[None]]:
+    """An ASGI 3 application answering ``report(scope)`` in JSON.
+
+    HTTP: the response body, with the SHA-256 of the request's body as ``"body"``.  A WebSocket:
+    its first message, then every message echoed.
+    """
+
+    async def reporting(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            return await serve_lifespan(receive, send)
+        if scope["type"] == "websocket":
+            await receive()  # websocket.connect
+            await send({"type": "websocket.accept"})
+            await send({"type": "websocket.send", "text": json.dumps(report(scope))})
+            while True:
+                message = await receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                await send({"type": "websocket.send", "text": message.get("text"), "bytes": message.get("bytes")})
+        messages = [await receive()]
+        while messages[-1].get("more_body"):
+            messages.append(await receive())
+        body = b"".join(message.get("body", b"") for message in messages)
+        answer = json.dumps({**report(scope), "body": hashlib.sha256(body).hexdigest()}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": answer})
+
+    return reporting
 
 
 def report(scope: dict[str, Any]) -> dict[str, Any]:
@@ -80,6 +86,10 @@ def report(scope: dict[str, Any]) -> dict[str, Any]:
         "server": list(scope["server"]) if scope.get("server") else None,
         "scheme": scope.get("scheme"),
     }
+
+
+#: ASGI 3: HTTP answers a JSON report of the scope; a WebSocket echoes every message.
+app = reporting_app(report)
 
 
 # -- clients ------------------------------------------------------------------------------
@@ -178,6 +188,33 @@ async def ws_receive(conn: Connection) -> str:
     elif length == 127:
         length = int.from_bytes(await conn.reader.readexactly(8), "big")
     return (await asyncio.wait_for(conn.reader.readexactly(length), 10)).decode()
+
+
+async def http2_bodies(conn: Connection, streams: tuple[int, ...] = (1, 3), scheme: str = "http") -> list[bytes]:
+    """HTTP/2 on ``conn`` (the h2 package as the client): one GET per stream id, all sent at once; their bodies."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    client = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    for stream in streams:
+        request = [(":method", "GET"), (":path", "/"), (":scheme", scheme), (":authority", "test")]
+        client.send_headers(stream, request, end_stream=True)
+    conn.writer.write(client.data_to_send())
+    bodies = {stream: b"" for stream in streams}
+    ended: set[int] = set()
+    while ended != set(streams):
+        data = await asyncio.wait_for(conn.reader.read(65536), 10)
+        assert data, "the server closed the connection"
+        for event in client.receive_data(data):
+            if isinstance(event, h2.events.DataReceived):
+                bodies[event.stream_id] += event.data
+                client.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                ended.add(event.stream_id)
+        conn.writer.write(client.data_to_send())
+    return list(bodies.values())
 
 
 # -- TLS ----------------------------------------------------------------------------------
