@@ -93,11 +93,12 @@ def pins_the_client(policy: Policy, trusted: bool) -> bool:
     ``X-Forwarded-*``, ``X-Real-Ip`` or ``Forwarded`` lines of its requests
     are what it relayed from its client.  Servers that believe such lines
     from the proxy's own address (uvicorn's and gunicorn's default
-    ``forwarded_allow_ips``, Tornado's ``xheaders``, Daphne's
-    ``--proxy-headers``) are told to ignore them on these connections, unless
-    the operator chose otherwise.  Under SKIP or REJECT no header is taken,
-    and the server's own forwarded-header rules apply as they would without
-    this library.
+    ``forwarded_allow_ips``, Tornado's ``xheaders``) are told to ignore them
+    on these connections, unless the operator chose otherwise.  Under SKIP or
+    REJECT no header is taken, and the server's own forwarded-header rules
+    apply as they would without this library.  (Daphne's ``--proxy-headers``
+    is one setting for its whole server: the Twisted endpoint turns it off
+    for every connection.)
     """
     return trusted and policy in READS_A_HEADER
 

@@ -221,7 +221,7 @@ def _app_with_header(app: Any) -> Any:
             header = receive.__self__.transport._proxy_extra["proxy_header"]
         except (AttributeError, KeyError):  # not uvicorn's cycle, or not our ProxyTransport
             header = None
-        if header is not None:
+        if header is not None:  # asgi.put_header(scope, header), without its call: this runs per request
             if "extensions" in scope:
                 scope["extensions"][EXTENSION] = {"header": header}
             else:  # uvicorn's HTTP scopes have none
