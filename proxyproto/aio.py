@@ -66,7 +66,7 @@ from .policy import (
     decide,
     peer_text,
 )
-from .refusal_log import KIND_READ_ERROR, RefusalLog, kind_of, listener_text
+from .refusal_log import RefusalLog, kind_of, listener_text
 from .settings import Settings, settings_for, split_knobs
 
 __all__ = ["ProxyStreamWriter", "read_header", "start_server", "start_unix_server"]
@@ -258,13 +258,7 @@ class _Acceptor:
                 attempt = await _attempt(reader, policy, self.settings.header_timeout, self.settings.scanner())
             except OSError as exc:
                 if self.unpark(writer):  # (one closed by max_pending has had its line)
-                    self.refusals.log(
-                        logging.INFO,
-                        "%s: closed: %s while reading the PROXY header",
-                        peer_text(peer),
-                        exc,
-                        kind=KIND_READ_ERROR,
-                    )
+                    self.refusals.read_failed(peer, exc)
                 writer.close()
                 return
             if not self.unpark(writer):

@@ -173,6 +173,16 @@ class RefusalLog:
             return True
         return self.sent.get(kind, 0) < rate
 
+    def read_failed(self, peer: object, error: object) -> None:
+        """The INFO line for a connection closed because reading its header failed (``error``: why)."""
+        message = "%s: closed: %s while reading the PROXY header"
+        self.log(logging.INFO, message, peer_text(peer), error, kind=KIND_READ_ERROR)
+
+    def handshake_expired(self, peer: object, timeout: float) -> None:
+        """The INFO line for a connection closed because its TLS handshake took over ``timeout`` seconds."""
+        message = "%s: closed: TLS handshake not done within %g s"
+        self.log(logging.INFO, message, peer_text(peer), timeout, kind=KIND_TLS)
+
     def hook_failed(self, peer: object, exc: Exception, hook: str = "policy_for", refused: str = "closed") -> None:
         """The ERROR line for a user's trust hook that raised: ``<peer>: closed: <hook> failed: <type>: <exc>``.
 

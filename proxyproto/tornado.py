@@ -54,7 +54,7 @@ from .aio_protocol import call_later
 from .header import ProxyHeader
 from .parking import Parking
 from .policy import SERVES_A_HEADER, Policy, Trust, decide, peer_text, pins_the_client, served_address
-from .refusal_log import KIND_READ_ERROR, KIND_TLS, KIND_UNTRUSTED_HEADER, RefusalLog, kind_of, listener_text
+from .refusal_log import KIND_READ_ERROR, KIND_UNTRUSTED_HEADER, RefusalLog, kind_of, listener_text
 from .settings import Settings, settings_for, split_knobs
 from .sock import RETRY_DELAY, HeaderAttempt, take_complete_header
 
@@ -201,13 +201,7 @@ class _Waiting:
             done = self.attempt.step()
         except OSError as exc:
             self.stop()
-            self.server._proxy_log.log(
-                logging.INFO,
-                "%s: closed: %s while reading the PROXY header",
-                peer_text(self.peer),
-                exc,
-                kind=KIND_READ_ERROR,
-            )
+            self.server._proxy_log.read_failed(self.peer, exc)
             self.attempt.sock.close()
             return
         if done:
@@ -284,13 +278,7 @@ class _Handshake:
 
     def expire(self) -> None:
         self.timer = None
-        self.server._proxy_log.log(
-            logging.INFO,
-            "%s: closed: TLS handshake not done within %g s",
-            peer_text(self.peer),
-            self.server.proxy_settings.header_timeout,
-            kind=KIND_TLS,
-        )
+        self.server._proxy_log.handshake_expired(self.peer, self.server.proxy_settings.header_timeout)
         self.close()
 
     def stop(self) -> None:
@@ -412,13 +400,7 @@ class ProxyTCPServerMixin:
             )
             done = attempt.step()
         except OSError as exc:
-            self._proxy_log.log(
-                logging.INFO,
-                "%s: closed: %s while reading the PROXY header",
-                peer_text(address),
-                exc,
-                kind=KIND_READ_ERROR,
-            )
+            self._proxy_log.read_failed(address, exc)
             connection.close()
             return
         if done:

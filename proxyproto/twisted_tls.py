@@ -71,8 +71,3 @@ class Handshake:
         else:
             why = "" if failure is None else f": {error_text(failure)}"
             log.log(logging.INFO, "%s: closed during the TLS handshake%s", peer, why, kind=KIND_TLS)
-
-    @staticmethod
-    def expired(log: RefusalLog, peer: str, timeout: float) -> None:
-        """Log that the handshake of the connection from ``peer`` was not done within ``timeout``."""
-        log.log(logging.INFO, "%s: closed: TLS handshake not done within %g s", peer, timeout, kind=KIND_TLS)

@@ -20,7 +20,6 @@ header handed on is a trusted peer's only (:func:`proxyproto.advice.handed_on`).
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import error as _error
@@ -32,7 +31,7 @@ from .advice import handed_on, refusal_line, untrusted_look
 from .header import ProxyHeader
 from .policy import Outcome, Policy, decide, peer_text, served_address
 from .reader import HeaderScanner
-from .refusal_log import KIND_READ_ERROR, kind_of, listener_text
+from .refusal_log import kind_of, listener_text
 from .twisted_terms import error_text, family_of, socket_address, socket_of, twisted_address
 from .twisted_tls import Handshake
 
@@ -195,7 +194,7 @@ class ProxyProtocolWrapper(_ProtocolWrapper):  # type: ignore[misc]  # Twisted's
             self._decided(scanner.expire(), b"")
         elif tls is not None:
             self._release()
-            tls.expired(self.factory.refusals, peer_text(self._address), self.factory.settings.header_timeout)
+            self.factory.refusals.handshake_expired(self._address, self.factory.settings.header_timeout)
             self.transport.abortConnection()
 
     def _lost_waiting(self, scanner: HeaderScanner | None, tls: Handshake | None, reason: Any) -> None:
@@ -205,13 +204,7 @@ class ProxyProtocolWrapper(_ProtocolWrapper):  # type: ignore[misc]  # Twisted's
             tls.lost(log, peer, reason)
         elif reason is not None and not reason.check(_ConnectionDone):
             # A reset (or another error) before the header was decided: a read error, as the other adapters say it.
-            log.log(
-                logging.INFO,
-                "%s: closed: %s while reading the PROXY header",
-                peer,
-                error_text(reason),
-                kind=KIND_READ_ERROR,
-            )
+            log.read_failed(self._address, error_text(reason))
         else:  # a full close before the header was decided
             assert scanner is not None
             outcome = scanner.eof()
