@@ -42,10 +42,8 @@ import socket
 from typing import Any, Callable
 
 # Tornado ships type hints; on a [test]-only install mypy finds no module (hence the ignores).
-from tornado.concurrent import Future, chain_future  # type: ignore[import-not-found,unused-ignore]
 from tornado.http1connection import HTTP1ServerConnection  # type: ignore[import-not-found,unused-ignore]
 from tornado.httpserver import HTTPServer, _HTTPRequestContext  # type: ignore[import-not-found,unused-ignore]
-from tornado.ioloop import IOLoop  # type: ignore[import-not-found,unused-ignore]
 from tornado.iostream import IOStream, SSLIOStream  # type: ignore[import-not-found,unused-ignore]
 from tornado.tcpserver import TCPServer  # type: ignore[import-not-found,unused-ignore]
 
@@ -56,7 +54,8 @@ from .parking import Parking
 from .policy import SERVES_A_HEADER, Policy, Trust, decide, peer_text, pins_the_client, served_address
 from .refusal_log import KIND_READ_ERROR, KIND_UNTRUSTED_HEADER, RefusalLog, kind_of, listener_text
 from .settings import Settings, settings_for, split_knobs
-from .sock import RETRY_DELAY, HeaderAttempt, take_complete_header
+from .sock import HeaderAttempt, take_complete_header
+from .tornado_parked import Handshake, Waiting, close_held
 
 __all__ = ["ProxyHTTPServer", "ProxyTCPServerMixin", "header"]
 
@@ -160,144 +159,6 @@ def header(source: Any) -> ProxyHeader | None:
     return found if isinstance(found, ProxyHeader) else None
 
 
-# -- one connection until its header is in ---------------------------------------------------------
-
-
-class _Waiting:
-    """A connection whose header is not complete yet: watched on the IOLoop, with its deadline.
-
-    Made only when the first look did not decide; the server's
-    :class:`~proxyproto.parking.Parking` holds it (the key) until it is
-    decided, evicted or shut down.
-    """
-
-    __slots__ = ("attempt", "io_loop", "peer", "retry", "server", "timer", "trusted", "watched")
-
-    def __init__(self, server: ProxyTCPServerMixin, attempt: HeaderAttempt, peer: Any, trusted: bool) -> None:
-        self.server = server
-        self.attempt = attempt
-        self.peer = peer
-        self.trusted = trusted
-        self.io_loop = IOLoop.current()
-        self.watched = False
-        self.retry: Any = None
-        self.timer = self.io_loop.call_later(server.proxy_settings.header_timeout, self.expire)
-
-    def wait(self) -> None:
-        """Wait for the socket to show more: watched (``SO_RCVLOWAT`` or bytes to take), or polled again soon."""
-        if self.attempt.needs_retry:  # an ambiguous prefix where SO_RCVLOWAT does not work: look again soon
-            self.unwatch()
-            self.retry = self.io_loop.call_later(RETRY_DELAY, self.readable)
-        elif not self.watched:
-            self.io_loop.add_handler(self.attempt.sock.fileno(), self.on_events, IOLoop.READ)
-            self.watched = True
-
-    def on_events(self, fd: int, events: int) -> None:
-        self.readable()
-
-    def readable(self) -> None:
-        self.retry = None
-        try:
-            done = self.attempt.step()
-        except OSError as exc:
-            self.stop()
-            self.server._proxy_log.read_failed(self.peer, exc)
-            self.attempt.sock.close()
-            return
-        if done:
-            self.stop()
-            self.server._proxy_conclude(self.attempt, self.peer, self.trusted)
-        else:
-            self.wait()
-
-    def expire(self) -> None:
-        self.timer = None
-        self.stop()
-        self.attempt.timed_out()
-        self.server._proxy_conclude(self.attempt, self.peer, self.trusted)
-
-    def unwatch(self) -> None:
-        if self.watched:
-            self.watched = False
-            self.io_loop.remove_handler(self.attempt.sock.fileno())
-
-    def stop(self) -> None:
-        """Forget the waiting state (watch, timers, parking slot); the socket stays open."""
-        self.unwatch()
-        for handle in (self.timer, self.retry):
-            if handle is not None:
-                self.io_loop.remove_timeout(handle)
-        self.timer = self.retry = None
-        self.server._proxy_parking.discard(self)
-
-    def close(self) -> None:
-        """Close without serving (evicted past ``max_pending``, or the server stopped); the caller logs."""
-        self.stop()
-        self.attempt.sock.close()
-
-
-class _Handshake:
-    """A TLS connection whose header is in and whose handshake is not done: parked, with its deadline.
-
-    ``ssl_options`` negotiate TLS after the header, in Tornado's
-    ``SSLIOStream``; this bounds that handshake by ``header_timeout`` (a
-    client that sends the header and stalls is closed with one line) and
-    counts it in the server's :class:`~proxyproto.parking.Parking` until it
-    ends, so ``max_pending`` also bounds header-then-stalled handshakes.
-    The end is the stream's ``wait_for_handshake()`` future; as Tornado
-    allows that call once per stream, the stream's own ``wait_for_handshake``
-    is replaced, for its one call, by one that returns a future chained to
-    this one: ``handle_stream`` may still await it.
-    """
-
-    __slots__ = ("io_loop", "peer", "server", "stream", "timer")
-
-    def __init__(self, server: ProxyTCPServerMixin, stream: SSLIOStream, peer: Any) -> None:
-        self.server = server
-        self.stream = stream
-        self.peer = peer
-        self.io_loop = IOLoop.current()
-        handshake = stream.wait_for_handshake()
-
-        def wait_for_handshake() -> Future[SSLIOStream]:
-            del stream.wait_for_handshake  # once, as Tornado's
-            mine: Future[SSLIOStream] = Future()
-            chain_future(handshake, mine)
-            return mine
-
-        stream.wait_for_handshake = wait_for_handshake  # type: ignore[method-assign,unused-ignore]
-        settings = server.proxy_settings
-        self.timer = self.io_loop.call_later(settings.header_timeout, self.expire)
-        server._proxy_parking.add(self, peer, stream.socket.fileno(), settings.max_pending)
-        handshake.add_done_callback(self.done)
-
-    def done(self, future: Any) -> None:
-        self.stop()
-        if not future.cancelled():
-            future.exception()  # Tornado logs a failed handshake itself
-
-    def expire(self) -> None:
-        self.timer = None
-        self.server._proxy_log.handshake_expired(self.peer, self.server.proxy_settings.header_timeout)
-        self.close()
-
-    def stop(self) -> None:
-        """Forget the deadline and the parking slot; the stream stays open."""
-        if self.timer is not None:
-            self.io_loop.remove_timeout(self.timer)
-            self.timer = None
-        self.server._proxy_parking.discard(self)
-
-    def close(self) -> None:
-        """Close the stream (deadline passed, evicted past ``max_pending``, or the server stopped)."""
-        self.stop()
-        self.stream.close()
-
-
-def _close(held: _Waiting | _Handshake) -> None:
-    held.close()
-
-
 # -- the mixin --------------------------------------------------------------------------------------
 
 
@@ -318,7 +179,7 @@ class ProxyTCPServerMixin:
     ``address.proxy_peer`` (the socket's own peer).  ``ssl_options``
     negotiate TLS after the header; the handshake must end within
     ``header_timeout`` and counts toward ``max_pending`` until it does
-    (:class:`_Handshake`).  Connections refused by the policy are
+    (:class:`Handshake`).  Connections refused by the policy are
     closed with one log line (logger ``proxyproto``) and never reach
     ``handle_stream``.  :meth:`stop` also closes the connections still
     waiting for their header or handshake.
@@ -326,7 +187,7 @@ class ProxyTCPServerMixin:
 
     proxy_settings: Settings
     _proxy_log: RefusalLog
-    _proxy_parking: Parking[_Waiting | _Handshake]
+    _proxy_parking: Parking[Waiting | Handshake]
 
     def __init__(self, *args: Any, settings: Settings | None = None, **kwargs: Any) -> None:
         knobs, rest = split_knobs({"settings": settings, **kwargs})
@@ -344,7 +205,7 @@ class ProxyTCPServerMixin:
         knobs = dict(knobs)
         settings = self.proxy_settings = settings_for(knobs.pop("settings", None), knobs)
         self._proxy_log = RefusalLog(logger, settings.log_rate, later=call_later, name_of=settings.name_of)
-        self._proxy_parking = Parking(self._proxy_log, _close)
+        self._proxy_parking = Parking(self._proxy_log, close_held)
         handle_stream: Callable[[IOStream, Any], Any] = self.handle_stream  # type: ignore[has-type,attr-defined,unused-ignore]
 
         def handed_over(stream: IOStream, address: Any) -> Any:
@@ -406,7 +267,7 @@ class ProxyTCPServerMixin:
         if done:
             self._proxy_conclude(attempt, address, trusted)
             return
-        waiting = _Waiting(self, attempt, address, trusted)
+        waiting = Waiting(self, attempt, address, trusted)
         self._proxy_parking.add(waiting, address, connection.fileno(), settings.max_pending)
         waiting.wait()
 
@@ -462,7 +323,7 @@ class ProxyTCPServerMixin:
     def _proxy_handed_over(self, stream: IOStream, address: Any) -> None:
         """Tornado made ``stream`` (in ``_handle_connection``, just before ``handle_stream``): bound its handshake.
 
-        With ``ssl_options``, a :class:`_Handshake` bounds the TLS handshake
+        With ``ssl_options``, a :class:`Handshake` bounds the TLS handshake
         by ``header_timeout`` and parks it.  For an untrusted peer under SKIP
         whose first bytes were not in at accept, the stream's first read looks
         at them (a WARNING if they are a PROXY header), on a plain stream;
@@ -471,7 +332,7 @@ class ProxyTCPServerMixin:
         look_later = self._proxy_look_later
         peer = getattr(address, "proxy_peer", address)
         if isinstance(stream, SSLIOStream):
-            _Handshake(self, stream, peer)
+            Handshake(self, stream, peer)
         elif look_later:
             _look_at_first_read(stream, untrusted_look(self._proxy_log, self.proxy_settings, peer))
 
