@@ -253,7 +253,7 @@ class Relay:
         stderr, and says so again when ``accept()`` works again.
         """
         accepted = 0
-        failing = False
+        failing = ""  # what ran out ("accept()", "starting a thread"), said once until it works again
         with selectors.DefaultSelector() as selector:
             selector.register(self.listener, selectors.EVENT_READ)
             while not self.stopping.is_set():
@@ -265,19 +265,21 @@ class Relay:
                     client, peer = self.listener.accept()
                 except OSError as exc:
                     if exc.errno in ACCEPT_RESOURCE_ERRORS:
-                        if not failing:
-                            failing = True
-                            self._say(f"accept() failed: {exc}; pausing the listener until it works again")
-                        time.sleep(ACCEPT_BACKOFF)  # not stopping.wait(): stop() runs as a signal handler
+                        failing = self._pause(failing, "accept()", exc)
                     continue  # ECONNABORTED and the like: that one connection is gone, the next may be fine
-                if failing:
-                    failing = False
-                    self._say("accept() works again")
-                accepted += 1
                 self.threads = [t for t in self.threads if t.is_alive()]
                 thread = threading.Thread(target=self.handle, args=(client, peer), daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError as exc:  # out of threads (a pids limit, TasksMax, memory): that one is closed
+                    client.close()
+                    failing = self._pause(failing, "starting a thread", exc)
+                    continue
+                if failing:
+                    self._say(f"{failing} works again")
+                    failing = ""
+                accepted += 1
                 self.threads.append(thread)
-                thread.start()
         self.listener.close()
         while not self.stopping.is_set() and any(t.is_alive() for t in self.threads):
             time.sleep(0.05)  # not stopping.wait(): an Event's lock taken in a signal handler can deadlock
@@ -289,6 +291,13 @@ class Relay:
                     pass
         for thread in self.threads:
             thread.join(2.0)
+
+    def _pause(self, failing: str, what: str, exc: Exception) -> str:
+        """``what`` failed for lack of resources: say so once per episode, rest :data:`ACCEPT_BACKOFF`; the episode."""
+        if failing != what:
+            self._say(f"{what} failed: {exc}; pausing the listener until it works again")
+        time.sleep(ACCEPT_BACKOFF)  # not stopping.wait(): stop() runs as a signal handler
+        return what
 
     @staticmethod
     def _say(message: str) -> None:
@@ -315,6 +324,8 @@ class Relay:
             back.join()
         except OSError:
             pass
+        except RuntimeError as exc:  # no thread for the way back (out of threads): this connection ends
+            self._say(f"{endpoint_text(peer)}: closed: cannot start a thread: {exc}")
         finally:
             with self.lock:
                 self.active.difference_update((client, upstream))

@@ -151,3 +151,37 @@ def test_relay_backs_off_on_emfile_and_recovers(tmp_path: Path) -> None:
                 waiting.close()
         assert wait_until(lambda: fd_count(pid) == baseline, timeout=5), (fd_count(pid), baseline)
         assert proc.popen.poll() is None
+
+
+def vm_size(pid: int) -> int:
+    """The process's address space in use (VmSize), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmSize")
+
+
+def test_relay_out_of_threads_closes_those_connections_and_keeps_relaying(tmp_path: Path) -> None:
+    """No room for one more thread (a pids limit, TasksMax, memory): that connection closes, the relay goes on."""
+    with announcing_upstream() as upstream_port, relay(tmp_path, upstream_port) as (proc, port):
+        pid = proc.popen.pid
+        steady_fd_count(pid)
+        # Room for a few more thread stacks only: each relayed connection takes two threads.
+        old = resource.prlimit(pid, resource.RLIMIT_AS, (vm_size(pid) + (48 << 20), resource.RLIM_INFINITY))
+        clients: list[socket.socket] = []
+        try:
+            for _ in range(40):
+                clients.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            assert wait_until(lambda: "cannot start a thread" in proc.output(), timeout=10), proc.output()
+            assert proc.popen.poll() is None, proc.output()
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_AS, old)
+            for sock in clients:
+                sock.close()
+        sock, line = relayed(port)  # the limit back where it was: relayed again
+        with sock:
+            assert line.startswith(b"CLIENT 127.0.0.1:"), (line, proc.output())
+            sock.sendall(b"ping")
+            assert sock.recv(100) == b"ping"
+        assert proc.popen.poll() is None
+        assert "Traceback" not in proc.output(), proc.output()
