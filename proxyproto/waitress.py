@@ -29,8 +29,8 @@ waitress treats those of any peer that is not its ``trusted_proxy``
 connection, as waitress alone would.
 
 Parked connections count toward waitress's ``connection_limit``, so
-``max_pending`` is at most half of it (said once at start when lowered; the
-eviction line names the limit in force).
+``max_pending`` is at most half of it (a chosen one lowered costs one
+WARNING at start; the eviction line names the limit in force).
 
 Use :func:`create_server` or :func:`serve` in place of waitress's; they take
 waitress's keyword arguments plus the knobs of :mod:`proxyproto.aio`.
