@@ -22,6 +22,12 @@ each have their own wrapper.
   is for TCP.
 * Closing a listener also closes the connections still waiting for their
   header, so a silent client never delays shutdown.
+* An ``app`` that is hypercorn's ``ProxyFixMiddleware`` is bypassed on the
+  connections whose client the PROXY protocol pins (a trusted peer under
+  REQUIRE, USE or IGNORE: :func:`proxyproto.policy.pins_the_client`): it
+  trusts the last ``X-Forwarded-For`` hop whatever the peer, and behind a
+  proxy in ``mode tcp`` that hop is the client's own writing.  Other
+  connections get the middleware, as hypercorn alone would.
 
 hypercorn is imported when :func:`serve` is called.  Should a hypercorn
 release stop creating its listeners with ``asyncio.start_server`` in
@@ -35,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import inspect
+import logging
 import socket
 import types
 from collections.abc import Awaitable
@@ -45,6 +52,15 @@ from .asgi import with_header
 from .settings import Settings, settings_for
 
 __all__ = ["serve"]
+
+logger = logging.getLogger("proxyproto")
+
+#: The attribute the factory sets (``trusted_overrides``) on the inner protocol of a connection whose
+#: client the PROXY protocol pins, when the application is a ProxyFixMiddleware to bypass there.
+_PINNED_PROTOCOL = "_proxyproto_pins_the_client"
+#: The scope key marking a request of such a connection, for :class:`_ProxyFixUnlessPinned` only,
+#: which removes it before any application sees the scope.
+_PINNED_SCOPE = "proxyproto.pins_the_client"
 
 
 async def serve(
@@ -68,11 +84,21 @@ async def serve(
     With certificates in ``config``, TLS is negotiated after the header,
     within ``header_timeout`` unless ``config.ssl_handshake_timeout`` was
     set (hypercorn's own default, 60 s, is not used for it).
+    An ``app`` that is hypercorn's ``ProxyFixMiddleware`` is bypassed on
+    connections whose client the PROXY protocol pins
+    (:func:`~proxyproto.policy.pins_the_client`), said in one INFO line.
     """
     from hypercorn.asyncio import serve as hypercorn_serve  # type: ignore[import-not-found,unused-ignore]
 
     run = _serve_with_own_start_server(hypercorn_serve)  # RuntimeError, before binding, if hypercorn changed
     chosen = settings_for(settings, knobs)  # the knobs checked now, before binding
+    fix = _proxy_fix_middleware(app)
+    if fix is not None:
+        app = _ProxyFixUnlessPinned(fix)
+        logger.info(
+            "hypercorn's ProxyFixMiddleware is bypassed on connections from peers trusted to send the PROXY "
+            "header: the header gives their client and scheme"
+        )
     handshake_set = "ssl_handshake_timeout" in vars(config)  # set on the instance, not hypercorn's default
     sockets = config.create_sockets()
     listeners = {id(sock) for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]}
@@ -105,6 +131,8 @@ async def serve(
             ssl_handshake_timeout=handshake_timeout if handshake_set else None,
             settings=chosen,
         )
+        if fix is not None:
+            factory.trusted_overrides = ((_PINNED_PROTOCOL, True),)
         factories.append(factory)
         return _Listener(await loop.create_server(factory, host, port, **kwargs), factory)
 
@@ -122,6 +150,35 @@ async def serve(
 
 #: ``asyncio.start_server``'s default buffer limit (64 KiB), which hypercorn does not change.
 _STREAM_LIMIT = 2**16
+
+
+def _proxy_fix_middleware(app: Any) -> Any:
+    """``app`` when it is hypercorn's ``ProxyFixMiddleware`` (whose ``app`` is the one it wraps), else None."""
+    try:
+        from hypercorn.middleware import ProxyFixMiddleware  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:  # pragma: no cover (a hypercorn without it)
+        return None
+    return app if isinstance(app, ProxyFixMiddleware) else None
+
+
+class _ProxyFixUnlessPinned:
+    """The ASGI application hypercorn serves in place of a ``ProxyFixMiddleware``: it, unless the connection is pinned.
+
+    A request of a connection whose client the PROXY protocol pins carries
+    the :data:`_PINNED_SCOPE` mark (:func:`_tcp_server_with_header` puts
+    it); it goes to the application the middleware wraps, its client and
+    scheme the connection's.  Every other scope (other peers, lifespan)
+    goes through the middleware.
+    """
+
+    def __init__(self, fix: Any) -> None:
+        self.fix = fix
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope.pop(_PINNED_SCOPE, False):
+            await self.fix.app(scope, receive, send)
+        else:
+            await self.fix(scope, receive, send)
 
 
 class _Listener:
@@ -228,11 +285,27 @@ def _tcp_server_with_header(tcp_server: Callable[..., Any]) -> Callable[..., Any
     (``writer.get_extra_info("proxy_header")``: a trusted peer's only), that
     connection gets :func:`proxyproto.asgi.with_header` of ``app``, so every
     request and WebSocket scope of it (HTTP/1.1 or HTTP/2) has
-    ``scope["extensions"]["proxyproto"]``.
+    ``scope["extensions"]["proxyproto"]``.  When the factory marked the
+    connection's protocol as pinned (:data:`_PINNED_PROTOCOL`, set only for
+    a ``ProxyFixMiddleware`` to bypass), each scope also gets the
+    :data:`_PINNED_SCOPE` mark that :class:`_ProxyFixUnlessPinned` reads.
     """
 
     def made(app: Any, *args: Any) -> Any:
-        header = args[-1].get_extra_info("proxy_header")
+        writer = args[-1]
+        header = writer.get_extra_info("proxy_header")
+        if getattr(writer.transport.get_protocol(), _PINNED_PROTOCOL, False):
+            app = _marking_pinned(app)
         return tcp_server(app if header is None else with_header(app, header), *args)
 
     return made
+
+
+def _marking_pinned(app: Callable[..., Any]) -> Callable[..., Any]:
+    """``app`` (hypercorn's wrapper of the application) for one pinned connection: each scope marked so."""
+
+    def app_marking_pinned(scope: Any, *args: Any) -> Any:
+        scope[_PINNED_SCOPE] = True
+        return app(scope, *args)
+
+    return app_marking_pinned

@@ -19,6 +19,19 @@ client is closed within that much of its deadline, long before waitress's
 own ``channel_timeout`` (120 s) would notice it.  The listener's
 ``readable()`` writes the summary of suppressed refusal lines the same way.
 
+On a connection whose client the PROXY protocol pins (a trusted peer under
+REQUIRE, USE or IGNORE: :func:`proxyproto.policy.pins_the_client`), waitress's
+``trusted_proxy`` is not applied: its ``X-Forwarded-*`` and ``Forwarded``
+lines are what the proxy relayed from its client, and are treated as
+waitress treats those of any peer that is not its ``trusted_proxy``
+(removed from the environ, unless ``clear_untrusted_proxy_headers=False``).
+``trusted_proxy_over_header=True`` applies ``trusted_proxy`` on every
+connection, as waitress alone would.
+
+Parked connections count toward waitress's ``connection_limit``, so
+``max_pending`` is at most half of it (a chosen one lowered costs one
+WARNING at start; the eviction line names the limit in force).
+
 Use :func:`create_server` or :func:`serve` in place of waitress's; they take
 waitress's keyword arguments plus the knobs of :mod:`proxyproto.aio`.
 waitress is imported when this module is, which only its users do.
@@ -33,6 +46,7 @@ from typing import Any
 
 # waitress ships no type hints: mypy sees Any (and, on a [test]-only install, no module at all).
 from waitress.channel import HTTPChannel  # type: ignore[import-untyped,import-not-found,unused-ignore]
+from waitress.proxy_headers import proxy_headers_middleware  # type: ignore[import-untyped,import-not-found,unused-ignore]
 from waitress.server import BaseWSGIServer  # type: ignore[import-untyped,import-not-found,unused-ignore]
 from waitress.server import create_server as _waitress_create_server  # type: ignore[import-untyped,import-not-found,unused-ignore]
 from waitress.task import WSGITask  # type: ignore[import-untyped,import-not-found,unused-ignore]
@@ -41,7 +55,7 @@ from .advice import handed_on, note_untrusted_header, refusal_line, starts_with_
 from .header import ProxyHeader
 from .parking import Parking
 from .peers import socket_family
-from .policy import Outcome, Policy, decide, peer_text, served_address
+from .policy import Outcome, Policy, decide, peer_text, pins_the_client, served_address
 from .reader import HeaderScanner
 from .refusal_log import KIND_POLICY_FOR, RefusalLog, kind_of, listener_text
 from .settings import Settings, settings_for, split_knobs
@@ -52,6 +66,9 @@ logger = logging.getLogger("proxyproto")
 
 #: The WSGI environ key holding the parsed :class:`~proxyproto.ProxyHeader` (or None).
 ENVIRON_KEY = "proxyproto.header"
+#: The environ key marking a request whose connection the PROXY protocol pins, for the listener's
+#: :class:`_ForwardedLinesUnlessPinned` only, which removes it before any application sees the environ.
+_PINNED = "proxyproto.pins_the_client"
 
 
 class ProxySettings:
@@ -68,6 +85,41 @@ class ProxySettings:
         self.settings = settings_for(settings, knobs)
         self.log = RefusalLog(logger, self.settings.log_rate, name_of=self.settings.name_of)
         self.parking: Parking[ProxyHTTPChannel] = Parking(self.log, _evicted)
+        #: Whether the listeners serve pinned connections without waitress's ``trusted_proxy``
+        #: (:class:`_ForwardedLinesUnlessPinned`), so their requests carry the :data:`_PINNED` mark.
+        self.marks_pinned = False
+
+    def fit_connection_limit(self, limit: int) -> None:
+        """Keep ``max_pending`` at most half of waitress's ``connection_limit``; say so once when it lowers it.
+
+        waitress stops accepting at ``connection_limit`` and parked
+        connections count toward it, so more waiting connections than that
+        would never be evicted: silent sockets would lock everyone out for the
+        whole header timeout.  Half the slots stay for connections past their
+        header.  A ``max_pending`` that was chosen (not its default) and is
+        lowered gets one WARNING naming both limits; the default is lowered
+        as documented, without a line.  Eviction lines then name the limit in
+        force rather than ``max_pending`` alone.
+        """
+        settings = self.settings
+        asked, cap = settings.max_pending, limit // 2
+        if limit < 2 or asked <= cap:
+            return
+        self.settings = settings.replace(max_pending=cap)
+        name_of = settings.name_of
+        knob = name_of("max_pending")
+        in_force = f"{knob} lowered to {cap}, half of waitress's connection_limit={limit}"
+        self.log.name_of = lambda name: in_force if name == "max_pending" else name_of(name)
+        if asked == Settings().max_pending:
+            return  # waitress's documented default: half its connection_limit
+        logger.warning(
+            "%s=%d is more than half of waitress's connection_limit=%d (connections waiting for their PROXY "
+            "header count toward it): at most %d wait; raise connection_limit to let more wait",
+            knob,
+            asked,
+            limit,
+            cap,
+        )
 
 
 def _evicted(channel: ProxyHTTPChannel) -> None:
@@ -77,12 +129,42 @@ def _evicted(channel: ProxyHTTPChannel) -> None:
 
 
 class ProxyWSGITask(WSGITask):  # type: ignore[misc]  # waitress has no type hints
-    """waitress's WSGI task, with the parsed header in ``environ["proxyproto.header"]``."""
+    """waitress's WSGI task, with the parsed header in ``environ["proxyproto.header"]``.
+
+    A request of a connection the PROXY protocol pins also carries the
+    :data:`_PINNED` mark when its listener's application is a
+    :class:`_ForwardedLinesUnlessPinned` (which takes the mark off).
+    """
 
     def get_environment(self) -> dict[str, Any]:
         environ: dict[str, Any] = super().get_environment()
-        environ[ENVIRON_KEY] = self.channel.proxy_header  # a trusted peer's only (ProxyHTTPChannel)
+        channel = self.channel
+        environ[ENVIRON_KEY] = channel.proxy_header  # a trusted peer's only (ProxyHTTPChannel)
+        if channel.proxy_pins_the_client and channel._proxy_shared.marks_pinned:
+            environ[_PINNED] = True
         return environ
+
+
+class _ForwardedLinesUnlessPinned:
+    """A listener's application when waitress has a ``trusted_proxy``: waitress's own, unless the connection is pinned.
+
+    ``forwarded`` is the application as waitress wrapped it
+    (``trusted_proxy`` applied); ``pinned`` the same application as waitress
+    serves a peer that is not its ``trusted_proxy`` (the forwarded lines
+    removed when ``clear_untrusted_proxy_headers``, else left untouched),
+    for the requests of connections whose client the PROXY protocol pins
+    (:func:`proxyproto.policy.pins_the_client`): their forwarded lines are
+    what the proxy relayed from its client.
+    """
+
+    def __init__(self, forwarded: Any, pinned: Any) -> None:
+        self.forwarded = forwarded
+        self.pinned = pinned
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.pop(_PINNED, False):
+            return self.pinned(environ, start_response)
+        return self.forwarded(environ, start_response)
 
 
 class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no type hints
@@ -97,6 +179,9 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
 
     task_class = ProxyWSGITask
     proxy_header: ProxyHeader | None = None
+    #: Whether the PROXY protocol alone gives this connection's client and scheme
+    #: (:func:`~proxyproto.policy.pins_the_client`): waitress's ``trusted_proxy`` is not applied to it.
+    proxy_pins_the_client = False
     _proxy_sniff = False
 
     def __init__(self, server: Any, sock: socket.socket, addr: Any, adj: Any, map: Any = None) -> None:
@@ -117,6 +202,7 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
                 logging.ERROR, f"closed: policy_for failed: {type(exc).__name__}: {exc}", kind=KIND_POLICY_FOR
             )
             return
+        self.proxy_pins_the_client = pins_the_client(self._proxy_policy, self._proxy_trusted)
         if self._proxy_policy is Policy.SKIP:
             #: Look at the first bytes of an untrusted peer for a PROXY header (only to say so).
             self._proxy_sniff = not self._proxy_trusted and settings.policy_for is None
@@ -205,7 +291,9 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
             self.will_close = True
 
 
-def create_server(application: Any, *, settings: Settings | None = None, **kw: Any) -> Any:
+def create_server(
+    application: Any, *, settings: Settings | None = None, trusted_proxy_over_header: bool = False, **kw: Any
+) -> Any:
     """``waitress.create_server`` whose connections start with a PROXY header.
 
     The proxy knobs are docs/configuration.rst's, as keywords or as one
@@ -218,6 +306,14 @@ def create_server(application: Any, *, settings: Settings | None = None, **kw: A
     ...).  Returns waitress's server object (call ``run()``); each of its
     listeners uses :class:`ProxyHTTPChannel`.  Invalid knobs raise
     ``ValueError`` before anything is bound.
+
+    waitress's ``trusted_proxy`` is not applied on connections whose client
+    the PROXY protocol pins (:func:`~proxyproto.policy.pins_the_client`),
+    unless ``trusted_proxy_over_header``: then it is applied on every
+    connection, to the address it is served with (the header's source, or
+    the proxy's own for a LOCAL or UNKNOWN header).  ``max_pending`` is at
+    most half of waitress's ``connection_limit`` (see
+    :meth:`ProxySettings.fit_connection_limit`).
     """
     knobs, kw = split_knobs({"settings": settings, **kw})
     shared = ProxySettings(**knobs)
@@ -225,22 +321,39 @@ def create_server(application: Any, *, settings: Settings | None = None, **kw: A
     if socket_map is None:
         socket_map = {}
     server = _waitress_create_server(application, map=socket_map, **kw)
-    # waitress stops accepting at its connection_limit (100 by default): parked connections
-    # count toward it, so a max_pending above it would never evict anyone and silent sockets
-    # would lock everyone out for the whole header timeout.  Keep half the slots for
-    # connections past their header.
-    limit = getattr(getattr(server, "adj", None), "connection_limit", None)
-    if isinstance(limit, int) and limit > 1 and shared.settings.max_pending > limit // 2:
-        shared.settings = shared.settings.replace(max_pending=limit // 2)
     # The listeners are already listening, but nothing is accepted before the
     # loop runs, so no connection can get waitress's own channel class.
     listeners = [d for d in socket_map.values() if isinstance(d, BaseWSGIServer)]
+    adj = listeners[0].adj if listeners else getattr(server, "adj", None)
+    limit = getattr(adj, "connection_limit", None)
+    if isinstance(limit, int):
+        shared.fit_connection_limit(limit)
     shared.log.listener = listener_text(*[d.socket.getsockname() for d in listeners])
     for dispatcher in listeners:
         dispatcher.proxy_settings = shared
         dispatcher.channel_class = ProxyHTTPChannel
         dispatcher.readable = _flushing(shared.log, dispatcher.readable)
+    if adj is not None and adj.trusted_proxy and not trusted_proxy_over_header:
+        _without_trusted_proxy_when_pinned(shared, listeners, application, adj)
     return server
+
+
+def _without_trusted_proxy_when_pinned(shared: ProxySettings, listeners: list[Any], application: Any, adj: Any) -> None:
+    """Serve the pinned connections of ``listeners`` as waitress serves a peer that is not its ``trusted_proxy``."""
+    for dispatcher in listeners:
+        pinned = proxy_headers_middleware(
+            application,
+            trusted_proxy=None,
+            clear_untrusted=adj.clear_untrusted_proxy_headers,
+            log_untrusted=adj.log_untrusted_proxy_headers,
+            logger=dispatcher.logger,
+        )
+        dispatcher.application = _ForwardedLinesUnlessPinned(dispatcher.application, pinned)
+    shared.marks_pinned = True
+    logger.info(
+        "waitress's trusted_proxy is not applied on connections from peers trusted to send the PROXY header: "
+        "the header gives their client (trusted_proxy_over_header=True applies it)"
+    )
 
 
 def _flushing(log: RefusalLog, readable: Any) -> Any:

@@ -126,7 +126,7 @@ def optional_adapters() -> Iterator[tuple[str, Callable[..., Any], set[str]]]:
 
         from proxyproto import waitress
 
-        yield "waitress.create_server", waitress.create_server, {"application"}
+        yield "waitress.create_server", waitress.create_server, {"application", "trusted_proxy_over_header"}
         yield "waitress.ProxySettings", waitress.ProxySettings, set()
     except ImportError:
         pass

@@ -412,6 +412,74 @@ async def test_invalid_knobs_are_refused_before_binding() -> None:
     assert not listening(port)
 
 
+# -- hypercorn's ProxyFixMiddleware ---------------------------------------------------------------
+
+#: What a client behind a proxy in ``mode tcp`` may write: the proxy relays it untouched.
+SPOOFED_LINES = {
+    "legacy": b"X-Forwarded-For: 198.51.100.66\r\nX-Forwarded-Proto: https\r\n",
+    "modern": b"Forwarded: for=198.51.100.66;proto=https\r\n",
+}
+V2_LOCAL = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"
+
+
+def spoofed(mode: str) -> bytes:
+    return b"GET / HTTP/1.1\r\nHost: example\r\nConnection: close\r\n" + SPOOFED_LINES[mode] + b"\r\n"
+
+
+@pytest.mark.parametrize("mode", ["legacy", "modern"])
+@pytest.mark.parametrize(
+    ("policy", "head", "client"),
+    [
+        ("REQUIRE", proxyproto.encode_v1(REAL_V4, DEST_V4), REAL_V4[0]),
+        ("REQUIRE", V2_LOCAL, "127.0.0.1"),
+        ("IGNORE", proxyproto.encode_v1(REAL_V4, DEST_V4), "127.0.0.1"),
+        ("USE", b"", "127.0.0.1"),
+    ],
+    ids=["require-v1", "require-v2-local", "ignore-v1", "use-no-header"],
+)
+@async_test
+async def test_proxy_fix_middleware_never_replaces_a_pinned_connections_client_or_scheme(
+    mode: str, policy: str, head: bytes, client: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The operator kept hypercorn's ProxyFixMiddleware (from a ``mode http`` past): it trusts the last hop
+    whatever the peer, so on connections from the PROXY-protocol proxy it is bypassed."""
+    from hypercorn.middleware import ProxyFixMiddleware
+
+    app = App()
+    with caplog.at_level(logging.INFO, logger="proxyproto"):
+        async with running(ProxyFixMiddleware(app, mode=mode, trusted_hops=1), policy=policy) as address:
+            report = report_of(await exchange(address, head + spoofed(mode)))
+            again = report_of(await exchange(address, head + spoofed(mode)))
+    assert (report["client"][0], report["scheme"]) == (again["client"][0], again["scheme"]) == (client, "http")
+    said = [r.getMessage() for r in proxy_records(caplog)]
+    assert sum("ProxyFixMiddleware is bypassed" in line for line in said) == 1, said
+
+
+@async_test
+async def test_proxy_fix_middleware_is_bypassed_on_a_pinned_connection_over_tls(tls_files: tuple[str, str]) -> None:
+    from hypercorn.middleware import ProxyFixMiddleware
+
+    config = Config()
+    config.bind = [f"127.0.0.1:{free_port()}"]
+    config.certfile, config.keyfile = tls_files
+    client_tls = ssl.create_default_context(cafile=tls_files[0])
+    fix = ProxyFixMiddleware(App(), mode="legacy", trusted_hops=1)
+    async with running(fix, config) as address:
+        head = proxyproto.encode_v2(REAL_V4, DEST_V4)
+        report = report_of(await exchange(address, spoofed("legacy"), tls=client_tls, head=head))
+    assert (report["client"], report["scheme"]) == (list(REAL_V4), "https")
+
+
+@async_test
+async def test_proxy_fix_middleware_still_serves_peers_not_trusted_to_send_the_header() -> None:
+    """No PROXY-protocol peer (``trusted=""``: SKIP for everyone): the middleware acts, as without this library."""
+    from hypercorn.middleware import ProxyFixMiddleware
+
+    async with running(ProxyFixMiddleware(App(), mode="legacy", trusted_hops=1), trusted="") as address:
+        report = report_of(await exchange(address, spoofed("legacy")))
+    assert (report["client"][0], report["scheme"]) == ("198.51.100.66", "https")
+
+
 # -- refusals ------------------------------------------------------------------------------------
 
 

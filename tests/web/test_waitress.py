@@ -402,6 +402,58 @@ def test_max_pending_closes_the_oldest_waiting_connection(caplog: pytest.LogCapt
     assert any("max_pending" in r.getMessage() for r in proxy_records(caplog)), caplog.text
 
 
+@pytest.mark.parametrize(
+    "knobs",
+    [{"max_pending": 200}, {"settings": proxyproto.Settings(max_pending=9)}, {}],
+    ids=["max_pending", "settings", "default"],
+)
+def test_max_pending_above_half_the_connection_limit_is_lowered_said_once_and_named_in_evictions(
+    knobs: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Parked connections count toward waitress's ``connection_limit``: a chosen ``max_pending`` above
+    half of it costs one WARNING naming both (the default is lowered as documented, without a line),
+    and an eviction names the limit in force."""
+    asked = knobs["settings"].max_pending if "settings" in knobs else knobs.get("max_pending")
+    app = App()
+    with caplog.at_level(logging.DEBUG, logger="proxyproto"):
+        with running(app, connection_limit=8, **knobs) as server:
+            socks = []
+            try:
+                for _ in range(5):
+                    socks.append(socket.create_connection(address(server), timeout=10))
+                    time.sleep(0.05)
+                assert read_all(socks[0]) == b""  # four wait at most: the oldest, closed
+                socks[1].sendall(proxyproto.encode_v1(REAL_V4, DEST_V4) + request())
+                assert report_of(read_all(socks[1]))["remote_addr"] == REAL_V4[0]
+            finally:
+                for sock in socks:
+                    sock.close()
+    lines = [(r.levelno, r.getMessage()) for r in proxy_records(caplog)]
+    start = [(lvl, line) for lvl, line in lines if "connection_limit=8 (" in line]
+    said = (
+        f"max_pending={asked} is more than half of waitress's connection_limit=8 (connections waiting for "
+        "their PROXY header count toward it): at most 4 wait; raise connection_limit to let more wait"
+    )
+    assert start == ([] if asked is None else [(logging.WARNING, said)]), lines
+    evictions = [line for _, line in lines if "already wait" in line]
+    assert evictions and all(
+        "closed: 4 connections already wait for their header "
+        "(max_pending lowered to 4, half of waitress's connection_limit=8)" in line
+        for line in evictions
+    ), evictions
+
+
+def test_max_pending_within_half_the_connection_limit_is_kept_without_a_line(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="proxyproto"):
+        server = create_server(App(), listen="127.0.0.1:0", threads=1, connection_limit=8, max_pending=4)
+        try:
+            assert server.proxy_settings.settings.max_pending == 4
+        finally:
+            server.close()
+            server.task_dispatcher.shutdown()
+    assert not [r for r in proxy_records(caplog) if "connection_limit" in r.getMessage()], caplog.text
+
+
 def test_core_does_not_import_waitress() -> None:
     """No new runtime dependency: ``import proxyproto`` (and its asyncio layers) never imports waitress."""
     code = (
