@@ -25,7 +25,7 @@ import logging
 from typing import Any, Callable
 
 from .header import ProxyHeader
-from .policy import Policy, describe, peer_text
+from .policy import UNIX_NONE, Policy, describe, peer_text
 from .reader import HeaderScanner, Outcome
 from .refusal_log import KIND_UNTRUSTED_HEADER, RefusalLog
 from .settings import Settings
@@ -66,42 +66,88 @@ def missing_header(settings: Settings, outcome: Outcome, start: bytes) -> str:
     )
 
 
-def rejected(settings: Settings, trusted: bool) -> str:
-    """For a header refused by REJECT: whether the peer was trusted, and what to change if it is a proxy."""
+def rejected(settings: Settings, trusted: bool, peer: Any = None) -> str:
+    """For a header refused by REJECT: whether the peer was trusted, and what to change if it is a proxy.
+
+    ``peer``, when given, words that for its kind (:func:`unix_advice` for a UNIX-socket peer).
+    """
     if trusted:
         return f" ({settings.name_of('policy')} is REJECT)"
+    advice = (
+        unix_advice(settings)
+        if is_unix_peer(peer)
+        else f"if it is your proxy, add its address to {settings.name_of('trusted')}"
+    )
     return (
         f" (the peer is untrusted: {settings.describe_trusted()}, and {settings.name_of('untrusted_policy')} is "
-        f"REJECT); if it is your proxy, add its address to {settings.name_of('trusted')}"
+        f"REJECT); {advice}"
     )
 
 
-def untrusted_header(settings: Settings, policy: Policy) -> str:
-    """The line for an untrusted peer that sent a PROXY header anyway (the header is not believed)."""
-    what = "stays in the stream as payload" if policy is Policy.SKIP else "is removed and not believed"
+def is_unix_peer(peer: Any) -> bool:
+    """Whether ``peer`` names a UNIX-socket peer: a path (asyncio's ``""`` for an unnamed one), or waitress's
+    ``("localhost", None)``; None (an IP peer the loop could not tell) is none."""
+    return isinstance(peer, (str, bytes)) or (type(peer) is tuple and len(peer) == 2 and peer[1] is None)
+
+
+def unix_advice(settings: Settings) -> str:
+    """What to change for an untrusted UNIX-socket peer that is your proxy: it has no address to add.
+
+    With ``trusted`` empty no UNIX peer is trusted; otherwise (no ``unix``
+    token) only the peers of a socket file that is not world-writable are,
+    so this one's file is world-writable (or the socket is abstract or
+    unnamed): anyone on the host could connect.
+    """
+    name = settings.name_of("trusted")
+    if settings.trusted.unix == UNIX_NONE:
+        return f"a UNIX-socket peer has no address: to trust the peers of this socket, add unix to {name}"
     return (
-        f"sent a PROXY header but is not trusted ({settings.describe_trusted()}): the header {what}; "
-        f"if this peer is your proxy, add its address to {settings.name_of('trusted')}"
+        "a UNIX-socket peer has no address: it is untrusted because its socket file is world-writable (or the "
+        "socket is abstract or unnamed), so anyone on the host could connect; make the file writable by its "
+        "owner and group only (gunicorn: --umask 007; uvicorn's --uds always makes it 0o666), or, if nothing "
+        f"but your proxy can reach it, add unix to {name}"
     )
+
+
+def untrusted_header(settings: Settings, policy: Policy, peer: Any) -> str:
+    """The line for an untrusted peer that sent a PROXY header anyway (the header is not believed).
+
+    What to change depends on ``peer``'s kind: an IP peer's address goes in
+    the trust list; a UNIX-socket peer has none (:func:`unix_advice`).
+    """
+    what = "stays in the stream as payload" if policy is Policy.SKIP else "is removed and not believed"
+    advice = (
+        unix_advice(settings)
+        if is_unix_peer(peer)
+        else f"if this peer is your proxy, add its address to {settings.name_of('trusted')}"
+    )
+    return f"sent a PROXY header but is not trusted ({settings.describe_trusted()}): the header {what}; {advice}"
 
 
 def refusal_line(
-    settings: Settings, policy: Policy, outcome: Outcome, scanner: HeaderScanner | None, trusted: bool, hooked: bool
+    settings: Settings,
+    policy: Policy,
+    outcome: Outcome,
+    scanner: HeaderScanner | None,
+    trusted: bool,
+    hooked: bool,
+    peer: Any = None,
 ) -> str:
     """What follows ``<peer>: closed: `` for a connection refused with ``outcome`` under ``policy``.
 
     What happened (:func:`proxyproto.policy.describe`, from ``scanner``'s
     error and bytes when there was one), then, unless a ``policy_for`` hook
     made the trust decision (``hooked``: the lists were not asked), what to
-    change: :func:`rejected` for a header refused by REJECT,
-    :func:`missing_header` for a trusted peer without one.
+    change: :func:`rejected` for a header refused by REJECT (worded for
+    ``peer``'s kind when given), :func:`missing_header` for a trusted peer
+    without one.
     """
     error, seen, start = (None, 0, b"") if scanner is None else (scanner.error, scanner.seen, scanner.start)
     text = describe(policy, outcome, error, seen, settings.header_timeout)
     if hooked:
         return text
     if outcome is Outcome.HEADER:
-        return text + rejected(settings, trusted)
+        return text + rejected(settings, trusted, peer)
     if trusted:
         return text + missing_header(settings, outcome, start)
     return text
@@ -119,7 +165,8 @@ def untrusted_look(log: RefusalLog, settings: Settings, peer: Any) -> Callable[[
 
 def note_untrusted_header(log: RefusalLog, settings: Settings, peer: Any, policy: Policy) -> None:
     """The WARNING for an untrusted peer whose stream or datagram started with a PROXY header (rate-limited)."""
-    log.log(logging.WARNING, "%s: %s", peer_text(peer), untrusted_header(settings, policy), kind=KIND_UNTRUSTED_HEADER)
+    line = untrusted_header(settings, policy, peer)
+    log.log(logging.WARNING, "%s: %s", peer_text(peer), line, kind=KIND_UNTRUSTED_HEADER)
 
 
 def handed_on(

@@ -272,7 +272,7 @@ class _Acceptor:
                     verdict.level,
                     "%s: closed: %s",
                     peer_text(peer),
-                    refusal_line(self.settings, policy, attempt.outcome, attempt.scanner, trusted, hooked),
+                    refusal_line(self.settings, policy, attempt.outcome, attempt.scanner, trusted, hooked, peer),
                     kind=kind_of(attempt.outcome),
                 )
                 writer.close()

@@ -469,7 +469,7 @@ class HeaderProtocol(asyncio.BufferedProtocol):
                 verdict.level,
                 "%s: closed: %s",
                 peer_text(self.peer),
-                refusal_line(factory.settings, policy, outcome, scanner, self.trusted, factory.hooked),
+                refusal_line(factory.settings, policy, outcome, scanner, self.trusted, factory.hooked, self.peer),
                 kind=kind_of(outcome),
             )
             self.drop(abort=False)

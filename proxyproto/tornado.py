@@ -282,7 +282,7 @@ class ProxyTCPServerMixin:
         verdict = decide(attempt.policy, outcome)
         if not verdict.serve:
             hooked = settings.policy_for is not None
-            reason = refusal_line(settings, attempt.policy, outcome, attempt.scanner, trusted, hooked)
+            reason = refusal_line(settings, attempt.policy, outcome, attempt.scanner, trusted, hooked, peer)
             self._proxy_log.log(verdict.level, "%s: closed: %s", peer_text(peer), reason, kind=kind_of(outcome))
             sock.close()
             return
