@@ -21,6 +21,7 @@ the adapter already holds or peeked; nothing here does I/O or acts on them.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from typing import Any, Callable
 
@@ -32,6 +33,8 @@ from .settings import Settings
 from .v2 import SIGNATURE as V2_SIGNATURE
 
 __all__: list[str] = []  # private module: the public names are listed in docs/api.rst
+
+logger = logging.getLogger("proxyproto")
 
 #: How many first bytes :func:`starts_with_header` needs to tell (a v2 signature's length).
 SIGNATURE_PEEK = len(V2_SIGNATURE)
@@ -195,15 +198,68 @@ def handed_on(
     return None
 
 
+#: The trust lists warned about by :func:`warn_if_every_peer_trusted` in this process (by list, policy and
+#: spelling): a server that makes several factories, or reads its settings again, warns once, as
+#: Python's ``warnings`` module warns once per place.
+_WARNED: set[tuple[object, ...]] = set()
+_EVERY_IPV4 = ipaddress.ip_network("0.0.0.0/0")
+_EVERY_IPV6 = ipaddress.ip_network("::/0")
+
+
+def every_peer_trusted(settings: Settings) -> bool:
+    """Whether every IP peer that can connect may set its client address (``trusted`` holds ``0.0.0.0/0`` or
+    ``::/0``, as ``"*"`` does, under REQUIRE or USE, with no ``policy_for`` hook deciding instead)."""
+    if settings.policy_for is not None or settings.policy not in (Policy.REQUIRE, Policy.USE):
+        return False
+    networks = settings.trusted.networks
+    return _EVERY_IPV4 in networks or _EVERY_IPV6 in networks
+
+
+def every_peer_warning(settings: Settings) -> str:
+    """The WARNING for settings that trust every peer (see :func:`every_peer_trusted`), naming the knob as spelled."""
+    described = settings.trusted.describe()
+    value = "* (every peer)" if described == "every peer" else described
+    return (
+        f"{settings.name_of('trusted')} is {value}: any peer that can connect to this listener may set its "
+        "client address (and send TLVs the application reads as the proxy's); use it only where nothing but "
+        "your proxy can reach the listener, else give your proxy's addresses"
+    )
+
+
+def warn_if_every_peer_trusted(settings: Settings) -> None:
+    """Write :func:`every_peer_warning` once per process for such settings; every adapter reaches it at start.
+
+    :func:`policy_line` calls it, and so do the engine's start-up points
+    (the asyncio factory and ``start_server``, the socketserver and UDP
+    mixins, Tornado's and Twisted's factories), so each adapter warns
+    without a line of its own, and once however many of them one server
+    makes.
+    """
+    if not every_peer_trusted(settings):
+        return
+    key = (settings.name_of("trusted"), settings.trusted, settings.policy)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    logger.warning("%s", every_peer_warning(settings))
+
+
 def policy_line(settings: Settings, tls: bool, detail: str = "") -> str:
     """The INFO line an adapter writes once at start: which policy applies to which peers, and TLS.
 
     ``detail``: what the adapter adds before the TLS clause (where a setting came from, say).
+    Settings that trust every peer also get their WARNING (:func:`warn_if_every_peer_trusted`),
+    written here, before the INFO line is returned.
     """
+    warn_if_every_peer_trusted(settings)
     after = "; TLS is negotiated after the header" if tls else ""
     if settings.policy_for is not None:
         return f"PROXY header policy decided per connection by policy_for{detail}{after}"
-    return (
-        f"PROXY header policy {settings.policy.name} for {settings.trusted.describe()}, "
-        f"{settings.untrusted_policy.name} for other peers{detail}{after}"
-    )
+    peers = settings.trusted.describe()
+    others = "" if peers == "every peer" else f", {settings.untrusted_policy.name} for other peers"  # none left
+    return f"PROXY header policy {settings.policy.name} for {peers}{others}{detail}{after}"
+
+
+def log_policy(settings: Settings, tls: bool, detail: str = "") -> None:
+    """Write :func:`policy_line` at INFO on the ``proxyproto`` logger (and its WARNING, if any): an adapter's start."""
+    logger.info("%s", policy_line(settings, tls, detail))

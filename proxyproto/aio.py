@@ -54,7 +54,7 @@ from collections.abc import Awaitable
 from typing import Any, Callable
 
 from . import reader as core
-from .advice import SIGNATURE_PEEK, handed_on, refusal_line, untrusted_look
+from .advice import SIGNATURE_PEEK, handed_on, refusal_line, untrusted_look, warn_if_every_peer_trusted
 from .aio_protocol import ProxyProtocolFactory, call_later, wrap_protocol_factory
 from .aio_transport import FirstBytes, proxy_extra
 from .header import ProxyHeader
@@ -206,6 +206,7 @@ class _Acceptor:
         _require_stream_internals(asyncio.StreamReader())  # at start, not at the first connection
         self.callback = client_connected_cb
         self.settings = settings
+        warn_if_every_peer_trusted(settings)
         self.refusals = RefusalLog(logger, settings.log_rate, later=call_later, name_of=settings.name_of)
         #: Writers of the connections whose header is not in yet, oldest first, and the one rule
         #: that evicts them (:class:`proxyproto.parking.Parking`, shared with aio_protocol).

@@ -38,7 +38,7 @@ import ssl as _ssl
 from typing import Any, Callable, TypeVar
 
 from . import v1, v2
-from .advice import untrusted_look
+from .advice import untrusted_look, warn_if_every_peer_trusted
 from .aio_header import CAN_PEEK, PEEK_FLAGS, READ_FLAGS, HeaderProtocol, WaitingReads
 from .aio_tls import handshake_timeout
 from .aio_transport import (
@@ -108,6 +108,7 @@ class ProxyProtocolFactory:
     ) -> None:
         #: The knobs (:class:`~proxyproto.settings.Settings`): ``settings=`` with the keyword knobs on top.
         self.settings = settings = settings_for(settings, knobs)
+        warn_if_every_peer_trusted(settings)
         if ssl is not None and settings.policy_for is None:
             for name, value in (("policy", settings.policy), ("untrusted_policy", settings.untrusted_policy)):
                 if value in (Policy.USE, Policy.IGNORE, Policy.REJECT):

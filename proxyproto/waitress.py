@@ -37,7 +37,7 @@ from waitress.server import BaseWSGIServer  # type: ignore[import-untyped,import
 from waitress.server import create_server as _waitress_create_server  # type: ignore[import-untyped,import-not-found,unused-ignore]
 from waitress.task import WSGITask  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
-from .advice import handed_on, note_untrusted_header, refusal_line, starts_with_header
+from .advice import handed_on, log_policy, note_untrusted_header, refusal_line, starts_with_header
 from .header import ProxyHeader
 from .parking import Parking
 from .peers import socket_family
@@ -240,6 +240,7 @@ def create_server(application: Any, *, settings: Settings | None = None, **kw: A
         dispatcher.proxy_settings = shared
         dispatcher.channel_class = ProxyHTTPChannel
         dispatcher.readable = _flushing(shared.log, dispatcher.readable)
+    log_policy(shared.settings, False)
     return server
 
 
