@@ -156,20 +156,25 @@ def refusal_line(
     return text
 
 
-def untrusted_look(log: RefusalLog, settings: Settings, peer: Any) -> Callable[[bytes], None]:
-    """For an untrusted peer served under SKIP: a look at its first bytes that says so if they are a header."""
+def untrusted_look(log: RefusalLog, settings: Settings, peer: Any, listener: object = None) -> Callable[[bytes], None]:
+    """For an untrusted peer served under SKIP: a look at its first bytes that says so if they are a header.
+
+    ``listener``: as for :meth:`~proxyproto.refusal_log.RefusalLog.log` (a function is called only then).
+    """
 
     def look(start: bytes) -> None:
         if starts_with_header(start):
-            note_untrusted_header(log, settings, peer, Policy.SKIP)
+            note_untrusted_header(log, settings, peer, Policy.SKIP, listener)
 
     return look
 
 
-def note_untrusted_header(log: RefusalLog, settings: Settings, peer: Any, policy: Policy) -> None:
+def note_untrusted_header(
+    log: RefusalLog, settings: Settings, peer: Any, policy: Policy, listener: object = None
+) -> None:
     """The WARNING for an untrusted peer whose stream or datagram started with a PROXY header (rate-limited)."""
     line = untrusted_header(settings, policy, peer)
-    log.log(logging.WARNING, "%s: %s", peer_text(peer), line, kind=KIND_UNTRUSTED_HEADER)
+    log.log(logging.WARNING, "%s: %s", peer_text(peer), line, kind=KIND_UNTRUSTED_HEADER, listener=listener)
 
 
 def handed_on(
@@ -180,6 +185,7 @@ def handed_on(
     header: ProxyHeader | None,
     trusted: bool,
     hooked: bool,
+    listener: object = None,
 ) -> ProxyHeader | None:
     """The header a served connection hands to the application: a trusted peer's, never anyone else's.
 
@@ -188,13 +194,14 @@ def handed_on(
     ``policy_for`` hook chose the policy (the hook has spoken for that peer),
     the drop is noted with :func:`note_untrusted_header`'s WARNING, so an
     operator whose proxy is missing from the trust list learns why (``log``
-    None: a server not activated yet, nothing to note with).  Every adapter
+    None: a server not activated yet, nothing to note with; ``listener``: as
+    for :meth:`~proxyproto.refusal_log.RefusalLog.log`).  Every adapter
     calls this where it serves; none decides it on its own.
     """
     if trusted or header is None:
         return header
     if not hooked and log is not None:
-        note_untrusted_header(log, settings, peer, policy)
+        note_untrusted_header(log, settings, peer, policy, listener)
     return None
 
 
