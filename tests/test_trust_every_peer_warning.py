@@ -121,25 +121,18 @@ def test_settings_that_do_not_let_every_peer_set_its_address_get_no_warning(sett
     assert not advice.every_peer_trusted(settings)
 
 
-def test_uvicorn_command_trusting_every_peer_warns_naming_the_variable() -> None:
-    require_module("uvicorn")
-    command = [sys.executable, "-m", "uvicorn", "web_kit:app", "--http", "proxyproto.uvicorn:H11", "--lifespan", "off"]
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{HERE / 'web'}", "PROXYPROTO_ALLOW_IPS": "*"}
-    proc = subprocess.Popen(
-        [*command, "--host", "127.0.0.1", "--port", str(free_port())],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+def start_lines(command: list[str], until: str) -> list[str]:
+    """The output of the real server ``command`` (``PROXYPROTO_ALLOW_IPS=*``) up to a line holding ``until``."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{HERE / 'web'}:{HERE}", "PROXYPROTO_ALLOW_IPS": "*"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     stall = threading.Timer(30, proc.kill)  # a stall shows as a failure, never a hang
     stall.start()
     lines: list[str] = []
     try:
         assert proc.stdout is not None
-        for line in proc.stdout:  # uvicorn writes its start lines, then "Uvicorn running"
+        for line in proc.stdout:
             lines.append(line)
-            if "Uvicorn running" in line:
+            if until in line:
                 break
     finally:
         stall.cancel()
@@ -147,6 +140,43 @@ def test_uvicorn_command_trusting_every_peer_warns_naming_the_variable() -> None
         proc.wait(15)
         if proc.stdout is not None:
             proc.stdout.close()
+    return lines
+
+
+def test_uvicorn_command_trusting_every_peer_warns_naming_the_variable() -> None:
+    require_module("uvicorn")
+    command = [sys.executable, "-m", "uvicorn", "web_kit:app", "--http", "proxyproto.uvicorn:H11", "--lifespan", "off"]
+    lines = start_lines([*command, "--host", "127.0.0.1", "--port", str(free_port())], "Uvicorn running")
     warned = [line for line in lines if "WARNING" in line and WARNING_TEXT in line]
     assert len(warned) == 1 and "PROXYPROTO_ALLOW_IPS is * (every peer)" in warned[0], lines
     assert any(line.rstrip().endswith("PROXY header policy REQUIRE for every peer") for line in lines), lines
+
+
+@pytest.mark.parametrize(("worker", "app"), [("Sync", "wsgi_app"), ("UvicornH11Worker", "asgi_app")])
+def test_gunicorn_worker_trusting_every_peer_warns_once_at_its_start(worker: str, app: str) -> None:
+    require_module("gunicorn")
+    if worker.startswith("Uvicorn"):
+        require_module("uvicorn")
+    command = [sys.executable, "-m", "gunicorn", "--no-control-socket", "-k", f"proxyproto.gunicorn.{worker}"]
+    lines = start_lines(
+        [*command, "-w", "1", "-b", f"127.0.0.1:{free_port()}", f"gunicorn_kit:{app}"], "PROXY header policy"
+    )
+    warned = [line for line in lines if "[WARNING] proxyproto: " in line and WARNING_TEXT in line]
+    assert len(warned) == 1 and "PROXYPROTO_ALLOW_IPS is * (every peer)" in warned[0], lines
+
+
+def test_tornado_and_twisted_servers_trusting_every_peer_warn_when_made(records: Records) -> None:
+    """Tornado's ProxyHTTPServer and Twisted's factory are made before they listen: they warn then."""
+    require_module("tornado")
+    require_module("twisted")
+    from tornado.web import Application
+    from twisted.internet import protocol
+
+    from proxyproto.tornado import ProxyHTTPServer
+    from proxyproto.twisted_endpoint import ProxyProtocolFactory
+
+    ProxyHTTPServer(Application(), trusted="*")
+    assert len(warnings_of(records)) == 1
+    advice._WARNED.clear()
+    ProxyProtocolFactory(protocol.Factory.forProtocol(protocol.Protocol), trusted="*")
+    assert len(warnings_of(records)) == 2
