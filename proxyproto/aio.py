@@ -51,10 +51,11 @@ import logging
 import os
 import ssl as _ssl
 from collections.abc import Awaitable
+from functools import partial
 from typing import Any, Callable
 
 from . import reader as core
-from .advice import SIGNATURE_PEEK, handed_on, refusal_line, untrusted_look
+from .advice import SIGNATURE_PEEK, handed_on, refusal_line, untrusted_look, warn_if_every_peer_trusted
 from .aio_protocol import ProxyProtocolFactory, call_later, wrap_protocol_factory
 from .aio_transport import FirstBytes, proxy_extra
 from .header import ProxyHeader
@@ -199,6 +200,11 @@ def _require_stream_internals(reader: Any) -> None:
         )
 
 
+def _sockname(writer: asyncio.StreamWriter) -> Any:
+    """The address of ``writer``'s listener: its refusal lines name their own (a server may have several)."""
+    return writer.get_extra_info("sockname")
+
+
 class _Acceptor:
     """The callback ``asyncio.start_server`` runs per connection: header first, then the user's."""
 
@@ -206,10 +212,11 @@ class _Acceptor:
         _require_stream_internals(asyncio.StreamReader())  # at start, not at the first connection
         self.callback = client_connected_cb
         self.settings = settings
+        warn_if_every_peer_trusted(settings)
         self.refusals = RefusalLog(logger, settings.log_rate, later=call_later, name_of=settings.name_of)
         #: Writers of the connections whose header is not in yet, oldest first, and the one rule
         #: that evicts them (:class:`proxyproto.parking.Parking`, shared with aio_protocol).
-        self.parking: Parking[asyncio.StreamWriter] = Parking(self.refusals, self.evict)
+        self.parking: Parking[asyncio.StreamWriter] = Parking(self.refusals, self.evict, _sockname)
         self.pending = self.parking.waiting
         #: Writers closed by max_pending or the descriptor reserve: their reading task ends without a second line.
         self.evicted: set[asyncio.StreamWriter] = set()
@@ -232,7 +239,7 @@ class _Acceptor:
 
     def look_for_untrusted_header(self, peer: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Under SKIP: a WARNING when the untrusted peer's first bytes, already here, are a PROXY header."""
-        look = untrusted_look(self.refusals, self.settings, peer)
+        look = untrusted_look(self.refusals, self.settings, peer, partial(_sockname, writer))
         held = bytes(reader._buffer[:SIGNATURE_PEEK])  # type: ignore[attr-defined]
         transport: Any = writer.transport
         if held:
@@ -245,7 +252,7 @@ class _Acceptor:
         try:
             policy, trusted = self.settings.trust(peer, writer.get_extra_info("socket"))
         except Exception as exc:  # a user's hook: its failure closes this connection, nothing else
-            self.refusals.hook_failed(peer, exc)
+            self.refusals.hook_failed(peer, exc, listener=_sockname(writer))
             writer.close()
             return
         header: ProxyHeader | None = None
@@ -258,7 +265,7 @@ class _Acceptor:
                 attempt = await _attempt(reader, policy, self.settings.header_timeout, self.settings.scanner())
             except OSError as exc:
                 if self.unpark(writer):  # (one closed by max_pending has had its line)
-                    self.refusals.read_failed(peer, exc)
+                    self.refusals.read_failed(peer, exc, _sockname(writer))
                 writer.close()
                 return
             if not self.unpark(writer):
@@ -272,12 +279,14 @@ class _Acceptor:
                     verdict.level,
                     "%s: closed: %s",
                     peer_text(peer),
-                    refusal_line(self.settings, policy, attempt.outcome, attempt.scanner, trusted, hooked),
+                    refusal_line(self.settings, policy, attempt.outcome, attempt.scanner, trusted, hooked, peer),
                     kind=kind_of(attempt.outcome),
+                    listener=_sockname(writer),
                 )
                 writer.close()
                 return
-            header = handed_on(self.refusals, self.settings, peer, policy, attempt.header, trusted, hooked)
+            where = None if trusted or attempt.header is None else _sockname(writer)  # only for its line
+            header = handed_on(self.refusals, self.settings, peer, policy, attempt.header, trusted, hooked, where)
         result = self.callback(reader, ProxyStreamWriter(writer, reader, header, policy))
         if inspect.isawaitable(result):
             await result

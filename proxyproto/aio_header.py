@@ -420,6 +420,11 @@ class HeaderProtocol(asyncio.BufferedProtocol):
         self.release()
         self.drop()
 
+    def sockname(self) -> Any:
+        """The address of this connection's listener (its socket's ``getsockname()``), for a refusal line."""
+        transport = self.transport
+        return None if transport is None else transport.get_extra_info("sockname")
+
     def drop(self, abort: bool = True) -> None:
         """-> CLOSED: a connection that is not served closes (``abort``: at once, else after its writes).
 
@@ -469,8 +474,9 @@ class HeaderProtocol(asyncio.BufferedProtocol):
                 verdict.level,
                 "%s: closed: %s",
                 peer_text(self.peer),
-                refusal_line(factory.settings, policy, outcome, scanner, self.trusted, factory.hooked),
+                refusal_line(factory.settings, policy, outcome, scanner, self.trusted, factory.hooked, self.peer),
                 kind=kind_of(outcome),
+                listener=transport.get_extra_info("sockname"),
             )
             self.drop(abort=False)
             return None
@@ -480,11 +486,13 @@ class HeaderProtocol(asyncio.BufferedProtocol):
     def serve(self, header: ProxyHeader | None, rest: bytes, sock: Any = NOT_GIVEN) -> asyncio.BaseProtocol | None:
         """-> SERVED (or HANDSHAKING with ``ssl=``): the inner protocol; ``header`` only from a trusted peer."""
         factory = self.factory
-        header = handed_on(
-            factory.refusals, factory.settings, self.peer, self.policy, header, self.trusted, factory.hooked
-        )
         transport = self.transport
         assert transport is not None
+        # The listener is asked of the transport only for the line of an untrusted peer's header.
+        where = None if self.trusted or header is None else transport.get_extra_info("sockname")
+        header = handed_on(
+            factory.refusals, factory.settings, self.peer, self.policy, header, self.trusted, factory.hooked, where
+        )
         inner = self.inner
         if inner is None:
             inner = factory.make_inner(self.peer)

@@ -35,10 +35,11 @@ import asyncio
 import logging
 import socket
 import ssl as _ssl
+from functools import partial
 from typing import Any, Callable, TypeVar
 
 from . import v1, v2
-from .advice import untrusted_look
+from .advice import untrusted_look, warn_if_every_peer_trusted
 from .aio_header import CAN_PEEK, PEEK_FLAGS, READ_FLAGS, HeaderProtocol, WaitingReads
 from .aio_tls import handshake_timeout
 from .aio_transport import (
@@ -51,7 +52,7 @@ from .errors import ProxyProtocolError
 from .parking import Parking, descriptor_of
 from .policy import Policy, Trust, peer_text
 from .reader import HeaderScanner
-from .refusal_log import RefusalLog, listener_text
+from .refusal_log import RefusalLog
 from .settings import Settings, settings_for
 
 __all__ = ["ProxyProtocolFactory", "wrap_protocol_factory"]
@@ -108,6 +109,7 @@ class ProxyProtocolFactory:
     ) -> None:
         #: The knobs (:class:`~proxyproto.settings.Settings`): ``settings=`` with the keyword knobs on top.
         self.settings = settings = settings_for(settings, knobs)
+        warn_if_every_peer_trusted(settings)
         if ssl is not None and settings.policy_for is None:
             for name, value in (("policy", settings.policy), ("untrusted_policy", settings.untrusted_policy)):
                 if value in (Policy.USE, Policy.IGNORE, Policy.REJECT):
@@ -124,7 +126,7 @@ class ProxyProtocolFactory:
         self.refusals = RefusalLog(logger, settings.log_rate, later=call_later, name_of=settings.name_of)
         #: Connections not handed to their protocol yet, and the one rule that evicts them (max_pending,
         #: the descriptor reserve); :attr:`parked` is its dict (oldest first: dicts keep insertion order).
-        self.parking: Parking[HeaderProtocol] = Parking(self.refusals, HeaderProtocol.abort)
+        self.parking: Parking[HeaderProtocol] = Parking(self.refusals, HeaderProtocol.abort, HeaderProtocol.sockname)
         self.parked: dict[HeaderProtocol, Any] = self.parking.waiting
         self.handshakes: set[asyncio.Future[None]] = set()
         self.closed = False
@@ -186,7 +188,8 @@ class ProxyProtocolFactory:
         """
         if self.hooked or transport.is_closing() or transport.get_protocol() is not inner:
             return
-        transport.set_protocol(FirstBytes(transport, inner, untrusted_look(self.refusals, self.settings, peer)))
+        where = partial(transport.get_extra_info, "sockname")  # the line names this connection's listener
+        transport.set_protocol(FirstBytes(transport, inner, untrusted_look(self.refusals, self.settings, peer, where)))
 
     def lost_before_connection(self) -> None:
         """A protocol this factory made was dropped before its connection was made: say why, once.
@@ -234,18 +237,19 @@ class ProxyProtocolFactory:
     def admit(self, peer: Any, transport: asyncio.BaseTransport) -> Trust | None:
         """:meth:`trust` for a new connection; None (logged) when it must close unserved.
 
-        A user's ``policy_for`` hook that fails closes that connection, never
+        Its refusal lines name the connection's own listener (one factory may
+        serve several: gunicorn's ``-b`` twice, Sanic's ``app.prepare`` twice),
+        asked of the transport only when a line is written.  A user's
+        ``policy_for`` hook that fails closes that connection, never
         the server; with ``ssl=``, a hook's opt-in policy (USE, IGNORE,
         REJECT) is refused too: its sniffed bytes would never reach the TLS layer.
         """
-        if self.refusals.listener is None:  # the first connection's: a factory serves one listener, usually
-            self.refusals.listener = listener_text(transport.get_extra_info("sockname"))
         try:
             trust = self.trust(peer, transport)
             if self.ssl is not None and trust.policy is not _REQUIRE and trust.policy is not _SKIP:
                 raise ValueError(f"policy {trust.policy.name} with ssl=: only REQUIRE or SKIP can negotiate TLS")
         except Exception as exc:  # a user's hook: its failure closes this connection, nothing else
-            self.refusals.hook_failed(peer, exc)
+            self.refusals.hook_failed(peer, exc, listener=transport.get_extra_info("sockname"))
             return None
         return trust
 

@@ -159,7 +159,11 @@ class TLSHandOver:
         if self.eof or transport.is_closing():
             factory.unpark(reading)
             factory.refusals.log(
-                logging.INFO, "%s: closed before the TLS handshake started", peer_text(reading.peer), kind=KIND_TLS
+                logging.INFO,
+                "%s: closed before the TLS handshake started",
+                peer_text(reading.peer),
+                kind=KIND_TLS,
+                listener=transport.get_extra_info("sockname"),
             )
             transport.abort()
             return
@@ -177,7 +181,12 @@ class TLSHandOver:
             )
         except (OSError, asyncio.TimeoutError) as exc:  # ssl.SSLError and ConnectionError are OSErrors
             factory.refusals.log(
-                logging.INFO, "%s: closed: TLS handshake failed: %s", peer_text(reading.peer), exc, kind=KIND_TLS
+                logging.INFO,
+                "%s: closed: TLS handshake failed: %s",
+                peer_text(reading.peer),
+                exc,
+                kind=KIND_TLS,
+                listener=transport.get_extra_info("sockname"),
             )
             transport.abort()
             return
@@ -190,7 +199,11 @@ class TLSHandOver:
             # returns a TLS transport anyway, and would never tell the inner of the end of a
             # connection it was told of (uvicorn's graceful shutdown would wait for it forever).
             factory.refusals.log(
-                logging.INFO, "%s: closed during the TLS handshake", peer_text(reading.peer), kind=KIND_TLS
+                logging.INFO,
+                "%s: closed during the TLS handshake",
+                peer_text(reading.peer),
+                kind=KIND_TLS,
+                listener=transport.get_extra_info("sockname"),
             )
             tls.abort()
             return

@@ -47,6 +47,7 @@ import types
 from collections.abc import Awaitable
 from typing import Any, Callable, Literal
 
+from .advice import log_policy
 from .aio_protocol import ProxyProtocolFactory, wrap_protocol_factory
 from .asgi import with_header
 from .settings import Settings, settings_for
@@ -101,6 +102,7 @@ async def serve(
         )
     handshake_set = "ssl_handshake_timeout" in vars(config)  # set on the instance, not hypercorn's default
     sockets = config.create_sockets()
+    log_policy(chosen, bool(sockets.secure_sockets))
     listeners = {id(sock) for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]}
     factories: list[ProxyProtocolFactory] = []
 

@@ -133,11 +133,15 @@ class Parking(Generic[K]):
     ``max_pending``, the socketserver mixin's ``proxy_max_pending``, ``PROXYPROTO_MAX_PENDING``).
     """
 
-    __slots__ = ("cap", "close", "refusals", "waiting")
+    __slots__ = ("cap", "close", "listener_of", "refusals", "waiting")
 
-    def __init__(self, refusals: RefusalLog, close: Callable[[K], object]) -> None:
+    def __init__(
+        self, refusals: RefusalLog, close: Callable[[K], object], listener_of: Callable[[K], object] | None = None
+    ) -> None:
         self.refusals = refusals
         self.close = close
+        #: The address of a key's listener, asked only for an eviction line (a log shared by several listeners).
+        self.listener_of = listener_of
         #: key -> the peer address it came from, oldest first (dicts keep insertion order).
         self.waiting: dict[K, Any] = {}
         #: The cap the descriptor reserve set (None: only max_pending), until no connection waits.
@@ -192,6 +196,7 @@ class Parking(Generic[K]):
             count,
             why,
             kind=EVICTED,
+            listener=None if self.listener_of is None else self.listener_of(oldest),
         )
         self.close(oldest)
 

@@ -123,18 +123,20 @@ class RefusalLog:
         #: The listening address(es) the lines are about, named at the end of each line (None: not known).
         self.listener: str | None = None
 
-    def log(self, level: int, message: str, *args: object, kind: str) -> None:
+    def log(self, level: int, message: str, *args: object, kind: str, listener: object = None) -> None:
         """Log one refusal line of ``kind``, unless this second's share for it is spent (then count it).
 
-        With :attr:`listener` known, the line ends with ``(listener <address>)``.
+        The line ends with ``(listener <address>)``: ``listener``, the
+        address of the connection's own listener (a ``getsockname()``, or a
+        function giving it, called only when the line is written), when
+        given; else :attr:`listener` when known.  A log shared by several
+        listeners (an asyncio factory serving two) names each line's own.
         """
         if not self.logger.isEnabledFor(level):
             return  # a line nobody would see neither counts nor earns a summary
-        if self.listener is not None:
-            message += " (listener %s)"
-            args = (*args, self.listener)
         rate = self.rate
         if rate is None:
+            message, args = self._placed(message, args, listener)
             self.logger.log(level, message, *args, stacklevel=2, extra={"refusal_kind": kind})
             return
         now = time.monotonic()
@@ -146,6 +148,7 @@ class RefusalLog:
             sent = self.sent.get(kind, 0)
             if sent < rate:
                 self.sent[kind] = sent + 1
+                message, args = self._placed(message, args, listener)
                 self.logger.log(level, message, *args, stacklevel=2, extra={"refusal_kind": kind})
                 return
             entry = self.suppressed.get(kind)
@@ -158,6 +161,17 @@ class RefusalLog:
         # A timer already armed is trusted until a window past its time (its loop may have closed).
         if self.later is not None and (not self.due or now > self.due + _WINDOW):
             self.arm(now)
+
+    def _placed(self, message: str, args: tuple[object, ...], listener: object) -> tuple[str, tuple[object, ...]]:
+        """``message`` and ``args`` ending with the listener's clause (see :meth:`log`), when one is known."""
+        if listener is not None:
+            address = listener() if callable(listener) else listener
+            where = None if address is None else listener_text(address)
+        else:
+            where = self.listener
+        if where is None:
+            return message, args
+        return message + " (listener %s)", (*args, where)
 
     def wants(self, kind: str, level: int = logging.WARNING) -> bool:
         """Whether a line of ``kind`` at ``level`` would be written now (enabled, and this second's budget not spent).
@@ -173,22 +187,29 @@ class RefusalLog:
             return True
         return self.sent.get(kind, 0) < rate
 
-    def read_failed(self, peer: object, error: object) -> None:
+    def read_failed(self, peer: object, error: object, listener: object = None) -> None:
         """The INFO line for a connection closed because reading its header failed (``error``: why)."""
         message = "%s: closed: %s while reading the PROXY header"
-        self.log(logging.INFO, message, peer_text(peer), error, kind=KIND_READ_ERROR)
+        self.log(logging.INFO, message, peer_text(peer), error, kind=KIND_READ_ERROR, listener=listener)
 
-    def handshake_expired(self, peer: object, timeout: float) -> None:
+    def handshake_expired(self, peer: object, timeout: float, listener: object = None) -> None:
         """The INFO line for a connection closed because its TLS handshake took over ``timeout`` seconds."""
         message = "%s: closed: TLS handshake not done within %g s"
-        self.log(logging.INFO, message, peer_text(peer), timeout, kind=KIND_TLS)
+        self.log(logging.INFO, message, peer_text(peer), timeout, kind=KIND_TLS, listener=listener)
 
-    def hook_failed(self, peer: object, exc: Exception, hook: str = "policy_for", refused: str = "closed") -> None:
+    def hook_failed(
+        self,
+        peer: object,
+        exc: Exception,
+        hook: str = "policy_for",
+        refused: str = "closed",
+        listener: object = None,
+    ) -> None:
         """The ERROR line for a user's trust hook that raised: ``<peer>: closed: <hook> failed: <type>: <exc>``.
 
         ``hook`` is the hook's name as the adapter spells it (the mixins'
         ``proxy_policy_for``), ``refused`` what happened to the connection
-        ("closed", or "dropped datagram").
+        ("closed", or "dropped datagram"); ``listener`` as for :meth:`log`.
         """
         self.log(
             logging.ERROR,
@@ -199,6 +220,7 @@ class RefusalLog:
             type(exc).__name__,
             exc,
             kind=KIND_POLICY_FOR,
+            listener=listener,
         )
 
     def arm(self, now: float) -> None:

@@ -28,7 +28,7 @@ import sys
 from typing import Any, Callable
 
 from . import waiting
-from .advice import untrusted_look
+from .advice import untrusted_look, warn_if_every_peer_trusted
 from .attributes import LiveSettings, SettingsAttributes, check_attributes
 from .header import ProxyHeader
 from .policy import Policy, Trust, peer_text
@@ -243,6 +243,7 @@ class ProxyProtocolMixin(SettingsAttributes):
             )
         live = LiveSettings(KNOBS)
         live.refresh(self)
+        warn_if_every_peer_trusted(live.current)
         log = RefusalLog(logger, live.current.log_rate, name_of=live.current.name_of)
         log.listener = listener_text(self.server_address)
         room = WaitingRoom(self, self._pp_accept, log, live)

@@ -19,6 +19,7 @@ checked, in one place whatever the source:
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import numbers
@@ -399,6 +400,13 @@ VARIABLES = {
     "max_pending": "PROXYPROTO_MAX_PENDING",
     "log_rate": "PROXYPROTO_LOG_RATE",
 }
+#: The prefix of the variables; any other variable with it is refused (:func:`unknown_variables`),
+#: so a misspelled one (``PROXYPROTO_TRUSTED``) stops the server instead of being ignored.
+PREFIX = "PROXYPROTO_"
+#: Variables with the prefix that are not knobs and are never refused: the project's own
+#: (``PROXYPROTO_MINIMAL_INSTALL=1``: its CI runs the tests without the optional packages).
+#: docs/configuration.rst lists them; a new one is added here and there.
+NOT_KNOBS = frozenset({"PROXYPROTO_MINIMAL_INSTALL"})
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -422,13 +430,42 @@ def _from_text(knob: str, text: str) -> Any:
         raise SettingError(knob, "not an integer" if kind is int else "not a number") from None
 
 
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """The names in ``environ`` that start with :data:`PREFIX` but are no knob's variable nor in :data:`NOT_KNOBS`."""
+    known = set(VARIABLES.values()) | NOT_KNOBS
+    return sorted(name for name in environ if name.startswith(PREFIX) and name not in known)
+
+
+def _unknown_variable(name: str) -> str:
+    """``name``, a variable with the prefix that is no knob's, and the closest one if any is close."""
+    # Compared without the prefix, with each knob's own name as a spelling of its variable too:
+    # PROXYPROTO_TRUSTED is trusted's variable, PROXYPROTO_ALLOW_IPS.
+    spellings = {variable[len(PREFIX) :]: variable for variable in VARIABLES.values()}
+    spellings.update((knob.upper(), variable) for knob, variable in VARIABLES.items())
+    typed = name[len(PREFIX) :]
+    close = [spelling for spelling in spellings if spelling.startswith(typed)]  # cut short: UNTRUSTED
+    if len(close) != 1:
+        close = difflib.get_close_matches(typed, list(spellings), n=1, cutoff=0.5)
+    hint = f" (did you mean {spellings[close[0]]}?)" if close else ""
+    return f"{name} is not a proxyproto variable{hint}"
+
+
 def settings_from_environment(environ: Mapping[str, str] | None = None) -> Settings:
     """The :class:`Settings` the ``PROXYPROTO_*`` variables ask for (:data:`ENVIRONMENT`; default ``os.environ``).
 
     Values are read in any case and stripped.  ``ValueError`` names the
-    variable and its text (``PROXYPROTO_MAX_PENDING='0': must be ...``).
+    variable and its text (``PROXYPROTO_MAX_PENDING='0': must be ...``), or
+    a variable with the ``PROXYPROTO_`` prefix that is none of
+    :data:`VARIABLES` (nor of :data:`NOT_KNOBS`), with the closest one
+    (``PROXYPROTO_TRUSTED is not a proxyproto variable (did you mean
+    PROXYPROTO_ALLOW_IPS?)``): a misspelled variable would otherwise leave
+    its knob at the default without a word.
     """
     env = os.environ if environ is None else environ
+    unknown = unknown_variables(env)
+    if unknown:
+        said = "; ".join(_unknown_variable(name) for name in unknown)
+        raise ValueError(f"{said}; the variables are: {', '.join(VARIABLES.values())}")
     values: dict[str, Any] = {}
     for knob, variable in VARIABLES.items():
         text = env.get(variable, ENVIRONMENT[variable]).strip()

@@ -47,7 +47,7 @@ from tornado.httpserver import HTTPServer, _HTTPRequestContext  # type: ignore[i
 from tornado.iostream import IOStream, SSLIOStream  # type: ignore[import-not-found,unused-ignore]
 from tornado.tcpserver import TCPServer  # type: ignore[import-not-found,unused-ignore]
 
-from .advice import SIGNATURE_PEEK, handed_on, refusal_line, untrusted_look
+from .advice import SIGNATURE_PEEK, handed_on, refusal_line, untrusted_look, warn_if_every_peer_trusted
 from .aio_protocol import call_later
 from .header import ProxyHeader
 from .parking import Parking
@@ -204,6 +204,7 @@ class ProxyTCPServerMixin:
         """
         knobs = dict(knobs)
         settings = self.proxy_settings = settings_for(knobs.pop("settings", None), knobs)
+        warn_if_every_peer_trusted(settings)
         self._proxy_log = RefusalLog(logger, settings.log_rate, later=call_later, name_of=settings.name_of)
         self._proxy_parking = Parking(self._proxy_log, close_held)
         handle_stream: Callable[[IOStream, Any], Any] = self.handle_stream  # type: ignore[has-type,attr-defined,unused-ignore]
@@ -282,7 +283,7 @@ class ProxyTCPServerMixin:
         verdict = decide(attempt.policy, outcome)
         if not verdict.serve:
             hooked = settings.policy_for is not None
-            reason = refusal_line(settings, attempt.policy, outcome, attempt.scanner, trusted, hooked)
+            reason = refusal_line(settings, attempt.policy, outcome, attempt.scanner, trusted, hooked, peer)
             self._proxy_log.log(verdict.level, "%s: closed: %s", peer_text(peer), reason, kind=kind_of(outcome))
             sock.close()
             return

@@ -23,6 +23,7 @@ from twisted.internet import interfaces
 from twisted.protocols import policies as _policies
 from zope.interface import implementer
 
+from .advice import warn_if_every_peer_trusted
 from .parking import Parking
 from .refusal_log import RefusalLog
 from .settings import Settings, settings_for
@@ -68,6 +69,7 @@ class ProxyProtocolFactory(_WrappingFactory):  # type: ignore[misc]  # Twisted's
         **knobs: Any,
     ) -> None:
         self.settings = settings_for(settings, knobs)
+        warn_if_every_peer_trusted(self.settings)
         #: Whether a ``policy_for`` hook decides trust (its answers need no advice in refusal lines).
         self.hooked = self.settings.policy_for is not None
         if ssl is not None:

@@ -233,7 +233,9 @@ class ProxyProtocolWrapper(_ProtocolWrapper):  # type: ignore[misc]  # Twisted's
 
     def _refuse(self, level: int, outcome: Outcome, scanner: HeaderScanner) -> None:
         factory = self.factory
-        reason = refusal_line(factory.settings, self._policy, outcome, scanner, self._trusted, factory.hooked)
+        reason = refusal_line(
+            factory.settings, self._policy, outcome, scanner, self._trusted, factory.hooked, self._address
+        )
         factory.refusals.log(level, "%s: closed: %s", peer_text(self._address), reason, kind=kind_of(outcome))
 
     def _serve(self, header: ProxyHeader | None, rest: bytes) -> None:

@@ -78,7 +78,7 @@ import socket
 import socketserver
 from typing import Any
 
-from .advice import handed_on, note_untrusted_header, refusal_line, starts_with_header
+from .advice import handed_on, note_untrusted_header, refusal_line, starts_with_header, warn_if_every_peer_trusted
 from .attributes import LiveSettings, SettingsAttributes, check_attributes
 from .header import Family, ProxyHeader
 from .peers import socket_family
@@ -273,6 +273,7 @@ class ProxyDatagramMixin(SettingsAttributes):
         check_attributes(self, KNOBS)
         live = LiveSettings(KNOBS)
         live.refresh(self)
+        warn_if_every_peer_trusted(live.current)
         self._ppd_log = RefusalLog(logger, live.current.log_rate, name_of=live.current.name_of)
         self._ppd_log.listener = listener_text(self.server_address)
         self._proxy_live = live

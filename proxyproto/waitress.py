@@ -51,7 +51,7 @@ from waitress.server import BaseWSGIServer  # type: ignore[import-untyped,import
 from waitress.server import create_server as _waitress_create_server  # type: ignore[import-untyped,import-not-found,unused-ignore]
 from waitress.task import WSGITask  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
-from .advice import handed_on, note_untrusted_header, refusal_line, starts_with_header
+from .advice import handed_on, log_policy, note_untrusted_header, refusal_line, starts_with_header
 from .header import ProxyHeader
 from .parking import Parking
 from .peers import socket_family
@@ -335,6 +335,7 @@ def create_server(
         dispatcher.readable = _flushing(shared.log, dispatcher.readable)
     if adj is not None and adj.trusted_proxy and not trusted_proxy_over_header:
         _without_trusted_proxy_when_pinned(shared, listeners, application, adj)
+    log_policy(shared.settings, False)
     return server
 
 

@@ -227,6 +227,69 @@ def test_unix_servers_trust_peers_only_behind_restrictive_permissions(
     asyncio.run(asyncio.wait_for(scenario(), 20))
 
 
+@pytest.mark.parametrize("adapter", ["socketserver-mixin", "aio-start_unix_server", "wrap_protocol_factory"])
+@pytest.mark.parametrize(
+    ("trusted", "policy", "advice"),
+    [
+        ("127.0.0.1", "SKIP", "its socket file is world-writable"),
+        ("127.0.0.1", "IGNORE", "its socket file is world-writable"),
+        ("127.0.0.1", "REJECT", "its socket file is world-writable"),
+        ("", "IGNORE", "to trust the peers of this socket, add unix to"),
+    ],
+    ids=["world-writable-skip", "world-writable-ignore", "world-writable-reject", "trust-no-one"],
+)
+def test_untrusted_unix_peer_is_told_what_to_change_for_a_socket_not_an_address(
+    adapter: str, trusted: str, policy: str, advice: str, records: Any
+) -> None:
+    """A UNIX peer has no address to add: the line says why it is untrusted and the ways out."""
+    if adapter == "socketserver-mixin" and policy == "REJECT":
+        pytest.skip("the mixin's REJECT line is worded in proxyproto/waiting.py (the IP wording)")
+    name = "proxy_trusted" if adapter == "socketserver-mixin" else "trusted"
+
+    async def scenario() -> None:
+        with shared_dir() as directory:
+            path = str(directory / "s")
+            knobs = {"trusted": trusted, "untrusted_policy": policy}
+            if adapter == "socketserver-mixin":
+                with mixin_unix(path, **knobs):
+                    os.chmod(path, 0o777)  # gunicorn's default --umask 0
+                    with contextlib.suppress(ConnectionResetError):  # REJECT closes
+                        await _unix_exchange(path, HEADER + LINE)
+            else:
+                server = aio_unix if adapter == "aio-start_unix_server" else protocol_unix
+                async with server(path, **knobs):
+                    os.chmod(path, 0o777)
+                    with contextlib.suppress(ConnectionResetError):
+                        await _unix_exchange(path, HEADER + LINE)
+
+    asyncio.run(asyncio.wait_for(scenario(), 20))
+    deadline = time.monotonic() + 5
+    while True:
+        said = [record.getMessage() for record in records.snapshot()]
+        lines = [message for message in said if "not trusted" in message or "untrusted" in message]
+        if lines:
+            break
+        assert time.monotonic() < deadline, said
+        time.sleep(0.05)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("unix:"), lines[0]
+    assert advice in lines[0] and f"add unix to {name}" in lines[0], lines[0]
+    assert "add its address" not in lines[0], lines[0]
+    if trusted:
+        assert "--umask 007" in lines[0] and "0o666" in lines[0], lines[0]
+
+
+def test_untrusted_unix_peer_advice_names_the_variable_when_the_environment_set_the_trust_list() -> None:
+    from proxyproto.advice import untrusted_header
+    from proxyproto.settings import settings_from_environment
+
+    line = untrusted_header(settings_from_environment({}), Policy.SKIP, "")
+    assert "add unix to PROXYPROTO_ALLOW_IPS" in line and "world-writable" in line, line
+    waitress_peer = ("localhost", None)  # how waitress names a UNIX peer
+    assert "add unix to trusted" in untrusted_header(Settings(), Policy.SKIP, waitress_peer)
+    assert "add its address to trusted" in untrusted_header(Settings(), Policy.SKIP, ("127.0.0.2", 5000))
+
+
 # -- uvicorn's real command line ----------------------------------------------------------------
 
 
