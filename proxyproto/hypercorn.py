@@ -50,6 +50,7 @@ from typing import Any, Callable, Literal
 from .advice import log_policy
 from .aio_protocol import ProxyProtocolFactory, wrap_protocol_factory
 from .asgi import with_header
+from .logs import show_through
 from .settings import Settings, settings_for
 
 __all__ = ["serve"]
@@ -93,6 +94,8 @@ async def serve(
 
     run = _serve_with_own_start_server(hypercorn_serve)  # RuntimeError, before binding, if hypercorn changed
     chosen = settings_for(settings, knobs)  # the knobs checked now, before binding
+    config.log  # noqa: B018  (hypercorn's loggers, which its serve sets up too: proxyproto's lines show through them)
+    show_through("hypercorn.error")
     fix = _proxy_fix_middleware(app)
     if fix is not None:
         app = _ProxyFixUnlessPinned(fix)

@@ -268,7 +268,7 @@ class ProxyHTTPChannel(HTTPChannel):  # type: ignore[misc]  # waitress has no ty
         verdict = decide(policy, outcome)
         if not verdict.serve:
             hooked = settings.policy_for is not None
-            reason = refusal_line(settings, policy, outcome, scanner, self._proxy_trusted, hooked)
+            reason = refusal_line(settings, policy, outcome, scanner, self._proxy_trusted, hooked, self.proxy_peername)
             self._proxy_refuse(verdict.level, f"closed: {reason}", immediate=immediate, kind=kind_of(outcome))
             return False
         self._proxy_scanner = None

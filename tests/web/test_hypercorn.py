@@ -603,3 +603,25 @@ def test_docs_hypercorn_scope_header_example_trusts_only_a_trusted_proxys_ssl_tl
             process.wait(10)
         assert response.startswith(b"HTTP/1.1 200"), response
         assert expected in response, response
+
+
+def test_proxyprotos_lines_show_with_their_level_through_hypercorns_logging(tmp_path: Path) -> None:
+    """The documented script trusting every peer: its WARNING and INFO lines come out in hypercorn's format."""
+    port = free_port()
+    script = tmp_path / "example.py"
+    source = docs_block("hypercorn-example").replace("8080", str(port))
+    every_peer = source.replace('trusted="10.0.0.0/8,127.0.0.1"', 'trusted="*"')
+    assert every_peer != source
+    script.write_text(every_peer)
+    env = {**os.environ, "PYTHONPATH": str(DOCS.parents[1])}  # this checkout's proxyproto
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 20
+        while not listening(port):
+            assert time.monotonic() < deadline and process.poll() is None, "the example did not start"
+            time.sleep(0.05)
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=10)[0].decode()
+    assert "[WARNING] proxyproto:" in output, output
+    assert "[INFO] proxyproto: PROXY header policy" in output, output
