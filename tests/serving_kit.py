@@ -85,7 +85,9 @@ async def socketserver_serving(server: Any, knobs: dict[str, Any]) -> AsyncItera
         server.shutdown()
         server.server_close()
 
-    async with in_thread(server.serve_forever, stop):
+    # A short poll interval: ``shutdown()`` waits for the loop's next pass, which would cost up to
+    # socketserver's default 0.5 s per test; the tests here never depend on the interval.
+    async with in_thread(lambda: server.serve_forever(poll_interval=0.05), stop):
         yield server.server_address[:2]
 
 
@@ -138,9 +140,19 @@ async def aio_streams(**knobs: Any) -> AsyncIterator[Address]:
         await server.wait_closed()
 
 
+class FirstDataCloser(asyncio.Protocol):
+    """Closes once it has what the client sent first, as :class:`Closer` and ``aio_streams``' app do."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.close()
+
+
 @contextlib.asynccontextmanager
 async def protocol_factory(**knobs: Any) -> AsyncIterator[Address]:
-    factory = wrap_protocol_factory(asyncio.Protocol, **knobs)
+    factory = wrap_protocol_factory(FirstDataCloser, **knobs)
     server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
     try:
         yield server.sockets[0].getsockname()[:2]

@@ -41,7 +41,9 @@ DEST_V4 = ("198.51.100.20", 443)
 V1 = proxyproto.encode_v1(REAL_V4, DEST_V4)
 V2 = proxyproto.encode_v2(REAL_V4, DEST_V4)
 V2_DGRAM = proxyproto.encode_v2(REAL_V4, DEST_V4, protocol=proxyproto.Protocol.DGRAM)
-HTTP = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+#: ``Connection: close``: an HTTP server (waitress) closes once it has answered, so the client's read
+#: ends there instead of at its 2 s bound.
+HTTP = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 #: The start of a real TLS 1.2/1.3 ClientHello record.
 CLIENT_HELLO = bytes.fromhex("160301020001") + b"\x00" * 40
 UNTRUSTED_SOURCE = "127.0.0.2"

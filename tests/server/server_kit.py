@@ -281,13 +281,27 @@ class Running:
         if self.stopped:
             return
         self.stopped = True
-        self.server.shutdown()
+        if self.poll_interval > 0.5:
+            self._shutdown_now()
+        else:
+            self.server.shutdown()
         self.server.server_close()
         self.thread.join(10)
         if self.tmpdir:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
         if self.error is not None:
             raise self.error
+
+    def _shutdown_now(self) -> None:
+        """``shutdown()`` without waiting out a long ``poll_interval``: it returns once the loop's
+        select does, so connections wake it (one may come before the loop sees the request: the
+        next one wakes it again)."""
+        stopping = threading.Thread(target=self.server.shutdown, daemon=True)
+        stopping.start()
+        while stopping.is_alive():
+            with contextlib.suppress(OSError):
+                self.connect(timeout=1.0).close()
+            stopping.join(0.05)
 
     # clients ---------------------------------------------------------------------------
 

@@ -63,12 +63,12 @@ def test_shutdown_and_server_close_are_prompt_and_close_parked_connections(name:
                 sock.close()
 
 
-class SlowChildHandler(socketserver.StreamRequestHandler):
-    """Reads a line, then holds the child for 3 s before answering."""
+class HoldingChildHandler(socketserver.StreamRequestHandler):
+    """Reads a line, then holds the child until a second line comes (the test says when), then answers."""
 
     def handle(self) -> None:
         self.rfile.readline()
-        time.sleep(3.0)
+        self.rfile.readline()
         self.wfile.write(json.dumps({"client_address": list(self.client_address)}).encode() + b"\n")
 
 
@@ -76,15 +76,16 @@ class SlowChildHandler(socketserver.StreamRequestHandler):
 def test_forked_child_does_not_keep_a_parked_connection_open(name: str) -> None:
     """A parked client is closed by the parent at its deadline and must see EOF then, even
     though a child forked while it was parked is still alive."""
-    with serve(name, SlowChildHandler, proxy_header_timeout=1.0) as srv:
+    with serve(name, HoldingChildHandler, proxy_header_timeout=1.0) as srv:
         with srv.connect() as parked:
             start = time.monotonic()
             time.sleep(0.2)
             with srv.connect() as busy:
-                busy.sendall(v1_header(REAL_V4, DEST_V4) + b"go\n")  # forks now, child sleeps 3 s
+                busy.sendall(v1_header(REAL_V4, DEST_V4) + b"go\n")  # forks now, the child holds on
                 assert sees_eof(parked, 3.5)
                 took = time.monotonic() - start
                 assert took < 2.2, f"parked client saw EOF after {took:.2f} s: child kept it open"
+                busy.sendall(b"answer now\n")  # the child was alive until here
                 busy.settimeout(5)
                 answer = busy.recv(4096)
                 assert json.loads(answer)["client_address"] == list(REAL_V4)

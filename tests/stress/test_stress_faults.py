@@ -20,6 +20,10 @@ import pytest
 from stress_kit import CLASS_NAMES, REAL_V4, V1_HEADER, ServerProcess, wait_until
 
 FORKING = [name for name in CLASS_NAMES if name.startswith("Forking")]
+#: The serving loop's poll interval: none of these tests is about it, and socketserver's default
+#: 0.5 s would be waited out by every ``shutdown()`` and, under ForkingMixIn, before each exited
+#: child is reaped (the loop reaps in ``service_actions``, once per pass).
+POLL_INTERVAL = 0.05
 
 
 def reset(sock: socket.socket) -> None:
@@ -36,7 +40,7 @@ def log_lines(text: str, needle: str) -> list[str]:
 def test_client_resetting_mid_header_is_closed_quietly(name: str) -> None:
     """20 clients send part of a header and reset (RST on TCP; an abortive close on UNIX):
     each is closed with one log line, no traceback, nothing leaks, the server keeps serving."""
-    with ServerProcess(name, {"proxy_header_timeout": 5.0}) as srv:
+    with ServerProcess(name, {"proxy_header_timeout": 5.0}, poll_interval=POLL_INTERVAL) as srv:
         baseline = srv.warm_up()
         start = time.monotonic()
         for _ in range(20):
@@ -57,7 +61,7 @@ def test_client_resetting_mid_header_is_closed_quietly(name: str) -> None:
 @pytest.mark.parametrize("name", CLASS_NAMES)
 def test_handler_that_raises_leaves_the_server_serving(name: str) -> None:
     """A handler exception goes to socketserver's ordinary handle_error; the loop goes on."""
-    with ServerProcess(name, {"proxy_header_timeout": 5.0}) as srv:
+    with ServerProcess(name, {"proxy_header_timeout": 5.0}, poll_interval=POLL_INTERVAL) as srv:
         baseline = srv.warm_up()
         for _ in range(5):
             with srv.connect() as sock:
@@ -75,7 +79,7 @@ def test_handler_that_raises_leaves_the_server_serving(name: str) -> None:
 def test_failed_fork_closes_that_connection_and_keeps_serving(name: str) -> None:
     """``os.fork`` raising OSError once (patched in the server process): that connection is closed,
     the next one is served, nothing leaks."""
-    with ServerProcess(name, {"proxy_header_timeout": 5.0}) as srv:
+    with ServerProcess(name, {"proxy_header_timeout": 5.0}, poll_interval=POLL_INTERVAL) as srv:
         baseline = srv.warm_up()
         assert srv.command("failfork") == {"armed": True}
         with srv.connect() as sock:
@@ -96,7 +100,7 @@ def test_failed_fork_closes_that_connection_and_keeps_serving(name: str) -> None
 def test_shutdown_and_server_close_with_parked_connections_are_prompt(name: str) -> None:
     """With 50 connections parked mid-header, ``shutdown()`` and ``server_close()`` return in < 2 s,
     every parked connection is closed, and the process is back to its descriptors before the server."""
-    with ServerProcess(name, {"proxy_header_timeout": 30.0}) as srv:
+    with ServerProcess(name, {"proxy_header_timeout": 30.0}, poll_interval=POLL_INTERVAL) as srv:
         srv.warm_up()
         before = srv.fds()
         socks = []
@@ -129,7 +133,7 @@ def test_shutdown_and_server_close_with_parked_connections_are_prompt(name: str)
 def test_running_out_of_descriptors_backs_off_and_recovers(name: str) -> None:
     """RLIMIT_NOFILE 64 in the server, 80 clients: accept fails (EMFILE), the listener backs off
     (no spinning), the failure is logged, and once the clients go away a good client is served."""
-    with ServerProcess(name, {"proxy_header_timeout": 30.0}, rlimit_nofile=64) as srv:
+    with ServerProcess(name, {"proxy_header_timeout": 30.0}, rlimit_nofile=64, poll_interval=POLL_INTERVAL) as srv:
         baseline = srv.warm_up()
         socks = [srv.connect() for _ in range(80)]
         assert wait_until(lambda: "accept() failed" in srv.stderr(), 5.0), srv.stderr()[-2000:]
@@ -158,7 +162,8 @@ def test_running_out_of_descriptors_backs_off_and_recovers(name: str) -> None:
 def test_running_out_of_descriptors_is_logged_once() -> None:
     """DESIGN: 'the listener is unregistered for a short back-off and the failure logged once':
     one ERROR line per outage however long it lasts, and one line when accept works again."""
-    with ServerProcess("ThreadingProxyTCPServer", {"proxy_header_timeout": 30.0}, rlimit_nofile=64) as srv:
+    attrs = {"proxy_header_timeout": 30.0}
+    with ServerProcess("ThreadingProxyTCPServer", attrs, rlimit_nofile=64, poll_interval=POLL_INTERVAL) as srv:
         srv.warm_up()
         socks = [srv.connect() for _ in range(80)]
         assert wait_until(lambda: "accept() failed" in srv.stderr(), 5.0)
@@ -176,7 +181,7 @@ def test_running_out_of_descriptors_is_logged_once() -> None:
 def test_forked_child_drops_the_parents_parked_connections(name: str) -> None:
     """While a child serves a slow request, the parent's parked connections still close at their
     deadline: the child closed its copies (DESIGN: forked-child cleanup), so the peers see EOF."""
-    with ServerProcess(name, {"proxy_header_timeout": 1.0}) as srv:
+    with ServerProcess(name, {"proxy_header_timeout": 1.0}, poll_interval=POLL_INTERVAL) as srv:
         baseline = srv.warm_up()
         parked = [srv.connect() for _ in range(5)]
         time.sleep(0.1)
@@ -212,7 +217,7 @@ def test_headers_completing_together_at_the_descriptor_limit_are_served(name: st
 
     Out of descriptors, the server closes the oldest parked connections to accept newer ones
     (issue 11 item 5), so the 20 that complete are the newest: those the server holds."""
-    with ServerProcess(name, {"proxy_header_timeout": 30.0}, rlimit_nofile=64) as srv:
+    with ServerProcess(name, {"proxy_header_timeout": 30.0}, rlimit_nofile=64, poll_interval=POLL_INTERVAL) as srv:
         srv.warm_up()
         socks = [srv.connect() for _ in range(70)]
         assert wait_until(lambda: "accept() failed" in srv.stderr(), 5.0)

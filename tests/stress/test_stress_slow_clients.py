@@ -203,7 +203,9 @@ def test_slow_and_silent_clients_never_stall_good_ones_T1_G7(name: str) -> None:
 def test_max_pending_evicts_the_oldest_parked_connection(name: str) -> None:
     """Past ``proxy_max_pending`` the oldest parked connection is closed at once and logged, one line each."""
     attrs = {"proxy_header_timeout": 10.0, "proxy_max_pending": 10}
-    with ServerProcess(name, attrs) as srv:
+    # Eviction happens at accept, whatever the poll interval; socketserver's default 0.5 s would
+    # only be waited out by shutdown() at the end.
+    with ServerProcess(name, attrs, poll_interval=0.05) as srv:
         baseline = srv.warm_up()
         socks = []
         for _ in range(30):

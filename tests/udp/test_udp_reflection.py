@@ -27,8 +27,10 @@ from udp_kit import CLASS_NAMES, DEST_V4, DEST_V6, REAL_V4, REPLY_TIMEOUT, proxy
 from proxyproto import udp
 
 #: How long the victim listens after the proxy has its reply.  Generous: on loopback a datagram
-#: sent before the reply is queued at the victim before the reply is even received.
-VICTIM_WAIT = 1.0
+#: sent before the reply is queued at the victim before the reply is even received, and one sent
+#: after it would come from the same handler call, microseconds later; udp_kit's SILENCE (how long
+#: any dropped datagram's reply is awaited) is the same 0.3 s.
+VICTIM_WAIT = 0.3
 
 
 def report(handler: socketserver.BaseRequestHandler) -> bytes:

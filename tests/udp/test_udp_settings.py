@@ -23,6 +23,7 @@ from udp_kit import (
     CLASS_NAMES,
     REAL_V4,
     exchange,
+    no_replies,
     no_reply,
     proxy_socket,
     running,
@@ -124,8 +125,7 @@ def test_udp_invalid_class_change_logs_once_and_drops_every_datagram_until_fixed
         assert exchange(stranger, server, udp4() + b"ok")["client_address"] == list(REAL_V4)
         setattr(cls, setting, value)  # on the class: no __setattr__ of the instance sees it
         try:
-            for _ in range(5):
-                assert no_reply(stranger, server, udp4() + b"while broken")
+            assert no_replies(stranger, server, [udp4() + b"while broken"] * 5)
         finally:
             if original is None:
                 delattr(cls, setting)  # back to the mixin's default

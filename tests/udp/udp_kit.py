@@ -137,6 +137,21 @@ def exchange(sock: socket.socket, server: Any, datagram: bytes) -> dict[str, Any
     return report
 
 
+def no_replies(sock: socket.socket, server: Any, datagrams: list[bytes]) -> bool:
+    """Send every one of ``datagrams``; True when no reply to any comes within ``SILENCE`` seconds of
+    the last (all dropped): each had that long to be answered, watched over the same window."""
+    for datagram in datagrams:
+        sock.sendto(datagram, server.server_address)
+    sock.settimeout(SILENCE)
+    try:
+        sock.recvfrom(65535)
+    except socket.timeout:
+        return True
+    finally:
+        sock.settimeout(REPLY_TIMEOUT)
+    return False
+
+
 def no_reply(sock: socket.socket, server: Any, datagram: bytes) -> bool:
     """Send ``datagram``; True when no reply comes within ``SILENCE`` seconds (it was dropped)."""
     sock.sendto(datagram, server.server_address)
