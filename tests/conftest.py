@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,13 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=300, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") == "true" else "dev")
+
+# A suite started as a background job of a shell without job control (``bash .ci/run &``) inherits
+# SIGINT ignored, and so would every server a test starts: one stopped with SIGINT would wait out its
+# kill fallback instead of stopping.  Python's own handler, as in a foreground run (children then
+# start with the default disposition).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
