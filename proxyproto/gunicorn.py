@@ -302,7 +302,39 @@ Serve = Callable[[socket.socket, "ProxyHeader | None", Any, Any, bool], None]
 _GUNICORN_FORWARDED_DEFAULTS = (frozenset(("127.0.0.1", "::1")), frozenset(("127.0.0.1",)))
 
 
-class _WithoutForwardedHeaders:
+class _ServedConfig:
+    """gunicorn's ``cfg`` as a worker's connections are served with: every setting's value read once, some replaced.
+
+    gunicorn's ``Config`` answers a setting through ``__getattr__`` (on
+    CPython 3.11, after a failed lookup whose ``AttributeError`` message is
+    formatted), about twenty times per request; here each setting is a
+    plain attribute, read from ``cfg`` when the worker starts its loop
+    (a worker's settings do not change while it runs: gunicorn reloads by
+    starting new workers).  ``replaced`` gives the values that differ from
+    ``cfg``'s; anything else (``Config``'s methods and other properties) is
+    ``cfg``'s own.
+    """
+
+    def __init__(self, cfg: Any, **replaced: Any) -> None:
+        self._cfg = cfg
+        values = self.__dict__
+        for name in cfg.settings:
+            try:
+                values[name] = getattr(cfg, name)  # (a property of Config's, where one has the setting's name)
+            except Exception:  # pragma: no cover - left to cfg itself, asked when used
+                continue
+        values["is_ssl"] = cfg.is_ssl
+        values.update(replaced)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cfg, name)
+
+
+def _no_networks() -> list[Any]:
+    return []
+
+
+def _without_forwarded_headers(cfg: Any) -> _ServedConfig:
     """gunicorn's ``cfg`` as the connections of peers trusted to send the PROXY header see it.
 
     Every setting is the worker's but those through which a request's header
@@ -312,19 +344,13 @@ class _WithoutForwardedHeaders:
     its client's header lines untouched (haproxy in ``mode tcp``), so on its
     connections those lines are the client's, never the proxy's.
     """
-
-    secure_scheme_headers: ClassVar[dict[str, str]] = {}
-    forwarder_headers: ClassVar[list[str]] = []
-    forwarded_allow_ips: ClassVar[list[str]] = []
-
-    def __init__(self, cfg: Any) -> None:
-        self._cfg = cfg
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._cfg, name)
-
-    def forwarded_allow_networks(self) -> list[Any]:
-        return []
+    return _ServedConfig(
+        cfg,
+        secure_scheme_headers={},
+        forwarder_headers=[],
+        forwarded_allow_ips=[],
+        forwarded_allow_networks=_no_networks,
+    )
 
 
 class _HandshakeWithDeadline(ssl.SSLSocket):
@@ -337,7 +363,7 @@ class _HandshakeWithDeadline(ssl.SSLSocket):
     workers take as a closed TLS connection (no traceback).  The subclass of
     each worker, with its timeout and refusal log, is made by
     :func:`_handshake_class`; gunicorn's SSL context returns it
-    (``SSLContext.sslsocket_class``, set by :class:`_TLSWithDeadline`).
+    (``SSLContext.sslsocket_class``, set by :func:`_tls_with_deadline`).
     """
 
     handshake_timeout: ClassVar[float]
@@ -388,36 +414,29 @@ def _handshake_class(timeout: float, refusals: RefusalLog) -> type[_HandshakeWit
     return type("HandshakeWithDeadline", (_HandshakeWithDeadline,), attributes)
 
 
-class _TLSWithDeadline:
+def _tls_with_deadline(
+    cfg: Any, socket_class: type[ssl.SSLSocket], handshake_on_connect: bool | None
+) -> _ServedConfig:
     """gunicorn's ``cfg`` for a worker with ``--certfile``: its SSL context makes :class:`_HandshakeWithDeadline`.
 
     ``handshake_on_connect`` (None: gunicorn's setting) makes the handshake
     happen at wrap time: the sync worker's gunicorn code otherwise leaves it
     to the first read, which no ``do_handshake`` bounds.
     """
+    hook = cfg.ssl_context
 
-    def __init__(self, cfg: Any, socket_class: type[ssl.SSLSocket], handshake_on_connect: bool | None) -> None:
-        self._cfg = cfg
-        self._socket_class = socket_class
-        self._handshake_on_connect = handshake_on_connect
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._cfg, name)
-
-    @property
-    def do_handshake_on_connect(self) -> bool:
-        chosen = self._handshake_on_connect
-        return bool(self._cfg.do_handshake_on_connect if chosen is None else chosen)
-
-    def ssl_context(self, conf: Any, default_ssl_context_factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+    def ssl_context(conf: Any, default_ssl_context_factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
         """gunicorn's hook (the operator's ``ssl_context``, if any), its context returning the bounded sockets."""
-        context: ssl.SSLContext = self._cfg.ssl_context(conf, default_ssl_context_factory)
-        context.sslsocket_class = self._socket_class
+        context: ssl.SSLContext = hook(conf, default_ssl_context_factory)
+        context.sslsocket_class = socket_class
         return context
+
+    chosen = cfg.do_handshake_on_connect if handshake_on_connect is None else handshake_on_connect
+    return _ServedConfig(cfg, ssl_context=ssl_context, do_handshake_on_connect=bool(chosen))
 
 
 def _cfg_for_trusted_peers(cfg: Any) -> Any:
-    """The ``cfg`` a trusted peer's connection is served with: :class:`_WithoutForwardedHeaders` unless chosen.
+    """The ``cfg`` a trusted peer's connection is served with: :func:`_without_forwarded_headers` unless chosen.
 
     The served address of a connection from a peer trusted to send the
     header is the proxy's own when the header carries no client (PROXY
@@ -440,7 +459,7 @@ def _cfg_for_trusted_peers(cfg: Any) -> Any:
         "gunicorn's secure_scheme_headers and forwarder_headers are off for peers trusted to send the "
         "PROXY header (set FORWARDED_ALLOW_IPS or --forwarded-allow-ips to keep them)"
     )
-    return _WithoutForwardedHeaders(cfg)
+    return _without_forwarded_headers(cfg)
 
 
 class _Reception:
@@ -643,8 +662,10 @@ class _ProxyWorker:
         cfg = self.cfg
         if cfg.is_ssl:
             socket_class = _handshake_class(settings.header_timeout, self._proxy.log)
-            cfg = _TLSWithDeadline(cfg, socket_class, self._proxy_handshake_on_connect)
-        self._proxy_cfgs = (cfg, _cfg_for_trusted_peers(cfg))
+            served = _tls_with_deadline(cfg, socket_class, self._proxy_handshake_on_connect)
+        else:
+            served = _ServedConfig(cfg)
+        self._proxy_cfgs = (served, _cfg_for_trusted_peers(served))
         return self._proxy
 
 
