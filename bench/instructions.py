@@ -202,7 +202,7 @@ def run_uvicorn(servers: str, versions: str = "2") -> None:
         for name, http, head in rows:
             per_conn = (count_uvicorn(http, head, 50 + CONNECTIONS) - count_uvicorn(http, head, 50)) / CONNECTIONS
             plain = plain or per_conn
-            extra = "" if per_conn == plain else f"  {per_conn / plain:.3f}x plain, +{per_conn - plain:,.0f}"
+            extra = "" if per_conn == plain else f"  {per_conn / plain:.3f}x plain, {per_conn - plain:+,.0f}"
             print(f"  {name:<28} {per_conn:>10,.0f}{extra}", flush=True)
 
 
@@ -292,7 +292,7 @@ def run_gunicorn(names: str, version: str) -> None:
         more = count_gunicorn(worker, args, head, 50 + CONNECTIONS)
         per_conn = (more - count_gunicorn(worker, args, head, 50)) / CONNECTIONS
         plain = plain or per_conn
-        extra = "" if per_conn == plain else f"  {per_conn / plain:.3f}x plain, +{per_conn - plain:,.0f}"
+        extra = "" if per_conn == plain else f"  {per_conn / plain:.3f}x plain, {per_conn - plain:+,.0f}"
         print(f"  {name:<28} {per_conn:>10,.0f}{extra}", flush=True)
 
 
