@@ -299,6 +299,7 @@ Serve = Callable[..., None]
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _SOCKET: Any = socket.socket  # (the class a preloaded socket gets back)
+_MSG_PEEK = int(socket.MSG_PEEK)  # (an int: the flag itself is an enum, whose ``&`` runs Python code)
 
 #: Bytes a connection's first read took out of the socket after the header, until gunicorn's parser reads.
 _PRELOADED: dict[socket.socket, bytes] = {}
@@ -325,7 +326,7 @@ class _Preloaded(socket.socket):
         if bufsize <= 0:
             return b""
         given = data[:bufsize]
-        if not flags & socket.MSG_PEEK:
+        if not flags & _MSG_PEEK:
             self._took(data, len(given))
         return given
 
@@ -337,7 +338,7 @@ class _Preloaded(socket.socket):
         view = memoryview(buffer).cast("B")
         size = min(len(data), nbytes or len(view), len(view))
         view[:size] = data[:size]
-        if not flags & socket.MSG_PEEK:
+        if not flags & _MSG_PEEK:
             self._took(data, size)
         return size
 
