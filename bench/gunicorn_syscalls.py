@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
 sys.path[:0] = [ROOT, BENCH]
 
-from instructions import GUNICORN_SERVERS, _free_port  # noqa: E402  (the same rows as the instruction counts)
+from instructions import GUNICORN_DEFAULT, GUNICORN_SERVERS, _free_port  # noqa: E402  (the same rows as the instruction counts)
 
 
 def _connect(port: int, proc: subprocess.Popen[bytes]) -> socket.socket:
@@ -105,7 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-n", type=int, default=400, help="connections counted per server (400)")
     parser.add_argument("--header", choices=("1", "2"), default="2")
-    parser.add_argument("--servers", default=",".join(GUNICORN_SERVERS), help=",".join(GUNICORN_SERVERS))
+    parser.add_argument("--servers", default=GUNICORN_DEFAULT, help=",".join(GUNICORN_SERVERS))
     options = parser.parse_args()
     from proxyproto import encode_v1, encode_v2
 
