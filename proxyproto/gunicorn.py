@@ -382,14 +382,16 @@ class _ServedConfig:
     """
 
     def __init__(self, cfg: Any, **replaced: Any) -> None:
-        self._cfg = cfg
         values = self.__dict__
-        for name in cfg.settings:
-            try:
-                values[name] = getattr(cfg, name)  # (a property of Config's, where one has the setting's name)
-            except Exception:  # pragma: no cover - left to cfg itself, asked when used
-                continue
-        values["is_ssl"] = cfg.is_ssl
+        if isinstance(cfg, _ServedConfig):  # another's values, some replaced again; the same Config behind
+            values.update(cfg.__dict__)
+        else:
+            self._cfg = cfg
+            owner = type(cfg)
+            for name, setting in cfg.settings.items():
+                if not hasattr(owner, name):  # (a property with a setting's name, sendfile say, stays Config's)
+                    values[name] = setting.get()
+            values["is_ssl"] = cfg.is_ssl
         values.update(replaced)
 
     def __getattr__(self, name: str) -> Any:
