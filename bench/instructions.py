@@ -203,7 +203,7 @@ def run_uvicorn(servers: str, versions: str = "2") -> None:
         for name, http, head in rows:
             per_conn = (count_uvicorn(http, head, 50 + CONNECTIONS) - count_uvicorn(http, head, 50)) / CONNECTIONS
             plain = plain or per_conn
-            extra = "" if per_conn == plain else f"  {per_conn / plain:.3f}x plain, +{per_conn - plain:,.0f}"
+            extra = "" if per_conn == plain else f"  {per_conn / plain:.3f}x plain, {per_conn - plain:+,.0f}"
             print(f"  {name:<28} {per_conn:>10,.0f}{extra}", flush=True)
 
 
@@ -212,7 +212,12 @@ GUNICORN_SERVERS = {
     "sync": ("sync", [], False),
     "sync-gunicorn-proxy": ("sync", ["--proxy-protocol", "{version}"], True),
     "sync-proxyproto": ("proxyproto.gunicorn.Sync", [], True),
+    # the control (bench/gunicorn_control.py): gunicorn's sync worker with this library's settings object
+    "served": ("gunicorn_control.SyncServedSettings", [], False),
+    "served-gunicorn-proxy": ("gunicorn_control.SyncServedSettings", ["--proxy-protocol", "{version}"], True),
 }
+#: The rows run when none are named: gunicorn's sync worker, its own PROXY, this library's.
+GUNICORN_DEFAULT = "sync,sync-gunicorn-proxy,sync-proxyproto"
 
 
 def count_gunicorn(worker: str, args: list[str], header: bytes, n: int) -> int:
@@ -293,7 +298,7 @@ def run_gunicorn(names: str, version: str) -> None:
         more = count_gunicorn(worker, args, head, 50 + CONNECTIONS)
         per_conn = (more - count_gunicorn(worker, args, head, 50)) / CONNECTIONS
         plain = plain or per_conn
-        extra = "" if per_conn == plain else f"  {per_conn / plain:.3f}x plain, +{per_conn - plain:,.0f}"
+        extra = "" if per_conn == plain else f"  {per_conn / plain:.3f}x plain, {per_conn - plain:+,.0f}"
         print(f"  {name:<28} {per_conn:>10,.0f}{extra}", flush=True)
 
 
@@ -388,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--servers", default="httptools,h11", help="uvicorn HTTP implementations, e.g. h11")
     parser.add_argument("--header", default="2", help="uvicorn: PROXY header versions, e.g. 1,2 (default 2)")
     parser.add_argument(
-        "--gunicorn", default=",".join(GUNICORN_SERVERS), help=f"gunicorn servers, from {','.join(GUNICORN_SERVERS)}"
+        "--gunicorn", default=GUNICORN_DEFAULT, help=f"gunicorn servers, from {','.join(GUNICORN_SERVERS)}"
     )
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None:

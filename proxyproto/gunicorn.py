@@ -43,7 +43,6 @@ import weakref
 from collections.abc import Mapping
 from typing import Any, Callable, ClassVar
 
-from gunicorn import util as _util  # type: ignore[import-untyped,import-not-found,unused-ignore]
 from gunicorn.workers import gthread as _gthread  # type: ignore[import-untyped,import-not-found,unused-ignore]
 from gunicorn.workers import sync as _sync  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
@@ -55,7 +54,7 @@ from .peers import socket_family
 from .policy import SERVES_A_HEADER, Policy, TrustedNetworks, peer_text, served_address
 from .refusal_log import KIND_TLS, RefusalLog, listener_text
 from .settings import VARIABLES, Settings, settings_from_environment
-from .sock import look_at_first_read, take_complete_header
+from .sock import look_at_first_read, read_complete_header, take_complete_header
 from .waiting import ParkedConnections
 from .watcher import Watcher
 
@@ -294,15 +293,116 @@ class _Live:
 
 
 #: ``serve(sock, header, address, listener, trusted)``: a connection whose header is decided and that is
-#: served; ``trusted``: its peer is trusted to send the PROXY header.
-Serve = Callable[[socket.socket, "ProxyHeader | None", Any, Any, bool], None]
+#: served; ``trusted``: its peer is trusted to send the PROXY header.  With the reception's first read, a
+#: sixth argument when the served stream's first bytes were read out of ``sock`` with the header: those.
+Serve = Callable[..., None]
+
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+_SOCKET: Any = socket.socket  # (the class a preloaded socket gets back)
+_MSG_PEEK = int(socket.MSG_PEEK)  # (an int: the flag itself is an enum, whose ``&`` runs Python code)
+
+#: Bytes a connection's first read took out of the socket after the header, until gunicorn's parser reads.
+_PRELOADED: dict[socket.socket, bytes] = {}
+
+#: How much the sync worker's first read of a connection asks for: what gunicorn's parser reads at once
+#: (``SocketUnreader``'s chunk), so the request that came with the header is there for it in one piece.
+FIRST_READ = 8192
+
+
+class _Preloaded(socket.socket):
+    """A connection whose next reads return :data:`_PRELOADED`'s bytes first (see :func:`_preload`).
+
+    Reading them all gives the socket its class back: from then on every
+    read is the socket's own.  ``MSG_PEEK`` looks without consuming.
+    """
+
+    __slots__ = ()
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data = _PRELOADED.get(self)
+        if data is None:  # pragma: no cover - (the class goes back with the last byte given)
+            self.__class__ = _SOCKET
+            return socket.socket.recv(self, bufsize, flags)
+        if bufsize <= 0:
+            return b""
+        given = data[:bufsize]
+        if not flags & _MSG_PEEK:
+            self._took(data, len(given))
+        return given
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        data = _PRELOADED.get(self)
+        if data is None:  # pragma: no cover - (the class goes back with the last byte given)
+            self.__class__ = _SOCKET
+            return socket.socket.recv_into(self, buffer, nbytes, flags)
+        view = memoryview(buffer).cast("B")
+        size = min(len(data), nbytes or len(view), len(view))
+        view[:size] = data[:size]
+        if not flags & _MSG_PEEK:
+            self._took(data, size)
+        return size
+
+    def _took(self, data: bytes, size: int) -> None:
+        if size < len(data):
+            _PRELOADED[self] = data[size:]
+        else:
+            del _PRELOADED[self]
+            self.__class__ = _SOCKET
+
+
+def _preload(sock: socket.socket, data: bytes) -> None:
+    """Make ``data`` the next bytes read from ``sock`` (``recv``, ``recv_into``), before the socket's own.
+
+    For the bytes a connection's first read took out of the kernel after
+    the PROXY header (the request, often whole): gunicorn's parser reads
+    them through its ``SocketUnreader``, which calls ``sock.recv``, as if
+    they had stayed in the socket; not a byte is lost or invented.  The
+    socket's class is swapped for :class:`_Preloaded` until they are read
+    (only ``socket.socket`` itself, what ``accept()`` gives).
+    """
+    _PRELOADED[sock] = data
+    sock.__class__ = _Preloaded
 
 
 #: gunicorn's own defaults for ``--forwarded-allow-ips`` (``FORWARDED_ALLOW_IPS`` unset; older versions).
 _GUNICORN_FORWARDED_DEFAULTS = (frozenset(("127.0.0.1", "::1")), frozenset(("127.0.0.1",)))
 
 
-class _WithoutForwardedHeaders:
+class _ServedConfig:
+    """gunicorn's ``cfg`` as a worker's connections are served with: every setting's value read once, some replaced.
+
+    gunicorn's ``Config`` answers a setting through ``__getattr__`` (on
+    CPython 3.11, after a failed lookup whose ``AttributeError`` message is
+    formatted), about twenty times per request; here each setting is a
+    plain attribute, read from ``cfg`` when the worker starts its loop
+    (a worker's settings do not change while it runs: gunicorn reloads by
+    starting new workers).  ``replaced`` gives the values that differ from
+    ``cfg``'s; anything else (``Config``'s methods and other properties) is
+    ``cfg``'s own.
+    """
+
+    def __init__(self, cfg: Any, **replaced: Any) -> None:
+        values = self.__dict__
+        if isinstance(cfg, _ServedConfig):  # another's values, some replaced again; the same Config behind
+            values.update(cfg.__dict__)
+        else:
+            self._cfg = cfg
+            owner = type(cfg)
+            for name, setting in cfg.settings.items():
+                if not hasattr(owner, name):  # (a property with a setting's name, sendfile say, stays Config's)
+                    values[name] = setting.get()
+            values["is_ssl"] = cfg.is_ssl
+        values.update(replaced)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cfg, name)
+
+
+def _no_networks() -> list[Any]:
+    return []
+
+
+def _without_forwarded_headers(cfg: Any) -> _ServedConfig:
     """gunicorn's ``cfg`` as the connections of peers trusted to send the PROXY header see it.
 
     Every setting is the worker's but those through which a request's header
@@ -312,19 +412,13 @@ class _WithoutForwardedHeaders:
     its client's header lines untouched (haproxy in ``mode tcp``), so on its
     connections those lines are the client's, never the proxy's.
     """
-
-    secure_scheme_headers: ClassVar[dict[str, str]] = {}
-    forwarder_headers: ClassVar[list[str]] = []
-    forwarded_allow_ips: ClassVar[list[str]] = []
-
-    def __init__(self, cfg: Any) -> None:
-        self._cfg = cfg
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._cfg, name)
-
-    def forwarded_allow_networks(self) -> list[Any]:
-        return []
+    return _ServedConfig(
+        cfg,
+        secure_scheme_headers={},
+        forwarder_headers=[],
+        forwarded_allow_ips=[],
+        forwarded_allow_networks=_no_networks,
+    )
 
 
 class _HandshakeWithDeadline(ssl.SSLSocket):
@@ -337,7 +431,7 @@ class _HandshakeWithDeadline(ssl.SSLSocket):
     workers take as a closed TLS connection (no traceback).  The subclass of
     each worker, with its timeout and refusal log, is made by
     :func:`_handshake_class`; gunicorn's SSL context returns it
-    (``SSLContext.sslsocket_class``, set by :class:`_TLSWithDeadline`).
+    (``SSLContext.sslsocket_class``, set by :func:`_tls_with_deadline`).
     """
 
     handshake_timeout: ClassVar[float]
@@ -388,36 +482,27 @@ def _handshake_class(timeout: float, refusals: RefusalLog) -> type[_HandshakeWit
     return type("HandshakeWithDeadline", (_HandshakeWithDeadline,), attributes)
 
 
-class _TLSWithDeadline:
+def _tls_with_deadline(cfg: Any, socket_class: type[ssl.SSLSocket], handshake_on_connect: bool | None) -> _ServedConfig:
     """gunicorn's ``cfg`` for a worker with ``--certfile``: its SSL context makes :class:`_HandshakeWithDeadline`.
 
     ``handshake_on_connect`` (None: gunicorn's setting) makes the handshake
     happen at wrap time: the sync worker's gunicorn code otherwise leaves it
     to the first read, which no ``do_handshake`` bounds.
     """
+    hook = cfg.ssl_context
 
-    def __init__(self, cfg: Any, socket_class: type[ssl.SSLSocket], handshake_on_connect: bool | None) -> None:
-        self._cfg = cfg
-        self._socket_class = socket_class
-        self._handshake_on_connect = handshake_on_connect
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._cfg, name)
-
-    @property
-    def do_handshake_on_connect(self) -> bool:
-        chosen = self._handshake_on_connect
-        return bool(self._cfg.do_handshake_on_connect if chosen is None else chosen)
-
-    def ssl_context(self, conf: Any, default_ssl_context_factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+    def ssl_context(conf: Any, default_ssl_context_factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
         """gunicorn's hook (the operator's ``ssl_context``, if any), its context returning the bounded sockets."""
-        context: ssl.SSLContext = self._cfg.ssl_context(conf, default_ssl_context_factory)
-        context.sslsocket_class = self._socket_class
+        context: ssl.SSLContext = hook(conf, default_ssl_context_factory)
+        context.sslsocket_class = socket_class
         return context
+
+    chosen = cfg.do_handshake_on_connect if handshake_on_connect is None else handshake_on_connect
+    return _ServedConfig(cfg, ssl_context=ssl_context, do_handshake_on_connect=bool(chosen))
 
 
 def _cfg_for_trusted_peers(cfg: Any) -> Any:
-    """The ``cfg`` a trusted peer's connection is served with: :class:`_WithoutForwardedHeaders` unless chosen.
+    """The ``cfg`` a trusted peer's connection is served with: :func:`_without_forwarded_headers` unless chosen.
 
     The served address of a connection from a peer trusted to send the
     header is the proxy's own when the header carries no client (PROXY
@@ -440,7 +525,7 @@ def _cfg_for_trusted_peers(cfg: Any) -> Any:
         "gunicorn's secure_scheme_headers and forwarder_headers are off for peers trusted to send the "
         "PROXY header (set FORWARDED_ALLOW_IPS or --forwarded-allow-ips to keep them)"
     )
-    return _WithoutForwardedHeaders(cfg)
+    return _without_forwarded_headers(cfg)
 
 
 class _Reception:
@@ -458,9 +543,15 @@ class _Reception:
     address it is served with.
     """
 
-    def __init__(self, settings: Settings, listeners: list[Any], serve: Serve, look: bool = True) -> None:
+    def __init__(
+        self, settings: Settings, listeners: list[Any], serve: Serve, look: bool = True, first_read: bool = False
+    ) -> None:
         self.settings = settings
         self.serve = serve
+        #: Whether a connection's first bytes are read in one go (:meth:`arrive`), the bytes after the
+        #: header handed to ``serve``; else the header is peeked and read exactly (TLS: the ClientHello
+        #: stays in the socket).
+        self.first_read = first_read and _DONTWAIT != 0
         #: Whether an untrusted peer's first bytes are looked at (not with TLS: gunicorn reads them decrypted).
         self.look = look and settings.policy_for is None
         self.log = RefusalLog(logger, settings.log_rate, name_of=settings.name_of)
@@ -472,7 +563,7 @@ class _Reception:
         self.watcher = watcher
         self.descriptor = watcher.descriptor
         # With the descriptor reserve: gthread's pool thread opens a selector for each served connection.
-        self.parked = ParkedConnections(_Live(settings), watcher, self.log, self._served, reserve=True)  # type: ignore[arg-type]
+        self.parked = ParkedConnections(_Live(settings), watcher, self.log, self._handed_out, reserve=True)  # type: ignore[arg-type]
         self.waiting = self.parked.parking.waiting
         self.accept_failing = False  # accept() failed for lack of resources; logged once until it works again
         self.accept_resume_at = 0.0  # the listeners rest until then (0: they do not)
@@ -514,7 +605,7 @@ class _Reception:
         if self.accept_failing and not evicted:
             logger.warning("accept() works again")
             self.accept_failing = False
-        _util.close_on_exec(client)
+        # (no close_on_exec as gunicorn's accept does: Python's descriptors are non-inheritable already, PEP 446)
         self.arrive(client, addr, listener)
 
     def resting(self) -> bool:
@@ -538,9 +629,22 @@ class _Reception:
             self.serve(sock, None, peer, listener, trusted)
             return
         saved = sock.gettimeout()
+        first = b""
         if saved:
             sock.settimeout(0.0)  # a timeout would make CPython wait before recv, whatever the flags
-        elif policy in SERVES_A_HEADER:  # the common case: the header came with the connection
+        elif policy in SERVES_A_HEADER and self.first_read and type(sock) is _SOCKET:  # header and request at once
+            try:
+                header, data = read_complete_header(
+                    sock, FIRST_READ, settings.max_header_size, settings.verify_checksum, settings.allow_v4_in_tcp6
+                )
+            except OSError as exc:
+                self.parked.read_failed(sock, peer, exc)
+                return
+            if header is not None:
+                self._served(sock, header, policy, peer, trusted, listener, data or b"")
+                return
+            first = data or b""  # read already: the parked scanner holds it (at EOF, b"": the peek sees the end)
+        elif policy in SERVES_A_HEADER:  # the header came with the connection; the rest stays in the socket
             try:
                 header = take_complete_header(
                     sock, settings.max_header_size, settings.verify_checksum, settings.allow_v4_in_tcp6
@@ -552,7 +656,7 @@ class _Reception:
                 self._served(sock, header, policy, peer, trusted, listener)
                 return
         self.listeners[sock] = listener
-        self.parked.park(sock, peer, policy, trusted, saved, time.monotonic())  # type: ignore[arg-type]
+        self.parked.park(sock, peer, policy, trusted, saved, time.monotonic(), first)  # type: ignore[arg-type]
 
     def poll(self) -> None:
         """The watcher's descriptor is readable: advance the parked headers that progressed, then the deadlines."""
@@ -596,15 +700,31 @@ class _Reception:
         self.watcher.close()
 
     def _served(
-        self, sock: Any, header: ProxyHeader | None, policy: Policy, peer: Any, trusted: bool, listener: Any = None
+        self,
+        sock: Any,
+        header: ProxyHeader | None,
+        policy: Policy,
+        peer: Any,
+        trusted: bool,
+        listener: Any = None,
+        rest: bytes = b"",
     ) -> None:
-        """ParkedConnections' hand-out (and the fast path's): the address to serve with, the header if trusted."""
+        """The fast path's hand-out: the address to serve with, the header if trusted; ``rest`` read already."""
         header = handed_on(self.log, self.settings, peer, policy, header, trusted, self.parked.live.hooked)
         if listener is None:
             listener = self.listeners.pop(sock, None)
         family = self.families.get(id(listener))
         address = served_address(policy, header, peer, socket_family(sock) if family is None else family)
-        self.serve(sock, header, address, listener, trusted)
+        if rest:
+            self.serve(sock, header, address, listener, trusted, rest)
+        else:
+            self.serve(sock, header, address, listener, trusted)
+
+    def _handed_out(
+        self, sock: Any, header: ProxyHeader | None, policy: Policy, peer: Any, trusted: bool, rest: bytes = b""
+    ) -> None:
+        """ParkedConnections' hand-out: :meth:`_served` with the listener kept at :meth:`arrive`."""
+        self._served(sock, header, policy, peer, trusted, None, rest)
 
 
 class _ProxyWorker:
@@ -633,18 +753,25 @@ class _ProxyWorker:
             )
         _startup_check(cfg)
 
-    def _proxy_start(self, serve: Serve) -> _Reception:
-        """In the worker, before its loop: the settings (``--env`` applied), gunicorn's parser off, the line."""
+    def _proxy_start(self, serve: Serve, first_read: bool = False) -> _Reception:
+        """In the worker, before its loop: the settings (``--env`` applied), gunicorn's parser off, the line.
+
+        ``first_read``: the reception reads a connection's first bytes in one go (:meth:`_Reception.arrive`),
+        never with TLS (the ClientHello must stay in the socket for the TLS layer).
+        """
         settings = settings_from_gunicorn(self.cfg)
         self.cfg.set("proxy_protocol", "off")  # this worker's copy: the header is never read twice
         _log_policy(settings, bool(self.cfg.is_ssl))
         self.wsgi = _with_header(self.wsgi)
-        self._proxy = _Reception(settings, list(self.sockets), serve, look=not self.cfg.is_ssl)
+        tls = bool(self.cfg.is_ssl)
+        self._proxy = _Reception(settings, list(self.sockets), serve, look=not tls, first_read=first_read and not tls)
         cfg = self.cfg
         if cfg.is_ssl:
             socket_class = _handshake_class(settings.header_timeout, self._proxy.log)
-            cfg = _TLSWithDeadline(cfg, socket_class, self._proxy_handshake_on_connect)
-        self._proxy_cfgs = (cfg, _cfg_for_trusted_peers(cfg))
+            served = _tls_with_deadline(cfg, socket_class, self._proxy_handshake_on_connect)
+        else:
+            served = _ServedConfig(cfg)
+        self._proxy_cfgs = (served, _cfg_for_trusted_peers(served))
         return self._proxy
 
 
@@ -655,10 +782,16 @@ class Sync(_ProxyWorker, _sync.SyncWorker):  # type: ignore[misc]
     connections still waiting for their header, so a client silent before
     its header never holds the worker: it serves whoever's header is
     complete, one connection at a time as gunicorn's sync worker does.
-    TLS (``--certfile``) and gunicorn's HTTP parser start after the header;
-    a client silent after it holds the worker in gunicorn's own parser, as
-    it would without this library (the reason gunicorn's docs put the sync
-    worker behind a buffering proxy).
+    Without TLS a connection's first bytes are read in one go, as
+    gunicorn's parser would read them: the header is taken from them and
+    the bytes after it (the request that came in the header's segment) go
+    to gunicorn's parser first, so a request costs the worker the same
+    reads as without a header.  TLS (``--certfile``) and gunicorn's HTTP
+    parser start after the header (with TLS the header is read exactly,
+    the ClientHello left in the socket); a client silent after it holds
+    the worker in gunicorn's own parser, as it would without this library
+    (the reason gunicorn's docs put the sync worker behind a buffering
+    proxy).
     """
 
     wait_fds: list[Any]
@@ -681,7 +814,7 @@ class Sync(_ProxyWorker, _sync.SyncWorker):  # type: ignore[misc]
         super().check_config(cfg, log)
 
     def run(self) -> None:
-        reception = self._proxy_start(self._proxy_serve)
+        reception = self._proxy_start(self._proxy_serve, first_read=True)
         self.wait_fds = [*self.wait_fds, reception.descriptor]
         try:
             super().run()
@@ -712,9 +845,18 @@ class Sync(_ProxyWorker, _sync.SyncWorker):  # type: ignore[misc]
         reception.accept(listener)
 
     def _proxy_serve(
-        self, sock: socket.socket, header: ProxyHeader | None, address: Any, listener: Any, trusted: bool
+        self,
+        sock: socket.socket,
+        header: ProxyHeader | None,
+        address: Any,
+        listener: Any,
+        trusted: bool,
+        rest: bytes = b"",
     ) -> None:
-        sock.setblocking(True)
+        if sock.gettimeout() is not None:  # (blocking already, as accept() makes it, is left as it is: no system call)
+            sock.setblocking(True)
+        if rest:
+            _preload(sock, rest)  # the request's bytes that came with the header: gunicorn's parser reads them first
         _serving.header = header
         cfg = self.cfg
         self.cfg = self._proxy_cfgs[trusted]  # (one connection at a time: gunicorn's handle reads self.cfg)
@@ -723,6 +865,8 @@ class Sync(_ProxyWorker, _sync.SyncWorker):  # type: ignore[misc]
         finally:
             _serving.header = None
             self.cfg = cfg
+            if rest and _PRELOADED.pop(sock, None) is not None:  # (the connection ended before gunicorn read them)
+                sock.__class__ = _SOCKET
 
 
 class GThread(_ProxyWorker, _gthread.ThreadWorker):  # type: ignore[misc]
@@ -766,8 +910,15 @@ class GThread(_ProxyWorker, _gthread.ThreadWorker):  # type: ignore[misc]
         reception.expire()
 
     def _proxy_serve(
-        self, sock: socket.socket, header: ProxyHeader | None, address: Any, listener: Any, trusted: bool
+        self,
+        sock: socket.socket,
+        header: ProxyHeader | None,
+        address: Any,
+        listener: Any,
+        trusted: bool,
+        rest: bytes = b"",
     ) -> None:
+        assert not rest, "gthread's reception reads exactly the header"  # (no first read: _proxy_start)
         self.nr_conns += 1
         sock.setblocking(True)
         conn = _gthread.TConn(self._proxy_cfgs[trusted], sock, address, listener.getsockname())

@@ -79,6 +79,40 @@ def take_complete_header(
     return header
 
 
+def read_complete_header(
+    sock: socket.socket, size: int, max_size: int | None, verify_checksum: bool, allow_v4_in_tcp6: bool
+) -> tuple[ProxyHeader | None, bytes | None]:
+    """One read of up to ``size`` bytes: ``(header, the bytes after it)`` when they start with a complete, valid header.
+
+    Unlike :func:`take_complete_header` this consumes what it reads, the
+    header and whatever came after it, in one system call, for a caller that
+    hands the bytes after the header to its server's own reader (gunicorn's
+    sync worker: the request that came in the header's segment).  Otherwise
+    it returns ``(None, data)``: ``data`` the bytes read (``b""`` at the end
+    of the stream), which the caller must keep (the scanner of a
+    :class:`~proxyproto.waiting.ParkedConnections` takes them:
+    ``park(..., first=data)``), or None when nothing has arrived (nothing
+    was consumed).  Never blocks; ``OSError`` from the socket propagates.
+    Like :func:`take_complete_header` it asks :func:`reader.parse` alone:
+    any answer but a complete header is the scanner's, on the long way.
+    """
+    try:
+        data = sock.recv(size, _DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return None, None
+    if not data:
+        return None, data
+    try:
+        header = reader.parse(
+            data, max_size=max_size, verify_checksum=verify_checksum, allow_v4_in_tcp6=allow_v4_in_tcp6
+        )
+    except ProxyProtocolError:
+        return None, data
+    if header is None:
+        return None, data
+    return header, data[header.length :]
+
+
 class HeaderAttempt(Attempt):
     """One connection's header, read without blocking: peek, decide, consume exactly.
 

@@ -83,7 +83,10 @@ class ParkedConnections:
     complete yet; :meth:`step` advances one the :class:`Watcher` reports;
     :meth:`expire` concludes those whose deadline passed.  A concluded
     connection is closed and logged, or handed to ``hand_out(sock, header,
-    policy, peer, trusted)`` as the policy table says.  The knobs are read
+    policy, peer, trusted)`` as the policy table says; a connection parked
+    with bytes its caller had read already (``park(..., first=)``) whose
+    served stream starts with some of them is handed out with a sixth
+    argument, those bytes (only such a caller gets one).  The knobs are read
     from ``live`` (the server's current settings) when used.
 
     The parked connections are the keys of :attr:`parking`, the
@@ -115,7 +118,7 @@ class ParkedConnections:
         live: LiveSettings,
         watcher: Watcher | None,
         log: RefusalLog,
-        hand_out: Callable[[ProxySocket, ProxyHeader | None, Policy, Address, bool], None],
+        hand_out: Callable[..., None],
         reserve: bool = False,
     ) -> None:
         self.live = live
@@ -127,11 +130,29 @@ class ParkedConnections:
         self.parking: Parking[Parked] = Parking(log, self._evicted)
 
     def park(
-        self, sock: ProxySocket, peer: Address, policy: Policy, trusted: bool, saved_timeout: float | None, now: float
+        self,
+        sock: ProxySocket,
+        peer: Address,
+        policy: Policy,
+        trusted: bool,
+        saved_timeout: float | None,
+        now: float,
+        first: bytes = b"",
     ) -> None:
-        """Start waiting for ``sock``'s header (deadline: ``proxy_header_timeout`` from ``now``)."""
+        """Start waiting for ``sock``'s header (deadline: ``proxy_header_timeout`` from ``now``).
+
+        ``first``: the stream's first bytes, already read out of ``sock`` by
+        the caller; the scanner holds them (:meth:`HeaderScanner.feed
+        <proxyproto.reader.HeaderScanner.feed>`), the socket gives the rest.
+        Those that belong to the served stream (all of them after NO_HEADER
+        under an opt-in policy) go to ``hand_out``'s sixth argument.
+        """
         attempt = self._attempt(sock, policy)
-        self.step(Parked(attempt, peer, now + self.live.current.header_timeout, saved_timeout, trusted), now)
+        parked = Parked(attempt, peer, now + self.live.current.header_timeout, saved_timeout, trusted)
+        if first and attempt.scanner.feed(first) is not None:
+            self._conclude(parked)  # the bytes read decided it (no header, or malformed)
+            return
+        self.step(parked, now)
 
     def read_blocking(
         self, sock: ProxySocket, peer: Address, policy: Policy, trusted: bool, saved_timeout: float | None
@@ -243,6 +264,10 @@ class ParkedConnections:
         except OSError as exc:  # pragma: no cover - the peer vanished meanwhile
             self.log.log(logging.INFO, "%s: closed: %s", peer_text(parked.peer), exc, kind=KIND_READ_ERROR)
             sock.close()
+            return
+        rest = attempt.scanner.rest
+        if rest:  # bytes of the stream read before it was parked (park's ``first``)
+            self.hand_out(cast("ProxySocket", sock), attempt.header, attempt.policy, parked.peer, parked.trusted, rest)
             return
         self.hand_out(cast("ProxySocket", sock), attempt.header, attempt.policy, parked.peer, parked.trusted)
 
