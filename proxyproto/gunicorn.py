@@ -51,8 +51,8 @@ from .header import ProxyHeader
 from .logs import show_through
 from .parking import ACCEPT_BACKOFF, ACCEPT_RESOURCE_ERRORS, OUT_OF_DESCRIPTORS
 from .peers import socket_family
-from .policy import SERVES_A_HEADER, Policy, TrustedNetworks, peer_text, served_address
-from .refusal_log import KIND_TLS, RefusalLog, listener_text
+from .policy import SERVES_A_HEADER, Policy, TrustedNetworks, pins_the_client, served_address
+from .refusal_log import RefusalLog, listener_text
 from .settings import VARIABLES, Settings, settings_from_environment
 from .sock import look_at_first_read, read_complete_header, take_complete_header
 from .waiting import ParkedConnections
@@ -292,9 +292,10 @@ class _Live:
         self.hooked = settings.policy_for is not None
 
 
-#: ``serve(sock, header, address, listener, trusted)``: a connection whose header is decided and that is
-#: served; ``trusted``: its peer is trusted to send the PROXY header.  With the reception's first read, a
-#: sixth argument when the served stream's first bytes were read out of ``sock`` with the header: those.
+#: ``serve(sock, header, address, listener, pinned)``: a connection whose header is decided and that is
+#: served; ``pinned``: the PROXY protocol pins its client (:func:`~proxyproto.policy.pins_the_client`).
+#: With the reception's first read, a sixth argument when the served stream's first bytes were read
+#: out of ``sock`` with the header: those.
 Serve = Callable[..., None]
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
@@ -466,13 +467,7 @@ class _HandshakeWithDeadline(ssl.SSLSocket):
             peer = self.getpeername()
         except OSError:
             peer = None
-        self.refusals.log(
-            logging.INFO,
-            "%s: closed: TLS handshake not done within %g s",
-            peer_text(peer),
-            self.handshake_timeout,
-            kind=KIND_TLS,
-        )
+        self.refusals.handshake_expired(peer, self.handshake_timeout)
         raise ssl.SSLEOFError(ssl.SSL_ERROR_EOF, f"TLS handshake not done within {self.handshake_timeout:g} s")
 
 
@@ -502,7 +497,7 @@ def _tls_with_deadline(cfg: Any, socket_class: type[ssl.SSLSocket], handshake_on
 
 
 def _cfg_for_trusted_peers(cfg: Any) -> Any:
-    """The ``cfg`` a trusted peer's connection is served with: :func:`_without_forwarded_headers` unless chosen.
+    """The ``cfg`` a pinned connection is served with (``pins_the_client``): without forwarded headers unless chosen.
 
     The served address of a connection from a peer trusted to send the
     header is the proxy's own when the header carries no client (PROXY
@@ -620,13 +615,13 @@ class _Reception:
         try:
             policy, trusted = settings.trust(peer, sock)
         except Exception as exc:  # a user's hook: its failure closes this connection, nothing else
-            self.log.hook_failed(peer, exc)
+            self.log.hook_failed(peer, exc, listener=listener.getsockname)
             sock.close()
             return
         if policy is Policy.SKIP:
             if not trusted and self.look and type(sock) is socket.socket:
-                look_at_first_read(sock, untrusted_look(self.log, settings, peer))
-            self.serve(sock, None, peer, listener, trusted)
+                look_at_first_read(sock, untrusted_look(self.log, settings, peer, listener.getsockname))
+            self.serve(sock, None, peer, listener, False)  # SKIP reads no header: nothing pins the client
             return
         saved = sock.gettimeout()
         first = b""
@@ -710,15 +705,17 @@ class _Reception:
         rest: bytes = b"",
     ) -> None:
         """The fast path's hand-out: the address to serve with, the header if trusted; ``rest`` read already."""
-        header = handed_on(self.log, self.settings, peer, policy, header, trusted, self.parked.live.hooked)
         if listener is None:
             listener = self.listeners.pop(sock, None)
+        named = None if listener is None else listener.getsockname  # asked only if a line is written
+        header = handed_on(self.log, self.settings, peer, policy, header, trusted, self.parked.live.hooked, named)
         family = self.families.get(id(listener))
         address = served_address(policy, header, peer, socket_family(sock) if family is None else family)
+        pinned = pins_the_client(policy, trusted)
         if rest:
-            self.serve(sock, header, address, listener, trusted, rest)
+            self.serve(sock, header, address, listener, pinned, rest)
         else:
-            self.serve(sock, header, address, listener, trusted)
+            self.serve(sock, header, address, listener, pinned)
 
     def _handed_out(
         self, sock: Any, header: ProxyHeader | None, policy: Policy, peer: Any, trusted: bool, rest: bytes = b""
@@ -735,7 +732,7 @@ class _ProxyWorker:
     sockets: list[Any]
     alive: bool
     _proxy: _Reception
-    _proxy_cfgs: tuple[Any, Any]  # the cfg connections are served with: (other peers, trusted peers)
+    _proxy_cfgs: tuple[Any, Any]  # the cfg connections are served with: (the others, those the header pins)
     #: For the sync worker's gunicorn code, which leaves the handshake to the first read otherwise.
     _proxy_handshake_on_connect: bool | None = None
 
@@ -850,7 +847,7 @@ class Sync(_ProxyWorker, _sync.SyncWorker):  # type: ignore[misc]
         header: ProxyHeader | None,
         address: Any,
         listener: Any,
-        trusted: bool,
+        pinned: bool,
         rest: bytes = b"",
     ) -> None:
         if sock.gettimeout() is not None:  # (blocking already, as accept() makes it, is left as it is: no system call)
@@ -859,7 +856,7 @@ class Sync(_ProxyWorker, _sync.SyncWorker):  # type: ignore[misc]
             _preload(sock, rest)  # the request's bytes that came with the header: gunicorn's parser reads them first
         _serving.header = header
         cfg = self.cfg
-        self.cfg = self._proxy_cfgs[trusted]  # (one connection at a time: gunicorn's handle reads self.cfg)
+        self.cfg = self._proxy_cfgs[pinned]  # (one connection at a time: gunicorn's handle reads self.cfg)
         try:
             self.handle(listener, sock, address)
         finally:
@@ -915,13 +912,13 @@ class GThread(_ProxyWorker, _gthread.ThreadWorker):  # type: ignore[misc]
         header: ProxyHeader | None,
         address: Any,
         listener: Any,
-        trusted: bool,
+        pinned: bool,
         rest: bytes = b"",
     ) -> None:
         assert not rest, "gthread's reception reads exactly the header"  # (no first read: _proxy_start)
         self.nr_conns += 1
         sock.setblocking(True)
-        conn = _gthread.TConn(self._proxy_cfgs[trusted], sock, address, listener.getsockname())
+        conn = _gthread.TConn(self._proxy_cfgs[pinned], sock, address, listener.getsockname())
         conn.proxy_header = header
         self.enqueue_req(conn)
 

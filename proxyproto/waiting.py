@@ -212,9 +212,7 @@ class ParkedConnections:
 
     def read_failed(self, sock: socket.socket, peer: Address, exc: OSError) -> None:
         """Close a connection whose socket failed while its header was read, and log it."""
-        self.log.log(
-            logging.INFO, "%s: closed: %s while reading the PROXY header", peer_text(peer), exc, kind=KIND_READ_ERROR
-        )
+        self.log.read_failed(peer, exc)
         sock.close()
 
     def close(self, keep: Any = None) -> None:
@@ -247,7 +245,9 @@ class ParkedConnections:
         if not verdict.serve:
             live = self.live
             outcome = attempt.outcome
-            reason = refusal_line(live.current, attempt.policy, outcome, attempt.scanner, parked.trusted, live.hooked)
+            reason = refusal_line(
+                live.current, attempt.policy, outcome, attempt.scanner, parked.trusted, live.hooked, parked.peer
+            )
             self.log.log(
                 verdict.level,
                 "%s: closed: %s",

@@ -122,6 +122,19 @@ def test_gunicorn_forwarded_allow_ips_chosen_by_the_operator_keeps_gunicorns_mea
     assert report["scheme"] == "https"
 
 
+@pytest.mark.parametrize("worker", ["sync", "gthread"])
+def test_gunicorn_keeps_its_own_forwarded_headers_for_a_trusted_peer_under_skip(worker: str, tmp_path: Path) -> None:
+    """SKIP reads no header: gunicorn's forwarded-header rules apply to its trusted proxy as without this library."""
+    require_module("gunicorn")
+    import gunicorn_kit
+
+    env = {"PROXYPROTO_POLICY": "SKIP"}
+    with gunicorn_kit.gunicorn(worker, tmp_path, env=env, workers=1) as server:
+        status, report = exchange(server.port, get(SPOOF))
+    assert status == 200
+    assert report["scheme"] == "https"
+
+
 # -- Tornado ---------------------------------------------------------------------------------------
 
 

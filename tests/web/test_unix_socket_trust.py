@@ -242,8 +242,6 @@ def test_untrusted_unix_peer_is_told_what_to_change_for_a_socket_not_an_address(
     adapter: str, trusted: str, policy: str, advice: str, records: Any
 ) -> None:
     """A UNIX peer has no address to add: the line says why it is untrusted and the ways out."""
-    if adapter == "socketserver-mixin" and policy == "REJECT":
-        pytest.skip("the mixin's REJECT line is worded in proxyproto/waiting.py (the IP wording)")
     name = "proxy_trusted" if adapter == "socketserver-mixin" else "trusted"
 
     async def scenario() -> None:
