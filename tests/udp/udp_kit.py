@@ -154,12 +154,4 @@ def no_replies(sock: socket.socket, server: Any, datagrams: list[bytes]) -> bool
 
 def no_reply(sock: socket.socket, server: Any, datagram: bytes) -> bool:
     """Send ``datagram``; True when no reply comes within ``SILENCE`` seconds (it was dropped)."""
-    sock.sendto(datagram, server.server_address)
-    sock.settimeout(SILENCE)
-    try:
-        sock.recvfrom(65535)
-    except socket.timeout:
-        return True
-    finally:
-        sock.settimeout(REPLY_TIMEOUT)
-    return False
+    return no_replies(sock, server, [datagram])
