@@ -54,7 +54,7 @@ from .peers import socket_family
 from .policy import SERVES_A_HEADER, Policy, TrustedNetworks, pins_the_client, served_address
 from .refusal_log import RefusalLog, listener_text
 from .settings import VARIABLES, Settings, settings_from_environment
-from .sock import look_at_first_read, read_complete_header, take_complete_header
+from .sock import look_at_first_read, preload, read_complete_header, take_complete_header, unload
 from .waiting import ParkedConnections
 from .watcher import Watcher
 
@@ -299,70 +299,9 @@ class _Live:
 Serve = Callable[..., None]
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
-_SOCKET: Any = socket.socket  # (the class a preloaded socket gets back)
-_MSG_PEEK = int(socket.MSG_PEEK)  # (an int: the flag itself is an enum, whose ``&`` runs Python code)
-
-#: Bytes a connection's first read took out of the socket after the header, until gunicorn's parser reads.
-_PRELOADED: dict[socket.socket, bytes] = {}
-
 #: How much the sync worker's first read of a connection asks for: what gunicorn's parser reads at once
 #: (``SocketUnreader``'s chunk), so the request that came with the header is there for it in one piece.
 FIRST_READ = 8192
-
-
-class _Preloaded(socket.socket):
-    """A connection whose next reads return :data:`_PRELOADED`'s bytes first (see :func:`_preload`).
-
-    Reading them all gives the socket its class back: from then on every
-    read is the socket's own.  ``MSG_PEEK`` looks without consuming.
-    """
-
-    __slots__ = ()
-
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        data = _PRELOADED.get(self)
-        if data is None:  # pragma: no cover - (the class goes back with the last byte given)
-            self.__class__ = _SOCKET
-            return socket.socket.recv(self, bufsize, flags)
-        if bufsize <= 0:
-            return b""
-        given = data[:bufsize]
-        if not flags & _MSG_PEEK:
-            self._took(data, len(given))
-        return given
-
-    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        data = _PRELOADED.get(self)
-        if data is None:  # pragma: no cover - (the class goes back with the last byte given)
-            self.__class__ = _SOCKET
-            return socket.socket.recv_into(self, buffer, nbytes, flags)
-        view = memoryview(buffer).cast("B")
-        size = min(len(data), nbytes or len(view), len(view))
-        view[:size] = data[:size]
-        if not flags & _MSG_PEEK:
-            self._took(data, size)
-        return size
-
-    def _took(self, data: bytes, size: int) -> None:
-        if size < len(data):
-            _PRELOADED[self] = data[size:]
-        else:
-            del _PRELOADED[self]
-            self.__class__ = _SOCKET
-
-
-def _preload(sock: socket.socket, data: bytes) -> None:
-    """Make ``data`` the next bytes read from ``sock`` (``recv``, ``recv_into``), before the socket's own.
-
-    For the bytes a connection's first read took out of the kernel after
-    the PROXY header (the request, often whole): gunicorn's parser reads
-    them through its ``SocketUnreader``, which calls ``sock.recv``, as if
-    they had stayed in the socket; not a byte is lost or invented.  The
-    socket's class is swapped for :class:`_Preloaded` until they are read
-    (only ``socket.socket`` itself, what ``accept()`` gives).
-    """
-    _PRELOADED[sock] = data
-    sock.__class__ = _Preloaded
 
 
 #: gunicorn's own defaults for ``--forwarded-allow-ips`` (``FORWARDED_ALLOW_IPS`` unset; older versions).
@@ -627,7 +566,8 @@ class _Reception:
         first = b""
         if saved:
             sock.settimeout(0.0)  # a timeout would make CPython wait before recv, whatever the flags
-        elif policy in SERVES_A_HEADER and self.first_read and type(sock) is _SOCKET:  # header and request at once
+        elif policy in SERVES_A_HEADER and self.first_read and type(sock) is socket.socket:
+            # the common case: header and request at once
             try:
                 header, data = read_complete_header(
                     sock, FIRST_READ, settings.max_header_size, settings.verify_checksum, settings.allow_v4_in_tcp6
@@ -853,7 +793,7 @@ class Sync(_ProxyWorker, _sync.SyncWorker):  # type: ignore[misc]
         if sock.gettimeout() is not None:  # (blocking already, as accept() makes it, is left as it is: no system call)
             sock.setblocking(True)
         if rest:
-            _preload(sock, rest)  # the request's bytes that came with the header: gunicorn's parser reads them first
+            preload(sock, rest)  # the request's bytes that came with the header: gunicorn's parser reads them first
         _serving.header = header
         cfg = self.cfg
         self.cfg = self._proxy_cfgs[pinned]  # (one connection at a time: gunicorn's handle reads self.cfg)
@@ -862,8 +802,8 @@ class Sync(_ProxyWorker, _sync.SyncWorker):  # type: ignore[misc]
         finally:
             _serving.header = None
             self.cfg = cfg
-            if rest and _PRELOADED.pop(sock, None) is not None:  # (the connection ended before gunicorn read them)
-                sock.__class__ = _SOCKET
+            if rest:
+                unload(sock)  # (the connection ended before gunicorn read them all)
 
 
 class GThread(_ProxyWorker, _gthread.ThreadWorker):  # type: ignore[misc]

@@ -347,6 +347,78 @@ _LOOKS: weakref.WeakKeyDictionary[socket.socket, Callable[[bytes], None]] = weak
 _FIRST_READ: dict[type, type] = {}
 
 
+# -- bytes read with the header, given back to the server's reader ------------------------------------
+
+_SOCKET: Any = socket.socket  # (the class a preloaded socket gets back)
+_MSG_PEEK = int(socket.MSG_PEEK)  # (an int: the flag itself is an enum, whose ``&`` runs Python code)
+
+#: Bytes a connection's first read took out of the socket after the header, until the server reads them.
+_PRELOADED: dict[socket.socket, bytes] = {}
+
+
+class _Preloaded(socket.socket):
+    """A connection whose next reads return :data:`_PRELOADED`'s bytes first (see :func:`preload`).
+
+    Reading them all gives the socket its class back: from then on every
+    read is the socket's own.  ``MSG_PEEK`` looks without consuming.
+    """
+
+    __slots__ = ()
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data = _PRELOADED.get(self)
+        if data is None:  # pragma: no cover - (the class goes back with the last byte given)
+            self.__class__ = _SOCKET
+            return socket.socket.recv(self, bufsize, flags)
+        if bufsize <= 0:
+            return b""
+        given = data[:bufsize]
+        if not flags & _MSG_PEEK:
+            self._took(data, len(given))
+        return given
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        data = _PRELOADED.get(self)
+        if data is None:  # pragma: no cover - (the class goes back with the last byte given)
+            self.__class__ = _SOCKET
+            return socket.socket.recv_into(self, buffer, nbytes, flags)
+        view = memoryview(buffer).cast("B")
+        size = min(len(data), nbytes or len(view), len(view))
+        view[:size] = data[:size]
+        if not flags & _MSG_PEEK:
+            self._took(data, size)
+        return size
+
+    def _took(self, data: bytes, size: int) -> None:
+        if size < len(data):
+            _PRELOADED[self] = data[size:]
+        else:
+            del _PRELOADED[self]
+            self.__class__ = _SOCKET
+
+
+def preload(sock: socket.socket, data: bytes) -> None:
+    """Make ``data`` the next bytes read from ``sock`` (``recv``, ``recv_into``), before the socket's own.
+
+    For the bytes a connection's first read took out of the kernel after
+    the PROXY header (the request, often whole; :func:`read_complete_header`):
+    a server's reader (gunicorn's ``SocketUnreader``, which calls
+    ``sock.recv``) reads them as if they had stayed in the socket; not a
+    byte is lost or invented.  :func:`unload` drops what is left when the
+    connection ends before they are all read.  The
+    socket's class is swapped for :class:`_Preloaded` until they are read
+    (only ``socket.socket`` itself, what ``accept()`` gives).
+    """
+    _PRELOADED[sock] = data
+    sock.__class__ = _Preloaded
+
+
+def unload(sock: socket.socket) -> None:
+    """Forget what :func:`preload` gave ``sock`` and was not read (the connection ended first)."""
+    if _PRELOADED.pop(sock, None) is not None:
+        sock.__class__ = _SOCKET
+
+
 def look_at_first_read(sock: socket.socket, look: Callable[[bytes], None]) -> None:
     """Show ``sock``'s first read (its first ``SIGNATURE_PEEK`` bytes) to ``look``; then ``sock`` is as before.
 

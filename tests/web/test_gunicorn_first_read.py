@@ -315,12 +315,12 @@ def test_tls_clienthello_in_the_headers_segment_is_left_to_the_tls_layer(tmp_pat
 def test_preloaded_bytes_come_before_the_sockets_own_through_every_read() -> None:
     """The bytes a first read took after the header are read back first (``recv``, ``recv_into``, a peek
     that consumes nothing), then the socket's own; the socket is a plain socket again once they are read."""
-    from proxyproto.gunicorn import _PRELOADED, _preload
+    from proxyproto.sock import _PRELOADED, preload
 
     ours, theirs = socket.socketpair()
     with ours, theirs:
         theirs.sendall(b"from the socket")
-        _preload(ours, b"preloaded")
+        preload(ours, b"preloaded")
         assert ours.recv(3, socket.MSG_PEEK) == b"pre"
         assert ours.recv(3) == b"pre"
         buffer = bytearray(4)
