@@ -76,11 +76,7 @@ def rejected(settings: Settings, trusted: bool, peer: Any = None) -> str:
     """
     if trusted:
         return f" ({settings.name_of('policy')} is REJECT)"
-    advice = (
-        unix_advice(settings)
-        if is_unix_peer(peer)
-        else f"if it is your proxy, add its address to {settings.name_of('trusted')}"
-    )
+    advice = _to_trust(settings, peer, "it")
     return (
         f" (the peer is untrusted: {settings.describe_trusted()}, and {settings.name_of('untrusted_policy')} is "
         f"REJECT); {advice}"
@@ -112,6 +108,13 @@ def unix_advice(settings: Settings) -> str:
     )
 
 
+def _to_trust(settings: Settings, peer: Any, subject: str) -> str:
+    """What to change to trust ``peer`` if it is your proxy: its address, or for a UNIX peer :func:`unix_advice`."""
+    if is_unix_peer(peer):
+        return unix_advice(settings)
+    return f"if {subject} is your proxy, add its address to {settings.name_of('trusted')}"
+
+
 def untrusted_header(settings: Settings, policy: Policy, peer: Any) -> str:
     """The line for an untrusted peer that sent a PROXY header anyway (the header is not believed).
 
@@ -119,11 +122,7 @@ def untrusted_header(settings: Settings, policy: Policy, peer: Any) -> str:
     the trust list; a UNIX-socket peer has none (:func:`unix_advice`).
     """
     what = "stays in the stream as payload" if policy is Policy.SKIP else "is removed and not believed"
-    advice = (
-        unix_advice(settings)
-        if is_unix_peer(peer)
-        else f"if this peer is your proxy, add its address to {settings.name_of('trusted')}"
-    )
+    advice = _to_trust(settings, peer, "this peer")
     return f"sent a PROXY header but is not trusted ({settings.describe_trusted()}): the header {what}; {advice}"
 
 
