@@ -165,7 +165,10 @@ class RefusalLog:
     def _placed(self, message: str, args: tuple[object, ...], listener: object) -> tuple[str, tuple[object, ...]]:
         """``message`` and ``args`` ending with the listener's clause (see :meth:`log`), when one is known."""
         if listener is not None:
-            address = listener() if callable(listener) else listener
+            try:
+                address = listener() if callable(listener) else listener
+            except OSError:  # a getsockname() of a listener closed meanwhile: the line goes without it
+                address = None
             where = None if address is None else listener_text(address)
         else:
             where = self.listener

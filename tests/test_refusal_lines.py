@@ -191,3 +191,15 @@ def test_a_timer_lost_with_its_loop_is_replaced_a_window_later(monkeypatch: pyte
     log.log(logging.WARNING, "line", kind="malformed header")  # a new window: counted afresh
     log.log(logging.WARNING, "line", kind="malformed header")
     assert len(asked) == 2
+
+
+def test_a_line_whose_listener_can_no_longer_be_asked_is_written_without_it(caplog: pytest.LogCaptureFixture) -> None:
+    """The listener is asked only when a line is written; one closed by then costs the clause, never the line."""
+    from proxyproto.refusal_log import RefusalLog
+
+    closed = socket.socket()
+    closed.close()
+    log = RefusalLog(logging.getLogger("proxyproto"), rate=None)
+    with caplog.at_level(logging.INFO, logger="proxyproto"):
+        log.read_failed(("192.0.2.1", 4000), "reset", listener=closed.getsockname)
+    assert [r.getMessage() for r in caplog.records] == ["192.0.2.1:4000: closed: reset while reading the PROXY header"]
